@@ -1,0 +1,170 @@
+"""Read the bundled multi-domain corpus (``moekit:corpus``) and user data files as documents.
+
+The corpus ships inside the package (``moekit/data/corpus/``) as one gzip'd JSONL file per split, so
+every command has real text to run on offline. User data goes through :func:`read_documents`, which
+turns plain text or JSONL files into the same :class:`Document` records and reports bad input as a
+one-line :class:`~moekit.errors.MoekitError`.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from moekit.errors import MoekitError
+
+SPLITS = ("train", "validation", "test")
+CORPUS_SPEC = "moekit:corpus"
+DEFAULT_SPEC_SPLIT = "test"
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document: its text, a domain label, a corpus-unique id and where the text came from."""
+
+    text: str
+    domain: str
+    doc_id: str
+    source: str
+
+
+def corpus_path() -> Path:
+    """The folder holding the bundled corpus files (``<split>.jsonl.gz`` and ``meta.json``)."""
+    return Path(__file__).resolve().parent / "corpus"
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise MoekitError(f"unknown corpus split {split!r}; choose one of {', '.join(SPLITS)}")
+
+
+@functools.cache
+def _load_split(split: str) -> tuple[Document, ...]:
+    path = corpus_path() / f"{split}.jsonl.gz"
+    if not path.is_file():
+        raise MoekitError(f"bundled corpus file {path} is missing; rebuild it with scripts/build_corpus.py")
+    docs = []
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            try:
+                row = json.loads(line)
+                docs.append(Document(row["text"], row["domain"], row["doc_id"], row["source"]))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise MoekitError(f"{path}:{lineno}: corrupted corpus line ({exc})") from None
+    return tuple(docs)
+
+
+def load_corpus(split: str = "train") -> list[Document]:
+    """All documents of one bundled split ('train', 'validation' or 'test'), in file order."""
+    _check_split(split)
+    return list(_load_split(split))
+
+
+@functools.lru_cache(maxsize=1)
+def corpus_meta() -> dict:
+    """The corpus's ``meta.json``: domains, per-split and per-domain counts, build information."""
+    path = corpus_path() / "meta.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise MoekitError(f"cannot read bundled corpus metadata {path}: {exc}") from None
+
+
+def domains() -> list[str]:
+    """The domain labels of the bundled corpus, sorted."""
+    return list(corpus_meta()["domains"])
+
+
+def parse_corpus_spec(spec: str) -> str | None:
+    """Return the split named by a 'moekit:corpus[:split]' spec, or None if ``spec`` is not one."""
+    if spec == CORPUS_SPEC:
+        return DEFAULT_SPEC_SPLIT
+    prefix = CORPUS_SPEC + ":"
+    if spec.startswith(prefix):
+        split = spec[len(prefix) :]
+        _check_split(split)
+        return split
+    return None
+
+
+def _read_text(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise MoekitError(f"data file {path} does not exist") from None
+    except IsADirectoryError:
+        raise MoekitError(f"data file {path} is a directory, expected a text or JSONL file") from None
+    except OSError as exc:
+        raise MoekitError(f"cannot read data file {path}: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MoekitError(f"data file {path} is not UTF-8 text (byte {exc.start})") from None
+    if not text.strip():
+        raise MoekitError(f"data file {path} is empty")
+    return text
+
+
+def _read_jsonl(path: Path, text: str) -> list[Document]:
+    docs = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise MoekitError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise MoekitError(f'{path}:{lineno}: expected a JSON object with a string "text" field')
+        domain = row.get("domain", path.stem)
+        if not isinstance(domain, str) or not domain:
+            raise MoekitError(f'{path}:{lineno}: "domain" must be a non-empty string')
+        doc_id = f"{path.name}:{lineno}"
+        docs.append(Document(row["text"], domain, doc_id, str(path)))
+    return docs
+
+
+def read_documents(paths: list[str | os.PathLike]) -> list[Document]:
+    """Read documents from user files or bundled-corpus specs, in the order given.
+
+    - ``moekit:corpus`` (the test split) or ``moekit:corpus:<split>``: the bundled split;
+    - ``*.jsonl``: one document per line, ``{"text": ..., "domain": ...}`` (domain
+      optional, defaults to the file stem);
+    - any other file: plain UTF-8 text, one document, domain = file stem.
+
+    Missing, unreadable or empty files and bad JSONL lines raise MoekitError naming the file (and line).
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    docs: list[Document] = []
+    for item in paths:
+        split = parse_corpus_spec(str(item))
+        if split is not None:
+            docs.extend(load_corpus(split))
+            continue
+        path = Path(item)
+        text = _read_text(path)
+        if path.suffix.lower() == ".jsonl":
+            docs.extend(_read_jsonl(path, text))
+        else:
+            docs.append(Document(text, path.stem, path.name, str(path)))
+    return docs
+
+
+def tokenizer_path() -> Path:
+    """The folder holding the bundled BPE tokenizer in Hugging Face format."""
+    return Path(__file__).resolve().parent / "tokenizer"
+
+
+def load_tokenizer():
+    """Load the bundled tokenizer with ``transformers.AutoTokenizer`` (offline, from the package)."""
+    from transformers import AutoTokenizer
+
+    path = tokenizer_path()
+    if not (path / "tokenizer.json").is_file():
+        raise MoekitError(f"bundled tokenizer {path} is missing; rebuild it with scripts/train_tokenizer.py")
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)

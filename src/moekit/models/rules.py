@@ -1,0 +1,297 @@
+"""Selection rules: how each architecture turns router logits into (weights, expert ids).
+
+Each rule reproduces an architecture's router exactly and can re-derive the selection under a
+routing control (design §3): experts disabled (never selected), forced (always selected), a number
+of experts per token other than the model's k (``top_k``), or a per-token number from router mass
+(``top_p``). Slots that select nothing carry the expert id of the token's first choice and weight 0,
+which every experts implementation treats as "no contribution"; ``valid`` marks the real slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moekit.registry import Registry
+
+RULES: Registry[type[Rule]] = Registry("selection rule")
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class Selection:
+    """The outcome of a rule: ids [T, K], weights [T, K] (0 where not valid), valid [T, K] bool."""
+
+    ids: torch.Tensor
+    weights: torch.Tensor
+    valid: torch.Tensor
+
+
+def top_p_counts(probs: torch.Tensor, p: float) -> torch.Tensor:
+    """Experts per token under top-p routing ("Harder Tasks Need More Experts"): sort the probabilities,
+    keep experts up to and including the first whose cumulative sum exceeds ``p``."""
+    sorted_p = probs.sort(dim=-1, descending=True).values
+    cum = sorted_p.cumsum(dim=-1)
+    # number of experts whose preceding cumulative mass is still <= p, i.e. up to the first exceeding it
+    return ((cum - sorted_p) <= p).sum(dim=-1).clamp(min=1, max=probs.shape[-1])
+
+
+class Rule:
+    """Base selection rule. Subclasses define scores, the selection key and the weights."""
+
+    name = "rule"
+
+    def __init__(self, router: torch.nn.Module, config) -> None:
+        self.top_k = int(getattr(router, "top_k", None) or config.num_experts_per_tok)
+
+    # --- pieces an architecture defines ---------------------------------------------------------
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """Per-expert scores the weights are taken from (fp32)."""
+        return torch.softmax(logits.float(), dim=-1)
+
+    def choice(self, scores: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The key experts are selected by (may add a selection-only bias)."""
+        return scores
+
+    def limit_groups(self, choice: torch.Tensor, k: int) -> torch.Tensor:
+        """Group-limited routing masks experts outside the chosen groups; default: no groups."""
+        return choice
+
+    @staticmethod
+    def _kept_groups(choice: torch.Tensor, n_group: int, topk_group: int, k: int, reduce) -> torch.Tensor:
+        """Bool [T, E]: experts in the best groups. More groups are kept when k needs them."""
+        T, E = choice.shape
+        size = E // n_group
+        g = reduce(choice.view(T, n_group, size))
+        n_keep = max(topk_group, -(-k // size))
+        keep = torch.zeros_like(g, dtype=torch.bool).scatter_(1, torch.topk(g, n_keep, dim=-1)[1], True)
+        return keep.repeat_interleave(size, dim=1)
+
+    def weights(self, scores: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor):
+        raise NotImplementedError
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """A probability distribution over experts per token (for traces and top-p)."""
+        return self.scores(logits)
+
+    @property
+    def renormalize(self) -> bool:
+        return False
+
+    # --- the shared selection procedure ---------------------------------------------------------
+    def select(
+        self,
+        logits: torch.Tensor,
+        top_k: int | None = None,
+        disable: torch.Tensor | None = None,
+        force: torch.Tensor | None = None,
+        logit_bias: torch.Tensor | None = None,
+        top_p: float | None = None,
+    ) -> Selection:
+        """Select experts for each row of ``logits`` [T, E] under the given control.
+
+        ``disable``/``force`` are bool [E]; ``logit_bias`` is added to the logits before anything else.
+        """
+        logits = logits.float()
+        if logit_bias is not None:
+            logits = logits + logit_bias
+        if disable is not None and disable.any():
+            logits = logits.masked_fill(disable, NEG_INF)
+        scores = self.scores(logits)
+        key = self.choice(scores, logits)
+        if disable is not None and disable.any():
+            key = key.masked_fill(disable, NEG_INF)
+        if force is not None and force.any():
+            key = key.masked_fill(force, float("inf"))
+        E = logits.shape[-1]
+        k = min(top_k or self.top_k, E)
+        if top_p is not None:
+            counts = top_p_counts(self.probs(logits), top_p)
+            if force is not None:
+                counts = torch.maximum(counts, force.sum().expand_as(counts))
+            k = int(counts.max())
+        key = self.limit_groups(key, k)
+        key_vals, ids = torch.topk(key, k, dim=-1)
+        valid = key_vals > NEG_INF
+        if top_p is not None:
+            valid &= torch.arange(k, device=ids.device) < counts.unsqueeze(-1)
+        ids = torch.where(valid, ids, ids[:, :1])
+        w = self.weights(scores, logits, ids, valid)
+        return Selection(ids=ids, weights=torch.where(valid, w, torch.zeros_like(w)), valid=valid)
+
+    def describe(self) -> str:
+        return self.name
+
+
+@RULES.register("softmax_topk")
+class SoftmaxTopK(Rule):
+    """softmax over experts → top-k → optional renormalisation → optional scaling
+    (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2 greedy)."""
+
+    name = "softmax_topk"
+
+    def __init__(self, router, config, renormalize: bool | None = None, scaling: float = 1.0) -> None:
+        super().__init__(router, config)
+        self._renorm = bool(getattr(router, "norm_topk_prob", False) if renormalize is None else renormalize)
+        self.scaling = float(scaling)
+
+    @property
+    def renormalize(self) -> bool:
+        return self._renorm
+
+    def weights(self, scores, logits, ids, valid):
+        w = scores.gather(1, ids).masked_fill(~valid, 0.0)
+        if self._renorm:
+            w = w / w.sum(dim=-1, keepdim=True)
+        return w * self.scaling if self.scaling != 1.0 else w
+
+    def describe(self) -> str:
+        s = "softmax → top-k" + (" → renorm" if self._renorm else "")
+        return s + (f" × {self.scaling:g}" if self.scaling != 1.0 else "")
+
+
+@RULES.register("softmax_group_max")
+class SoftmaxGroupMax(SoftmaxTopK):
+    """DeepSeek-V2 ``group_limited_greedy``: keep the top groups by their best expert, then top-k."""
+
+    name = "softmax_group_max"
+
+    def __init__(self, router, config, renormalize=None, scaling=1.0) -> None:
+        super().__init__(router, config, renormalize=renormalize, scaling=scaling)
+        self.n_group = int(router.num_group)
+        self.topk_group = int(router.topk_group)
+
+    def limit_groups(self, choice, k):
+        keep = self._kept_groups(choice, self.n_group, self.topk_group, k, lambda g: g.max(dim=-1).values)
+        # DeepSeek-V2 fills dropped groups with score 0, so such an expert, if ever picked, gets weight 0;
+        # -inf gives the same output and records the slot as empty
+        return choice.masked_fill(~keep, NEG_INF)
+
+    def describe(self) -> str:
+        return f"softmax → group-limited top-k ({self.topk_group}/{self.n_group} groups, max) × {self.scaling:g}"
+
+
+@RULES.register("topk_softmax")
+class TopKSoftmax(Rule):
+    """top-k on the logits → softmax over the k chosen (GPT-OSS, GraniteMoE)."""
+
+    name = "topk_softmax"
+
+    def scores(self, logits):
+        return logits.float()
+
+    def probs(self, logits):
+        return torch.softmax(logits.float(), dim=-1)
+
+    def weights(self, scores, logits, ids, valid):
+        return torch.softmax(logits.gather(1, ids).masked_fill(~valid, NEG_INF), dim=-1)
+
+    @property
+    def renormalize(self) -> bool:
+        return True
+
+    def describe(self) -> str:
+        return "top-k on logits → softmax over k"
+
+
+@RULES.register("sigmoid_group")
+class SigmoidGroup(Rule):
+    """DeepSeek-V3: sigmoid scores; a selection-only correction bias; group-limited top-k (group score =
+    sum of its two best biased scores); weights from the unbiased scores, renormalised, × scaling."""
+
+    name = "sigmoid_group"
+
+    def __init__(self, router, config) -> None:
+        super().__init__(router, config)
+        self.router = router
+        self.n_group = int(router.num_group)
+        self.topk_group = int(router.topk_group)
+        self._renorm = bool(router.norm_topk_prob)
+        self.scaling = float(router.routed_scaling_factor)
+
+    @property
+    def renormalize(self) -> bool:
+        return self._renorm
+
+    def scores(self, logits):
+        return logits.float().sigmoid()
+
+    def probs(self, logits):
+        s = self.scores(logits)
+        return s / s.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+
+    def choice(self, scores, logits):
+        return scores + self.router.e_score_correction_bias.float()
+
+    def limit_groups(self, choice, k):
+        if self.n_group <= 1:
+            return choice
+        keep = self._kept_groups(choice, self.n_group, self.topk_group, k,
+                                 lambda g: g.topk(min(2, g.shape[-1]), dim=-1)[0].sum(dim=-1))
+        return choice.masked_fill(~keep, NEG_INF)
+
+    def weights(self, scores, logits, ids, valid):
+        w = scores.gather(1, ids).masked_fill(~valid, 0.0)
+        if self._renorm:
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        return w * self.scaling
+
+    def describe(self) -> str:
+        return (f"sigmoid + selection bias → group-limited top-k ({self.topk_group}/{self.n_group} groups)"
+                + (" → renorm" if self._renorm else "") + f" × {self.scaling:g}")
+
+
+@RULES.register("sparsemixer")
+class SparseMixer(Rule):
+    """PhiMoE SparseMixer (inference): pick experts one at a time by score; each weight is the softmax of
+    the remaining scores within a relative jitter band of the picked one."""
+
+    name = "sparsemixer"
+
+    def __init__(self, router, config) -> None:
+        super().__init__(router, config)
+        self.eps = float(getattr(router, "router_jitter_noise", 0.01))
+
+    def scores(self, logits):
+        return logits.float()
+
+    def probs(self, logits):
+        return torch.softmax(logits.float(), dim=-1)
+
+    def select(self, logits, top_k=None, disable=None, force=None, logit_bias=None, top_p=None):
+        scores = logits.float()
+        if logit_bias is not None:
+            scores = scores + logit_bias
+        if disable is not None and disable.any():
+            scores = scores.masked_fill(disable, NEG_INF)
+        E = scores.shape[-1]
+        k = min(top_k or self.top_k, E)
+        counts = None
+        if top_p is not None:
+            counts = top_p_counts(self.probs(scores), top_p)
+            k = int(counts.max())
+        key = scores if force is None else scores.masked_fill(force, float("inf"))
+        remaining = scores
+        ids, ws, valids = [], [], []
+        for _ in range(k):
+            pick = key.argmax(dim=-1, keepdim=True)
+            top = remaining.gather(1, pick)
+            factor = scores.abs().clamp(min=top)
+            outside = ((top - scores) / factor) > (2 * self.eps)
+            gates = torch.softmax(remaining.masked_fill(outside, NEG_INF), dim=-1)
+            ids.append(pick)
+            ws.append(gates.gather(1, pick))
+            valids.append(top > NEG_INF)
+            remaining = remaining.scatter(1, pick, NEG_INF)
+            key = key.scatter(1, pick, NEG_INF)
+        ids_t, w, valid = torch.cat(ids, 1), torch.cat(ws, 1), torch.cat(valids, 1)
+        if counts is not None:
+            valid &= torch.arange(k, device=ids_t.device) < counts.unsqueeze(-1)
+        ids_t = torch.where(valid, ids_t, ids_t[:, :1])
+        w = torch.where(valid, torch.nan_to_num(w, nan=0.0), torch.zeros_like(w))
+        return Selection(ids=ids_t, weights=w, valid=valid)
+
+    def describe(self) -> str:
+        return f"sparsemixer (sequential top-k, jitter {self.eps:g})"
