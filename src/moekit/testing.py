@@ -85,3 +85,21 @@ def random_batch(vocab: int = 128, batch: int = 2, seq: int = 12, seed: int = 0,
     if pad_last:
         mask[-1, :pad_last] = 0
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def save_tiny_checkpoint(arch: str, path, seed: int = 0, with_tokenizer: bool = True, **overrides):
+    """Write a tiny random ``arch`` model as a normal HF checkpoint directory (with the bundled
+    tokenizer, so text commands work on it); returns the path."""
+    from pathlib import Path
+
+    path = Path(path)
+    if with_tokenizer:
+        from moekit.data import load_tokenizer
+
+        tok = load_tokenizer()
+        overrides.setdefault("vocab_size", len(tok))
+    model = tiny_model(arch, seed=seed, **overrides)
+    model.save_pretrained(path)
+    if with_tokenizer:
+        tok.save_pretrained(path)
+    return path

@@ -77,6 +77,9 @@ def load(
 
     path, name = resolve(spec)
     source = str(path) if path is not None else name
+    _quiet_transformers()
+    if path is None:
+        source = _hub_snapshot(name)
     from moekit.compress.quantized import is_quantized_checkpoint, load_quantized  # noqa: PLC0415
 
     try:
@@ -107,6 +110,41 @@ def from_model(model: nn.Module, tokenizer=None, name: str | None = None) -> Loa
     """Wrap an already-built HF model (e.g. from ``moekit.testing.tiny_model``)."""
     return LoadedModel(model=model.eval(), tokenizer=tokenizer, moe=build_moe_map(model),
                        name=name or getattr(model.config, "model_type", "model"))
+
+
+def _quiet_transformers() -> None:
+    """Keep transformers' per-load progress bars and advisory warnings out of moekit's output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _hub_snapshot(hub_id: str) -> str:
+    """A local directory for ``hub_id``: the HF cache if it has it, else a download.
+
+    Fails in seconds (not after minutes of retries) when the hub cannot be reached.
+    """
+    import socket
+
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(hub_id, local_files_only=True)
+    except Exception:  # noqa: BLE001  (not cached: fall through to the network)
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise MoekitError(f"{hub_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                          "download it and pass its local directory instead")
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=5).close()
+    except OSError:
+        raise MoekitError(f"could not reach the Hugging Face hub to download {hub_id!r} (offline?); "
+                          "download it elsewhere and pass its local directory instead") from None
+    try:
+        return snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except Exception as exc:  # noqa: BLE001
+        raise MoekitError(f"could not download {hub_id!r} from the Hugging Face hub: {_first_line(exc)}") from None
 
 
 def _first_line(exc: BaseException) -> str:

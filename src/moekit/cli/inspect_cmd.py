@@ -1,0 +1,71 @@
+"""``moekit inspect``: architecture, MoE layers, experts, top-k, shared experts, rule, parameters."""
+
+from __future__ import annotations
+
+import typer
+from rich.table import Table
+
+from moekit.cli.common import MODEL_HELP, app, console, emit_json, load_model
+
+
+def describe(lm) -> dict:
+    """A JSON-serialisable description of a loaded model's MoE structure."""
+    moe = lm.moe
+    params = moe.param_counts(lm.model)
+    layers = [
+        {
+            "layer": v.index, "num_experts": v.num_experts, "top_k": v.top_k,
+            "shared": {name: sum(p.numel() for p in m.parameters()) for name, m in v.shared.items()},
+            "rule": v.rule_name, "renormalize": v.renormalize, "expert_hidden": v.intermediate_size,
+            "expert_params": v.expert_param_count(), "has_bias": v.has_bias,
+        }
+        for v in moe
+    ]
+    return {
+        "model": lm.name, "architecture": moe.model_type, "generic_mapping": moe.generic,
+        "decoder_layers": moe.num_decoder_layers, "moe_layers": len(moe),
+        "dense_layers": [i for i in range(moe.num_decoder_layers) if i not in moe.indices],
+        "hidden_size": int(lm.config.hidden_size), "vocab_size": int(lm.config.vocab_size),
+        "params_total": params["total"], "params_active": params["active"],
+        "params_routed_experts": params["routed_experts"], "layers": layers,
+    }
+
+
+def _fmt(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+@app.command("inspect")
+def inspect_command(
+    model: str = typer.Argument(None, help=MODEL_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Print the description as JSON."),
+) -> None:
+    """Show the MoE structure of a model.
+
+    Examples:\n
+      moekit inspect moekit:tiny\n
+      moekit inspect ./my-olmoe-checkpoint --json\n
+      moekit inspect allenai/OLMoE-1B-7B-0924
+    """
+    lm = load_model(model)
+    info = describe(lm)
+    if json_out:
+        emit_json(info)
+        return
+    console.print(
+        f"[bold]{info['model']}[/]  architecture [cyan]{info['architecture']}[/]"
+        + ("  (generic mapping)" if info["generic_mapping"] else "")
+        + f"  decoder layers {info['decoder_layers']}  MoE layers {info['moe_layers']}"
+        + (f"  dense layers {info['dense_layers']}" if info["dense_layers"] else "")
+    )
+    console.print(f"parameters: total {_fmt(info['params_total'])}, active per token {_fmt(info['params_active'])}"
+                  f" (routed experts {_fmt(info['params_routed_experts'])})")
+    table = Table("layer", "experts", "top-k", "shared", "expert width", "selection rule")
+    for row in info["layers"]:
+        shared = ", ".join(f"{n} ({_fmt(c)})" for n, c in row["shared"].items()) or "-"
+        table.add_row(str(row["layer"]), str(row["num_experts"]), str(row["top_k"]), shared,
+                      str(row["expert_hidden"]), row["rule"])
+    console.print(table)

@@ -1,0 +1,47 @@
+"""``moekit trace``: record routing over text files into a RoutingTrace file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from moekit.cli.common import MODEL_HELP, app, console, emit_json, load_model
+
+
+@app.command("trace")
+def trace_command(
+    model: str = typer.Argument(None, help=MODEL_HELP),
+    data: list[str] = typer.Option(..., "--data", "-d", help="Text files (one document each), JSONL with "
+                                   "'text' and optional 'domain', or moekit:corpus[:split]."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output trace file (.trace)."),
+    max_tokens: int = typer.Option(None, "--max-tokens", help="Stop after this many tokens."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Documents are cut into windows of this many tokens."),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    probs: bool = typer.Option(False, "--probs", help="Also store full router probabilities."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+) -> None:
+    """Record which experts every token uses.
+
+    Examples:\n
+      moekit trace moekit:tiny --data moekit:corpus:test --out test.trace\n
+      moekit trace ./ckpt --data notes.txt --data more.jsonl --out notes.trace --max-tokens 20000
+    """
+    from moekit.data import read_documents
+    from moekit.io import check_writable
+    from moekit.routing.tracing import trace_documents
+
+    check_writable(out, force)
+    docs = read_documents(data)
+    lm = load_model(model)
+    trace = trace_documents(lm, docs, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size,
+                            fields=("ids", "weights", "probs") if probs else ("ids", "weights"))
+    trace.save(out, force=force)
+    summary = {"out": str(out), "tokens": trace.num_tokens, "documents": int(trace.doc.max()) + 1,
+               "moe_layers": trace.num_layers, "domains": trace.domains, "bytes": out.stat().st_size}
+    if json_out:
+        emit_json(summary)
+    else:
+        console.print(f"wrote {out}: {summary['tokens']} tokens, {summary['documents']} documents, "
+                      f"{summary['moe_layers']} MoE layers" + (f", domains {summary['domains']}" if trace.domains else ""))

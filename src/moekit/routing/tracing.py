@@ -1,0 +1,89 @@
+"""Trace whole documents: tokenize, cut into windows, batch, record, label with document and domain."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from moekit.errors import MoekitError
+from moekit.models.loading import LoadedModel
+from moekit.routing.record import record
+from moekit.trace import RoutingTrace
+
+
+def tokenize_windows(lm: LoadedModel, docs: Sequence, seq_len: int, max_tokens: int | None = None):
+    """Token windows ``(doc_index, start, ids)`` of at most ``seq_len`` tokens, up to ``max_tokens`` in all."""
+    if lm.tokenizer is None:
+        raise MoekitError(f"{lm.name} has no tokenizer; tracing text needs one")
+    windows, total = [], 0
+    for d, doc in enumerate(docs):
+        ids = lm.tokenizer(doc.text, add_special_tokens=False)["input_ids"]
+        for start in range(0, len(ids), seq_len):
+            chunk = ids[start:start + seq_len]
+            if max_tokens is not None:
+                chunk = chunk[: max_tokens - total]
+            if chunk:
+                windows.append((d, start, chunk))
+                total += len(chunk)
+            if max_tokens is not None and total >= max_tokens:
+                return windows
+    return windows
+
+
+def pad_batch(chunks: Sequence[Sequence[int]], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids`` and ``attention_mask`` for a list of token lists."""
+    width = max(len(c) for c in chunks)
+    ids = torch.full((len(chunks), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(chunks), width), dtype=torch.long)
+    for i, c in enumerate(chunks):
+        ids[i, : len(c)] = torch.tensor(c)
+        mask[i, : len(c)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@torch.no_grad()
+def trace_documents(
+    lm: LoadedModel,
+    docs: Sequence,
+    max_tokens: int | None = None,
+    seq_len: int = 512,
+    batch_size: int = 8,
+    fields: Sequence[str] = ("ids", "weights"),
+    progress: bool = True,
+) -> RoutingTrace:
+    """Record routing over ``docs`` (objects with ``text`` and ``domain``); one trace document per doc."""
+    from rich.progress import Progress
+
+    windows = tokenize_windows(lm, docs, seq_len, max_tokens)
+    if not windows:
+        raise MoekitError("no tokens to trace: the documents are empty")
+    # longest first keeps padding small; the trace is re-sorted by (document, position) at the end
+    order = sorted(range(len(windows)), key=lambda i: -len(windows[i][2]))
+    with record(lm, fields=fields) as rec, Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("tracing", total=sum(len(w[2]) for w in windows))
+        for b in range(0, len(order), batch_size):
+            chunk = [windows[i] for i in order[b:b + batch_size]]
+            batch = pad_batch([c[2] for c in chunk])
+            lm.model(**{k: v.to(lm.device) for k, v in batch.items()})
+            bar.advance(task, int(batch["attention_mask"].sum()))
+    trace = rec.trace
+    row_window = np.array(order)  # trace doc r (a batch row, in run order) is window order[r]
+    win_doc = np.array([w[0] for w in windows])[row_window]
+    win_start = np.array([w[1] for w in windows])[row_window]
+    doc = win_doc[trace.doc]
+    pos = win_start[trace.doc] + trace.pos
+    names: list[str] = []
+    for d in docs:
+        if getattr(d, "domain", None) and d.domain not in names:
+            names.append(d.domain)
+    doc_dom = np.array([names.index(d.domain) if getattr(d, "domain", None) else -1 for d in docs], dtype=np.int16)
+    perm = np.lexsort((pos, doc))
+    meta = dict(trace.meta, domains=names, seq_len=seq_len)
+    return RoutingTrace(
+        ids=trace.ids[:, perm], weights=trace.weights[:, perm],
+        probs=None if trace.probs is None else trace.probs[:, perm],
+        token_ids=trace.token_ids[perm], doc=doc[perm].astype(np.int32), pos=pos[perm].astype(np.int32),
+        domain=doc_dom[doc[perm]], meta=meta,
+    )
