@@ -118,9 +118,9 @@ class MoELayerView:
                 b = ex.gate_up_proj_bias[e]
                 out.update(gate_bias=b[0::2], up_bias=b[1::2], down_bias=ex.down_proj_bias[e])
             return out
-        I = self.intermediate_size
+        width = self.intermediate_size
         gu = ex.gate_up_proj[e]  # [2I, H]
-        return {"gate": gu[:I], "up": gu[I:], "down": ex.down_proj[e]}
+        return {"gate": gu[:width], "up": gu[width:], "down": ex.down_proj[e]}
 
     def expert_param_count(self) -> int:
         """Parameters of one routed expert."""
@@ -180,7 +180,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
 
 def _is_expert_bank(m: nn.Module | None) -> bool:
     return m is not None and hasattr(m, "num_experts") and isinstance(getattr(m, "down_proj", None), torch.Tensor) \
-        and getattr(m, "down_proj").dim() == 3
+        and m.down_proj.dim() == 3
 
 
 def build_moe_map(model: nn.Module) -> MoEMap:

@@ -1,0 +1,92 @@
+"""``moekit demo``: the whole tool on the bundled default model, offline, in a few minutes."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from moekit.cli.common import app, console
+
+
+def _step(title: str):
+    console.rule(f"[bold]{title}")
+    return time.perf_counter()
+
+
+@app.command("demo")
+def demo_command(
+    model: str = typer.Option("moekit:tiny", "--model", help="Bundled model (or any model with a tokenizer)."),
+    out: Path = typer.Option(None, "--out", help="Output folder (default: ./moekit-demo-<time>)."),
+    max_tokens: int = typer.Option(40_000, "--max-tokens", help="Tokens of the test split to trace."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output folder."),
+) -> None:
+    """Inspect, trace, analyse, evaluate, report, compress, steer and serve the bundled model.
+
+    Example:\n
+      moekit demo --out demo-out
+    """
+    import moekit
+    from moekit.analysis.summary import summarize
+    from moekit.cli.inspect_cmd import describe
+    from moekit.data import load_corpus
+    from moekit.eval import perplexity
+    from moekit.io import atomic_output_dir
+    from moekit.routing.tracing import trace_documents
+
+    out = out or Path(f"moekit-demo-{datetime.now():%Y%m%d-%H%M%S}")
+    started = time.perf_counter()
+    summary: dict = {}
+    with atomic_output_dir(out, force=force) as tmp:
+        t = _step("1. inspect")
+        lm = moekit.load(model)
+        info = describe(lm)
+        (tmp / "inspect.json").write_text(json.dumps(info, indent=2))
+        console.print(f"{info['model']}: {info['architecture']}, {info['moe_layers']} MoE layers × "
+                      f"{info['layers'][0]['num_experts']} experts, top-{info['layers'][0]['top_k']}, "
+                      f"{info['params_total'] / 1e6:.2f}M parameters ({info['params_active'] / 1e6:.2f}M active)")
+        summary["inspect"] = {"seconds": round(time.perf_counter() - t, 1)}
+
+        t = _step("2. trace the bundled test split")
+        docs = load_corpus("test")
+        trace = trace_documents(lm, docs, max_tokens=max_tokens, seq_len=256)
+        trace.save(tmp / "test.trace")
+        console.print(f"{trace.num_tokens} tokens from {len(set(trace.doc.tolist()))} documents in "
+                      f"{len(trace.domains)} domains → test.trace")
+        summary["trace"] = {"tokens": trace.num_tokens, "seconds": round(time.perf_counter() - t, 1)}
+
+        t = _step("3. routing statistics")
+        stats = summarize(trace, cache=True)
+        (tmp / "stats.json").write_text(json.dumps(stats))
+        table = Table("layer", "load CV", "max/mean load", "dead experts", "MI(expert; domain) bits",
+                      "shuffled MI bits")
+        dom_layers = (stats.get("domains") or {}).get("layers") or [{}] * len(stats["layers"])
+        for row, dom in zip(stats["layers"], dom_layers, strict=True):
+            table.add_row(str(row["layer"]), _f(row["cv"]), _f(row["max_over_mean"]), str(row["dead"]),
+                          _f((dom.get("mi") or {}).get("mi_bits")), _f((dom.get("shuffled_mi") or {}).get("mi_bits")))
+        console.print(table)
+        summary["stats"] = {"seconds": round(time.perf_counter() - t, 1)}
+
+        t = _step("4. perplexity per domain (test split)")
+        ppl = perplexity(lm, docs, max_tokens=max_tokens // 2)
+        (tmp / "perplexity.json").write_text(json.dumps(ppl, indent=2))
+        table = Table("domain", "tokens", "perplexity")
+        for name, row in ppl["by_domain"].items():
+            table.add_row(name, str(row["tokens"]), f"{row['perplexity']:.2f}")
+        table.add_row("[bold]all", str(ppl["tokens"]), f"[bold]{ppl['perplexity']:.2f}")
+        console.print(table)
+        summary["perplexity"] = {"all": ppl["perplexity"], "seconds": round(time.perf_counter() - t, 1)}
+
+        summary["total_seconds"] = round(time.perf_counter() - started, 1)
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+    console.rule()
+    console.print(f"demo finished in {summary['total_seconds']:.0f} s; everything is in [bold]{out.resolve()}[/]")
+
+
+def _f(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+

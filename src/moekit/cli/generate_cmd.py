@@ -1,0 +1,104 @@
+"""``moekit generate``: generate text with routing interventions, streamed to the terminal."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from moekit.cli.common import MODEL_HELP, app, emit_json, load_model, parse_expert_values, parse_experts
+
+
+def build_control(lm, disable: str | None = None, force: str | None = None, boost: str | None = None,
+                  top_k: int | None = None, top_p: float | None = None, steer: list[str] | None = None):
+    """The RoutingControl for the command's options (validated against the model)."""
+    from moekit.errors import MoekitError
+    from moekit.routing import RoutingControl, merge
+    from moekit.steer.presets import control_from_spec
+
+    if top_k is not None and top_p is not None:
+        raise MoekitError("give --top-k or --top-p, not both")
+    parts = [RoutingControl.make(parse_experts(disable), parse_experts(force), parse_expert_values(boost),
+                                 None, top_k, top_p)]
+    parts += [control_from_spec(s, lm) for s in steer or []]
+    ctrl = merge(parts)
+    ctrl.validate(lm.moe)
+    return ctrl
+
+
+@app.command("generate")
+def generate_command(
+    model: str = typer.Argument(None, help=MODEL_HELP),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt text."),
+    disable: str = typer.Option(None, "--disable", help="Experts never selected, e.g. 3:5,4:1."),
+    force: str = typer.Option(None, "--force", help="Experts always selected (at most k per layer), e.g. 3:5."),
+    boost: str = typer.Option(None, "--boost", help="Scale routing weights, e.g. 3:5=2.0,4:1=0.5."),
+    top_k: int = typer.Option(None, "--top-k", help="Experts per token (routing)."),
+    top_p: float = typer.Option(None, "--top-p", help="Top-p routing: experts up to cumulative router mass p."),
+    steer: list[str] = typer.Option(None, "--steer", help="FILE:off|on|boost=X[:N] from `moekit steer find`."),
+    max_tokens: int = typer.Option(64, "--max-tokens", help="New tokens at most."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0: greedy."),
+    sample_top_p: float = typer.Option(1.0, "--sample-top-p", help="Nucleus sampling mass (with --temperature)."),
+    seed: int = typer.Option(None, "--seed", help="Sampling seed (reproducible output)."),
+    stop: list[str] = typer.Option(None, "--stop", help="Stop before this string (repeatable)."),
+    contrast: float = typer.Option(None, "--contrast", help="Self-contrast decoding (SCMoE) strength beta >= 0."),
+    contrast_alpha: float = typer.Option(0.1, "--contrast-alpha", help="SCMoE plausibility cut alpha."),
+    weak_top_k: int = typer.Option(1, "--weak-top-k", help="SCMoE weak routing: experts per token."),
+    rewire: bool = typer.Option(False, "--rewire", help="Test-time rerouting: adapt router-logit biases on the context."),
+    rewire_every: int = typer.Option(32, "--rewire-every", help="Re-adapt every N generated tokens (0: prefill only)."),
+    rewire_steps: int = typer.Option(5, "--rewire-steps", help="Adam steps per adaptation."),
+    rewire_lr: float = typer.Option(0.1, "--rewire-lr", help="Adam learning rate for the biases."),
+    rewire_layers: str = typer.Option(None, "--rewire-layers", help="Comma-separated MoE layers (default: all)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON instead of streaming."),
+) -> None:
+    """Generate text, optionally steering the experts.
+
+    Examples:\n
+      moekit generate moekit:tiny --prompt "17 + 25 ="\n
+      moekit generate moekit:tiny --prompt "The river" --disable 1:3,2:7 --temperature 0.8 --seed 1\n
+      moekit generate moekit:tiny --prompt "seven plus" --steer digits.json:on\n
+      moekit generate moekit:tiny --prompt "17 + 25 =" --contrast 0.5\n
+      moekit generate moekit:tiny --prompt "def f(x):" --rewire --max-tokens 32
+    """
+    from moekit.errors import MoekitError
+    from moekit.generation import GenerationResult, stream
+
+    if contrast is not None and rewire:
+        raise MoekitError("choose one decoding strategy: --contrast or --rewire")
+    if contrast is not None and contrast < 0:
+        raise MoekitError(f"--contrast beta must be >= 0, got {contrast}")
+    strategy, options = "plain", {}
+    if contrast is not None:
+        strategy, options = "contrast", {"beta": contrast, "alpha": contrast_alpha, "weak_top_k": weak_top_k}
+    elif rewire:
+        try:
+            layers = [int(x) for x in rewire_layers.split(",")] if rewire_layers else None
+        except ValueError:
+            raise MoekitError(f"bad --rewire-layers {rewire_layers!r}: write e.g. 1,3") from None
+        strategy, options = "rewire", {"layers": layers, "every": rewire_every, "steps": rewire_steps,
+                                       "lr": rewire_lr}
+    lm = load_model(model)
+    if rewire and options["layers"]:
+        for li in options["layers"]:
+            lm.moe.layer(li)
+    control = build_control(lm, disable, force, boost, top_k, top_p, steer)
+    result = GenerationResult("", [], 0, "length")
+    pieces = stream(lm, prompt, max_new_tokens=max_tokens, temperature=temperature, top_p=sample_top_p, seed=seed,
+                    stop=stop or (), control=control, strategy=strategy, strategy_options=options, result=result)
+    if json_out:
+        for _ in pieces:
+            pass
+        emit_json({"model": lm.name, "prompt": prompt, "text": result.text, "token_ids": result.token_ids,
+                   "prompt_tokens": result.prompt_tokens, "finish_reason": result.finish_reason,
+                   "strategy": strategy, "control": _describe(control), "stats": result.stats})
+        return
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def _describe(control) -> dict:
+    return {"disable": sorted(control.disable), "force": sorted(control.force),
+            "scale": {f"{k[0]}:{k[1]}": v for k, v in sorted(control.scale.items())},
+            "top_k": control.top_k, "top_p": control.top_p}

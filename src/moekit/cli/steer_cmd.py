@@ -1,0 +1,62 @@
+"""``moekit steer find``: rank the experts whose routing separates two example sets (or marks tokens)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from moekit.cli.common import MODEL_HELP, app, console, emit_json, load_model
+
+steer_app = typer.Typer(help="Find the experts tied to a behaviour (then steer with `moekit generate --steer`).",
+                        no_args_is_help=True)
+app.add_typer(steer_app, name="steer")
+
+
+@steer_app.command("find")
+def find_command(
+    model: str = typer.Argument(None, help=MODEL_HELP),
+    pos: Path = typer.Option(..., "--pos", help="Examples of the behaviour: text (one example per line) or JSONL "
+                             "with 'response' (+ optional 'prompt', not counted) or 'text'."),
+    neg: Path = typer.Option(None, "--neg", help="Contrasting examples, same formats (optional for npmi)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output experts file (JSON)."),
+    method: str = typer.Option("risk_diff", "--method", help="risk_diff (SteerMoE), contrast (mean routing weight, "
+                               "fTRI-style) or npmi (RICE, needs --markers)."),
+    markers: str = typer.Option(None, "--markers", help="Comma-separated marker strings for npmi, e.g. 'Alternatively,Wait'."),
+    top: int = typer.Option(10, "--top", help="How many experts the steering presets use by default."),
+    max_len: int = typer.Option(256, "--max-len", help="Tokens per example (longer ones are cut)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
+    json_out: bool = typer.Option(False, "--json", help="Print the top entries as JSON."),
+) -> None:
+    """Rank (layer, expert) by how strongly routing differs between --pos and --neg.
+
+    Examples:\n
+      moekit steer find moekit:tiny --pos digits.txt --neg words.txt --out digits.json\n
+      moekit steer find moekit:tiny --pos qa.jsonl --neg qa_bad.jsonl --method contrast --out e.json --top 4\n
+      moekit steer find moekit:tiny --pos traces.txt --method npmi --markers "equals,plus" --out m.json
+    """
+    from moekit.io import check_writable
+    from moekit.steer.detect import DETECTORS, find_experts, read_examples, save_experts
+
+    DETECTORS.get(method)
+    check_writable(out, force)
+    pos_ex = read_examples(pos)
+    neg_ex = read_examples(neg) if neg is not None else None
+    mk = [m for m in (markers or "").split(",") if m.strip()]
+    lm = load_model(model)
+    result = find_experts(lm, pos_ex, neg_ex, method=method, markers=mk or None, top=top, max_len=max_len)
+    save_experts(result, out, force=force)
+    head = result["entries"][:top]
+    if json_out:
+        emit_json({"out": str(out), "method": method, "sets": result["sets"], "top": head})
+        return
+    sets = result["sets"]
+    console.print(f"wrote {out}: {method} over {sets['pos']['tokens']} target tokens"
+                  + (f" vs {sets['neg']['tokens']}" if "neg" in sets else ""))
+    extra = [k for k in head[0] if k not in ("layer", "expert", "score", "rank")] if head else []
+    table = Table("rank", "layer", "expert", "score", *extra)
+    for r in head:
+        table.add_row(str(r["rank"]), str(r["layer"]), str(r["expert"]), f"{r['score']:+.4f}",
+                      *[f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in extra])
+    console.print(table)

@@ -1,0 +1,151 @@
+"""Text generation with routing interventions, sampling and streaming (used by the CLI and the server).
+
+A *decoder* produces next-token logits: ``prefill(ids)`` then ``step(token)``. The plain decoder runs the
+model with a KV cache; other strategies (self-contrast decoding, test-time rerouting) register their
+own decoder in ``DECODERS`` and are picked by name. Routing controls apply to every forward through
+``moekit.route``; sampling, stop strings and streaming are shared by all decoders.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from moekit.errors import MoekitError
+from moekit.models.loading import LoadedModel
+from moekit.registry import Registry
+from moekit.routing import RoutingControl, route
+
+
+class Decoder:
+    """Plain KV-cached decoding of ``lm.model``."""
+
+    def __init__(self, lm: LoadedModel, **options) -> None:
+        if options:
+            raise MoekitError(f"unexpected decoder options: {sorted(options)}")
+        self.lm = lm
+        self.cache = None
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.lm.model(input_ids=ids.view(1, -1).to(self.lm.device), use_cache=True)
+        self.cache = out.past_key_values
+        return out.logits[0, -1].float()
+
+    @torch.no_grad()
+    def step(self, token: int) -> torch.Tensor:
+        ids = torch.tensor([[token]], device=self.lm.device)
+        out = self.lm.model(input_ids=ids, past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        return out.logits[0, -1].float()
+
+
+DECODERS: Registry[Callable[..., Decoder]] = Registry("decoding strategy")
+DECODERS.register("plain")(Decoder)
+
+
+@dataclass
+class GenerationResult:
+    """What ``generate`` returns: the new text and tokens and why generation stopped."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" (eos or a stop string) or "length"
+    stats: dict = field(default_factory=dict)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
+    """Greedy when ``temperature`` is 0; else temperature + nucleus (top-p) sampling."""
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = (sorted_p.cumsum(0) - sorted_p) < top_p
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
+
+
+def encode_prompt(lm: LoadedModel, prompt: str | Sequence[int]) -> torch.Tensor:
+    """Token ids of ``prompt`` (a string needs the model's tokenizer)."""
+    if isinstance(prompt, str):
+        if lm.tokenizer is None:
+            raise MoekitError(f"{lm.name} has no tokenizer; pass token ids instead of text")
+        ids = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    else:
+        ids = list(prompt)
+    if not ids:
+        raise MoekitError("the prompt is empty")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _eos_ids(lm: LoadedModel) -> set[int]:
+    eos = getattr(lm.model.generation_config, "eos_token_id", None) or getattr(lm.config, "eos_token_id", None)
+    if eos is None and lm.tokenizer is not None:
+        eos = lm.tokenizer.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos]) - {None}
+
+
+def stream(
+    lm: LoadedModel,
+    prompt: str | Sequence[int],
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    control: RoutingControl | None = None,
+    strategy: str = "plain",
+    strategy_options: dict | None = None,
+    result: GenerationResult | None = None,
+) -> Iterator[str]:
+    """Yield the generated text piece by piece; fills ``result`` (if given) when done."""
+    if max_new_tokens < 1:
+        raise MoekitError("max_new_tokens must be at least 1")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise MoekitError("temperature must be >= 0 and top_p in (0, 1]")
+    ids = encode_prompt(lm, prompt)
+    if strategy not in DECODERS:
+        import moekit.steer  # noqa: F401  (registers the "contrast" and "rewire" decoders)
+    decoder = DECODERS.get(strategy)(lm, **(strategy_options or {}))
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    eos = _eos_ids(lm)
+    out: list[int] = []
+    text, reason = "", "length"
+    ctx = route(lm, control=control) if control is not None and not control.is_empty() else contextlib.nullcontext()
+    with ctx:
+        logits = decoder.prefill(ids)
+        for i in range(max_new_tokens):
+            token = sample_next(logits, temperature, top_p, gen)
+            if token in eos:
+                reason = "stop"
+                break
+            out.append(token)
+            new_text = lm.tokenizer.decode(out) if lm.tokenizer is not None else " ".join(map(str, out))
+            hit = next((s for s in stop if s and s in new_text), None)
+            if hit is not None:
+                new_text = new_text[: new_text.index(hit)]
+                reason = "stop"
+            if not new_text.endswith("\ufffd") and len(new_text) > len(text):  # wait for whole characters
+                yield new_text[len(text):]
+                text = new_text
+            if reason == "stop":
+                break
+            if i + 1 < max_new_tokens:
+                logits = decoder.step(token)
+    if result is not None:
+        result.text, result.token_ids, result.prompt_tokens, result.finish_reason = text, out, len(ids), reason
+        result.stats = getattr(decoder, "stats", {})
+
+
+def generate(lm: LoadedModel, prompt: str | Sequence[int], **options) -> GenerationResult:
+    """Generate a completion of ``prompt``; options as in ``stream`` (max_new_tokens, temperature, top_p,
+    seed, stop, control, strategy, strategy_options)."""
+    result = GenerationResult("", [], 0, "length")
+    for _ in stream(lm, prompt, result=result, **options):
+        pass
+    return result
