@@ -1,0 +1,45 @@
+"""``moekit eval``: token-weighted perplexity per file and per domain."""
+
+from __future__ import annotations
+
+import typer
+from rich.table import Table
+
+from moekit.cli.common import MODEL_HELP, app, console, emit_json, load_model
+
+
+@app.command("eval")
+def eval_command(
+    model: str = typer.Argument(None, help=MODEL_HELP),
+    data: list[str] = typer.Option(["moekit:corpus:test"], "--data", "-d",
+                                   help="Text/JSONL files or moekit:corpus[:split] (default: the bundled test split)."),
+    max_tokens: int = typer.Option(None, "--max-tokens", help="Evaluate at most this many tokens."),
+    seq_len: int = typer.Option(256, "--seq-len", help="Window length in tokens."),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Perplexity of a model per file and per domain.
+
+    Examples:\n
+      moekit eval moekit:tiny\n
+      moekit eval ./pruned --data notes.txt --data code.jsonl --json
+    """
+    from moekit.data import read_documents
+    from moekit.eval import perplexity
+
+    docs = read_documents(data)
+    lm = load_model(model)
+    result = perplexity(lm, docs, max_tokens=max_tokens, batch_size=batch_size, seq_len=seq_len,
+                        progress=not json_out)
+    if json_out:
+        emit_json(result)
+        return
+    for key, title in (("by_domain", "domain"), ("by_source", "file")):
+        rows = result.get(key) or {}
+        if len(rows) <= 1 and key == "by_source":
+            continue
+        table = Table(title, "tokens", "NLL", "perplexity")
+        for name, row in rows.items():
+            table.add_row(name, str(row["tokens"]), f"{row['nll']:.4f}", f"{row['perplexity']:.2f}")
+        console.print(table)
+    console.print(f"[bold]all:[/] {result['tokens']} tokens, perplexity {result['perplexity']:.3f}")
