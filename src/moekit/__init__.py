@@ -1,13 +1,30 @@
-"""moekit: see, steer, compress, serve and build Mixture-of-Experts language models."""
+"""moekit: see, steer, compress, serve and build Mixture-of-Experts language models.
+
+The top-level names are imported lazily so that torch-free parts (``moekit.analysis``,
+``moekit.trace``) load without torch.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from moekit.errors import MoekitError, NotAnMoEModel, TraceError, UnsupportedArchitecture  # noqa: E402
-from moekit.models import LoadedModel, MoEMap, load  # noqa: E402
-from moekit.routing import RoutingControl, record, route  # noqa: E402
-from moekit.trace import RoutingTrace  # noqa: E402
+_LAZY = {
+    "MoekitError": "moekit.errors", "NotAnMoEModel": "moekit.errors", "TraceError": "moekit.errors",
+    "UnsupportedArchitecture": "moekit.errors",
+    "LoadedModel": "moekit.models", "MoEMap": "moekit.models", "load": "moekit.models",
+    "RoutingControl": "moekit.routing", "record": "moekit.routing", "route": "moekit.routing",
+    "RoutingTrace": "moekit.trace",
+    "generate": "moekit.generation",
+}
 
-__all__ = [
-    "LoadedModel", "MoEMap", "MoekitError", "NotAnMoEModel", "RoutingControl", "RoutingTrace", "TraceError",
-    "UnsupportedArchitecture", "__version__", "load", "record", "route",
-]
+__all__ = [*_LAZY, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'moekit' has no attribute {name!r}")
