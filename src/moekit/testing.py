@@ -103,3 +103,25 @@ def save_tiny_checkpoint(arch: str, path, seed: int = 0, with_tokenizer: bool = 
     if with_tokenizer:
         tok.save_pretrained(path)
     return path
+
+
+try:  # pytest fixtures for the bundled trained models, loaded once per test session
+    import pytest as _pytest
+except ImportError:  # pragma: no cover - moekit.testing without pytest
+    _pytest = None
+
+if _pytest is not None:
+
+    @_pytest.fixture(scope="session")
+    def bundled_tiny():
+        """``moekit.load("moekit:tiny")``, once per test session."""
+        import moekit
+
+        return moekit.load("moekit:tiny")
+
+    @_pytest.fixture(scope="session")
+    def bundled_tiny_shared():
+        """``moekit.load("moekit:tiny-shared")``, once per test session."""
+        import moekit
+
+        return moekit.load("moekit:tiny-shared")

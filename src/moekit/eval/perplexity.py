@@ -1,0 +1,211 @@
+"""Token-weighted perplexity per document source and domain, a unigram baseline, and KL to a reference.
+
+Every document is tokenized with the model's tokenizer (no special tokens) and cut into windows of
+``seq_len`` tokens that overlap by one token, so every token but the first of each document is
+predicted exactly once, with up to ``seq_len - 1`` tokens of context. Windows are batched with right
+padding; padded positions are masked out, so results do not depend on ``batch_size``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from moekit.data.corpus import Document
+from moekit.errors import MoekitError
+
+
+def _as_documents(docs: Sequence[Document | str]) -> list[Document]:
+    out = []
+    for i, d in enumerate(docs):
+        out.append(d if isinstance(d, Document) else Document(str(d), "text", f"text:{i}", "<text>"))
+    return out
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def document_windows(
+    ids: Sequence[int], seq_len: int
+) -> list[list[int]]:
+    """Cut one document's token ids into windows of ``seq_len`` overlapping by one token."""
+    if seq_len < 2:
+        raise MoekitError("seq_len must be at least 2")
+    stride = seq_len - 1
+    return [list(ids[s : s + seq_len]) for s in range(0, max(len(ids) - 1, 0), stride)]
+
+
+def _windows(lm, docs: list[Document], seq_len: int, max_tokens: int | None) -> list[tuple[int, list[int]]]:
+    if lm.tokenizer is None:
+        raise MoekitError(f"model {lm.name} has no tokenizer; perplexity needs one")
+    out: list[tuple[int, list[int]]] = []
+    budget = max_tokens if max_tokens is not None else math.inf
+    for i, doc in enumerate(docs):
+        for w in document_windows(_encode(lm.tokenizer, doc.text), seq_len):
+            if budget <= 0:
+                return out
+            if len(w) - 1 > budget:
+                w = w[: int(budget) + 1]
+            out.append((i, w))
+            budget -= len(w) - 1
+    return out
+
+
+def _batches(windows: list[tuple[int, list[int]]], batch_size: int, pad_id: int) -> Iterator[tuple]:
+    for start in range(0, len(windows), batch_size):
+        chunk = windows[start : start + batch_size]
+        width = max(len(w) for _, w in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for r, (_, w) in enumerate(chunk):
+            ids[r, : len(w)] = torch.tensor(w)
+            mask[r, : len(w)] = 1
+        yield [d for d, _ in chunk], ids, mask
+
+
+def _progress(enabled: bool, total: int, label: str):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    prog = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    disable=not enabled, transient=True)
+    return prog, prog.add_task(label, total=total)
+
+
+def _pad_id(tokenizer) -> int:
+    pid = getattr(tokenizer, "pad_token_id", None)
+    if pid is None:
+        pid = getattr(tokenizer, "eos_token_id", None)
+    return int(pid or 0)
+
+
+def _summary(nll: dict[str, float], count: dict[str, int]) -> dict[str, dict]:
+    out = {}
+    for key in sorted(count):
+        n = count[key]
+        mean = nll[key] / n if n else float("nan")
+        out[key] = {"tokens": n, "nll": mean, "perplexity": math.exp(mean) if n else float("nan")}
+    return out
+
+
+@torch.no_grad()
+def perplexity(
+    lm,
+    docs: Sequence[Document | str],
+    max_tokens: int | None = None,
+    batch_size: int = 8,
+    seq_len: int = 256,
+    progress: bool = True,
+) -> dict:
+    """Token-weighted mean NLL and perplexity of ``lm`` on ``docs``: overall, per domain, per source file.
+
+    ``max_tokens`` caps the number of predicted tokens (documents are taken in order).
+    Returns ``{"model", "tokens", "nll", "perplexity", "by_domain": {...}, "by_source": {...}}``.
+    """
+    docs = _as_documents(docs)
+    windows = _windows(lm, docs, seq_len, max_tokens)
+    if not windows:
+        raise MoekitError("no tokens to evaluate: documents are empty or shorter than 2 tokens")
+    model = lm.model
+    per_doc_nll = np.zeros(len(docs))
+    per_doc_n = np.zeros(len(docs), dtype=np.int64)
+    prog, task = _progress(progress, len(windows), f"perplexity {lm.name}")
+    with prog:
+        for doc_idx, ids, mask in _batches(windows, batch_size, _pad_id(lm.tokenizer)):
+            ids, mask = ids.to(lm.device), mask.to(lm.device)
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)
+            nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+            valid = mask[:, 1:].bool()
+            nll = (nll * valid).sum(1).cpu().numpy()
+            n = valid.sum(1).cpu().numpy()
+            for r, d in enumerate(doc_idx):
+                per_doc_nll[d] += nll[r]
+                per_doc_n[d] += n[r]
+            prog.advance(task, len(doc_idx))
+    return _aggregate(lm.name, docs, per_doc_nll, per_doc_n)
+
+
+def _aggregate(name: str, docs: list[Document], per_doc_nll: np.ndarray, per_doc_n: np.ndarray) -> dict:
+    by = {"by_domain": (Counter(), Counter()), "by_source": (Counter(), Counter())}
+    for d, doc in enumerate(docs):
+        if per_doc_n[d] == 0:
+            continue
+        for field, key in (("by_domain", doc.domain), ("by_source", doc.source)):
+            by[field][0][key] += float(per_doc_nll[d])
+            by[field][1][key] += int(per_doc_n[d])
+    total_n = int(per_doc_n.sum())
+    mean = float(per_doc_nll.sum() / total_n)
+    return {"model": name, "tokens": total_n, "nll": mean, "perplexity": math.exp(mean),
+            **{k: _summary(*v) for k, v in by.items()}}
+
+
+def unigram_perplexity(tokenizer, train_docs: Sequence[Document | str], docs: Sequence[Document | str],
+                       seq_len: int = 256) -> dict:
+    """Perplexity of an add-one-smoothed unigram model (token counts of ``train_docs``) on ``docs``.
+
+    Predicts exactly the tokens :func:`perplexity` predicts (all but each document's first token),
+    so the two are directly comparable. Same return layout as :func:`perplexity`.
+    """
+    vocab = len(tokenizer)
+    counts = np.ones(vocab, dtype=np.float64)
+    for doc in _as_documents(train_docs):
+        ids = _encode(tokenizer, doc.text)
+        counts += np.bincount(ids, minlength=vocab)[:vocab]
+    logp = np.log(counts / counts.sum())
+    docs = _as_documents(docs)
+    per_doc_nll = np.zeros(len(docs))
+    per_doc_n = np.zeros(len(docs), dtype=np.int64)
+    for d, doc in enumerate(docs):
+        ids = np.asarray(_encode(tokenizer, doc.text)[1:], dtype=np.int64)
+        per_doc_nll[d] = -logp[ids].sum()
+        per_doc_n[d] = len(ids)
+    return _aggregate("unigram", docs, per_doc_nll, per_doc_n)
+
+
+@torch.no_grad()
+def kl_to_reference(
+    lm,
+    ref_lm,
+    docs: Sequence[Document | str],
+    max_tokens: int | None = None,
+    batch_size: int = 8,
+    seq_len: int = 256,
+    progress: bool = True,
+) -> dict:
+    """Mean per-token KL(ref || lm) of next-token distributions over the same windows as :func:`perplexity`.
+
+    Both models must share the vocabulary; ``lm``'s tokenizer cuts the text. Returns
+    ``{"kl", "tokens", "by_domain": {domain: {"kl", "tokens"}}}``.
+    """
+    docs = _as_documents(docs)
+    windows = _windows(lm, docs, seq_len, max_tokens)
+    if not windows:
+        raise MoekitError("no tokens to evaluate: documents are empty or shorter than 2 tokens")
+    total = Counter()
+    count = Counter()
+    prog, task = _progress(progress, len(windows), f"KL {ref_lm.name} || {lm.name}")
+    with prog:
+        for doc_idx, ids, mask in _batches(windows, batch_size, _pad_id(lm.tokenizer)):
+            a = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False).logits
+            b = ref_lm.model(input_ids=ids.to(ref_lm.device), attention_mask=mask.to(ref_lm.device),
+                             use_cache=False).logits
+            if a.shape[-1] != b.shape[-1]:
+                raise MoekitError(f"vocabulary sizes differ: {a.shape[-1]} vs {b.shape[-1]}")
+            logq = torch.log_softmax(a[:, :-1].float().cpu(), -1)
+            logp = torch.log_softmax(b[:, :-1].float().cpu(), -1)
+            kl = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0)
+            valid = mask[:, 1:].bool()
+            kl_rows = (kl * valid).sum(1).numpy()
+            n_rows = valid.sum(1).numpy()
+            for r, d in enumerate(doc_idx):
+                total[docs[d].domain] += float(kl_rows[r])
+                count[docs[d].domain] += int(n_rows[r])
+            prog.advance(task, len(doc_idx))
+    n = sum(count.values())
+    return {"kl": sum(total.values()) / n, "tokens": n,
+            "by_domain": {k: {"kl": total[k] / count[k], "tokens": count[k]} for k in sorted(count)}}
