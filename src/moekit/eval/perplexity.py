@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from moekit.data.batching import pad_batch
 from moekit.data.corpus import Document
 from moekit.errors import MoekitError
 
@@ -59,13 +60,8 @@ def _windows(lm, docs: list[Document], seq_len: int, max_tokens: int | None) -> 
 def _batches(windows: list[tuple[int, list[int]]], batch_size: int, pad_id: int) -> Iterator[tuple]:
     for start in range(0, len(windows), batch_size):
         chunk = windows[start : start + batch_size]
-        width = max(len(w) for _, w in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for r, (_, w) in enumerate(chunk):
-            ids[r, : len(w)] = torch.tensor(w)
-            mask[r, : len(w)] = 1
-        yield [d for d, _ in chunk], ids, mask
+        batch = pad_batch([w for _, w in chunk], pad_id)
+        yield [d for d, _ in chunk], batch["input_ids"], batch["attention_mask"]
 
 
 def _progress(enabled: bool, total: int, label: str):

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from moekit.data.batching import pad_batch
 from moekit.errors import MoekitError
 from moekit.models.loading import LoadedModel
 from moekit.routing.record import record
@@ -30,17 +31,6 @@ def tokenize_windows(lm: LoadedModel, docs: Sequence, seq_len: int, max_tokens: 
             if max_tokens is not None and total >= max_tokens:
                 return windows
     return windows
-
-
-def pad_batch(chunks: Sequence[Sequence[int]], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids`` and ``attention_mask`` for a list of token lists."""
-    width = max(len(c) for c in chunks)
-    ids = torch.full((len(chunks), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(chunks), width), dtype=torch.long)
-    for i, c in enumerate(chunks):
-        ids[i, : len(c)] = torch.tensor(c)
-        mask[i, : len(c)] = 1
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 @torch.no_grad()
