@@ -32,10 +32,12 @@ def demo_command(
     """
     import moekit
     from moekit.analysis.summary import summarize
-    from moekit.cli.inspect_cmd import describe
     from moekit.data import load_corpus
     from moekit.eval import perplexity
     from moekit.io import atomic_output_dir
+    from moekit.models.summary import describe
+    from moekit.report import write_report
+    from moekit.report.build import interleave_domains
     from moekit.routing.tracing import trace_documents
 
     out = out or Path(f"moekit-demo-{datetime.now():%Y%m%d-%H%M%S}")
@@ -52,8 +54,8 @@ def demo_command(
         summary["inspect"] = {"seconds": round(time.perf_counter() - t, 1)}
 
         t = _step("2. trace the bundled test split")
-        docs = load_corpus("test")
-        trace = trace_documents(lm, docs, max_tokens=max_tokens, seq_len=256)
+        docs = interleave_domains(load_corpus("test"))  # a token cap then samples every domain
+        trace = trace_documents(lm, docs, max_tokens=max_tokens, seq_len=256, fields=("ids", "weights", "probs"))
         trace.save(tmp / "test.trace")
         console.print(f"{trace.num_tokens} tokens from {len(set(trace.doc.tolist()))} documents in "
                       f"{len(trace.domains)} domains → test.trace")
@@ -80,6 +82,11 @@ def demo_command(
         table.add_row("[bold]all", str(ppl["tokens"]), f"[bold]{ppl['perplexity']:.2f}")
         console.print(table)
         summary["perplexity"] = {"all": ppl["perplexity"], "seconds": round(time.perf_counter() - t, 1)}
+
+        t = _step("5. HTML report")
+        write_report(lm, trace, tmp / "report.html", docs=docs, stats=stats, model_info=info)
+        console.print(f"report: [bold]{(out / 'report.html').resolve()}[/]")
+        summary["report"] = {"path": str(out / "report.html"), "seconds": round(time.perf_counter() - t, 1)}
 
         summary["total_seconds"] = round(time.perf_counter() - started, 1)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
