@@ -10,7 +10,8 @@ from moekit.cli.common import MODEL_HELP, app, emit_json, load_model, parse_expe
 
 
 def build_control(lm, disable: str | None = None, force: str | None = None, boost: str | None = None,
-                  top_k: int | None = None, top_p: float | None = None, steer: list[str] | None = None):
+                  top_k: int | None = None, top_p: float | None = None, steer: list[str] | None = None,
+                  bias: str | None = None):
     """The RoutingControl for the command's options (validated against the model)."""
     from moekit.errors import MoekitError
     from moekit.routing import RoutingControl, merge
@@ -19,7 +20,7 @@ def build_control(lm, disable: str | None = None, force: str | None = None, boos
     if top_k is not None and top_p is not None:
         raise MoekitError("give --top-k or --top-p, not both")
     parts = [RoutingControl.make(parse_experts(disable), parse_experts(force), parse_expert_values(boost),
-                                 None, top_k, top_p)]
+                                 parse_expert_values(bias), top_k, top_p)]
     parts += [control_from_spec(s, lm) for s in steer or []]
     ctrl = merge(parts)
     ctrl.validate(lm.moe)
@@ -33,6 +34,7 @@ def generate_command(
     disable: str = typer.Option(None, "--disable", help="Experts never selected, e.g. 3:5,4:1."),
     force: str = typer.Option(None, "--force", help="Experts always selected (at most k per layer), e.g. 3:5."),
     boost: str = typer.Option(None, "--boost", help="Scale routing weights, e.g. 3:5=2.0,4:1=0.5."),
+    bias: str = typer.Option(None, "--bias", help="Add to router logits before selection, e.g. 3:5=1.5."),
     top_k: int = typer.Option(None, "--top-k", help="Experts per token (routing)."),
     top_p: float = typer.Option(None, "--top-p", help="Top-p routing: experts up to cumulative router mass p."),
     steer: list[str] = typer.Option(None, "--steer", help="FILE:off|on|boost=X[:N] from `moekit steer find`."),
@@ -47,9 +49,16 @@ def generate_command(
     rewire: bool = typer.Option(False, "--rewire", help="Test-time rerouting: adapt router-logit biases on the context."),
     rewire_every: int = typer.Option(32, "--rewire-every", help="Re-adapt every N generated tokens (0: prefill only)."),
     rewire_steps: int = typer.Option(5, "--rewire-steps", help="Adam steps per adaptation."),
-    rewire_lr: float = typer.Option(0.1, "--rewire-lr", help="Adam learning rate for the biases."),
+    rewire_lr: float = typer.Option(0.03, "--rewire-lr", help="Adam learning rate for the biases."),
     rewire_layers: str = typer.Option(None, "--rewire-layers", help="Comma-separated MoE layers (default: all)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON instead of streaming."),
+    offload: bool = typer.Option(False, "--offload", help="Keep only a cache of experts in memory; read the others "
+                                 "from the checkpoint on demand (moekit.serve)."),
+    cache_mb: float = typer.Option(None, "--cache-mb", help="With --offload: expert cache budget in MB "
+                                   "(default: 2·k experts per layer)."),
+    policy: str = typer.Option("lru+prefetch", "--policy", help="With --offload: cache policy (lru, lfu, static, "
+                               "lru+prefetch, none)."),
+    offload_stats: bool = typer.Option(False, "--stats", help="With --offload: report the cache statistics."),
 ) -> None:
     """Generate text, optionally steering the experts.
 
@@ -61,7 +70,6 @@ def generate_command(
       moekit generate moekit:tiny --prompt "def f(x):" --rewire --max-tokens 32
     """
     from moekit.errors import MoekitError
-    from moekit.generation import GenerationResult, stream
 
     if contrast is not None and rewire:
         raise MoekitError("choose one decoding strategy: --contrast or --rewire")
@@ -77,11 +85,38 @@ def generate_command(
             raise MoekitError(f"bad --rewire-layers {rewire_layers!r}: write e.g. 1,3") from None
         strategy, options = "rewire", {"layers": layers, "every": rewire_every, "steps": rewire_steps,
                                        "lr": rewire_lr}
-    lm = load_model(model)
+    if offload and rewire:
+        raise MoekitError("--offload does not support --rewire (it needs gradients through the experts)")
+    lm = _load_offloaded(model) if offload else load_model(model)
     if rewire and options["layers"]:
         for li in options["layers"]:
             lm.moe.layer(li)
-    control = build_control(lm, disable, force, boost, top_k, top_p, steer)
+    control = build_control(lm, disable, force, boost, top_k, top_p, steer, bias)
+    import contextlib
+
+    ctx = contextlib.nullcontext()
+    if offload:
+        from moekit.serve import offload as offload_ctx
+
+        ctx = offload_ctx(lm, cache_mb=cache_mb, policy=policy)
+    with ctx as engine:
+        _run(lm, prompt, max_tokens, temperature, sample_top_p, seed, stop, control, strategy, options, json_out,
+             engine if offload_stats else None)
+
+
+def _load_offloaded(model: str | None):
+    from moekit.cli.common import console_err
+    from moekit.models import DEFAULT_MODEL
+    from moekit.serve import load_offloaded
+
+    with console_err.status(f"loading {model or DEFAULT_MODEL} (experts offloaded)"):
+        return load_offloaded(model or DEFAULT_MODEL)
+
+
+def _run(lm, prompt, max_tokens, temperature, sample_top_p, seed, stop, control, strategy, options, json_out,
+         engine) -> None:
+    from moekit.generation import GenerationResult, stream
+
     result = GenerationResult("", [], 0, "length")
     pieces = stream(lm, prompt, max_new_tokens=max_tokens, temperature=temperature, top_p=sample_top_p, seed=seed,
                     stop=stop or (), control=control, strategy=strategy, strategy_options=options, result=result)
@@ -90,15 +125,21 @@ def generate_command(
             pass
         emit_json({"model": lm.name, "prompt": prompt, "text": result.text, "token_ids": result.token_ids,
                    "prompt_tokens": result.prompt_tokens, "finish_reason": result.finish_reason,
-                   "strategy": strategy, "control": _describe(control), "stats": result.stats})
+                   "strategy": strategy, "control": _describe(control), "stats": result.stats,
+                   **({"offload": engine.stats()} if engine is not None else {})})
         return
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    if engine is not None:
+        import json
+
+        sys.stderr.write(json.dumps(engine.stats(), default=str) + "\n")
 
 
 def _describe(control) -> dict:
     return {"disable": sorted(control.disable), "force": sorted(control.force),
             "scale": {f"{k[0]}:{k[1]}": v for k, v in sorted(control.scale.items())},
+            "bias": {f"{k[0]}:{k[1]}": v for k, v in sorted(control.bias.items())},
             "top_k": control.top_k, "top_p": control.top_p}

@@ -17,9 +17,10 @@ app.add_typer(steer_app, name="steer")
 @steer_app.command("find")
 def find_command(
     model: str = typer.Argument(None, help=MODEL_HELP),
-    pos: Path = typer.Option(..., "--pos", help="Examples of the behaviour: text (one example per line) or JSONL "
-                             "with 'response' (+ optional 'prompt', not counted) or 'text'."),
-    neg: Path = typer.Option(None, "--neg", help="Contrasting examples, same formats (optional for npmi)."),
+    pos: str = typer.Option(..., "--pos", help="Examples of the behaviour: text (one example per line), JSONL "
+                            "with 'response' (+ optional 'prompt', not counted) or 'text', or "
+                            "moekit:corpus[:split[:domain]]."),
+    neg: str = typer.Option(None, "--neg", help="Contrasting examples, same formats (optional for npmi)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output experts file (JSON)."),
     method: str = typer.Option("risk_diff", "--method", help="risk_diff (SteerMoE), contrast (mean routing weight, "
                                "fTRI-style) or npmi (RICE, needs --markers)."),
@@ -33,17 +34,23 @@ def find_command(
 
     Examples:\n
       moekit steer find moekit:tiny --pos digits.txt --neg words.txt --out digits.json\n
+      moekit steer find moekit:tiny --pos moekit:corpus:validation:code --neg moekit:corpus:validation:prose --out code.json\n
       moekit steer find moekit:tiny --pos qa.jsonl --neg qa_bad.jsonl --method contrast --out e.json --top 4\n
       moekit steer find moekit:tiny --pos traces.txt --method npmi --markers "equals,plus" --out m.json
     """
+    from moekit.errors import MoekitError
     from moekit.io import check_writable
     from moekit.steer.detect import DETECTORS, find_experts, read_examples, save_experts
 
     DETECTORS.get(method)
+    mk = [m for m in (markers or "").split(",") if m.strip()]
+    if neg is None and method != "npmi":
+        raise MoekitError(f"method {method} needs a second example set (--neg)")
+    if method == "npmi" and not mk:
+        raise MoekitError("method npmi needs marker tokens (--markers)")
     check_writable(out, force)
     pos_ex = read_examples(pos)
     neg_ex = read_examples(neg) if neg is not None else None
-    mk = [m for m in (markers or "").split(",") if m.strip()]
     lm = load_model(model)
     result = find_experts(lm, pos_ex, neg_ex, method=method, markers=mk or None, top=top, max_len=max_len)
     save_experts(result, out, force=force)

@@ -1,0 +1,51 @@
+"""MoE building blocks: fast expert dispatch, the routers and losses of the literature, MoE layers."""
+
+from __future__ import annotations
+
+from moekit.nn.dispatch import (
+    expert_counts,
+    expert_forward,
+    get_backend,
+    moekit_experts_forward,
+    register_with_transformers,
+    set_backend,
+)
+from moekit.nn.layers import CoELayer, ExpertBank, GatedMLP, MoELayer
+from moekit.nn.losses import AddAuxiliaryLoss, add_aux_loss, seq_balance_loss, switch_balance_loss, z_loss
+from moekit.nn.model import MoELM, MoELMConfig
+from moekit.nn.routers import (
+    ROUTERS,
+    Router,
+    RouterOutput,
+    build_router,
+    group_limited_topk,
+    update_router_biases,
+)
+
+register_with_transformers()
+
+__all__ = [
+    "ROUTERS",
+    "AddAuxiliaryLoss",
+    "CoELayer",
+    "ExpertBank",
+    "GatedMLP",
+    "MoELM",
+    "MoELMConfig",
+    "MoELayer",
+    "Router",
+    "RouterOutput",
+    "add_aux_loss",
+    "build_router",
+    "expert_counts",
+    "expert_forward",
+    "get_backend",
+    "group_limited_topk",
+    "moekit_experts_forward",
+    "register_with_transformers",
+    "seq_balance_loss",
+    "set_backend",
+    "switch_balance_loss",
+    "update_router_biases",
+    "z_loss",
+]

@@ -1,0 +1,136 @@
+"""Generation with routing interventions, SCMoE and test-time rerouting (issue 6)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import moekit
+from moekit.errors import MoekitError
+from moekit.generation import generate, stream
+from moekit.steer.contrast import contrast_logits
+from moekit.steer.rewire import RewireDecoder
+from moekit.testing import save_tiny_checkpoint, tiny_lm
+
+PROMPT = [5, 17, 42, 9, 77, 3]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread (and the test machine's cores are shared)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_lm("qwen3_moe")
+
+
+@pytest.fixture(scope="module")
+def text_lm(tmp_path_factory):
+    return moekit.load(save_tiny_checkpoint("qwen3_moe", tmp_path_factory.mktemp("g") / "tiny"))
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "deepseek_v3"])
+def test_greedy_equals_hf_generate(arch):
+    lm = tiny_lm(arch)
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        ref = lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,
+                                min_new_tokens=12, pad_token_id=0, eos_token_id=None)
+    out = generate(lm, PROMPT, max_new_tokens=12)
+    assert out.token_ids == ref[0, len(PROMPT):].tolist()
+    assert out.finish_reason == "length" and out.prompt_tokens == len(PROMPT)
+
+
+def test_seeded_sampling_is_reproducible(lm):
+    a = generate(lm, PROMPT, max_new_tokens=10, temperature=1.0, top_p=0.9, seed=3)
+    b = generate(lm, PROMPT, max_new_tokens=10, temperature=1.0, top_p=0.9, seed=3)
+    c = generate(lm, PROMPT, max_new_tokens=10, temperature=1.0, top_p=0.9, seed=4)
+    assert a.token_ids == b.token_ids and a.token_ids != c.token_ids
+
+
+def test_stop_strings_and_streaming(text_lm):
+    full = generate(text_lm, "17 + 25 =", max_new_tokens=8)
+    assert len(full.text) > 2
+    stop = full.text[2:4]
+    cut = generate(text_lm, "17 + 25 =", max_new_tokens=8, stop=[stop])
+    assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.index(stop)]
+    assert "".join(stream(text_lm, "17 + 25 =", max_new_tokens=8)) == full.text
+
+
+def test_routing_control_changes_generation(lm):
+    plain = generate(lm, PROMPT, max_new_tokens=8)
+    ctrl = moekit.RoutingControl.make(top_k=1)
+    assert generate(lm, PROMPT, max_new_tokens=8, control=ctrl).token_ids != plain.token_ids
+
+
+def test_contrast_formula_hand_example():
+    zs = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    zw = torch.log(torch.tensor([0.7, 0.1, 0.1, 0.1]))
+    z = contrast_logits(zs, zw, beta=1.0, alpha=0.2)  # plausible: p >= 0.1 -> tokens 0, 1, 2
+    assert z[3] == float("-inf")
+    expect = [2 * math.log(0.5) - math.log(0.7), 2 * math.log(0.3) - math.log(0.1), 2 * math.log(0.15) - math.log(0.1)]
+    assert z[:3].tolist() == pytest.approx(expect, abs=1e-6)
+    assert int(z.argmax()) == 1  # the contrast prefers the token the weak routing under-rates
+    with pytest.raises(MoekitError, match="beta"):
+        contrast_logits(zs, zw, beta=-0.1)
+
+
+def test_contrast_beta_zero_is_greedy(lm):
+    plain = generate(lm, PROMPT, max_new_tokens=12)
+    scm = generate(lm, PROMPT, max_new_tokens=12, strategy="contrast", strategy_options={"beta": 0.0})
+    assert scm.token_ids == plain.token_ids and scm.stats["changed"] == 0
+    strong = generate(lm, PROMPT, max_new_tokens=12, strategy="contrast", strategy_options={"beta": 2.0})
+    assert strong.stats["steps"] == 12
+    with pytest.raises(MoekitError, match="beta"):
+        generate(lm, PROMPT, strategy="contrast", strategy_options={"beta": -1.0})
+
+
+def test_rewire_keeps_weights_and_changes_routing(lm):
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    dec = RewireDecoder(lm, steps=5, lr=0.5, every=0)
+    ids = torch.tensor(list(range(1, 40)))
+    dec.prefill(ids)
+    after = lm.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in lm.model.parameters())
+    losses = dec.stats["history"][0]["losses"]
+    assert losses[-1] < losses[0]
+    x = ids.view(1, -1)
+    with moekit.record(lm) as r0, torch.no_grad():
+        lm.model(input_ids=x)
+    with moekit.route(lm, control=dec.bias.control()), moekit.record(lm) as r1, torch.no_grad():
+        lm.model(input_ids=x)
+    assert (r0.trace.ids != r1.trace.ids).any()
+
+
+def test_rewire_generation_updates_every_n(lm):
+    out = generate(lm, PROMPT, max_new_tokens=9, strategy="rewire",
+                   strategy_options={"every": 4, "steps": 2, "layers": [2]})
+    assert out.stats["updates"] == 3 and out.stats["layers"] == [2]  # prefill, after 4 and after 8 tokens
+    with pytest.raises(MoekitError, match="not an MoE layer"):
+        generate(lm, PROMPT, strategy="rewire", strategy_options={"layers": [1]})
+
+
+def test_cli_generate(text_lm, capsys):
+    from moekit.cli import main
+
+    base = ["generate", str(text_lm.path), "--prompt", "17 + 25 =", "--max-tokens", "4"]
+    assert main(base + ["--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["token_ids"] == generate(text_lm, "17 + 25 =", max_new_tokens=4).token_ids
+    assert main(base) == 0
+    assert capsys.readouterr().out == res["text"] + "\n"
+    assert main(base + ["--disable", "0:1,2:3", "--boost", "0:2=2", "--bias", "2:4=1.5", "--top-p", "0.5"]) == 0
+    assert main(base + ["--contrast", "0.5"]) == 0
+    assert main(base + ["--rewire", "--rewire-steps", "1"]) == 0
+    for bad in (["--disable", "0:99"], ["--disable", "7:0"], ["--force", "0:1,0:2,0:3"], ["--contrast", "-1"],
+                ["--boost", "0:1"], ["--top-k", "1", "--top-p", "0.5"], ["--steer", "missing.json:off"],
+                ["--contrast", "0.5", "--rewire"], ["--rewire", "--rewire-layers", "1"]):
+        assert main(base + bad) == 2, bad
+        assert capsys.readouterr().err.count("\n") == 1

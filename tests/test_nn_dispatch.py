@@ -1,0 +1,211 @@
+"""moekit's expert dispatch equals transformers' eager experts on every converted architecture."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import moekit.nn  # noqa: F401  (registers "moekit" with transformers)
+from moekit.nn.dispatch import expert_counts, expert_forward, moekit_experts_forward
+from moekit.testing import TINY_ARCHS, tiny_model
+
+transformers = pytest.importorskip("transformers")
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS  # noqa: E402
+
+
+def _converted(arch: str) -> bool:
+    """Whether this transformers has the arch with its experts behind ``@use_experts_implementation``."""
+    try:
+        mod = importlib.import_module(f"transformers.models.{arch}.modeling_{arch}")
+    except ImportError:
+        return False
+    return "@use_experts_implementation" in inspect.getsource(mod)
+
+
+def _experts_fn(model: torch.nn.Module):
+    """The experts function the model's config currently dispatches to."""
+    return ALL_EXPERTS_FUNCTIONS.get_interface(model.config._experts_implementation, None)
+
+
+@pytest.fixture(params=TINY_ARCHS)
+def arch(request) -> str:
+    if not _converted(request.param):
+        pytest.skip(
+            f"{request.param}: experts not converted with @use_experts_implementation in this transformers"
+        )
+    return request.param
+
+
+def test_registered() -> None:
+    assert ALL_EXPERTS_FUNCTIONS["moekit"] is moekit_experts_forward
+    moekit.nn.register_with_transformers()  # idempotent
+    assert ALL_EXPERTS_FUNCTIONS["moekit"] is moekit_experts_forward
+
+
+@pytest.mark.parametrize("backend", ["auto", "loop"])
+def test_model_forward_backward_equals_eager(arch: str, backend: str) -> None:
+    model = tiny_model(arch)
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+
+    def run(impl: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        model.set_experts_implementation(impl)
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out.logits.detach(), grads
+
+    logits_ref, grads_ref = run("eager")
+    moekit.nn.set_backend(backend)
+    try:
+        logits, grads = run("moekit")
+        assert _experts_fn(model) is moekit_experts_forward
+    finally:
+        moekit.nn.set_backend("auto")
+    assert logits.abs().max() > 0.1
+    torch.testing.assert_close(logits, logits_ref, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == grads_ref.keys()
+    assert any(".experts." in n for n in grads)
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def _experts_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's experts modules (those whose forward goes through the experts registry)."""
+    return [m for m in model.modules() if hasattr(m, "has_gate") and hasattr(m, "down_proj")]
+
+
+def test_experts_bf16_close_to_fp32(arch: str) -> None:
+    model = tiny_model(arch)
+    experts = _experts_modules(model)[0]
+    E = experts.num_experts
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(40, model.config.hidden_size, generator=g)
+    ids = torch.randint(0, E, (40, 2), generator=g)  # routing fixed (GPT-OSS eager rejects id E)
+    weights = torch.rand(40, 2, generator=g)
+    with torch.no_grad():
+        model.set_experts_implementation("eager")
+        ref = experts(x, ids, weights)
+        model.to(torch.bfloat16)
+        eager_bf16 = experts(x.bfloat16(), ids, weights.bfloat16()).float()
+        model.set_experts_implementation("moekit")
+        got = experts(x.bfloat16(), ids, weights.bfloat16())
+    assert got.dtype == torch.bfloat16
+    err, eager_err = (got.float() - ref).abs().max(), (eager_bf16 - ref).abs().max()
+    scale = ref.abs().max()
+    # bf16 keeps 8 mantissa bits (relative step 2^-8 ≈ 0.4%); two matmuls and an activation stay within 3%,
+    # and moekit (fp32 accumulation over k) is no worse than transformers' eager in bf16.
+    assert err <= 0.03 * scale
+    assert err <= eager_err * 1.25
+
+
+def _naive(x, ids, w, w1, w2, b1=None, b2=None, has_gate=True):
+    """Per-token, per-slot reference: loops over (t, j) and applies expert ids[t, j] if it exists."""
+    num_experts = w1.shape[0]
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            if e >= num_experts:
+                continue
+            h = w1[e].double() @ x[t].double()
+            if b1 is not None:
+                h = h + b1[e].double()
+            if has_gate:
+                g, u = h.chunk(2)
+                h = F.silu(g) * u
+            else:
+                h = F.silu(h)
+            y = w2[e].double() @ h
+            if b2 is not None:
+                y = y + b2[e].double()
+            out[t] += float(w[t, j]) * y
+    return out
+
+
+def test_ids_at_or_above_e_contribute_nothing() -> None:
+    g = torch.Generator().manual_seed(0)
+    T, H, Inter, E, k = 6, 16, 8, 4, 3
+    x = torch.randn(T, H, generator=g)
+    w1 = torch.randn(E, 2 * Inter, H, generator=g)
+    w2 = torch.randn(E, H, Inter, generator=g)
+    ids = torch.tensor([[0, 4, 1], [5, 2, 9], [4, 4, 4], [3, 3, 0], [7, 1, 2], [0, 1, 2]])
+    weights = torch.rand(T, k, generator=g)
+    for backend in ("loop", "grouped_mm"):
+        out = expert_forward(x, ids, weights, w1, w2, backend=backend)
+        assert torch.equal(out[2], torch.zeros(H))  # only "no expert" slots
+        # the same as dropping the invalid slots (weight 0, id 0) by hand
+        keep = ids < E
+        dropped = expert_forward(x, torch.where(keep, ids, 0), weights * keep, w1, w2, backend=backend)
+        torch.testing.assert_close(out, dropped, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.double(), _naive(x, ids, weights, w1, w2), atol=1e-4, rtol=1e-4)
+
+
+def test_no_expert_gradients_are_zero_and_finite() -> None:
+    g = torch.Generator().manual_seed(3)
+    T, H, Inter, E, k = 8, 16, 8, 4, 2
+    x = torch.randn(T, H, generator=g, requires_grad=True)
+    w1 = torch.randn(E, 2 * Inter, H, generator=g, requires_grad=True)
+    w2 = torch.randn(E, H, Inter, generator=g, requires_grad=True)
+    ids = torch.tensor([[0, 4]] * 4 + [[4, 4]] * 4)
+    weights = torch.rand(T, k, generator=g, requires_grad=True)
+    for backend in ("loop", "grouped_mm"):
+        grads = torch.autograd.grad(
+            expert_forward(x, ids, weights, w1, w2, backend=backend).sum(), [x, weights, w1, w2]
+        )
+        assert all(torch.isfinite(t).all() for t in grads)
+        assert torch.equal(grads[0][4:], torch.zeros(4, H))  # tokens with no expert get no gradient
+        assert torch.equal(grads[1][:, 1][:4], torch.zeros(4)) and torch.equal(
+            grads[1][4:], torch.zeros(4, k)
+        )
+        assert torch.equal(grads[2][1:], torch.zeros(E - 1, 2 * Inter, H))  # unused experts untouched
+
+
+def test_expert_counts() -> None:
+    ids = torch.tensor([[0, 2], [2, 5], [3, 4], [2, 0]])
+    assert expert_counts(ids, 4).tolist() == [2, 0, 3, 1]
+    assert expert_counts(ids, 4).dtype == torch.long
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    T=st.integers(1, 9),
+    E=st.integers(1, 6),
+    k=st.integers(1, 3),
+    has_bias=st.booleans(),
+    has_gate=st.booleans(),
+    transposed=st.booleans(),
+    backend=st.sampled_from(["auto", "loop"]),
+    seed=st.integers(0, 2**16),
+)
+def test_expert_forward_matches_naive(T, E, k, has_bias, has_gate, transposed, backend, seed) -> None:
+    g = torch.Generator().manual_seed(seed)
+    H, Inter = 8, 4
+    up = 2 * Inter if has_gate else Inter
+    x = torch.randn(T, H, generator=g)
+    w1 = torch.randn(E, up, H, generator=g)
+    w2 = torch.randn(E, H, Inter, generator=g)
+    b1 = torch.randn(E, up, generator=g) if has_bias else None
+    b2 = torch.randn(E, H, generator=g) if has_bias else None
+    ids = torch.randint(0, E + 2, (T, k), generator=g)  # includes ids ≥ E
+    weights = torch.rand(T, k, generator=g)
+    args = (w1.transpose(1, 2).contiguous(), w2.transpose(1, 2).contiguous()) if transposed else (w1, w2)
+    out = expert_forward(
+        x,
+        ids,
+        weights,
+        *args,
+        b_gate_up=b1,
+        b_down=b2,
+        transposed=transposed,
+        has_gate=has_gate,
+        backend=backend,
+    )
+    ref = _naive(x, ids, weights, w1, w2, b1, b2, has_gate)
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
