@@ -5,4 +5,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402
+
 from moekit.testing import *  # noqa: E402,F401,F403  (pytest fixtures for the bundled models)
+
+# The tests use small tensors: one thread avoids OpenMP spin-waiting when the 2 cores are shared.
+torch.set_num_threads(1)

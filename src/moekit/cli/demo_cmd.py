@@ -88,6 +88,30 @@ def demo_command(
         console.print(f"report: [bold]{(out / 'report.html').resolve()}[/]")
         summary["report"] = {"path": str(out / "report.html"), "seconds": round(time.perf_counter() - t, 1)}
 
+        t = _step("6. compress: REAP pruning of 25% of the experts")
+        from moekit.compress.demo import demo_step as compress_step
+
+        comp = compress_step(lm, ratio=0.25, method="reap")
+        (tmp / "compression.json").write_text(json.dumps(comp, indent=2))
+        console.print(f"experts {comp['experts_before']} → {comp['experts_after']}, parameters "
+                      f"{comp['params_before'] / 1e6:.2f}M → {comp['params_after'] / 1e6:.2f}M; held-out perplexity "
+                      f"{comp['perplexity_before']:.2f} → {comp['perplexity_after']:.2f}")
+        summary["compression"] = {k: comp[k] for k in ("perplexity_before", "perplexity_after", "experts_after")}
+
+        t = _step("7. steer: switch off the experts tied to digit arithmetic")
+        from moekit.steer.demo import demo_step as steer_step
+
+        steer = steer_step(lm)
+        (tmp / "steering.json").write_text(json.dumps(steer, indent=2))
+        console.print(f"experts {steer['experts']} off: digit-arithmetic perplexity "
+                      f"{steer['ppl_digits']['base']:.2f} → {steer['ppl_digits']['found_off']:.2f} "
+                      f"({steer['effect_digits']:+.0%}; random experts off: {steer['random_effect_digits']:+.0%}); "
+                      f"the same facts in number words {steer['effect_words']:+.0%} "
+                      f"(random: {steer['random_effect_words']:+.0%})")
+        ex = steer["example"]
+        console.print(f"{ex['prompt']!r} → plain {ex['plain']!r}, experts off {ex['experts_off']!r}")
+        summary["steering"] = {k: steer[k] for k in ("experts", "effect_digits", "random_effect_digits")}
+
         summary["total_seconds"] = round(time.perf_counter() - started, 1)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     console.rule()
