@@ -1,0 +1,32 @@
+"""`moekit demo` end to end on the bundled model (issue 3, req. 6; later issues add steps)."""
+
+import json
+
+import numpy as np
+
+import moekit
+from moekit.cli import main
+
+
+def test_demo_writes_every_output(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--max-tokens", "3000"]) == 0
+    printed = capsys.readouterr().out
+    assert str(out.resolve()) in printed.replace("\n", "")
+    names = {p.name for p in out.iterdir()}
+    assert {"inspect.json", "test.trace", "stats.json", "perplexity.json", "report.html", "compression.json",
+            "steering.json", "summary.json"} <= names
+    trace = moekit.RoutingTrace.load(out / "test.trace")
+    stats = json.loads((out / "stats.json").read_text())
+    assert trace.num_tokens == 3000 == stats["model"]["tokens"]
+    assert len(set(trace.domains)) == 6  # the token cap samples every domain
+    counts = np.bincount(trace.ids[0][trace.ids[0] >= 0].astype(int), minlength=16)
+    assert stats["load"][0] == counts.tolist()
+    comp = json.loads((out / "compression.json").read_text())
+    assert comp["experts_after"] == int(0.75 * comp["experts_before"])
+    assert comp["perplexity_after"] > 0 and comp["perplexity_before"] > 0
+    steer = json.loads((out / "steering.json").read_text())
+    assert steer["ppl_digits"]["found_off"] != steer["ppl_digits"]["base"]
+    html = (out / "report.html").read_text()
+    assert html.count("<img") >= 5 and "http://" not in html
+    assert main(["demo", "--out", str(out), "--max-tokens", "3000"]) == 2  # no overwrite without --force
