@@ -1,0 +1,184 @@
+"""``moekit prune`` / ``merge`` / ``quantize``: shrink an MoE into a checkpoint that loads anywhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from moekit.cli.common import MODEL_HELP, app, console, console_err, emit_json, load_model
+from moekit.compress.criteria import CRITERIA
+from moekit.errors import MoekitError, UnsupportedArchitecture
+
+_CALIB_HELP = "Calibration text: files (one document each), JSONL with 'text', or moekit:corpus[:split]."
+
+
+def _check_supported(lm) -> None:
+    from moekit.compress.writer import expert_count_fields
+
+    if lm.moe.generic:
+        raise UnsupportedArchitecture(f"{lm.moe.model_type} is mapped generically; compression supports only the "
+                                      "listed architectures (see `moekit inspect`)")
+    expert_count_fields(lm.config)
+
+
+def _read_calib(calib: list[str] | None):
+    from moekit.data import read_documents
+
+    if not calib:
+        raise MoekitError("calibration data is empty: give at least one --calib file")
+    docs = read_documents(calib)
+    if not any(d.text.strip() for d in docs):
+        raise MoekitError("calibration data is empty: the --calib files contain no text")
+    return docs
+
+
+def _check_ratio(ratio: float) -> None:
+    if not 0.0 <= ratio < 1.0:
+        raise MoekitError(f"--ratio must be in [0, 1), got {ratio}")
+
+
+@app.command("prune")
+def prune_command(
+    model: str = typer.Argument(None, help=MODEL_HELP),
+    method: str = typer.Option("reap", "--method", "-m", help=f"Criterion: {', '.join(CRITERIA.names())}."),
+    ratio: float = typer.Option(..., "--ratio", "-r", help="Fraction of experts to remove (0.25 = a quarter)."),
+    global_budget: bool = typer.Option(False, "--global", help="One budget over all layers (scores normalised "
+                                       "per layer); unequal counts need a router bias (GPT-OSS, DeepSeek-V3)."),
+    protect_super: bool = typer.Option(False, "--protect-super", help="Never remove detected super experts."),
+    calib: list[str] = typer.Option(None, "--calib", "-c", help=_CALIB_HELP),
+    out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint directory."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random criterion."),
+    max_tokens: int = typer.Option(65536, "--max-tokens", help="Calibration tokens at most."),
+    seq_len: int = typer.Option(256, "--seq-len", help="Calibration window length."),
+    low_memory: bool = typer.Option(False, "--low-memory", help="Calibrate one decoder layer at a time from the "
+                                    "safetensors files (for models larger than RAM; local checkpoints only)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+) -> None:
+    """Remove the least important experts and write a normal HF checkpoint.
+
+    Examples:\n
+      moekit prune moekit:tiny --method reap --ratio 0.25 --calib moekit:corpus:validation --out tiny-reap25\n
+      moekit prune ./ckpt --method easy-ep --ratio 0.5 --calib code_demos.jsonl --out ckpt-code --protect-super\n
+      moekit prune ./big --method frequency --ratio 0.5 --calib notes.txt --out big-half --low-memory
+    """
+    from moekit.io import check_writable
+
+    CRITERIA.get(method)
+    _check_ratio(ratio)
+    check_writable(out, force)
+    docs = _read_calib(calib) if (calib or method != "random" or protect_super) else None
+    if low_memory:
+        from moekit.compress.lowmem import prune_lowmem
+        from moekit.models.loading import resolve
+
+        path, _ = resolve(model or "moekit:tiny")
+        if path is None:
+            raise MoekitError("--low-memory needs a local checkpoint directory (download the hub model first)")
+        res = prune_lowmem(path, method, ratio, docs, out, force=force, global_budget=global_budget,
+                           protect_super=protect_super, seed=seed, seq_len=seq_len, max_tokens=max_tokens,
+                           progress=not json_out)
+    else:
+        from moekit.compress.prune import prune
+
+        lm = load_model(model)
+        _check_supported(lm)
+        res = prune(lm, method, ratio, docs, out=out, force=force, global_budget=global_budget,
+                    protect_super=protect_super, seed=seed, seq_len=seq_len, max_tokens=max_tokens,
+                    progress=not json_out)
+    summary = res.summary()
+    if json_out:
+        emit_json(summary)
+    else:
+        per = sorted(set(summary["kept_per_layer"].values()))
+        console.print(f"wrote {out}: {method} at ratio {ratio}, kept {summary['experts_kept']} experts "
+                      f"({'/'.join(map(str, per))} per layer)"
+                      + (", protected " + ", ".join(f"{li}:{e}" for li, e in summary["protected"])
+                         if summary["protected"] else ""))
+
+
+@app.command("merge")
+def merge_command(
+    model: str = typer.Argument(None, help=MODEL_HELP),
+    method: str = typer.Option("m-smoe", "--method", "-m", help="Merging method: m-smoe."),
+    ratio: float = typer.Option(..., "--ratio", "-r", help="Fraction of experts merged away."),
+    calib: list[str] = typer.Option(None, "--calib", "-c", help=_CALIB_HELP),
+    out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint directory."),
+    protect_super: bool = typer.Option(False, "--protect-super", help="Super experts are always group centres."),
+    max_tokens: int = typer.Option(65536, "--max-tokens", help="Calibration tokens at most."),
+    seq_len: int = typer.Option(256, "--seq-len", help="Calibration window length."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+) -> None:
+    """Merge experts (M-SMoE: frequency centres, router-logit similarity, neuron alignment).
+
+    Examples:\n
+      moekit merge moekit:tiny --ratio 0.25 --calib moekit:corpus:validation --out tiny-merged
+    """
+    from moekit.compress.merge import merge
+    from moekit.io import check_writable
+
+    if method != "m-smoe":
+        raise MoekitError(f"unknown merging method {method!r}; choose one of: m-smoe")
+    _check_ratio(ratio)
+    check_writable(out, force)
+    docs = _read_calib(calib)
+    lm = load_model(model)
+    _check_supported(lm)
+    res, _ = merge(lm, ratio, docs, out=out, force=force, protect_super=protect_super, seq_len=seq_len,
+                   max_tokens=max_tokens, progress=not json_out)
+    summary = res.summary()
+    if json_out:
+        emit_json(summary)
+    else:
+        console.print(f"wrote {out}: m-smoe at ratio {ratio}, experts per layer "
+                      f"{sorted(set(summary['experts_per_layer'].values()))}")
+
+
+@app.command("quantize")
+def quantize_command(
+    model: str = typer.Argument(None, help=MODEL_HELP),
+    bits: int = typer.Option(8, "--bits", "-b", help="Expert weight bits: 8 or 4."),
+    group_size: int = typer.Option(128, "--group-size", help="Weights per scale along the input dim (32-256)."),
+    avg_bits: float = typer.Option(None, "--avg-bits", help="Mixed 4/8-bit experts under this average "
+                                   "(by importance; needs --calib)."),
+    calib: list[str] = typer.Option(None, "--calib", "-c", help=_CALIB_HELP),
+    out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint directory."),
+    max_tokens: int = typer.Option(65536, "--max-tokens", help="Calibration tokens at most."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+) -> None:
+    """Quantize expert weights (weight-only, group-wise, asymmetric); load the result with moekit.
+
+    Examples:\n
+      moekit quantize moekit:tiny --bits 4 --group-size 64 --out tiny-int4\n
+      moekit quantize moekit:tiny --avg-bits 5 --calib moekit:corpus:validation --out tiny-mixed
+    """
+    from moekit.compress.quantize import effective_bits, expert_params, quantize, size_on_disk
+    from moekit.io import check_writable
+
+    if bits not in (4, 8):
+        raise MoekitError(f"--bits must be 8 or 4, got {bits}")
+    check_writable(out, force)
+    docs = _read_calib(calib) if (avg_bits is not None or calib) else None
+    if avg_bits is not None and docs is None:
+        raise MoekitError("mixed precision (--avg-bits) needs calibration data (--calib)")
+    lm = load_model(model)
+    _check_supported(lm)
+    res = quantize(lm, bits=bits, group_size=group_size, avg_bits=avg_bits, calib=docs, out=out, force=force,
+                   max_tokens=max_tokens, progress=not json_out)
+    params = expert_params(lm)
+    summary = {"out": str(out), "group_size": group_size, "average_bits": res.average_bits(params),
+               "effective_bits_with_scales": effective_bits(res.packed), "bytes_on_disk": size_on_disk(out),
+               "experts_8bit": sum(b == 8 for b in res.bits.values()),
+               "experts_4bit": sum(b == 4 for b in res.bits.values())}
+    if json_out:
+        emit_json(summary)
+    else:
+        console.print(f"wrote {out}: experts at {summary['average_bits']:.2f} bits on average "
+                      f"({summary['effective_bits_with_scales']:.2f} with scales), "
+                      f"{summary['bytes_on_disk'] / 1e6:.2f} MB on disk")
+
+
+__all__ = ["console_err"]

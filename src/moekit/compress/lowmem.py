@@ -1,0 +1,369 @@
+"""Low-memory pruning: calibrate one decoder layer at a time from the safetensors files.
+
+The model is built on the ``meta`` device (no weights in memory). One pass with every decoder layer
+replaced by a pass-through records the inputs each layer receives (embeddings, attention masks,
+position embeddings — whatever that architecture's model forward computes). Then, layer by layer, the
+layer's tensors are read from the checkpoint (``safetensors.safe_open``; on-disk names and per-expert
+tensors are converted to the module's fused layout), the calibration hidden states are carried through
+it with the same observers as the in-memory path (``observer.LayerObserver``), and the layer goes back
+to ``meta``. Peak memory ≈ one decoder layer + the calibration hidden states.
+
+The pruned checkpoint is written straight from the source files (``write_pruned_files``): tensors are
+read one at a time, expert-indexed ones sliced (per-expert keys dropped and renumbered, fused ones
+indexed on dim 0), and written in shards of at most ``shard_bytes``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moekit.compress.observer import (
+    CalibStats,
+    LayerObserver,
+    batches_of,
+    calibration_windows,
+    new_stats,
+    progress_bar,
+)
+from moekit.compress.writer import (
+    METADATA_FILE,
+    check_kept,
+    copy_tokenizer_files,
+    data_hash,
+    disable_param,
+    metadata,
+    plan_config,
+)
+from moekit.errors import MoekitError, UnsupportedArchitecture
+from moekit.io import atomic_output_dir
+from moekit.models.loading import LoadedModel
+
+_PER_EXPERT = re.compile(r"^(?P<block>.+)\.experts\.(?P<e>\d+)\.(?P<proj>[A-Za-z0-9_]+)\.weight$")
+_PROJ = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
+
+
+class CheckpointReader:
+    """Where each tensor of a safetensors checkpoint lives; loads tensors by name or prefix."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            self.where = dict(json.loads(index.read_text())["weight_map"])
+        elif (self.path / "model.safetensors").is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(self.path / "model.safetensors"), "pt") as f:
+                names = f.keys()
+                self.where = dict.fromkeys(names, "model.safetensors")
+        else:
+            raise MoekitError(f"{self.path}: no safetensors weights (model.safetensors or its index); "
+                              "low-memory mode reads safetensors checkpoints only")
+
+    def names(self) -> list[str]:
+        return list(self.where)
+
+    def load(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        by_file: dict[str, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.where[n], []).append(n)
+        out = {}
+        for fname, ns in by_file.items():
+            with safe_open(str(self.path / fname), "pt") as f:
+                for n in ns:
+                    out[n] = f.get_tensor(n)
+        return out
+
+    def load_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix):]: v for k, v in self.load([k for k in self.where if k.startswith(prefix)]).items()}
+
+
+_RENAMES = ((".input_linear.weight", ".experts.gate_up_proj"), (".output_linear.weight", ".experts.down_proj"),
+            (".router.layer.weight", ".router.weight"))
+
+
+def map_key(rest: str, module_keys: set[str], where: str) -> tuple[str, int | None, str | None]:
+    """Where an on-disk tensor (name relative to its module) goes in the module's state dict:
+    ``(module key, expert index or None, part)`` with part ``gate``/``up`` (halves of the fused
+    ``gate_up_proj`` [E, 2I, H]), ``down`` (``down_proj`` [E, H, I]) or None (the whole tensor).
+    Covers the renames transformers v5 applies on load: per-expert → fused, ``block_sparse_moe`` → ``mlp``,
+    GraniteMoE's ``input_linear``/``output_linear``/``router.layer``, PhiMoE's ``gate`` → ``router``."""
+    m = _PER_EXPERT.match(rest)
+    e = part = None
+    if m and m["proj"] in _PROJ:
+        e, part = int(m["e"]), _PROJ[m["proj"]]
+        cands = [f"{m['block']}.experts." + ("down_proj" if part == "down" else "gate_up_proj")]
+    else:
+        cands = [rest]
+        for a, b in _RENAMES:
+            if rest.endswith(a):
+                cands.append(rest[: -len(a)] + b)
+    cands += [c.replace("block_sparse_moe.", "mlp.", 1) for c in list(cands)]
+    cands += [c.replace("mlp.gate.", "mlp.router.", 1) for c in list(cands)]
+    name = next((c for c in cands if c in module_keys), None)
+    if name is None:
+        raise UnsupportedArchitecture(f"{where}: low-memory mode cannot map on-disk tensor {rest!r} to the model")
+    return name, e, part
+
+
+def materialize(module: nn.Module, reader: CheckpointReader, prefix: str, dtype: torch.dtype, where: str) -> None:
+    """Fill a meta-device module with its tensors from the checkpoint, streaming tensor by tensor
+    (per-expert tensors are copied straight into the fused buffers)."""
+    from safetensors import safe_open
+
+    shapes = {k: v.shape for k, v in module.state_dict().items()}
+    out: dict[str, torch.Tensor] = {}
+    filled: dict[str, int] = {}
+    names_whole: set[str] = set()
+    names = [k for k in reader.where if k.startswith(prefix)]
+    by_file: dict[str, list[str]] = {}
+    for n in names:
+        by_file.setdefault(reader.where[n], []).append(n)
+    for fname, ns in by_file.items():
+        for n in ns:
+            key, e, part = map_key(n[len(prefix):], set(shapes), where)
+            # one open per tensor: the mapped file pages are released right after the copy, so they never
+            # add up to a whole layer (or shard) in this process's resident memory
+            with safe_open(str(reader.path / fname), "pt") as f:
+                t = f.get_tensor(n)
+            if e is None:
+                names_whole.add(key)
+                out[key] = t.to(dtype)
+                filled[key] = filled.get(key, 0) + 1
+                continue
+            buf = out.get(key)
+            if buf is None:
+                buf = out[key] = torch.empty(shapes[key], dtype=dtype)
+            if part == "down":
+                buf[e].copy_(t)
+            else:
+                half = shapes[key][1] // 2
+                buf[e, :half].copy_(t) if part == "gate" else buf[e, half:].copy_(t)
+            filled[key] = filled.get(key, 0) + 1
+            del t
+    for key, n in filled.items():
+        per_expert = key not in names_whole
+        expected = shapes[key][0] * (2 if key.endswith("gate_up_proj") else 1) if per_expert else 1
+        if n != expected:
+            raise MoekitError(f"{where}: {key} got {n} on-disk pieces, expected {expected}")
+    missing = set(shapes) - set(out)
+    if missing:
+        raise UnsupportedArchitecture(f"{where}: low-memory mode found no on-disk tensor for {sorted(missing)[:3]}")
+    module.load_state_dict(out, strict=True, assign=True)
+
+
+class _PassThrough(nn.Module):
+    """Stands in for a decoder layer during the capture pass: records its inputs, changes nothing."""
+
+    def __init__(self, i: int, orig: nn.Module, sink: list) -> None:
+        super().__init__()
+        self.i, self.sink = i, sink
+        if hasattr(orig, "attention_type"):
+            self.attention_type = orig.attention_type
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.sink.append((self.i, hidden_states, args, kwargs))
+        return hidden_states
+
+
+def meta_model(path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """The checkpoint's model on the meta device, wrapped as a LoadedModel (with its tokenizer)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from moekit.models.loading import _quiet_transformers, from_model
+
+    _quiet_transformers()
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError):
+        tok = None
+    lm = from_model(model, tok, name=str(path))
+    lm.path = path
+    return lm
+
+
+@torch.no_grad()
+def observe_lowmem(path: str | Path, docs: Sequence | None = None, batches: Sequence[dict] | None = None,
+                   seq_len: int = 256, max_tokens: int | None = None, batch_size: int = 8,
+                   progress: bool = False, dtype: torch.dtype = torch.float32) -> tuple[CalibStats, LoadedModel]:
+    """Calibration statistics computed layer by layer from the checkpoint at ``path``; also returns the
+    meta-device LoadedModel (structure only) used to select and write."""
+    lm = meta_model(path, dtype)
+    reader = CheckpointReader(path)
+    if batches is None:
+        windows = calibration_windows(lm, docs or [], seq_len, max_tokens)
+        batches, dh = batches_of(windows, batch_size), data_hash(windows)
+    else:
+        dh = None
+    base = lm.model.model
+    materialize(base.embed_tokens, reader, "model.embed_tokens.", dtype, "embed_tokens")
+    if isinstance(getattr(base, "rotary_emb", None), nn.Module):
+        base.rotary_emb = type(base.rotary_emb)(config=lm.config)
+    layers = list(base.layers)
+    sink: list = []
+    base.layers = nn.ModuleList(_PassThrough(i, m, sink) for i, m in enumerate(layers))
+    norm = base.norm
+    base.norm = nn.Identity()
+    inputs = []
+    try:
+        for b in batches:
+            sink.clear()
+            base(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
+            per_layer = {i: (args, kwargs) for i, _, args, kwargs in sink}
+            inputs.append((sink[0][1], per_layer, b["attention_mask"].bool().reshape(-1)))
+    finally:
+        base.layers = nn.ModuleList(layers)
+        base.norm = norm
+    base.embed_tokens.to("meta")
+    stats = new_stats(lm)
+    views = {v.index: v for v in lm.moe}
+    hidden = [h for h, _, _ in inputs]
+    prog, task = progress_bar(progress, len(layers), "calibration (layer by layer)")
+    with prog:
+        for i, layer in enumerate(layers):
+            materialize(layer, reader, f"model.layers.{i}.", dtype, f"layer {i}")
+            ob = LayerObserver(views[i], layer, stats[i]).attach() if i in views else None
+            try:
+                for b, (_, per_layer, mask) in enumerate(inputs):
+                    args, kwargs = per_layer[i]
+                    if ob is not None:
+                        ob.mask = mask
+                    out = layer(hidden[b], *args, **kwargs)
+                    hidden[b] = out[0] if isinstance(out, tuple) else out
+            finally:
+                if ob is not None:
+                    ob.detach()
+                layer.to("meta")
+            prog.advance(task)
+    tokens = sum(int(m.sum()) for _, _, m in inputs)
+    return CalibStats(stats, tokens=tokens, data_hash=dh), lm
+
+
+def _disk_block_key(rest: str) -> bool:
+    head = rest.split(".", 1)[0]
+    return head in ("mlp", "block_sparse_moe") and "shared" not in rest
+
+
+@torch.no_grad()
+def write_pruned_files(src: str | Path, lm: LoadedModel, kept: Mapping[int, Sequence[int]], out: str | Path,
+                       force: bool = False, meta_extra: Mapping | None = None, shard_bytes: int = 256 << 20) -> Path:
+    """Write the pruned checkpoint of the safetensors checkpoint ``src`` without loading it whole.
+
+    ``lm`` is its (meta) LoadedModel, used for the structure. Same result as ``writer.write_pruned``.
+    """
+    from safetensors.torch import save_file
+
+    src = Path(src)
+    kept = check_kept(lm, kept)
+    config, notes = plan_config(lm, kept)
+    new_e = max(len(v) for v in kept.values())
+    reader = CheckpointReader(src)
+    views = {v.index: v for v in lm.moe}
+    layer_re = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+    with atomic_output_dir(out, force) as tmp:
+        shards: list[list[str]] = []
+        buf: dict[str, torch.Tensor] = {}
+        size = 0
+
+        def flush() -> None:
+            nonlocal buf, size
+            if buf:
+                save_file(buf, str(tmp / f"shard-{len(shards):05d}.tmp"), metadata={"format": "pt"})
+                shards.append(list(buf))
+                buf, size = {}, 0
+
+        def add(name: str, t: torch.Tensor) -> None:
+            nonlocal size
+            buf[name] = t.contiguous()
+            size += t.numel() * t.element_size()
+            if size >= shard_bytes:
+                flush()
+
+        for key in reader.names():
+            m = layer_re.match(key)
+            view = views.get(int(m[1])) if m else None
+            if view is None:
+                add(key, reader.load([key])[key])
+                continue
+            rest, ids, E = m[2], kept[view.index], view.num_experts
+            pe = _PER_EXPERT.match(rest)
+            if pe and pe["proj"] in _PROJ:
+                e = int(pe["e"])
+                if e in ids:
+                    new = ids.index(e)
+                    add(f"model.layers.{m[1]}.{pe['block']}.experts.{new}.{pe['proj']}.weight", reader.load([key])[key])
+                if e == ids[0]:  # zero experts for padded slots, shaped like this tensor
+                    t = reader.load([key])[key]
+                    for slot in range(len(ids), new_e):
+                        add(f"model.layers.{m[1]}.{pe['block']}.experts.{slot}.{pe['proj']}.weight", torch.zeros_like(t))
+                continue
+            t = reader.load([key])[key]
+            if _disk_block_key(rest) and t.dim() >= 1 and t.shape[0] == E:
+                new = t.index_select(0, torch.tensor(ids))
+                pad = new_e - len(ids)
+                if pad:
+                    dis = disable_param(view)
+                    fill = float("-inf") if dis is not None and rest.endswith(("router.bias", "e_score_correction_bias")) \
+                        else 0.0
+                    new = torch.cat([new, torch.full((pad, *t.shape[1:]), fill, dtype=t.dtype)])
+                add(key, new)
+            else:
+                add(key, t)
+        flush()
+        n = len(shards)
+        weight_map = {}
+        for i, names in enumerate(shards):
+            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            (tmp / f"shard-{i:05d}.tmp").rename(tmp / final)
+            weight_map.update({k: final for k in names})
+        if n > 1:
+            (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
+                                                                         indent=2))
+        config.save_pretrained(tmp)
+        if (src / "generation_config.json").is_file():
+            shutil.copy2(src / "generation_config.json", tmp / "generation_config.json")
+        copied = copy_tokenizer_files(src, tmp)
+        meta = metadata((meta_extra or {}).get("method", "manual"), (meta_extra or {}).get("ratio"), kept,
+                        lm.moe.layers[0].num_experts, (meta_extra or {}).get("calib_hash"), notes=notes,
+                        num_experts=new_e, tokenizer_copied=copied, low_memory=True,
+                        **{k: v for k, v in (meta_extra or {}).items() if k not in ("method", "ratio", "calib_hash")})
+        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return Path(out)
+
+
+def prune_lowmem(path: str | Path, method: str, ratio: float, docs: Sequence | None, out: str | Path,
+                 force: bool = False, global_budget: bool = False, protect_super: bool = False, seed: int = 0,
+                 seq_len: int = 256, max_tokens: int | None = None, batch_size: int = 8, progress: bool = False):
+    """``prune`` for checkpoints larger than memory: layer-by-layer calibration, file-to-file writing."""
+    from moekit.compress.criteria import CRITERIA
+    from moekit.compress.prune import check_ratio_for_model, choose
+    from moekit.io import check_writable
+
+    CRITERIA.get(method)
+    check_writable(out, force)
+    if docs is None and (method != "random" or protect_super):
+        raise MoekitError(f"criterion {method!r} needs calibration data")
+    if docs is None:
+        lm, stats = meta_model(path), None
+    else:
+        check_ratio_for_model(meta_model(path), ratio, global_budget)
+        stats, lm = observe_lowmem(path, docs, seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size,
+                                   progress=progress)
+    res = choose(lm, stats, method, ratio, global_budget, protect_super, seed)
+    res.out = write_pruned_files(path, lm, res.kept, out, force, meta_extra={
+        "method": method, "ratio": ratio, "calib_hash": res.calib_hash, "global_budget": global_budget,
+        "protected": [list(p) for p in res.protected], "seed": seed, "calibration_tokens": res.calib_tokens})
+    return res

@@ -1,0 +1,199 @@
+"""Expert merging (M-SMoE, "Merge, Then Compress"), written as a standard checkpoint with fewer experts.
+
+Per MoE layer, keeping E' = E − ⌊E·ratio⌋ experts:
+
+1. frequency = routed-token counts on the calibration data;
+2. similarity = cosine of the router-logit columns over the calibration tokens;
+3. the E' most used experts are group centres (super experts, when protected, are always centres);
+   every other expert joins its most similar centre;
+4. each member's intermediate neurons are aligned to the centre's by a permutation (Hungarian matching,
+   ``scipy.optimize.linear_sum_assignment``, on the dot product of their concatenated gate/up rows);
+5. the group's expert is the frequency-weighted average of the aligned members (uniform when no member
+   was routed) — new tensors, not views.
+
+Router. M-SMoE keeps all E router rows and binds the members to one shared module; a standard HF
+checkpoint cannot express "several router rows → one expert" (the experts module indexes E' experts
+with the router's E' rows). We write E' experts and keep the **centre's** router row (and bias /
+correction bias) for each group, so the result loads with plain ``from_pretrained`` and is as small
+as pruning at the same ratio. Tokens that preferred a member are routed by the remaining rows, exactly
+as after pruning the members; the merged weights carry the members' knowledge. Duplicating the merged
+weights under all E rows would keep M-SMoE's routing exactly but save no memory, so it is not offered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moekit.compress.criteria import super_experts
+from moekit.compress.observer import CalibStats, observe
+from moekit.compress.writer import (
+    build_model,
+    check_kept,
+    metadata,
+    n_drop,
+    plan_config,
+    pruned_state_dict,
+    write_model_dir,
+)
+from moekit.errors import MoekitError
+from moekit.models.loading import LoadedModel
+from moekit.models.moe_map import MoELayerView
+
+
+@dataclass
+class MergeResult:
+    """Groups per layer: ``groups[layer][i]`` lists the original experts merged into new expert i (centre first)."""
+
+    ratio: float
+    groups: dict[int, list[list[int]]]
+    protected: list[tuple[int, int]] = field(default_factory=list)
+    out: Path | None = None
+    calib_hash: str | None = None
+
+    def summary(self) -> dict:
+        return {"method": "m-smoe", "ratio": self.ratio, "out": str(self.out) if self.out else None,
+                "experts_per_layer": {str(k): len(v) for k, v in self.groups.items()},
+                "groups": {str(k): v for k, v in self.groups.items()},
+                "protected": [list(p) for p in self.protected], "calibration_data_sha256": self.calib_hash}
+
+
+def group_experts(count: np.ndarray, similarity: np.ndarray, n_keep: int, protect: Sequence[int] = ()) -> list[list[int]]:
+    """M-SMoE grouping: the ``n_keep`` most used experts (protected first) are centres, sorted by id;
+    every other expert joins its most similar centre. Returns groups, centre first, members ascending."""
+    E = len(count)
+    key = np.asarray(count, dtype=np.float64).copy()
+    key[list(protect)] = np.inf
+    order = np.lexsort((np.arange(E), -key))
+    centres = sorted(int(e) for e in order[:n_keep])
+    groups = {c: [c] for c in centres}
+    for m in range(E):
+        if m in groups:
+            continue
+        sims = np.array([similarity[m, c] for c in centres])
+        sims = np.where(np.isfinite(sims), sims, -np.inf)
+        groups[centres[int(np.argmax(sims))]].append(m)
+    return [[c] + sorted(groups[c][1:]) for c in centres]
+
+
+def align_permutation(centre: Mapping[str, torch.Tensor], member: Mapping[str, torch.Tensor]) -> np.ndarray:
+    """perm with member neuron ``perm[i]`` matched to centre neuron ``i`` (maximum total gate/up similarity)."""
+    from scipy.optimize import linear_sum_assignment
+
+    fc = torch.cat([centre["gate"], centre["up"]], dim=1).double()
+    fm = torch.cat([member["gate"], member["up"]], dim=1).double()
+    _, cols = linear_sum_assignment(-(fc @ fm.T).cpu().numpy())
+    return cols
+
+
+def permute_expert(w: Mapping[str, torch.Tensor], perm: np.ndarray) -> dict[str, torch.Tensor]:
+    """Reorder an expert's intermediate neurons (gate/up rows, down columns, gate/up biases)."""
+    p = torch.as_tensor(perm, dtype=torch.long)
+    out = {}
+    for name, t in w.items():
+        if name in ("gate", "up", "gate_bias", "up_bias"):
+            out[name] = t[p]
+        elif name == "down":
+            out[name] = t[:, p]
+        else:
+            out[name] = t
+    return out
+
+
+def merge_group(experts: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+    """Frequency-weighted average of experts aligned to the first one (new tensors)."""
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum() if w.sum() > 0 else np.full(len(w), 1.0 / len(w))
+    centre = {k: v.detach() for k, v in experts[0].items()}
+    acc = {k: v.double() * w[0] for k, v in centre.items()}
+    for wi, ex in zip(w[1:], experts[1:], strict=True):
+        aligned = permute_expert({k: v.detach() for k, v in ex.items()}, align_permutation(centre, ex))
+        for k in acc:
+            acc[k] = acc[k] + aligned[k].double() * wi
+    return {k: v.to(centre[k].dtype).clone() for k, v in acc.items()}
+
+
+def _write_expert(view: MoELayerView, tensors: dict[str, torch.Tensor], e: int, w: Mapping[str, torch.Tensor]) -> None:
+    """Store expert ``e``'s weights (nn.Linear convention) into fused tensors laid out like ``view``'s."""
+    if view.expert_layout == "gpt_oss":
+        gu = tensors["gate_up_proj"][e]
+        gu[:, 0::2] = w["gate"].T
+        gu[:, 1::2] = w["up"].T
+        tensors["down_proj"][e] = w["down"].T
+        if "gate_bias" in w:
+            tensors["gate_up_proj_bias"][e, 0::2] = w["gate_bias"]
+            tensors["gate_up_proj_bias"][e, 1::2] = w["up_bias"]
+            tensors["down_proj_bias"][e] = w["down_bias"]
+        return
+    tensors["gate_up_proj"][e] = torch.cat([w["gate"], w["up"]], dim=0)
+    tensors["down_proj"][e] = w["down"]
+
+
+@torch.no_grad()
+def merged_model(lm: LoadedModel, groups: Mapping[int, Sequence[Sequence[int]]], counts: Mapping[int, np.ndarray]):
+    """(model, notes): a new HF model whose expert i of layer l merges ``groups[l][i]`` (centre first)."""
+    kept = check_kept(lm, {li: [g[0] for g in gs] for li, gs in groups.items()})
+    for li, gs in groups.items():
+        if [g[0] for g in gs] != kept[li]:
+            raise MoekitError(f"layer {li}: groups must be ordered by centre id")
+    config, notes = plan_config(lm, kept)
+    new_e = max(len(v) for v in kept.values())
+    sd = pruned_state_dict(lm, kept, new_e)
+    names = {id(m): n for n, m in lm.model.named_modules()}
+    for view in lm.moe:
+        prefix = names[id(view.experts)]
+        tensors = {p: sd[f"{prefix}.{p}"] for p, _ in view.experts.named_parameters()}
+        for i, g in enumerate(groups[view.index]):
+            if len(g) == 1:
+                continue
+            merged = merge_group([view.expert_weights(e) for e in g], [float(counts[view.index][e]) for e in g])
+            _write_expert(view, tensors, i, merged)
+    dtype = next(lm.model.parameters()).dtype
+    return build_model(config, sd, dtype, getattr(lm.model, "generation_config", None)), notes
+
+
+def plan_groups(lm: LoadedModel, stats: CalibStats, ratio: float, protect_super: bool = False):
+    """Groups per layer and the protected experts."""
+    protected = super_experts(stats) if protect_super else []
+    groups = {}
+    for view in lm.moe:
+        st = stats.layers[view.index]
+        n_keep = view.num_experts - n_drop(view.num_experts, ratio)
+        if n_keep < view.top_k:
+            raise MoekitError(f"ratio {ratio} leaves {n_keep} experts in layer {view.index}, fewer than top-k = {view.top_k}")
+        prot = [e for (li, e) in protected if li == view.index]
+        if len(prot) > n_keep:
+            raise MoekitError(f"layer {view.index} has {len(prot)} protected experts but only {n_keep} are kept")
+        groups[view.index] = group_experts(st.count, st.logit_similarity(), n_keep, prot)
+    return groups, protected
+
+
+def merge(lm: LoadedModel, ratio: float, calib: CalibStats | Sequence, out: str | Path | None = None,
+          force: bool = False, protect_super: bool = False, seq_len: int = 256, max_tokens: int | None = None,
+          progress: bool = False):
+    """M-SMoE merge of ``lm`` at ``ratio``. Returns (MergeResult, in-memory merged model)."""
+    if out is not None:
+        from moekit.io import check_writable
+
+        check_writable(out, force)
+    for view in lm.moe:
+        n_keep = view.num_experts - n_drop(view.num_experts, ratio)
+        if n_keep < view.top_k:
+            raise MoekitError(f"ratio {ratio} leaves {n_keep} experts in layer {view.index}, fewer than top-k = {view.top_k}")
+    stats = calib if isinstance(calib, CalibStats) else observe(lm, calib, seq_len=seq_len, max_tokens=max_tokens,
+                                                                progress=progress)
+    groups, protected = plan_groups(lm, stats, ratio, protect_super)
+    model, notes = merged_model(lm, groups, {li: st.count for li, st in stats.layers.items()})
+    res = MergeResult(ratio, groups, protected, calib_hash=stats.data_hash)
+    if out is not None:
+        kept = {li: [g[0] for g in gs] for li, gs in groups.items()}
+        meta = metadata("m-smoe", ratio, kept, lm.moe.layers[0].num_experts, stats.data_hash, notes=notes,
+                        num_experts=max(len(v) for v in kept.values()),
+                        groups={str(k): v for k, v in groups.items()}, router="centre row per group",
+                        protected=[list(p) for p in protected], calibration_tokens=stats.tokens)
+        res.out = write_model_dir(model, out, force, meta, lm)
+    return res, model

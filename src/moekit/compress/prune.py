@@ -1,0 +1,100 @@
+"""Expert pruning: score experts on calibration text, keep the best under a budget, write a checkpoint."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from moekit.compress.criteria import CRITERIA, scores, select_kept, super_experts
+from moekit.compress.observer import CalibStats, observe
+from moekit.compress.writer import pruned_experts, write_pruned
+from moekit.errors import MoekitError
+from moekit.models.loading import LoadedModel
+
+
+@dataclass
+class PruneResult:
+    """What pruning decided (and where it wrote, if it did)."""
+
+    method: str
+    ratio: float
+    kept: dict[int, list[int]]
+    scores: dict[int, np.ndarray]
+    protected: list[tuple[int, int]] = field(default_factory=list)
+    global_budget: bool = False
+    out: Path | None = None
+    calib_hash: str | None = None
+    calib_tokens: int = 0
+
+    @property
+    def num_kept(self) -> int:
+        return sum(len(v) for v in self.kept.values())
+
+    def summary(self) -> dict:
+        return {"method": self.method, "ratio": self.ratio, "global": self.global_budget,
+                "kept_per_layer": {str(k): len(v) for k, v in self.kept.items()}, "experts_kept": self.num_kept,
+                "protected": [list(p) for p in self.protected], "out": str(self.out) if self.out else None,
+                "calibration_tokens": self.calib_tokens, "calibration_data_sha256": self.calib_hash}
+
+
+def check_ratio_for_model(lm: LoadedModel, ratio: float, global_budget: bool = False) -> None:
+    """Errors early (before calibration) for ratios that leave fewer experts than top-k."""
+    from moekit.compress.writer import n_drop
+
+    for v in lm.moe:
+        keep = v.num_experts - n_drop(v.num_experts, ratio)
+        if not global_budget and keep < v.top_k:
+            raise MoekitError(f"ratio {ratio} leaves {keep} experts in layer {v.index}, fewer than top-k = {v.top_k}")
+    if global_budget:
+        total = sum(v.num_experts for v in lm.moe)
+        if total - n_drop(total, ratio) < sum(v.top_k for v in lm.moe):
+            raise MoekitError(f"ratio {ratio} leaves fewer experts in all than top-k per layer")
+
+
+def choose(lm: LoadedModel, stats: CalibStats | None, method: str, ratio: float, global_budget: bool = False,
+           protect_super: bool = False, seed: int = 0) -> PruneResult:
+    """Score and select (no writing). ``stats`` may be None only for ``random`` without protection."""
+    CRITERIA.get(method)
+    check_ratio_for_model(lm, ratio, global_budget)
+    if stats is None:
+        if method != "random" or protect_super:
+            raise MoekitError(f"criterion {method!r} needs calibration data")
+        from moekit.compress.observer import LayerStats
+
+        stats = CalibStats({v.index: LayerStats(v.index, v.num_experts, v.top_k) for v in lm.moe}, tokens=0)
+    s = scores(stats, method, seed)
+    protected = super_experts(stats) if protect_super else []
+    kept = select_kept(s, ratio, {v.index: v.top_k for v in lm.moe}, global_budget, protected)
+    return PruneResult(method, ratio, kept, s, protected, global_budget, calib_hash=stats.data_hash,
+                       calib_tokens=stats.tokens)
+
+
+def prune(lm: LoadedModel, method: str, ratio: float, calib: CalibStats | Sequence | None = None,
+          out: str | Path | None = None, force: bool = False, global_budget: bool = False,
+          protect_super: bool = False, seed: int = 0, seq_len: int = 256, max_tokens: int | None = None,
+          progress: bool = False) -> PruneResult:
+    """Prune ``lm``'s experts by ``method`` at ``ratio``; write a checkpoint to ``out`` when given.
+
+    ``calib`` is precomputed ``CalibStats`` or documents (``moekit.data.read_documents``).
+    """
+    CRITERIA.get(method)
+    check_ratio_for_model(lm, ratio, global_budget)
+    if out is not None:
+        from moekit.io import check_writable
+
+        check_writable(out, force)
+    stats = calib
+    if calib is not None and not isinstance(calib, CalibStats):
+        stats = observe(lm, calib, seq_len=seq_len, max_tokens=max_tokens, progress=progress)
+    res = choose(lm, stats, method, ratio, global_budget, protect_super, seed)
+    if out is not None:
+        res.out = write_pruned(lm, res.kept, out, force=force, method=method, ratio=ratio, calib_hash=res.calib_hash,
+                               global_budget=global_budget, protected=[list(p) for p in res.protected], seed=seed,
+                               calibration_tokens=res.calib_tokens)
+    return res
+
+
+__all__ = ["PruneResult", "choose", "prune", "pruned_experts"]

@@ -1,0 +1,396 @@
+"""Weight-only group-wise quantization of routed experts (int8 / int4), with mixed precision per expert.
+
+Scheme: **asymmetric** (scale + integer zero point) per group of ``group_size`` consecutive weights along
+the input dimension of each expert matrix (nn.Linear (out, in) convention: gate/up along the hidden size,
+down along the intermediate size). The range is widened to contain 0, the scale is
+s = (max − min) / (2^bits − 1) stored as float16 (rounded up, so every weight stays in range), the zero
+point z = round(−min / s) as uint8, q = clamp(round(w / s) + z, 0, 2^bits − 1), and ŵ = (q − z)·s, so
+|w − ŵ| ≤ s/2 in every group. Asymmetric was chosen over symmetric because it uses all 16 int4 levels on
+skewed groups; for int8 the difference is negligible. A last group shorter than ``group_size`` is
+zero-padded (the padding is dropped on load). int4 codes are packed two per byte (low nibble = even
+column). Everything else (attention, embeddings, routers, shared experts, expert biases) stays in the
+model's dtype.
+
+Mixed precision (MC-MoE's idea, greedy instead of an ILP): importance_j = frequency_j × mean gate_j ×
+relative reconstruction error of expert j at 4 bits; starting from 4 bits everywhere, the most
+important experts are raised to 8 bits while the parameter-weighted average stays ≤ ``avg_bits``.
+
+On disk: ``config.json`` (unchanged), tokenizer, ``moekit_quantized.safetensors`` (non-expert tensors,
+plus ``<param>.<expert>.qweight/.scales/.zeros`` for every expert matrix) and
+``moekit_quantization.json``. ``moekit.load`` dequantizes into the standard model (see ``quantized.py``).
+transformers' own quantization configs (bitsandbytes, HQQ, torchao, compressed-tensors...) quantize
+``nn.Linear`` modules; v5 MoE experts are fused 3-D parameters, so none of them applies to the experts
+here without a custom integration — which is why moekit uses its own small format.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moekit.errors import MoekitError
+from moekit.models.loading import LoadedModel
+from moekit.models.moe_map import MoELayerView
+
+QUANT_CONFIG = "moekit_quantization.json"
+QUANT_WEIGHTS = "moekit_quantized.safetensors"
+FORMAT = "moekit-weight-only"
+FORMAT_VERSION = 1
+SUPPORTED_BITS = (4, 8)
+_MIN_SCALE = 2.0 ** -14  # smallest normal float16
+
+
+@dataclass
+class QTensor:
+    """One quantized matrix (out, in): codes (packed for int4), float16 scales and uint8 zero points."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    bits: int
+    group_size: int
+    shape: tuple[int, int]
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self, dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros))
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """uint8 codes in [0, 15], last dim even → two per byte (low nibble = even index)."""
+    if q.shape[-1] % 2:
+        raise ValueError("pack_int4 needs an even last dimension")
+    q = q.to(torch.uint8)
+    return q[..., 0::2] | (q[..., 1::2] << 4)
+
+
+def unpack_int4(p: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``pack_int4``."""
+    out = torch.empty((*p.shape[:-1], p.shape[-1] * 2), dtype=torch.uint8, device=p.device)
+    out[..., 0::2] = p & 0x0F
+    out[..., 1::2] = p >> 4
+    return out
+
+
+def quantize_matrix(w: torch.Tensor, bits: int, group_size: int) -> QTensor:
+    """Quantize a 2-D (out, in) matrix group-wise along ``in``."""
+    if bits not in SUPPORTED_BITS:
+        raise MoekitError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    if group_size < 2 or group_size % 2:
+        raise MoekitError(f"group size must be an even number >= 2, got {group_size}")
+    out_dim, in_dim = w.shape
+    padded = -(-in_dim // group_size) * group_size
+    x = w.detach().float()
+    if padded != in_dim:
+        x = torch.nn.functional.pad(x, (0, padded - in_dim))
+    g = x.reshape(out_dim, padded // group_size, group_size)
+    qmax = 2 ** bits - 1
+    lo = g.amin(dim=-1).clamp(max=0.0)
+    hi = g.amax(dim=-1).clamp(min=0.0)
+    s = ((hi - lo) / qmax).clamp(min=_MIN_SCALE)
+    s16 = (s * (1 + 2.0 ** -10)).to(torch.float16)  # round up: the range still fits in qmax steps
+    s = s16.float()
+    z = torch.round(-lo / s).clamp(0, qmax)
+    q = (torch.round(g / s[..., None]) + z[..., None]).clamp(0, qmax).to(torch.uint8).reshape(out_dim, padded)
+    q = q[:, : in_dim + in_dim % 2]  # the padding of a short last group is not stored
+    if bits == 4:
+        q = pack_int4(q)
+    return QTensor(q, s16, z.to(torch.uint8), bits, group_size, (out_dim, in_dim))
+
+
+def dequantize(qt: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The float matrix a QTensor stands for."""
+    q = unpack_int4(qt.qweight) if qt.bits == 4 else qt.qweight
+    out_dim, in_dim = qt.shape
+    padded = qt.scales.shape[-1] * qt.group_size
+    q = torch.nn.functional.pad(q.float(), (0, padded - q.shape[-1]))
+    g = q.reshape(out_dim, -1, qt.group_size)
+    w = (g - qt.zeros.float()[..., None]) * qt.scales.float()[..., None]
+    return w.reshape(out_dim, -1)[:, :in_dim].to(dtype)
+
+
+def expert_matrices(view: MoELayerView) -> dict[str, tuple[torch.Tensor, bool]]:
+    """The experts module's weight tensors [E, out, in] (nn.Linear convention) and whether the stored
+    parameter is transposed relative to that (GPT-OSS)."""
+    ex = view.experts
+    t = view.expert_layout == "gpt_oss"
+    out = {}
+    for name in ("gate_up_proj", "down_proj"):
+        p = getattr(ex, name)
+        out[name] = (p.transpose(1, 2) if t else p, t)
+    return out
+
+
+def relative_error(view: MoELayerView, e: int, bits: int, group_size: int) -> float:
+    """‖W − Q(W)‖ / ‖W‖ over expert ``e``'s matrices at ``bits``."""
+    num = den = 0.0
+    for w, _ in expert_matrices(view).values():
+        m = w[e].detach().float()
+        num += float((m - quantize_matrix(m, bits, group_size).dequantize()).pow(2).sum())
+        den += float(m.pow(2).sum())
+    return (num / den) ** 0.5 if den > 0 else 0.0
+
+
+def allocate_bits(importance: Mapping[tuple[int, int], float], params: Mapping[tuple[int, int], int],
+                  avg_bits: float, low: int = 4, high: int = 8) -> dict[tuple[int, int], int]:
+    """Greedy: everything at ``low`` bits, then the most important experts at ``high`` bits while the
+    parameter-weighted mean stays ≤ ``avg_bits``."""
+    if not low <= avg_bits <= high:
+        raise MoekitError(f"--avg-bits must be between {low} and {high}, got {avg_bits}")
+    bits = {k: low for k in params}
+    total = sum(params.values())
+    used = low * total
+    for k in sorted(params, key=lambda k: (-importance.get(k, 0.0), k)):
+        extra = (high - low) * params[k]
+        if used + extra <= avg_bits * total + 1e-9:
+            bits[k] = high
+            used += extra
+    return bits
+
+
+def average_bits(bits: Mapping[tuple[int, int], int], params: Mapping[tuple[int, int], int]) -> float:
+    return sum(bits[k] * params[k] for k in params) / sum(params.values())
+
+
+def expert_params(lm: LoadedModel) -> dict[tuple[int, int], int]:
+    """Quantized weights per expert (the matrices, not biases)."""
+    out = {}
+    for v in lm.moe:
+        n = sum(w[0].numel() for w in expert_matrices(v).values())
+        out.update({(v.index, e): n for e in range(v.num_experts)})
+    return out
+
+
+def importance(lm: LoadedModel, stats, group_size: int) -> dict[tuple[int, int], float]:
+    """frequency × mean gate × relative 4-bit reconstruction error, per (layer, expert)."""
+    out = {}
+    for v in lm.moe:
+        st = stats.layers[v.index]
+        freq = st.count / max(st.tokens, 1)
+        gate = st.mean("gate_sum")
+        for e in range(v.num_experts):
+            out[(v.index, e)] = float(freq[e] * gate[e] * relative_error(v, e, 4, group_size))
+    return out
+
+
+@dataclass
+class QuantResult:
+    bits: dict[tuple[int, int], int]
+    group_size: int
+    packed: dict[str, list[QTensor]] = field(default_factory=dict)
+    out: Path | None = None
+
+    def average_bits(self, params: Mapping[tuple[int, int], int]) -> float:
+        return average_bits(self.bits, params)
+
+
+@torch.no_grad()
+def quantize_experts(lm: LoadedModel, bits: Mapping[tuple[int, int], int] | int, group_size: int = 128
+                     ) -> dict[str, list[QTensor]]:
+    """Quantize every expert matrix; keys are the experts-module parameter names of the model."""
+    names = {id(m): n for n, m in lm.model.named_modules()}
+    packed = {}
+    for v in lm.moe:
+        prefix = names[id(v.experts)]
+        for pname, (w, _) in expert_matrices(v).items():
+            b = [bits if isinstance(bits, int) else bits[(v.index, e)] for e in range(v.num_experts)]
+            packed[f"{prefix}.{pname}"] = [quantize_matrix(w[e], b[e], group_size) for e in range(v.num_experts)]
+    return packed
+
+
+@torch.no_grad()
+def apply_dequantized(lm: LoadedModel, packed: Mapping[str, Sequence[QTensor]], model=None) -> None:
+    """Replace expert weights of ``model`` (default ``lm.model``) by their dequantized values, in place."""
+    model = model or lm.model
+    params = dict(model.named_parameters())
+    transposed = {f"{n}": t for n, t in _transposed_flags(lm).items()}
+    for key, qts in packed.items():
+        p = params[key]
+        full = torch.stack([qt.dequantize(p.dtype) for qt in qts])
+        p.copy_(full.transpose(1, 2) if transposed[key] else full)
+
+
+def _transposed_flags(lm: LoadedModel) -> dict[str, bool]:
+    names = {id(m): n for n, m in lm.model.named_modules()}
+    out = {}
+    for v in lm.moe:
+        for pname, (_, t) in expert_matrices(v).items():
+            out[f"{names[id(v.experts)]}.{pname}"] = t
+    return out
+
+
+def quantized_copy(lm: LoadedModel, bits, group_size: int = 128):
+    """A deep copy of ``lm.model`` with dequantized experts (for quality measurements)."""
+    import copy
+
+    model = copy.deepcopy(lm.model)
+    for attr in ("_moekit_router_hook",):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    apply_dequantized(lm, quantize_experts(lm, bits, group_size), model)
+    return model
+
+
+def write_quantized(lm: LoadedModel, packed: Mapping[str, Sequence[QTensor]], out: str | Path, force: bool = False,
+                    extra: Mapping | None = None) -> Path:
+    """Write a moekit quantized checkpoint directory (atomic)."""
+    from safetensors.torch import save_file
+
+    from moekit.compress.writer import copy_tokenizer
+    from moekit.io import atomic_output_dir
+
+    sd = lm.model.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for k, t in sd.items():
+        if k in packed:
+            continue
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if ident in seen:  # tied weights (embeddings / lm_head) are stored once
+            tied[k] = seen[ident]
+            continue
+        seen[ident] = k
+        tensors[k] = t.detach().clone().contiguous()
+    bits_per = {}
+    for key, qts in packed.items():
+        for e, qt in enumerate(qts):
+            tensors[f"{key}.{e}.qweight"] = qt.qweight.contiguous()
+            tensors[f"{key}.{e}.scales"] = qt.scales.contiguous()
+            tensors[f"{key}.{e}.zeros"] = qt.zeros.contiguous()
+        bits_per[key] = [qt.bits for qt in qts]
+    flags = _transposed_flags(lm)
+    import moekit
+
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "scheme": "asymmetric", "scale_dtype": "float16",
+            "zero_dtype": "uint8", "group_size": next(iter(packed.values()))[0].group_size,
+            "int4_packing": "two per byte, low nibble = even column",
+            "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""),
+            "tensors": {k: {"bits": bits_per[k], "shape": [len(packed[k]), *packed[k][0].shape],
+                            "transposed": flags[k]} for k in packed},
+            "tied": tied, "moekit_version": moekit.__version__, **(extra or {})}
+    with atomic_output_dir(out, force) as tmp:
+        lm.model.config.save_pretrained(tmp)
+        gen = getattr(lm.model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(tmp)
+        save_file(tensors, str(tmp / QUANT_WEIGHTS), metadata={"format": FORMAT})
+        meta["tokenizer_copied"] = copy_tokenizer(lm, tmp)
+        (tmp / QUANT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    return Path(out)
+
+
+def quantize(lm: LoadedModel, bits: int = 8, group_size: int = 128, avg_bits: float | None = None,
+             calib=None, out: str | Path | None = None, force: bool = False, seq_len: int = 256,
+             max_tokens: int | None = None, progress: bool = False) -> QuantResult:
+    """Quantize ``lm``'s experts (uniform ``bits`` or mixed 4/8 under ``avg_bits``); write when ``out``."""
+    if bits not in SUPPORTED_BITS:
+        raise MoekitError(f"--bits must be 8 or 4, got {bits}")
+    if group_size not in (32, 64, 128, 256):
+        raise MoekitError(f"--group-size must be 32, 64, 128 or 256, got {group_size}")
+    if out is not None:
+        from moekit.io import check_writable
+
+        check_writable(out, force)
+    params = expert_params(lm)
+    if avg_bits is not None:
+        if calib is None:
+            raise MoekitError("mixed precision (--avg-bits) needs calibration data (--calib)")
+        from moekit.compress.observer import CalibStats, observe
+
+        stats = calib if isinstance(calib, CalibStats) else observe(lm, calib, seq_len=seq_len,
+                                                                    max_tokens=max_tokens, progress=progress)
+        alloc = allocate_bits(importance(lm, stats, group_size), params, avg_bits)
+    else:
+        alloc = {k: bits for k in params}
+    packed = quantize_experts(lm, alloc, group_size)
+    res = QuantResult(alloc, group_size, packed)
+    if out is not None:
+        extra = {"average_bits": average_bits(alloc, params), "avg_bits_budget": avg_bits,
+                 "bits_per_expert": {str(li): [alloc[(li, e)] for e in range(v.num_experts)]
+                                     for v in lm.moe for li in [v.index]}}
+        res.out = write_quantized(lm, packed, out, force, extra)
+    return res
+
+
+def load_quantized_dir(path: str | Path, dtype=None, keep_packed: bool = False):
+    """Build the standard HF model of a moekit quantized checkpoint, experts dequantized."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    path = Path(path)
+    try:
+        meta = json.loads((path / QUANT_CONFIG).read_text())
+    except (OSError, ValueError) as exc:
+        raise MoekitError(f"cannot read {path / QUANT_CONFIG}: {exc}") from None
+    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+        raise MoekitError(f"{path}: unsupported quantization format {meta.get('format')!r} v{meta.get('version')}")
+    if not (path / QUANT_WEIGHTS).is_file():
+        raise MoekitError(f"{path}: {QUANT_WEIGHTS} is missing")
+    dtype = dtype or getattr(torch, meta.get("dtype", "float32"))
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    config = AutoConfig.from_pretrained(path)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    gs = int(meta["group_size"])
+    sd, packed = {}, {}
+    with safe_open(str(path / QUANT_WEIGHTS), "pt") as f:
+        keys = set(f.keys())
+        for k in keys:
+            if not k.endswith((".qweight", ".scales", ".zeros")):
+                sd[k] = f.get_tensor(k)
+        for name, info in meta["tensors"].items():
+            E, o, i = info["shape"]
+            qts = [QTensor(f.get_tensor(f"{name}.{e}.qweight"), f.get_tensor(f"{name}.{e}.scales"),
+                           f.get_tensor(f"{name}.{e}.zeros"), int(info["bits"][e]), gs, (o, i)) for e in range(E)]
+            full = torch.stack([qt.dequantize(dtype) for qt in qts])
+            sd[name] = full.transpose(1, 2).contiguous() if info["transposed"] else full
+            if keep_packed:
+                packed[name] = qts
+    for k, other in meta.get("tied", {}).items():
+        sd[k] = sd[other]
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise MoekitError(f"{path}: quantized checkpoint does not match its config "
+                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    try:
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:
+        pass
+    if keep_packed:
+        model._moekit_packed = packed
+        model._moekit_quantization = meta
+    return model.eval()
+
+
+def size_on_disk(path: str | Path) -> int:
+    """Total bytes of the files in a checkpoint directory."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def expert_bytes(packed: Mapping[str, Sequence[QTensor]]) -> int:
+    return sum(qt.nbytes for qts in packed.values() for qt in qts)
+
+
+def effective_bits(packed: Mapping[str, Sequence[QTensor]]) -> float:
+    """Bits per expert weight including scales and zero points."""
+    n = sum(qt.shape[0] * qt.shape[1] for qts in packed.values() for qt in qts)
+    return 8 * expert_bytes(packed) / n
+
+
+__all__ = ["QTensor", "QuantResult", "allocate_bits", "dequantize", "load_quantized_dir", "np", "pack_int4",
+           "quantize", "quantize_matrix", "unpack_int4", "write_quantized"]
