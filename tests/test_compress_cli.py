@@ -5,14 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 import moekit
 from moekit.cli import main
 from moekit.compress.writer import METADATA_FILE
 from moekit.testing import save_tiny_checkpoint
-
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,6 @@ from moekit.compress.observer import CalibStats, LayerStats
 from moekit.errors import MoekitError
 from moekit.testing import TINY_ARCHS, random_batch, tiny_lm
 
-torch.set_num_threads(1)
-
 
 def _batches(vocab=128, n=2):
     return [random_batch(vocab=vocab, batch=2, seq=16, seed=s, pad_last=4) for s in range(n)]

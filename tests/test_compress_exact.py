@@ -13,8 +13,6 @@ from moekit.compress.writer import METADATA_FILE, pruned_experts, write_pruned
 from moekit.errors import MoekitError
 from moekit.testing import TINY_ARCHS, random_batch, tiny_lm
 
-torch.set_num_threads(1)
-
 
 def _logits(model, batch):
     with torch.no_grad():

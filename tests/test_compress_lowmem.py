@@ -16,8 +16,6 @@ from moekit.compress.writer import METADATA_FILE, write_pruned
 from moekit.data import Document
 from moekit.testing import TINY_ARCHS, random_batch, save_tiny_checkpoint
 
-torch.set_num_threads(1)
-
 
 def _state(path):
     from transformers import AutoModelForCausalLM

@@ -10,8 +10,6 @@ from moekit.compress import observe_batches
 from moekit.compress.merge import align_permutation, group_experts, merge, merge_group, permute_expert
 from moekit.testing import random_batch, tiny_lm
 
-torch.set_num_threads(1)
-
 
 def _batches():
     return [random_batch(batch=2, seq=16, seed=s, pad_last=2) for s in range(2)]

@@ -21,8 +21,6 @@ from moekit.compress.quantize import (
 )
 from moekit.testing import random_batch, save_tiny_checkpoint, tiny_lm
 
-torch.set_num_threads(1)
-
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("group_size", [64, 128])

@@ -11,15 +11,6 @@ from moekit.eval import document_windows, kl_to_reference, perplexity, unigram_p
 from moekit.models import from_model
 from moekit.testing import tiny_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models are fastest single-threaded (and the CI box is shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 SEQ = 16
 DOCS = [
     Document("def add(a, b):\n    return a + b\n\nprint(add(2, 3))\n" * 3, "code", "d0", "a.py"),

@@ -16,13 +16,6 @@ from moekit.testing import save_tiny_checkpoint, tiny_lm
 PROMPT = [5, 17, 42, 9, 77, 3]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and the test machine's cores are shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

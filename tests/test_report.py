@@ -39,14 +39,6 @@ def _two_domain_jsonl(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread for this module: on a shared 2-core machine two OpenMP threads make these tiny
-    forwards ~30x slower (spinning), and one thread changes no result."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

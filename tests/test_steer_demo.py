@@ -2,22 +2,12 @@
 
 import numpy as np
 import pytest
-import torch
 
 import moekit
 from moekit.routing import RoutingControl
 from moekit.steer import demo_step
 from moekit.steer.effects import classify_style, matched_random, number_token_classes, style_margin
 from moekit.testing import save_tiny_checkpoint
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and the test machine's cores are shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -28,13 +28,6 @@ POS = ["17 + 25 = 42.", "3 * 4 = 12.", "80 - 8 = 72."]
 NEG = ["seventeen plus twenty-five equals forty-two.", "three times four equals twelve."]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and the test machine's cores are shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

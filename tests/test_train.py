@@ -16,15 +16,6 @@ from moekit.train import (
     train_lm,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models are fastest single-threaded (and the CI box is shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
              num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=32)
 

@@ -13,12 +13,6 @@ NAMES = ["moekit:tiny", "moekit:tiny-shared"]
 MAX_BYTES = 25 * 1024 * 1024
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("name", NAMES)
