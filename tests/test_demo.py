@@ -15,7 +15,7 @@ def test_demo_writes_every_output(tmp_path, capsys):
     assert str(out.resolve()) in printed.replace("\n", "")
     names = {p.name for p in out.iterdir()}
     assert {"inspect.json", "test.trace", "stats.json", "perplexity.json", "report.html", "compression.json",
-            "steering.json", "summary.json"} <= names
+            "steering.json", "offload.json", "summary.json"} <= names
     trace = moekit.RoutingTrace.load(out / "test.trace")
     stats = json.loads((out / "stats.json").read_text())
     assert trace.num_tokens == 3000 == stats["model"]["tokens"]
@@ -27,6 +27,8 @@ def test_demo_writes_every_output(tmp_path, capsys):
     assert comp["perplexity_after"] > 0 and comp["perplexity_before"] > 0
     steer = json.loads((out / "steering.json").read_text())
     assert steer["ppl_digits"]["found_off"] != steer["ppl_digits"]["base"]
+    served = json.loads((out / "offload.json").read_text())
+    assert served["exact"] is True and 0 <= served["hit_rate"] <= 1
     html = (out / "report.html").read_text()
     assert html.count("<img") >= 5 and "http://" not in html
     assert main(["demo", "--out", str(out), "--max-tokens", "3000"]) == 2  # no overwrite without --force

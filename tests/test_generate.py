@@ -54,6 +54,12 @@ def test_stop_strings_and_streaming(text_lm):
     cut = generate(text_lm, "17 + 25 =", max_new_tokens=8, stop=[stop])
     assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.index(stop)]
     assert "".join(stream(text_lm, "17 + 25 =", max_new_tokens=8)) == full.text
+    # a stop string spanning token boundaries never leaks its first characters into the stream
+    longer = generate(text_lm, "def f(x):", max_new_tokens=16)
+    for i in range(1, len(longer.text) - 3):
+        stop = longer.text[i:i + 3]
+        streamed = "".join(stream(text_lm, "def f(x):", max_new_tokens=16, stop=[stop]))
+        assert streamed == longer.text[: longer.text.index(stop)]
 
 
 def test_routing_control_changes_generation(lm):

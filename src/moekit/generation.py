@@ -117,6 +117,8 @@ def stream(
     out: list[int] = []
     text, reason = "", "length"
     ctx = route(lm, control=control) if control is not None and not control.is_empty() else contextlib.nullcontext()
+    hold = max((len(s) for s in stop if s), default=1) - 1  # a stop string may still be completing
+    full = ""
     with ctx:
         logits = decoder.prefill(ids)
         for i in range(max_new_tokens):
@@ -125,18 +127,20 @@ def stream(
                 reason = "stop"
                 break
             out.append(token)
-            new_text = lm.tokenizer.decode(out) if lm.tokenizer is not None else " ".join(map(str, out))
-            hit = next((s for s in stop if s and s in new_text), None)
+            full = lm.tokenizer.decode(out) if lm.tokenizer is not None else " ".join(map(str, out))
+            hit = min((full.index(s) for s in stop if s and s in full), default=None)
             if hit is not None:
-                new_text = new_text[: new_text.index(hit)]
-                reason = "stop"
-            if not new_text.endswith("\ufffd") and len(new_text) > len(text):  # wait for whole characters
-                yield new_text[len(text):]
-                text = new_text
-            if reason == "stop":
+                full, reason = full[:hit], "stop"
                 break
+            safe = len(full) - hold
+            if not full.endswith("\ufffd") and safe > len(text):  # whole characters, no partial stop string
+                yield full[len(text):safe]
+                text = full[:safe]
             if i + 1 < max_new_tokens:
                 logits = decoder.step(token)
+    if len(full) > len(text) and not full.endswith("\ufffd"):
+        yield full[len(text):]
+    text = full if not full.endswith("\ufffd") else text
     if result is not None:
         result.text, result.token_ids, result.prompt_tokens, result.finish_reason = text, out, len(ids), reason
         result.stats = getattr(decoder, "stats", {})

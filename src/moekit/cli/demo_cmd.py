@@ -113,6 +113,19 @@ def demo_command(
         console.print(f"{ex['prompt']!r} → plain {ex['plain']!r}, experts off {ex['experts_off']!r}")
         summary["steering"] = {k: steer[k] for k in ("experts", "effect_digits", "random_effect_digits")}
 
+        t = _step("8. serve: offloaded generation with an expert cache (LRU + cross-layer prefetch)")
+        from moekit.serve.demo import demo_step as serve_step
+
+        served = serve_step(lm)
+        (tmp / "offload.json").write_text(json.dumps(served, indent=2, default=str))
+        console.print(f"{served['prompt']!r} → {served['text']!r}")
+        console.print(f"{served['slots_per_layer']} of {lm.moe.layers[0].num_experts} experts per layer resident: "
+                      f"hit rate {served['hit_rate']:.2f}, {served['misses']} misses"
+                      + (f", {served['miss_ratio_to_belady']:.2f}× Belady's misses"
+                         if served.get("miss_ratio_to_belady") is not None else "")
+                      + f"; tokens identical to the fully loaded model: {served['exact']}")
+        summary["offload"] = {k: served[k] for k in ("hit_rate", "misses", "exact")}
+
         summary["total_seconds"] = round(time.perf_counter() - started, 1)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     console.rule()
