@@ -9,7 +9,11 @@ from __future__ import annotations
 import os
 import sys
 
-from moekit.cli.common import app, console_err
+# Idle OpenMP threads sleep instead of spinning: with spinning, any other busy process on a small
+# machine slows every torch op by an order of magnitude. Must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from moekit.cli.common import app, console_err  # noqa: E402
 
 _COMMAND_MODULES = ("inspect_cmd", "trace_cmd", "eval_cmd", "report_cmd", "compress_cmd", "steer_cmd",
                     "generate_cmd", "serve_cmd", "nn_cmd", "demo_cmd")

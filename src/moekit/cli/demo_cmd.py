@@ -22,7 +22,7 @@ def _step(title: str):
 def demo_command(
     model: str = typer.Option("moekit:tiny", "--model", help="Bundled model (or any model with a tokenizer)."),
     out: Path = typer.Option(None, "--out", help="Output folder (default: ./moekit-demo-<time>)."),
-    max_tokens: int = typer.Option(30_000, "--max-tokens", help="Tokens of the test split to trace."),
+    max_tokens: int = typer.Option(None, "--max-tokens", help="Trace at most this many tokens (default: the whole test split)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output folder."),
 ) -> None:
     """Inspect, trace, analyse, evaluate, report, compress, steer and serve the bundled model.
@@ -74,7 +74,7 @@ def demo_command(
         summary["stats"] = {"seconds": round(time.perf_counter() - t, 1)}
 
         t = _step("4. perplexity per domain (test split)")
-        ppl = perplexity(lm, docs, max_tokens=max_tokens // 2)
+        ppl = perplexity(lm, docs, max_tokens=max_tokens)
         (tmp / "perplexity.json").write_text(json.dumps(ppl, indent=2))
         table = Table("domain", "tokens", "perplexity")
         for name, row in ppl["by_domain"].items():
@@ -85,7 +85,8 @@ def demo_command(
 
         t = _step("5. HTML report")
         write_report(lm, trace, tmp / "report.html", docs=docs, stats=stats, model_info=info,
-                     profile_tokens=min(8192, max_tokens // 4), check_tokens=min(4096, max_tokens // 8))
+                     profile_tokens=min(8192, (max_tokens or 8192 * 4) // 4),
+                     check_tokens=min(4096, (max_tokens or 4096 * 8) // 8))
         console.print(f"report: [bold]{(out / 'report.html').resolve()}[/]")
         summary["report"] = {"path": str(out / "report.html"), "seconds": round(time.perf_counter() - t, 1)}
 
