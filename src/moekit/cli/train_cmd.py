@@ -1,0 +1,64 @@
+"""``moekit train --config FILE.yaml``: train a config-driven MoELM on the bundled corpus."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from moekit.cli.common import app, console, emit_json
+
+
+@app.command("train")
+def train_command(
+    config: str = typer.Option(
+        ..., "--config", "-c", help="YAML run config with model:, data:, train: sections."
+    ),
+    out: str | None = typer.Option(
+        None, "--out", "-o", help="Output directory (default: runs/<config name>)."
+    ),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint exactly."),
+    stop_at: int | None = typer.Option(
+        None,
+        "--stop-at",
+        help="Stop (and checkpoint) after this step; the LR schedule still spans train.steps.",
+    ),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
+    json_out: bool = typer.Option(False, "--json", help="Print the final evaluation as JSON."),
+) -> None:
+    """Train an MoELM (router research model): checkpoints, resume, per-domain validation, loss plot.
+
+    Writes OUT/checkpoint/ (model, optimiser, step, RNG state), OUT/log.json and OUT/loss.png.
+
+    Examples:\n
+      moekit train --config configs/router_topk.yaml --out runs/topk\n
+      moekit train --config configs/router_topk.yaml --out runs/topk --resume
+    """
+    from moekit.train.config_train import load_run_config, run_training
+
+    run = load_run_config(config)
+    out_dir = Path(out) if out else Path("runs") / Path(config).stem
+    log = run_training(run, out_dir, resume=resume, stop_at=stop_at, progress=not no_progress)
+    last = log["evals"][-1] if log["evals"] else None
+    if json_out:
+        emit_json(
+            {
+                "out": str(out_dir),
+                "step": log["steps"][-1] if log["steps"] else 0,
+                "train_loss": log["lm_loss"][-1] if log["lm_loss"] else None,
+                "eval": last,
+            }
+        )
+        return
+    if log["steps"]:
+        console.print(
+            f"step {log['steps'][-1]}: train loss {log['lm_loss'][-1]:.3f} "
+            f"({log['tokens_seen']:,} tokens, {log['seconds']:.0f}s)"
+        )
+    if last:
+        per = ", ".join(f"{d} {v:.3f}" for d, v in last["val_loss"].items())
+        console.print(
+            f"validation (step {last['step']}): mean {last['val_loss_mean']:.3f} ({per}); "
+            f"load CV {last['load_cv']:.3f}; active experts/token {last['active_experts']:.2f}"
+        )
+    console.print(f"checkpoint, log.json and loss.png in {out_dir}")
