@@ -12,6 +12,7 @@ import functools
 import gzip
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,26 +92,27 @@ def parse_corpus_spec(spec: str) -> str | None:
     return None
 
 
-def _read_text(path: Path) -> str:
+def read_text_file(path: Path, what: str = "data file") -> str:
+    """The UTF-8 text of a user file; missing, unreadable, non-UTF-8 or empty → one-line MoekitError."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise MoekitError(f"data file {path} does not exist") from None
+        raise MoekitError(f"{what} {path} does not exist") from None
     except IsADirectoryError:
-        raise MoekitError(f"data file {path} is a directory, expected a text or JSONL file") from None
+        raise MoekitError(f"{what} {path} is a directory, expected a text or JSONL file") from None
     except OSError as exc:
-        raise MoekitError(f"cannot read data file {path}: {exc.strerror or exc}") from None
+        raise MoekitError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise MoekitError(f"data file {path} is not UTF-8 text (byte {exc.start})") from None
+        raise MoekitError(f"{what} {path} is not UTF-8 text (byte {exc.start})") from None
     if not text.strip():
-        raise MoekitError(f"data file {path} is empty")
+        raise MoekitError(f"{what} {path} is empty")
     return text
 
 
-def _read_jsonl(path: Path, text: str) -> list[Document]:
-    docs = []
+def jsonl_rows(path: Path, text: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-empty JSONL line; bad JSON or a non-object → MoekitError."""
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -118,7 +120,15 @@ def _read_jsonl(path: Path, text: str) -> list[Document]:
             row = json.loads(line)
         except ValueError as exc:
             raise MoekitError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+        if not isinstance(row, dict):
+            raise MoekitError(f"{path}:{lineno}: expected a JSON object")
+        yield lineno, row
+
+
+def _read_jsonl(path: Path, text: str) -> list[Document]:
+    docs = []
+    for lineno, row in jsonl_rows(path, text):
+        if not isinstance(row.get("text"), str):
             raise MoekitError(f'{path}:{lineno}: expected a JSON object with a string "text" field')
         domain = row.get("domain", path.stem)
         if not isinstance(domain, str) or not domain:
@@ -147,7 +157,7 @@ def read_documents(paths: list[str | os.PathLike]) -> list[Document]:
             docs.extend(load_corpus(split))
             continue
         path = Path(item)
-        text = _read_text(path)
+        text = read_text_file(path)
         if path.suffix.lower() == ".jsonl":
             docs.extend(_read_jsonl(path, text))
         else:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from moekit.data.batching import pad_batch
+from moekit.data.corpus import jsonl_rows, read_text_file
 from moekit.errors import MoekitError
 from moekit.models.loading import LoadedModel
 from moekit.registry import Registry
@@ -51,23 +52,10 @@ def read_examples(path: str | os.PathLike) -> list[Example]:
     if spec.startswith("moekit:corpus"):
         return _corpus_examples(spec)
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise MoekitError(f"examples file {p} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MoekitError(f"cannot read examples file {p}: {exc}") from None
+    text = read_text_file(p, "examples file")
     out: list[Example] = []
     if p.suffix.lower() == ".jsonl":
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise MoekitError(f"{p}:{lineno}: not valid JSON ({exc})") from None
-            if not isinstance(row, dict):
-                raise MoekitError(f"{p}:{lineno}: expected a JSON object")
+        for lineno, row in jsonl_rows(p, text):
             resp = row.get("response", row.get("text"))
             prompt = row.get("prompt")
             if not isinstance(resp, str) or (prompt is not None and not isinstance(prompt, str)):
