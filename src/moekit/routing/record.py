@@ -61,7 +61,7 @@ class Recorder:
         self._row_len = self._row_len + m.sum(axis=1)
         tokens = input_ids.detach().cpu().reshape(-1).numpy()[keep] if input_ids is not None \
             else np.full(int(keep.sum()), -1)
-        self._calls.append({"keep": torch.from_numpy(keep), "doc": self._row_docs[rows], "pos": pos,
+        self._calls.append({"keep": None if keep.all() else torch.from_numpy(keep), "doc": self._row_docs[rows], "pos": pos,
                             "tokens": tokens, "layers": {}})
 
     def on_router(self, view: MoELayerView, hidden, logits, weights, ids, valid) -> None:
@@ -69,18 +69,19 @@ class Recorder:
             return  # a router called outside a recorded model forward (e.g. a probe): ignore
         call = self._calls[-1]
         keep = call["keep"]
-        ids_c = ids.detach()
-        if valid is not None:
-            ids_c = torch.where(valid, ids_c, torch.full_like(ids_c, -1))
-        entry = {"ids": ids_c.reshape(-1, ids.shape[-1])[keep].to(torch.int16).cpu(),
-                 "weights": weights.detach().reshape(-1, ids.shape[-1])[keep].float().cpu()}
+
+        def rows(t: torch.Tensor) -> torch.Tensor:  # [tokens, width] without padded positions
+            t = t.detach().reshape(-1, t.shape[-1])
+            return t if keep is None else t[keep]
+
+        ids_c = ids if valid is None else torch.where(valid, ids, torch.full_like(ids, -1))
+        entry = {"ids": rows(ids_c).to(torch.int16).cpu(), "weights": rows(weights).float().cpu()}
         if "probs" in self.fields:
-            entry["probs"] = view.rule.probs(logits.detach())[keep].to(torch.float16).cpu()
+            entry["probs"] = rows(view.rule.probs(logits.detach())).to(torch.float16).cpu()
         if "logits" in self.fields:
-            entry["logits"] = logits.detach().reshape(-1, logits.shape[-1])[keep].float().cpu()
+            entry["logits"] = rows(logits).float().cpu()
         if "hidden" in self.fields:
-            h = hidden.detach()
-            entry["hidden"] = h.reshape(-1, h.shape[-1])[keep].float().cpu()
+            entry["hidden"] = rows(hidden).float().cpu()
         call["layers"][self._pos_of[view.index]] = entry
 
     # ----- labels ----------------------------------------------------------------------------------
