@@ -293,8 +293,7 @@ def test_cache_size_for_fraction_hand_worked():
 
 
 def test_interleave_domains_round_robin():
-    from moekit.data.corpus import Document
-    from moekit.report.build import interleave_domains
+    from moekit.data.corpus import Document, interleave_domains
 
     docs = [Document(f"t{i}", dom, f"id{i}", "x") for i, dom in enumerate("aaabbc")]
     assert [d.doc_id for d in interleave_domains(docs)] == ["id0", "id3", "id5", "id1", "id4", "id2"]

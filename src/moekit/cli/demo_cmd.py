@@ -33,11 +33,11 @@ def demo_command(
     import moekit
     from moekit.analysis.summary import summarize
     from moekit.data import load_corpus
+    from moekit.data.corpus import interleave_domains
     from moekit.eval import perplexity
     from moekit.io import atomic_output_dir
     from moekit.models.summary import describe
     from moekit.report import write_report
-    from moekit.report.build import interleave_domains
     from moekit.routing.tracing import trace_documents
 
     out = out or Path(f"moekit-demo-{datetime.now():%Y%m%d-%H%M%S}")

@@ -59,7 +59,7 @@ def report_command(
         trace = RoutingTrace.load(trace_path)
     lm = load_model(model)
     if trace_path is None:
-        from moekit.report.build import interleave_domains
+        from moekit.data.corpus import interleave_domains
         from moekit.routing.tracing import trace_documents
 
         trace = trace_documents(lm, interleave_domains(docs), max_tokens=max_tokens, seq_len=seq_len,

@@ -13,6 +13,7 @@ def balanced_docs(split: str, max_tokens_per_domain: int | None = None, tokenize
     """Documents of a bundled split, at most ``max_docs_per_domain`` / about ``max_tokens_per_domain``
     tokens per domain (whole documents, in corpus order), interleaved across domains."""
     from moekit.data import load_corpus
+    from moekit.data.corpus import interleave_domains
 
     by: dict[str, list] = {}
     used: dict[str, int] = {}
@@ -27,10 +28,7 @@ def balanced_docs(split: str, max_tokens_per_domain: int | None = None, tokenize
                 continue
             used[d.domain] = used.get(d.domain, 0) + len(tokenizer(d.text, add_special_tokens=False)["input_ids"])
         lst.append(d)
-    out = []
-    for i in range(max((len(v) for v in by.values()), default=0)):
-        out += [v[i] for v in by.values() if i < len(v)]
-    return out
+    return interleave_domains([d for docs in by.values() for d in docs])
 
 
 def demo_step(lm: LoadedModel, ratio: float = 0.25, method: str = "reap", max_tokens: int = 4096) -> dict:

@@ -12,7 +12,7 @@ import functools
 import gzip
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,3 +178,16 @@ def load_tokenizer():
     if not (path / "tokenizer.json").is_file():
         raise MoekitError(f"bundled tokenizer {path} is missing; rebuild it with scripts/train_tokenizer.py")
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def interleave_domains(docs: Sequence[Document]) -> list[Document]:
+    """Documents reordered round-robin over their domains (order kept within a domain), so that the
+    first N tokens of the list sample every domain: a token cap then never drops whole domains."""
+    groups: dict[str | None, list[Document]] = {}
+    for d in docs:
+        groups.setdefault(getattr(d, "domain", None), []).append(d)
+    out: list[Document] = []
+    queues = list(groups.values())
+    for i in range(max((len(q) for q in queues), default=0)):
+        out.extend(q[i] for q in queues if i < len(q))
+    return out

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from moekit.data.corpus import interleave_domains
 from moekit.errors import MoekitError
 from moekit.report import figures
 
@@ -48,19 +49,6 @@ def check_trace_nonempty(trace: Any) -> None:
 
 
 # --------------------------------------------------------------------------------------- statistics
-def interleave_domains(docs: Sequence) -> list:
-    """Documents reordered round-robin over their domains (order kept within a domain), so that the
-    first N tokens of the list sample every domain: a token cap then never drops whole domains."""
-    groups: dict[Any, list] = {}
-    for d in docs:
-        groups.setdefault(getattr(d, "domain", None), []).append(d)
-    out: list = []
-    queues = list(groups.values())
-    for i in range(max((len(q) for q in queues), default=0)):
-        out.extend(q[i] for q in queues if i < len(q))
-    return out
-
-
 def cache_size_for_fraction(cache: dict[str, Any], fraction: float = 0.9) -> dict[str, Any]:
     """Per scope: the cache size (in multiples of k, linearly interpolated between the tested sizes)
     at which each policy first reaches ``fraction`` of Belady MIN's hit rate at the largest tested
