@@ -6,8 +6,6 @@ last one exits, so a model outside those contexts runs exactly its own code.
 
 from __future__ import annotations
 
-import torch
-
 from moekit.models.loading import LoadedModel
 from moekit.models.moe_map import MoELayerView, require_rule
 from moekit.routing.control import LayerControl, RoutingControl, merge
@@ -89,7 +87,3 @@ class RouterHook:
 
         return forward
 
-
-def apply_selection_rule(view: MoELayerView, logits: torch.Tensor):
-    """The layer's own selection for ``logits`` (no control) — for callers that need it directly."""
-    return require_rule(view).select(logits)
