@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 import moekit.nn  # noqa: F401  (registers "moekit")
 from moekit.nn.dispatch import moekit_experts_forward
+from moekit.openmp import SPIN_COUNT
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,10 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": 
 
 def main(argv: list[str] | None = None) -> int:
     if "--no-malloc-tuning" not in sys.argv and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
+        env = {**os.environ, **MALLOC_ENV}
+        if "OMP_WAIT_POLICY" not in env:  # the CLI's short OpenMP spin (moekit.openmp), unless the user chose
+            env.setdefault("GOMP_SPINCOUNT", SPIN_COUNT)
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes and token counts, a few seconds")
     parser.add_argument("--no-malloc-tuning", action="store_true", help="keep glibc's default mmap threshold")
@@ -202,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             "grouped_mm": hasattr(F, "grouped_mm"),
             "malloc_tuned": os.environ.get("MALLOC_MMAP_THRESHOLD_") == MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"],
             "loadavg_1m": round(os.getloadavg()[0], 2),
+            "omp_wait": os.environ.get("OMP_WAIT_POLICY") or f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}",
+            "experts_backend": moekit.nn.get_backend(),
         }
     )
     t0 = time.perf_counter()

@@ -4,7 +4,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep (see moekit.cli)
+
+from moekit.openmp import configure_openmp_wait  # noqa: E402
+
+configure_openmp_wait()  # short OpenMP spin, also for the CLI subprocesses the tests start (see moekit.openmp)
 
 import torch  # noqa: E402
 

@@ -48,7 +48,7 @@ def test_registered() -> None:
     assert ALL_EXPERTS_FUNCTIONS["moekit"] is moekit_experts_forward
 
 
-@pytest.mark.parametrize("backend", ["auto", "loop"])
+@pytest.mark.parametrize("backend", ["auto", "loop", "padded", "grouped_mm"])
 def test_model_forward_backward_equals_eager(arch: str, backend: str) -> None:
     model = tiny_model(arch)
     ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
@@ -137,7 +137,7 @@ def test_ids_at_or_above_e_contribute_nothing() -> None:
     w2 = torch.randn(E, H, Inter, generator=g)
     ids = torch.tensor([[0, 4, 1], [5, 2, 9], [4, 4, 4], [3, 3, 0], [7, 1, 2], [0, 1, 2]])
     weights = torch.rand(T, k, generator=g)
-    for backend in ("loop", "grouped_mm"):
+    for backend in ("loop", "grouped_mm", "padded"):
         out = expert_forward(x, ids, weights, w1, w2, backend=backend)
         assert torch.equal(out[2], torch.zeros(H))  # only "no expert" slots
         # the same as dropping the invalid slots (weight 0, id 0) by hand
@@ -155,7 +155,7 @@ def test_no_expert_gradients_are_zero_and_finite() -> None:
     w2 = torch.randn(E, H, Inter, generator=g, requires_grad=True)
     ids = torch.tensor([[0, 4]] * 4 + [[4, 4]] * 4)
     weights = torch.rand(T, k, generator=g, requires_grad=True)
-    for backend in ("loop", "grouped_mm"):
+    for backend in ("loop", "grouped_mm", "padded"):
         grads = torch.autograd.grad(
             expert_forward(x, ids, weights, w1, w2, backend=backend).sum(), [x, weights, w1, w2]
         )
@@ -181,7 +181,7 @@ def test_expert_counts() -> None:
     has_bias=st.booleans(),
     has_gate=st.booleans(),
     transposed=st.booleans(),
-    backend=st.sampled_from(["auto", "loop"]),
+    backend=st.sampled_from(["auto", "loop", "padded", "grouped_mm"]),
     seed=st.integers(0, 2**16),
 )
 def test_expert_forward_matches_naive(T, E, k, has_bias, has_gate, transposed, backend, seed) -> None:
@@ -209,3 +209,42 @@ def test_expert_forward_matches_naive(T, E, k, has_bias, has_gate, transposed, b
     )
     ref = _naive(x, ids, weights, w1, w2, b1, b2, has_gate)
     torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_auto_path_padded_for_cpu_inference_only() -> None:
+    """auto takes one padded bmm for balanced CPU inference, per-expert GEMMs for training or sparse use."""
+    from moekit.nn.dispatch import _choose_path
+
+    E, k, T, H = 8, 2, 64, 16
+    w1 = torch.randn(E, H, 32)
+    w2 = torch.randn(E, 16, H)
+    x = torch.randn(T * k, H)
+    balanced = expert_counts(torch.arange(T * k) % E, E)  # 16 rows each: no padding at all
+    assert _choose_path("auto", x, w1, w2, balanced, T * k, needs_grad=False) == "padded"
+    assert _choose_path("auto", x, w1, w2, balanced, T * k, needs_grad=True) in ("grouped_mm", "loop")
+    one_hot = expert_counts(torch.zeros(T * k, dtype=torch.long), E)  # 7 empty experts: too much padding
+    assert _choose_path("auto", x, w1, w2, one_hot, T * k, needs_grad=False) != "padded"
+    decode = expert_counts(torch.tensor([3, 5]), E)  # one token: 2 of 8 experts used
+    assert _choose_path("auto", x[:2], w1, w2, decode, 2, needs_grad=False) != "padded"
+    assert _choose_path("loop", x, w1, w2, balanced, T * k, needs_grad=False) == "loop"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padded_path_equals_grouped_under_no_grad(dtype: torch.dtype) -> None:
+    """The padded inference path gives the grouped path's output bit for bit up to GEMM rounding."""
+    g = torch.Generator().manual_seed(5)
+    T, H, Inter, E, k = 48, 32, 16, 8, 2
+    x = torch.randn(T, H, generator=g).to(dtype)
+    w1 = torch.randn(E, 2 * Inter, H, generator=g).to(dtype)
+    w2 = torch.randn(E, H, Inter, generator=g).to(dtype)
+    ids = torch.randint(0, E, (T, k), generator=g)
+    ids[0, 1] = E  # one "no expert" slot
+    weights = torch.rand(T, k, generator=g).to(dtype)
+    with torch.no_grad():
+        padded = expert_forward(x, ids, weights, w1, w2, backend="padded")
+        loop = expert_forward(x, ids, weights, w1, w2, backend="loop")
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(padded, loop, atol=tol * float(loop.abs().max()), rtol=tol)
+    ref = _naive(x, ids, weights, w1, w2)
+    scale = float(ref.abs().max())
+    torch.testing.assert_close(padded.double(), ref, atol=(1e-5 if dtype == torch.float32 else 0.03) * scale, rtol=0)

@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 import sys
 
-# Idle OpenMP threads sleep instead of spinning: with spinning, any other busy process on a small
-# machine slows every torch op by an order of magnitude. Must be set before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from moekit.openmp import configure_openmp_wait
+
+# Idle OpenMP threads spin only briefly: long spinning makes every torch op an order of magnitude slower when
+# another process is busy on a small machine (see moekit.openmp). Must run before torch is imported.
+configure_openmp_wait()
 
 from moekit.cli.common import app, console_err  # noqa: E402
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from moekit.errors import MoekitError
 from moekit.models.loading import LoadedModel
+from moekit.nn.dispatch import combine_slots
 from moekit.serve.cache import POLICIES, LayerCache, LayerStats, Policy
 from moekit.serve.store import ExpertStore, FileStore, store_for
 
@@ -278,11 +279,10 @@ class OffloadEngine:
             self._release(lc, uniq, flat_ids.tolist())
         if getattr(mod, "has_post_expert_norm", False):
             proj = mod.post_expert_norm(proj)
-        if self._prev_impl == "moekit" and proj.device.type == "cpu":
-            # the model ran moekit.nn's dispatch before: mirror its fp32 index_add accumulation
-            y = proj.float() * sample_weights[perm].float().unsqueeze(-1)
-            out = torch.zeros(num_tokens, hidden_dim, dtype=torch.float32).index_add(0, perm // k, y)
-            return out.to(hidden.dtype)
+        if self._prev_impl == "moekit":  # the model ran moekit.nn's dispatch before: combine as it does
+            slot_rows = torch.empty_like(perm)
+            slot_rows[perm] = torch.arange(perm.size(0), device=perm.device)
+            return combine_slots(proj, slot_rows, top_k_weights).to(hidden.dtype)
         weighted = proj * sample_weights[perm].unsqueeze(-1)
         inv_perm = torch.empty_like(perm)
         inv_perm[perm] = torch.arange(perm.size(0), device=perm.device)
