@@ -211,22 +211,50 @@ def test_expert_forward_matches_naive(T, E, k, has_bias, has_gate, transposed, b
     torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
 
 
-def test_auto_path_padded_for_cpu_inference_only() -> None:
-    """auto takes one padded bmm for balanced CPU inference, per-expert GEMMs for training or sparse use."""
+def test_auto_path_choice_on_cpu() -> None:
+    """auto takes one padded bmm for small balanced CPU groups (larger ones in inference than in training),
+    per-expert GEMMs for big groups, sparse use and decode."""
     from moekit.nn.dispatch import _choose_path
 
-    E, k, T, H = 8, 2, 64, 16
+    E, H = 8, 16
     w1 = torch.randn(E, H, 32)
     w2 = torch.randn(E, 16, H)
-    x = torch.randn(T * k, H)
-    balanced = expert_counts(torch.arange(T * k) % E, E)  # 16 rows each: no padding at all
-    assert _choose_path("auto", x, w1, w2, balanced, T * k, needs_grad=False) == "padded"
-    assert _choose_path("auto", x, w1, w2, balanced, T * k, needs_grad=True) in ("grouped_mm", "loop")
-    one_hot = expert_counts(torch.zeros(T * k, dtype=torch.long), E)  # 7 empty experts: too much padding
-    assert _choose_path("auto", x, w1, w2, one_hot, T * k, needs_grad=False) != "padded"
-    decode = expert_counts(torch.tensor([3, 5]), E)  # one token: 2 of 8 experts used
-    assert _choose_path("auto", x[:2], w1, w2, decode, 2, needs_grad=False) != "padded"
-    assert _choose_path("loop", x, w1, w2, balanced, T * k, needs_grad=False) == "loop"
+
+    def path(slots: int, ids: torch.Tensor, needs_grad: bool) -> str:
+        return _choose_path("auto", torch.randn(slots, H), w1, w2, expert_counts(ids, E), slots, needs_grad)
+
+    small = torch.arange(128) % E  # 16 rows per expert, no padding
+    assert path(128, small, needs_grad=False) == "padded"
+    assert path(128, small, needs_grad=True) == "padded"
+    medium = torch.arange(512) % E  # 64 rows per expert: inference only
+    assert path(512, medium, needs_grad=False) == "padded"
+    assert path(512, medium, needs_grad=True) in ("grouped_mm", "loop")
+    big = torch.arange(4096) % E  # 512 rows per expert: per-expert GEMMs are as fast
+    assert path(4096, big, needs_grad=False) in ("grouped_mm", "loop")
+    one_hot = torch.zeros(128, dtype=torch.long)  # 7 empty experts: too much padding
+    assert path(128, one_hot, needs_grad=False) != "padded"
+    decode = torch.tensor([3, 5])  # one token: 2 of 8 experts used
+    assert path(2, decode, needs_grad=False) != "padded"
+    assert _choose_path("loop", torch.randn(128, H), w1, w2, expert_counts(small, E), 128, False) == "loop"
+
+
+def test_padded_backward_writes_weight_gradients_in_parameter_layout() -> None:
+    g = torch.Generator().manual_seed(6)
+    T, H, Inter, E, k = 32, 16, 8, 4, 2
+    x = torch.randn(T, H, generator=g, requires_grad=True)
+    w1 = torch.randn(E, 2 * Inter, H, generator=g, requires_grad=True)  # nn.Linear layout: used transposed
+    w2 = torch.randn(E, H, Inter, generator=g, requires_grad=True)
+    ids = torch.randint(0, E, (T, k), generator=g)
+    weights = torch.rand(T, k, generator=g)
+    grads = {}
+    for backend in ("padded", "loop"):
+        for t in (x, w1, w2):
+            t.grad = None
+        expert_forward(x, ids, weights, w1, w2, backend=backend).square().sum().backward()
+        grads[backend] = [t.grad for t in (x, w1, w2)]
+    assert grads["padded"][1].stride() == w1.stride() and grads["padded"][2].stride() == w2.stride()
+    for a, b in zip(grads["padded"], grads["loop"], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

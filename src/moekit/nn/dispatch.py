@@ -121,6 +121,29 @@ class _LoopGroupedMM(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
+class _PaddedBmm(torch.autograd.Function):
+    """``bmm`` of E zero-padded row blocks with ``w [E, in, out]``; the weight gradient is computed directly in
+    ``w``'s storage layout (a transposed view of an ``[E, out, in]`` parameter included), so nothing is copied
+    into the parameter's layout afterwards. Padding rows are zero, so they add nothing to it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, w)
+        return torch.bmm(x, w)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        x, w = ctx.saved_tensors
+        grad_x = torch.bmm(grad_out, w.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            if w.stride(-2) == 1:  # w is the transpose of a contiguous [E, out, in] tensor
+                grad_w = torch.bmm(grad_out.transpose(1, 2), x).transpose(1, 2)
+            else:
+                grad_w = torch.bmm(x.transpose(1, 2), grad_out)
+        return grad_x, grad_w
+
+
 def _grouped(
     x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, bounds: list[int] | None, path: str
 ) -> torch.Tensor:
@@ -132,18 +155,20 @@ def _grouped(
         return F.grouped_mm(x, w, offs=offsets)
     if path == "padded":
         num_experts = w.shape[0]
-        return torch.bmm(x.view(num_experts, -1, x.shape[1]), w).view(x.shape[0], w.shape[2])
+        return _PaddedBmm.apply(x.view(num_experts, -1, x.shape[1]), w).view(x.shape[0], w.shape[2])
     assert bounds is not None
     return _LoopGroupedMM.apply(x, w, bounds)
 
 
-# CPU inference only: one bmm over experts padded to the largest group beats per-expert GEMMs (a loop, or CPU
-# grouped_mm, which is one) when groups are small, because bmm splits the batch of experts across cores instead
-# of splitting each small GEMM. It pays for the padding rows and reads every expert's weights, so it is used
-# while most experts have tokens and padding stays under PADDED_MAX_WASTE × the real rows. Its backward
-# (bmm weight gradients over padded blocks) is slower than grouped_mm's, so training never takes it.
+# CPU: one bmm over the experts' row blocks, each zero-padded to the largest group, beats per-expert GEMMs (a
+# loop, or CPU grouped_mm, which is one) when groups are small: bmm splits the batch of experts across cores
+# instead of splitting each small GEMM. It pays for the padding rows and reads every expert's weights, so it is
+# used while most experts have tokens, padding stays under PADDED_MAX_WASTE × the real rows, and groups are
+# small (training: the backward's three GEMMs per expert gain less, so a lower limit). Measured in docs/nn.md.
 PADDED_MAX_WASTE = 3.0
 PADDED_MIN_USED = 0.75
+PADDED_MAX_ROWS_INFERENCE = 256
+PADDED_MAX_ROWS_TRAINING = 32
 
 
 def _choose_path(
@@ -158,11 +183,17 @@ def _choose_path(
     """The grouped-matmul path for this call: the forced backend, or for ``auto`` the fastest that works."""
     if backend != "auto":
         return backend
-    if w1.device.type == "cpu" and x.dtype == w1.dtype and not needs_grad:
+    if w1.device.type == "cpu" and x.dtype == w1.dtype:
         num_experts = w1.shape[0]  # on CPU, reading counts is not a device sync
         padded_rows = num_experts * int(counts.max())
         used = int((counts > 0).sum())
-        if padded_rows <= PADDED_MAX_WASTE * num_slots and used >= PADDED_MIN_USED * num_experts:
+        mean_rows = int(counts.sum()) / max(used, 1)
+        max_rows = PADDED_MAX_ROWS_TRAINING if needs_grad else PADDED_MAX_ROWS_INFERENCE
+        if (
+            padded_rows <= PADDED_MAX_WASTE * num_slots
+            and used >= PADDED_MIN_USED * num_experts
+            and mean_rows <= max_rows
+        ):
             return "padded"
     return "grouped_mm" if _can_grouped_mm(x, w1) and _can_grouped_mm(x, w2) else "loop"
 
