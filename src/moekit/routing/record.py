@@ -110,10 +110,8 @@ class Recorder:
         for li in range(len(self.lm.moe)):
             parts = [c["layers"][li][name] for c in self._calls if li in c["layers"]]
             if name in ("ids", "weights"):
-                K = max(p.shape[1] for p in parts)
-                fill = -1 if name == "ids" else 0.0
-                parts = [torch.nn.functional.pad(p, (0, K - p.shape[1]), value=fill) for p in parts]
-            out.append(torch.cat(parts))
+                parts = _pad_columns(parts, -1 if name == "ids" else 0.0)
+            out.append(parts[0] if len(parts) == 1 else torch.cat(parts))
         return out
 
     def tensor(self, name: str) -> list[torch.Tensor]:
@@ -131,11 +129,8 @@ class Recorder:
 
             raise TraceError("nothing was recorded: run the model inside the record() block")
         order = self._order()
-        ids = self._stack("ids")
-        K = max(t.shape[1] for t in ids)
-        ids_a = np.stack([torch.nn.functional.pad(t, (0, K - t.shape[1]), value=-1).numpy() for t in ids])
-        w = self._stack("weights")
-        w_a = np.stack([torch.nn.functional.pad(t, (0, K - t.shape[1])).numpy() for t in w])
+        ids_a = np.stack([t.numpy() for t in _pad_columns(self._stack("ids"), -1)])
+        w_a = np.stack([t.numpy() for t in _pad_columns(self._stack("weights"), 0.0)])
         probs = np.stack([t.numpy() for t in self._stack("probs")])[:, order] if "probs" in self.fields else None
         doc = np.concatenate([c["doc"] for c in self._calls])[order]
         domain = np.array([self._doc_domain.get(int(d), -1) for d in range(self._docs_seen)], dtype=np.int16)
@@ -154,6 +149,14 @@ class Recorder:
             pos=np.concatenate([c["pos"] for c in self._calls])[order].astype(np.int32),
             domain=domain[doc] if len(domain) else np.zeros(0, np.int16), meta=meta,
         )
+
+
+def _pad_columns(parts: list[torch.Tensor], fill: float) -> list[torch.Tensor]:
+    """Right-pad ``[N, K_i]`` tensors to the widest K with ``fill`` (top-p and layers with other k differ)."""
+    width = max(p.shape[1] for p in parts)
+    if all(p.shape[1] == width for p in parts):
+        return parts
+    return [torch.nn.functional.pad(p, (0, width - p.shape[1]), value=fill) for p in parts]
 
 
 @contextlib.contextmanager
