@@ -110,6 +110,13 @@ def test_merge_and_quantize_commands(ckpt, calib, tmp_path, capsys):
     assert code == 0, err
     s = json.loads(out)
     assert s["average_bits"] <= 6 and s["experts_8bit"] == 8
+    # the mixed 4/8-bit checkpoint serves offloaded (packed experts read and dequantized on demand), same text
+    gen = ["generate", str(tmp_path / "mix"), "--prompt", "def add(a, b):", "--max-tokens", "12"]
+    code, whole, err = _run(capsys, gen)
+    assert code == 0, err
+    code, offloaded, err = _run(capsys, [*gen, "--offload", "--policy", "lru"])
+    assert code == 0, err
+    assert offloaded == whole and whole.strip()
     code, _, err = _run(capsys, ["quantize", str(ckpt), "--avg-bits", "6", "--out", str(tmp_path / "z")])
     assert code == 2 and "--calib" in err
     code, _, err = _run(capsys, ["quantize", str(ckpt), "--bits", "3", "--out", str(tmp_path / "z")])

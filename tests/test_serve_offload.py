@@ -212,3 +212,42 @@ def test_logits_equal_to_the_models_own_implementation(arch, impl):
     finally:
         moekit.nn.set_backend("auto")
     assert lm.model.config._experts_implementation == impl.removesuffix("-loop")
+
+
+@pytest.mark.parametrize("arch,bits", [("qwen3_moe", 4), ("gpt_oss", 8), ("deepseek_v3", 4)])
+def test_quantized_checkpoint_offloads_exactly(arch, bits, checkpoints, tmp_path):
+    """A moekit quantized checkpoint offloads: packed codes are read per expert and dequantized into the cache,
+    giving the same tokens as the checkpoint loaded whole (its experts dequantized up front)."""
+    from moekit.compress.quantize import QUANT_WEIGHTS, quantize
+    from moekit.serve.store import QuantizedFileStore, read_safetensors_header
+
+    out = tmp_path / "q"
+    quantize(moekit.load(checkpoints[arch]), bits=bits, group_size=32, out=out)
+    whole = moekit.load(out)
+    ref = generate(whole, PROMPT, max_new_tokens=12)
+    lm = load_offloaded(out)
+    store = lm._moekit_expert_store
+    assert isinstance(store, QuantizedFileStore)
+    assert all(v.experts.down_proj.is_meta for v in lm.moe)
+    # one expert read = its packed codes, scales and zeros (+ unquantized biases), dequantized bit for bit
+    header, _ = read_safetensors_header(out / QUANT_WEIGHTS)
+    view = next(iter(whole.moe))
+    bank = {n: getattr(view.experts, n) for n in store.shapes(view.index)}
+    slot = {n: torch.empty(s, dtype=d) for n, (s, d) in store.shapes(view.index).items()}
+    nbytes = store.read(view.index, 1, slot)
+    for name, tensor in slot.items():
+        assert torch.equal(tensor, bank[name][1]), name
+    def size(key: str) -> int:
+        start, end = header[key]["data_offsets"]
+        return end - start
+
+    prefix = f"layers.{view.index}.mlp.experts."
+    packed = sum(size(k) for k in header if prefix in k and k.endswith((".1.qweight", ".1.scales", ".1.zeros")))
+    biases = sum(size(k) // header[k]["shape"][0] for k in header if prefix in k and k.endswith("_bias"))
+    assert packed > 0 and nbytes == packed + biases
+    assert nbytes < store.expert_bytes[view.index]  # what the cache holds: the dequantized expert
+    for policy in ("lru", "lru+prefetch", "none"):
+        with offload(lm, policy=policy, slots=2) as engine:
+            got = generate(lm, PROMPT, max_new_tokens=12)
+        assert got.token_ids == ref.token_ids, (arch, policy)
+        assert engine.stats()["misses"] > 0

@@ -321,13 +321,8 @@ def quantize(lm: LoadedModel, bits: int = 8, group_size: int = 128, avg_bits: fl
     return res
 
 
-def load_quantized_dir(path: str | Path, dtype=None, keep_packed: bool = False):
-    """Build the standard HF model of a moekit quantized checkpoint, experts dequantized."""
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
-
-    path = Path(path)
+def read_quant_meta(path: Path) -> dict:
+    """The format record of a moekit quantized checkpoint, checked (format, version, weights file present)."""
     try:
         meta = json.loads((path / QUANT_CONFIG).read_text())
     except (OSError, ValueError) as exc:
@@ -336,6 +331,17 @@ def load_quantized_dir(path: str | Path, dtype=None, keep_packed: bool = False):
         raise MoekitError(f"{path}: unsupported quantization format {meta.get('format')!r} v{meta.get('version')}")
     if not (path / QUANT_WEIGHTS).is_file():
         raise MoekitError(f"{path}: {QUANT_WEIGHTS} is missing")
+    return meta
+
+
+def load_quantized_dir(path: str | Path, dtype=None, keep_packed: bool = False):
+    """Build the standard HF model of a moekit quantized checkpoint, experts dequantized."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    path = Path(path)
+    meta = read_quant_meta(path)
     dtype = dtype or getattr(torch, meta.get("dtype", "float32"))
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)

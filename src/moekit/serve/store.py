@@ -52,6 +52,21 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
     return header, 8 + n
 
 
+def pread_into(fd: int, view: memoryview, offset: int, what: str) -> None:
+    """Fill ``view`` with the bytes at ``offset`` of ``fd`` (looping over short reads); ``what`` names it in errors."""
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n <= 0:
+            raise MoekitError(f"short read of {what}")
+        got += n
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's storage (empty tensors included)."""
+    return memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else memoryview(bytearray())
+
+
 @dataclass(frozen=True)
 class Slab:
     """Where one expert's slice of one fused tensor lives: file, offset of expert 0, bytes per expert."""
@@ -122,13 +137,7 @@ class FileStore(ExpertStore):
                 raise MoekitError("FileStore.read needs contiguous CPU tensors of the stored dtype")
             fd = self._fd(slab.path)
             off = slab.offset + expert * slab.nbytes
-            view = memoryview(dst.view(torch.uint8).reshape(-1).numpy())
-            got = 0
-            while got < slab.nbytes:
-                n = os.preadv(fd, [view[got:]], off + got)
-                if n <= 0:
-                    raise MoekitError(f"short read from {slab.path} (expert {layer}:{expert})")
-                got += n
+            pread_into(fd, _bytes_of(dst), off, f"{slab.path} (expert {layer}:{expert})")
             if self.bypass_page_cache:
                 os.posix_fadvise(fd, off, slab.nbytes, os.POSIX_FADV_DONTNEED)
             total += slab.nbytes
@@ -139,6 +148,101 @@ class FileStore(ExpertStore):
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
+
+
+@dataclass(frozen=True)
+class PackedSlab:
+    """Where one quantized expert matrix lives: per expert, (offset, bytes, shape, dtype) of its codes, scales
+    and zero points, and its bit width; plus what the model expects (``transposed``: GPT-OSS ``[in, out]``)."""
+
+    parts: tuple[dict[str, tuple[int, int, tuple[int, ...], torch.dtype]], ...]
+    bits: tuple[int, ...]
+    group_size: int
+    matrix: tuple[int, int]
+    transposed: bool
+
+    @property
+    def model_shape(self) -> tuple[int, int]:
+        out_dim, in_dim = self.matrix
+        return (in_dim, out_dim) if self.transposed else (out_dim, in_dim)
+
+
+class QuantizedFileStore(FileStore):
+    """Experts of a moekit quantized checkpoint: each expert's packed codes are read with ``pread`` and
+    dequantized into the cache slot, so the disk read is the quantized size (4 or 8 bits per weight) and the
+    cache holds ready-to-use weights. Unquantized per-expert tensors (biases) are read as ``FileStore`` does."""
+
+    def __init__(self, file: Path, slabs: dict[int, dict[str, Slab]], packed: dict[int, dict[str, PackedSlab]],
+                 dtype: torch.dtype, bypass_page_cache: bool = True) -> None:
+        super().__init__(slabs, bypass_page_cache)
+        self.path = str(file)  # the quantized weights file
+        self.packed = packed
+        self.dtype = dtype
+        size = torch.empty(0, dtype=dtype).element_size()
+        self.expert_bytes = {  # the cache holds dequantized experts: budgets count those bytes
+            li: sum(s.nbytes for s in slabs.get(li, {}).values())
+            + sum(p.matrix[0] * p.matrix[1] * size for p in packed[li].values())
+            for li in packed
+        }
+        if self.bypass_page_cache:
+            os.posix_fadvise(self._fd(self.path), 0, 0, os.POSIX_FADV_DONTNEED)
+
+    def shapes(self, layer: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        plain = {n: (s.shape, s.dtype) for n, s in self.slabs.get(layer, {}).items()}
+        return plain | {n: (p.model_shape, self.dtype) for n, p in self.packed[layer].items()}
+
+    def read(self, layer: int, expert: int, out: dict[str, torch.Tensor]) -> int:
+        from moekit.compress.quantize import QTensor
+
+        total = super().read(layer, expert, {n: out[n] for n in self.slabs[layer]}) if layer in self.slabs else 0
+        fd = self._fd(self.path)
+        for name, slab in self.packed[layer].items():
+            parts = {}
+            for part, (offset, nbytes, shape, dt) in slab.parts[expert].items():
+                buf = torch.empty(shape, dtype=dt)
+                pread_into(fd, _bytes_of(buf), offset, f"{self.path} ({name} of expert {layer}:{expert})")
+                if self.bypass_page_cache:
+                    os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+                parts[part] = buf
+                total += nbytes
+            qt = QTensor(parts["qweight"], parts["scales"], parts["zeros"], slab.bits[expert], slab.group_size,
+                         slab.matrix)
+            w = qt.dequantize(self.dtype)
+            out[name].copy_(w.t() if slab.transposed else w)
+        return total
+
+    @classmethod
+    def open(cls, path: Path, meta: dict, keys: dict[int, dict[str, str]], dtype: torch.dtype,
+             bypass_page_cache: bool = True) -> QuantizedFileStore:
+        """The store of quantized checkpoint ``path`` (format record ``meta``) for the model's bank ``keys``."""
+        from moekit.compress.quantize import QUANT_WEIGHTS
+
+        file = path / QUANT_WEIGHTS
+        header, data_start = read_safetensors_header(file)
+
+        def where(key: str) -> tuple[int, int, tuple[int, ...], torch.dtype]:
+            if key not in header:
+                raise MoekitError(f"{file}: tensor {key} is missing; the quantized checkpoint is incomplete")
+            start, end = header[key]["data_offsets"]
+            return data_start + start, end - start, tuple(header[key]["shape"]), _ST_DTYPES[header[key]["dtype"]]
+
+        slabs: dict[int, dict[str, Slab]] = {}
+        packed: dict[int, dict[str, PackedSlab]] = {}
+        gs = int(meta["group_size"])
+        for li, pk in keys.items():
+            packed[li] = {}
+            for pname, key in pk.items():
+                info = meta["tensors"].get(key)
+                if info is None:  # stored as is (biases): one fused tensor, a contiguous slab per expert
+                    offset, nbytes, shape, dt = where(key)
+                    slabs.setdefault(li, {})[pname] = Slab(str(file), offset, nbytes // shape[0], shape[1:], dt)
+                    continue
+                num, out_dim, in_dim = info["shape"]
+                parts = tuple({p: where(f"{key}.{e}.{p}") for p in ("qweight", "scales", "zeros")}
+                              for e in range(num))
+                packed[li][pname] = PackedSlab(parts, tuple(int(b) for b in info["bits"]), gs, (out_dim, in_dim),
+                                               bool(info["transposed"]))
+        return cls(file, slabs, packed, dtype, bypass_page_cache)
 
 
 class TensorStore(ExpertStore):
@@ -316,23 +420,34 @@ def load_offloaded(
         from moekit.models.loading import _hub_snapshot
 
         path = Path(_hub_snapshot(name))
-    if dtype is None:
-        dtype = checkpoint_dtype(path)
     from moekit.compress.quantized import is_quantized_checkpoint
 
+    store: ExpertStore
     if is_quantized_checkpoint(path):
-        raise MoekitError("offloading quantized checkpoints is not supported yet; offload the original model")
-    model = _skeleton(path, dtype)
-    keys = _bank_keys(model)
-    _drop_banks(model)
-    expert_files, dense_files = ensure_layout(path, keys, dtype)
-    slabs = _slabs_from(_index(expert_files), keys)
-    if slabs is None:
-        raise MoekitError(f"the offload layout of {path} does not match the model; delete {cache_root()} and retry")
-    stored = {slab.dtype for d in slabs.values() for slab in d.values()}
-    if stored != {dtype}:
-        raise MoekitError(f"experts are stored as {sorted(map(str, stored))} but dtype={dtype} was asked; "
-                          "load with the checkpoint's dtype")
+        from moekit.compress.quantize import QUANT_WEIGHTS, read_quant_meta
+
+        meta = read_quant_meta(path)
+        dtype = getattr(torch, meta.get("dtype", "float32")) if dtype is None else dtype
+        model = _skeleton(path, dtype)
+        keys = _bank_keys(model)
+        _drop_banks(model)
+        store = QuantizedFileStore.open(path, meta, keys, dtype, bypass_page_cache)
+        dense_files = [path / QUANT_WEIGHTS]
+    else:
+        if dtype is None:
+            dtype = checkpoint_dtype(path)
+        model = _skeleton(path, dtype)
+        keys = _bank_keys(model)
+        _drop_banks(model)
+        expert_files, dense_files = ensure_layout(path, keys, dtype)
+        slabs = _slabs_from(_index(expert_files), keys)
+        if slabs is None:
+            raise MoekitError(f"the offload layout of {path} does not match the model; delete {cache_root()} and retry")
+        stored = {slab.dtype for d in slabs.values() for slab in d.values()}
+        if stored != {dtype}:
+            raise MoekitError(f"experts are stored as {sorted(map(str, stored))} but dtype={dtype} was asked; "
+                              "load with the checkpoint's dtype")
+        store = FileStore(slabs, bypass_page_cache=bypass_page_cache)
     expert_keys = {k for d in keys.values() for k in d.values()}
     wanted = set(model.state_dict().keys()) - expert_keys
     loaded = _read_dense(model, dense_files, wanted, bypass_page_cache)
@@ -352,7 +467,7 @@ def load_offloaded(
         except (OSError, ValueError, KeyError, TypeError):
             tokenizer = None
     lm = LoadedModel(model=model, tokenizer=tokenizer, moe=build_moe_map(model), name=name, path=path)
-    lm._moekit_expert_store = FileStore(slabs, bypass_page_cache=bypass_page_cache)  # type: ignore[attr-defined]
+    lm._moekit_expert_store = store  # type: ignore[attr-defined]
     return lm
 
 
@@ -374,13 +489,7 @@ def _read_dense(model: nn.Module, files: list[Path], wanted: set[str], bypass_pa
                     raise MoekitError(f"{key}: shape {entry['shape']} in {f.name}, model expects {list(dst.shape)}")
                 direct = dst.dtype == src_dtype and dst.is_contiguous() and dst.device.type == "cpu"
                 buf = dst if direct else torch.empty(dst.shape, dtype=src_dtype)
-                view = memoryview(buf.view(torch.uint8).reshape(-1).numpy()) if buf.numel() else memoryview(b"")
-                got = 0
-                while got < end - start:
-                    n = os.preadv(fd, [view[got:]], data_start + start + got)
-                    if n <= 0:
-                        raise MoekitError(f"short read of {key} from {f}")
-                    got += n
+                pread_into(fd, _bytes_of(buf), data_start + start, f"{key} from {f}")
                 if not direct:
                     dst.copy_(buf)
                 loaded.add(key)
