@@ -1,8 +1,10 @@
 """Expert dispatch: sort (token, expert) pairs by expert, run each expert's FFN on a contiguous block.
 
 The pipeline is the one transformers' ``grouped_mm`` experts use, written for moekit:
-flatten ids → ``torch.sort`` → gather rows → per-expert counts (no host sync) → ``F.grouped_mm``
-(or a sorted per-expert ``mm`` loop with one host sync) → weight → un-permute → sum over k in fp32.
+flatten ids → ``torch.sort`` → gather rows → per-expert counts (no host sync) → two grouped matmuls →
+un-permute, weight and sum over k in one GEMM (``combine_slots``). The grouped matmuls run as ``F.grouped_mm``
+(GPU), one ``bmm`` over zero-padded per-expert blocks (CPU, small groups), or a per-expert ``mm`` loop with one
+host sync (where ``grouped_mm`` is missing); ``_choose_path`` picks per call.
 Ids ≥ E mean "no expert" (null experts, dropped tokens, expert-parallel sentinels) and contribute zero.
 """
 
