@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from moekit.nn.dispatch import (
+    combine_slots,
     expert_counts,
     expert_forward,
     get_backend,
@@ -39,6 +40,7 @@ __all__ = [
     "build_router",
     "expert_counts",
     "expert_forward",
+    "combine_slots",
     "get_backend",
     "group_limited_topk",
     "moekit_experts_forward",
