@@ -171,6 +171,10 @@ def test_expert_counts() -> None:
     ids = torch.tensor([[0, 2], [2, 5], [3, 4], [2, 0]])
     assert expert_counts(ids, 4).tolist() == [2, 0, 3, 1]
     assert expert_counts(ids, 4).dtype == torch.long
+    # the accelerator path (fixed-size scatter-add, no host sync) counts the same, ids ≥ E included
+    many = torch.randint(0, 11, (257, 8), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(expert_counts(many, 9, sync_free=True), expert_counts(many, 9, sync_free=False))
+    assert expert_counts(ids, 4, sync_free=True).tolist() == [2, 0, 3, 1]
 
 
 @settings(max_examples=25, deadline=None)

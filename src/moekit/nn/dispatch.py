@@ -69,12 +69,15 @@ def _can_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
     return _aligned(x) and _aligned(w)
 
 
-def expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Tokens per expert as int64 ``[E]``, ids ≥ E ignored, computed on device without a host sync."""
+def expert_counts(ids: torch.Tensor, num_experts: int, sync_free: bool | None = None) -> torch.Tensor:
+    """Tokens per expert as int64 ``[E]``, ids ≥ E ignored, computed on device without a host sync.
+
+    ``sync_free`` (default: off CPU) counts with a fixed-size scatter-add: ``bincount`` would sync to size its
+    output on an accelerator, while on CPU, with no device to sync with, it is a single sequential pass.
+    """
     flat = ids.reshape(-1).long().clamp(min=0, max=num_experts)  # overflow bucket E for "no expert"
-    if flat.device.type == "cpu":  # no device to sync with; bincount is a single sequential pass
+    if not (flat.device.type != "cpu" if sync_free is None else sync_free):
         return torch.bincount(flat, minlength=num_experts + 1)[:num_experts]
-    # bincount would sync to size its output; a fixed-size scatter-add does not.
     counts = torch.zeros(num_experts + 1, dtype=torch.long, device=ids.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
     return counts[:num_experts]
