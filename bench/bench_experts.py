@@ -78,16 +78,27 @@ def implementations(experts: torch.nn.Module, tokens: int) -> dict[str, Callable
     return impls
 
 
+DEVICE = torch.device("cpu")  # set by --device
+
+
+def synchronize() -> None:
+    """Wait for queued kernels, so that wall time measures the work (a no-op on CPU)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def interleaved_median_times(runners: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Median wall time (s) of each runner after one warmup; rounds interleave the runners so that load from
     other processes hits every implementation alike."""
     for fn in runners.values():
         fn()
+    synchronize()
     samples: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(repeats):
         for name, fn in runners.items():
             t0 = time.perf_counter()
             fn()
+            synchronize()
             samples[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in samples.items()}
 
@@ -102,10 +113,10 @@ def bench_case(
     shape: Shape, tokens: int, dtype: torch.dtype, mode: str, emit: Callable[[dict], None]
 ) -> dict:
     """Time every implementation and the dense equivalent for one (shape, T, dtype, mode); returns the summary."""
-    experts = make_experts(shape, dtype)
+    experts = make_experts(shape, dtype).to(DEVICE)
     g = torch.Generator().manual_seed(tokens)
-    x = torch.randn(tokens, shape.hidden, generator=g).to(dtype)
-    logits = torch.randn(tokens, shape.num_experts, generator=g)
+    x = torch.randn(tokens, shape.hidden, generator=g).to(DEVICE, dtype)
+    logits = torch.randn(tokens, shape.num_experts, generator=g).to(DEVICE)
     weights, ids = torch.softmax(logits, -1).topk(shape.top_k, dim=-1)
     weights = (weights / weights.sum(-1, keepdim=True)).to(dtype)
     backward = mode == "fwd+bwd"
@@ -114,7 +125,7 @@ def bench_case(
         weights.requires_grad_(True)
     else:
         experts.requires_grad_(False)
-    grad_out = torch.randn(tokens, shape.hidden, generator=g).to(dtype)
+    grad_out = torch.randn(tokens, shape.hidden, generator=g).to(DEVICE, dtype)
     reps = repeats_for(tokens, shape)
     base = {
         "shape": shape.name,
@@ -139,12 +150,12 @@ def bench_case(
         return run
 
     rows = tokens * shape.top_k
-    a = torch.randn(rows, shape.hidden, generator=g).to(dtype).requires_grad_(backward)
-    w1 = torch.randn(shape.hidden, 2 * shape.inter, generator=g).to(dtype).requires_grad_(backward)
-    w2 = torch.randn(shape.inter, shape.hidden, generator=g).to(dtype).requires_grad_(backward)
-    h = torch.randn(rows, shape.inter, generator=g).to(dtype).requires_grad_(backward)
-    gy1 = torch.randn(rows, 2 * shape.inter, generator=g).to(dtype)
-    gy2 = torch.randn(rows, shape.hidden, generator=g).to(dtype)
+    a = torch.randn(rows, shape.hidden, generator=g).to(DEVICE, dtype).requires_grad_(backward)
+    w1 = torch.randn(shape.hidden, 2 * shape.inter, generator=g).to(DEVICE, dtype).requires_grad_(backward)
+    w2 = torch.randn(shape.inter, shape.hidden, generator=g).to(DEVICE, dtype).requires_grad_(backward)
+    h = torch.randn(rows, shape.inter, generator=g).to(DEVICE, dtype).requires_grad_(backward)
+    gy1 = torch.randn(rows, 2 * shape.inter, generator=g).to(DEVICE, dtype)
+    gy2 = torch.randn(rows, shape.hidden, generator=g).to(DEVICE, dtype)
 
     def dense() -> None:
         if not backward:
@@ -189,7 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-malloc-tuning", action="store_true", help="keep glibc's default mmap threshold")
     parser.add_argument("--tokens", default=None, help="comma-separated token counts, run in this order")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]; kernels are synchronised per call")
     args = parser.parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        print(f"--device {args.device}: no CUDA device here", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes, token_counts = (QUICK_SHAPES, QUICK_TOKENS) if args.quick else (FULL_SHAPES, FULL_TOKENS)
@@ -203,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine(),
+            "device": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu",
             "grouped_mm": hasattr(F, "grouped_mm"),
             "malloc_tuned": os.environ.get("MALLOC_MMAP_THRESHOLD_") == MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"],
             "loadavg_1m": round(os.getloadavg()[0], 2),

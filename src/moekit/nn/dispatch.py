@@ -188,16 +188,16 @@ def _choose_path(
     """The grouped-matmul path for this call: the forced backend, or for ``auto`` the fastest that works."""
     if backend != "auto":
         return backend
-    if w1.device.type == "cpu" and x.dtype == w1.dtype:
-        num_experts = w1.shape[0]  # on CPU, reading counts is not a device sync
-        padded_rows = num_experts * int(counts.max())
-        used = int((counts > 0).sum())
-        mean_rows = int(counts.sum()) / max(used, 1)
+    num_experts = w1.shape[0]
+    # (fewer slots than PADDED_MIN_USED × E cannot use enough experts: decode skips the check entirely)
+    if w1.device.type == "cpu" and x.dtype == w1.dtype and num_slots >= PADDED_MIN_USED * num_experts:
+        per_expert = counts.tolist()  # on CPU, reading counts is not a device sync
+        used = sum(c > 0 for c in per_expert)
         max_rows = PADDED_MAX_ROWS_TRAINING if needs_grad else PADDED_MAX_ROWS_INFERENCE
         if (
-            padded_rows <= PADDED_MAX_WASTE * num_slots
+            num_experts * max(per_expert) <= PADDED_MAX_WASTE * num_slots
             and used >= PADDED_MIN_USED * num_experts
-            and mean_rows <= max_rows
+            and sum(per_expert) <= max_rows * used
         ):
             return "padded"
     return "grouped_mm" if _can_grouped_mm(x, w1) and _can_grouped_mm(x, w2) else "loop"
