@@ -19,6 +19,8 @@ EXPECTED = {  # arch: (MoE layer indices, E, k, shared module names, renormalise
     "gpt_oss": ([0, 1, 2], 8, 2, [], True),
     "granitemoe": ([0, 1, 2], 8, 2, [], True),
     "phimoe": ([0, 1, 2], 8, 2, [], False),
+    "glm4_moe": ([1, 2], 8, 3, ["shared_experts"], True),
+    "dots1": ([1, 2], 8, 3, ["shared_experts"], True),
 }
 
 
@@ -93,6 +95,22 @@ def test_generic_path_verifies_the_rule():
     with torch.no_grad(), moekit.route(lm, disable={(0, 1)}), moekit.record(lm) as rec:
         lm.model(**batch)
     assert not (rec.trace.ids[0] == 1).any()
+
+
+def test_generic_path_verifies_the_sigmoid_group_rule():
+    """An unlisted DeepSeek-V3-style model (selection bias, groups, scaling) gets the sigmoid group rule, and
+    routing control through it reproduces what the registered architecture computes."""
+    batch = random_batch(seed=4)
+    outs = []
+    for model_type in ("deepseek_v3", "my_v3_clone"):
+        model = tiny_model("deepseek_v3")
+        model.config.model_type = model_type
+        lm = from_model(model)
+        assert lm.moe.generic == (model_type != "deepseek_v3")
+        assert lm.moe.layers[0].rule.name == "sigmoid_group" and lm.moe.indices == [1, 2]
+        with torch.no_grad(), moekit.route(lm, disable={(1, 2)}, top_k=2):
+            outs.append(lm.model(**batch).logits)
+    assert torch.equal(outs[0], outs[1])
 
 
 def test_generic_path_with_unknown_rule_records_but_refuses_control():

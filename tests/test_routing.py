@@ -39,7 +39,7 @@ def reference_router(arch: str, router, disabled: list[int]):
         if arch in ("gpt_oss", "granitemoe"):
             top, idx = masked.topk(k, dim=-1)
             return logits, torch.softmax(top, dim=-1), idx
-        if arch == "deepseek_v3":
+        if arch in ("deepseek_v3", "glm4_moe", "dots1"):  # the same sigmoid, selection-bias, group-limited rule
             s = masked.sigmoid()
             choice = s + router.e_score_correction_bias
             choice[:, disabled] = NEG

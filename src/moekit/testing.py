@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 TINY_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss",
-              "granitemoe", "phimoe")
+              "granitemoe", "phimoe", "glm4_moe", "dots1")
 
 _COMMON = dict(vocab_size=128, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                max_position_embeddings=256, tie_word_embeddings=False)
@@ -33,6 +33,12 @@ _CONFIGS: dict[str, dict] = {
                     sliding_window=64, layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
     "granitemoe": dict(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2),
     "phimoe": dict(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2),
+    "glm4_moe": dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=3,
+                     n_shared_experts=1, first_k_dense_replace=1, n_group=4, topk_group=2,
+                     routed_scaling_factor=2.5, norm_topk_prob=True, head_dim=8),
+    "dots1": dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=3,
+                  n_shared_experts=1, first_k_dense_replace=1, n_group=4, topk_group=2,
+                  routed_scaling_factor=2.5, norm_topk_prob=True, head_dim=8),
 }
 
 

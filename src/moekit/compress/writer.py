@@ -121,7 +121,8 @@ def plan_config(lm: LoadedModel, kept: Mapping[int, list[int]]):
         for ids in kept.values():
             counts = [sum(1 for e in ids if e // size == g) for g in range(n_group)]
             per_group.add(tuple(counts))
-        min_size = 2 if lm.moe.model_type == "deepseek_v3" else 1
+        # group scores are the sum of a group's two best experts under the sigmoid rule (DeepSeek-V3 and kin)
+        min_size = 2 if getattr(lm.moe.layers[0].rule, "name", "") == "sigmoid_group" else 1
         equal = not padded and len(per_group) == 1 and len(set(next(iter(per_group)))) == 1
         c = next(iter(per_group))[0] if equal else 0
         if equal and c >= min_size:

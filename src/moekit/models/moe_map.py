@@ -59,6 +59,9 @@ _register(ArchSpec("qwen3_moe", "mlp", "gate"))
 _register(ArchSpec("olmoe", "mlp", "gate"))
 _register(ArchSpec("deepseek_v2", "mlp", "gate", shared_attrs=("shared_experts",), make_rule=_deepseek_v2_rule))
 _register(ArchSpec("deepseek_v3", "mlp", "gate", shared_attrs=("shared_experts",), make_rule=SigmoidGroup))
+# GLM-4.5/4.6 and dots.llm1 use DeepSeek-V3's MoE block (sigmoid router with selection bias and group limit)
+_register(ArchSpec("glm4_moe", "mlp", "gate", shared_attrs=("shared_experts",), make_rule=SigmoidGroup))
+_register(ArchSpec("dots1", "mlp", "gate", shared_attrs=("shared_experts",), make_rule=SigmoidGroup))
 _register(ArchSpec("gpt_oss", "mlp", "router", make_rule=TopKSoftmax, expert_layout="gpt_oss"))
 _register(ArchSpec("granitemoe", "block_sparse_moe", "router", make_rule=TopKSoftmax))
 _register(ArchSpec("phimoe", "mlp", "router", make_rule=SparseMixer))
@@ -217,10 +220,17 @@ def _view_from_spec(i: int, layer: nn.Module, spec: ArchSpec, config) -> MoELaye
     return MoELayerView(i, block, router, experts, shared, spec.make_rule(router, config), spec.expert_layout)
 
 
+def _sigmoid_group_candidate(router: nn.Module, config) -> Rule | None:
+    """DeepSeek-V3's rule, for routers that carry its selection bias and group attributes."""
+    needed = ("e_score_correction_bias", "num_group", "topk_group", "norm_topk_prob", "routed_scaling_factor")
+    return SigmoidGroup(router, config) if all(hasattr(router, a) for a in needed) else None
+
+
 _CANDIDATE_RULES = (
     lambda r, c: SoftmaxTopK(r, c, renormalize=True),
     lambda r, c: SoftmaxTopK(r, c, renormalize=False),
     TopKSoftmax,
+    _sigmoid_group_candidate,
 )
 
 
@@ -256,6 +266,8 @@ def _verified_rule(router: nn.Module, config) -> Rule | None:
     logits, w, ids = out
     for make in _CANDIDATE_RULES:
         rule = make(router, config)
+        if rule is None:
+            continue
         sel = rule.select(logits)
         if sel.ids.shape == ids.shape and torch.equal(sel.ids.sort(-1)[0], ids.sort(-1)[0]) and torch.allclose(
             sel.weights.gather(1, sel.ids.argsort(-1)), w.float().gather(1, ids.argsort(-1)), atol=1e-5
