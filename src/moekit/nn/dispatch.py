@@ -247,10 +247,9 @@ def expert_forward(
     x_g = x.index_select(0, perm // top_k).to(compute_dtype)
     counts = expert_counts(sorted_ids, num_experts)
     offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
-    on_cpu = sorted_ids.device.type == "cpu"
     # Sentinels (ids ≥ E) sort to the tail. On CPU, checking for them costs nothing; elsewhere assume
     # they may be present rather than sync.
-    maybe_sentinels = not on_cpu or bool(sorted_ids[-1] >= num_experts)
+    maybe_sentinels = sorted_ids.device.type != "cpu" or bool(sorted_ids[-1] >= num_experts)
     valid = (sorted_ids < num_experts).unsqueeze(-1) if maybe_sentinels else None
     bias_rows = sorted_ids.clamp(max=num_experts - 1) if valid is not None else sorted_ids
 

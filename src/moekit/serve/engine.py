@@ -279,13 +279,11 @@ class OffloadEngine:
             self._release(lc, uniq, flat_ids.tolist())
         if getattr(mod, "has_post_expert_norm", False):
             proj = mod.post_expert_norm(proj)
-        if self._prev_impl == "moekit":  # the model ran moekit.nn's dispatch before: combine as it does
-            slot_rows = torch.empty_like(perm)
-            slot_rows[perm] = torch.arange(perm.size(0), device=perm.device)
-            return combine_slots(proj, slot_rows, top_k_weights).to(hidden.dtype)
-        weighted = proj * sample_weights[perm].unsqueeze(-1)
         inv_perm = torch.empty_like(perm)
         inv_perm[perm] = torch.arange(perm.size(0), device=perm.device)
+        if self._prev_impl == "moekit":  # the model ran moekit.nn's dispatch before: combine as it does
+            return combine_slots(proj, inv_perm, top_k_weights).to(hidden.dtype)
+        weighted = proj * sample_weights[perm].unsqueeze(-1)
         out = weighted[inv_perm].view(num_tokens, k, hidden_dim).sum(dim=1)
         return out.to(hidden.dtype)
 

@@ -194,7 +194,7 @@ class QuantizedFileStore(FileStore):
     def read(self, layer: int, expert: int, out: dict[str, torch.Tensor]) -> int:
         from moekit.compress.quantize import QTensor
 
-        total = super().read(layer, expert, {n: out[n] for n in self.slabs[layer]}) if layer in self.slabs else 0
+        total = super().read(layer, expert, out) if layer in self.slabs else 0  # the unquantized tensors
         fd = self._fd(self.path)
         for name, slab in self.packed[layer].items():
             parts = {}
@@ -422,23 +422,22 @@ def load_offloaded(
         path = Path(_hub_snapshot(name))
     from moekit.compress.quantized import is_quantized_checkpoint
 
-    store: ExpertStore
-    if is_quantized_checkpoint(path):
+    quantized = is_quantized_checkpoint(path)
+    if quantized:
         from moekit.compress.quantize import QUANT_WEIGHTS, read_quant_meta
 
         meta = read_quant_meta(path)
         dtype = getattr(torch, meta.get("dtype", "float32")) if dtype is None else dtype
-        model = _skeleton(path, dtype)
-        keys = _bank_keys(model)
-        _drop_banks(model)
+    elif dtype is None:
+        dtype = checkpoint_dtype(path)
+    model = _skeleton(path, dtype)
+    keys = _bank_keys(model)
+    _drop_banks(model)
+    store: ExpertStore
+    if quantized:
         store = QuantizedFileStore.open(path, meta, keys, dtype, bypass_page_cache)
         dense_files = [path / QUANT_WEIGHTS]
     else:
-        if dtype is None:
-            dtype = checkpoint_dtype(path)
-        model = _skeleton(path, dtype)
-        keys = _bank_keys(model)
-        _drop_banks(model)
         expert_files, dense_files = ensure_layout(path, keys, dtype)
         slabs = _slabs_from(_index(expert_files), keys)
         if slabs is None:
