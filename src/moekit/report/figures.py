@@ -240,6 +240,17 @@ def super_expert_map(maxima: np.ndarray, layers: Sequence[int], marked: Sequence
     return to_data_uri(fig)
 
 
+def _segment_axes(ax, seg_lens, ylabel: str, title: str) -> None:
+    """A fraction (0..1) against segment length on a log2 axis, legend and title: the SRP and SCH panels."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(seg_lens, [str(s) for s in seg_lens])
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("segment length (tokens)")
+    ax.set_ylabel(ylabel)
+    ax.legend(frameon=False, fontsize=8)
+    ax.set_title(title)
+
+
 def locality_curves(srp: dict[str, Any], sch: dict[str, Any] | None) -> str:
     """SRP per layer and model vs segment length; SCH (pooled over layers) per capacity vs segment length."""
     plt = _plt()
@@ -251,25 +262,13 @@ def locality_curves(srp: dict[str, Any], sch: dict[str, Any] | None) -> str:
         ax.plot(seg, [np.nan if v is None else v for v in row], color="#9bb7dd", lw=0.8)
     ax.plot([], [], color="#9bb7dd", lw=0.8, label="one MoE layer")
     ax.plot(seg, [np.nan if v is None else v for v in srp["model"]], "o-", color="#1f4e96", lw=2, label="model")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(seg, [str(s) for s in seg])
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("segment length (tokens)")
-    ax.set_ylabel("SRP (best F1)")
-    ax.legend(frameon=False, fontsize=8)
-    ax.set_title("Segment routing best performance")
+    _segment_axes(ax, seg, "SRP (best F1)", "Segment routing best performance")
     if sch is not None:
         ax = axes[0, 1]
         sl = sch["seg_lens"]
         for ci, c in enumerate(sch["capacities"]):
             ax.plot(sl, [np.nan if row[ci] is None else row[ci] for row in sch["pooled"]], "o-", label=f"C = {c}")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(sl, [str(s) for s in sl])
-        ax.set_ylim(0, 1)
-        ax.set_xlabel("segment length (tokens)")
-        ax.set_ylabel("hit rate")
-        ax.legend(frameon=False, fontsize=8)
-        ax.set_title("Segment cache best hit rate (per layer, pooled)")
+        _segment_axes(ax, sl, "hit rate", "Segment cache best hit rate (per layer, pooled)")
     fig.tight_layout()
     return to_data_uri(fig)
 
