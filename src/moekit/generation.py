@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moekit.errors import MoekitError
+from moekit.models.compat import cache_kwargs, output_cache
 from moekit.models.loading import LoadedModel
 from moekit.registry import Registry
 from moekit.routing import RoutingControl, route
@@ -32,14 +33,14 @@ class Decoder:
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.lm.model(input_ids=ids.view(1, -1).to(self.lm.device), use_cache=True)
-        self.cache = out.past_key_values
+        self.cache = output_cache(out)
         return out.logits[0, -1].float()
 
     @torch.no_grad()
     def step(self, token: int) -> torch.Tensor:
         ids = torch.tensor([[token]], device=self.lm.device)
-        out = self.lm.model(input_ids=ids, past_key_values=self.cache, use_cache=True)
-        self.cache = out.past_key_values
+        out = self.lm.model(input_ids=ids, **cache_kwargs(self.lm.model, self.cache), use_cache=True)
+        self.cache = output_cache(out)
         return out.logits[0, -1].float()
 
 

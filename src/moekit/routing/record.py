@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from moekit.models.compat import forward_cache
 from moekit.models.loading import LoadedModel
 from moekit.models.moe_map import MoELayerView
 from moekit.routing.hook import RouterHook
@@ -48,7 +49,7 @@ class Recorder:
         B, S = ref.shape[0], ref.shape[1]
         mask = kwargs.get("attention_mask")
         mask = torch.ones(B, S, dtype=torch.bool) if mask is None else mask[:, -S:].detach().bool().cpu()
-        past = kwargs.get("past_key_values")
+        past = forward_cache(kwargs)
         continuation = past is not None and hasattr(past, "get_seq_length") and past.get_seq_length() > 0
         if not continuation or len(self._row_docs) != B:
             self._row_docs = np.arange(self._docs_seen, self._docs_seen + B)

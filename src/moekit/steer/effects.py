@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from moekit.data.synthetic import _ONES, _TENS
+from moekit.models.compat import cache_kwargs, output_cache
 from moekit.models.loading import LoadedModel
 from moekit.routing import RoutingControl, route
 
@@ -113,7 +114,7 @@ def greedy_batch(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int, c
                 nxt = logits.argmax(-1)
                 toks.append(nxt)
                 if step + 1 < max_new_tokens:
-                    out = lm.model(input_ids=nxt[:, None], past_key_values=out.past_key_values, use_cache=True)
+                    out = lm.model(input_ids=nxt[:, None], **cache_kwargs(lm.model, output_cache(out)), use_cache=True)
                     logits = out.logits[:, -1].float()
             gen = torch.stack(toks, 1).cpu()
             for j, i in enumerate(idx):
