@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from moekit.errors import MoekitError
-from moekit.train.config_train import load_run_config, parse_run_config, run_training
+from moekit.train.config_train import load_run_config, load_state, parse_run_config, run_training
 
 torch.set_num_threads(1)
 
@@ -67,17 +67,40 @@ def test_resume_is_exact(tmp_path: Path) -> None:
     run = parse_run_config(_spec(model={"router": "aux_free", "router_kwargs": {"bias_update_rate": 0.01}}))
     run_training(run, tmp_path / "full", progress=False)
     run_training(run, tmp_path / "split", stop_at=5, progress=False)
-    assert torch.load(tmp_path / "split/checkpoint/state.pt", weights_only=False)["step"] == 5
+    assert load_state(tmp_path / "split/checkpoint/state.pt")["step"] == 5
     with pytest.raises(MoekitError, match="--resume"):
         run_training(run, tmp_path / "split", progress=False)
     log = run_training(run, tmp_path / "split", resume=True, progress=False)
     assert log["steps"] == list(range(1, 11))
-    full = torch.load(tmp_path / "full/checkpoint/state.pt", weights_only=False)
-    split = torch.load(tmp_path / "split/checkpoint/state.pt", weights_only=False)
+    full = load_state(tmp_path / "full/checkpoint/state.pt")
+    split = load_state(tmp_path / "split/checkpoint/state.pt")
     assert full["step"] == split["step"] == 10
     for name, value in full["model"].items():
         assert torch.equal(value, split["model"][name]), name
     assert full["log"]["lm_loss"] == split["log"]["lm_loss"]
+
+
+class _RunsCode:
+    """Unpickling this would run ``os.system``: the payload of a crafted checkpoint."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_resume_never_unpickles_code(tmp_path: Path) -> None:
+    run = parse_run_config(_spec())
+    out = tmp_path / "run"
+    (out / "checkpoint").mkdir(parents=True)
+    marker = tmp_path / "pwned"
+    torch.save({"step": 1, "payload": _RunsCode(marker)}, out / "checkpoint/state.pt")
+    with pytest.raises(MoekitError, match="not a moekit training checkpoint"):
+        run_training(run, out, resume=True, progress=False)
+    assert not marker.exists()
 
 
 def test_loss_decreases() -> None:

@@ -232,13 +232,27 @@ def evaluate(model: MoELM, val: dict[str, torch.Tensor], batch_size: int = 16) -
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The RNG states as tensors and plain Python values, so ``torch.load(weights_only=True)`` reads them."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                      int(has_gauss), float(cached)],
+            "python": random.getstate()}
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """Read a training checkpoint without unpickling code: tensors and plain containers only."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001  (a crafted or corrupt file: one line, no code run)
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise MoekitError(f"--resume: {path} is not a moekit training checkpoint ({first})") from None
 
 
 def _optimizer(model: MoELM, cfg: RunTrainConfig) -> torch.optim.Optimizer:
@@ -318,7 +332,7 @@ def run_training(
         path = out / CHECKPOINT_DIR / STATE_FILE
         if not path.is_file():
             raise MoekitError(f"--resume: no checkpoint at {path}")
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_state(path)
         if state["config"] != run.to_dict():
             raise MoekitError(f"--resume: the config differs from the one {path} was trained with")
         model.load_state_dict(state["model"])
