@@ -21,6 +21,9 @@ _LAZY = {
 
 __all__ = [*_LAZY, "__version__"]
 
+_integration = importlib.import_module("moekit.integration")
+_integration.install()  # experts_implementation="moekit" works after a bare `import moekit`
+
 
 def __getattr__(name: str):
     if name in _LAZY:
