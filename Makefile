@@ -1,22 +1,28 @@
-# Two commands: `make demo` and `make test`. Both create .venv and install everything the project needs.
+# Two commands: `make demo` and `make test`. Both create .venv and install, from the lock file of tested
+# versions (requirements/lock.txt), everything the project needs.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-TORCH_PIN := torch==2.13.0   # the CPU wheel; an unpinned torch would pull a multi-GB CUDA build
+LOCK := requirements/lock.txt
+LOWEST := requirements/lowest.txt
+# The CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
+TORCH_PIN := torch==2.13.0
+# `make lock` / `make lock-lowest`: how the lock files are made (uv resolves; the torch CPU wheel lies in /opt/wheels).
+UV_COMPILE = uv pip compile pyproject.toml --extra dev --python-version 3.11 --find-links /opt/wheels \
+	-c requirements/torch-cpu.txt
 
-.PHONY: demo test venv dev lint clean system-deps
+.PHONY: demo test test-fast test-latest test-lowest venv dev lint lock lock-lowest clean system-deps
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH_PIN)"
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q "$(TORCH_PIN)" -e .
+$(VENV)/.installed: $(BIN)/python pyproject.toml $(LOCK)
+	$(BIN)/pip install -q -c $(LOCK) "$(TORCH_PIN)" -e .
 	touch $@
 
-$(VENV)/.installed-dev: $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q "$(TORCH_PIN)" -e ".[dev]"
+$(VENV)/.installed-dev: $(BIN)/python pyproject.toml $(LOCK)
+	$(BIN)/pip install -q -c $(LOCK) "$(TORCH_PIN)" -e ".[dev]"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -33,10 +39,39 @@ demo: venv
 
 test: dev system-deps
 	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
+
+# The suite without the tests marked slow (a few minutes).
+test-fast: dev
+	$(BIN)/python -m pytest -m "not slow"
+
+# The newest versions pyproject.toml allows (torch stays on the local CPU build), in a separate venv:
+# run it before refreshing the lock, and whenever transformers ships.
+test-latest: system-deps
+	$(PY) -m venv .venv-latest
+	.venv-latest/bin/pip install -q --upgrade pip
+	.venv-latest/bin/pip install -q --upgrade --upgrade-strategy eager "$(TORCH_PIN)" -e ".[dev]"
+	.venv-latest/bin/pip list 2>/dev/null | grep -iE "^(transformers|torch|peft|tokenizers|safetensors|numpy) "
+	.venv-latest/bin/python -m pytest
+
+# The oldest versions pyproject.toml declares (requirements/lowest.txt), in a separate venv: the lower bounds
+# in pyproject.toml are honest only while this passes.
+test-lowest:
+	$(PY) -m venv .venv-lowest
+	.venv-lowest/bin/pip install -q --upgrade pip
+	.venv-lowest/bin/pip install -q -c $(LOWEST) "$(TORCH_PIN)" -e ".[dev]"
+	.venv-lowest/bin/python -m pytest -p no:cacheprovider
+
+lock: dev
+	$(BIN)/$(UV_COMPILE) --upgrade -o $(LOCK)
+
+lock-lowest: dev
+	$(BIN)/$(UV_COMPILE) --resolution lowest-direct -o $(LOWEST)
 
 lint: dev
 	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/lint-imports
 
 clean:
-	rm -rf $(VENV) build dist .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-latest .venv-lowest build dist .pytest_cache .ruff_cache

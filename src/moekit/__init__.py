@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from moekit.version import __version__
 
 _LAZY = {
     "MoekitError": "moekit.errors", "NotAnMoEModel": "moekit.errors", "TraceError": "moekit.errors",

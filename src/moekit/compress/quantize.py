@@ -268,7 +268,7 @@ def write_quantized(lm: LoadedModel, packed: Mapping[str, Sequence[QTensor]], ou
             tensors[f"{key}.{e}.zeros"] = qt.zeros.contiguous()
         bits_per[key] = [qt.bits for qt in qts]
     flags = _transposed_flags(lm)
-    import moekit
+    from moekit.version import __version__
 
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "scheme": "asymmetric", "scale_dtype": "float16",
             "zero_dtype": "uint8", "group_size": next(iter(packed.values()))[0].group_size,
@@ -276,7 +276,7 @@ def write_quantized(lm: LoadedModel, packed: Mapping[str, Sequence[QTensor]], ou
             "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""),
             "tensors": {k: {"bits": bits_per[k], "shape": [len(packed[k]), *packed[k][0].shape],
                             "transposed": flags[k]} for k in packed},
-            "tied": tied, "moekit_version": moekit.__version__, **(extra or {})}
+            "tied": tied, "moekit_version": __version__, **(extra or {})}
     with atomic_output_dir(out, force) as tmp:
         lm.model.config.save_pretrained(tmp)
         gen = getattr(lm.model, "generation_config", None)

@@ -207,12 +207,12 @@ def copy_tokenizer_files(src: Path, out: Path) -> bool:
 def metadata(method: str, ratio: float | None, kept: Mapping[int, Sequence[int]], original_experts: int,
              calib_hash: str | None = None, **extra) -> dict:
     """The ``moekit_compression.json`` record."""
-    import moekit
+    from moekit.version import __version__
 
     return {"method": method, "ratio": ratio, "calibration_data_sha256": calib_hash,
             "original_num_experts": original_experts,
             "kept_experts": {str(li): [int(e) for e in ids] for li, ids in sorted(kept.items())},
-            "moekit_version": moekit.__version__, **extra}
+            "moekit_version": __version__, **extra}
 
 
 def write_model_dir(model, out: str | Path, force: bool, meta: dict, lm: LoadedModel) -> Path:

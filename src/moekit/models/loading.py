@@ -113,11 +113,24 @@ def from_model(model: nn.Module, tokenizer=None, name: str | None = None) -> Loa
 
 
 def _quiet_transformers() -> None:
-    """Keep transformers' per-load progress bars and advisory warnings out of moekit's output."""
+    """Keep transformers' per-load progress bars and advisory warnings out of moekit's output.
+
+    With ``MOEKIT_TRANSFORMERS_WARNINGS=1`` (the test suite sets it) warnings still print nowhere, but reach
+    any handler attached to the ``transformers`` logger, so the tests can fail on deprecations.
+    """
+    import logging
+
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    if os.environ.get("MOEKIT_TRANSFORMERS_WARNINGS", "0") in ("0", ""):
+        hf_logging.set_verbosity_error()
+        return
+    hf_logging.disable_default_handler()
+    root = hf_logging.get_logger()
+    if not any(isinstance(h, logging.NullHandler) for h in root.handlers):
+        root.addHandler(logging.NullHandler())  # no "last resort" printing to stderr either
+    hf_logging.set_verbosity_warning()
 
 
 def _hub_snapshot(hub_id: str) -> str:

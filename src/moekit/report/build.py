@@ -444,7 +444,7 @@ def render_html(report: dict[str, Any], title: str | None = None) -> str:
         ("model", "model"), ("load", "load"), ("coactivation", "co-activation"), ("domains", "domains"),
         ("entropy", "entropy & dynamic k"), ("super", "super experts"), ("locality", "locality"),
         ("cache", "caching")))
-    import moekit
+    from moekit.version import __version__
 
     sub = (f"{tokens:,} tokens, {m['documents']:,} documents"
            + (f", domains: {_e(', '.join(dom['names']))}" if dom else ", no domain labels"))
@@ -456,7 +456,7 @@ def render_html(report: dict[str, Any], title: str | None = None) -> str:
             f"<style>{_CSS}</style></head><body><main>"
             f"<h1>{_e(title)}</h1><p class=\"sub\">{sub}</p><nav>{nav}</nav>"
             + "".join(sec)
-            + f"<footer>Written by moekit {_e(moekit.__version__)}. Metric definitions and sources: "
+            + f"<footer>Written by moekit {_e(__version__)}. Metric definitions and sources: "
               "docs/analysis.md.</footer></main></body></html>")
 
 

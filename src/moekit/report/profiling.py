@@ -115,8 +115,8 @@ def super_expert_check(
     replacement from all routed experts not in ``experts``, once per seed.  Returns ``baseline``,
     ``zeroed`` (perplexity), ``random`` (one per seed), ``random_sets`` and ``ratio`` (zeroed /
     mean random)."""
-    import moekit
     from moekit.eval import perplexity
+    from moekit.routing import route
 
     experts = [(int(li), int(e)) for li, e in experts]
     if not experts:
@@ -124,7 +124,7 @@ def super_expert_check(
 
     def ppl(scale: dict | None) -> float:
         if scale:
-            with moekit.route(lm, scale=scale):
+            with route(lm, scale=scale):
                 return float(perplexity(lm, docs, max_tokens=max_tokens, seq_len=seq_len, progress=False)["perplexity"])
         return float(perplexity(lm, docs, max_tokens=max_tokens, seq_len=seq_len, progress=False)["perplexity"])
 

@@ -136,12 +136,12 @@ class Recorder:
         doc = np.concatenate([c["doc"] for c in self._calls])[order]
         domain = np.array([self._doc_domain.get(int(d), -1) for d in range(self._docs_seen)], dtype=np.int16)
         moe = self.lm.moe
-        import moekit
+        from moekit.version import __version__
 
         meta = {
             "model": self.lm.name, "architecture": moe.model_type, "layers": moe.indices,
             "num_experts": [v.num_experts for v in moe], "top_k": [v.top_k for v in moe],
-            "domains": list(self._domain_names), "moekit_version": moekit.__version__,
+            "domains": list(self._domain_names), "moekit_version": __version__,
         }
         return RoutingTrace(
             ids=ids_a[:, order], weights=w_a[:, order], probs=probs,
