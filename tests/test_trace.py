@@ -46,9 +46,19 @@ def test_save_load_round_trip(tmp_path_factory, L, N, K, E, seed, probs, mmap):
 def test_mmap_does_not_copy(tmp_path):
     t = make_trace(N=1000)
     t.save(tmp_path / "x.trace")
-    loaded = RoutingTrace.load(tmp_path / "x.trace", mmap=True)
-    assert isinstance(loaded.ids.base, np.memmap) or isinstance(loaded.ids, np.memmap) or \
-        isinstance(getattr(loaded.ids.base, "base", None), np.memmap)
+
+    def backed_by_file(a: np.ndarray) -> bool:  # is a np.memmap anywhere in the chain of bases?
+        while a is not None:
+            if isinstance(a, np.memmap):
+                return True
+            a = a.base
+        return False
+
+    mapped = RoutingTrace.load(tmp_path / "x.trace", mmap=True)
+    read = RoutingTrace.load(tmp_path / "x.trace", mmap=False)
+    assert backed_by_file(mapped.ids) and backed_by_file(mapped.weights)
+    assert not backed_by_file(read.ids)
+    np.testing.assert_array_equal(mapped.ids, read.ids)
 
 
 def test_truncated_and_corrupt_files(tmp_path):
