@@ -7,6 +7,9 @@ import contextlib
 import typer
 
 from moekit.cli.common import MODEL_HELP, app, console_err, load_model
+from moekit.errors import MoekitError
+
+DEFAULT_MAX_BODY_BYTES = 1 << 20  # = moekit.serve.server.DEFAULT_MAX_BODY_BYTES (not imported: keeps --help fast)
 
 
 def _policy_help() -> str:
@@ -18,8 +21,13 @@ def _policy_help() -> str:
 @app.command("serve")
 def serve_command(
     model: str = typer.Argument(None, help=MODEL_HELP),
-    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (loopback by default)."),
-    port: int = typer.Option(8000, "--port", help="TCP port."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (loopback by default; "
+                             "another address makes the model reachable from other machines, without authentication)."),
+    port: int = typer.Option(8000, "--port", help="TCP port (0..65535; 0 picks a free one)."),
+    max_body_bytes: int = typer.Option(DEFAULT_MAX_BODY_BYTES, "--max-body-bytes", help="Largest request body "
+                                       "accepted; larger ones get HTTP 413 before they are read."),
+    max_prompt_tokens: int = typer.Option(None, "--max-prompt-tokens", help="Largest prompt in tokens (default: "
+                                          "the model's context); prompt + max_tokens must also fit the context."),
     offload: bool = typer.Option(False, "--offload", help="Keep only a cache of experts in memory; read the "
                                  "others from the checkpoint on demand."),
     cache_mb: float = typer.Option(None, "--cache-mb", help="Expert cache budget in MB (default: 2·k experts "
@@ -39,29 +47,39 @@ def serve_command(
       moekit serve ./olmoe --offload --cache-mb 2048 --policy lru+prefetch --device cuda
     """
     from moekit.serve.cache import POLICIES
-    from moekit.serve.server import serve
+    from moekit.serve.server import is_loopback, listen, serve
 
     POLICIES.get(policy)
-    if offload:
-        from moekit.models import DEFAULT_MODEL
-        from moekit.serve.engine import offload as offload_ctx
-        from moekit.serve.store import load_offloaded
+    if max_body_bytes < 1:
+        raise MoekitError(f"--max-body-bytes must be at least 1, not {max_body_bytes}")
+    if max_prompt_tokens is not None and max_prompt_tokens < 1:
+        raise MoekitError(f"--max-prompt-tokens must be at least 1, not {max_prompt_tokens}")
+    sock = listen(host, port)  # before loading the model: a port in use fails at once
+    port = sock.getsockname()[1]
+    if not is_loopback(host):
+        console_err.print(f"warning: listening on {host}: the model is reachable from other machines, "
+                          "without authentication", highlight=False, soft_wrap=True)
+    with contextlib.closing(sock):
+        if offload:
+            from moekit.models import DEFAULT_MODEL
+            from moekit.serve.engine import offload as offload_ctx
+            from moekit.serve.store import load_offloaded
 
-        with console_err.status(f"loading {model or DEFAULT_MODEL} (experts offloaded)"):
-            lm = load_offloaded(model or DEFAULT_MODEL, device=device or "cpu")
-        ctx = offload_ctx(lm, cache_mb=cache_mb, policy=policy, profile=profile)
-    else:
-        lm = load_model(model)
-        if device:
-            lm.model.to(device)
-        ctx = contextlib.nullcontext()
-    with ctx as engine:
-        url = f"http://{host}:{port}"
+            with console_err.status(f"loading {model or DEFAULT_MODEL} (experts offloaded)"):
+                lm = load_offloaded(model or DEFAULT_MODEL, device=device or "cpu")
+            ctx = offload_ctx(lm, cache_mb=cache_mb, policy=policy, profile=profile)
+        else:
+            lm = load_model(model)
+            if device:
+                lm.model.to(device)
+            ctx = contextlib.nullcontext()
+        with ctx as engine:
+            url = f"http://{host}:{port}"
 
-        def ready() -> None:
-            extra = f" (offloaded: {engine.slots} experts/layer, policy {policy})" if engine is not None else ""
-            console_err.print(f"serving {lm.name} on {url}/v1{extra}; Ctrl-C to stop", highlight=False)
+            def ready() -> None:
+                extra = f" (offloaded: {engine.slots} experts/layer, policy {policy})" if engine is not None else ""
+                console_err.print(f"serving {lm.name} on {url}/v1{extra}; Ctrl-C to stop", highlight=False)
 
-        serve(lm, host=host, port=port, engine=engine, log_level=log_level, model_name=name or lm.name,
-              on_ready=ready)
+            serve(lm, host=host, port=port, engine=engine, log_level=log_level, model_name=name or lm.name,
+                  on_ready=ready, max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens, sock=sock)
     console_err.print("server stopped", highlight=False)
