@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -287,6 +288,28 @@ def test_openai_client_gets_bad_request_errors(server):
     r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
                                        temperature=0)
     assert r.usage.completion_tokens == 2
+
+
+@pytest.mark.slow
+def test_64_concurrent_clients_equal_sequential_between_bad_requests(server):
+    prompts = [f"Request {i} says" for i in range(64)]
+    url = server["base"] + "/v1/completions"
+
+    def good(c: httpx.Client, p: str) -> str:
+        r = c.post(url, json={"prompt": p, "max_tokens": 2, "temperature": 0})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    def bad_then_good(p: str) -> str:
+        with httpx.Client(timeout=300) as c:
+            bad = c.post(url, content=b'{"prompt": "x", "seed": NaN}', headers={"content-type": "application/json"})
+            assert bad.status_code == 400
+            return good(c, p)
+
+    with httpx.Client(timeout=300) as c:
+        sequential = [good(c, p) for p in prompts]
+    with ThreadPoolExecutor(64) as pool:
+        assert list(pool.map(bad_then_good, prompts)) == sequential
 
 
 # ----- the fuzz test -----------------------------------------------------------------------------------

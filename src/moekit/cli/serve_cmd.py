@@ -74,7 +74,7 @@ def serve_command(
                 lm.model.to(device)
             ctx = contextlib.nullcontext()
         with ctx as engine:
-            url = f"http://{host}:{port}"
+            url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
             def ready() -> None:
                 extra = f" (offloaded: {engine.slots} experts/layer, policy {policy})" if engine is not None else ""
