@@ -415,16 +415,23 @@ def test_non_loopback_host_warns(tmp_path, capfd):
 def test_sigterm_stops_a_busy_server(tmp_path):
     ckpt = save_tiny_checkpoint("qwen3_moe", tmp_path / "ckpt", max_position_embeddings=60_000)
     srv = _start(ckpt, tmp_path)
-    proc = srv["proc"]
-    body = {"prompt": "Once upon a time", "max_tokens": 50_000, "temperature": 0, "stream": True}
+    proc, base = srv["proc"], srv["base"]
+    long = {"prompt": "Once upon a time", "max_tokens": 50_000, "temperature": 0}
     events = []
-    with httpx.stream("POST", srv["base"] + "/v1/completions", json=body, timeout=60) as r:
+    with ThreadPoolExecutor(1) as pool, httpx.stream("POST", base + "/v1/completions", json={**long, "stream": True},
+                                                     timeout=60) as r:
         assert r.status_code == 200
+        queued = None
         for line in r.iter_lines():
-            if line.startswith("data: "):
-                events.append(line[len("data: "):])
-            if len(events) == 20:
+            if not line.startswith("data: "):
+                continue
+            events.append(line[len("data: "):])
+            if len(events) == 10:  # a second request, waiting behind the running one
+                queued = pool.submit(httpx.post, base + "/v1/completions", json=long, timeout=60)
+                while httpx.get(base + "/metrics").json()["requests"] < 2:
+                    time.sleep(0.05)
                 proc.send_signal(signal.SIGTERM)
+        waiting = queued.result()
     # a bound that detects a hang (the old server took 20-40 s), not a speed requirement
     assert proc.wait(timeout=20) == 0
     srv["log"].seek(0)
@@ -434,3 +441,4 @@ def test_sigterm_stops_a_busy_server(tmp_path):
     err = json.loads(events[-2])["error"]
     assert err["code"] == "shutting_down" and err["message"] == "the server is shutting down"
     assert all(json.loads(e)["choices"][0]["finish_reason"] is None for e in events[:-2])
+    assert waiting.status_code == 503 and waiting.json()["error"]["code"] == "shutting_down"

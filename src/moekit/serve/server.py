@@ -700,9 +700,9 @@ def serve(lm: LoadedModel, host: str = "127.0.0.1", port: int = 8000, engine=Non
     listening socket (see ``listen``); without it, ``host:port`` is bound here."""
     import uvicorn
 
+    sock = sock or listen(host, port)
     app = create_app(lm, engine=engine, model_name=model_name, max_body_bytes=max_body_bytes,
                      max_prompt_tokens=max_prompt_tokens)
-    sock = sock or listen(host, port)
     config = uvicorn.Config(app, host=host, port=sock.getsockname()[1], log_level=log_level, access_log=False,
                             timeout_graceful_shutdown=5)
     server = _Server(config)
