@@ -414,7 +414,7 @@ def test_non_loopback_host_warns(tmp_path, capfd):
 @pytest.mark.slow
 def test_sigterm_stops_a_busy_server(tmp_path):
     ckpt = save_tiny_checkpoint("qwen3_moe", tmp_path / "ckpt", max_position_embeddings=60_000)
-    srv = _start(ckpt, tmp_path)
+    srv = _start(ckpt, tmp_path, "--max-prompt-tokens", "1000")
     proc, base = srv["proc"], srv["base"]
     long = {"prompt": "Once upon a time", "max_tokens": 50_000, "temperature": 0}
     events = []
@@ -426,6 +426,16 @@ def test_sigterm_stops_a_busy_server(tmp_path):
             if not line.startswith("data: "):
                 continue
             events.append(line[len("data: "):])
+            if len(events) == 5:
+                # while the model thread is busy, oversized requests are still refused: none waits for it
+                big = httpx.post(base + "/v1/completions", content=b'{"prompt": "' + b"a" * 20_000_000 + b'"}',
+                                 headers={"content-type": "application/json"}, timeout=60)
+                assert big.status_code == 413
+                by_chars = httpx.post(base + "/v1/completions", json={"prompt": "word " * 20_000}, timeout=60)
+                assert by_chars.status_code == 400 and "100000 characters" in by_chars.json()["error"]["message"]
+                by_tokens = httpx.post(base + "/v1/completions", json={"prompt": "w1 w2 " * 1200}, timeout=60)
+                assert by_tokens.status_code == 400
+                assert "more than this server's limit of 1000" in by_tokens.json()["error"]["message"]
             if len(events) == 10:  # a second request, waiting behind the running one
                 queued = pool.submit(httpx.post, base + "/v1/completions", json=long, timeout=60)
                 while httpx.get(base + "/metrics").json()["requests"] < 2:
