@@ -290,9 +290,9 @@ def write_cards(threads: int = 1, presets: list[str] | None = None) -> None:
         slim = [{k: v for k, v in r.items() if k != "by_source"} if r else r for r in (ppl, uni, dense)]
         numbers = {"test_perplexity": slim[0], "unigram": slim[1], "dense_baseline": slim[2], "routing": routing,
                    "train": summary}
-        with atomic_write(ZOO / name / "README.md", force=True, mode="w") as fh:
+        with atomic_write(ZOO / name / "README.md", force=True, mode="w", kind="any") as fh:
             fh.write(card)
-        with atomic_write(ZOO / name / "card.json", force=True, mode="w") as fh:
+        with atomic_write(ZOO / name / "card.json", force=True, mode="w", kind="any") as fh:
             fh.write(json.dumps(numbers, indent=1) + "\n")
         make_readable(ZOO / name)
         print(card, flush=True)

@@ -7,7 +7,11 @@ User mistakes raise ``MoekitError``; ``main`` prints them on one line and exits 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
+
+import typer
 
 from moekit.openmp import configure_openmp_wait
 
@@ -32,23 +36,69 @@ def _load_commands() -> None:
                 raise
 
 
+class Terminated(BaseException):
+    """Raised in the main thread when SIGTERM arrives, so that cleanup (``finally``, atomic writes) runs."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the cleanup
+    raise Terminated()
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _error(message: str) -> None:
+    from rich.markup import escape
+
+    console_err.print(f"[bold red]error:[/] {escape(_one_line(message))}", highlight=False, soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``moekit`` script."""
+    """Entry point of the ``moekit`` script: one ``error: ...`` line and exit code 2 for any bad input."""
+    from typer.exceptions import TyperException
+
     from moekit.errors import MoekitError
+    from moekit.io import command_name
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _load_commands()
+    args = list(sys.argv[1:] if argv is None else argv)
+    token = command_name.set(next((a for a in args if not a.startswith("-")), None))
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        app(args=argv, standalone_mode=True)
+        rv = app(args=args, standalone_mode=False, prog_name="moekit")
+        return rv if isinstance(rv, int) else 0
     except SystemExit as exc:
-        return int(exc.code or 0)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except MoekitError as exc:
-        console_err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        _error(str(exc))
         return 2
+    except TyperException as exc:  # click's usage errors: a bad option, value or command
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            sys.stdout.write(ctx.get_help() + "\n")
+            return 2
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        _error(message + hint)
+        return 2
+    except typer.Abort:
+        console_err.print("aborted")
+        return 1
     except KeyboardInterrupt:
         console_err.print("interrupted")
         return 130
-    return 0
+    except Terminated:
+        _error("terminated by SIGTERM; nothing half-written was kept")
+        return 143
+    finally:
+        command_name.reset(token)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def run() -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import typer
 from rich.console import Console
 
 from moekit.errors import MoekitError
+from moekit.validate import SEED_MAX, finite_float, integer, parse_float
 
 app = typer.Typer(
     name="moekit",
@@ -40,8 +42,8 @@ def _json_default(o: Any):
     return str(o)
 
 
-def parse_experts(text: str | None) -> list[tuple[int, int]]:
-    """``"3:5,4:1"`` → [(3, 5), (4, 1)] with a one-line error on bad syntax."""
+def parse_experts(text: str | None, option: str = "expert") -> list[tuple[int, int]]:
+    """``"3:5,4:1"`` → [(3, 5), (4, 1)] with a one-line error on bad syntax or a negative index."""
     if not text:
         return []
     out = []
@@ -49,26 +51,75 @@ def parse_experts(text: str | None) -> list[tuple[int, int]]:
         item = item.strip()
         try:
             layer, expert = item.split(":")
-            out.append((int(layer), int(expert)))
+            pair = (int(layer), int(expert))
         except ValueError:
-            raise MoekitError(f"bad expert {item!r}: write LAYER:EXPERT, e.g. 3:5") from None
+            raise MoekitError(f"bad {option} {item!r}: write LAYER:EXPERT, e.g. 3:5") from None
+        if min(pair) < 0:
+            raise MoekitError(f"bad {option} {item!r}: layer and expert are indices >= 0")
+        out.append(pair)
     return out
 
 
-def parse_expert_values(text: str | None) -> dict[tuple[int, int], float]:
-    """``"3:5=2.0,4:1=0.5"`` → {(3, 5): 2.0, (4, 1): 0.5}."""
+def parse_expert_values(text: str | None, option: str = "expert value", lo: float | None = None,
+                        hi: float | None = None) -> dict[tuple[int, int], float]:
+    """``"3:5=2.0,4:1=0.5"`` → {(3, 5): 2.0, (4, 1): 0.5}; values finite and within [lo, hi]."""
     if not text:
         return {}
     out = {}
     for item in text.split(","):
         item = item.strip()
-        try:
-            key, value = item.split("=")
-            (layer, expert), = parse_experts(key)
-            out[(layer, expert)] = float(value)
-        except ValueError:
-            raise MoekitError(f"bad expert value {item!r}: write LAYER:EXPERT=X, e.g. 3:5=2.0") from None
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise MoekitError(f"bad {option} {item!r}: write LAYER:EXPERT=X, e.g. 3:5=2.0")
+        (layer, expert), = parse_experts(key, option) or [(None, None)]
+        if layer is None:
+            raise MoekitError(f"bad {option} {item!r}: write LAYER:EXPERT=X, e.g. 3:5=2.0")
+        out[(layer, expert)] = finite_float(f"{option} {key.strip()}", parse_float(f"{option} {item!r}", value),
+                                            lo, hi)
     return out
+
+
+# ----- option validation: typer callbacks that run while the command line is parsed, before any work -----
+def _option_name(param) -> str:
+    opts = list(getattr(param, "opts", None) or []) or [getattr(param, "name", "value")]
+    return max(opts, key=len)
+
+
+def int_option(lo: int | None = 1, hi: int | None = None) -> Callable:
+    """A typer callback: the option is an integer in [lo, hi] (None passes: the option was not given)."""
+
+    def callback(param: typer.CallbackParam, value: int | None) -> int | None:
+        return None if value is None else integer(_option_name(param), value, lo, hi)
+
+    return callback
+
+
+def float_option(lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+                 hi_open: bool = False) -> Callable:
+    """A typer callback: the option is a finite number in the interval (NaN and ±inf are refused)."""
+
+    def callback(param: typer.CallbackParam, value: float | None) -> float | None:
+        return None if value is None else finite_float(_option_name(param), value, lo, hi, lo_open, hi_open)
+
+    return callback
+
+
+positive_int = int_option(1)
+"""Counts that must be at least 1: --seq-len, --batch-size, --max-tokens, --top, ..."""
+non_negative_int = int_option(0)
+seed_int = int_option(0, SEED_MAX)
+finite_non_negative = float_option(0.0)
+open_unit_ratio = float_option(0.0, 1.0, lo_open=True, hi_open=True)
+"""Fractions strictly between 0 and 1: --ratio."""
+probability_mass = float_option(0.0, 1.0, lo_open=True)
+"""Top-p style masses in (0, 1]: --top-p, --sample-top-p."""
+
+
+def check_output(path, force: bool, kind: str = "file"):
+    """Validate an ``--out`` before the work starts (see ``moekit.io.check_writable``)."""
+    from moekit.io import check_writable
+
+    return check_writable(path, force, kind=kind)
 
 
 def load_model(spec: str | None):

@@ -6,11 +6,25 @@ from pathlib import Path
 
 import typer
 
-from moekit.cli.common import MODEL_HELP, app, console, console_err, emit_json, load_model
+from moekit.cli.common import (
+    MODEL_HELP,
+    app,
+    check_output,
+    console,
+    console_err,
+    emit_json,
+    float_option,
+    int_option,
+    load_model,
+    open_unit_ratio,
+    positive_int,
+    seed_int,
+)
 from moekit.compress.criteria import CRITERIA
+from moekit.data.corpus import CORPUS_SPEC_HELP
 from moekit.errors import MoekitError, UnsupportedArchitecture
 
-_CALIB_HELP = "Calibration text: files (one document each), JSONL with 'text', or moekit:corpus[:split]."
+_CALIB_HELP = f"Calibration text: files (one document each), JSONL with 'text', or {CORPUS_SPEC_HELP}."
 
 
 def _check_supported(lm) -> None:
@@ -33,24 +47,19 @@ def _read_calib(calib: list[str] | None):
     return docs
 
 
-def _check_ratio(ratio: float) -> None:
-    if not 0.0 <= ratio < 1.0:
-        raise MoekitError(f"--ratio must be in [0, 1), got {ratio}")
-
-
 @app.command("prune")
 def prune_command(
     model: str = typer.Argument(None, help=MODEL_HELP),
     method: str = typer.Option("reap", "--method", "-m", help=f"Criterion: {', '.join(CRITERIA.names())}."),
-    ratio: float = typer.Option(..., "--ratio", "-r", help="Fraction of experts to remove (0.25 = a quarter)."),
+    ratio: float = typer.Option(..., "--ratio", "-r", callback=open_unit_ratio, help="Fraction of experts to remove (0.25 = a quarter)."),
     global_budget: bool = typer.Option(False, "--global", help="One budget over all layers (scores normalised "
                                        "per layer); unequal counts need a router bias (GPT-OSS, DeepSeek-V3)."),
     protect_super: bool = typer.Option(False, "--protect-super", help="Never remove detected super experts."),
     calib: list[str] = typer.Option(None, "--calib", "-c", help=_CALIB_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint directory."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the random criterion."),
-    max_tokens: int = typer.Option(65536, "--max-tokens", help="Calibration tokens at most."),
-    seq_len: int = typer.Option(256, "--seq-len", help="Calibration window length."),
+    seed: int = typer.Option(0, "--seed", callback=seed_int, help="Seed of the random criterion."),
+    max_tokens: int = typer.Option(65536, "--max-tokens", callback=positive_int, help="Calibration tokens at most."),
+    seq_len: int = typer.Option(256, "--seq-len", callback=positive_int, help="Calibration window length."),
     low_memory: bool = typer.Option(False, "--low-memory", help="Calibrate one decoder layer at a time from the "
                                     "safetensors files (for models larger than RAM; local checkpoints only)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
@@ -63,11 +72,8 @@ def prune_command(
       moekit prune ./ckpt --method easy-ep --ratio 0.5 --calib code_demos.jsonl --out ckpt-code --protect-super\n
       moekit prune ./big --method frequency --ratio 0.5 --calib notes.txt --out big-half --low-memory
     """
-    from moekit.io import check_writable
-
     CRITERIA.get(method)
-    _check_ratio(ratio)
-    check_writable(out, force)
+    check_output(out, force, "dir")
     docs = _read_calib(calib) if (calib or method != "random" or protect_super) else None
     if low_memory:
         from moekit.compress.lowmem import prune_lowmem
@@ -102,12 +108,12 @@ def prune_command(
 def merge_command(
     model: str = typer.Argument(None, help=MODEL_HELP),
     method: str = typer.Option("m-smoe", "--method", "-m", help="Merging method: m-smoe."),
-    ratio: float = typer.Option(..., "--ratio", "-r", help="Fraction of experts merged away."),
+    ratio: float = typer.Option(..., "--ratio", "-r", callback=open_unit_ratio, help="Fraction of experts merged away."),
     calib: list[str] = typer.Option(None, "--calib", "-c", help=_CALIB_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint directory."),
     protect_super: bool = typer.Option(False, "--protect-super", help="Super experts are always group centres."),
-    max_tokens: int = typer.Option(65536, "--max-tokens", help="Calibration tokens at most."),
-    seq_len: int = typer.Option(256, "--seq-len", help="Calibration window length."),
+    max_tokens: int = typer.Option(65536, "--max-tokens", callback=positive_int, help="Calibration tokens at most."),
+    seq_len: int = typer.Option(256, "--seq-len", callback=positive_int, help="Calibration window length."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
@@ -117,12 +123,10 @@ def merge_command(
       moekit merge moekit:tiny --ratio 0.25 --calib moekit:corpus:validation --out tiny-merged
     """
     from moekit.compress.merge import merge
-    from moekit.io import check_writable
 
     if method != "m-smoe":
         raise MoekitError(f"unknown merging method {method!r}; choose one of: m-smoe")
-    _check_ratio(ratio)
-    check_writable(out, force)
+    check_output(out, force, "dir")
     docs = _read_calib(calib)
     lm = load_model(model)
     _check_supported(lm)
@@ -140,12 +144,12 @@ def merge_command(
 def quantize_command(
     model: str = typer.Argument(None, help=MODEL_HELP),
     bits: int = typer.Option(8, "--bits", "-b", help="Expert weight bits: 8 or 4."),
-    group_size: int = typer.Option(128, "--group-size", help="Weights per scale along the input dim (32-256)."),
-    avg_bits: float = typer.Option(None, "--avg-bits", help="Mixed 4/8-bit experts under this average "
+    group_size: int = typer.Option(128, "--group-size", callback=int_option(2), help="Weights per scale along the input dim (32-256)."),
+    avg_bits: float = typer.Option(None, "--avg-bits", callback=float_option(4.0, 8.0), help="Mixed 4/8-bit experts under this average "
                                    "(by importance; needs --calib)."),
     calib: list[str] = typer.Option(None, "--calib", "-c", help=_CALIB_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint directory."),
-    max_tokens: int = typer.Option(65536, "--max-tokens", help="Calibration tokens at most."),
+    max_tokens: int = typer.Option(65536, "--max-tokens", callback=positive_int, help="Calibration tokens at most."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
@@ -156,11 +160,10 @@ def quantize_command(
       moekit quantize moekit:tiny --avg-bits 5 --calib moekit:corpus:validation --out tiny-mixed
     """
     from moekit.compress.quantize import effective_bits, expert_params, quantize, size_on_disk
-    from moekit.io import check_writable
 
     if bits not in (4, 8):
         raise MoekitError(f"--bits must be 8 or 4, got {bits}")
-    check_writable(out, force)
+    check_output(out, force, "dir")
     docs = _read_calib(calib) if (avg_bits is not None or calib) else None
     if avg_bits is not None and docs is None:
         raise MoekitError("mixed precision (--avg-bits) needs calibration data (--calib)")

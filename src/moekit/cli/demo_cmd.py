@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from moekit.cli.common import app, console
+from moekit.cli.common import app, check_output, console, positive_int
 
 
 def _step(title: str):
@@ -22,7 +22,7 @@ def _step(title: str):
 def demo_command(
     model: str = typer.Option("moekit:tiny", "--model", help="Bundled model (or any model with a tokenizer)."),
     out: Path = typer.Option(None, "--out", help="Output folder (default: ./moekit-demo-<time>)."),
-    max_tokens: int = typer.Option(None, "--max-tokens", help="Trace at most this many tokens (default: the whole test split)."),
+    max_tokens: int = typer.Option(None, "--max-tokens", callback=positive_int, help="Trace at most this many tokens (default: the whole test split)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output folder."),
 ) -> None:
     """Inspect, trace, analyse, evaluate, report, compress, steer and serve the bundled model.
@@ -41,6 +41,7 @@ def demo_command(
     from moekit.routing.tracing import trace_documents
 
     out = out or Path(f"moekit-demo-{datetime.now():%Y%m%d-%H%M%S}")
+    check_output(out, force, "dir")
     started = time.perf_counter()
     summary: dict = {}
     with atomic_output_dir(out, force=force) as tmp:

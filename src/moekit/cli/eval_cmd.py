@@ -5,17 +5,18 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from moekit.cli.common import MODEL_HELP, app, console, emit_json, load_model
+from moekit.cli.common import MODEL_HELP, app, console, emit_json, load_model, positive_int
+from moekit.data.corpus import CORPUS_SPEC_HELP
 
 
 @app.command("eval")
 def eval_command(
     model: str = typer.Argument(None, help=MODEL_HELP),
     data: list[str] = typer.Option(["moekit:corpus:test"], "--data", "-d",
-                                   help="Text/JSONL files or moekit:corpus[:split] (default: the bundled test split)."),
-    max_tokens: int = typer.Option(None, "--max-tokens", help="Evaluate at most this many tokens."),
-    seq_len: int = typer.Option(256, "--seq-len", help="Window length in tokens."),
-    batch_size: int = typer.Option(8, "--batch-size"),
+                                   help=f"Text/JSONL files or {CORPUS_SPEC_HELP} (default: the bundled test split)."),
+    max_tokens: int = typer.Option(None, "--max-tokens", callback=positive_int, help="Evaluate at most this many tokens."),
+    seq_len: int = typer.Option(256, "--seq-len", callback=positive_int, help="Window length in tokens."),
+    batch_size: int = typer.Option(8, "--batch-size", callback=positive_int),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Perplexity of a model per file and per domain.

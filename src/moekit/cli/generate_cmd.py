@@ -6,21 +6,48 @@ import sys
 
 import typer
 
-from moekit.cli.common import MODEL_HELP, app, emit_json, load_model, parse_expert_values, parse_experts
+from moekit.cli.common import (
+    MODEL_HELP,
+    app,
+    emit_json,
+    finite_non_negative,
+    float_option,
+    load_model,
+    non_negative_int,
+    parse_expert_values,
+    parse_experts,
+    positive_int,
+    probability_mass,
+    seed_int,
+)
+
+
+def parse_routing(disable: str | None = None, force: str | None = None, boost: str | None = None,
+                  bias: str | None = None, top_k: int | None = None, top_p: float | None = None,
+                  steer: list[str] | None = None):
+    """The model-independent part of the routing options, checked before the model loads: expert lists,
+    finite boost (>= 0) and bias values, top-k/top-p, and the --steer specs and their files."""
+    from moekit.errors import MoekitError
+    from moekit.routing import RoutingControl
+    from moekit.steer.presets import load_experts, parse_steer
+
+    if top_k is not None and top_p is not None:
+        raise MoekitError("give --top-k or --top-p, not both")
+    for spec in steer or []:
+        load_experts(parse_steer(spec)[0])
+    return RoutingControl.make(parse_experts(disable, "--disable expert"), parse_experts(force, "--force expert"),
+                               parse_expert_values(boost, "--boost", lo=0.0),
+                               parse_expert_values(bias, "--bias"), top_k, top_p)
 
 
 def build_control(lm, disable: str | None = None, force: str | None = None, boost: str | None = None,
                   top_k: int | None = None, top_p: float | None = None, steer: list[str] | None = None,
                   bias: str | None = None):
     """The RoutingControl for the command's options (validated against the model)."""
-    from moekit.errors import MoekitError
-    from moekit.routing import RoutingControl, merge
+    from moekit.routing import merge
     from moekit.steer.presets import control_from_spec
 
-    if top_k is not None and top_p is not None:
-        raise MoekitError("give --top-k or --top-p, not both")
-    parts = [RoutingControl.make(parse_experts(disable), parse_experts(force), parse_expert_values(boost),
-                                 parse_expert_values(bias), top_k, top_p)]
+    parts = [parse_routing(disable, force, boost, bias, top_k, top_p, steer)]
     parts += [control_from_spec(s, lm) for s in steer or []]
     ctrl = merge(parts)
     ctrl.validate(lm.moe)
@@ -35,26 +62,26 @@ def generate_command(
     force: str = typer.Option(None, "--force", help="Experts always selected (at most k per layer), e.g. 3:5."),
     boost: str = typer.Option(None, "--boost", help="Scale routing weights, e.g. 3:5=2.0,4:1=0.5."),
     bias: str = typer.Option(None, "--bias", help="Add to router logits before selection, e.g. 3:5=1.5."),
-    top_k: int = typer.Option(None, "--top-k", help="Experts per token (routing)."),
-    top_p: float = typer.Option(None, "--top-p", help="Top-p routing: experts up to cumulative router mass p."),
+    top_k: int = typer.Option(None, "--top-k", callback=positive_int, help="Experts per token (routing)."),
+    top_p: float = typer.Option(None, "--top-p", callback=probability_mass, help="Top-p routing: experts up to cumulative router mass p."),
     steer: list[str] = typer.Option(None, "--steer", help="FILE:off|on|boost=X[:N] from `moekit steer find`."),
-    max_tokens: int = typer.Option(64, "--max-tokens", help="New tokens at most."),
-    temperature: float = typer.Option(0.0, "--temperature", help="0: greedy."),
-    sample_top_p: float = typer.Option(1.0, "--sample-top-p", help="Nucleus sampling mass (with --temperature)."),
-    seed: int = typer.Option(None, "--seed", help="Sampling seed (reproducible output)."),
+    max_tokens: int = typer.Option(64, "--max-tokens", callback=positive_int, help="New tokens at most."),
+    temperature: float = typer.Option(0.0, "--temperature", callback=finite_non_negative, help="0: greedy."),
+    sample_top_p: float = typer.Option(1.0, "--sample-top-p", callback=probability_mass, help="Nucleus sampling mass (with --temperature)."),
+    seed: int = typer.Option(None, "--seed", callback=seed_int, help="Sampling seed (reproducible output)."),
     stop: list[str] = typer.Option(None, "--stop", help="Stop before this string (repeatable)."),
-    contrast: float = typer.Option(None, "--contrast", help="Self-contrast decoding (SCMoE) strength beta >= 0."),
-    contrast_alpha: float = typer.Option(0.1, "--contrast-alpha", help="SCMoE plausibility cut alpha."),
-    weak_top_k: int = typer.Option(1, "--weak-top-k", help="SCMoE weak routing: experts per token."),
+    contrast: float = typer.Option(None, "--contrast", callback=finite_non_negative, help="Self-contrast decoding (SCMoE) strength beta >= 0."),
+    contrast_alpha: float = typer.Option(0.1, "--contrast-alpha", callback=float_option(0.0, 1.0), help="SCMoE plausibility cut alpha."),
+    weak_top_k: int = typer.Option(1, "--weak-top-k", callback=positive_int, help="SCMoE weak routing: experts per token."),
     rewire: bool = typer.Option(False, "--rewire", help="Test-time rerouting: adapt router-logit biases on the context."),
-    rewire_every: int = typer.Option(32, "--rewire-every", help="Re-adapt every N generated tokens (0: prefill only)."),
-    rewire_steps: int = typer.Option(5, "--rewire-steps", help="Adam steps per adaptation."),
-    rewire_lr: float = typer.Option(0.03, "--rewire-lr", help="Adam learning rate for the biases."),
+    rewire_every: int = typer.Option(32, "--rewire-every", callback=non_negative_int, help="Re-adapt every N generated tokens (0: prefill only)."),
+    rewire_steps: int = typer.Option(5, "--rewire-steps", callback=positive_int, help="Adam steps per adaptation."),
+    rewire_lr: float = typer.Option(0.03, "--rewire-lr", callback=float_option(0.0, lo_open=True), help="Adam learning rate for the biases."),
     rewire_layers: str = typer.Option(None, "--rewire-layers", help="Comma-separated MoE layers (default: all)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON instead of streaming."),
     offload: bool = typer.Option(False, "--offload", help="Keep only a cache of experts in memory; read the others "
                                  "from the checkpoint on demand (moekit.serve)."),
-    cache_mb: float = typer.Option(None, "--cache-mb", help="With --offload: expert cache budget in MB "
+    cache_mb: float = typer.Option(None, "--cache-mb", callback=float_option(0.0, lo_open=True), help="With --offload: expert cache budget in MB "
                                    "(default: 2·k experts per layer)."),
     policy: str = typer.Option("lru+prefetch", "--policy", help="With --offload: cache policy (lru, lfu, static, "
                                "lru+prefetch, none)."),
@@ -73,21 +100,25 @@ def generate_command(
 
     if contrast is not None and rewire:
         raise MoekitError("choose one decoding strategy: --contrast or --rewire")
-    if contrast is not None and contrast < 0:
-        raise MoekitError(f"--contrast beta must be >= 0, got {contrast}")
     strategy, options = "plain", {}
     if contrast is not None:
         strategy, options = "contrast", {"beta": contrast, "alpha": contrast_alpha, "weak_top_k": weak_top_k}
     elif rewire:
         try:
             layers = [int(x) for x in rewire_layers.split(",")] if rewire_layers else None
+            if layers and min(layers) < 0:
+                raise ValueError
         except ValueError:
             raise MoekitError(f"bad --rewire-layers {rewire_layers!r}: write e.g. 1,3") from None
         strategy, options = "rewire", {"layers": layers, "every": rewire_every, "steps": rewire_steps,
                                        "lr": rewire_lr}
     if offload and rewire:
         raise MoekitError("--offload does not support --rewire (it needs gradients through the experts)")
+    parse_routing(disable, force, boost, bias, top_k, top_p, steer)  # bad options fail before the model loads
     lm = _load_offloaded(model) if offload else load_model(model)
+    if lm.tokenizer is None:
+        raise MoekitError(f"this model ({lm.name}) has no tokenizer; --prompt text needs one: copy the base "
+                          "model's tokenizer files (tokenizer.json, tokenizer_config.json) into its directory")
     if rewire and options["layers"]:
         for li in options["layers"]:
             lm.moe.layer(li)

@@ -7,7 +7,16 @@ from __future__ import annotations
 
 import typer
 
-from moekit.cli.common import app, console, console_err, emit_json
+from moekit.cli.common import (
+    app,
+    check_output,
+    console,
+    console_err,
+    emit_json,
+    non_negative_int,
+    positive_int,
+    seed_int,
+)
 
 # --------------------------------------------------------------------------------------------------
 # moekit upcycle
@@ -17,15 +26,15 @@ from moekit.cli.common import app, console, console_err, emit_json
 @app.command("upcycle")
 def upcycle_command(
     dense: str = typer.Argument(..., help="Dense checkpoint (local directory or hub id): llama, mistral, qwen2, qwen3."),
-    experts: int = typer.Option(..., "--experts", "-n", help="N: copies of each dense FFN."),
-    top_k: int = typer.Option(..., "--top-k", "-k", help="k: FFN copies' worth of routed experts active per token."),
-    granularity: int = typer.Option(1, "--granularity", "-m",
+    experts: int = typer.Option(..., "--experts", "-n", callback=positive_int, help="N: copies of each dense FFN."),
+    top_k: int = typer.Option(..., "--top-k", "-k", callback=positive_int, help="k: FFN copies' worth of routed experts active per token."),
+    granularity: int = typer.Option(1, "--granularity", "-m", callback=positive_int,
                                     help="m: split each FFN along its hidden dimension into m experts of width I/m."),
-    shared: int = typer.Option(0, "--shared", "-s", help="S: of the m slices, keep S as always-on shared experts."),
+    shared: int = typer.Option(0, "--shared", "-s", callback=non_negative_int, help="S: of the m slices, keep S as always-on shared experts."),
     out: str = typer.Option(..., "--out", "-o", help="Output checkpoint directory."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
     router: str = typer.Option("random", "--router", help="Router init: random (std 0.02) or zero."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the random router."),
+    seed: int = typer.Option(0, "--seed", callback=seed_int, help="Seed of the random router."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Turn a dense model into a Hugging Face MoE checkpoint (sparse upcycling, fine-grained splitting).
@@ -39,6 +48,7 @@ def upcycle_command(
     """
     from moekit.train.upcycle import upcycle_checkpoint
 
+    check_output(out, force, "dir")
     with console_err.status(f"upcycling {dense}"):
         info = upcycle_checkpoint(dense, out, experts, top_k, granularity=granularity, shared=shared, seed=seed,
                                   router=router, force=force)

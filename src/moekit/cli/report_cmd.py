@@ -7,24 +7,34 @@ from pathlib import Path
 
 import typer
 
-from moekit.cli.common import MODEL_HELP, app, console, emit_json, load_model
+from moekit.cli.common import (
+    MODEL_HELP,
+    app,
+    check_output,
+    console,
+    emit_json,
+    load_model,
+    non_negative_int,
+    positive_int,
+)
+from moekit.data.corpus import CORPUS_SPEC_HELP
 
 
 @app.command("report")
 def report_command(
     model: str = typer.Argument(None, help=MODEL_HELP),
     data: list[str] = typer.Option(None, "--data", "-d", help="Text files (one document each), JSONL with "
-                                   "'text' and optional 'domain', or moekit:corpus[:split]."),
+                                   f"'text' and optional 'domain', or {CORPUS_SPEC_HELP}."),
     trace_path: Path = typer.Option(None, "--trace", help="Use a recorded trace (.trace) instead of tracing "
                                     "--data; it must come from MODEL."),
     out: Path = typer.Option(..., "--out", "-o", help="Output HTML file."),
     json_path: Path = typer.Option(None, "--json", help="Also write all statistics to this JSON file."),
-    layer: int = typer.Option(None, "--layer", help="Decoder layer for the co-activation heatmap and the "
+    layer: int = typer.Option(None, "--layer", callback=non_negative_int, help="Decoder layer for the co-activation heatmap and the "
                               "top-experts table (default: the middle MoE layer)."),
-    max_tokens: int = typer.Option(40_000, "--max-tokens", help="Tokens of --data to trace (documents are "
+    max_tokens: int = typer.Option(40_000, "--max-tokens", callback=positive_int, help="Tokens of --data to trace (documents are "
                                    "taken round-robin over domains, so a cap samples every domain)."),
-    seq_len: int = typer.Option(512, "--seq-len", help="Documents are cut into windows of this many tokens."),
-    profile_tokens: int = typer.Option(8192, "--profile-tokens", help="Tokens for the super-expert profiling "
+    seq_len: int = typer.Option(512, "--seq-len", callback=positive_int, help="Documents are cut into windows of this many tokens."),
+    profile_tokens: int = typer.Option(8192, "--profile-tokens", callback=positive_int, help="Tokens for the super-expert profiling "
                                        "pass and for each perplexity of the zeroing check (half as many)."),
     no_super: bool = typer.Option(False, "--no-super-experts", help="Skip the super-expert profiling and check."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
@@ -38,16 +48,13 @@ def report_command(
       moekit report moekit:tiny --trace test.trace --out report.html
     """
     from moekit.errors import MoekitError
-    from moekit.io import check_writable
     from moekit.report import write_report
 
     if trace_path is None and not data:
         raise MoekitError("give --data FILE (text to trace) or --trace FILE (a recorded trace)")
-    if max_tokens is not None and max_tokens < 1:
-        raise MoekitError(f"--max-tokens must be positive, got {max_tokens}")
-    check_writable(out, force)
+    check_output(out, force, "html")
     if json_path is not None:
-        check_writable(json_path, force)
+        check_output(json_path, force, "json")
     docs = None
     if data:
         from moekit.data import read_documents

@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from moekit.cli.common import MODEL_HELP, app, console, emit_json, load_model
+from moekit.cli.common import MODEL_HELP, app, check_output, console, emit_json, load_model, positive_int
+from moekit.data.corpus import CORPUS_SPEC_HELP
 
 steer_app = typer.Typer(help="Find the experts tied to a behaviour (then steer with `moekit generate --steer`).",
                         no_args_is_help=True)
@@ -19,14 +20,14 @@ def find_command(
     model: str = typer.Argument(None, help=MODEL_HELP),
     pos: str = typer.Option(..., "--pos", help="Examples of the behaviour: text (one example per line), JSONL "
                             "with 'response' (+ optional 'prompt', not counted) or 'text', or "
-                            "moekit:corpus[:split[:domain]]."),
+                            f"{CORPUS_SPEC_HELP}."),
     neg: str = typer.Option(None, "--neg", help="Contrasting examples, same formats (optional for npmi)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output experts file (JSON)."),
     method: str = typer.Option("risk_diff", "--method", help="risk_diff (SteerMoE), contrast (mean routing weight, "
                                "fTRI-style) or npmi (RICE, needs --markers)."),
     markers: str = typer.Option(None, "--markers", help="Comma-separated marker strings for npmi, e.g. 'Alternatively,Wait'."),
-    top: int = typer.Option(10, "--top", help="How many experts the steering presets use by default."),
-    max_len: int = typer.Option(256, "--max-len", help="Tokens per example (longer ones are cut)."),
+    top: int = typer.Option(10, "--top", callback=positive_int, help="How many experts the steering presets use by default."),
+    max_len: int = typer.Option(256, "--max-len", callback=positive_int, help="Tokens per example (longer ones are cut)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
     json_out: bool = typer.Option(False, "--json", help="Print the top entries as JSON."),
 ) -> None:
@@ -39,7 +40,6 @@ def find_command(
       moekit steer find moekit:tiny --pos traces.txt --method npmi --markers "equals,plus" --out m.json
     """
     from moekit.errors import MoekitError
-    from moekit.io import check_writable
     from moekit.steer.detect import DETECTORS, find_experts, read_examples, save_experts
 
     DETECTORS.get(method)
@@ -48,7 +48,7 @@ def find_command(
         raise MoekitError(f"method {method} needs a second example set (--neg)")
     if method == "npmi" and not mk:
         raise MoekitError("method npmi needs marker tokens (--markers)")
-    check_writable(out, force)
+    check_output(out, force, "json")
     pos_ex = read_examples(pos)
     neg_ex = read_examples(neg) if neg is not None else None
     lm = load_model(model)

@@ -6,18 +6,19 @@ from pathlib import Path
 
 import typer
 
-from moekit.cli.common import MODEL_HELP, app, console, emit_json, load_model
+from moekit.cli.common import MODEL_HELP, app, check_output, console, emit_json, load_model, positive_int
+from moekit.data.corpus import CORPUS_SPEC_HELP
 
 
 @app.command("trace")
 def trace_command(
     model: str = typer.Argument(None, help=MODEL_HELP),
     data: list[str] = typer.Option(..., "--data", "-d", help="Text files (one document each), JSONL with "
-                                   "'text' and optional 'domain', or moekit:corpus[:split]."),
+                                   f"'text' and optional 'domain', or {CORPUS_SPEC_HELP}."),
     out: Path = typer.Option(..., "--out", "-o", help="Output trace file (.trace)."),
-    max_tokens: int = typer.Option(None, "--max-tokens", help="Stop after this many tokens."),
-    seq_len: int = typer.Option(512, "--seq-len", help="Documents are cut into windows of this many tokens."),
-    batch_size: int = typer.Option(8, "--batch-size"),
+    max_tokens: int = typer.Option(None, "--max-tokens", callback=positive_int, help="Stop after this many tokens."),
+    seq_len: int = typer.Option(512, "--seq-len", callback=positive_int, help="Documents are cut into windows of this many tokens."),
+    batch_size: int = typer.Option(8, "--batch-size", callback=positive_int),
     probs: bool = typer.Option(False, "--probs", help="Also store full router probabilities."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
@@ -29,10 +30,9 @@ def trace_command(
       moekit trace ./ckpt --data notes.txt --data more.jsonl --out notes.trace --max-tokens 20000
     """
     from moekit.data import read_documents
-    from moekit.io import check_writable
     from moekit.routing.tracing import trace_documents
 
-    check_writable(out, force)
+    check_output(out, force, "trace")
     docs = read_documents(data)
     lm = load_model(model)
     trace = trace_documents(lm, docs, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size,

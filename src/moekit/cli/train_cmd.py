@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from moekit.cli.common import app, console, emit_json
+from moekit.cli.common import app, console, emit_json, positive_int
 
 
 @app.command("train")
@@ -21,6 +21,7 @@ def train_command(
     stop_at: int | None = typer.Option(
         None,
         "--stop-at",
+        callback=positive_int,
         help="Stop (and checkpoint) after this step; the LR schedule still spans train.steps.",
     ),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
@@ -34,10 +35,15 @@ def train_command(
       moekit train --config configs/router_topk.yaml --out runs/topk\n
       moekit train --config configs/router_topk.yaml --out runs/topk --resume
     """
+    from moekit.errors import MoekitError
+    from moekit.io import check_parent
     from moekit.train.config_train import load_run_config, run_training
 
-    run = load_run_config(config)
     out_dir = Path(out) if out else Path("runs") / Path(config).stem
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MoekitError(f"--out {out_dir} is a file; training writes a directory")
+    check_parent(out_dir)
+    run = load_run_config(config)
     log = run_training(run, out_dir, resume=resume, stop_at=stop_at, progress=not no_progress)
     last = log["evals"][-1] if log["evals"] else None
     if json_out:

@@ -2,8 +2,11 @@
 
 from moekit.data.corpus import (
     CORPUS_SPEC,
+    CORPUS_SPEC_HELP,
     SPLITS,
+    CorpusSpec,
     Document,
+    corpus_documents,
     corpus_meta,
     corpus_path,
     domains,
@@ -16,8 +19,11 @@ from moekit.data.corpus import (
 
 __all__ = [
     "CORPUS_SPEC",
+    "CORPUS_SPEC_HELP",
     "SPLITS",
+    "CorpusSpec",
     "Document",
+    "corpus_documents",
     "corpus_meta",
     "corpus_path",
     "domains",

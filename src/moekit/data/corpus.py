@@ -80,16 +80,47 @@ def domains() -> list[str]:
     return list(corpus_meta()["domains"])
 
 
-def parse_corpus_spec(spec: str) -> str | None:
-    """Return the split named by a 'moekit:corpus[:split]' spec, or None if ``spec`` is not one."""
-    if spec == CORPUS_SPEC:
-        return DEFAULT_SPEC_SPLIT
-    prefix = CORPUS_SPEC + ":"
-    if spec.startswith(prefix):
-        split = spec[len(prefix) :]
-        _check_split(split)
-        return split
-    return None
+CORPUS_SPEC_HELP = "moekit:corpus[:SPLIT[:DOMAIN[,DOMAIN...]]]"
+"""The one grammar of a bundled-corpus spec, accepted wherever text data is read (``--data``, ``--calib``,
+``steer find --pos/--neg``): SPLIT is train, validation or test (default test), DOMAIN keeps only those
+domains, e.g. ``moekit:corpus:train:code,prose``."""
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """A parsed ``moekit:corpus[:SPLIT[:DOMAIN[,DOMAIN...]]]``: the split and the domains kept (None: all)."""
+
+    split: str
+    domains: tuple[str, ...] | None = None
+
+
+def parse_corpus_spec(spec: str) -> CorpusSpec | None:
+    """Parse a bundled-corpus spec; None when ``spec`` is not one (a file path). A spec that starts with
+    ``moekit:corpus`` but breaks the grammar, or names an unknown split or domain, → MoekitError."""
+    spec = str(spec)
+    if not spec.startswith(CORPUS_SPEC):
+        return None
+    parts = spec.split(":")
+    if parts[:2] != ["moekit", "corpus"] or len(parts) > 4:
+        raise MoekitError(f"bad corpus spec {spec!r}: write {CORPUS_SPEC_HELP}, e.g. moekit:corpus:train:code")
+    split = parts[2] if len(parts) > 2 and parts[2] else DEFAULT_SPEC_SPLIT
+    _check_split(split)
+    if len(parts) < 4:
+        return CorpusSpec(split)
+    names = [d.strip() for d in parts[3].split(",")]
+    known = domains()
+    for d in names:
+        if d not in known:
+            raise MoekitError(f"unknown corpus domain {d!r} in {spec!r}; choose from {', '.join(known)}")
+    return CorpusSpec(split, tuple(dict.fromkeys(names)))
+
+
+def corpus_documents(spec: CorpusSpec) -> list[Document]:
+    """The bundled documents a parsed corpus spec names, in file order."""
+    docs = load_corpus(spec.split)
+    if spec.domains is not None:
+        docs = [d for d in docs if d.domain in spec.domains]
+    return docs
 
 
 def read_text_file(path: Path, what: str = "data file") -> str:
@@ -141,7 +172,8 @@ def _read_jsonl(path: Path, text: str) -> list[Document]:
 def read_documents(paths: list[str | os.PathLike]) -> list[Document]:
     """Read documents from user files or bundled-corpus specs, in the order given.
 
-    - ``moekit:corpus`` (the test split) or ``moekit:corpus:<split>``: the bundled split;
+    - ``moekit:corpus[:SPLIT[:DOMAIN[,DOMAIN...]]]`` (``CORPUS_SPEC_HELP``): the bundled split (default
+      test), optionally only some domains;
     - ``*.jsonl``: one document per line, ``{"text": ..., "domain": ...}`` (domain
       optional, defaults to the file stem);
     - any other file: plain UTF-8 text, one document, domain = file stem.
@@ -152,9 +184,9 @@ def read_documents(paths: list[str | os.PathLike]) -> list[Document]:
         paths = [paths]
     docs: list[Document] = []
     for item in paths:
-        split = parse_corpus_spec(str(item))
-        if split is not None:
-            docs.extend(load_corpus(split))
+        spec = parse_corpus_spec(str(item))
+        if spec is not None:
+            docs.extend(corpus_documents(spec))
             continue
         path = Path(item)
         text = read_text_file(path)

@@ -47,6 +47,75 @@ def bundled_names() -> list[str]:
     return sorted(BUNDLED_PREFIX + p.name for p in root.iterdir() if (p / "config.json").is_file())
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",
+                   "vocab.txt", "tekken.json")
+"""Files of which at least one is present in a checkpoint that ships a tokenizer."""
+
+
+def check_checkpoint(path: str | os.PathLike) -> None:
+    """One-line MoekitError for a local checkpoint that cannot load: ``config.json`` that is not a JSON
+    object, a weight index that is not JSON or names a missing shard, a safetensors file with a bad
+    or cut-short header or data section. Reads only the headers (cheap for any model size)."""
+    import json
+
+    root = Path(path)
+    try:
+        config = json.loads((root / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise MoekitError(f"{root / 'config.json'} is not readable JSON ({_first_line(exc)})") from None
+    if not isinstance(config, dict):
+        raise MoekitError(f"{root / 'config.json'} is not a JSON object")
+    files = {f for f in root.glob("*.safetensors") if f.is_file()}
+    for index in root.glob("*.safetensors.index.json"):
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            shards = set(weight_map.values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise MoekitError(f"{index} is not a valid safetensors index ({_first_line(exc)})") from None
+        for shard in shards:
+            if not isinstance(shard, str) or not (root / shard).is_file():
+                raise MoekitError(f"{root} is incomplete: shard {shard} listed in {index.name} is missing")
+            files.add(root / shard)
+    for f in sorted(files):
+        _check_safetensors(f)
+
+
+def _check_safetensors(path: Path) -> None:
+    """A safetensors file whose header parses and whose tensors all lie inside the file."""
+    import json
+
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise ValueError("shorter than a safetensors header")
+            n = int.from_bytes(head, "little")
+            if n < 2 or 8 + n > size:
+                raise ValueError(f"header length {n} does not fit in {size} bytes")
+            header = json.loads(fh.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        end = 0
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            lo, hi = info["data_offsets"]
+            if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi):
+                raise ValueError(f"bad offsets of tensor {name!r}")
+            end = max(end, hi)
+        if 8 + n + end != size:
+            raise ValueError(f"{'truncated' if 8 + n + end > size else 'trailing bytes'}: the tensors end at byte "
+                             f"{8 + n + end}, the file has {size}")
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise MoekitError(f"{path} is not a valid safetensors file ({_first_line(exc)})") from None
+
+
+def has_tokenizer(path: str | os.PathLike) -> bool:
+    """Whether a checkpoint directory ships tokenizer files (else AutoTokenizer builds an empty one)."""
+    return any((Path(path) / name).is_file() for name in TOKENIZER_FILES)
+
+
 def resolve(spec: str | os.PathLike) -> tuple[Path | None, str]:
     """Turn a model spec into (local directory or None for a hub id, display name)."""
     s = str(spec)
@@ -55,11 +124,13 @@ def resolve(spec: str | os.PathLike) -> tuple[Path | None, str]:
         if not (path / "config.json").is_file():
             names = ", ".join(bundled_names()) or "none built yet"
             raise MoekitError(f"unknown bundled model {s!r}; bundled models: {names}")
+        check_checkpoint(path)
         return path, s
     p = Path(s).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():
             raise MoekitError(f"{p} is not a model directory (no config.json)")
+        check_checkpoint(p)
         return p, s
     if s.count("/") == 1 and not s.startswith((".", "/", "~")):
         return None, s  # hub id
@@ -73,6 +144,7 @@ def load(
     with_tokenizer: bool = True,
 ) -> LoadedModel:
     """Load ``spec`` (hub id, local directory or ``moekit:<name>``) in eval mode and map its experts."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, name = resolve(spec)
@@ -89,7 +161,7 @@ def load(
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except MoekitError:
         raise
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
         if path is None:
             raise MoekitError(
                 f"could not load {name!r} from the Hugging Face hub ({_first_line(exc)}); "
@@ -98,7 +170,7 @@ def load(
         raise MoekitError(f"could not load the model in {path}: {_first_line(exc)}") from None
     model.to(device).eval()
     tokenizer = None
-    if with_tokenizer:
+    if with_tokenizer and has_tokenizer(source):
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
         except (OSError, ValueError, KeyError, TypeError):
@@ -143,9 +215,12 @@ def _hub_snapshot(hub_id: str) -> str:
     from huggingface_hub import snapshot_download
 
     try:
-        return snapshot_download(hub_id, local_files_only=True)
+        local = snapshot_download(hub_id, local_files_only=True)
     except Exception:  # noqa: BLE001  (not cached: fall through to the network)
-        pass
+        local = None
+    if local is not None:
+        check_checkpoint(local)
+        return local
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         raise MoekitError(f"{hub_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
                           "download it and pass its local directory instead")
@@ -155,9 +230,11 @@ def _hub_snapshot(hub_id: str) -> str:
         raise MoekitError(f"could not reach the Hugging Face hub to download {hub_id!r} (offline?); "
                           "download it elsewhere and pass its local directory instead") from None
     try:
-        return snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        local = snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
     except Exception as exc:  # noqa: BLE001
         raise MoekitError(f"could not download {hub_id!r} from the Hugging Face hub: {_first_line(exc)}") from None
+    check_checkpoint(local)
+    return local
 
 
 def _first_line(exc: BaseException) -> str:

@@ -9,8 +9,13 @@ import torch
 
 from moekit.errors import MoekitError
 from moekit.models.moe_map import MoELayerView, MoEMap, require_rule
+from moekit.validate import finite_float, integer
 
 Expert = tuple[int, int]  # (decoder layer index, expert index)
+
+MAX_ROUTING_VALUE = 1e4
+"""Largest routing-weight factor and |logit bias| accepted: beyond it half precision overflows, and a
+bias of 10^4 already decides the selection as surely as forcing the expert."""
 
 
 @dataclass(frozen=True)
@@ -38,14 +43,25 @@ class RoutingControl:
         return set(self.disable) | set(self.force) | set(self.scale) | set(self.bias)
 
     def validate(self, moe: MoEMap) -> None:
-        """One-line errors for experts or layers that do not exist and impossible requests."""
+        """One-line errors for experts or layers that do not exist and impossible requests (NaN, ±inf,
+        negative or huge factors and biases included: they would make NaN logits, not an error)."""
         for layer, expert in self.experts():
+            integer("layer", layer, 0)
+            integer("expert", expert, 0)
             moe.check_expert(layer, expert)
+        for (layer, expert), v in self.scale.items():
+            finite_float(f"the routing-weight factor of expert {layer}:{expert}", v, 0.0, MAX_ROUTING_VALUE)
+        for (layer, expert), v in self.bias.items():
+            finite_float(f"the logit bias of expert {layer}:{expert}", v, -MAX_ROUTING_VALUE, MAX_ROUTING_VALUE)
         for name, value, lo, hi in (("top_k", self.top_k, 1, None), ("top_p", self.top_p, 0.0, 1.0)):
             values = value.items() if isinstance(value, Mapping) else [(None, value)]
             for layer, v in values:
                 if v is None:
                     continue
+                if name == "top_k":
+                    integer("top_k", v)
+                else:
+                    finite_float("top_p", v)
                 if layer is not None:
                     moe.layer(layer)
                 E = moe.layer(layer).num_experts if layer is not None else min(vw.num_experts for vw in moe)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from moekit.data.batching import pad_batch
-from moekit.data.corpus import jsonl_rows, read_text_file
+from moekit.data.corpus import CorpusSpec, corpus_documents, jsonl_rows, parse_corpus_spec, read_text_file
 from moekit.errors import MoekitError
 from moekit.models.loading import LoadedModel
 from moekit.registry import Registry
@@ -46,10 +46,10 @@ class Example:
 
 def read_examples(path: str | os.PathLike) -> list[Example]:
     """Examples from a file: JSONL rows with ``response`` (+ optional ``prompt``) or ``text``; any other
-    file is plain text with one example per non-empty line. ``moekit:corpus[:split[:domain]]`` gives the
-    bundled corpus documents (test split by default), one example each."""
-    spec = str(path)
-    if spec.startswith("moekit:corpus"):
+    file is plain text with one example per non-empty line. A corpus spec
+    (``moekit:corpus[:SPLIT[:DOMAIN[,DOMAIN...]]]``) gives the bundled documents, one example each."""
+    spec = parse_corpus_spec(str(path))
+    if spec is not None:
         return _corpus_examples(spec)
     p = Path(path)
     text = read_text_file(p, "examples file")
@@ -68,19 +68,8 @@ def read_examples(path: str | os.PathLike) -> list[Example]:
     return out
 
 
-def _corpus_examples(spec: str) -> list[Example]:
-    from moekit.data import domains, load_corpus
-
-    parts = spec.split(":")
-    if parts[:2] != ["moekit", "corpus"] or len(parts) > 4:
-        raise MoekitError(f"bad corpus spec {spec!r}: write moekit:corpus[:split[:domain]]")
-    split = parts[2] if len(parts) > 2 and parts[2] else "test"
-    docs = load_corpus(split)
-    if len(parts) == 4:
-        if parts[3] not in domains():
-            raise MoekitError(f"unknown corpus domain {parts[3]!r}; choose one of {', '.join(domains())}")
-        docs = [d for d in docs if d.domain == parts[3]]
-    return [Example(d.text) for d in docs]
+def _corpus_examples(spec: CorpusSpec) -> list[Example]:
+    return [Example(d.text) for d in corpus_documents(spec)]
 
 
 def _as_examples(items: Sequence[Example | str | tuple]) -> list[Example]:

@@ -17,6 +17,7 @@ from moekit.errors import MoekitError
 from moekit.models.loading import LoadedModel
 from moekit.routing import RoutingControl
 from moekit.steer.detect import EXPERTS_FORMAT, model_signature
+from moekit.validate import finite_float, integer, parse_float
 
 MODES = ("off", "on", "on+off", "boost")
 
@@ -32,9 +33,32 @@ def load_experts(path: str | os.PathLike, lm: LoadedModel | None = None) -> dict
         raise MoekitError(f"cannot read experts file {p}: {exc}") from None
     if not isinstance(data, dict) or data.get("format") != EXPERTS_FORMAT or not isinstance(data.get("entries"), list):
         raise MoekitError(f"{p} is not a moekit experts file (write one with `moekit steer find`)")
+    check_entries(data, str(p))
     if lm is not None:
         check_experts(data, lm, source=str(p))
     return data
+
+
+def check_entries(data: dict, source: str = "experts file") -> None:
+    """One-line error unless every entry has integer ``layer``/``expert`` >= 0 and a finite ``score``
+    (and ``top``, when present, is a positive integer): the fields the steering presets read."""
+    try:
+        entries = data.get("entries") if isinstance(data, dict) else None
+        if not isinstance(entries, list):
+            raise MoekitError("'entries' is not a list")
+        if "top" in data:
+            integer("top", data["top"], 1)
+        for i, row in enumerate(entries):
+            if not isinstance(row, dict):
+                raise MoekitError(f"entry {i} is not an object")
+            for key in ("layer", "expert", "score"):
+                if key not in row:
+                    raise MoekitError(f"entry {i} has no {key!r}")
+            integer(f"entry {i} layer", row["layer"], 0)
+            integer(f"entry {i} expert", row["expert"], 0)
+            finite_float(f"entry {i} score", row["score"])
+    except MoekitError as exc:
+        raise MoekitError(f"{source} is not a valid experts file: {exc}") from None
 
 
 def check_experts(data: dict, lm: LoadedModel, source: str = "experts file") -> None:
@@ -68,6 +92,7 @@ def selected_experts(data: dict, n: int | None = None, side: str = "pos") -> lis
 
 def steering_control(data: dict, mode: str, lm: LoadedModel, n: int | None = None) -> RoutingControl:
     """A RoutingControl for ``mode`` ('off', 'on' or 'boost=X') from the experts file ``data``."""
+    check_entries(data)
     check_experts(data, lm)
     name, _, arg = mode.partition("=")
     if name not in MODES or (name == "boost") != bool(arg):
@@ -84,12 +109,7 @@ def steering_control(data: dict, mode: str, lm: LoadedModel, n: int | None = Non
                 chosen.append((layer, e))
         off = selected_experts(data, n, side="neg") if name == "on+off" else []
         return RoutingControl.make(force=chosen, disable=off)
-    try:
-        factor = float(arg)
-    except ValueError:
-        raise MoekitError(f"bad boost factor {arg!r}: write boost=2.0") from None
-    if factor < 0:
-        raise MoekitError(f"boost factor must be >= 0, got {factor}")
+    factor = finite_float("boost factor", parse_float("boost factor", arg), 0.0)
     return RoutingControl.make(scale={e: factor for e in experts})
 
 
