@@ -88,6 +88,7 @@ OUTPUT_KINDS: dict[str, tuple[str, Callable[[Path], bool]]] = {
     "json": ("a moekit JSON file", lambda p: p.is_file() and _is_moekit_json(p)),
     "file": ("a file written by moekit",
              lambda p: p.is_file() and (_is_trace(p) or _is_report_html(p) or _is_moekit_json(p))),
+    "output": ("a moekit output", lambda p: _is_marked_dir(p) or OUTPUT_KINDS["file"][1](p)),
     "any": ("a regular file", lambda p: p.is_file()),  # for tools writing into paths they own (scripts/)
 }
 """Output kind → (description, recogniser): what ``--force`` may replace for that kind of output."""
@@ -132,11 +133,12 @@ def check_parent(path: str | os.PathLike) -> Path:
     return p
 
 
-def check_writable(path: str | os.PathLike, force: bool, kind: str = "file") -> Path:
+def check_writable(path: str | os.PathLike, force: bool, kind: str = "output") -> Path:
     """Validate an output path before the work starts; returns it as a Path.
 
     ``kind`` names what will be written (``dir``, ``trace``, ``html``, ``json``, ``file``: any of
-    these, or ``any``: any regular file, for tools that own the path); an existing output is replaced only with ``force`` and only when it is that kind of moekit output.
+    these files, ``output``: any moekit output, file or directory, or ``any``: any regular file, for tools
+    that own the path); an existing output is replaced only with ``force`` and only when it is that kind of moekit output.
     """
     if kind not in OUTPUT_KINDS:
         raise ValueError(f"unknown output kind {kind!r}")

@@ -111,6 +111,19 @@ def _check_safetensors(path: Path) -> None:
         raise MoekitError(f"{path} is not a valid safetensors file ({_first_line(exc)})") from None
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device; an unknown or unavailable one → one-line MoekitError."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise MoekitError(f"unknown device {str(device)!r}; use cpu, cuda or cuda:N") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise MoekitError(f"device {str(device)!r} is not available: torch sees no CUDA GPU here")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise MoekitError(f"device {str(device)!r} does not exist: torch sees {torch.cuda.device_count()} GPU(s)")
+    return d
+
+
 def has_tokenizer(path: str | os.PathLike) -> bool:
     """Whether a checkpoint directory ships tokenizer files (else AutoTokenizer builds an empty one)."""
     return any((Path(path) / name).is_file() for name in TOKENIZER_FILES)
@@ -147,6 +160,7 @@ def load(
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = check_device(device)
     path, name = resolve(spec)
     source = str(path) if path is not None else name
     _quiet_transformers()

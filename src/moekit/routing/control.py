@@ -50,9 +50,10 @@ class RoutingControl:
             integer("expert", expert, 0)
             moe.check_expert(layer, expert)
         for (layer, expert), v in self.scale.items():
-            finite_float(f"the routing-weight factor of expert {layer}:{expert}", v, 0.0, MAX_ROUTING_VALUE)
+            finite_float(f"the routing-weight factor of expert {layer}:{expert}", _number(v), 0.0, MAX_ROUTING_VALUE)
         for (layer, expert), v in self.bias.items():
-            finite_float(f"the logit bias of expert {layer}:{expert}", v, -MAX_ROUTING_VALUE, MAX_ROUTING_VALUE)
+            finite_float(f"the logit bias of expert {layer}:{expert}", _number(v), -MAX_ROUTING_VALUE,
+                         MAX_ROUTING_VALUE)
         for name, value, lo, hi in (("top_k", self.top_k, 1, None), ("top_p", self.top_p, 0.0, 1.0)):
             values = value.items() if isinstance(value, Mapping) else [(None, value)]
             for layer, v in values:
@@ -77,6 +78,13 @@ class RoutingControl:
                 raise MoekitError(f"{forced} experts forced in layer {view.index} but only {k} are selected per token")
             if not self.is_empty():
                 require_rule(view)
+
+
+def _number(v):
+    """A one-element tensor (test-time rerouting keeps its biases as tensors with gradients) as a float."""
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        return float(v.detach())
+    return v
 
 
 def _per_layer(value, layer: int):
