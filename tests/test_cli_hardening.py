@@ -25,7 +25,7 @@ import moekit
 from moekit.cli import main
 from moekit.data.corpus import CorpusSpec, corpus_documents, load_corpus, parse_corpus_spec, read_documents
 from moekit.errors import MoekitError
-from moekit.io import MARKER, atomic_output_dir, atomic_write, check_writable, clean_stale_temps
+from moekit.io import MARKER, atomic_output_dir, atomic_write, clean_stale_temps
 from moekit.steer.detect import model_signature
 from moekit.steer.presets import control_from_spec, load_experts
 from moekit.testing import save_tiny_checkpoint, tiny_model
@@ -208,33 +208,23 @@ def test_output_in_a_read_only_directory_fails_first(tmp_path):
         ro.chmod(0o755)
 
 
-def test_read_only_parent_is_refused_by_the_check(tmp_path, monkeypatch):
-    """The same check, as root: a directory ``os.access`` reports as unwritable."""
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    real_access = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == ro else real_access(p, mode))
-    with pytest.raises(MoekitError, match="no permission to write in"):
-        check_writable(ro / "x" / "t.trace", force=False)
-
-
 # ----- 4. numeric options ------------------------------------------------------------------------------------
 NUMERIC_CASES = [
-    (["trace", NO_MODEL, "--data", "moekit:corpus", "--out", "{tmp}/t.trace", "--seq-len", "0"], "--seq-len must be at least 1"),
-    (["eval", NO_MODEL, "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
-    (["eval", NO_MODEL, "--max-tokens", "-5"], "--max-tokens must be at least 1"),
-    (["generate", NO_MODEL, "--prompt", "x", "--max-tokens", "-3"], "--max-tokens must be at least 1, got -3"),
-    (["generate", NO_MODEL, "--prompt", "x", "--max-tokens=-3"], "--max-tokens must be at least 1, got -3"),
+    (["trace", NO_MODEL, "--data", "moekit:corpus", "--out", "{tmp}/t.trace", "--seq-len", "0"], "--seq-len must be >= 1"),
+    (["eval", NO_MODEL, "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["eval", NO_MODEL, "--max-tokens", "-5"], "--max-tokens must be >= 1"),
+    (["generate", NO_MODEL, "--prompt", "x", "--max-tokens", "-3"], "--max-tokens must be >= 1, got -3"),
+    (["generate", NO_MODEL, "--prompt", "x", "--max-tokens=-3"], "--max-tokens must be >= 1, got -3"),
     (["prune", NO_MODEL, "--ratio", "0", "--method", "random", "--out", "{tmp}/p"], "--ratio must be in (0, 1), got 0"),
     (["prune", NO_MODEL, "--ratio", "1", "--method", "random", "--out", "{tmp}/p"], "--ratio must be in (0, 1)"),
     (["prune", NO_MODEL, "--ratio", "nan", "--method", "random", "--out", "{tmp}/p"], "--ratio must be a finite"),
     (["merge", NO_MODEL, "--ratio", "-0.5", "--out", "{tmp}/p"], "--ratio must be in (0, 1)"),
     (["quantize", NO_MODEL, "--bits", "3", "--out", "{tmp}/q"], "--bits must be 8 or 4, got 3"),
     (["quantize", NO_MODEL, "--avg-bits", "inf", "--out", "{tmp}/q"], "--avg-bits must be a finite number"),
-    (["quantize", NO_MODEL, "--group-size", "0", "--out", "{tmp}/q"], "--group-size must be at least 2"),
+    (["quantize", NO_MODEL, "--group-size", "0", "--out", "{tmp}/q"], "--group-size must be >= 2"),
     (["generate", NO_MODEL, "--prompt", "x", "--top-p", "0"], "--top-p must be in (0, 1], got 0"),
     (["generate", NO_MODEL, "--prompt", "x", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
-    (["generate", NO_MODEL, "--prompt", "x", "--top-k", "0"], "--top-k must be at least 1"),
+    (["generate", NO_MODEL, "--prompt", "x", "--top-k", "0"], "--top-k must be >= 1"),
     (["generate", NO_MODEL, "--prompt", "x", "--sample-top-p", "nan"], "--sample-top-p must be a finite"),
     (["generate", NO_MODEL, "--prompt", "x", "--boost", "1:2=nan"], "--boost", "nan"),
     (["generate", NO_MODEL, "--prompt", "x", "--boost", "1:2=-1"], "must be in [0, inf)"),
@@ -248,12 +238,12 @@ NUMERIC_CASES = [
     (["generate", NO_MODEL, "--prompt", "x", "--offload", "--cache-mb", "0"], "--cache-mb must be in (0, inf)"),
     (["generate", NO_MODEL, "--prompt", "x", "--steer", "e.json:boost=nan"], "does not exist"),
     (["steer", "find", NO_MODEL, "--pos", "moekit:corpus", "--neg", "moekit:corpus", "--out", "{tmp}/e.json",
-      "--top", "0"], "--top must be at least 1"),
+      "--top", "0"], "--top must be >= 1"),
     (["report", NO_MODEL, "--data", "moekit:corpus", "--out", "{tmp}/r.html", "--max-tokens", "0"],
-     "--max-tokens must be at least 1"),
-    (["demo", "--out", "{tmp}/d", "--max-tokens", "0"], "--max-tokens must be at least 1"),
-    (["upcycle", NO_MODEL, "--experts", "0", "--top-k", "1", "--out", "{tmp}/u"], "--experts must be at least 1"),
-    (["train", "--config", "x.yaml", "--stop-at", "0"], "--stop-at must be at least 1"),
+     "--max-tokens must be >= 1"),
+    (["demo", "--out", "{tmp}/d", "--max-tokens", "0"], "--max-tokens must be >= 1"),
+    (["upcycle", NO_MODEL, "--experts", "0", "--top-k", "1", "--out", "{tmp}/u"], "--experts must be >= 1"),
+    (["train", "--config", "x.yaml", "--stop-at", "0"], "--stop-at must be >= 1"),
     (["trace", NO_MODEL, "--data", "moekit:corpus", "--out", "{tmp}/t.trace", "--seq-len", "abc"],
      "Invalid value for '--seq-len'"),
 ]
@@ -308,13 +298,13 @@ def _experts_file(path: Path, entries, **extra) -> str:
 
 @pytest.mark.parametrize("entries,extra,pattern", [
     ([{"layer": "1", "expert": 2, "score": 0.5}], {}, "entry 0 layer must be an integer, got '1'"),
-    ([{"layer": 1, "expert": -2, "score": 0.5}], {}, "entry 0 expert must be at least 0, got -2"),
+    ([{"layer": 1, "expert": -2, "score": 0.5}], {}, "entry 0 expert must be >= 0, got -2"),
     ([{"layer": 1, "score": 0.5}], {}, "entry 0 has no 'expert'"),
     ([{"layer": 1, "expert": 2, "score": "high"}], {}, "entry 0 score must be a number"),
     ([{"layer": 1, "expert": 2, "score": math.nan}], {}, "entry 0 score must be a finite number"),
     ([[1, 2, 0.5]], {}, "entry 0 is not an object"),
     ({"layer": 1}, {}, "is not a moekit experts file"),
-    ([{"layer": 1, "expert": 2, "score": 0.5}], {"top": 0}, "top must be at least 1"),
+    ([{"layer": 1, "expert": 2, "score": 0.5}], {"top": 0}, "top must be >= 1"),
 ])
 def test_steer_files_with_wrong_fields_fail_in_one_line(tmp_path, entries, extra, pattern):
     f = _experts_file(tmp_path / "e.json", entries, **extra)
@@ -495,7 +485,7 @@ def _contract(argv) -> None:
         _one_error(code, err)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(option=st.sampled_from(NUMERIC_OPTIONS), value=number_text)
 def test_fuzz_numeric_options(option, value):
     cmd, name = option
@@ -505,7 +495,7 @@ def test_fuzz_numeric_options(option, value):
     _contract(argv)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(option=st.sampled_from(["--disable", "--force", "--boost", "--bias"]), value=expert_text)
 def test_fuzz_expert_specs(option, value):
     _contract([*BASE["generate"], f"{option}={value}"])

@@ -36,10 +36,10 @@ def integer(name: str, value: object, lo: int | None = None, hi: int | None = No
         value = int(value)
     v = int(value)
     if lo is not None and v < lo:
-        raise MoekitError(f"{name} must be at least {lo}, got {v}" if hi is None
+        raise MoekitError(f"{name} must be >= {lo}, got {v}" if hi is None
                           else f"{name} must be in {_interval(lo, hi)}, got {v}")
     if hi is not None and v > hi:
-        raise MoekitError(f"{name} must be at most {hi}, got {v}" if lo is None
+        raise MoekitError(f"{name} must be <= {hi}, got {v}" if lo is None
                           else f"{name} must be in {_interval(lo, hi)}, got {v}")
     return v
 
