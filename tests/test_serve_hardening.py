@@ -381,6 +381,7 @@ def test_fuzz_every_response_is_200_or_an_openai_4xx(server, chat, data):
     (["--max-body-bytes", "0"], "--max-body-bytes must be at least 1, not 0"),
     (["--max-prompt-tokens", "-3"], "--max-prompt-tokens must be at least 1, not -3"),
     (["--host", "no-such-host.invalid"], "cannot listen on no-such-host.invalid"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
 ])
 def test_bad_serve_options_exit_2_before_loading(tmp_path, capfd, args, message):
     # the model does not exist: an error about it would mean the model was loaded first

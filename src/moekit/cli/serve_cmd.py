@@ -54,6 +54,10 @@ def serve_command(
         raise MoekitError(f"--max-body-bytes must be at least 1, not {max_body_bytes}")
     if max_prompt_tokens is not None and max_prompt_tokens < 1:
         raise MoekitError(f"--max-prompt-tokens must be at least 1, not {max_prompt_tokens}")
+    if device:
+        from moekit.models.loading import check_device
+
+        check_device(device)
     sock = listen(host, port)  # before loading the model: a port in use fails at once
     port = sock.getsockname()[1]
     if not is_loopback(host):
