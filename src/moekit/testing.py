@@ -42,14 +42,177 @@ _CONFIGS: dict[str, dict] = {
 }
 
 
+# ---- every MoE architecture of the installed transformers ------------------------------------------
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts",
+                     "n_experts", "moe_num_routed_experts")
+TOP_K_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_top_k", "moe_k", "top_k_experts",
+              "num_selected_experts")
+LAYER_COUNT_KEYS = ("num_hidden_layers", "num_layers", "n_layers")
+
+# generic shrink: every key the config class has gets the small value (derived from hidden size 32)
+_SHRINK = dict(
+    vocab_size=128, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8, kv_channels=8,
+    intermediate_size=48, intermediate_size_mlp=48, ffn_hidden_size=48, dense_intermediate_size=48,
+    moe_intermediate_size=16, expert_ffn_hidden_size=16, shared_expert_intermediate_size=24,
+    shared_intermediate_size=24, moe_shared_expert_intermediate_size=24, router_hidden_size=16,
+    max_position_embeddings=256, model_max_length=256, tie_word_embeddings=False,
+    kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, qk_head_dim=16,
+    linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+    linear_head_dim=8, linear_num_heads=4, mamba_n_heads=8, mamba_d_head=8, mamba_d_state=8, mamba_dt_rank=8,
+    mamba_num_heads=8, mamba_head_dim=8, ssm_state_size=8, mamba_chunk_size=16, chunk_size=16, n_groups=1,
+    mamba_n_groups=1, sliding_window=64, attention_chunk_size=64, index_n_heads=2, index_head_dim=8,
+    index_topk=8, first_k_dense_replace=1, num_dense_layers=1, n_group=4, num_expert_group=4, topk_group=2,
+    num_nextn_predict_layers=0, zero_expert_num=2, layer_group_size=2,
+)
+
+
+def _expert_key(config) -> str | None:
+    """The attribute through which ``config`` declares its number of routed experts, or None."""
+    names = set(config.to_dict())
+    return next((k for k in EXPERT_COUNT_KEYS if k in names), None)
+
+
+def _declares_experts(config) -> bool:
+    if _expert_key(config) is not None:
+        return True
+    return any(hasattr(v, "to_dict") and _expert_key(v) is not None for v in vars(config).values()
+               if not isinstance(v, type))
+
+
+def moe_architectures() -> list[str]:
+    """Every model type of the installed transformers that is an MoE language model: causal-LM config
+    classes that declare an expert count, and the text configs of vision-language MoE models. A new MoE
+    architecture in a future transformers shows up here by itself."""
+    import warnings
+
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    found: set[str] = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for model_type in CONFIG_MAPPING_NAMES:
+            try:
+                config = CONFIG_MAPPING[model_type]()
+            except Exception:  # noqa: BLE001  (configs that need arguments are not language models)
+                continue
+            text = getattr(config, "text_config", None) if "text_config" in config.to_dict() else None
+            if text is not None and hasattr(text, "model_type") and _declares_experts(text):
+                found.add(text.model_type)  # a multimodal model: its text tower is the MoE language model
+            elif model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and _declares_experts(config):
+                found.add(model_type)
+    return sorted(found)
+
+
+def has_causal_lm(arch: str) -> bool:
+    """Whether transformers has a causal-LM class for ``arch`` (text towers of multimodal models do not:
+    ``tiny_model`` builds their base text model, whose output is the last hidden state)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return arch in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+
+def _text_model_class(config) -> type:
+    """The text model class of a multimodal model's text config that no auto mapping lists."""
+    import importlib
+
+    package = type(config).__module__.rsplit(".", 1)[0]
+    module = importlib.import_module(f"{package}.modeling_{package.rsplit('.', 1)[1]}")
+    names = [n for n, c in vars(module).items() if isinstance(c, type) and getattr(c, "config_class", None)
+             is type(config) and n.endswith("Model") and not n.endswith("PreTrainedModel")]
+    if not names:
+        raise ValueError(f"no text model class for {config.model_type} in {module.__name__}")
+    return getattr(module, sorted(names, key=len)[0])
+
+
+def _pattern(values: list, n: int) -> list:
+    """``n`` entries of a per-layer list that keep every distinct kind it has (first occurrences first)."""
+    firsts = sorted({v: i for i, v in reversed(list(enumerate(values)))}.values())
+    picks = firsts + [i for i in range(len(values)) if i not in firsts]
+    return [values[i] for i in sorted(picks[:max(n, len(firsts))])]
+
+
 def tiny_config(arch: str, **overrides):
-    """The config of a tiny random ``arch`` model (see ``TINY_ARCHS``); keyword overrides win."""
+    """The config of a tiny random ``arch`` model; keyword overrides win.
+
+    The hand-tuned architectures of ``TINY_ARCHS`` keep their configs; every other MoE architecture of
+    ``moe_architectures()`` is shrunk generically (small widths, 8 experts, top-2, a few layers keeping
+    every layer kind of hybrid patterns) plus the per-family entries of ``FAMILY_OVERRIDES``.
+    """
     from transformers import AutoConfig
 
-    if arch not in _CONFIGS:
-        raise ValueError(f"no tiny config for {arch!r}; choose from {', '.join(TINY_ARCHS)}")
-    kwargs = {**_COMMON, **_CONFIGS[arch], **overrides}
-    return AutoConfig.for_model(arch, **kwargs)
+    if arch in _CONFIGS:
+        return AutoConfig.for_model(arch, **{**_COMMON, **_CONFIGS[arch], **overrides})
+    return _generic_tiny_config(arch, overrides)
+
+
+def _generic_tiny_config(arch: str, overrides: dict):
+    import warnings
+
+    from transformers import CONFIG_MAPPING
+
+    if arch not in CONFIG_MAPPING:
+        raise ValueError(f"no tiny config for {arch!r}: not a model type of the installed transformers")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        default = CONFIG_MAPPING[arch]()
+    d = default.to_dict()
+    family = FAMILY_OVERRIDES.get(arch, {})
+    kwargs = {k: v for k, v in _SHRINK.items() if k in d}
+    for k in EXPERT_COUNT_KEYS:
+        if k in d:
+            kwargs[k] = 8
+    for k in TOP_K_KEYS:
+        if k in d and (d[k] is None or isinstance(d[k], int)):
+            kwargs[k] = 2
+    n_layers = family.get("layers", 4)
+    old_n = next((d[k] for k in LAYER_COUNT_KEYS if isinstance(d.get(k), int)), None)
+    for k in LAYER_COUNT_KEYS:
+        if isinstance(d.get(k), int):
+            kwargs[k] = n_layers
+    for k, v in d.items():  # per-layer patterns (attention kind, dense/sparse MLP): keep every kind
+        if isinstance(v, list) and old_n and len(v) == old_n and k not in family and k != "moe_layers":
+            kwargs[k] = _pattern(v, n_layers)
+    if "kv_lora_rank" in d:  # multi-head latent attention: as many key/value heads as query heads
+        kwargs["num_key_value_heads"] = kwargs.get("num_attention_heads", 4)
+    for k, small in (("pad_token_id", 0), ("bos_token_id", 1), ("eos_token_id", 2)):
+        if isinstance(d.get(k), int) and d[k] >= _SHRINK["vocab_size"]:
+            kwargs[k] = small
+    kwargs.update({k: v for k, v in family.items() if k != "layers"})
+    kwargs.update(overrides)
+    if any(k in kwargs and isinstance(kwargs[k], list) for k in ("layer_types", "layers_block_type")):
+        for k in LAYER_COUNT_KEYS:
+            pattern = kwargs.get("layer_types", kwargs.get("layers_block_type"))
+            if k in kwargs and k not in overrides and k not in family:
+                kwargs[k] = len(pattern)
+    return type(default)(**kwargs)
+
+
+# Per-family entries on top of the generic shrink (only what the generic rule cannot derive).
+FAMILY_OVERRIDES: dict[str, dict] = {
+    "dbrx": dict(d_model=32, n_heads=4, n_layers=3, max_seq_len=256, attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+                 ffn_config=dict(ffn_hidden_size=16, moe_num_experts=8, moe_top_k=2)),
+    "doge": dict(is_moe=True, num_experts=16, num_experts_per_tok=2),  # experts are a product-key bank
+    "gemma4_text": dict(enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=16,
+                        hidden_size_per_layer_input=8, vocab_size_per_layer_input=128),
+    "granitemoehybrid": dict(layer_types=["mamba", "attention", "mamba", "attention"]),
+    "jamba": dict(attn_layer_period=4, attn_layer_offset=2, expert_layer_period=2, expert_layer_offset=1,
+                  use_mamba_kernels=False),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv", "full_attention"]),
+    "nemotron_h": dict(layers_block_type=["mamba", "moe", "attention", "moe"], n_group=1, topk_group=1),
+    "ernie4_5_vl_moe_text": dict(moe_intermediate_size=[16, 16], rope_parameters=dict(
+        rope_theta=500000.0, rope_type="default", mrope_section=[1, 1, 2])),
+    "glm4v_moe_text": dict(rope_parameters=dict(rope_theta=10000.0, partial_rotary_factor=0.5, rope_type="default",
+                                                mrope_section=[1, 1, 0])),
+    "hy_v4_vl_text": dict(rope_parameters=dict(rope_theta=10000.0, rope_type="default", mrope_section=[2, 1, 1])),
+    "deepseek_ocr2_text": dict(mlp_layer_types=["dense", "sparse", "sparse", "sparse"]),
+    "glm5_next_text": dict(index_topk=16, qk_rope_head_dim=0),
+    "mistral_large4_text": dict(kv_source_layers=[0, 1, 2, 3]),
+    "qwen4_exp_text": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=16,
+                           indexer_compress_ratio=4),
+    "zaya": dict(num_experts_per_tok=1),
+}
 
 
 def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
@@ -58,11 +221,17 @@ def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, **o
     Router weights are drawn larger than the default init so that routing is decisive (random
     routers with near-zero logits make every top-k tie-prone and tests meaningless).
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM
 
     config = tiny_config(arch, **overrides)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if has_causal_lm(arch):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:  # a multimodal model's text tower
+        try:
+            model = AutoModel.from_config(config, dtype=dtype)
+        except ValueError:
+            model = _text_model_class(config)._from_config(config, dtype=dtype)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
