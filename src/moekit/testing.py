@@ -212,6 +212,7 @@ FAMILY_OVERRIDES: dict[str, dict] = {
     "qwen4_exp_text": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=16,
                            indexer_compress_ratio=4),
     "zaya": dict(num_experts_per_tok=1),
+    "llama4_text": dict(num_experts_per_tok=1),  # Llama 4 routes top-1
 }
 
 

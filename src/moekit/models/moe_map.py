@@ -18,6 +18,7 @@ from torch import nn
 from moekit.errors import NotAnMoEModel, UnsupportedArchitecture
 from moekit.models.rules import (
     Rule,
+    ScoredTopK,
     SigmoidGroup,
     SoftmaxGroupMax,
     SoftmaxTopK,
@@ -35,8 +36,17 @@ class ArchSpec:
     block_attr: str                      # attribute of the decoder layer holding the MoE block
     router_attr: str                     # attribute of the block holding the router
     shared_attrs: tuple[str, ...] = ()   # always-on shared experts (and their gate)
-    make_rule: Callable[[nn.Module, object], Rule] = SoftmaxTopK
-    expert_layout: str = "fused"         # "fused": gate_up [E,2I,H], down [E,H,I]; "gpt_oss": transposed+interleaved
+    make_rule: Callable[..., Rule] = SoftmaxTopK   # (router, config) or, with rule_needs_block, (router, config, block)
+    expert_layout: str = "fused"         # "fused": gate_up [E,2I,H], down [E,H,I]; "gpt_oss": transposed+interleaved;
+                                         # "transposed": gate_up [E,H,2I] halves, down [E,I,H]; "none": no bank view
+    router_weight: str = "weight"        # dotted path (in the router) of the weight that computes the logits
+    router_io: str = "triple"            # "triple": router returns (logits, weights, ids); "dense_scores": Llama 4's
+                                         # (scores [T,E], logits); "logits": router returns logits and the block's
+                                         # ``route_tokens_to_experts`` selects (DBRX)
+    rule_needs_block: bool = False
+    zero_experts: Callable[[object], int] | None = None  # identity experts after the real ones (LongCat-Flash)
+    layers_path: str = "model.layers"    # where the decoder layers live
+    note: str = ""                       # what is special about this architecture (support table)
 
 
 ARCHITECTURES: Registry[ArchSpec] = Registry("architecture")
@@ -67,6 +77,75 @@ _register(ArchSpec("granitemoe", "block_sparse_moe", "router", make_rule=TopKSof
 _register(ArchSpec("phimoe", "mlp", "router", make_rule=SparseMixer))
 
 
+# --- 2025-26 architectures: each rule read from the model's modeling file in transformers 5.24 ----------
+def _block_bias(attr: str):
+    return lambda block: getattr(block, attr)
+
+
+def _minimax_m2_rule(router, config, block) -> Rule:
+    # MiniMaxM2TopKRouter: sigmoid; the block's e_score_correction_bias for selection; renorm; no scaling
+    return ScoredTopK(router, config, score="sigmoid", bias=block.e_score_correction_bias, renormalize=True)
+
+
+def _afmoe_rule(router, config, block) -> Rule:
+    # AfmoeTokenChoiceRouter: sigmoid; the block's expert_bias for selection; renorm; × route_scale
+    return ScoredTopK(router, config, score="sigmoid", bias=block.expert_bias, renormalize=True,
+                      scaling=float(router.route_scale))
+
+
+def _lfm2_moe_rule(router, config, block) -> Rule:
+    # Lfm2MoeTopKRouter: sigmoid; expert_bias (if used) for selection; renorm if norm_topk_prob; × scaling
+    bias = block.expert_bias if router.use_expert_bias else None
+    return ScoredTopK(router, config, score="sigmoid", bias=bias, renormalize=bool(router.norm_topk_prob),
+                      scaling=float(router.routed_scaling_factor))
+
+
+def _ernie_rule(router, config) -> Rule:
+    # Ernie4_5_MoeTopKRouter: softmax; moe_statics.e_score_correction_bias for selection; renorm
+    return ScoredTopK(router, config, score="softmax", bias=router.moe_statics.e_score_correction_bias,
+                      renormalize=True)
+
+
+def _longcat_rule(router, config) -> Rule:
+    # LongcatFlashTopkRouter: softmax over real + zero experts; e_score_correction_bias for selection; × scaling
+    return ScoredTopK(router, config, score="softmax", bias=router.e_score_correction_bias, renormalize=False,
+                      scaling=float(router.routed_scaling_factor))
+
+
+def _llama4_rule(router, config) -> Rule:
+    # Llama4Router: top-k of the logits, weight sigmoid(logit) (no renorm); the block scales the expert's input
+    return ScoredTopK(router, config, score="sigmoid", renormalize=False)
+
+
+def _dbrx_rule(router, config, block) -> Rule | None:
+    # DbrxFFN.route_tokens_to_experts: softmax → top-k → divided by the p-norm of the top-k weights
+    p = block.moe_normalize_expert_weights
+    if p is not None and float(p) != 1.0:
+        return None  # another p-norm: record only
+    rule = SoftmaxTopK(router, config, renormalize=p is not None)
+    rule.top_k = int(block.top_k)
+    return rule
+
+
+_register(ArchSpec("minimax_m2", "mlp", "gate", make_rule=_minimax_m2_rule, rule_needs_block=True))
+_register(ArchSpec("afmoe", "mlp", "router", shared_attrs=("shared_experts",), make_rule=_afmoe_rule,
+                   rule_needs_block=True, router_weight="gate.weight"))
+_register(ArchSpec("lfm2_moe", "feed_forward", "gate", make_rule=_lfm2_moe_rule, rule_needs_block=True))
+_register(ArchSpec("ernie4_5_moe", "mlp", "gate", shared_attrs=("shared_experts",), make_rule=_ernie_rule))
+_register(ArchSpec("hunyuan_v1_moe", "mlp", "gate", shared_attrs=("shared_mlp",), router_weight="wg.weight",
+                   make_rule=lambda r, c: SoftmaxTopK(r, c, renormalize=True),
+                   note="shared MLP always on; routed experts behind its own gate (softmax, renorm)"))
+_register(ArchSpec("longcat_flash", "mlp", "router", make_rule=_longcat_rule, router_weight="classifier.weight",
+                   zero_experts=lambda config: int(config.zero_expert_num or 0),
+                   note="zero-computation experts: ids ≥ n_routed_experts return their input × weight"))
+_register(ArchSpec("llama4_text", "feed_forward", "router", shared_attrs=("shared_expert",), make_rule=_llama4_rule,
+                   router_io="dense_scores", expert_layout="transposed",
+                   note="router score multiplies the expert's input; experts run densely over all E"))
+_register(ArchSpec("dbrx", "ffn", "router", make_rule=_dbrx_rule, rule_needs_block=True, router_io="logits",
+                   router_weight="layer.weight", expert_layout="none", layers_path="transformer.blocks",
+                   note="experts stored as 2-D w1/v1/w2 (no per-expert weight views)"))
+
+
 @dataclass
 class MoELayerView:
     """One MoE layer: the real submodules of the HF model plus what moekit knows about them."""
@@ -78,11 +157,24 @@ class MoELayerView:
     shared: dict[str, nn.Module]
     rule: Rule | None               # None: layout understood, rule unknown (no routing control)
     expert_layout: str = "fused"
+    logit_weight: torch.Tensor | None = None  # the weight computing the router logits (default: router.weight)
+    router_io: str = "triple"
+    zero_experts: int = 0           # identity experts at the end of the id range (LongCat-Flash)
     _controlled: bool = field(default=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.logit_weight is None:
+            self.logit_weight = self.router.weight
 
     @property
     def num_experts(self) -> int:
-        return int(self.experts.num_experts)
+        """Routing choices per token (rows of the router), zero-computation experts included."""
+        return int(self.logit_weight.shape[0])
+
+    @property
+    def hook_target(self) -> tuple[nn.Module, str]:
+        """The module and method whose output carries the routing decision (what ``RouterHook`` wraps)."""
+        return (self.block, "route_tokens_to_experts") if self.router_io == "logits" else (self.router, "forward")
 
     @property
     def top_k(self) -> int:
@@ -98,11 +190,13 @@ class MoELayerView:
 
     @property
     def hidden_size(self) -> int:
-        return int(self.router.weight.shape[1])
+        return int(self.logit_weight.shape[1])
 
     @property
     def intermediate_size(self) -> int:
-        return int(self.experts.down_proj.shape[1 if self.expert_layout == "gpt_oss" else 2])
+        if self.expert_layout == "none":
+            return int(self.experts.ffn_hidden_size)
+        return int(self.experts.down_proj.shape[1 if self.expert_layout in ("gpt_oss", "transposed") else 2])
 
     @property
     def has_bias(self) -> bool:
@@ -111,9 +205,16 @@ class MoELayerView:
     def expert_weights(self, e: int) -> dict[str, torch.Tensor]:
         """Views (no copy) of expert ``e``'s weights in ``nn.Linear`` (out, in) convention:
         ``gate`` [I,H], ``up`` [I,H], ``down`` [H,I], plus ``*_bias`` where the architecture has them."""
-        if not 0 <= e < self.num_experts:
-            raise IndexError(f"expert {e} out of range for layer {self.index} ({self.num_experts} experts)")
+        if not 0 <= e < self.num_experts - self.zero_experts:
+            raise IndexError(f"expert {e} out of range for layer {self.index} "
+                             f"({self.num_experts - self.zero_experts} experts with weights)")
         ex = self.experts
+        if self.expert_layout == "none":
+            raise UnsupportedArchitecture(f"{type(ex).__name__} keeps its experts in a layout without per-expert views")
+        if self.expert_layout == "transposed":
+            gu = ex.gate_up_proj[e]  # [H, 2I], gate then up along the last axis
+            width = gu.shape[1] // 2
+            return {"gate": gu[:, :width].T, "up": gu[:, width:].T, "down": ex.down_proj[e].T}
         if self.expert_layout == "gpt_oss":
             gu = ex.gate_up_proj[e]  # [H, 2I], gate/up interleaved along the last axis
             out = {"gate": gu[:, 0::2].T, "up": gu[:, 1::2].T, "down": ex.down_proj[e].T}
@@ -127,6 +228,8 @@ class MoELayerView:
 
     def expert_param_count(self) -> int:
         """Parameters of one routed expert."""
+        if self.expert_layout == "none":
+            return 3 * self.hidden_size * self.intermediate_size
         return sum(t.numel() for t in self.expert_weights(0).values())
 
 
@@ -169,32 +272,36 @@ class MoEMap:
     def param_counts(self, model: nn.Module) -> dict[str, int]:
         """Total and active (per token) parameters; shared experts count as active."""
         total = sum(p.numel() for p in model.parameters())
-        routed = sum(view.num_experts * view.expert_param_count() for view in self.layers)
+        routed = sum((view.num_experts - view.zero_experts) * view.expert_param_count() for view in self.layers)
         active_routed = sum(view.top_k * view.expert_param_count() for view in self.layers)
         return {"total": total, "routed_experts": routed, "active": total - routed + active_routed}
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
-    """The decoder layer list of a causal LM (``model.model.layers`` in every HF decoder)."""
-    base = getattr(model, "model", model)
-    layers = getattr(base, "layers", None)
-    return layers if isinstance(layers, nn.ModuleList) else None
+def decoder_layers(model: nn.Module, path: str = "model.layers") -> nn.ModuleList | None:
+    """The decoder layer list of a causal LM (``model.model.layers`` in almost every HF decoder; a text
+    model without an LM head has its ``layers`` at the top)."""
+    for candidate in (path, path.split(".", 1)[-1]):
+        layers = model
+        for part in candidate.split("."):
+            layers = getattr(layers, part, None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    return None
 
 
 def _is_expert_bank(m: nn.Module | None) -> bool:
-    return m is not None and hasattr(m, "num_experts") and isinstance(getattr(m, "down_proj", None), torch.Tensor) \
-        and m.down_proj.dim() == 3
+    return m is not None and isinstance(getattr(m, "down_proj", None), torch.Tensor) and m.down_proj.dim() == 3
 
 
 def build_moe_map(model: nn.Module) -> MoEMap:
     """Map every MoE layer of ``model``; raises NotAnMoEModel / UnsupportedArchitecture."""
     config = model.config
     model_type = getattr(config, "model_type", type(model).__name__)
-    layers = decoder_layers(model)
+    spec = ARCHITECTURES._items.get(model_type)
+    layers = decoder_layers(model, spec.layers_path if spec else "model.layers")
     supported = ", ".join(ARCHITECTURES.names())
     if layers is None:
         raise NotAnMoEModel(f"{model_type} has no decoder layer list moekit can read; supported: {supported}")
-    spec = ARCHITECTURES._items.get(model_type)
     views = []
     for i, layer in enumerate(layers):
         view = _view_from_spec(i, layer, spec, config) if spec else _generic_view(i, layer, config)
@@ -210,14 +317,25 @@ def build_moe_map(model: nn.Module) -> MoEMap:
     return MoEMap(model_type=model_type, layers=views, num_decoder_layers=len(layers), generic=spec is None)
 
 
+def _attr_path(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
 def _view_from_spec(i: int, layer: nn.Module, spec: ArchSpec, config) -> MoELayerView | None:
     block = getattr(layer, spec.block_attr, None)
     experts = getattr(block, "experts", None)
     router = getattr(block, spec.router_attr, None)
-    if not _is_expert_bank(experts) or router is None:
+    weight = _attr_path(router, spec.router_weight)
+    if experts is None or not isinstance(weight, torch.Tensor):
         return None  # a dense layer (DeepSeek first_k_dense_replace, Qwen mlp_only_layers)
+    if spec.expert_layout != "none" and not _is_expert_bank(experts):
+        return None
     shared = {a: getattr(block, a) for a in spec.shared_attrs if getattr(block, a, None) is not None}
-    return MoELayerView(i, block, router, experts, shared, spec.make_rule(router, config), spec.expert_layout)
+    rule = spec.make_rule(router, config, block) if spec.rule_needs_block else spec.make_rule(router, config)
+    return MoELayerView(i, block, router, experts, shared, rule, spec.expert_layout, logit_weight=weight,
+                        router_io=spec.router_io, zero_experts=spec.zero_experts(config) if spec.zero_experts else 0)
 
 
 def _sigmoid_group_candidate(router: nn.Module, config) -> Rule | None:
@@ -241,22 +359,33 @@ def _generic_view(i: int, layer: nn.Module, config) -> MoELayerView | None:
         if not _is_expert_bank(experts):
             continue
         router = next((getattr(block, a) for a in ("gate", "router") if hasattr(block, a)), None)
-        if router is None or not isinstance(getattr(router, "weight", None), torch.Tensor):
+        weight = _router_weight(router)
+        if weight is None:
             continue
         layout = "gpt_oss" if getattr(experts, "is_transposed", False) else "fused"
         shared = {n: m for n, m in block.named_children() if "shared" in n}
-        return MoELayerView(i, block, router, experts, shared, _verified_rule(router, config), layout)
+        return MoELayerView(i, block, router, experts, shared, _verified_rule(router, config, weight), layout,
+                            logit_weight=weight)
+    return None
+
+
+def _router_weight(router: nn.Module | None) -> torch.Tensor | None:
+    """The [E, H] weight a router computes its logits with (its own, or that of its one linear layer)."""
+    for path in ("weight", "gate.weight", "wg.weight", "classifier.weight", "layer.weight", "linear.weight"):
+        w = _attr_path(router, path) if router is not None else None
+        if isinstance(w, torch.Tensor) and w.dim() == 2:
+            return w
     return None
 
 
 @torch.no_grad()
-def _verified_rule(router: nn.Module, config) -> Rule | None:
+def _verified_rule(router: nn.Module, config, weight: torch.Tensor) -> Rule | None:
     """The known rule whose output equals the router's own on random inputs, or None."""
     if not hasattr(router, "top_k") and not hasattr(config, "num_experts_per_tok"):
         return None
-    H = router.weight.shape[1]
+    H = weight.shape[1]
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(64, H, generator=gen).to(router.weight.dtype)
+    x = torch.randn(64, H, generator=gen).to(weight.dtype)
     try:
         out = router(x)
     except Exception:

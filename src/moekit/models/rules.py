@@ -44,7 +44,7 @@ class Rule:
     name = "rule"
 
     def __init__(self, router: torch.nn.Module, config) -> None:
-        self.top_k = int(getattr(router, "top_k", None) or config.num_experts_per_tok)
+        self.top_k = int(getattr(router, "top_k", None) or getattr(config, "num_experts_per_tok", 0) or 0)
 
     # --- pieces an architecture defines ---------------------------------------------------------
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
@@ -295,3 +295,61 @@ class SparseMixer(Rule):
 
     def describe(self) -> str:
         return f"sparsemixer (sequential top-k, jitter {self.eps:g})"
+
+
+@RULES.register("scored_topk")
+class ScoredTopK(Rule):
+    """A softmax or sigmoid score per expert; optionally a selection-only bias added to it and a group limit;
+    top-k; weights are the unbiased scores of the chosen experts, optionally renormalised, × scaling.
+
+    One parametrised rule for the routers of 2025-26 (MiniMax-M2, AFMoE, LFM2-MoE, ERNIE-4.5, LongCat-Flash,
+    Llama 4): each registry entry in ``models.moe_map`` states its parameters from the modeling code.
+    """
+
+    name = "scored_topk"
+
+    def __init__(self, router, config, *, score: str = "softmax", bias: torch.Tensor | None = None,
+                 renormalize: bool = True, scaling: float = 1.0, n_group: int = 1, topk_group: int = 1,
+                 top_k: int | None = None) -> None:
+        super().__init__(router, config)
+        if top_k is not None:
+            self.top_k = int(top_k)
+        if score not in ("softmax", "sigmoid"):
+            raise ValueError(f"unknown score function {score!r}")
+        self.score = score
+        self.bias = bias
+        self._renorm = bool(renormalize)
+        self.scaling = float(scaling)
+        self.n_group, self.topk_group = int(n_group), int(topk_group)
+
+    @property
+    def renormalize(self) -> bool:
+        return self._renorm
+
+    def scores(self, logits):
+        return torch.softmax(logits.float(), dim=-1) if self.score == "softmax" else logits.float().sigmoid()
+
+    def probs(self, logits):
+        s = self.scores(logits)
+        return s if self.score == "softmax" else s / s.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+
+    def choice(self, scores, logits):
+        return scores if self.bias is None else scores + self.bias.float().reshape(-1)
+
+    def limit_groups(self, choice, k):
+        if self.n_group <= 1:
+            return choice
+        keep = self._kept_groups(choice, self.n_group, self.topk_group, k,
+                                 lambda g: g.topk(min(2, g.shape[-1]), dim=-1)[0].sum(dim=-1))
+        return choice.masked_fill(~keep, NEG_INF)
+
+    def weights(self, scores, logits, ids, valid):
+        w = scores.gather(1, ids).masked_fill(~valid, 0.0)
+        if self._renorm:
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        return w * self.scaling if self.scaling != 1.0 else w
+
+    def describe(self) -> str:
+        s = self.score + (" + selection bias" if self.bias is not None else "") + " → "
+        s += f"group-limited top-k ({self.topk_group}/{self.n_group} groups)" if self.n_group > 1 else "top-k"
+        return s + (" → renorm" if self._renorm else "") + (f" × {self.scaling:g}" if self.scaling != 1.0 else "")

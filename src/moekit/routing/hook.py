@@ -6,6 +6,8 @@ last one exits, so a model outside those contexts runs exactly its own code.
 
 from __future__ import annotations
 
+import torch
+
 from moekit.models.loading import LoadedModel
 from moekit.models.moe_map import MoELayerView, require_rule
 from moekit.routing.control import LayerControl, RoutingControl, merge
@@ -19,6 +21,7 @@ class RouterHook:
         self.controls: list[RoutingControl] = []
         self.recorders: list = []
         self._resolved: dict[int, LayerControl | None] = {}
+        self._inputs: dict = {}
         self._installed = False
 
     # ----- lifecycle --------------------------------------------------------------------------------
@@ -34,12 +37,17 @@ class RouterHook:
         self._resolved = {}
         if (self.controls or self.recorders) and not self._installed:
             for view in self.lm.moe:
-                original = view.router.forward
-                view.router.forward = self._wrap(view, original)
+                module, name = view.hook_target
+                setattr(module, name, self._wrap(view, getattr(module, name)))
+                if view.router_io == "logits":  # keep the router's input for recorders of "hidden"
+                    view.router.forward = self._keep_input(view, view.router.forward)
             self._installed = True
         elif not (self.controls or self.recorders) and self._installed:
             for view in self.lm.moe:
-                del view.router.forward  # drop the instance attribute; the class method is back
+                module, name = view.hook_target
+                delattr(module, name)  # drop the instance attribute; the class method is back
+                if view.router_io == "logits":
+                    del view.router.forward
             self._installed = False
 
     def push_control(self, control: RoutingControl) -> None:
@@ -65,10 +73,17 @@ class RouterHook:
             self._resolved[view.index] = None if merged.is_empty() else LayerControl.resolve(merged, view, device)
         return self._resolved[view.index]
 
+    def _keep_input(self, view: MoELayerView, original):
+        def forward(hidden_states, *args, **kwargs):
+            self._inputs[view.index] = hidden_states
+            return original(hidden_states, *args, **kwargs)
+
+        return forward
+
     def _wrap(self, view: MoELayerView, original):
         def forward(hidden_states, *args, **kwargs):
             out = original(hidden_states, *args, **kwargs)
-            logits, weights, ids = out[0], out[1], out[2]
+            logits, weights, ids, hidden = _decode(view, hidden_states, out, self._inputs)
             valid = None
             ctrl = self.layer_control(view, logits.device) if self.controls else None
             if ctrl is not None:
@@ -80,10 +95,30 @@ class RouterHook:
                 if ctrl.scale is not None:
                     w = w * ctrl.scale[sel.ids]
                 weights, ids, valid = w.to(weights.dtype), sel.ids, sel.valid
-                out = (logits, weights, ids, *out[3:])
+                out = _encode(view, out, logits, weights, ids)
             for rec in self.recorders:
-                rec.on_router(view, hidden_states, logits, weights, ids, valid)
+                rec.on_router(view, hidden, logits, weights, ids, valid)
             return out
 
         return forward
 
+
+def _decode(view: MoELayerView, first_arg, out, inputs: dict):
+    """(logits, weights [T,k], ids [T,k], router input) from what the hooked method returned."""
+    if view.router_io == "dense_scores":  # Llama 4: (scores [T,E] with the sigmoid of the top-k, logits)
+        scores, logits = out[0], out[1]
+        ids = torch.topk(logits, view.rule.top_k if view.rule else view.router.top_k, dim=1)[1]
+        return logits, scores.gather(1, ids), ids, first_arg
+    if view.router_io == "logits":  # DBRX: route_tokens_to_experts(logits) -> (weights, ids)
+        return first_arg, out[0], out[1], inputs.get(view.index, first_arg)
+    return out[0], out[1], out[2], first_arg
+
+
+def _encode(view: MoELayerView, out, logits, weights, ids):
+    """The hooked method's output carrying the new selection."""
+    if view.router_io == "dense_scores":
+        dense = torch.zeros(logits.shape, dtype=weights.dtype, device=weights.device)
+        return (dense.scatter_add(1, ids, weights), *out[1:])  # empty slots add weight 0
+    if view.router_io == "logits":
+        return (weights, ids, *out[2:])
+    return (logits, weights, ids, *out[3:])
