@@ -196,6 +196,7 @@ FAMILY_OVERRIDES: dict[str, dict] = {
     "doge": dict(is_moe=True, num_experts=16, num_experts_per_tok=2),  # experts are a product-key bank
     "gemma4_text": dict(enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=16,
                         hidden_size_per_layer_input=8, vocab_size_per_layer_input=128),
+    "diffusion_gemma_text": dict(enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=16),
     "granitemoehybrid": dict(layer_types=["mamba", "attention", "mamba", "attention"]),
     "jamba": dict(attn_layer_period=4, attn_layer_offset=2, expert_layer_period=2, expert_layer_offset=1,
                   use_mamba_kernels=False),
@@ -213,6 +214,7 @@ FAMILY_OVERRIDES: dict[str, dict] = {
                            indexer_compress_ratio=4),
     "zaya": dict(num_experts_per_tok=1),
     "llama4_text": dict(num_experts_per_tok=1),  # Llama 4 routes top-1
+    "afmoe": dict(route_scale=2.0),
 }
 
 

@@ -41,7 +41,8 @@ class ArchSpec:
                                          # "transposed": gate_up [E,H,2I] halves, down [E,I,H]; "none": no bank view
     router_weight: str = "weight"        # dotted path (in the router) of the weight that computes the logits
     router_io: str = "triple"            # "triple": router returns (logits, weights, ids); "dense_scores": Llama 4's
-                                         # (scores [T,E], logits); "logits": router returns logits and the block's
+                                         # (scores [T,E], logits); "probs": (probabilities, weights, ids) (Gemma 4);
+                                         # "logits": router returns logits and the block's
                                          # ``route_tokens_to_experts`` selects (DBRX)
     rule_needs_block: bool = False
     zero_experts: Callable[[object], int] | None = None  # identity experts after the real ones (LongCat-Flash)
@@ -127,6 +128,12 @@ def _dbrx_rule(router, config, block) -> Rule | None:
     return rule
 
 
+def _gemma4_rule(router, config) -> Rule:
+    # Gemma4TextRouter: softmax → top-k → renorm → × per_expert_scale[id]; it returns probabilities, not logits
+    return ScoredTopK(router, config, score="softmax", renormalize=True, top_k=int(config.top_k_experts),
+                      expert_scale=router.per_expert_scale)
+
+
 _register(ArchSpec("minimax_m2", "mlp", "gate", make_rule=_minimax_m2_rule, rule_needs_block=True))
 _register(ArchSpec("afmoe", "mlp", "router", shared_attrs=("shared_experts",), make_rule=_afmoe_rule,
                    rule_needs_block=True, router_weight="gate.weight"))
@@ -141,6 +148,13 @@ _register(ArchSpec("longcat_flash", "mlp", "router", make_rule=_longcat_rule, ro
 _register(ArchSpec("llama4_text", "feed_forward", "router", shared_attrs=("shared_expert",), make_rule=_llama4_rule,
                    router_io="dense_scores", expert_layout="transposed",
                    note="router score multiplies the expert's input; experts run densely over all E"))
+for _gemma in ("gemma4_text", "diffusion_gemma_text"):
+    _register(ArchSpec(_gemma, "", "router", shared_attrs=("mlp",), make_rule=_gemma4_rule, router_io="probs",
+                       router_weight="proj.weight",
+                       note="MoE block beside the dense MLP in each layer (enable_moe_block); router on a normed input"))
+_register(ArchSpec("ernie4_5_vl_moe_text", "mlp.text_moe", "gate", shared_attrs=("mlp.shared_experts",),
+                   make_rule=_ernie_rule,
+                   note="text experts (text_moe); the vision experts only see image/video tokens"))
 _register(ArchSpec("dbrx", "ffn", "router", make_rule=_dbrx_rule, rule_needs_block=True, router_io="logits",
                    router_weight="layer.weight", expert_layout="none", layers_path="transformer.blocks",
                    note="experts stored as 2-D w1/v1/w2 (no per-expert weight views)"))
@@ -318,13 +332,14 @@ def build_moe_map(model: nn.Module) -> MoEMap:
 
 
 def _attr_path(obj, path: str):
+    """``obj.a.b`` for ``path`` "a.b" (None where a part is missing)."""
     for part in path.split("."):
         obj = getattr(obj, part, None)
     return obj
 
 
 def _view_from_spec(i: int, layer: nn.Module, spec: ArchSpec, config) -> MoELayerView | None:
-    block = getattr(layer, spec.block_attr, None)
+    block = _attr_path(layer, spec.block_attr) if spec.block_attr else layer
     experts = getattr(block, "experts", None)
     router = getattr(block, spec.router_attr, None)
     weight = _attr_path(router, spec.router_weight)
@@ -332,7 +347,9 @@ def _view_from_spec(i: int, layer: nn.Module, spec: ArchSpec, config) -> MoELaye
         return None  # a dense layer (DeepSeek first_k_dense_replace, Qwen mlp_only_layers)
     if spec.expert_layout != "none" and not _is_expert_bank(experts):
         return None
-    shared = {a: getattr(block, a) for a in spec.shared_attrs if getattr(block, a, None) is not None}
+    # shared modules: names in the block, or dotted paths from the decoder layer
+    shared = {a: _attr_path(layer if "." in a else block, a) for a in spec.shared_attrs}
+    shared = {a: m for a, m in shared.items() if m is not None}
     rule = spec.make_rule(router, config, block) if spec.rule_needs_block else spec.make_rule(router, config)
     return MoELayerView(i, block, router, experts, shared, rule, spec.expert_layout, logit_weight=weight,
                         router_io=spec.router_io, zero_experts=spec.zero_experts(config) if spec.zero_experts else 0)

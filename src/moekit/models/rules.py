@@ -310,7 +310,7 @@ class ScoredTopK(Rule):
 
     def __init__(self, router, config, *, score: str = "softmax", bias: torch.Tensor | None = None,
                  renormalize: bool = True, scaling: float = 1.0, n_group: int = 1, topk_group: int = 1,
-                 top_k: int | None = None) -> None:
+                 top_k: int | None = None, expert_scale: torch.Tensor | None = None) -> None:
         super().__init__(router, config)
         if top_k is not None:
             self.top_k = int(top_k)
@@ -321,6 +321,7 @@ class ScoredTopK(Rule):
         self._renorm = bool(renormalize)
         self.scaling = float(scaling)
         self.n_group, self.topk_group = int(n_group), int(topk_group)
+        self.expert_scale = expert_scale  # a learned factor per expert on its final weight (Gemma 4)
 
     @property
     def renormalize(self) -> bool:
@@ -347,9 +348,13 @@ class ScoredTopK(Rule):
         w = scores.gather(1, ids).masked_fill(~valid, 0.0)
         if self._renorm:
             w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        if self.expert_scale is not None:
+            w = w * self.expert_scale.float()[ids]
         return w * self.scaling if self.scaling != 1.0 else w
 
     def describe(self) -> str:
         s = self.score + (" + selection bias" if self.bias is not None else "") + " → "
         s += f"group-limited top-k ({self.topk_group}/{self.n_group} groups)" if self.n_group > 1 else "top-k"
-        return s + (" → renorm" if self._renorm else "") + (f" × {self.scaling:g}" if self.scaling != 1.0 else "")
+        s += " → renorm" if self._renorm else ""
+        s += " × per-expert scale" if self.expert_scale is not None else ""
+        return s + (f" × {self.scaling:g}" if self.scaling != 1.0 else "")

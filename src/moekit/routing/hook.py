@@ -111,6 +111,8 @@ def _decode(view: MoELayerView, first_arg, out, inputs: dict):
         return logits, scores.gather(1, ids), ids, first_arg
     if view.router_io == "logits":  # DBRX: route_tokens_to_experts(logits) -> (weights, ids)
         return first_arg, out[0], out[1], inputs.get(view.index, first_arg)
+    if view.router_io == "probs":  # Gemma 4: softmax probabilities in place of logits (log p: the same softmax)
+        return out[0].float().log(), out[1], out[2], first_arg
     return out[0], out[1], out[2], first_arg
 
 
@@ -121,4 +123,6 @@ def _encode(view: MoELayerView, out, logits, weights, ids):
         return (dense.scatter_add(1, ids, weights), *out[1:])  # empty slots add weight 0
     if view.router_io == "logits":
         return (weights, ids, *out[2:])
+    if view.router_io == "probs":
+        return (out[0], weights, ids, *out[3:])
     return (logits, weights, ids, *out[3:])
