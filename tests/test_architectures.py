@@ -333,3 +333,22 @@ def test_offloaded_greedy_equals_in_memory(arch):
 def test_every_feature_is_known():
     for s in SUPPORT.values():
         assert set(s.limits) <= set(FEATURES), s.model_type
+
+
+@pytest.mark.parametrize("arch", sorted(a for a, s in SUPPORT.items() if {"prune", "offload"} & set(s.limits)
+                                        and a in ARCHS and has_causal_lm(a) and not s.unsupported))
+def test_writer_and_offload_refuse_cleanly(arch, tmp_path):
+    """Where the writer or the offload engine cannot work, they say so with UnsupportedArchitecture."""
+    from moekit.compress.writer import write_pruned
+    from moekit.serve import offload
+
+    lm = lm_of(arch)
+    s = SUPPORT[arch]
+    if "prune" in s.limits:
+        with pytest.raises(UnsupportedArchitecture, match="not supported for this architecture yet"):
+            write_pruned(lm, {v.index: list(range(v.num_experts - 1)) for v in lm.moe}, tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+    if "offload" in s.limits:
+        with pytest.raises(UnsupportedArchitecture, match="not supported for this architecture yet"):
+            with offload(lm, policy="lru", slots=2):
+                pass

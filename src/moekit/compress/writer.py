@@ -36,7 +36,7 @@ from moekit.io import atomic_output_dir
 from moekit.models.loading import LoadedModel
 from moekit.models.moe_map import MoELayerView
 
-EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
+EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 METADATA_FILE = "moekit_compression.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json")
@@ -109,7 +109,7 @@ def plan_config(lm: LoadedModel, kept: Mapping[int, list[int]]):
         notes["padded_experts"] = {str(li): n for li, n in padded.items()}
     for f in expert_count_fields(config):
         setattr(config, f, new_e)
-    k = int(config.num_experts_per_tok)
+    k = int(getattr(config, "num_experts_per_tok", lm.moe.layers[0].top_k))
     if k > new_e:
         config.num_experts_per_tok = new_e
         notes["num_experts_per_tok"] = f"lowered from {k} to {new_e}"
@@ -153,11 +153,20 @@ def pruned_state_dict(lm: LoadedModel, kept: Mapping[int, list[int]], new_e: int
         idx = torch.tensor(ids, dtype=torch.long)
         pad = new_e - len(ids)
         dis = disable_param(view)
-        for mod, is_router in ((view.experts, False), (view.router, True)):
+        # the experts, the router and the block's own per-expert tensors (a selection bias kept on the block)
+        block_own = {n: t for n, t in [*view.block.named_parameters(recurse=False),
+                                       *view.block.named_buffers(recurse=False)]}
+        for mod, is_router, tensors in ((view.experts, False, None), (view.router, True, None),
+                                        (view.block, True, block_own)):
             prefix = names[id(mod)]
-            for pname, t in list(mod.state_dict().items()):
+            for pname, t in list((tensors if tensors is not None else mod.state_dict()).items()):
                 key = f"{prefix}.{pname}"
-                if t.dim() == 0 or t.shape[0] != view.num_experts:
+                if key not in sd or t.dim() == 0:
+                    continue
+                if t.dim() == 2 and t.shape == (1, view.num_experts):  # [1, E] (ERNIE-4.5's selection bias)
+                    sd[key] = t.index_select(1, idx.to(t.device)).clone()
+                    continue
+                if t.shape[0] != view.num_experts:
                     continue
                 new = t.index_select(0, idx.to(t.device)).clone()
                 if pad:
@@ -228,6 +237,8 @@ def write_model_dir(model, out: str | Path, force: bool, meta: dict, lm: LoadedM
 def pruned_model(lm: LoadedModel, kept: Mapping[int, Sequence[int]]):
     """(model, notes): a new in-memory HF model keeping only ``kept`` experts."""
     kept = check_kept(lm, kept)
+    for view in lm.moe:
+        view.require_standard_bank("writing a pruned checkpoint")
     config, notes = plan_config(lm, kept)
     new_e = max(len(v) for v in kept.values())
     dtype = next(lm.model.parameters()).dtype

@@ -186,6 +186,24 @@ class MoELayerView:
         return int(self.logit_weight.shape[0])
 
     @property
+    def standard_bank(self) -> str | None:
+        """None when the experts are a fused bank behind transformers' experts implementation (what the
+        pruned-checkpoint writer and the offload engine work on), else why not."""
+        if self.expert_layout == "none":
+            return f"{type(self.experts).__name__} keeps its experts as 2-D matrices, not a fused bank"
+        if self.zero_experts:
+            return "zero-computation experts sit beside the weight bank"
+        if self.router_io == "dense_scores":
+            return f"{type(self.experts).__name__} runs every expert densely on score-scaled inputs"
+        return None
+
+    def require_standard_bank(self, what: str) -> None:
+        """A clean UnsupportedArchitecture for ``what`` (e.g. "offloading") on a non-standard expert bank."""
+        reason = self.standard_bank
+        if reason is not None:
+            raise UnsupportedArchitecture(f"{what} is not supported for this architecture yet: {reason}")
+
+    @property
     def hook_target(self) -> tuple[nn.Module, str]:
         """The module and method whose output carries the routing decision (what ``RouterHook`` wraps)."""
         return (self.block, "route_tokens_to_experts") if self.router_io == "logits" else (self.router, "forward")

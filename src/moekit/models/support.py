@@ -33,6 +33,8 @@ _RULES = {
     "sparsemixer": "sparsemixer",
 }
 
+ZERO_EXPERTS = "zero-computation experts sit beside the weight bank; the writer and offload engine refuse cleanly"
+DENSE_EXPERTS = "Llama4TextExperts runs every expert densely on score-scaled inputs; the offload engine refuses cleanly"
 TEXT_TOWER = "text tower of a multimodal model: transformers has no causal-LM class for it"
 NO_BANK_VIEW = "experts kept as 2-D w1/v1/w2 matrices, not a fused bank the writer and the offload store slice"
 
@@ -129,9 +131,10 @@ _TABLE: dict[str, tuple] = {
     "lara_mini": _g("softmax_topk_renorm"),
     "lfm2_moe": _g("scored_topk:sigmoid + selection bias → top-k → renorm", "short-conv + attention layers"),
     "llama4_text": _g("scored_topk:sigmoid → top-k", "top-1; the router score multiplies the expert's input; "
-                      "shared expert"),
+                      "shared expert", offload=DENSE_EXPERTS),
     "longcat_flash": _g("scored_topk:softmax + selection bias → top-k × scale",
-                        "zero-computation (identity) experts after the real ones"),
+                        "zero-computation (identity) experts after the real ones", prune=ZERO_EXPERTS,
+                        offload=ZERO_EXPERTS),
     "mellum": _g("softmax_topk_renorm"),
     "mimo_v2_flash": _g(_S),
     "minimax": _g("softmax_topk_renorm", "lightning (linear) attention + softmax attention layers"),

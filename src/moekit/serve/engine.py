@@ -76,6 +76,8 @@ class OffloadEngine:
         self.prefetch = bool(policy_cls.prefetch)
         self.device = torch.device(device) if device is not None else lm.device
         self.views = list(lm.moe)
+        for v in self.views:
+            v.require_standard_bank("offloading")
         self.next_view = {v.index: (self.views[i + 1] if i + 1 < len(self.views) else None)
                           for i, v in enumerate(self.views)}
         per_slot = sum(store.expert_bytes[v.index] for v in self.views)
@@ -658,6 +660,8 @@ def offload(lm: LoadedModel, cache_mb: float | None = None, policy: str = "lru+p
     ``prefetch_top``: prefetch only each token's most confident predictions (default: all k).  Yields the engine; ``engine.stats()`` has the
     metrics.
     """
+    for v in lm.moe:
+        v.require_standard_bank("offloading")
     st = store or store_for(lm, bypass_page_cache=bypass_page_cache)
     engine = OffloadEngine(lm, st, policy=policy, cache_mb=cache_mb, slots=slots, device=device, profile=profile,
                            io_threads=io_threads, prefetch_top=prefetch_top)
