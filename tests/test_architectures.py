@@ -130,7 +130,7 @@ def skip_unless(arch: str, feature: str) -> None:
         pytest.skip(f"{arch}: {s.limits[feature]}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def lm_of(arch: str):
     return from_model(tiny_model(arch), name=f"tiny-{arch}")
 
@@ -349,6 +349,30 @@ def test_writer_and_offload_refuse_cleanly(arch, tmp_path):
             write_pruned(lm, {v.index: list(range(v.num_experts - 1)) for v in lm.moe}, tmp_path / "out")
         assert not (tmp_path / "out").exists()
     if "offload" in s.limits:
-        with pytest.raises(UnsupportedArchitecture, match="not supported for this architecture yet"):
-            with offload(lm, policy="lru", slots=2):
-                pass
+        with pytest.raises(UnsupportedArchitecture, match="not supported for this architecture yet"), \
+                offload(lm, policy="lru", slots=2):
+            pass
+
+
+def test_committed_doc_matches_the_generator():
+    from pathlib import Path
+
+    from moekit.models.support import support_markdown
+
+    doc = Path(__file__).resolve().parent.parent / "docs" / "architectures.md"
+    assert doc.read_text() == support_markdown(), "run scripts/gen_architectures_doc.py"
+
+
+def test_cli_list_architectures_json_is_the_table(capsys):
+    import json
+
+    from moekit.cli import main
+    from moekit.models.support import support_rows
+
+    assert main(["inspect", "--list-architectures", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows == json.loads(json.dumps(support_rows()))
+    assert {r["architecture"] for r in rows} == set(ARCHS)
+    assert main(["inspect", "--list-architectures"]) == 0
+    text = capsys.readouterr().out
+    assert "mixtral" in text and "minimax_m2" in text

@@ -51,7 +51,7 @@ LAYER_COUNT_KEYS = ("num_hidden_layers", "num_layers", "n_layers")
 
 # generic shrink: every key the config class has gets the small value (derived from hidden size 32)
 _SHRINK = dict(
-    vocab_size=128, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8, kv_channels=8,
+    vocab_size=128, unpadded_vocab_size=128, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8, kv_channels=8,
     intermediate_size=48, intermediate_size_mlp=48, ffn_hidden_size=48, dense_intermediate_size=48,
     moe_intermediate_size=16, expert_ffn_hidden_size=16, shared_expert_intermediate_size=24,
     shared_intermediate_size=24, moe_shared_expert_intermediate_size=24, router_hidden_size=16,

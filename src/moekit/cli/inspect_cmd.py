@@ -20,14 +20,20 @@ def _fmt(n: int) -> str:
 def inspect_command(
     model: str = typer.Argument(None, help=MODEL_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the description as JSON."),
+    list_architectures: bool = typer.Option(False, "--list-architectures",
+                                            help="Print the support table of every MoE architecture (no MODEL)."),
 ) -> None:
     """Show the MoE structure of a model.
 
     Examples:\n
       moekit inspect moekit:tiny\n
       moekit inspect ./my-olmoe-checkpoint --json\n
-      moekit inspect allenai/OLMoE-1B-7B-0924
+      moekit inspect allenai/OLMoE-1B-7B-0924\n
+      moekit inspect --list-architectures
     """
+    if list_architectures:
+        _print_support(json_out)
+        return
     lm = load_model(model)
     info = describe(lm)
     if json_out:
@@ -46,4 +52,20 @@ def inspect_command(
         shared = ", ".join(f"{n} ({_fmt(c)})" for n, c in row["shared"].items()) or "-"
         table.add_row(str(row["layer"]), str(row["num_experts"]), str(row["top_k"]), shared,
                       str(row["expert_hidden"]), row["rule"])
+    console.print(table)
+
+
+def _print_support(json_out: bool) -> None:
+    """The support table of ``moekit.models.support`` (the one the tests check)."""
+    from moekit.models.support import support_rows
+
+    rows = support_rows()
+    if json_out:
+        emit_json(rows)
+        return
+    from moekit.models.support import FEATURES
+
+    table = Table("architecture", "selection rule", *FEATURES, title="MoE architectures (docs/architectures.md: why not)")
+    for r in rows:
+        table.add_row(r["architecture"], r["rule"], *("yes" if f in r["works"] else "-" for f in FEATURES))
     console.print(table)

@@ -238,7 +238,7 @@ def pruned_model(lm: LoadedModel, kept: Mapping[int, Sequence[int]]):
     """(model, notes): a new in-memory HF model keeping only ``kept`` experts."""
     kept = check_kept(lm, kept)
     for view in lm.moe:
-        view.require_standard_bank("writing a pruned checkpoint")
+        view.require_standard_bank("writing a pruned checkpoint", dispatch=False)
     config, notes = plan_config(lm, kept)
     new_e = max(len(v) for v in kept.values())
     dtype = next(lm.model.parameters()).dtype

@@ -185,21 +185,21 @@ class MoELayerView:
         """Routing choices per token (rows of the router), zero-computation experts included."""
         return int(self.logit_weight.shape[0])
 
-    @property
-    def standard_bank(self) -> str | None:
-        """None when the experts are a fused bank behind transformers' experts implementation (what the
-        pruned-checkpoint writer and the offload engine work on), else why not."""
+    def bank_problem(self, dispatch: bool = True) -> str | None:
+        """None when the experts are a fused bank (sliced by the pruned-checkpoint writer) that, with
+        ``dispatch``, runs through transformers' experts implementation (what the offload engine serves);
+        else why not."""
         if self.expert_layout == "none":
             return f"{type(self.experts).__name__} keeps its experts as 2-D matrices, not a fused bank"
         if self.zero_experts:
             return "zero-computation experts sit beside the weight bank"
-        if self.router_io == "dense_scores":
+        if dispatch and self.router_io == "dense_scores":
             return f"{type(self.experts).__name__} runs every expert densely on score-scaled inputs"
         return None
 
-    def require_standard_bank(self, what: str) -> None:
+    def require_standard_bank(self, what: str, dispatch: bool = True) -> None:
         """A clean UnsupportedArchitecture for ``what`` (e.g. "offloading") on a non-standard expert bank."""
-        reason = self.standard_bank
+        reason = self.bank_problem(dispatch)
         if reason is not None:
             raise UnsupportedArchitecture(f"{what} is not supported for this architecture yet: {reason}")
 
