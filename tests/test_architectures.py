@@ -72,6 +72,7 @@ EXPECTED = {
     "inkling2_text": ([0, 1, 2, 3], 8, 2, []),
     "inkling_text": ([0, 1, 2, 3], 10, 2, ["shared_experts"]),
     "jamba": ([1, 3], 8, 2, []),
+    "jetmoe": ([0, 1, 2, 3], 8, 2, []),
     "kimi_linear": ([1, 2, 3], 8, 2, ["shared_experts"]),
     "kolibri1": ([0, 1, 2, 3], 8, 2, ["shared_experts"]),
     "laguna": ([1, 2, 3], 8, 2, ["shared_experts"]),
@@ -107,7 +108,8 @@ EXPECTED = {
 # one architecture per selection rule and per special form (hybrid caches, dense scores, zero experts, ...)
 REPRESENTATIVES = {"qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss", "phimoe", "minimax_m2",
                    "llama4_text", "gemma4_text", "qwen3_next", "jamba", "nemotron_h", "granitemoehybrid",
-                   "lfm2_moe", "dbrx", "longcat_flash", "hunyuan_v1_moe", "deepseek_v32", "beam"}
+                   "lfm2_moe", "dbrx", "longcat_flash", "hunyuan_v1_moe", "deepseek_v32", "beam", "jetmoe",
+                   "kolibri1"}
 
 
 def _heavy(archs):
@@ -174,7 +176,7 @@ def test_map(arch):
     assert moe.indices == layers
     for v in moe:
         assert (v.num_experts, v.top_k, sorted(v.shared)) == (E, k, sorted(shared))
-        assert v.router_io in ("triple", "dense_scores", "logits", "probs")
+        assert v.router_io in ("triple", "dense_scores", "logits", "probs", "jetmoe")
     if s.rule is None:
         assert all(v.rule is None for v in moe)
     else:
@@ -376,3 +378,18 @@ def test_cli_list_architectures_json_is_the_table(capsys):
     assert main(["inspect", "--list-architectures"]) == 0
     text = capsys.readouterr().out
     assert "mixtral" in text and "minimax_m2" in text
+
+
+def test_jetmoe_attention_experts_are_mapped():
+    """JetMoE's mixture-of-attention experts are in the map beside the MLP experts, with their own router,
+    and the expert views are the slices of its parallel-experts weights."""
+    lm = lm_of("jetmoe")
+    att = lm.moe.attention_experts
+    assert [v.index for v in att] == [0, 1, 2, 3]
+    for v in att:
+        assert (v.num_experts, v.top_k, v.rule.name) == (8, 2, "topk_softmax")
+        assert v.block is lm.model.model.layers[v.index].self_attention.experts
+    mlp = lm.moe.layers[0]
+    w = mlp.expert_weights(5)
+    assert torch.equal(torch.cat([w["gate"], w["up"]]), mlp.block.input_linear.weight[5])
+    assert torch.equal(w["down"], mlp.block.output_linear.weight[5])

@@ -42,11 +42,14 @@ class ArchSpec:
     router_weight: str = "weight"        # dotted path (in the router) of the weight that computes the logits
     router_io: str = "triple"            # "triple": router returns (logits, weights, ids); "dense_scores": Llama 4's
                                          # (scores [T,E], logits); "probs": (probabilities, weights, ids) (Gemma 4);
+                                         # "jetmoe": JetMoE's sorted dispatch (…, logits);
                                          # "logits": router returns logits and the block's
                                          # ``route_tokens_to_experts`` selects (DBRX)
     rule_needs_block: bool = False
     zero_experts: Callable[[object], int] | None = None  # identity experts after the real ones (LongCat-Flash)
     layers_path: str = "model.layers"    # where the decoder layers live
+    experts_attr: str = "experts"        # the expert bank in the block ("" = the block itself, JetMoE)
+    attention_experts: str = ""          # dotted path (in the decoder layer) of attention experts (JetMoE MoA)
     note: str = ""                       # what is special about this architecture (support table)
 
 
@@ -148,6 +151,25 @@ _register(ArchSpec("longcat_flash", "mlp", "router", make_rule=_longcat_rule, ro
 _register(ArchSpec("llama4_text", "feed_forward", "router", shared_attrs=("shared_expert",), make_rule=_llama4_rule,
                    router_io="dense_scores", expert_layout="transposed",
                    note="router score multiplies the expert's input; experts run densely over all E"))
+def _hy_v3_rule(router, config, block) -> Rule:
+    # HYV3TopKRouter: sigmoid; the block's e_score_correction_bias for selection; renorm; × router_scaling_factor
+    return ScoredTopK(router, config, score="sigmoid", bias=block.e_score_correction_bias, renormalize=True,
+                      scaling=float(router.router_scaling_factor))
+
+
+def _kolibri_rule(router, config) -> Rule:
+    # Kolibri1TopKRouter: top-k of logits + e_score_correction_bias; weights sigmoid(logit), renorm if norm_topk_prob
+    return ScoredTopK(router, config, score="sigmoid", bias=router.e_score_correction_bias, bias_on_logits=True,
+                      renormalize=bool(router.norm_topk_prob))
+
+
+_register(ArchSpec("jetmoe", "mlp", "router", make_rule=TopKSoftmax, router_io="jetmoe", router_weight="layer.weight",
+                   experts_attr="", expert_layout="jetmoe", attention_experts="self_attention.experts",
+                   note="MLP experts routed (top-k logits → softmax); the attention experts (MoA) are mapped, "
+                        "not controlled"))
+_register(ArchSpec("hy_v3", "mlp", "gate", shared_attrs=("shared_experts",), make_rule=_hy_v3_rule,
+                   rule_needs_block=True))
+_register(ArchSpec("kolibri1", "mlp", "gate", shared_attrs=("shared_experts",), make_rule=_kolibri_rule))
 for _gemma in ("gemma4_text", "diffusion_gemma_text"):
     _register(ArchSpec(_gemma, "", "router", shared_attrs=("mlp",), make_rule=_gemma4_rule, router_io="probs",
                        router_weight="proj.weight",
@@ -193,6 +215,9 @@ class MoELayerView:
             return f"{type(self.experts).__name__} keeps its experts as 2-D matrices, not a fused bank"
         if self.zero_experts:
             return "zero-computation experts sit beside the weight bank"
+        if self.expert_layout == "jetmoe":
+            return "JetMoE's MLP and attention experts share one expert count in the config (pruning one would " \
+                   "break the other) and run their own sorted dispatch"
         if dispatch and self.router_io == "dense_scores":
             return f"{type(self.experts).__name__} runs every expert densely on score-scaled inputs"
         return None
@@ -228,6 +253,8 @@ class MoELayerView:
     def intermediate_size(self) -> int:
         if self.expert_layout == "none":
             return int(self.experts.ffn_hidden_size)
+        if self.expert_layout == "jetmoe":
+            return int(self.experts.output_linear.weight.shape[2])
         return int(self.experts.down_proj.shape[1 if self.expert_layout in ("gpt_oss", "transposed") else 2])
 
     @property
@@ -243,6 +270,10 @@ class MoELayerView:
         ex = self.experts
         if self.expert_layout == "none":
             raise UnsupportedArchitecture(f"{type(ex).__name__} keeps its experts in a layout without per-expert views")
+        if self.expert_layout == "jetmoe":  # input_linear [E, 2I, H] (gate, up), output_linear [E, H, I]
+            gu = ex.input_linear.weight[e]
+            width = gu.shape[0] // 2
+            return {"gate": gu[:width], "up": gu[width:], "down": ex.output_linear.weight[e]}
         if self.expert_layout == "transposed":
             gu = ex.gate_up_proj[e]  # [H, 2I], gate then up along the last axis
             width = gu.shape[1] // 2
@@ -273,6 +304,7 @@ class MoEMap:
     layers: list[MoELayerView]
     num_decoder_layers: int
     generic: bool = False
+    attention_experts: list[MoELayerView] = field(default_factory=list)  # mapped, not routed (JetMoE MoA)
 
     def __iter__(self) -> Iterator[MoELayerView]:
         return iter(self.layers)
@@ -346,7 +378,15 @@ def build_moe_map(model: nn.Module) -> MoEMap:
                 f"{model_type} has MoE layers ({legacy}) in a layout moekit does not support yet; supported: {supported}"
             )
         raise NotAnMoEModel(f"{model_type} has no Mixture-of-Experts layers; supported architectures: {supported}")
-    return MoEMap(model_type=model_type, layers=views, num_decoder_layers=len(layers), generic=spec is None)
+    attention = []
+    if spec is not None and spec.attention_experts:
+        for i, layer in enumerate(layers):
+            moa = _attr_path(layer, spec.attention_experts)
+            if moa is not None:
+                attention.append(MoELayerView(i, moa, moa.router, moa, {}, spec.make_rule(moa.router, config),
+                                              "jetmoe", logit_weight=moa.router.layer.weight, router_io="jetmoe"))
+    return MoEMap(model_type=model_type, layers=views, num_decoder_layers=len(layers), generic=spec is None,
+                  attention_experts=attention)
 
 
 def _attr_path(obj, path: str):
@@ -358,12 +398,12 @@ def _attr_path(obj, path: str):
 
 def _view_from_spec(i: int, layer: nn.Module, spec: ArchSpec, config) -> MoELayerView | None:
     block = _attr_path(layer, spec.block_attr) if spec.block_attr else layer
-    experts = getattr(block, "experts", None)
+    experts = _attr_path(block, spec.experts_attr) if spec.experts_attr else block
     router = getattr(block, spec.router_attr, None)
     weight = _attr_path(router, spec.router_weight)
     if experts is None or not isinstance(weight, torch.Tensor):
         return None  # a dense layer (DeepSeek first_k_dense_replace, Qwen mlp_only_layers)
-    if spec.expert_layout != "none" and not _is_expert_bank(experts):
+    if spec.expert_layout not in ("none", "jetmoe") and not _is_expert_bank(experts):
         return None
     # shared modules: names in the block, or dotted paths from the decoder layer
     shared = {a: _attr_path(layer if "." in a else block, a) for a in spec.shared_attrs}
@@ -379,11 +419,30 @@ def _sigmoid_group_candidate(router: nn.Module, config) -> Rule | None:
     return SigmoidGroup(router, config) if all(hasattr(router, a) for a in needed) else None
 
 
+def _scored_candidates(router: nn.Module, config) -> list[Rule]:
+    """ScoredTopK variants from the router's own attributes: softmax or sigmoid, its selection bias (if it has
+    one), its group limit, with and without renormalisation, with and without its scaling factor."""
+    bias = getattr(router, "e_score_correction_bias", None)
+    bias = bias if isinstance(bias, torch.Tensor) else None
+    scale = next((float(v) for a in ("routed_scaling_factor", "router_scaling_factor", "route_scale")
+                  if isinstance(v := getattr(router, a, None), (int, float))), 1.0)
+    n_group = int(getattr(router, "num_group", None) or getattr(router, "n_group", None) or 1)
+    topk_group = int(getattr(router, "topk_group", None) or 1)
+    out = []
+    for score in ("sigmoid", "softmax"):
+        for renorm in (True, False):
+            for s in sorted({scale, 1.0}):
+                out.append(ScoredTopK(router, config, score=score, bias=bias, renormalize=renorm, scaling=s,
+                                      n_group=n_group, topk_group=topk_group))
+    return out
+
+
 _CANDIDATE_RULES = (
     lambda r, c: SoftmaxTopK(r, c, renormalize=True),
     lambda r, c: SoftmaxTopK(r, c, renormalize=False),
     TopKSoftmax,
     _sigmoid_group_candidate,
+    _scored_candidates,
 )
 
 
@@ -428,9 +487,12 @@ def _verified_rule(router: nn.Module, config, weight: torch.Tensor) -> Rule | No
     if not (isinstance(out, tuple) and len(out) == 3):
         return None
     logits, w, ids = out
+    candidates = []
     for make in _CANDIDATE_RULES:
-        rule = make(router, config)
-        if rule is None:
+        made = make(router, config)
+        candidates += made if isinstance(made, list) else [made]
+    for rule in candidates:
+        if rule is None or rule.top_k < 1:
             continue
         sel = rule.select(logits)
         if sel.ids.shape == ids.shape and torch.equal(sel.ids.sort(-1)[0], ids.sort(-1)[0]) and torch.allclose(

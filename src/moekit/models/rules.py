@@ -310,7 +310,8 @@ class ScoredTopK(Rule):
 
     def __init__(self, router, config, *, score: str = "softmax", bias: torch.Tensor | None = None,
                  renormalize: bool = True, scaling: float = 1.0, n_group: int = 1, topk_group: int = 1,
-                 top_k: int | None = None, expert_scale: torch.Tensor | None = None) -> None:
+                 top_k: int | None = None, expert_scale: torch.Tensor | None = None,
+                 bias_on_logits: bool = False) -> None:
         super().__init__(router, config)
         if top_k is not None:
             self.top_k = int(top_k)
@@ -322,6 +323,7 @@ class ScoredTopK(Rule):
         self.scaling = float(scaling)
         self.n_group, self.topk_group = int(n_group), int(topk_group)
         self.expert_scale = expert_scale  # a learned factor per expert on its final weight (Gemma 4)
+        self.bias_on_logits = bool(bias_on_logits)  # selection key = logits + bias (Kolibri) instead of scores + bias
 
     @property
     def renormalize(self) -> bool:
@@ -335,12 +337,17 @@ class ScoredTopK(Rule):
         return s if self.score == "softmax" else s / s.sum(dim=-1, keepdim=True).clamp_min(1e-20)
 
     def choice(self, scores, logits):
-        return scores if self.bias is None else scores + self.bias.float().reshape(-1)
+        if self.bias is None:
+            return scores
+        return (logits.float() if self.bias_on_logits else scores) + self.bias.float().reshape(-1)
 
     def limit_groups(self, choice, k):
         if self.n_group <= 1:
             return choice
-        keep = self._kept_groups(choice, self.n_group, self.topk_group, k,
+        # without a selection bias a disabled expert scores 0 in its group (its probability), as the router
+        # itself computes with that expert's logit at -inf; with one, the bias at -inf makes the group -inf
+        grouped = choice if self.bias is not None else choice.masked_fill(choice == NEG_INF, 0.0)
+        keep = self._kept_groups(grouped, self.n_group, self.topk_group, k,
                                  lambda g: g.topk(min(2, g.shape[-1]), dim=-1)[0].sum(dim=-1))
         return choice.masked_fill(~keep, NEG_INF)
 
@@ -353,7 +360,9 @@ class ScoredTopK(Rule):
         return w * self.scaling if self.scaling != 1.0 else w
 
     def describe(self) -> str:
-        s = self.score + (" + selection bias" if self.bias is not None else "") + " → "
+        s = self.score + (" + selection bias" if self.bias is not None and not self.bias_on_logits else "")
+        s += " (selection: logits + bias)" if self.bias is not None and self.bias_on_logits else ""
+        s += " → "
         s += f"group-limited top-k ({self.topk_group}/{self.n_group} groups)" if self.n_group > 1 else "top-k"
         s += " → renorm" if self._renorm else ""
         s += " × per-expert scale" if self.expert_scale is not None else ""

@@ -35,6 +35,8 @@ _RULES = {
 
 ZERO_EXPERTS = "zero-computation experts sit beside the weight bank; the writer and offload engine refuse cleanly"
 DENSE_EXPERTS = "Llama4TextExperts runs every expert densely on score-scaled inputs; the offload engine refuses cleanly"
+JETMOE = ("MLP and attention experts share one expert count in the config and run JetMoE's own sorted dispatch; "
+          "the writer and offload engine refuse cleanly")
 TEXT_TOWER = "text tower of a multimodal model: transformers has no causal-LM class for it"
 NO_BANK_VIEW = "experts kept as 2-D w1/v1/w2 matrices, not a fused bank the writer and the offload store slice"
 
@@ -71,8 +73,7 @@ def _g(rule_key: str | None, note: str = "", **limits: str) -> tuple:
 
 
 _S = "sigmoid_group"
-_REC = None  # record-only: the generic path could not verify the router's rule
-_UNVERIFIED = "router's rule is none of the known ones on random inputs, so routing control is refused"
+_REC = None  # record-only: the router's rule is not verified, so routing control is refused
 
 # model type → (rule key, note, limits). Keys of _RULES, or "scored_topk:<text>" for ScoredTopK entries.
 _TABLE: dict[str, tuple] = {
@@ -81,7 +82,8 @@ _TABLE: dict[str, tuple] = {
     "aria_text": _g("softmax_topk_renorm"),
     "axk1": _g(_S), "axk2": _g(_S),
     "bailing_hybrid": _g(_S, "hybrid: linear attention (KDA) + full attention layers"),
-    "beam": _g(_REC, _UNVERIFIED),
+    "beam": _g("scored_topk:sigmoid + selection bias → group-limited top-k → renorm",
+               "the block scales the routed output by routed_scaling_factor"),
     "cohere2_moe": _g("softmax_topk_renorm"),
     "dbrx": _g("softmax_topk_renorm", "router returns logits; the block selects (p=1 normalisation)",
                prune=NO_BANK_VIEW, offload=NO_BANK_VIEW),
@@ -89,7 +91,8 @@ _TABLE: dict[str, tuple] = {
     "deepseek_v2": _g("softmax_group_max"),
     "deepseek_v3": _g(_S),
     "deepseek_v32": _g(_S, "DeepSeek-V3 routing under sparse indexed attention (DSA)"),
-    "deepseek_v4": _g(_REC, _UNVERIFIED),
+    "deepseek_v4": _g(_REC, "hash routing (experts looked up from the token id) in some layers: no rule of the "
+                      "router logits to re-derive, so routing control is refused"),
     "diffusion_gemma_text": _g("scored_topk:softmax → top-k → renorm × per-expert scale",
                                "Gemma 4 MoE block in a diffusion LM", generate=TEXT_TOWER, prune=TEXT_TOWER,
                                offload=TEXT_TOWER),
@@ -103,7 +106,7 @@ _TABLE: dict[str, tuple] = {
                                generate=TEXT_TOWER, prune=TEXT_TOWER, offload=TEXT_TOWER),
     "exaone_moe": _g(_S),
     "flex_olmo": _g("softmax_topk"),
-    "flint": _g(_REC, _UNVERIFIED),
+    "flint": _g("scored_topk:sigmoid → top-k → renorm"),
     "gemma4_text": _g("scored_topk:softmax → top-k → renorm × per-expert scale",
                       "MoE block beside the dense MLP (enable_moe_block); router returns probabilities"),
     "glm4_moe": _g(_S), "glm4_moe_lite": _g(_S),
@@ -116,18 +119,19 @@ _TABLE: dict[str, tuple] = {
     "granitemoehybrid": _g("softmax_topk_renorm", "Granite 4: Mamba-2 + attention layers"),
     "granitemoeshared": _g("softmax_topk_renorm"),
     "hunyuan_v1_moe": _g("softmax_topk_renorm", "shared MLP always on; routed experts behind their own gate"),
-    "hy_v3": _g(_REC, _UNVERIFIED),
+    "hy_v3": _g("scored_topk:sigmoid + selection bias → top-k → renorm × scale", "the block's bias for selection"),
     "hy_v4": _g(_S),
     "hy_v4_vl_text": _g(_S, "", generate=TEXT_TOWER, prune=TEXT_TOWER, offload=TEXT_TOWER),
-    "inkling2_loop_text": _g(_REC, _UNVERIFIED),
-    "inkling2_text": _g(_REC, _UNVERIFIED),
-    "inkling_text": _g(_REC, _UNVERIFIED),
+    "inkling2_loop_text": _g("scored_topk:sigmoid + selection bias → top-k → renorm × scale"),
+    "inkling2_text": _g("scored_topk:sigmoid + selection bias → top-k → renorm × scale"),
+    "inkling_text": _g(_REC, "the router also weighs the shared experts (a 4-tuple output with shared gammas, "
+                       "log-sigmoid normalisation over routed + shared): rule not modelled, routing control refused"),
     "jamba": _g("softmax_topk", "Mamba + attention layers"),
-    "jetmoe": ("unsupported", "mixture of attention heads (MoA) and MLP experts in JetMoeParallelExperts with a "
-               "sorted-dispatch router: neither in the router/expert-bank form moekit maps yet", {}),
+    "jetmoe": _g("topk_softmax", "MLP experts routed; attention experts (MoA) mapped in moe.attention_experts, "
+                 "not controlled", prune=JETMOE, offload=JETMOE),
     "kimi_linear": _g(_S, "linear attention (KDA) + MLA layers"),
-    "kolibri1": _g(_REC, _UNVERIFIED),
-    "laguna": _g(_REC, _UNVERIFIED),
+    "kolibri1": _g("scored_topk:sigmoid (selection: logits + bias) → top-k", "bias added to the logits for selection"),
+    "laguna": _g("scored_topk:sigmoid + selection bias → top-k → renorm", "soft-capped logits"),
     "lara_mini": _g("softmax_topk_renorm"),
     "lfm2_moe": _g("scored_topk:sigmoid + selection bias → top-k → renorm", "short-conv + attention layers"),
     "llama4_text": _g("scored_topk:sigmoid → top-k", "top-1; the router score multiplies the expert's input; "
@@ -139,10 +143,12 @@ _TABLE: dict[str, tuple] = {
     "mimo_v2_flash": _g(_S),
     "minimax": _g("softmax_topk_renorm", "lightning (linear) attention + softmax attention layers"),
     "minimax_m2": _g("scored_topk:sigmoid + selection bias → top-k → renorm", "the block's bias for selection"),
-    "minimax_m3_vl_text": _g(_REC, _UNVERIFIED),
-    "mistral_large4_text": _g(_REC, _UNVERIFIED, generate=TEXT_TOWER, prune=TEXT_TOWER, offload=TEXT_TOWER),
+    "minimax_m3_vl_text": _g("scored_topk:sigmoid + selection bias → top-k → renorm"),
+    "mistral_large4_text": _g("scored_topk:softmax → group-limited top-k → renorm", "", generate=TEXT_TOWER,
+                              prune=TEXT_TOWER, offload=TEXT_TOWER),
     "mixtral": _g("softmax_topk_renorm"),
-    "muse_spark_text": _g(_REC, _UNVERIFIED, generate=TEXT_TOWER, prune=TEXT_TOWER, offload=TEXT_TOWER),
+    "muse_spark_text": _g("scored_topk:sigmoid + selection bias → top-k → renorm", "", generate=TEXT_TOWER,
+                          prune=TEXT_TOWER, offload=TEXT_TOWER),
     "nemotron_h": _g(_S, "Mamba-2 + attention + MoE layers"),
     "olmoe": _g("softmax_topk"),
     "phimoe": _g("sparsemixer"),
@@ -155,7 +161,8 @@ _TABLE: dict[str, tuple] = {
     "qwen4_exp_text": _g("softmax_topk_renorm"),
     "sarvam_mla": _g(_S), "sarvam_moe": _g(_S),
     "solar_open": _g(_S),
-    "step3p5": _g(_REC, _UNVERIFIED, generate=TEXT_TOWER, prune=TEXT_TOWER, offload=TEXT_TOWER),
+    "step3p5": _g("scored_topk:sigmoid + selection bias → top-k → renorm", "", generate=TEXT_TOWER,
+                  prune=TEXT_TOWER, offload=TEXT_TOWER),
     "unlimited_ocr_text": _g("softmax_topk", "", generate=TEXT_TOWER, prune=TEXT_TOWER, offload=TEXT_TOWER),
     "zaya": ("unsupported", "router is an MLP over a down-projected residual (ZayaRouter), not one linear layer "
              "moekit can read and verify", {}),

@@ -111,6 +111,10 @@ def _decode(view: MoELayerView, first_arg, out, inputs: dict):
         return logits, scores.gather(1, ids), ids, first_arg
     if view.router_io == "logits":  # DBRX: route_tokens_to_experts(logits) -> (weights, ids)
         return first_arg, out[0], out[1], inputs.get(view.index, first_arg)
+    if view.router_io == "jetmoe":  # (index_sorted_experts, batch_index, batch_gates, expert_size, logits)
+        logits = out[4]
+        top, ids = logits.topk(view.router.top_k, dim=1)  # the gating's own top-k call
+        return logits, torch.softmax(top, dim=1).to(out[2].dtype), ids, first_arg
     if view.router_io == "probs":  # Gemma 4: softmax probabilities in place of logits (log p: the same softmax)
         return out[0].float().log(), out[1], out[2], first_arg
     return out[0], out[1], out[2], first_arg
@@ -125,4 +129,10 @@ def _encode(view: MoELayerView, out, logits, weights, ids):
         return (weights, ids, *out[2:])
     if view.router_io == "probs":
         return (out[0], weights, ids, *out[3:])
+    if view.router_io == "jetmoe":  # JetMoE's sorted dispatch for the new selection (empty slots carry weight 0)
+        k = ids.shape[1]
+        index_sorted = ids.flatten().sort(0)[1]
+        sizes = torch.bincount(ids.flatten(), minlength=logits.shape[1]).tolist()
+        return (index_sorted, index_sorted.div(k, rounding_mode="trunc"), weights.flatten()[index_sorted], sizes,
+                logits)
     return (logits, weights, ids, *out[3:])
