@@ -116,9 +116,9 @@ def test_generic_path_verifies_the_sigmoid_group_rule():
 def test_generic_path_with_unknown_rule_records_but_refuses_control():
     model = tiny_model("olmoe")
     model.config.model_type = "odd_moe"
-    for layer in model.model.layers:  # a router whose rule is none of the known ones
+    for layer in model.model.layers:  # a router whose rule is none of the known ones (tanh of the top logits)
         router = layer.mlp.gate
-        router.forward = (lambda r: lambda h: (lambda lg: (lg, torch.sigmoid(lg).topk(2)[0], lg.topk(2)[1]))(
+        router.forward = (lambda r: lambda h: (lambda lg: (lg, lg.topk(2)[0].tanh(), lg.topk(2)[1]))(
             torch.nn.functional.linear(h.reshape(-1, r.weight.shape[1]), r.weight) * -1.0))(router)
     lm = from_model(model)
     assert lm.moe.layers[0].rule is None and lm.moe.layers[0].rule_name == "unknown"
