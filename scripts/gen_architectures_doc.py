@@ -9,6 +9,6 @@ from moekit.models.support import support_markdown
 
 if __name__ == "__main__":
     out = Path(__file__).resolve().parent.parent / "docs" / "architectures.md"
-    with atomic_write(out, force=True, mode="w") as f:
+    with atomic_write(out, force=True, mode="w", kind="any") as f:  # the script owns this generated file
         f.write(support_markdown())
     print(f"wrote {out}")
