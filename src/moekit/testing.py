@@ -198,8 +198,7 @@ FAMILY_OVERRIDES: dict[str, dict] = {
                         hidden_size_per_layer_input=8, vocab_size_per_layer_input=128),
     "diffusion_gemma_text": dict(enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=16),
     "granitemoehybrid": dict(layer_types=["mamba", "attention", "mamba", "attention"]),
-    "jamba": dict(attn_layer_period=4, attn_layer_offset=2, expert_layer_period=2, expert_layer_offset=1,
-                  use_mamba_kernels=False),
+    "jamba": dict(attn_layer_period=4, attn_layer_offset=2, expert_layer_period=2, expert_layer_offset=1),
     "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv", "full_attention"]),
     "nemotron_h": dict(layers_block_type=["mamba", "moe", "attention", "moe"], n_group=1, topk_group=1),
     "ernie4_5_vl_moe_text": dict(moe_intermediate_size=[16, 16], rope_parameters=dict(

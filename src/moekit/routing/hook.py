@@ -48,6 +48,7 @@ class RouterHook:
                 delattr(module, name)  # drop the instance attribute; the class method is back
                 if view.router_io == "logits":
                     del view.router.forward
+            self._inputs.clear()  # drop the last router inputs kept for recorders
             self._installed = False
 
     def push_control(self, control: RoutingControl) -> None:
