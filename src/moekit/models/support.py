@@ -184,10 +184,18 @@ SUPPORT: dict[str, ArchSupport] = {mt: _entry(mt, *row) for mt, row in sorted(_T
 LIMITS: dict[str, dict[str, str]] = {mt: dict(s.limits) for mt, s in SUPPORT.items() if s.limits}
 
 
+def installed_support() -> list[ArchSupport]:
+    """The table's entries for the architectures the installed transformers knows (the table also holds
+    ones that arrived in releases newer than the oldest supported)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return [s for mt, s in SUPPORT.items() if mt in CONFIG_MAPPING_NAMES]
+
+
 def support_rows() -> list[dict]:
     """The support table as rows (architecture, path, rule, works, not, note), sorted by architecture."""
     rows = []
-    for s in SUPPORT.values():
+    for s in installed_support():
         rows.append({"architecture": s.model_type, "level": s.level, "path": s.path,
                      "rule": s.rule_text or ("unverified" if not s.unsupported else "—"),
                      "works": s.works(), "limits": dict(s.limits),
