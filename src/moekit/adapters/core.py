@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,14 @@ ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 TARGETS = {"attention": "q_proj, k_proj, v_proj, o_proj of every attention block",
            "experts": "the fused 3-D expert tensors gate_up_proj and down_proj (LoRA only)",
            "all-linear": "every nn.Linear except the output head"}
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """PEFT 0.21 calls a transformers method that transformers 5.24 deprecates (a FutureWarning per wrap)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def base_fingerprint(model: nn.Module) -> dict[str, Any]:
@@ -121,7 +131,8 @@ def attach(model: nn.Module, config: MoekitLoraConfig, adapter_name: str = "defa
     """Wrap ``model`` with a new trainable adapter (``peft.get_peft_model``); base weights stay frozen."""
     from peft import get_peft_model
 
-    return get_peft_model(model, config, adapter_name=adapter_name)
+    with quiet_peft():
+        return get_peft_model(model, config, adapter_name=adapter_name)
 
 
 def save_adapter(peft_model, out: str | os.PathLike, force: bool = False, extra: dict | None = None) -> Path:
@@ -166,7 +177,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     from peft import PeftModel
 
     check_base(model, read_adapter_config(path), str(path))
-    return PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, is_trainable=trainable)
+    with quiet_peft():
+        return PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, is_trainable=trainable)
 
 
 def moe_layers(model: nn.Module) -> list[_MoekitLoraLinear]:

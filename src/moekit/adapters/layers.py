@@ -116,6 +116,10 @@ class FlyLoraLinear(_MoekitLoraLinear):
     from N(0, 1/r²). ``y = A x``; the implicit router keeps the top-k ranks of ``|y + d|``; the output is
     ``B (y ⊙ mask) · α/r`` with B zero at init. ``d`` is not trained: in training-mode forwards it moves by
     ``bias_lr · sign(mean(c) − c_i)`` (c = rank selection counts of that forward).
+
+    ``route_bias="outside"`` (a moekit option, not in the paper) selects on ``|y| + d`` instead: with the
+    reference's ``|y + d|`` a rank whose d goes negative can be chosen *more* often once ``|d|`` exceeds
+    ``|y|``, so the rule does not reliably even the load (docs/adapters.md has the measurement).
     """
 
     method = "flylora"
@@ -138,7 +142,8 @@ class FlyLoraLinear(_MoekitLoraLinear):
         r, k = self.r[adapter], int(s["active"])
         y = F.linear(x, self.lora_A[adapter].weight)
         d = self.lora_route_bias[adapter].value
-        idx = (y.detach() + d).abs().topk(k, dim=-1).indices
+        score = (y.detach() + d).abs() if s.get("route_bias", "inside") == "inside" else y.detach().abs() + d
+        idx = score.topk(k, dim=-1).indices
         if self.training:
             sign_rule_(d, idx, r, float(s.get("bias_lr", 1e-3)))
         self._count(adapter, idx, r)
