@@ -23,7 +23,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from moekit.adapters.core import attach, check_base, load_adapter, make_config, quiet_peft, read_adapter_config
+from moekit.adapters.core import (
+    attach,
+    check_base,
+    load_adapter,
+    make_config,
+    quiet_peft,
+    read_adapter_config,
+)
 from moekit.adapters.layers import LoraMoELinear
 from moekit.data.corpus import Document, jsonl_rows, read_text_file
 from moekit.errors import MoekitError
@@ -156,7 +163,7 @@ def select(lm, pool: str | os.PathLike, shots: Sequence[Shot], keep: int, candid
             try:
                 rows.append({"adapter": str(d), **shot_scores(peft_model, lm.tokenizer, shots)})
             finally:
-                peft_model.unload()
+                quiet_unload(peft_model)
             prog.advance(task)
     rows.sort(key=lambda r: (-(r["exact_match"] or 0.0), r["perplexity"]))
     top = rows[:m]
@@ -225,7 +232,7 @@ def compose(lm, experts: Sequence[str | os.PathLike], top_k: int = 2, seed: int 
     if not experts:
         raise MoekitError("no experts to compose")
     cfgs = [read_adapter_config(e) for e in experts]
-    for e, c in zip(experts, cfgs):
+    for e, c in zip(experts, cfgs, strict=True):
         check_base(lm.model, c, str(e))
         if (c.get("moekit") or {}).get("method", "lora") != "lora" or c.get("target_parameters"):
             raise MoekitError(f"{e}: compose takes plain LoRA adapters on linear layers")
