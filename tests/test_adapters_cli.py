@@ -73,7 +73,7 @@ def test_cli_bad_inputs_exit_2(ckpt, tmp_path, capsys):
                  "--out", str(tmp_path / "c.json")]) == 2
     err = capsys.readouterr().err
     for needle in ("larger than the rank", "larger than the hidden size", "unknown adapter method",
-                   "learning rate", "already exists", "holds no adapters"):
+                   "--lr must be a finite number", "already exists", "holds no adapters"):
         assert needle in err, needle
     assert "Traceback" not in err
     assert len([line for line in err.splitlines() if line.startswith("error:")]) == 6

@@ -18,7 +18,7 @@ from moekit.adapters.config import MoekitLoraConfig
 from moekit.adapters.layers import MoRALinear, _MoekitLoraLinear
 from moekit.adapters.methods import METHODS
 from moekit.errors import MoekitError
-from moekit.io import atomic_output_dir, check_writable
+from moekit.io import atomic_output_dir
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 TARGETS = {"attention": "q_proj, k_proj, v_proj, o_proj of every attention block",
@@ -223,8 +223,3 @@ def prune_ranks(model: nn.Module, keep: int, adapter: str = "default") -> int:
             raise MoekitError(f"keep must be between 1 and the rank {m.r[adapter]}, got {keep}")
         m.prune(adapter, keep)
     return len(layers)
-
-
-def ensure_new_output(out: str | os.PathLike, force: bool) -> None:
-    """Fail before any work when ``out`` exists and ``force`` is off."""
-    check_writable(out, force)

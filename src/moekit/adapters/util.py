@@ -1,4 +1,4 @@
-"""Small input helpers for the adapter commands: domain-filtered corpus specs, a pool's base model."""
+"""Input helpers for the adapter commands: the base model a pool of adapters was trained from."""
 
 from __future__ import annotations
 
@@ -8,27 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from moekit.adapters.core import read_adapter_config
-from moekit.data import CORPUS_SPEC, domains, load_corpus, read_documents
-from moekit.data.corpus import Document
 from moekit.errors import MoekitError
-
-
-def read_training_documents(specs: Sequence[str | os.PathLike]) -> list[Document]:
-    """Like ``read_documents``, plus ``moekit:corpus:SPLIT:DOMAIN`` for one domain of a bundled split."""
-    docs: list[Document] = []
-    for spec in specs:
-        s = str(spec)
-        parts = s.split(":")
-        if s.startswith(CORPUS_SPEC + ":") and len(parts) == 4:
-            split, domain = parts[2], parts[3]
-            if domain not in domains():
-                raise MoekitError(f"unknown corpus domain {domain!r}; choose one of {', '.join(domains())}")
-            docs.extend(d for d in load_corpus(split) if d.domain == domain)
-        else:
-            docs.extend(read_documents([s]))
-    if not docs:
-        raise MoekitError("no documents to train on")
-    return docs
 
 
 def adapter_base_model(path: str | os.PathLike) -> str | None:

@@ -7,7 +7,23 @@ from pathlib import Path
 
 import typer
 
-from moekit.cli.common import MODEL_HELP, app, console, emit_json, load_model
+from moekit.cli.common import (
+    MODEL_HELP,
+    app,
+    check_output,
+    console,
+    emit_json,
+    finite_non_negative,
+    float_option,
+    load_model,
+    non_negative_int,
+    positive_int,
+    probability_mass,
+    seed_int,
+)
+from moekit.data.corpus import CORPUS_SPEC_HELP
+
+learning_rate = float_option(0.0, 10.0, lo_open=True, hi_open=True)
 
 adapt_app = typer.Typer(help="Adapter experts (MoE-LoRA) as PEFT adapters; ROCKET K-shot selection and assembly.",
                         no_args_is_help=True)
@@ -30,19 +46,19 @@ def _target_help() -> str:
 def train_command(
     model: str = typer.Argument(None, help=MODEL_HELP),
     method: str = typer.Option("lora", "--method", "-m", help=_method_help()),
-    rank: int = typer.Option(8, "--rank", "-r", help="LoRA rank r (per expert with --target experts)."),
-    active: int = typer.Option(None, "--active", help="Active ranks per token (flylora, smora, mora)."),
-    experts: int = typer.Option(None, "--experts", help="LoRA experts per layer (mixlora, loramoe, hydralora)."),
-    top_k: int = typer.Option(None, "--top-k", help="Experts per token (mixlora; 0 = dense)."),
+    rank: int = typer.Option(8, "--rank", "-r", callback=positive_int, help="LoRA rank r (per expert with --target experts)."),
+    active: int = typer.Option(None, "--active", callback=positive_int, help="Active ranks per token (flylora, smora, mora)."),
+    experts: int = typer.Option(None, "--experts", callback=positive_int, help="LoRA experts per layer (mixlora, loramoe, hydralora)."),
+    top_k: int = typer.Option(None, "--top-k", callback=non_negative_int, help="Experts per token (mixlora; 0 = dense)."),
     target: str = typer.Option("attention", "--target", "-t", help=_target_help()),
-    alpha: float = typer.Option(None, "--alpha", help="LoRA alpha (default 2·rank)."),
+    alpha: float = typer.Option(None, "--alpha", callback=finite_non_negative, help="LoRA alpha (default 2·rank)."),
     data: list[str] = typer.Option(["moekit:corpus:train"], "--data", "-d",
-                                   help="Text/JSONL files or moekit:corpus[:split][:domain]."),
-    steps: int = typer.Option(200, "--steps", help="Optimizer steps."),
-    lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate."),
-    batch_size: int = typer.Option(8, "--batch-size"),
-    seq_len: int = typer.Option(128, "--seq-len", help="Window length in tokens."),
-    seed: int = typer.Option(0, "--seed"),
+                                   help=f"Text/JSONL files or {CORPUS_SPEC_HELP}."),
+    steps: int = typer.Option(200, "--steps", callback=positive_int, help="Optimizer steps."),
+    lr: float = typer.Option(1e-3, "--lr", callback=learning_rate, help="AdamW learning rate."),
+    batch_size: int = typer.Option(8, "--batch-size", callback=positive_int),
+    seq_len: int = typer.Option(128, "--seq-len", callback=positive_int, help="Window length in tokens."),
+    seed: int = typer.Option(0, "--seed", callback=seed_int),
     out: str = typer.Option(..., "--out", "-o", help="Adapter directory to write (PEFT format)."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -56,12 +72,11 @@ def train_command(
       moekit adapt train ./olmoe --method lora --target experts --data notes.jsonl --out ad/notes
     """
     from moekit.adapters import attach, make_config, save_adapter
-    from moekit.adapters.core import ensure_new_output
     from moekit.adapters.train import train_adapter
-    from moekit.adapters.util import read_training_documents
+    from moekit.data import read_documents
 
-    ensure_new_output(out, force)
-    docs = read_training_documents(data)
+    check_output(out, force, kind="dir")
+    docs = read_documents(data)
     lm = load_model(model)
     config = make_config(lm.model, method, rank=rank, active=active, target=target, alpha=alpha, seed=seed,
                          experts=experts, top_k=top_k)
@@ -85,9 +100,9 @@ def select_command(
     pool: str = typer.Option(..., "--pool", help="Directory of LoRA adapters (one per subdirectory)."),
     data: str = typer.Option(..., "--data", "-d",
                              help='K-shot task file: JSONL {"prompt","answer"} (or {"text"}), or text lines.'),
-    shots: int = typer.Option(16, "--shots", "-k", help="Use the first K examples."),
-    keep: int = typer.Option(4, "--keep", help="Experts to keep (N)."),
-    candidates: int = typer.Option(None, "--candidates", help="Best-ranked adapters to choose from (M; default 2N)."),
+    shots: int = typer.Option(16, "--shots", "-k", callback=positive_int, help="Use the first K examples."),
+    keep: int = typer.Option(4, "--keep", callback=positive_int, help="Experts to keep (N)."),
+    candidates: int = typer.Option(None, "--candidates", callback=positive_int, help="Best-ranked adapters to choose from (M; default 2N)."),
     model: str = typer.Option(None, "--model", help=MODEL_HELP + " Default: the pool's base model."),
     out: str = typer.Option(..., "--out", "-o", help="JSON file with the chosen experts."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT."),
@@ -98,18 +113,17 @@ def select_command(
     Examples:\n
       moekit adapt select --pool ad/ --shots 16 --data task.jsonl --keep 4 --out chosen.json
     """
-    from moekit.adapters.core import ensure_new_output
     from moekit.adapters.rocket import pool_adapters, read_shots, select
     from moekit.adapters.util import pool_base_model
     from moekit.io import atomic_write
 
-    ensure_new_output(out, force)
+    check_output(out, force, kind="json")
     dirs = pool_adapters(pool)
     task = read_shots(data, shots)
     lm = load_model(model or pool_base_model(dirs))
     result = select(lm, pool, task, keep=keep, candidates=candidates, progress=not json_out)
     result["model"] = lm.name
-    with atomic_write(out, force=force, mode="w") as fh:
+    with atomic_write(out, force=force, mode="w", kind="json") as fh:
         fh.write(json.dumps(result, indent=2) + "\n")
     if json_out:
         emit_json(result)
@@ -125,18 +139,18 @@ def select_command(
 def compose_command(
     model: str = typer.Argument(None, help=MODEL_HELP),
     experts: str = typer.Option(..., "--experts", help="JSON from `moekit adapt select` (an \"experts\" list)."),
-    top_k: int = typer.Option(2, "--top-k", help="Experts per token."),
+    top_k: int = typer.Option(2, "--top-k", callback=positive_int, help="Experts per token."),
     data: str = typer.Option(..., "--data", "-d", help="K-shot task file (as for select)."),
-    shots: int = typer.Option(None, "--shots", "-k", help="Use the first K examples (default: all)."),
+    shots: int = typer.Option(None, "--shots", "-k", callback=positive_int, help="Use the first K examples (default: all)."),
     retrieve_from: list[str] = typer.Option([], "--retrieve",
                                             help="Also train on the most similar documents of these files."),
-    budget: int = typer.Option(0, "--budget", help="How many documents to retrieve."),
-    dedup: float = typer.Option(0.9, "--dedup", help="Skip a retrieved document this similar to a chosen one."),
-    steps: int = typer.Option(100, "--steps"),
-    lr: float = typer.Option(1e-3, "--lr"),
-    batch_size: int = typer.Option(8, "--batch-size"),
+    budget: int = typer.Option(0, "--budget", callback=non_negative_int, help="How many documents to retrieve."),
+    dedup: float = typer.Option(0.9, "--dedup", callback=probability_mass, help="Skip a retrieved document this similar to a chosen one."),
+    steps: int = typer.Option(100, "--steps", callback=positive_int),
+    lr: float = typer.Option(1e-3, "--lr", callback=learning_rate),
+    batch_size: int = typer.Option(8, "--batch-size", callback=positive_int),
     seq_len: int = typer.Option(128, "--seq-len"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", callback=seed_int),
     out: str = typer.Option(..., "--out", "-o", help="Adapter directory to write (PEFT format)."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -147,19 +161,16 @@ def compose_command(
       moekit adapt compose moekit:tiny --experts chosen.json --top-k 2 --data task.jsonl --out ad/moe
     """
     from moekit.adapters import save_adapter
-    from moekit.adapters.core import ensure_new_output
     from moekit.adapters.rocket import compose, read_selection, read_shots, retrieve
     from moekit.adapters.train import train_adapter
     from moekit.data import read_documents
     from moekit.data.corpus import Document
     from moekit.errors import MoekitError
 
-    ensure_new_output(out, force)
+    check_output(out, force, kind="dir")
     chosen = read_selection(experts)
     task = read_shots(data, shots)
     pool_docs = read_documents(retrieve_from) if retrieve_from else []
-    if budget < 0:
-        raise MoekitError(f"--budget must be ≥ 0, got {budget}")
     if budget and not pool_docs:
         raise MoekitError("--budget needs --retrieve FILE to retrieve from")
     lm = load_model(model)
