@@ -56,6 +56,10 @@ def test_cli_train_then_eval_with_adapter(ckpt, tmp_path, capsys):
     want = perplexity(dataclasses.replace(lm, model=model), [Document(data.read_text(), "code", "x", str(data))],
                       progress=False)
     assert with_adapter["perplexity"] == pytest.approx(want["perplexity"], rel=1e-9)
+    capsys.readouterr()
+    assert main(["eval", "moekit:tiny", "--adapter", str(out), "--data", str(data)]) == 2  # another base model
+    err = capsys.readouterr().err
+    assert "different base model" in err and len(err.strip().splitlines()) == 1
 
 
 def test_cli_bad_inputs_exit_2(ckpt, tmp_path, capsys):
