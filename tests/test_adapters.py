@@ -197,6 +197,11 @@ def test_switch_and_localized_balance_losses_by_formula():
     q = torch.tensor([0.8 * 0.5, 0.2 * 0.5, 0.2 * 1.5, 0.8 * 1.5])
     want = q.var(unbiased=False) / q.mean() ** 2
     torch.testing.assert_close(layer._balance_loss(layer.moe_settings["default"], probs, None), want)
+    # the first sample is world-knowledge data: its weights swap to 1.5 on experts 0, 1 and 0.5 on 2, 3
+    ad.set_sample_types(pm, torch.tensor([0.0, 1.0]))
+    q = torch.tensor([0.7 * 1.5 + 0.1 * 0.5, 0.1 * 1.5 + 0.1 * 0.5, 0.1 * 0.5 + 0.1 * 1.5, 0.1 * 0.5 + 0.7 * 1.5])
+    torch.testing.assert_close(layer._balance_loss(layer.moe_settings["default"], probs, None),
+                               q.var(unbiased=False) / q.mean() ** 2)
     s = {"balance": "switch"}
     idx = torch.tensor([[0], [0]])
     # f = (1, 0, 0, 0), P = (0.4, 0.1, 0.1, 0.4): 4 · 0.4

@@ -20,6 +20,7 @@ from moekit.adapters.core import (
     read_adapter_config,
     reset_load,
     save_adapter,
+    set_sample_types,
 )
 from moekit.adapters.methods import METHODS, AdapterMethod
 
@@ -27,4 +28,4 @@ install()
 
 __all__ = ["METHODS", "TARGETS", "AdapterMethod", "MoekitLoraConfig", "attach", "aux_loss", "base_fingerprint",
            "check_base", "expert_target_parameters", "install", "load_adapter", "load_cv", "make_config",
-           "moe_layers", "prune_ranks", "read_adapter_config", "reset_load", "save_adapter"]
+           "moe_layers", "prune_ranks", "read_adapter_config", "reset_load", "save_adapter", "set_sample_types"]

@@ -215,6 +215,16 @@ def aux_loss(model: nn.Module) -> torch.Tensor | None:
     return total
 
 
+def set_sample_types(model: nn.Module, types: torch.Tensor | None) -> None:
+    """LoRAMoE's localized balancing: 0 = world-knowledge sample, 1 = task sample, per sample or per token
+    of the next training batch (None: every token is task data)."""
+    from moekit.adapters.layers import LoraMoELinear
+
+    for m in moe_layers(model):
+        if isinstance(m, LoraMoELinear):
+            m.moe_group_types = types
+
+
 def prune_ranks(model: nn.Module, keep: int, adapter: str = "default") -> int:
     """MoRA rank pruning: keep the ``keep`` most important rank-1 experts in every MoRA layer; returns layers."""
     layers = [m for m in moe_layers(model) if isinstance(m, MoRALinear) and adapter in m.lora_A]

@@ -305,7 +305,11 @@ class LoraMoELinear(_MoekitLoraLinear):
         if s.get("balance") == "localized":
             delta = float(s.get("balance_delta", 0.1))
             types = self.moe_group_types
-            t = torch.ones(p.shape[0], device=p.device) if types is None else types.reshape(-1).to(p)
+            if types is None:
+                t = torch.ones(p.shape[0], device=p.device)
+            else:  # one type per sample (expanded over its tokens) or one per token
+                t = types.reshape(-1).to(p)
+                t = t.repeat_interleave(p.shape[0] // t.numel()) if t.numel() != p.shape[0] else t
             group = (torch.arange(n, device=p.device) >= n // 2).to(p)  # 0: world-knowledge half, 1: task half
             w = 1 + delta * (2 * (t[:, None] == group[None, :]).to(p) - 1)
             q = (w * p).sum(0)
