@@ -68,6 +68,7 @@ _JSON_SIGNATURES = (
     ("format", "entries", "method"),  # experts file (moekit steer find)
     ("timings", "trace_only"),  # report statistics (moekit report --json)
     ("steps", "lm_loss"),  # training log (moekit train)
+    ("method", "experts", "ranking"),  # ROCKET selection (moekit adapt select)
 )
 
 

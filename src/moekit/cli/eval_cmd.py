@@ -17,19 +17,28 @@ def eval_command(
     max_tokens: int = typer.Option(None, "--max-tokens", callback=positive_int, help="Evaluate at most this many tokens."),
     seq_len: int = typer.Option(256, "--seq-len", callback=positive_int, help="Window length in tokens."),
     batch_size: int = typer.Option(8, "--batch-size", callback=positive_int),
+    adapter: str = typer.Option(None, "--adapter",
+                                help="Evaluate with this PEFT adapter directory (moekit adapt train/compose)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Perplexity of a model per file and per domain.
 
     Examples:\n
       moekit eval moekit:tiny\n
-      moekit eval ./pruned --data notes.txt --data code.jsonl --json
+      moekit eval ./pruned --data notes.txt --data code.jsonl --json\n
+      moekit eval moekit:tiny --adapter ad/code --data moekit:corpus:test
     """
     from moekit.data import read_documents
     from moekit.eval import perplexity
 
     docs = read_documents(data)
     lm = load_model(model)
+    if adapter is not None:
+        import dataclasses
+
+        from moekit.adapters import load_adapter
+
+        lm = dataclasses.replace(lm, model=load_adapter(lm.model, adapter), name=f"{lm.name}+{adapter}")
     result = perplexity(lm, docs, max_tokens=max_tokens, batch_size=batch_size, seq_len=seq_len,
                         progress=not json_out)
     if json_out:
