@@ -22,7 +22,7 @@ configure_openmp_wait()
 from moekit.cli.common import app, console_err  # noqa: E402
 
 _COMMAND_MODULES = ("inspect_cmd", "trace_cmd", "eval_cmd", "report_cmd", "compress_cmd", "steer_cmd",
-                    "generate_cmd", "serve_cmd", "nn_cmd", "train_cmd", "demo_cmd")
+                    "generate_cmd", "serve_cmd", "nn_cmd", "train_cmd", "demo_cmd", "placement_cmd")
 
 
 def _load_commands() -> None:
