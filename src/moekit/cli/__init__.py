@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         command_name.reset(token)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if "moekit.distributed.runtime" in sys.modules:  # leave a torchrun job's process group cleanly
+            sys.modules["moekit.distributed.runtime"].shutdown()
 
 
 def run() -> None:

@@ -131,6 +131,14 @@ def load_model(spec: str | None):
         return moekit.load(spec or DEFAULT_MODEL)
 
 
+def join_ranks():
+    """Under ``torchrun``: join the job and return its ``World`` (data parallel: every rank holds the whole model
+    and runs a share of the batches); None in a single process."""
+    from moekit.distributed.runtime import init
+
+    return init()
+
+
 def fail(message: str) -> None:
     raise MoekitError(message)
 

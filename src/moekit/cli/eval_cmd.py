@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from moekit.cli.common import MODEL_HELP, app, console, emit_json, load_model, positive_int
+from moekit.cli.common import MODEL_HELP, app, console, emit_json, join_ranks, load_model, positive_int
 from moekit.data.corpus import CORPUS_SPEC_HELP
 
 
@@ -23,15 +23,25 @@ def eval_command(
 
     Examples:\n
       moekit eval moekit:tiny\n
-      moekit eval ./pruned --data notes.txt --data code.jsonl --json
+      moekit eval ./pruned --data notes.txt --data code.jsonl --json\n
+      torchrun --nproc-per-node 2 -m moekit eval moekit:tiny --json
     """
     from moekit.data import read_documents
     from moekit.eval import perplexity
 
+    world = join_ranks()
     docs = read_documents(data)
     lm = load_model(model)
-    result = perplexity(lm, docs, max_tokens=max_tokens, batch_size=batch_size, seq_len=seq_len,
-                        progress=not json_out)
+    if world is None:
+        result = perplexity(lm, docs, max_tokens=max_tokens, batch_size=batch_size, seq_len=seq_len,
+                            progress=not json_out)
+    else:
+        from moekit.distributed.data_parallel import perplexity_dp
+
+        result = perplexity_dp(lm, docs, world, max_tokens=max_tokens, batch_size=batch_size, seq_len=seq_len,
+                               progress=not json_out)
+        if not world.is_main:
+            return
     if json_out:
         emit_json(result)
         return
