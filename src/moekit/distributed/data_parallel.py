@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from moekit.compress.observer import CalibStats, batches_of, calibration_windows, observe_batches
-from moekit.distributed.runtime import World, all_gather_arrays
+from moekit.distributed.runtime import World, all_gather_arrays, all_gather_bytes
 from moekit.errors import MoekitError
 from moekit.eval import WindowLosses, aggregate_windows, window_losses
 from moekit.models.loading import LoadedModel
@@ -26,10 +26,23 @@ from moekit.trace import RoutingTrace
 _TRACE_FIELDS = ("ids", "weights", "probs", "token_ids", "doc", "pos", "domain")
 
 
+def check_same_work(world: World, *what) -> None:
+    """Every rank must split the same work (same model, data and options): compare a digest across ranks."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps([repr(w) for w in what]).encode()).hexdigest().encode()
+    seen = all_gather_bytes(digest, world)
+    if len(set(seen)) > 1:
+        bad = [r for r, d in enumerate(seen) if d != seen[0]]
+        raise MoekitError(f"ranks {bad} were given other data or options than rank 0; every rank must run the "
+                          "same command")
+
+
 def trace_documents_dp(lm: LoadedModel, docs: Sequence, world: World, max_tokens: int | None = None,
                        seq_len: int = 512, batch_size: int = 8, fields: Sequence[str] = ("ids", "weights"),
                        progress: bool = True) -> RoutingTrace:
     """``trace_documents`` split over the ranks of ``world``; every rank gets the whole merged trace."""
+    check_same_work(world, lm.name, [d.text for d in docs], max_tokens, seq_len, batch_size, list(fields))
     share = trace_documents(lm, docs, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size,
                             fields=fields, progress=progress and world.is_main, part=world.part)
     arrays = {k: np.asarray(getattr(share, k)) for k in _TRACE_FIELDS if getattr(share, k) is not None}
@@ -42,6 +55,7 @@ def trace_documents_dp(lm: LoadedModel, docs: Sequence, world: World, max_tokens
 def window_losses_dp(lm: LoadedModel, docs: Sequence, world: World, max_tokens: int | None = None,
                      batch_size: int = 8, seq_len: int = 256, progress: bool = True) -> WindowLosses:
     """Every window's loss, the windows split over the ranks and gathered on all of them."""
+    check_same_work(world, lm.name, [getattr(d, "text", d) for d in docs], max_tokens, batch_size, seq_len)
     mine = window_losses(lm, docs, max_tokens, batch_size, seq_len, progress and world.is_main, part=world.part)
     merged = WindowLosses(mine.doc, np.zeros_like(mine.nll), np.zeros_like(mine.n), np.zeros_like(mine.done))
     for got, _ in all_gather_arrays({"nll": mine.nll, "n": mine.n, "done": mine.done.astype(np.uint8)}, world):
@@ -66,6 +80,7 @@ def observe_dp(lm: LoadedModel, docs: Sequence, world: World, seq_len: int = 256
     from moekit.compress.writer import data_hash
 
     windows = calibration_windows(lm, docs, seq_len, max_tokens)
+    check_same_work(world, lm.name, windows, batch_size)
     batches = batches_of(windows, batch_size)
     mine = list(range(len(batches)))[world.rank::world.size]
     arrays: dict[str, np.ndarray] = {"batches": np.array(mine, np.int64)}

@@ -1,0 +1,109 @@
+"""Data-parallel tracing, evaluation and calibration with real 2-process gloo jobs (torchrun), and failures.
+
+Each job is bounded (subprocess timeout, ``MOEKIT_DIST_TIMEOUT`` on every collective) and uses a free port on
+127.0.0.1. Results must equal the single-process ones byte for byte (both run one thread per process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ, PYTHONPATH=f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1",
+               MOEKIT_DIST_TIMEOUT="60", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.update(extra)
+    return env
+
+
+def torchrun(args: list[str], nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *args]
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_trace_cli_two_ranks_same_bytes(tmp_path, bundled_tiny):
+    from moekit.data import read_documents
+    from moekit.routing.tracing import trace_documents
+
+    args = ["--data", "moekit:corpus:test", "--max-tokens", "2500", "--seq-len", "96", "--batch-size", "3", "--probs"]
+    res = torchrun(["-m", "moekit", "trace", "moekit:tiny", *args, "--out", str(tmp_path / "two.trace"), "--json"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout)["tokens"] == 2500  # rank 0 alone prints
+    docs = read_documents(["moekit:corpus:test"])
+    one = trace_documents(bundled_tiny, docs, max_tokens=2500, seq_len=96, batch_size=3,
+                          fields=("ids", "weights", "probs"), progress=False)
+    one.save(tmp_path / "one.trace")
+    assert (tmp_path / "two.trace").read_bytes() == (tmp_path / "one.trace").read_bytes()
+
+
+@pytest.mark.slow
+def test_eval_and_calibration_two_ranks_exact(tmp_path, bundled_tiny):
+    from moekit.compress.observer import observe
+    from moekit.data import read_documents
+    from moekit.eval import perplexity
+
+    res = torchrun([str(WORKER), "dp", str(tmp_path)])
+    assert res.returncode == 0, res.stderr[-2000:]
+    docs = read_documents(["moekit:corpus:test"])[:12]
+    assert json.loads((tmp_path / "ppl.json").read_text()) == json.loads(json.dumps(
+        perplexity(bundled_tiny, docs, max_tokens=1500, batch_size=3, seq_len=64, progress=False)))
+    got = np.load(tmp_path / "calib.npz")
+    want = observe(bundled_tiny, docs, seq_len=64, max_tokens=1200, batch_size=3)
+    assert str(got["data_hash"]) == want.data_hash
+    for key, value in want.to_arrays().items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)  # bit for bit, NaN where never routed
+
+
+def _plain_rank(rank: int, world: int, port: int, args: list[str], timeout_s: str) -> subprocess.Popen:
+    env = _env(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port), MOEKIT_DIST_TIMEOUT=timeout_s)
+    return subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_missing_rank_is_a_clear_error(tmp_path):
+    """WORLD_SIZE=2 but only one process starts: a one-line error after the timeout, not a hang."""
+    p = _plain_rank(0, 2, free_port(), ["-m", "moekit", "trace", "moekit:tiny", "--data", "moekit:corpus:test",
+                                        "--out", str(tmp_path / "t.trace")], "5")
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 2
+    assert "could not join the job within 5s" in err and "Traceback" not in err
+    assert not (tmp_path / "t.trace").exists()
+
+
+def test_dead_rank_is_a_clear_error(tmp_path):
+    """Rank 1 exits after joining: rank 0's next collective fails with a one-line error."""
+    port = free_port()
+    procs = [_plain_rank(r, 2, port, [str(WORKER), "dead", str(tmp_path)], "30") for r in (0, 1)]
+    outs = [p.communicate(timeout=150) for p in procs]
+    assert procs[1].returncode == 0
+    assert procs[0].returncode == 2, outs[0][1][-2000:]
+    assert "a rank died or stopped answering" in outs[0][1] and "Traceback" not in outs[0][1]
+
+
+@pytest.mark.parametrize("bad", ["abc", "-1", "nan"])
+def test_bad_timeout_setting(bad, monkeypatch):
+    from moekit.distributed.runtime import timeout_seconds
+    from moekit.errors import MoekitError
+
+    monkeypatch.setenv("MOEKIT_DIST_TIMEOUT", bad)
+    with pytest.raises(MoekitError, match="MOEKIT_DIST_TIMEOUT"):
+        timeout_seconds()
