@@ -36,6 +36,8 @@ def main(mode: str, out: str) -> int:
                 with open(os.path.join(out, "ppl.json"), "w") as fh:
                     json.dump(ppl, fh)
                 np.savez(os.path.join(out, "calib.npz"), data_hash=np.array(stats.data_hash), **stats.to_arrays())
+        elif mode == "ep":
+            json.dump(_expert_parallel(world), open(os.path.join(out, f"ep{world.rank}.json"), "w"))
         elif mode == "dead":
             if world.rank == 1:
                 os._exit(0)
@@ -45,6 +47,52 @@ def main(mode: str, out: str) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _expert_parallel(world) -> dict:
+    """Max differences between the expert-parallel layer and the single-process layer on all ranks' tokens."""
+    import torch.distributed as dist
+
+    from moekit.nn import MoELayer, shard_experts
+
+    torch.manual_seed(0)
+    sizes = [7, 5, 6, 4][: world.size]  # uneven token counts per rank
+    hidden, total = 16, sum(sizes)
+    report = {}
+    for router, kwargs in (("topk_softmax", {}), ("aux_free", {}), ("top_p", {"p": 0.5})):
+        torch.manual_seed(1)
+        ref = MoELayer(hidden, 24, 8, 2, router=router, num_shared=1, router_kwargs=kwargs).train()
+        ep = MoELayer(hidden, 24, 8, 2, router=router, num_shared=1, router_kwargs=kwargs).train()
+        ep.load_state_dict(ref.state_dict())
+        assert shard_experts(ep) == 1
+        x_all = torch.randn(total, hidden, generator=torch.Generator().manual_seed(2)).requires_grad_()
+        g_all = torch.randn(total, hidden, generator=torch.Generator().manual_seed(3))
+        lo = sum(sizes[: world.rank])
+        rows = slice(lo, lo + sizes[world.rank])
+        y_ref = ref(x_all)
+        (y_ref * g_all).sum().backward()
+        x = x_all.detach()[rows].clone().requires_grad_()
+        y = ep(x)
+        (y * g_all[rows]).sum().backward()
+        first, n = ep.experts.first, ep.experts.num_local
+        router_grad = ep.router.weight.grad.clone()
+        dist.all_reduce(router_grad)
+        shared_grad = ep.shared.down.weight.grad.clone()
+        dist.all_reduce(shared_grad)
+        diff = {
+            "forward": (y - y_ref[rows]).abs().max().item(),
+            "grad_x": (x.grad - x_all.grad[rows]).abs().max().item(),
+            "grad_gate_up": (ep.experts.gate_up_proj.grad - ref.experts.gate_up_proj.grad[first:first + n]).abs().max().item(),
+            "grad_down": (ep.experts.down_proj.grad - ref.experts.down_proj.grad[first:first + n]).abs().max().item(),
+            "grad_router": (router_grad - ref.router.weight.grad).abs().max().item(),
+            "grad_shared": (shared_grad - ref.shared.down.weight.grad).abs().max().item(),
+            "scale": y_ref.abs().max().item(),
+        }
+        if router == "aux_free":  # the bias step used the loads of all ranks: the same bias as one process
+            diff["bias"] = (ep.router.e_score_correction_bias - ref.router.e_score_correction_bias).abs().max().item()
+            diff["bias_moved"] = ref.router.e_score_correction_bias.abs().max().item()
+        report[router] = diff
+    return report
 
 
 if __name__ == "__main__":

@@ -107,3 +107,19 @@ def test_bad_timeout_setting(bad, monkeypatch):
     monkeypatch.setenv("MOEKIT_DIST_TIMEOUT", bad)
     with pytest.raises(MoekitError, match="MOEKIT_DIST_TIMEOUT"):
         timeout_seconds()
+
+
+@pytest.mark.slow
+def test_expert_parallel_layer_equals_single_process(tmp_path):
+    """2 gloo ranks, uneven token counts, three routers (incl. top-p sentinels and the aux-loss-free bias step)."""
+    res = torchrun([str(WORKER), "ep", str(tmp_path)])
+    assert res.returncode == 0, res.stderr[-2000:]
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"ep{rank}.json").read_text())
+        assert set(report) == {"topk_softmax", "aux_free", "top_p"}
+        for router, diff in report.items():
+            assert diff["scale"] > 0.1, router
+            assert diff["forward"] <= 1e-6, (router, diff)
+            for key in ("grad_x", "grad_gate_up", "grad_down", "grad_router", "grad_shared"):
+                assert diff[key] <= 2e-6, (router, key, diff)
+        assert report["aux_free"]["bias"] == 0.0 and report["aux_free"]["bias_moved"] > 0
