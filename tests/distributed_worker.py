@@ -37,7 +37,9 @@ def main(mode: str, out: str) -> int:
                     json.dump(ppl, fh)
                 np.savez(os.path.join(out, "calib.npz"), data_hash=np.array(stats.data_hash), **stats.to_arrays())
         elif mode == "ep":
-            json.dump(_expert_parallel(world), open(os.path.join(out, f"ep{world.rank}.json"), "w"))
+            report = _expert_parallel(world)
+            with open(os.path.join(out, f"ep{world.rank}.json"), "w") as fh:
+                json.dump(report, fh)
         elif mode == "dead":
             if world.rank == 1:
                 os._exit(0)
