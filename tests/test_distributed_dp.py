@@ -123,3 +123,37 @@ def test_expert_parallel_layer_equals_single_process(tmp_path):
             for key in ("grad_x", "grad_gate_up", "grad_down", "grad_router", "grad_shared"):
                 assert diff[key] <= 2e-6, (router, key, diff)
         assert report["aux_free"]["bias"] == 0.0 and report["aux_free"]["bias_moved"] > 0
+
+
+EP_CONFIG = """\
+model: {hidden: 32, num_layers: 2, num_heads: 4, inter: 48, num_experts: 4, top_k: 2, router: aux_free,
+        router_kwargs: {bias_update_rate: 0.01}}
+data: {seq_len: 32, max_train_docs: 30, val_windows_per_domain: 2}
+train: {steps: 5, batch_size: 4, lr: 3.0e-3, warmup: 2, eval_every: 5, save_every: 5, log_every: 1, seed: 0}
+"""
+
+
+@pytest.mark.slow
+def test_expert_parallel_training_matches_one_process(tmp_path):
+    """`torchrun -m moekit train` (experts sharded on 2 ranks, aux-loss-free biases on all-reduced loads) follows
+    the single-process run: same losses, evaluation and final weights within float rounding."""
+    import torch
+
+    from moekit.train.config_train import load_run_config, run_training
+
+    (tmp_path / "ep.yaml").write_text(EP_CONFIG)
+    res = torchrun(["-m", "moekit", "train", "--config", str(tmp_path / "ep.yaml"), "--out", str(tmp_path / "ep"),
+                    "--no-progress", "--json"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout)["step"] == 5
+    one = run_training(load_run_config(tmp_path / "ep.yaml"), tmp_path / "one", progress=False)
+    ep = json.loads((tmp_path / "ep" / "log.json").read_text())
+    np.testing.assert_allclose(ep["lm_loss"], one["lm_loss"], rtol=1e-5)
+    assert ep["evals"][-1]["load_cv"] == pytest.approx(one["evals"][-1]["load_cv"], rel=1e-6)
+    a = torch.load(tmp_path / "ep" / "checkpoint" / "state.pt", weights_only=False)
+    b = torch.load(tmp_path / "one" / "checkpoint" / "state.pt", weights_only=False)
+    assert a["optimizer"] is None and set(a["model"]) == set(b["model"])
+    for key, value in b["model"].items():
+        torch.testing.assert_close(a["model"][key], value, rtol=1e-4, atol=2e-5, msg=key)
+    bias = [k for k in b["model"] if k.endswith("e_score_correction_bias")]
+    assert bias and all(b["model"][k].abs().max() > 0 for k in bias)  # the balancing step did move the biases
