@@ -40,6 +40,10 @@ def main(mode: str, out: str) -> int:
             report = _expert_parallel(world)
             with open(os.path.join(out, f"ep{world.rank}.json"), "w") as fh:
                 json.dump(report, fh)
+        elif mode == "hfep":
+            report = _transformers_ep(world, out)
+            with open(os.path.join(out, f"hfep{world.rank}.json"), "w") as fh:
+                json.dump(report, fh)
         elif mode == "dead":
             if world.rank == 1:
                 os._exit(0)
@@ -94,6 +98,37 @@ def _expert_parallel(world) -> dict:
             diff["bias"] = (ep.router.e_score_correction_bias - ref.router.e_score_correction_bias).abs().max().item()
             diff["bias_moved"] = ref.router.e_score_correction_bias.abs().max().item()
         report[router] = diff
+    return report
+
+
+def _transformers_ep(world, out: str) -> dict:
+    """A tiny OLMoE checkpoint placed with transformers' expert parallelism (moekit experts implementation):
+    data-parallel trace of documents (rank 0 saves it), and route + record on one batch vs the whole model."""
+    import moekit
+    import moekit.nn  # noqa: F401  (registers the "moekit" experts implementation)
+    from moekit.data import read_documents
+    from moekit.distributed.data_parallel import load_expert_parallel, trace_documents_dp
+    from moekit.routing import record, route
+
+    path = os.path.join(out, "olmoe")
+    ep = load_expert_parallel(path, world)
+    ep.model.set_experts_implementation("moekit")
+    docs = read_documents(["moekit:corpus:test"])[:10]
+    trace = trace_documents_dp(ep, docs, world, max_tokens=700, seq_len=64, batch_size=3, progress=False)
+    if world.is_main:
+        trace.save(os.path.join(out, "ep.trace"))
+    whole = moekit.load(path)
+    x = torch.arange(1, 25).view(2, 12) + 7 * world.rank
+    report = {"local_experts": int(ep.moe.layers[0].experts.gate_up_proj.to_local().shape[0]),
+              "num_experts": ep.moe.layers[0].num_experts}
+    for name, kwargs in (("plain", {}), ("disable", {"disable": [(0, 1), (1, 3)]})):
+        with torch.no_grad(), route(whole, **kwargs), record(whole) as r0:
+            a = whole.model(input_ids=x).logits
+        with torch.no_grad(), route(ep, **kwargs), record(ep) as r1:
+            b = ep.model(input_ids=x).logits
+        report[name] = {"logits": (a - b).abs().max().item(), "ids_equal": bool((r0.trace.ids == r1.trace.ids).all()),
+                        "weights": float(np.abs(r0.trace.weights - r1.trace.weights).max()),
+                        "uses_disabled": int(sum((r1.trace.ids[i] == e).sum() for i, e in ((0, 1), (1, 3))))}
     return report
 
 

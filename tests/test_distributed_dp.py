@@ -157,3 +157,32 @@ def test_expert_parallel_training_matches_one_process(tmp_path):
         torch.testing.assert_close(a["model"][key], value, rtol=1e-4, atol=2e-5, msg=key)
     bias = [k for k in b["model"] if k.endswith("e_score_correction_bias")]
     assert bias and all(b["model"][k].abs().max() > 0 for k in bias)  # the balancing step did move the biases
+
+
+@pytest.mark.slow
+def test_transformers_expert_parallel_trace_and_route(tmp_path):
+    """transformers' expert parallelism on 2 gloo ranks (DistributedConfig ep_size=2, moekit experts function):
+    each rank holds half the experts; route and record work; the trace equals the one-process trace."""
+    from moekit.data import read_documents
+    from moekit.models.loading import load
+    from moekit.routing.tracing import trace_documents
+    from moekit.testing import save_tiny_checkpoint
+    from moekit.trace import RoutingTrace
+
+    save_tiny_checkpoint("olmoe", tmp_path / "olmoe")
+    res = torchrun([str(WORKER), "hfep", str(tmp_path)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"hfep{rank}.json").read_text())
+        assert report["local_experts"] == 4 and report["num_experts"] == 8
+        for name in ("plain", "disable"):
+            assert report[name]["ids_equal"], (rank, name)
+            assert report[name]["logits"] <= 1e-5 and report[name]["weights"] <= 1e-6, (rank, name, report)
+        assert report["disable"]["uses_disabled"] == 0
+    one = trace_documents(load(tmp_path / "olmoe"), read_documents(["moekit:corpus:test"])[:10], max_tokens=700,
+                          seq_len=64, batch_size=3, progress=False)
+    ep = RoutingTrace.load(tmp_path / "ep.trace")
+    for name in ("ids", "token_ids", "doc", "pos", "domain"):
+        np.testing.assert_array_equal(getattr(ep, name), getattr(one, name), err_msg=name)
+    np.testing.assert_allclose(ep.weights, one.weights, rtol=0, atol=1e-6)  # the expert sums round differently
+    assert ep.meta == one.meta

@@ -5,7 +5,16 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from moekit.cli.common import MODEL_HELP, app, console, emit_json, join_ranks, load_model, positive_int
+from moekit.cli.common import (
+    EP_HELP,
+    MODEL_HELP,
+    app,
+    console,
+    emit_json,
+    join_ranks,
+    load_model,
+    positive_int,
+)
 from moekit.data.corpus import CORPUS_SPEC_HELP
 
 
@@ -17,6 +26,7 @@ def eval_command(
     max_tokens: int = typer.Option(None, "--max-tokens", callback=positive_int, help="Evaluate at most this many tokens."),
     seq_len: int = typer.Option(256, "--seq-len", callback=positive_int, help="Window length in tokens."),
     batch_size: int = typer.Option(8, "--batch-size", callback=positive_int),
+    expert_parallel: bool = typer.Option(False, "--expert-parallel", help=EP_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Perplexity of a model per file and per domain.
@@ -31,7 +41,7 @@ def eval_command(
 
     world = join_ranks()
     docs = read_documents(data)
-    lm = load_model(model)
+    lm = load_model(model, world, expert_parallel)
     if world is None:
         result = perplexity(lm, docs, max_tokens=max_tokens, batch_size=batch_size, seq_len=seq_len,
                             progress=not json_out)

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from moekit.cli.common import (
+    EP_HELP,
     MODEL_HELP,
     app,
     check_output,
@@ -30,6 +31,7 @@ def trace_command(
     batch_size: int = typer.Option(8, "--batch-size", callback=positive_int),
     probs: bool = typer.Option(False, "--probs", help="Also store full router probabilities."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
+    expert_parallel: bool = typer.Option(False, "--expert-parallel", help=EP_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
     """Record which experts every token uses.
@@ -45,7 +47,7 @@ def trace_command(
     check_output(out, force, "trace")
     world = join_ranks()
     docs = read_documents(data)
-    lm = load_model(model)
+    lm = load_model(model, world, expert_parallel)
     fields = ("ids", "weights", "probs") if probs else ("ids", "weights")
     if world is None:
         trace = trace_documents(lm, docs, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, fields=fields)

@@ -26,6 +26,28 @@ from moekit.trace import RoutingTrace
 _TRACE_FIELDS = ("ids", "weights", "probs", "token_ids", "doc", "pos", "domain")
 
 
+def is_sharded(lm: LoadedModel) -> bool:
+    """Whether ``lm`` was placed over the ranks by transformers (its forward then involves every rank)."""
+    return getattr(lm.model.config, "distributed_config", None) is not None
+
+
+def load_expert_parallel(spec: str, world: World, dtype=None) -> LoadedModel:
+    """Load ``spec`` with transformers' expert parallelism over all ranks: each rank holds E/R experts of every
+    MoE layer (``DistributedConfig(ep_size=R, fsdp_size=R)``: the batch is data parallel, tokens reach their
+    experts by all-to-all, the rest of the model is FSDP-sharded). ``route`` and ``record`` work unchanged."""
+    import torch
+    from transformers.distributed import DistributedConfig
+
+    from moekit.models.loading import load
+
+    lm = load(spec, dtype=dtype or torch.float32,
+              distributed_config=DistributedConfig(fsdp_size=world.size, ep_size=world.size))
+    bad = [v.index for v in lm.moe if v.num_experts % world.size]
+    if bad:
+        raise MoekitError(f"{world.size} ranks do not divide the {lm.moe.layers[0].num_experts} experts of layer {bad[0]}")
+    return lm
+
+
 def check_same_work(world: World, *what) -> None:
     """Every rank must split the same work (same model, data and options): compare a digest across ranks."""
     import hashlib
@@ -41,10 +63,14 @@ def check_same_work(world: World, *what) -> None:
 def trace_documents_dp(lm: LoadedModel, docs: Sequence, world: World, max_tokens: int | None = None,
                        seq_len: int = 512, batch_size: int = 8, fields: Sequence[str] = ("ids", "weights"),
                        progress: bool = True) -> RoutingTrace:
-    """``trace_documents`` split over the ranks of ``world``; every rank gets the whole merged trace."""
+    """``trace_documents`` split over the ranks of ``world``; every rank gets the whole merged trace.
+
+    Works on a replicated model and on one sharded over the ranks (``load_expert_parallel``): ranks then run
+    the same number of forwards."""
     check_same_work(world, lm.name, [d.text for d in docs], max_tokens, seq_len, batch_size, list(fields))
     share = trace_documents(lm, docs, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size,
-                            fields=fields, progress=progress and world.is_main, part=world.part)
+                            fields=fields, progress=progress and world.is_main, part=world.part,
+                            lockstep=is_sharded(lm))
     arrays = {k: np.asarray(getattr(share, k)) for k in _TRACE_FIELDS if getattr(share, k) is not None}
     parts = []
     for got, meta in all_gather_arrays(arrays, world, {"meta": json.dumps(share.meta)}):
@@ -56,7 +82,8 @@ def window_losses_dp(lm: LoadedModel, docs: Sequence, world: World, max_tokens: 
                      batch_size: int = 8, seq_len: int = 256, progress: bool = True) -> WindowLosses:
     """Every window's loss, the windows split over the ranks and gathered on all of them."""
     check_same_work(world, lm.name, [getattr(d, "text", d) for d in docs], max_tokens, batch_size, seq_len)
-    mine = window_losses(lm, docs, max_tokens, batch_size, seq_len, progress and world.is_main, part=world.part)
+    mine = window_losses(lm, docs, max_tokens, batch_size, seq_len, progress and world.is_main, part=world.part,
+                         lockstep=is_sharded(lm))
     merged = WindowLosses(mine.doc, np.zeros_like(mine.nll), np.zeros_like(mine.n), np.zeros_like(mine.done))
     for got, _ in all_gather_arrays({"nll": mine.nll, "n": mine.n, "done": mine.done.astype(np.uint8)}, world):
         done = got["done"].astype(bool)
@@ -87,6 +114,9 @@ def observe_dp(lm: LoadedModel, docs: Sequence, world: World, seq_len: int = 256
     for b in mine:
         stats = observe_batches(lm, [batches[b]], progress=False)
         arrays |= {f"b{b}/{k}": v for k, v in stats.to_arrays().items()}
+    if is_sharded(lm):
+        for _ in range(-(-len(batches) // world.size) - len(mine)):  # sharded forwards are collectives
+            lm.model(input_ids=batches[0]["input_ids"][:1, :1], use_cache=False)
     per_batch: dict[int, CalibStats] = {}
     for got, _ in all_gather_arrays(arrays, world):
         for b in got["batches"].tolist():

@@ -127,8 +127,10 @@ def window_losses(
     seq_len: int = 256,
     progress: bool = True,
     part: tuple[int, int] | None = None,
+    lockstep: bool = False,
 ) -> WindowLosses:
-    """Summed NLL of every window of ``docs``; ``part=(i, n)`` runs only batches ``b`` with ``b mod n == i``."""
+    """Summed NLL of every window of ``docs``; ``part=(i, n)`` runs only batches ``b`` with ``b mod n == i``
+    (``lockstep``: and as many forwards as the largest part, for models sharded over the ranks)."""
     windows = _windows(lm, _as_documents(docs), seq_len, max_tokens)
     if not windows:
         raise MoekitError("no tokens to evaluate: documents are empty or shorter than 2 tokens")
@@ -136,7 +138,9 @@ def window_losses(
     out = WindowLosses(np.array([d for d, _ in windows], dtype=np.int64), np.zeros(len(windows), np.float32),
                        np.zeros(len(windows), np.int64), np.zeros(len(windows), bool))
     starts = list(range(0, len(windows), batch_size))
+    fill = 0
     if part is not None:
+        fill = -(-len(starts) // part[1]) - len(starts[part[0]::part[1]]) if lockstep else 0
         starts = starts[part[0]::part[1]]
     prog, task = _progress(progress, sum(min(batch_size, len(windows) - s) for s in starts), f"perplexity {lm.name}")
     with prog:
@@ -152,6 +156,8 @@ def window_losses(
             out.n[rows] = valid.sum(1).cpu().numpy()
             out.done[rows] = True
             prog.advance(task, ids.shape[0])
+    for _ in range(fill):
+        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=lm.device), use_cache=False)
     return out
 
 

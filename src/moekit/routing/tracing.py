@@ -43,12 +43,15 @@ def trace_documents(
     fields: Sequence[str] = ("ids", "weights"),
     progress: bool = True,
     part: tuple[int, int] | None = None,
+    lockstep: bool = False,
 ) -> RoutingTrace:
     """Record routing over ``docs`` (objects with ``text`` and ``domain``); one trace document per doc.
 
     ``part=(i, n)`` runs only batches ``b`` with ``b mod n == i`` of the same batch plan and returns that share
     (document indices and positions global); ``RoutingTrace.merge`` of all n shares is the whole trace, byte
-    for byte, since every batch is the same tensor either way (data-parallel tracing).
+    for byte, since every batch is the same tensor either way (data-parallel tracing). ``lockstep``: every part
+    runs as many forwards as the largest one (unrecorded one-token forwards fill in), which a model sharded
+    over the ranks (its forward is a collective) needs.
     """
     from rich.progress import Progress
 
@@ -58,8 +61,10 @@ def trace_documents(
     # longest first keeps padding small; the trace is re-sorted by (document, position) at the end
     order = sorted(range(len(windows)), key=lambda i: -len(windows[i][2]))
     batches = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
+    fill = 0
     if part is not None:
         rank, size = part
+        fill = -(-len(batches) // size) - len(batches[rank::size]) if lockstep else 0
         batches = batches[rank::size]
     run = [i for batch in batches for i in batch]
     names: list[str] = []
@@ -72,6 +77,8 @@ def trace_documents(
             batch = pad_batch([windows[i][2] for i in batch_windows])
             lm.model(**{k: v.to(lm.device) for k, v in batch.items()})
             bar.advance(task, int(batch["attention_mask"].sum()))
+    for _ in range(fill):
+        lm.model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=lm.device))
     if not run:  # this part got no batch: an empty share
         num_layers = len(lm.moe)
         return RoutingTrace(
