@@ -211,3 +211,29 @@ def test_cli_plan_simulate_apply(tmp_path, bundled_tiny, capsys):
     code, _, err = run_cli(["placement", "apply", "moekit:tiny", str(tmp_path / "nope.json"), "--out",
                             str(tmp_path / "m")])
     assert code == 2 and "not found" in err
+
+
+def test_affinity_balanced_keeps_the_load_cap():
+    from moekit.distributed.placement import BALANCE_SLACK
+
+    rng = np.random.default_rng(5)
+    # skewed loads and a layer-to-layer pattern: swaps must respect the cap
+    first = rng.choice(16, size=(3000, 1), p=np.r_[np.full(4, 0.15), np.full(12, 0.4 / 12)])
+    t = _trace(np.stack([first, (first * 5 + 3) % 16]), num_experts=16)
+    stats = RoutingStats.from_trace(t)
+    bal, ll = plan(t, 4, "affinity-balanced"), plan(t, 4, "least-loaded")
+    for pos in range(2):
+        load = stats.loads[pos].astype(float)
+        cap = max(np.bincount(ll.assignment[pos], weights=load, minlength=4).max(), (1 + BALANCE_SLACK) * load.sum() / 4)
+        assert np.bincount(bal.assignment[pos], weights=load, minlength=4).max() <= cap + 1e-9
+    # equal loads: least-loaded deals experts round-robin (e -> e mod 4), so every layer-0 -> layer-1 hand-off
+    # (e -> 5e+3 mod 16) crosses ranks; the balanced swaps bring every pair together at no cost in balance
+    first = (np.arange(3200) % 16)[:, None]
+    doc = rng.permutation(3200)  # home ranks independent of the experts
+    t = _trace(np.stack([first, (first * 5 + 3) % 16]), doc=doc, num_experts=16)
+    p_ll, p_bal = plan(t, 4, "least-loaded"), plan(t, 4, "affinity-balanced")
+    ll, bal = simulate(t, p_ll), simulate(t, p_bal)
+    homes = doc % 4
+    assert ll["coherent_transfers_per_token"] == ((p_ll.assignment[0][first[:, 0]] != homes).sum() + 3200) / 3200
+    assert bal["coherent_transfers_per_token"] == (p_bal.assignment[0][first[:, 0]] != homes).sum() / 3200
+    assert bal["imbalance_max"] == 1.0

@@ -20,7 +20,8 @@ Load imbalance is max/mean of the routed (token, expert) slots per rank, per lay
 
 Methods (``PLACEMENTS``): ``contiguous`` (the engines' default), ``random``, ``least-loaded`` (greedy
 longest-processing-time balancing of expert loads, the LLEP reading), ``affinity`` (ExFlow: consecutive
-layers' experts that pass tokens to each other share a rank; a linear assignment per layer plus swap search).
+layers' experts that pass tokens to each other share a rank; a linear assignment per layer plus swap search),
+``affinity-balanced`` (the same swaps under a per-rank load cap, starting from least-loaded).
 """
 
 from __future__ import annotations
@@ -225,8 +226,10 @@ def _kept_transitions(a_prev: np.ndarray, a_next: np.ndarray, trans: np.ndarray)
     return float(trans[a_prev[:, None] == a_next[None, :]].sum())
 
 
-def _swap_search(assign: list[np.ndarray], trans: list[np.ndarray], passes: int = 4) -> None:
-    """Pairwise swaps of experts on different ranks that raise the transitions kept on a rank (in place)."""
+def _swap_search(assign: list[np.ndarray], trans: list[np.ndarray], passes: int = 4,
+                 loads: list[np.ndarray] | None = None, caps: list[float] | None = None) -> None:
+    """Pairwise swaps of experts on different ranks that raise the transitions kept on a rank (in place);
+    with ``loads``/``caps``, only swaps that keep every rank's routed load of the layer within its cap."""
     n = len(assign)
     for _ in range(passes):
         improved = False
@@ -239,12 +242,22 @@ def _swap_search(assign: list[np.ndarray], trans: list[np.ndarray], passes: int 
             if i + 1 < n:
                 np.add.at(gain.T, assign[i + 1], trans[i].T)
             own = gain[np.arange(len(a)), a]
+            if loads is not None:
+                load = loads[i].astype(np.float64)
+                rank_load = np.bincount(a, weights=load, minlength=gain.shape[1])
             for x in range(len(a)):
                 # swapping x with every y at once: what x gains on y's rank and y on x's, minus what they had
                 delta = gain[x, a] + gain[:, a[x]] - own[x] - own
                 delta[a == a[x]] = 0.0
+                if loads is not None:
+                    moved = load - load[x]  # what y's rank gains (x's rank loses the same)
+                    ok = (rank_load[a] - moved <= caps[i]) & (rank_load[a[x]] + moved <= caps[i])
+                    delta[~ok] = 0.0
                 y = int(np.argmax(delta))
                 if delta[y] > 1e-9:
+                    if loads is not None:
+                        rank_load[a[x]] += load[y] - load[x]
+                        rank_load[a[y]] += load[x] - load[y]
                     a[x], a[y] = a[y], a[x]
                     own[x], own[y] = gain[x, a[x]], gain[y, a[y]]
                     improved = True
@@ -262,6 +275,22 @@ def plan_affinity(stats: RoutingStats, ranks: int, rng: np.random.Generator) -> 
         np.add.at(gain.T, prev, trans)  # gain[e, r] = tokens reaching e from the experts of rank r
         assign.append(_assign_to_ranks(gain, ranks))
     _swap_search(assign, stats.transitions)
+    return assign
+
+
+BALANCE_SLACK = 0.10
+
+
+@_method("affinity-balanced", "ExFlow's affinity under a load cap: start from least-loaded, then swap experts to "
+                              "keep tokens on a rank while no rank exceeds 1.1x the mean load (or the "
+                              "least-loaded plan's peak, if higher)")
+def plan_affinity_balanced(stats: RoutingStats, ranks: int, rng: np.random.Generator) -> list[np.ndarray]:
+    assign = [_least_loaded(load.astype(np.float64), ranks) for load in stats.loads]
+    caps = []
+    for load, a in zip(stats.loads, assign, strict=True):
+        peak = np.bincount(a, weights=load.astype(np.float64), minlength=ranks).max()
+        caps.append(max(peak, (1 + BALANCE_SLACK) * float(load.sum()) / ranks))
+    _swap_search(assign, stats.transitions, passes=8, loads=stats.loads, caps=caps)
     return assign
 
 
