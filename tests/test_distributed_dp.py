@@ -139,7 +139,7 @@ def test_expert_parallel_training_matches_one_process(tmp_path):
     the single-process run: same losses, evaluation and final weights within float rounding."""
     import torch
 
-    from moekit.train.config_train import load_run_config, run_training
+    from moekit.train.config_train import load_run_config, load_state, run_training
 
     (tmp_path / "ep.yaml").write_text(EP_CONFIG)
     res = torchrun(["-m", "moekit", "train", "--config", str(tmp_path / "ep.yaml"), "--out", str(tmp_path / "ep"),
@@ -150,8 +150,8 @@ def test_expert_parallel_training_matches_one_process(tmp_path):
     ep = json.loads((tmp_path / "ep" / "log.json").read_text())
     np.testing.assert_allclose(ep["lm_loss"], one["lm_loss"], rtol=1e-5)
     assert ep["evals"][-1]["load_cv"] == pytest.approx(one["evals"][-1]["load_cv"], rel=1e-6)
-    a = torch.load(tmp_path / "ep" / "checkpoint" / "state.pt", weights_only=False)
-    b = torch.load(tmp_path / "one" / "checkpoint" / "state.pt", weights_only=False)
+    a = load_state(tmp_path / "ep" / "checkpoint" / "state.pt")
+    b = load_state(tmp_path / "one" / "checkpoint" / "state.pt")
     assert a["optimizer"] is None and set(a["model"]) == set(b["model"])
     for key, value in b["model"].items():
         torch.testing.assert_close(a["model"][key], value, rtol=1e-4, atol=2e-5, msg=key)
