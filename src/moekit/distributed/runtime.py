@@ -149,15 +149,6 @@ def all_gather_arrays(arrays: dict[str, np.ndarray], world: World, meta: dict[st
     return out
 
 
-def all_reduce_sum(t: torch.Tensor, world: World) -> torch.Tensor:
-    """In-place sum of ``t`` over ranks (on the collective device); returns ``t``."""
-    buf = t.to(world.device)
-    _collective("all-reduce", dist.all_reduce, buf)
-    if buf is not t:
-        t.copy_(buf)
-    return t
-
-
 def barrier(world: World) -> None:
     """Wait for every rank."""
     _collective("barrier", dist.barrier)
