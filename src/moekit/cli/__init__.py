@@ -22,7 +22,7 @@ configure_openmp_wait()
 from moekit.cli.common import app, console_err  # noqa: E402
 
 _COMMAND_MODULES = ("inspect_cmd", "trace_cmd", "eval_cmd", "report_cmd", "compress_cmd", "steer_cmd",
-                    "generate_cmd", "serve_cmd", "nn_cmd", "train_cmd", "demo_cmd",
+                    "generate_cmd", "serve_cmd", "nn_cmd", "train_cmd", "demo_cmd", "placement_cmd",
                     "adapt_cmd")
 
 
@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         command_name.reset(token)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if "moekit.distributed.runtime" in sys.modules:  # leave a torchrun job's process group cleanly
+            sys.modules["moekit.distributed.runtime"].shutdown()
 
 
 def run() -> None:

@@ -122,13 +122,31 @@ def check_output(path, force: bool, kind: str = "file"):
     return check_writable(path, force, kind=kind)
 
 
-def load_model(spec: str | None):
-    """Load a model for a command, with a status spinner."""
+EP_HELP = ("Under torchrun: shard every MoE layer's experts over the ranks with transformers' expert parallelism "
+           "(DistributedConfig ep_size = ranks) instead of a whole model per rank.")
+
+
+def load_model(spec: str | None, world=None, expert_parallel: bool = False):
+    """Load a model for a command, with a status spinner; ``expert_parallel`` shards it over ``world``'s ranks."""
     import moekit
     from moekit.models import DEFAULT_MODEL
 
+    if expert_parallel:
+        if world is None:
+            raise MoekitError("--expert-parallel needs several ranks: start the command with torchrun --nproc-per-node N")
+        from moekit.distributed.data_parallel import load_expert_parallel
+
+        return load_expert_parallel(spec or DEFAULT_MODEL, world)
     with console_err.status(f"loading {spec or DEFAULT_MODEL}"):
         return moekit.load(spec or DEFAULT_MODEL)
+
+
+def join_ranks():
+    """Under ``torchrun``: join the job and return its ``World`` (data parallel: every rank holds the whole model
+    and runs a share of the batches); None in a single process."""
+    from moekit.distributed.runtime import init
+
+    return init()
 
 
 def fail(message: str) -> None:

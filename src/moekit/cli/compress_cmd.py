@@ -15,6 +15,7 @@ from moekit.cli.common import (
     emit_json,
     float_option,
     int_option,
+    join_ranks,
     load_model,
     open_unit_ratio,
     positive_int,
@@ -47,6 +48,15 @@ def _read_calib(calib: list[str] | None):
     return docs
 
 
+def _observe_dp(lm, docs, world, seq_len: int, max_tokens: int | None):
+    """Under torchrun: calibration statistics with the batches split over the ranks (exactly the one-process ones)."""
+    if docs is None:
+        return None
+    from moekit.distributed.data_parallel import observe_dp
+
+    return observe_dp(lm, docs, world, seq_len=seq_len, max_tokens=max_tokens)
+
+
 @app.command("prune")
 def prune_command(
     model: str = typer.Argument(None, help=MODEL_HELP),
@@ -75,6 +85,7 @@ def prune_command(
     CRITERIA.get(method)
     check_output(out, force, "dir")
     docs = _read_calib(calib) if (calib or method != "random" or protect_super) else None
+    world = None
     if low_memory:
         from moekit.compress.lowmem import prune_lowmem
         from moekit.models.loading import resolve
@@ -88,11 +99,16 @@ def prune_command(
     else:
         from moekit.compress.prune import prune
 
+        world = join_ranks()
         lm = load_model(model)
         _check_supported(lm)
-        res = prune(lm, method, ratio, docs, out=out, force=force, global_budget=global_budget,
+        if world is not None:
+            docs = _observe_dp(lm, docs, world, seq_len, max_tokens)
+        res = prune(lm, method, ratio, docs, out=out if world is None or world.is_main else None, force=force, global_budget=global_budget,
                     protect_super=protect_super, seed=seed, seq_len=seq_len, max_tokens=max_tokens,
                     progress=not json_out)
+    if world is not None and not world.is_main:
+        return
     summary = res.summary()
     if json_out:
         emit_json(summary)
@@ -128,10 +144,15 @@ def merge_command(
         raise MoekitError(f"unknown merging method {method!r}; choose one of: m-smoe")
     check_output(out, force, "dir")
     docs = _read_calib(calib)
+    world = join_ranks()
     lm = load_model(model)
     _check_supported(lm)
-    res, _ = merge(lm, ratio, docs, out=out, force=force, protect_super=protect_super, seq_len=seq_len,
+    if world is not None:
+        docs = _observe_dp(lm, docs, world, seq_len, max_tokens)
+    res, _ = merge(lm, ratio, docs, out=out if world is None or world.is_main else None, force=force, protect_super=protect_super, seq_len=seq_len,
                    max_tokens=max_tokens, progress=not json_out)
+    if world is not None and not world.is_main:
+        return
     summary = res.summary()
     if json_out:
         emit_json(summary)

@@ -5,7 +5,16 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from moekit.cli.common import MODEL_HELP, app, console, emit_json, load_model, positive_int
+from moekit.cli.common import (
+    EP_HELP,
+    MODEL_HELP,
+    app,
+    console,
+    emit_json,
+    join_ranks,
+    load_model,
+    positive_int,
+)
 from moekit.data.corpus import CORPUS_SPEC_HELP
 
 
@@ -19,6 +28,7 @@ def eval_command(
     batch_size: int = typer.Option(8, "--batch-size", callback=positive_int),
     adapter: str = typer.Option(None, "--adapter",
                                 help="Evaluate with this PEFT adapter directory (moekit adapt train/compose)."),
+    expert_parallel: bool = typer.Option(False, "--expert-parallel", help=EP_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Perplexity of a model per file and per domain.
@@ -26,21 +36,31 @@ def eval_command(
     Examples:\n
       moekit eval moekit:tiny\n
       moekit eval ./pruned --data notes.txt --data code.jsonl --json\n
-      moekit eval moekit:tiny --adapter ad/code --data moekit:corpus:test
+      moekit eval moekit:tiny --adapter ad/code --data moekit:corpus:test\n
+      torchrun --nproc-per-node 2 -m moekit eval moekit:tiny --json
     """
     from moekit.data import read_documents
     from moekit.eval import perplexity
 
+    world = join_ranks()
     docs = read_documents(data)
-    lm = load_model(model)
+    lm = load_model(model, world, expert_parallel)
     if adapter is not None:
         import dataclasses
 
         from moekit.adapters import load_adapter
 
         lm = dataclasses.replace(lm, model=load_adapter(lm.model, adapter), name=f"{lm.name}+{adapter}")
-    result = perplexity(lm, docs, max_tokens=max_tokens, batch_size=batch_size, seq_len=seq_len,
-                        progress=not json_out)
+    if world is None:
+        result = perplexity(lm, docs, max_tokens=max_tokens, batch_size=batch_size, seq_len=seq_len,
+                            progress=not json_out)
+    else:
+        from moekit.distributed.data_parallel import perplexity_dp
+
+        result = perplexity_dp(lm, docs, world, max_tokens=max_tokens, batch_size=batch_size, seq_len=seq_len,
+                               progress=not json_out)
+        if not world.is_main:
+            return
     if json_out:
         emit_json(result)
         return

@@ -6,7 +6,17 @@ from pathlib import Path
 
 import typer
 
-from moekit.cli.common import MODEL_HELP, app, check_output, console, emit_json, load_model, positive_int
+from moekit.cli.common import (
+    EP_HELP,
+    MODEL_HELP,
+    app,
+    check_output,
+    console,
+    emit_json,
+    join_ranks,
+    load_model,
+    positive_int,
+)
 from moekit.data.corpus import CORPUS_SPEC_HELP
 
 
@@ -21,22 +31,33 @@ def trace_command(
     batch_size: int = typer.Option(8, "--batch-size", callback=positive_int),
     probs: bool = typer.Option(False, "--probs", help="Also store full router probabilities."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
+    expert_parallel: bool = typer.Option(False, "--expert-parallel", help=EP_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
     """Record which experts every token uses.
 
     Examples:\n
       moekit trace moekit:tiny --data moekit:corpus:test --out test.trace\n
-      moekit trace ./ckpt --data notes.txt --data more.jsonl --out notes.trace --max-tokens 20000
+      moekit trace ./ckpt --data notes.txt --data more.jsonl --out notes.trace --max-tokens 20000\n
+      torchrun --nproc-per-node 2 -m moekit trace moekit:tiny --data moekit:corpus:test --out test.trace
     """
     from moekit.data import read_documents
     from moekit.routing.tracing import trace_documents
 
     check_output(out, force, "trace")
+    world = join_ranks()
     docs = read_documents(data)
-    lm = load_model(model)
-    trace = trace_documents(lm, docs, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size,
-                            fields=("ids", "weights", "probs") if probs else ("ids", "weights"))
+    lm = load_model(model, world, expert_parallel)
+    fields = ("ids", "weights", "probs") if probs else ("ids", "weights")
+    if world is None:
+        trace = trace_documents(lm, docs, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, fields=fields)
+    else:
+        from moekit.distributed.data_parallel import trace_documents_dp
+
+        trace = trace_documents_dp(lm, docs, world, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size,
+                                   fields=fields)
+        if not world.is_main:
+            return
     trace.save(out, force=force)
     summary = {"out": str(out), "tokens": trace.num_tokens, "documents": int(trace.doc.max()) + 1,
                "moe_layers": trace.num_layers, "domains": trace.domains, "bytes": out.stat().st_size}

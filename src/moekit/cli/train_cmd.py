@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from moekit.cli.common import app, console, emit_json, positive_int
+from moekit.cli.common import app, console, emit_json, join_ranks, positive_int
 
 
 @app.command("train")
@@ -33,7 +33,8 @@ def train_command(
 
     Examples:\n
       moekit train --config configs/router_topk.yaml --out runs/topk\n
-      moekit train --config configs/router_topk.yaml --out runs/topk --resume
+      moekit train --config configs/router_topk.yaml --out runs/topk --resume\n
+      torchrun --nproc-per-node 2 -m moekit train --config configs/router_aux_free.yaml --out runs/ep
     """
     from moekit.errors import MoekitError
     from moekit.io import check_parent
@@ -44,7 +45,10 @@ def train_command(
         raise MoekitError(f"--out {out_dir} is a file; training writes a directory")
     check_parent(out_dir)
     run = load_run_config(config)
-    log = run_training(run, out_dir, resume=resume, stop_at=stop_at, progress=not no_progress)
+    world = join_ranks()
+    log = run_training(run, out_dir, resume=resume, stop_at=stop_at, progress=not no_progress, world=world)
+    if world is not None and not world.is_main:
+        return
     last = log["evals"][-1] if log["evals"] else None
     if json_out:
         emit_json(

@@ -74,6 +74,47 @@ class CalibStats:
     tokens: int
     data_hash: str | None = None
 
+    @staticmethod
+    def fold(parts: Sequence[CalibStats]) -> CalibStats:
+        """Statistics of consecutive runs, added in the given order: folding the per-batch statistics of a
+        calibration set in batch order gives exactly (bit for bit) what one pass over all batches gives."""
+        if not parts:
+            raise MoekitError("no calibration statistics to combine")
+        first = parts[0]
+        layers = {i: LayerStats(i, s.num_experts, s.top_k) for i, s in first.layers.items()}
+        for part in parts:
+            if part.layers.keys() != layers.keys():
+                raise MoekitError("cannot combine calibration statistics of different models")
+            for i, st in layers.items():
+                src = part.layers[i]
+                for name in STAT_FIELDS[:-1]:
+                    setattr(st, name, getattr(st, name) + getattr(src, name))
+                st.max_abs = np.fmax(st.max_abs, src.max_abs)
+                st.gram += src.gram
+                st.tokens += src.tokens
+        return CalibStats(layers, tokens=sum(p.tokens for p in parts), data_hash=first.data_hash)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The statistics as named arrays (for transport between processes)."""
+        out = {"tokens": np.array([self.tokens], np.int64)}
+        for i, st in self.layers.items():
+            for name in (*STAT_FIELDS, "gram"):
+                out[f"{i}.{name}"] = getattr(st, name)
+            out[f"{i}.meta"] = np.array([st.num_experts, st.top_k, st.tokens], np.int64)
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], data_hash: str | None = None) -> CalibStats:
+        """Inverse of ``to_arrays``."""
+        layers = {}
+        for key in arrays:
+            if key.endswith(".meta"):
+                i = int(key.split(".")[0])
+                num_experts, top_k, tokens = (int(v) for v in arrays[key])
+                fields = {name: np.array(arrays[f"{i}.{name}"]) for name in (*STAT_FIELDS, "gram")}
+                layers[i] = LayerStats(i, num_experts, top_k, tokens=tokens, **fields)
+        return cls(dict(sorted(layers.items())), tokens=int(arrays["tokens"][0]), data_hash=data_hash)
+
     def stacked(self, name: str) -> np.ndarray:
         """[L, E] array of one statistic in MoE-layer order."""
         return np.stack([getattr(self.layers[i], name) for i in sorted(self.layers)])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -102,28 +103,74 @@ def perplexity(
     ``max_tokens`` caps the number of predicted tokens (documents are taken in order).
     Returns ``{"model", "tokens", "nll", "perplexity", "by_domain": {...}, "by_source": {...}}``.
     """
-    docs = _as_documents(docs)
-    windows = _windows(lm, docs, seq_len, max_tokens)
+    losses = window_losses(lm, docs, max_tokens, batch_size, seq_len, progress)
+    return aggregate_windows(lm.name, docs, losses)
+
+
+@dataclass
+class WindowLosses:
+    """Per evaluation window: its document, summed NLL (fp32, as computed) and predicted tokens; ``done`` marks
+    the windows this process ran (all of them, unless ``part`` split the batches)."""
+
+    doc: np.ndarray
+    nll: np.ndarray
+    n: np.ndarray
+    done: np.ndarray
+
+
+@torch.no_grad()
+def window_losses(
+    lm,
+    docs: Sequence[Document | str],
+    max_tokens: int | None = None,
+    batch_size: int = 8,
+    seq_len: int = 256,
+    progress: bool = True,
+    part: tuple[int, int] | None = None,
+    lockstep: bool = False,
+) -> WindowLosses:
+    """Summed NLL of every window of ``docs``; ``part=(i, n)`` runs only batches ``b`` with ``b mod n == i``
+    (``lockstep``: and as many forwards as the largest part, for models sharded over the ranks)."""
+    windows = _windows(lm, _as_documents(docs), seq_len, max_tokens)
     if not windows:
         raise MoekitError("no tokens to evaluate: documents are empty or shorter than 2 tokens")
     model = lm.model
-    per_doc_nll = np.zeros(len(docs))
-    per_doc_n = np.zeros(len(docs), dtype=np.int64)
-    prog, task = _progress(progress, len(windows), f"perplexity {lm.name}")
+    out = WindowLosses(np.array([d for d, _ in windows], dtype=np.int64), np.zeros(len(windows), np.float32),
+                       np.zeros(len(windows), np.int64), np.zeros(len(windows), bool))
+    starts = list(range(0, len(windows), batch_size))
+    fill = 0
+    if part is not None:
+        fill = -(-len(starts) // part[1]) - len(starts[part[0]::part[1]]) if lockstep else 0
+        starts = starts[part[0]::part[1]]
+    prog, task = _progress(progress, sum(min(batch_size, len(windows) - s) for s in starts), f"perplexity {lm.name}")
     with prog:
-        for doc_idx, ids, mask in _batches(windows, batch_size, _pad_id(lm.tokenizer)):
+        for start in starts:
+            _, ids, mask = next(_batches(windows[start:start + batch_size], batch_size, _pad_id(lm.tokenizer)))
             ids, mask = ids.to(lm.device), mask.to(lm.device)
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
             logp = torch.log_softmax(logits[:, :-1], dim=-1)
             nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
             valid = mask[:, 1:].bool()
-            nll = (nll * valid).sum(1).cpu().numpy()
-            n = valid.sum(1).cpu().numpy()
-            for r, d in enumerate(doc_idx):
-                per_doc_nll[d] += nll[r]
-                per_doc_n[d] += n[r]
-            prog.advance(task, len(doc_idx))
-    return _aggregate(lm.name, docs, per_doc_nll, per_doc_n)
+            rows = slice(start, start + ids.shape[0])
+            out.nll[rows] = (nll * valid).sum(1).cpu().numpy()
+            out.n[rows] = valid.sum(1).cpu().numpy()
+            out.done[rows] = True
+            prog.advance(task, ids.shape[0])
+    for _ in range(fill):
+        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=lm.device), use_cache=False)
+    return out
+
+
+def aggregate_windows(name: str, docs: Sequence[Document | str], losses: WindowLosses) -> dict:
+    """The perplexity result from every window's loss, summed per document in window order."""
+    if not losses.done.all():
+        raise MoekitError(f"{int((~losses.done).sum())} evaluation windows have no result")
+    per_doc_nll = np.zeros(len(docs))
+    per_doc_n = np.zeros(len(docs), dtype=np.int64)
+    for d, nll, n in zip(losses.doc, losses.nll, losses.n, strict=True):
+        per_doc_nll[d] += nll
+        per_doc_n[d] += n
+    return _aggregate(name, _as_documents(docs), per_doc_nll, per_doc_n)
 
 
 def _aggregate(name: str, docs: list[Document], per_doc_nll: np.ndarray, per_doc_n: np.ndarray) -> dict:

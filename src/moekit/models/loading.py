@@ -155,8 +155,12 @@ def load(
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
     with_tokenizer: bool = True,
+    distributed_config=None,
 ) -> LoadedModel:
-    """Load ``spec`` (hub id, local directory or ``moekit:<name>``) in eval mode and map its experts."""
+    """Load ``spec`` (hub id, local directory or ``moekit:<name>``) in eval mode and map its experts.
+
+    ``distributed_config`` (a transformers ``DistributedConfig``, inside a torch.distributed job) shards the
+    model with transformers' own parallel plans, e.g. expert parallelism (see ``moekit.distributed``)."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -171,6 +175,8 @@ def load(
     try:
         if path is not None and is_quantized_checkpoint(path):
             model = load_quantized(path, dtype=dtype)
+        elif distributed_config is not None:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, distributed_config=distributed_config)
         else:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except MoekitError:
@@ -182,7 +188,9 @@ def load(
                 "if you are offline, download it and pass its local directory instead"
             ) from None
         raise MoekitError(f"could not load the model in {path}: {_first_line(exc)}") from None
-    model.to(device).eval()
+    if distributed_config is None:
+        model.to(device)
+    model.eval()
     tokenizer = None
     if with_tokenizer and has_tokenizer(source):
         try:

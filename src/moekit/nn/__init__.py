@@ -11,6 +11,7 @@ from moekit.nn.dispatch import (
     register_with_transformers,
     set_backend,
 )
+from moekit.nn.expert_parallel import ExpertParallelBank, all_to_all, shard_experts
 from moekit.nn.layers import CoELayer, ExpertBank, GatedMLP, MoELayer
 from moekit.nn.losses import AddAuxiliaryLoss, add_aux_loss, seq_balance_loss, switch_balance_loss, z_loss
 from moekit.nn.model import MoELM, MoELMConfig
@@ -30,6 +31,7 @@ __all__ = [
     "AddAuxiliaryLoss",
     "CoELayer",
     "ExpertBank",
+    "ExpertParallelBank",
     "GatedMLP",
     "MoELM",
     "MoELMConfig",
@@ -37,6 +39,7 @@ __all__ = [
     "Router",
     "RouterOutput",
     "add_aux_loss",
+    "all_to_all",
     "build_router",
     "expert_counts",
     "expert_forward",
@@ -47,6 +50,7 @@ __all__ = [
     "register_with_transformers",
     "seq_balance_loss",
     "set_backend",
+    "shard_experts",
     "switch_balance_loss",
     "update_router_biases",
     "z_loss",

@@ -59,6 +59,7 @@ class Router(nn.Module):
         self.register_buffer(
             "tokens_per_expert", torch.zeros(num_experts, dtype=torch.long), persistent=False
         )
+        self.load_group = None  # a torch.distributed group: balancing rules use loads summed over its ranks
 
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Router logits in fp32 (routing decisions are precision-sensitive)."""
@@ -201,6 +202,11 @@ class SigmoidBiasRouter(Router):
         """Aux-loss-free balancing step (Megatron rule) from per-expert ``counts`` (default: accumulated ones)."""
         if counts is None:
             counts = self.reset_counts()
+        if self.load_group is not None:  # expert / data parallel: balance on the loads of all ranks
+            import torch.distributed as dist
+
+            counts = counts.clone()
+            dist.all_reduce(counts, group=self.load_group)
         load = counts.to(self.e_score_correction_bias.device, torch.float32)
         rate = self.bias_update_rate if u is None else u
         self.e_score_correction_bias += rate * torch.sign(load.mean() - load)

@@ -135,14 +135,7 @@ class Recorder:
         probs = np.stack([t.numpy() for t in self._stack("probs")])[:, order] if "probs" in self.fields else None
         doc = np.concatenate([c["doc"] for c in self._calls])[order]
         domain = np.array([self._doc_domain.get(int(d), -1) for d in range(self._docs_seen)], dtype=np.int16)
-        moe = self.lm.moe
-        from moekit.version import __version__
-
-        meta = {
-            "model": self.lm.name, "architecture": moe.model_type, "layers": moe.indices,
-            "num_experts": [v.num_experts for v in moe], "top_k": [v.top_k for v in moe],
-            "domains": list(self._domain_names), "moekit_version": __version__,
-        }
+        meta = self.metadata()
         return RoutingTrace(
             ids=ids_a[:, order], weights=w_a[:, order], probs=probs,
             token_ids=np.concatenate([c["tokens"] for c in self._calls])[order].astype(np.int32),
@@ -150,6 +143,18 @@ class Recorder:
             pos=np.concatenate([c["pos"] for c in self._calls])[order].astype(np.int32),
             domain=domain[doc] if len(domain) else np.zeros(0, np.int16), meta=meta,
         )
+
+
+    def metadata(self) -> dict:
+        """The trace metadata of this model (model id, architecture, MoE layers, experts, top-k, domains)."""
+        from moekit.version import __version__
+
+        moe = self.lm.moe
+        return {
+            "model": self.lm.name, "architecture": moe.model_type, "layers": moe.indices,
+            "num_experts": [v.num_experts for v in moe], "top_k": [v.top_k for v in moe],
+            "domains": list(self._domain_names), "moekit_version": __version__,
+        }
 
 
 def _pad_columns(parts: list[torch.Tensor], fill: float) -> list[torch.Tensor]:

@@ -199,6 +199,43 @@ class RoutingTrace:
             meta=dict(first.meta, domains=domains),
         )
 
+    @staticmethod
+    def merge(parts: Sequence[RoutingTrace]) -> RoutingTrace:
+        """Join shares of one run (disjoint tokens, the same documents numbering) in (document, position) order.
+
+        The inverse of splitting a run's tokens: ``merge`` of the shares of ``trace_documents(part=...)`` is the
+        single-process trace exactly. Ids are padded to the widest share with -1 (weights with 0).
+        """
+        if not parts:
+            raise TraceError("nothing to merge")
+        first = parts[0]
+        for t in parts[1:]:
+            if t.layers != first.layers or t.num_experts != first.num_experts:
+                raise TraceError("cannot merge traces of different models (layers or experts differ)")
+            if t.domains != first.domains:
+                raise TraceError("cannot merge shares with different domain lists")
+        full = [t for t in parts if t.num_tokens] or [first]
+        K = max(t.ids.shape[2] for t in full)
+        if len({t.probs is None for t in full}) > 1:
+            raise TraceError("cannot merge shares where only some hold router probabilities")
+
+        def cat(name: str, pad: float | None = None) -> np.ndarray:
+            arrs = [np.asarray(getattr(t, name)) for t in full]
+            if pad is not None:
+                arrs = [np.pad(a, ((0, 0), (0, 0), (0, K - a.shape[2])), constant_values=pad) for a in arrs]
+            return np.concatenate(arrs, axis=1 if pad is not None or name == "probs" else 0)
+
+        doc, pos = cat("doc"), cat("pos")
+        order = np.lexsort((pos, doc))
+        if len(order) > 1 and not (np.diff(doc[order].astype(np.int64) * (int(pos.max()) + 1) + pos[order]) > 0).all():
+            raise TraceError("the shares overlap: a (document, position) appears twice")
+        probs = None if full[0].probs is None else cat("probs")[:, order]
+        return RoutingTrace(
+            ids=cat("ids", -1)[:, order], weights=cat("weights", 0.0)[:, order], probs=probs,
+            token_ids=cat("token_ids")[order], doc=doc[order], pos=pos[order], domain=cat("domain")[order],
+            meta=dict(first.meta),
+        )
+
     # ----- persistence -----------------------------------------------------------------------------
     def _arrays(self) -> dict[str, np.ndarray]:
         out = {}

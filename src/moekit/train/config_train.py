@@ -266,14 +266,18 @@ def _optimizer(model: MoELM, cfg: RunTrainConfig) -> torch.optim.Optimizer:
 
 
 def save_state(
-    out: Path, model: MoELM, opt: torch.optim.Optimizer, step: int, log: dict, run: RunConfig
+    out: Path, model: MoELM, opt: torch.optim.Optimizer | None, step: int, log: dict, run: RunConfig,
+    state_dict: dict | None = None,
 ) -> Path:
-    """Atomically write ``out/checkpoint/`` (state.pt with model, optimiser, step, RNG state; config.json)."""
+    """Atomically write ``out/checkpoint/`` (state.pt with model, optimiser, step, RNG state; config.json).
+
+    ``opt=None`` (expert-parallel runs, whose optimiser state is sharded) saves no optimiser state: such a
+    checkpoint holds the whole model (``state_dict``, experts gathered) but cannot be resumed."""
     with atomic_output_dir(out / CHECKPOINT_DIR, force=True) as tmp:
         torch.save(
             {
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
+                "model": state_dict if state_dict is not None else model.state_dict(),
+                "optimizer": None if opt is None else opt.state_dict(),
                 "step": step,
                 "rng": _rng_state(),
                 "log": log,
@@ -304,18 +308,36 @@ def run_training(
     resume: bool = False,
     stop_at: int | None = None,
     progress: bool = True,
+    world: Any = None,
 ) -> dict[str, Any]:
     """Train an MoELM per ``run``, writing checkpoint, ``log.json`` and ``loss.png`` under ``out``.
 
     ``resume`` continues from ``out/checkpoint`` exactly; ``stop_at`` stops (with a checkpoint) after that
     many steps without changing the LR schedule. Returns the log dict.
+
+    ``world`` (a ``moekit.distributed.runtime.World``, under torchrun): expert parallel. Every rank builds the
+    same model and keeps its shard of each expert bank (``moekit.nn.shard_experts``); each step's batch is
+    split over the ranks, the other gradients are averaged over them, clipping uses the global norm, and
+    aux-loss-free biases step on loads summed over the ranks. Rank 0 writes the log and a checkpoint with the
+    whole model (no optimiser state: such runs cannot be resumed yet).
     """
     out = Path(out)
     cfg = run.train
+    parallel = world is not None and world.size > 1
+    if parallel:
+        if resume:
+            raise MoekitError("--resume is not supported for expert-parallel (torchrun) runs yet")
+        if cfg.batch_size % world.size:
+            raise MoekitError(f"train.batch_size={cfg.batch_size} must be divisible by the {world.size} ranks")
+    main = not parallel or world.rank == 0
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     model = MoELM(run.model)
+    if parallel:
+        from moekit.nn.expert_parallel import shard_experts
+
+        shard_experts(model)
     opt = _optimizer(model, cfg)
     log: dict[str, Any] = {
         "config": run.to_dict(),
@@ -333,6 +355,8 @@ def run_training(
         if not path.is_file():
             raise MoekitError(f"--resume: no checkpoint at {path}")
         state = load_state(path)
+        if state.get("optimizer") is None:
+            raise MoekitError(f"--resume: {path} was written by an expert-parallel run and holds no optimiser state")
         if state["config"] != run.to_dict():
             raise MoekitError(f"--resume: the config differs from the one {path} was trained with")
         model.load_state_dict(state["model"])
@@ -356,7 +380,7 @@ def run_training(
         MofNCompleteColumn(),
         TextColumn("{task.description}"),
         TimeRemainingColumn(),
-        disable=not progress,
+        disable=not (progress and main),
     )
     t0 = time.perf_counter() - log["seconds"]
     acc, n_acc = [0.0, 0.0], 0
@@ -367,10 +391,17 @@ def run_training(
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
             model.set_step(step)
-            loss, _, aux = model(batch, labels=batch)
-            loss.backward()  # router aux losses are attached to the graph
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if parallel:
+                share = cfg.batch_size // world.size
+                loss, _, aux = model(batch[world.rank * share:(world.rank + 1) * share],
+                                     labels=batch[world.rank * share:(world.rank + 1) * share])
+                loss.backward()
+                loss = _sync_gradients(model, loss, cfg.grad_clip, world)
+            else:
+                loss, _, aux = model(batch, labels=batch)
+                loss.backward()  # router aux losses are attached to the graph
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             acc[0] += loss.item()  # LM cross-entropy; the weighted aux terms are already in the graph
@@ -393,9 +424,63 @@ def run_training(
                 prog.update(task, description=f"loss {log['lm_loss'][-1]:.3f} val {ev['val_loss_mean']:.3f}")
             log["seconds"] = time.perf_counter() - t0
             if (cfg.save_every and done % cfg.save_every == 0) or done == end:
-                save_state(out, model, opt, done, log, run)
-                _write_log(out, log)
+                if parallel:
+                    full = _gathered_state_dict(model, world)  # a collective: every rank takes part
+                    if main:
+                        save_state(out, model, None, done, log, run, state_dict=full)
+                        _write_log(out, log)
+                else:
+                    save_state(out, model, opt, done, log, run)
+                    _write_log(out, log)
             prog.advance(task)
-    if start_step >= end:
+    if start_step >= end and main:
         _write_log(out, log)
     return log
+
+
+def _sync_gradients(model: MoELM, loss: torch.Tensor, grad_clip: float, world: Any) -> torch.Tensor:
+    """Expert parallel: average replicated gradients over ranks, scale expert-shard gradients to the global
+    mean loss, clip by the global norm; returns the mean loss over ranks (for logging)."""
+    import torch.distributed as dist
+
+    from moekit.nn.expert_parallel import ExpertParallelBank
+
+    sharded = {id(p) for m in model.modules() if isinstance(m, ExpertParallelBank) for p in m.parameters()}
+    params = [p for p in model.parameters() if p.grad is not None]
+    replicated = [p for p in params if id(p) not in sharded]
+    flat = torch.cat([p.grad.reshape(-1) for p in replicated] + [loss.detach().reshape(1)])
+    dist.all_reduce(flat)
+    flat /= world.size
+    offset = 0
+    for p in replicated:
+        n = p.grad.numel()
+        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+        offset += n
+    for p in params:
+        if id(p) in sharded:
+            p.grad /= world.size  # each rank's loss is a mean over its share: the global loss is their mean
+    if grad_clip:
+        sq = torch.stack([p.grad.double().pow(2).sum() for p in params if id(p) in sharded] or
+                         [torch.zeros((), dtype=torch.float64)]).sum()
+        dist.all_reduce(sq)
+        sq += sum(p.grad.double().pow(2).sum() for p in replicated)
+        coef = (grad_clip / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+        for p in params:
+            p.grad.mul_(coef.to(p.grad.dtype))
+    return flat[-1]
+
+
+def _gathered_state_dict(model: MoELM, world: Any) -> dict[str, torch.Tensor]:
+    """The whole model's state dict: every expert-parallel shard gathered from all ranks (a collective)."""
+    import torch.distributed as dist
+
+    from moekit.nn.expert_parallel import ExpertParallelBank
+
+    sd = dict(model.state_dict())
+    for name, module in model.named_modules():
+        if isinstance(module, ExpertParallelBank):
+            for pname, p in module.named_parameters():
+                parts = [torch.empty_like(p.data) for _ in range(world.size)]
+                dist.all_gather(parts, p.data.contiguous())
+                sd[f"{name}.{pname}"] = torch.cat(parts)
+    return sd
