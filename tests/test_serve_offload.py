@@ -219,7 +219,8 @@ def test_quantized_checkpoint_offloads_exactly(arch, bits, checkpoints, tmp_path
     """A moekit quantized checkpoint offloads: packed codes are read per expert and dequantized into the cache,
     giving the same tokens as the checkpoint loaded whole (its experts dequantized up front)."""
     from moekit.compress.quantize import QUANT_WEIGHTS, quantize
-    from moekit.serve.store import QuantizedFileStore, read_safetensors_header
+    from moekit.formats import read_header as read_safetensors_header
+    from moekit.serve.store import QuantizedFileStore
 
     out = tmp_path / "q"
     quantize(moekit.load(checkpoints[arch]), bits=bits, group_size=32, out=out)

@@ -1,16 +1,17 @@
 """Low-memory pruning: calibrate one decoder layer at a time from the safetensors files.
 
-The model is built on the ``meta`` device (no weights in memory). One pass with every decoder layer
-replaced by a pass-through records the inputs each layer receives (embeddings, attention masks,
-position embeddings — whatever that architecture's model forward computes). Then, layer by layer, the
-layer's tensors are read from the checkpoint (``safetensors.safe_open``; on-disk names and per-expert
-tensors are converted to the module's fused layout), the calibration hidden states are carried through
-it with the same observers as the in-memory path (``observer.LayerObserver``), and the layer goes back
-to ``meta``. Peak memory ≈ one decoder layer + the calibration hidden states.
+The model is built with its parameters on the ``meta`` device (no weights in memory). One pass with every
+decoder layer replaced by a pass-through records the inputs each layer receives (embeddings, attention
+masks, position embeddings — whatever that architecture's model forward computes). Then, layer by layer,
+the layer's tensors are read from the checkpoint through ``formats.Checkpoint`` (transformers' own renames
+and per-expert → fused conversions, one tensor at a time), the calibration hidden states are carried
+through it with the same observers as the in-memory path (``observer.LayerObserver``), and the layer goes
+back to ``meta``. Peak memory ≈ one decoder layer + the calibration hidden states.
 
 The pruned checkpoint is written straight from the source files (``write_pruned_files``): tensors are
 read one at a time, expert-indexed ones sliced (per-expert keys dropped and renumbered, fused ones
-indexed on dim 0), and written in shards of at most ``shard_bytes``.
+indexed on dim 0), and written in shards of at most ``shard_bytes``, in the dtype they are stored in
+(which config.json then records).
 """
 
 from __future__ import annotations
@@ -41,124 +42,13 @@ from moekit.compress.writer import (
     metadata,
     plan_config,
 )
-from moekit.errors import MoekitError, UnsupportedArchitecture
+from moekit.errors import MoekitError
+from moekit.formats import Checkpoint, read_tensor
 from moekit.io import atomic_output_dir
-from moekit.models.loading import LoadedModel
+from moekit.models.loading import LoadedModel, load_structure
 
 _PER_EXPERT = re.compile(r"^(?P<block>.+)\.experts\.(?P<e>\d+)\.(?P<proj>[A-Za-z0-9_]+)\.weight$")
 _PROJ = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
-
-
-class CheckpointReader:
-    """Where each tensor of a safetensors checkpoint lives; loads tensors by name or prefix."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        index = self.path / "model.safetensors.index.json"
-        if index.is_file():
-            self.where = dict(json.loads(index.read_text())["weight_map"])
-        elif (self.path / "model.safetensors").is_file():
-            from safetensors import safe_open
-
-            with safe_open(str(self.path / "model.safetensors"), "pt") as f:
-                names = f.keys()
-                self.where = dict.fromkeys(names, "model.safetensors")
-        else:
-            raise MoekitError(f"{self.path}: no safetensors weights (model.safetensors or its index); "
-                              "low-memory mode reads safetensors checkpoints only")
-
-    def names(self) -> list[str]:
-        return list(self.where)
-
-    def load(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
-
-        by_file: dict[str, list[str]] = {}
-        for n in names:
-            by_file.setdefault(self.where[n], []).append(n)
-        out = {}
-        for fname, ns in by_file.items():
-            with safe_open(str(self.path / fname), "pt") as f:
-                for n in ns:
-                    out[n] = f.get_tensor(n)
-        return out
-
-    def load_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {k[len(prefix):]: v for k, v in self.load([k for k in self.where if k.startswith(prefix)]).items()}
-
-
-_RENAMES = ((".input_linear.weight", ".experts.gate_up_proj"), (".output_linear.weight", ".experts.down_proj"),
-            (".router.layer.weight", ".router.weight"))
-
-
-def map_key(rest: str, module_keys: set[str], where: str) -> tuple[str, int | None, str | None]:
-    """Where an on-disk tensor (name relative to its module) goes in the module's state dict:
-    ``(module key, expert index or None, part)`` with part ``gate``/``up`` (halves of the fused
-    ``gate_up_proj`` [E, 2I, H]), ``down`` (``down_proj`` [E, H, I]) or None (the whole tensor).
-    Covers the renames transformers v5 applies on load: per-expert → fused, ``block_sparse_moe`` → ``mlp``,
-    GraniteMoE's ``input_linear``/``output_linear``/``router.layer``, PhiMoE's ``gate`` → ``router``."""
-    m = _PER_EXPERT.match(rest)
-    e = part = None
-    if m and m["proj"] in _PROJ:
-        e, part = int(m["e"]), _PROJ[m["proj"]]
-        cands = [f"{m['block']}.experts." + ("down_proj" if part == "down" else "gate_up_proj")]
-    else:
-        cands = [rest]
-        for a, b in _RENAMES:
-            if rest.endswith(a):
-                cands.append(rest[: -len(a)] + b)
-    cands += [c.replace("block_sparse_moe.", "mlp.", 1) for c in list(cands)]
-    cands += [c.replace("mlp.gate.", "mlp.router.", 1) for c in list(cands)]
-    name = next((c for c in cands if c in module_keys), None)
-    if name is None:
-        raise UnsupportedArchitecture(f"{where}: low-memory mode cannot map on-disk tensor {rest!r} to the model")
-    return name, e, part
-
-
-def materialize(module: nn.Module, reader: CheckpointReader, prefix: str, dtype: torch.dtype, where: str) -> None:
-    """Fill a meta-device module with its tensors from the checkpoint, streaming tensor by tensor
-    (per-expert tensors are copied straight into the fused buffers)."""
-    from safetensors import safe_open
-
-    shapes = {k: v.shape for k, v in module.state_dict().items()}
-    out: dict[str, torch.Tensor] = {}
-    filled: dict[str, int] = {}
-    names_whole: set[str] = set()
-    names = [k for k in reader.where if k.startswith(prefix)]
-    by_file: dict[str, list[str]] = {}
-    for n in names:
-        by_file.setdefault(reader.where[n], []).append(n)
-    for fname, ns in by_file.items():
-        for n in ns:
-            key, e, part = map_key(n[len(prefix):], set(shapes), where)
-            # one open per tensor: the mapped file pages are released right after the copy, so they never
-            # add up to a whole layer (or shard) in this process's resident memory
-            with safe_open(str(reader.path / fname), "pt") as f:
-                t = f.get_tensor(n)
-            if e is None:
-                names_whole.add(key)
-                out[key] = t.to(dtype)
-                filled[key] = filled.get(key, 0) + 1
-                continue
-            buf = out.get(key)
-            if buf is None:
-                buf = out[key] = torch.empty(shapes[key], dtype=dtype)
-            if part == "down":
-                buf[e].copy_(t)
-            else:
-                half = shapes[key][1] // 2
-                buf[e, :half].copy_(t) if part == "gate" else buf[e, half:].copy_(t)
-            filled[key] = filled.get(key, 0) + 1
-            del t
-    for key, n in filled.items():
-        per_expert = key not in names_whole
-        expected = shapes[key][0] * (2 if key.endswith("gate_up_proj") else 1) if per_expert else 1
-        if n != expected:
-            raise MoekitError(f"{where}: {key} got {n} on-disk pieces, expected {expected}")
-    missing = set(shapes) - set(out)
-    if missing:
-        raise UnsupportedArchitecture(f"{where}: low-memory mode found no on-disk tensor for {sorted(missing)[:3]}")
-    module.load_state_dict(out, strict=True, assign=True)
 
 
 class _PassThrough(nn.Module):
@@ -175,43 +65,29 @@ class _PassThrough(nn.Module):
         return hidden_states
 
 
-def meta_model(path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """The checkpoint's model on the meta device, wrapped as a LoadedModel (with its tokenizer)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from moekit.models.loading import _quiet_transformers, from_model
-
-    _quiet_transformers()
-    path = Path(path)
-    config = AutoConfig.from_pretrained(path)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, KeyError, TypeError):
-        tok = None
-    lm = from_model(model, tok, name=str(path))
-    lm.path = path
-    return lm
+def meta_model(path: str | Path, dtype: torch.dtype | str | None = "auto") -> LoadedModel:
+    """The checkpoint's model with its parameters on the meta device, wrapped as a LoadedModel (with its
+    tokenizer); ``dtype`` defaults to the checkpoint's."""
+    return load_structure(Path(path), dtype, with_tokenizer=True)
 
 
 @torch.no_grad()
 def observe_lowmem(path: str | Path, docs: Sequence | None = None, batches: Sequence[dict] | None = None,
                    seq_len: int = 256, max_tokens: int | None = None, batch_size: int = 8,
-                   progress: bool = False, dtype: torch.dtype = torch.float32) -> tuple[CalibStats, LoadedModel]:
-    """Calibration statistics computed layer by layer from the checkpoint at ``path``; also returns the
-    meta-device LoadedModel (structure only) used to select and write."""
+                   progress: bool = False, dtype: torch.dtype | str | None = "auto") -> tuple[CalibStats, LoadedModel]:
+    """Calibration statistics computed layer by layer from the checkpoint at ``path`` (in ``dtype``, by
+    default the checkpoint's); also returns the meta-device LoadedModel (structure only) used to select and write."""
     lm = meta_model(path, dtype)
-    reader = CheckpointReader(path)
+    dtype = next(lm.model.parameters()).dtype
+    reader = Checkpoint(path)
+    plan = reader.plan(lm.model)
     if batches is None:
         windows = calibration_windows(lm, docs or [], seq_len, max_tokens)
         batches, dh = batches_of(windows, batch_size), data_hash(windows)
     else:
         dh = None
     base = lm.model.model
-    materialize(base.embed_tokens, reader, "model.embed_tokens.", dtype, "embed_tokens")
-    if isinstance(getattr(base, "rotary_emb", None), nn.Module):
-        base.rotary_emb = type(base.rotary_emb)(config=lm.config)
+    reader.materialize(base.embed_tokens, plan, "model.embed_tokens.", dtype)
     layers = list(base.layers)
     sink: list = []
     base.layers = nn.ModuleList(_PassThrough(i, m, sink) for i, m in enumerate(layers))
@@ -234,7 +110,7 @@ def observe_lowmem(path: str | Path, docs: Sequence | None = None, batches: Sequ
     prog, task = progress_bar(progress, len(layers), "calibration (layer by layer)")
     with prog:
         for i, layer in enumerate(layers):
-            materialize(layer, reader, f"model.layers.{i}.", dtype, f"layer {i}")
+            reader.materialize(layer, plan, f"model.layers.{i}.", dtype)
             ob = LayerObserver(views[i], layer, stats[i]).attach() if i in views else None
             try:
                 for b, (_, per_layer, mask) in enumerate(inputs):
@@ -270,7 +146,11 @@ def write_pruned_files(src: str | Path, lm: LoadedModel, kept: Mapping[int, Sequ
     kept = check_kept(lm, kept)
     config, notes = plan_config(lm, kept)
     new_e = max(len(v) for v in kept.values())
-    reader = CheckpointReader(src)
+    reader = Checkpoint(src)
+
+    def load(key: str) -> torch.Tensor:
+        return read_tensor(reader.handles, reader.tensors[key])
+
     views = {v.index: v for v in lm.moe}
     layer_re = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
     with atomic_output_dir(out, force) as tmp:
@@ -292,11 +172,11 @@ def write_pruned_files(src: str | Path, lm: LoadedModel, kept: Mapping[int, Sequ
             if size >= shard_bytes:
                 flush()
 
-        for key in reader.names():
+        for key in reader.tensors:
             m = layer_re.match(key)
             view = views.get(int(m[1])) if m else None
             if view is None:
-                add(key, reader.load([key])[key])
+                add(key, load(key))
                 continue
             rest, ids, E = m[2], kept[view.index], view.num_experts
             pe = _PER_EXPERT.match(rest)
@@ -304,13 +184,13 @@ def write_pruned_files(src: str | Path, lm: LoadedModel, kept: Mapping[int, Sequ
                 e = int(pe["e"])
                 if e in ids:
                     new = ids.index(e)
-                    add(f"model.layers.{m[1]}.{pe['block']}.experts.{new}.{pe['proj']}.weight", reader.load([key])[key])
+                    add(f"model.layers.{m[1]}.{pe['block']}.experts.{new}.{pe['proj']}.weight", load(key))
                 if e == ids[0]:  # zero experts for padded slots, shaped like this tensor
-                    t = reader.load([key])[key]
+                    t = load(key)
                     for slot in range(len(ids), new_e):
                         add(f"model.layers.{m[1]}.{pe['block']}.experts.{slot}.{pe['proj']}.weight", torch.zeros_like(t))
                 continue
-            t = reader.load([key])[key]
+            t = load(key)
             if _disk_block_key(rest) and t.dim() >= 1 and t.shape[0] == E:
                 new = t.index_select(0, torch.tensor(ids))
                 pad = new_e - len(ids)
@@ -332,6 +212,7 @@ def write_pruned_files(src: str | Path, lm: LoadedModel, kept: Mapping[int, Sequ
         if n > 1:
             (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
                                                                          indent=2))
+        config.dtype = reader.dtype  # tensors are copied as stored: record that dtype, not the planning one
         config.save_pretrained(tmp)
         if (src / "generation_config.json").is_file():
             shutil.copy2(src / "generation_config.json", tmp / "generation_config.json")

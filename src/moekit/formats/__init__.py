@@ -1,0 +1,20 @@
+"""On-disk formats below every feature: safetensors headers and slices, the checkpoint reader (design §2)."""
+
+from moekit.formats.checkpoint import Checkpoint, Piece, Target, checkpoint_dtype, config_dtype
+from moekit.formats.safetensors import (
+    ST_DTYPES,
+    FileHandles,
+    TensorInfo,
+    bytes_of,
+    drop_cache,
+    pread_into,
+    read_header,
+    read_range,
+    read_tensor,
+    tensor_infos,
+)
+
+__all__ = [
+    "ST_DTYPES", "Checkpoint", "FileHandles", "Piece", "Target", "TensorInfo", "bytes_of", "checkpoint_dtype",
+    "config_dtype", "drop_cache", "pread_into", "read_header", "read_range", "read_tensor", "tensor_infos",
+]
