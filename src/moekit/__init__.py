@@ -13,7 +13,7 @@ from moekit.version import __version__
 _LAZY = {
     "MoekitError": "moekit.errors", "NotAnMoEModel": "moekit.errors", "TraceError": "moekit.errors",
     "UnsupportedArchitecture": "moekit.errors",
-    "LoadedModel": "moekit.models", "MoEMap": "moekit.models", "load": "moekit.models",
+    "LoadedModel": "moekit.models", "MoEMap": "moekit.models", "load": "moekit.serve.placement",
     "RoutingControl": "moekit.routing", "record": "moekit.routing", "route": "moekit.routing",
     "RoutingTrace": "moekit.trace",
     "generate": "moekit.generation",

@@ -25,6 +25,10 @@ console = Console()
 console_err = Console(stderr=True)
 
 MODEL_HELP = "Hub id, local checkpoint directory or bundled name (moekit:tiny, moekit:tiny-shared)."
+DTYPE_OPTION = typer.Option("auto", "--dtype", help="Weights dtype: auto (the checkpoint's), bfloat16, float16 "
+                            "or float32.")
+MAX_MEMORY_OPTION = typer.Option(None, "--max-memory", help="Peak memory to stay under, e.g. 6GB: experts are "
+                                 "served from the checkpoint through a cache when the model does not fit.")
 
 
 def emit_json(obj: Any) -> None:
@@ -126,19 +130,27 @@ EP_HELP = ("Under torchrun: shard every MoE layer's experts over the ranks with 
            "(DistributedConfig ep_size = ranks) instead of a whole model per rank.")
 
 
-def load_model(spec: str | None, world=None, expert_parallel: bool = False):
-    """Load a model for a command, with a status spinner; ``expert_parallel`` shards it over ``world``'s ranks."""
-    import moekit
+def load_model(spec: str | None, dtype: str | None = "auto", max_memory: str | None = None, world=None,
+               expert_parallel: bool = False):
+    """Load a model for a command (``--dtype``, ``--max-memory``), with a status spinner; ``expert_parallel``
+    shards it over ``world``'s ranks."""
     from moekit.models import DEFAULT_MODEL
+    from moekit.models.loading import parse_dtype
+    from moekit.serve.placement import load, parse_size
 
+    parse_dtype(dtype)  # bad input fails before any work
+    if max_memory is not None:
+        parse_size(max_memory)
     if expert_parallel:
         if world is None:
             raise MoekitError("--expert-parallel needs several ranks: start the command with torchrun --nproc-per-node N")
+        if max_memory is not None:
+            raise MoekitError("give --expert-parallel or --max-memory, not both")
         from moekit.distributed.data_parallel import load_expert_parallel
 
-        return load_expert_parallel(spec or DEFAULT_MODEL, world)
+        return load_expert_parallel(spec or DEFAULT_MODEL, world, dtype=parse_dtype(dtype))
     with console_err.status(f"loading {spec or DEFAULT_MODEL}"):
-        return moekit.load(spec or DEFAULT_MODEL)
+        return load(spec or DEFAULT_MODEL, dtype=dtype, max_memory=max_memory)
 
 
 def join_ranks():

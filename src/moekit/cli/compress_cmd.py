@@ -7,6 +7,8 @@ from pathlib import Path
 import typer
 
 from moekit.cli.common import (
+    DTYPE_OPTION,
+    MAX_MEMORY_OPTION,
     MODEL_HELP,
     app,
     check_output,
@@ -37,6 +39,25 @@ def _check_supported(lm) -> None:
     expert_count_fields(lm.config)
 
 
+def _fits(model: str | None, dtype: str | None, max_memory: str | None) -> bool:
+    """True when ``model`` fits ``--max-memory`` whole (always without a budget); from the structure only."""
+    if max_memory is None:
+        return True
+    from moekit.models.loading import load_structure, parse_dtype
+    from moekit.serve.placement import parse_size, plan_budget
+
+    parse_dtype(dtype)
+    return bool(plan_budget(load_structure(model or "moekit:tiny", dtype), parse_size(max_memory))["resident_all"])
+
+
+def _whole_model(model: str | None, dtype: str | None, max_memory: str | None, what: str):
+    """Load ``model`` for a command that needs every expert in memory, or say clearly that the budget is too small."""
+    if not _fits(model, dtype, max_memory):
+        raise MoekitError(f"{what} needs every expert in memory and {model} does not fit --max-memory {max_memory}; "
+                          "give a larger budget, or prune with --max-memory (it calibrates one layer at a time)")
+    return load_model(model, dtype, max_memory)
+
+
 def _read_calib(calib: list[str] | None):
     from moekit.data import read_documents
 
@@ -60,6 +81,8 @@ def _observe_dp(lm, docs, world, seq_len: int, max_tokens: int | None):
 @app.command("prune")
 def prune_command(
     model: str = typer.Argument(None, help=MODEL_HELP),
+    dtype: str = DTYPE_OPTION,
+    max_memory: str = MAX_MEMORY_OPTION,
     method: str = typer.Option("reap", "--method", "-m", help=f"Criterion: {', '.join(CRITERIA.names())}."),
     ratio: float = typer.Option(..., "--ratio", "-r", callback=open_unit_ratio, help="Fraction of experts to remove (0.25 = a quarter)."),
     global_budget: bool = typer.Option(False, "--global", help="One budget over all layers (scores normalised "
@@ -86,7 +109,7 @@ def prune_command(
     check_output(out, force, "dir")
     docs = _read_calib(calib) if (calib or method != "random" or protect_super) else None
     world = None
-    if low_memory:
+    if low_memory or not _fits(model, dtype, max_memory):
         from moekit.compress.lowmem import prune_lowmem
         from moekit.models.loading import resolve
 
@@ -95,12 +118,12 @@ def prune_command(
             raise MoekitError("--low-memory needs a local checkpoint directory (download the hub model first)")
         res = prune_lowmem(path, method, ratio, docs, out, force=force, global_budget=global_budget,
                            protect_super=protect_super, seed=seed, seq_len=seq_len, max_tokens=max_tokens,
-                           progress=not json_out)
+                           progress=not json_out, dtype=dtype)
     else:
         from moekit.compress.prune import prune
 
         world = join_ranks()
-        lm = load_model(model)
+        lm = load_model(model, dtype, max_memory)
         _check_supported(lm)
         if world is not None:
             docs = _observe_dp(lm, docs, world, seq_len, max_tokens)
@@ -123,6 +146,8 @@ def prune_command(
 @app.command("merge")
 def merge_command(
     model: str = typer.Argument(None, help=MODEL_HELP),
+    dtype: str = DTYPE_OPTION,
+    max_memory: str = MAX_MEMORY_OPTION,
     method: str = typer.Option("m-smoe", "--method", "-m", help="Merging method: m-smoe."),
     ratio: float = typer.Option(..., "--ratio", "-r", callback=open_unit_ratio, help="Fraction of experts merged away."),
     calib: list[str] = typer.Option(None, "--calib", "-c", help=_CALIB_HELP),
@@ -145,7 +170,7 @@ def merge_command(
     check_output(out, force, "dir")
     docs = _read_calib(calib)
     world = join_ranks()
-    lm = load_model(model)
+    lm = _whole_model(model, dtype, max_memory, "merge")
     _check_supported(lm)
     if world is not None:
         docs = _observe_dp(lm, docs, world, seq_len, max_tokens)
@@ -164,6 +189,8 @@ def merge_command(
 @app.command("quantize")
 def quantize_command(
     model: str = typer.Argument(None, help=MODEL_HELP),
+    dtype: str = DTYPE_OPTION,
+    max_memory: str = MAX_MEMORY_OPTION,
     bits: int = typer.Option(8, "--bits", "-b", help="Expert weight bits: 8 or 4."),
     group_size: int = typer.Option(128, "--group-size", callback=int_option(2), help="Weights per scale along the input dim (32-256)."),
     avg_bits: float = typer.Option(None, "--avg-bits", callback=float_option(4.0, 8.0), help="Mixed 4/8-bit experts under this average "
@@ -188,7 +215,7 @@ def quantize_command(
     docs = _read_calib(calib) if (avg_bits is not None or calib) else None
     if avg_bits is not None and docs is None:
         raise MoekitError("mixed precision (--avg-bits) needs calibration data (--calib)")
-    lm = load_model(model)
+    lm = _whole_model(model, dtype, max_memory, "quantize")
     _check_supported(lm)
     res = quantize(lm, bits=bits, group_size=group_size, avg_bits=avg_bits, calib=docs, out=out, force=force,
                    max_tokens=max_tokens, progress=not json_out)

@@ -6,7 +6,9 @@ import typer
 from rich.table import Table
 
 from moekit.cli.common import (
+    DTYPE_OPTION,
     EP_HELP,
+    MAX_MEMORY_OPTION,
     MODEL_HELP,
     app,
     console,
@@ -21,6 +23,8 @@ from moekit.data.corpus import CORPUS_SPEC_HELP
 @app.command("eval")
 def eval_command(
     model: str = typer.Argument(None, help=MODEL_HELP),
+    dtype: str = DTYPE_OPTION,
+    max_memory: str = MAX_MEMORY_OPTION,
     data: list[str] = typer.Option(["moekit:corpus:test"], "--data", "-d",
                                    help=f"Text/JSONL files or {CORPUS_SPEC_HELP} (default: the bundled test split)."),
     max_tokens: int = typer.Option(None, "--max-tokens", callback=positive_int, help="Evaluate at most this many tokens."),
@@ -44,7 +48,7 @@ def eval_command(
 
     world = join_ranks()
     docs = read_documents(data)
-    lm = load_model(model, world, expert_parallel)
+    lm = load_model(model, dtype, max_memory, world, expert_parallel)
     if adapter is not None:
         import dataclasses
 

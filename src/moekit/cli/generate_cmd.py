@@ -7,6 +7,8 @@ import sys
 import typer
 
 from moekit.cli.common import (
+    DTYPE_OPTION,
+    MAX_MEMORY_OPTION,
     MODEL_HELP,
     app,
     emit_json,
@@ -57,6 +59,8 @@ def build_control(lm, disable: str | None = None, force: str | None = None, boos
 @app.command("generate")
 def generate_command(
     model: str = typer.Argument(None, help=MODEL_HELP),
+    dtype: str = DTYPE_OPTION,
+    max_memory: str = MAX_MEMORY_OPTION,
     prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt text."),
     disable: str = typer.Option(None, "--disable", help="Experts never selected, e.g. 3:5,4:1."),
     force: str = typer.Option(None, "--force", help="Experts always selected (at most k per layer), e.g. 3:5."),
@@ -85,7 +89,8 @@ def generate_command(
                                    "(default: 2·k experts per layer)."),
     policy: str = typer.Option("lru+prefetch", "--policy", help="With --offload: cache policy (lru, lfu, static, "
                                "lru+prefetch, none)."),
-    offload_stats: bool = typer.Option(False, "--stats", help="With --offload: report the cache statistics."),
+    offload_stats: bool = typer.Option(False, "--stats", help="With --offload or an offloading --max-memory: "
+                                       "report the cache statistics."),
 ) -> None:
     """Generate text, optionally steering the experts.
 
@@ -115,7 +120,9 @@ def generate_command(
     if offload and rewire:
         raise MoekitError("--offload does not support --rewire (it needs gradients through the experts)")
     parse_routing(disable, force, boost, bias, top_k, top_p, steer)  # bad options fail before the model loads
-    lm = _load_offloaded(model) if offload else load_model(model)
+    if offload and max_memory:
+        raise MoekitError("give --offload (with --cache-mb) or --max-memory, not both")
+    lm = _load_offloaded(model, dtype) if offload else load_model(model, dtype, max_memory)
     if lm.tokenizer is None:
         raise MoekitError(f"this model ({lm.name}) has no tokenizer; --prompt text needs one: copy the base "
                           "model's tokenizer files (tokenizer.json, tokenizer_config.json) into its directory")
@@ -125,23 +132,23 @@ def generate_command(
     control = build_control(lm, disable, force, boost, top_k, top_p, steer, bias)
     import contextlib
 
-    ctx = contextlib.nullcontext()
+    ctx = contextlib.nullcontext(lm.engine)
     if offload:
         from moekit.serve import offload as offload_ctx
 
         ctx = offload_ctx(lm, cache_mb=cache_mb, policy=policy)
     with ctx as engine:
         _run(lm, prompt, max_tokens, temperature, sample_top_p, seed, stop, control, strategy, options, json_out,
-             engine if offload_stats else None)
+             engine if offload_stats and engine is not None else None)
 
 
-def _load_offloaded(model: str | None):
+def _load_offloaded(model: str | None, dtype: str | None = "auto"):
     from moekit.cli.common import console_err
     from moekit.models import DEFAULT_MODEL
     from moekit.serve import load_offloaded
 
     with console_err.status(f"loading {model or DEFAULT_MODEL} (experts offloaded)"):
-        return load_offloaded(model or DEFAULT_MODEL)
+        return load_offloaded(model or DEFAULT_MODEL, dtype=dtype)
 
 
 def _run(lm, prompt, max_tokens, temperature, sample_top_p, seed, stop, control, strategy, options, json_out,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from moekit.cli.common import MODEL_HELP, app, console, emit_json, load_model
+from moekit.cli.common import DTYPE_OPTION, MODEL_HELP, app, console, console_err, emit_json
 from moekit.models.summary import describe
 
 
@@ -19,11 +19,12 @@ def _fmt(n: int) -> str:
 @app.command("inspect")
 def inspect_command(
     model: str = typer.Argument(None, help=MODEL_HELP),
+    dtype: str = DTYPE_OPTION,
     json_out: bool = typer.Option(False, "--json", help="Print the description as JSON."),
     list_architectures: bool = typer.Option(False, "--list-architectures",
                                             help="Print the support table of every MoE architecture (no MODEL)."),
 ) -> None:
-    """Show the MoE structure of a model.
+    """Show the MoE structure of a model (from its config and safetensors headers: no weight is read).
 
     Examples:\n
       moekit inspect moekit:tiny\n
@@ -34,8 +35,13 @@ def inspect_command(
     if list_architectures:
         _print_support(json_out)
         return
-    lm = load_model(model)
-    info = describe(lm)
+    from moekit.models import DEFAULT_MODEL
+    from moekit.models.loading import load_structure, parse_dtype
+
+    parse_dtype(dtype)
+    with console_err.status(f"reading the structure of {model or DEFAULT_MODEL}"):
+        lm = load_structure(model or DEFAULT_MODEL, dtype)
+        info = describe(lm)
     if json_out:
         emit_json(info)
         return
@@ -47,6 +53,9 @@ def inspect_command(
     )
     console.print(f"parameters: total {_fmt(info['params_total'])}, active per token {_fmt(info['params_active'])}"
                   f" (routed experts {_fmt(info['params_routed_experts'])})")
+    console.print(f"weights: {info['dtype']}, {info['bytes_total'] / 1e9:.2f} GB "
+                  f"(routed experts {info['bytes_routed_experts'] / 1e9:.2f} GB, resident rest "
+                  f"{info['bytes_resident'] / 1e9:.2f} GB)")
     table = Table("layer", "experts", "top-k", "shared", "expert width", "selection rule")
     for row in info["layers"]:
         shared = ", ".join(f"{n} ({_fmt(c)})" for n, c in row["shared"].items()) or "-"

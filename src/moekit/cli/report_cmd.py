@@ -8,6 +8,8 @@ from pathlib import Path
 import typer
 
 from moekit.cli.common import (
+    DTYPE_OPTION,
+    MAX_MEMORY_OPTION,
     MODEL_HELP,
     app,
     check_output,
@@ -23,6 +25,8 @@ from moekit.data.corpus import CORPUS_SPEC_HELP
 @app.command("report")
 def report_command(
     model: str = typer.Argument(None, help=MODEL_HELP),
+    dtype: str = DTYPE_OPTION,
+    max_memory: str = MAX_MEMORY_OPTION,
     data: list[str] = typer.Option(None, "--data", "-d", help="Text files (one document each), JSONL with "
                                    f"'text' and optional 'domain', or {CORPUS_SPEC_HELP}."),
     trace_path: Path = typer.Option(None, "--trace", help="Use a recorded trace (.trace) instead of tracing "
@@ -64,7 +68,7 @@ def report_command(
         from moekit.trace import RoutingTrace
 
         trace = RoutingTrace.load(trace_path)
-    lm = load_model(model)
+    lm = load_model(model, dtype, max_memory)
     if trace_path is None:
         from moekit.data.corpus import interleave_domains
         from moekit.routing.tracing import trace_documents

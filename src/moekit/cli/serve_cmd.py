@@ -6,7 +6,7 @@ import contextlib
 
 import typer
 
-from moekit.cli.common import MODEL_HELP, app, console_err, load_model
+from moekit.cli.common import DTYPE_OPTION, MAX_MEMORY_OPTION, MODEL_HELP, app, console_err, load_model
 from moekit.errors import MoekitError
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # = moekit.serve.server.DEFAULT_MAX_BODY_BYTES (not imported: keeps --help fast)
@@ -21,6 +21,8 @@ def _policy_help() -> str:
 @app.command("serve")
 def serve_command(
     model: str = typer.Argument(None, help=MODEL_HELP),
+    dtype: str = DTYPE_OPTION,
+    max_memory: str = MAX_MEMORY_OPTION,
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (loopback by default; "
                              "another address makes the model reachable from other machines, without authentication)."),
     port: int = typer.Option(8000, "--port", help="TCP port (0..65535; 0 picks a free one)."),
@@ -58,6 +60,8 @@ def serve_command(
         from moekit.models.loading import check_device
 
         check_device(device)
+    if offload and max_memory:
+        raise MoekitError("give --offload (with --cache-mb) or --max-memory, not both")
     sock = listen(host, port)  # before loading the model: a port in use fails at once
     port = sock.getsockname()[1]
     if not is_loopback(host):
@@ -70,13 +74,13 @@ def serve_command(
             from moekit.serve.store import load_offloaded
 
             with console_err.status(f"loading {model or DEFAULT_MODEL} (experts offloaded)"):
-                lm = load_offloaded(model or DEFAULT_MODEL, device=device or "cpu")
+                lm = load_offloaded(model or DEFAULT_MODEL, dtype=dtype, device=device or "cpu")
             ctx = offload_ctx(lm, cache_mb=cache_mb, policy=policy, profile=profile)
         else:
-            lm = load_model(model)
-            if device:
+            lm = load_model(model, dtype, max_memory)
+            if device and lm.engine is None:
                 lm.model.to(device)
-            ctx = contextlib.nullcontext()
+            ctx = contextlib.nullcontext(lm.engine)
         with ctx as engine:
             url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
 

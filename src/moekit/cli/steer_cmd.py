@@ -7,7 +7,17 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from moekit.cli.common import MODEL_HELP, app, check_output, console, emit_json, load_model, positive_int
+from moekit.cli.common import (
+    DTYPE_OPTION,
+    MAX_MEMORY_OPTION,
+    MODEL_HELP,
+    app,
+    check_output,
+    console,
+    emit_json,
+    load_model,
+    positive_int,
+)
 from moekit.data.corpus import CORPUS_SPEC_HELP
 
 steer_app = typer.Typer(help="Find the experts tied to a behaviour (then steer with `moekit generate --steer`).",
@@ -18,6 +28,8 @@ app.add_typer(steer_app, name="steer")
 @steer_app.command("find")
 def find_command(
     model: str = typer.Argument(None, help=MODEL_HELP),
+    dtype: str = DTYPE_OPTION,
+    max_memory: str = MAX_MEMORY_OPTION,
     pos: str = typer.Option(..., "--pos", help="Examples of the behaviour: text (one example per line), JSONL "
                             "with 'response' (+ optional 'prompt', not counted) or 'text', or "
                             f"{CORPUS_SPEC_HELP}."),
@@ -51,7 +63,7 @@ def find_command(
     check_output(out, force, "json")
     pos_ex = read_examples(pos)
     neg_ex = read_examples(neg) if neg is not None else None
-    lm = load_model(model)
+    lm = load_model(model, dtype, max_memory)
     result = find_experts(lm, pos_ex, neg_ex, method=method, markers=mk or None, top=top, max_len=max_len)
     save_experts(result, out, force=force)
     head = result["entries"][:top]

@@ -7,7 +7,9 @@ from pathlib import Path
 import typer
 
 from moekit.cli.common import (
+    DTYPE_OPTION,
     EP_HELP,
+    MAX_MEMORY_OPTION,
     MODEL_HELP,
     app,
     check_output,
@@ -23,6 +25,8 @@ from moekit.data.corpus import CORPUS_SPEC_HELP
 @app.command("trace")
 def trace_command(
     model: str = typer.Argument(None, help=MODEL_HELP),
+    dtype: str = DTYPE_OPTION,
+    max_memory: str = MAX_MEMORY_OPTION,
     data: list[str] = typer.Option(..., "--data", "-d", help="Text files (one document each), JSONL with "
                                    f"'text' and optional 'domain', or {CORPUS_SPEC_HELP}."),
     out: Path = typer.Option(..., "--out", "-o", help="Output trace file (.trace)."),
@@ -47,7 +51,7 @@ def trace_command(
     check_output(out, force, "trace")
     world = join_ranks()
     docs = read_documents(data)
-    lm = load_model(model, world, expert_parallel)
+    lm = load_model(model, dtype, max_memory, world, expert_parallel)
     fields = ("ids", "weights", "probs") if probs else ("ids", "weights")
     if world is None:
         trace = trace_documents(lm, docs, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, fields=fields)

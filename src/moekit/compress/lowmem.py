@@ -227,8 +227,10 @@ def write_pruned_files(src: str | Path, lm: LoadedModel, kept: Mapping[int, Sequ
 
 def prune_lowmem(path: str | Path, method: str, ratio: float, docs: Sequence | None, out: str | Path,
                  force: bool = False, global_budget: bool = False, protect_super: bool = False, seed: int = 0,
-                 seq_len: int = 256, max_tokens: int | None = None, batch_size: int = 8, progress: bool = False):
-    """``prune`` for checkpoints larger than memory: layer-by-layer calibration, file-to-file writing."""
+                 seq_len: int = 256, max_tokens: int | None = None, batch_size: int = 8, progress: bool = False,
+                 dtype: torch.dtype | str | None = "auto"):
+    """``prune`` for checkpoints larger than memory: layer-by-layer calibration (in ``dtype``, by default the
+    checkpoint's), file-to-file writing (tensors as stored)."""
     from moekit.compress.criteria import CRITERIA
     from moekit.compress.prune import check_ratio_for_model, choose
     from moekit.io import check_writable
@@ -238,11 +240,11 @@ def prune_lowmem(path: str | Path, method: str, ratio: float, docs: Sequence | N
     if docs is None and (method != "random" or protect_super):
         raise MoekitError(f"criterion {method!r} needs calibration data")
     if docs is None:
-        lm, stats = meta_model(path), None
+        lm, stats = meta_model(path, dtype), None
     else:
-        check_ratio_for_model(meta_model(path), ratio, global_budget)
+        check_ratio_for_model(meta_model(path, dtype), ratio, global_budget)
         stats, lm = observe_lowmem(path, docs, seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size,
-                                   progress=progress)
+                                   progress=progress, dtype=dtype)
     res = choose(lm, stats, method, ratio, global_budget, protect_super, seed)
     res.out = write_pruned_files(path, lm, res.kept, out, force, meta_extra={
         "method": method, "ratio": ratio, "calib_hash": res.calib_hash, "global_budget": global_budget,

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 def describe(lm) -> dict:
     """A JSON-serialisable description of a loaded model's MoE structure."""
+    from moekit.models.loading import footprint
+
     moe = lm.moe
     params = moe.param_counts(lm.model)
+    size = footprint(lm)
     layers = [
         {
             "layer": v.index, "num_experts": v.num_experts, "top_k": v.top_k,
@@ -22,5 +25,7 @@ def describe(lm) -> dict:
         "dense_layers": [i for i in range(moe.num_decoder_layers) if i not in moe.indices],
         "hidden_size": int(lm.config.hidden_size), "vocab_size": int(lm.config.vocab_size),
         "params_total": params["total"], "params_active": params["active"],
-        "params_routed_experts": params["routed_experts"], "layers": layers,
+        "params_routed_experts": params["routed_experts"],
+        "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""), "bytes_total": size["total"],
+        "bytes_routed_experts": size["experts"], "bytes_resident": size["resident"], "layers": layers,
     }

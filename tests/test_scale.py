@@ -1,0 +1,203 @@
+"""Real size by default: the checkpoint's dtype kept and recorded, structure from headers (no weight read),
+one checkpoint reader (transformers' renames and fusions, one expert at a time), and ``max_memory``
+placement giving the in-memory model's traces and logits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import moekit
+from moekit.cli import main
+from moekit.errors import MoekitError
+from moekit.formats import Checkpoint, read_header
+from moekit.generation import generate
+from moekit.models.loading import bank_keys, load_structure
+from moekit.serve.placement import RESERVE, parse_size, plan_budget
+from moekit.testing import random_batch, save_tiny_checkpoint
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+PROMPT = "The quick brown fox jumps over the lazy dog because"
+
+
+def _save(arch: str, path, dtype: torch.dtype, **overrides):
+    save_tiny_checkpoint(arch, path, **overrides)
+    if dtype != torch.float32:  # re-save the same weights in ``dtype``
+        from transformers import AutoModelForCausalLM
+
+        AutoModelForCausalLM.from_pretrained(path, dtype=dtype).save_pretrained(path)
+    return path
+
+
+def _config_dtype(path) -> str:
+    return json.loads((path / "config.json").read_text())["dtype"]
+
+
+@pytest.mark.parametrize("name", DTYPES)
+def test_dtype_round_trips_through_load_and_every_writer(name, tmp_path):
+    from moekit.compress.lowmem import prune_lowmem
+    from moekit.compress.merge import merge
+    from moekit.compress.prune import prune
+    from moekit.compress.quantize import quantize
+    from moekit.data import Document
+
+    dt = DTYPES[name]
+    src = _save("olmoe", tmp_path / "src", dt)
+    lm = moekit.load(src)
+    assert {p.dtype for p in lm.model.parameters()} == {dt}
+    assert moekit.load(src, dtype="float32").model.dtype == torch.float32
+    docs = [Document("The cat sat on the mat. " * 20, "prose", "a", "x")]
+    prune(lm, "frequency", 0.5, docs, out=tmp_path / "pruned", seq_len=32)
+    prune_lowmem(src, "frequency", 0.5, docs, tmp_path / "low", seq_len=32)
+    merge(lm, 0.5, docs, out=tmp_path / "merged", seq_len=32)
+    quantize(lm, bits=8, group_size=32, out=tmp_path / "quant")
+    for out in ("pruned", "low", "merged", "quant"):
+        assert _config_dtype(tmp_path / out) == name, out
+        back = moekit.load(tmp_path / out)
+        assert {p.dtype for p in back.model.parameters() if p.is_floating_point()} == {dt}, out
+    header, _ = read_header(tmp_path / "low" / "model.safetensors")
+    assert {e["dtype"] for e in header.values()} == {{"bfloat16": "BF16", "float16": "F16", "float32": "F32"}[name]}
+
+
+def _cli(capsys, *args) -> tuple[int, str, str]:
+    capsys.readouterr()
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_bad_dtype_and_size_are_one_line_errors(tmp_path, capsys):
+    rc, _, err = _cli(capsys, "trace", "moekit:tiny", "--data", "moekit:corpus:validation", "--out",
+                      tmp_path / "t.trace", "--dtype", "float8")
+    assert rc == 2 and "unknown dtype 'float8'" in err
+    rc, _, err = _cli(capsys, "eval", "moekit:tiny", "--max-memory", "lots")
+    assert rc == 2 and "bad memory size 'lots'" in err
+    for bad in ("-1GB", "nan", "6 parsecs", "0"):
+        with pytest.raises(MoekitError):
+            parse_size(bad)
+    assert parse_size("6GB") == 6_000_000_000 and parse_size("1.5GiB") == 3 * 2**29 and parse_size(512) == 512
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "mixtral", "phimoe", "granitemoe", "gpt_oss", "deepseek_v2"])
+def test_checkpoint_reader_reads_single_experts_exactly(arch, tmp_path):
+    """Expert e's slice of every fused bank, read alone from the on-disk (per-expert or fused) tensors,
+    equals what transformers' from_pretrained builds."""
+    src = save_tiny_checkpoint(arch, tmp_path / "src", with_tokenizer=False)
+    full = moekit.load(src, with_tokenizer=False)
+    ckpt = Checkpoint(src)
+    plan = ckpt.plan(full.model)
+    sd = full.model.state_dict()
+    assert set(plan) >= {k for k in sd if not k.startswith("lm_head")}
+    for d in bank_keys(full.model).values():
+        for key in d.values():
+            for e in (0, 3):
+                out = torch.empty(sd[key].shape[1:], dtype=sd[key].dtype)
+                ckpt.read_expert(plan[key], e, out)
+                assert torch.equal(out, sd[key][e]), (key, e)
+    for key, tgt in plan.items():  # and every tensor whole
+        out = torch.empty(tgt.shape, dtype=sd[key].dtype)
+        ckpt.read_target(tgt, out)
+        assert torch.equal(out, sd[key]), key
+
+
+def _truncate_to_headers(path) -> None:
+    for f in path.glob("*.safetensors"):
+        _, start = read_header(f)
+        with open(f, "r+b") as fh:
+            fh.truncate(start)  # every byte of weight data gone
+
+
+def test_inspect_reads_no_weights(tmp_path, capsys):
+    """inspect works on a checkpoint whose data sections are cut off after the header: it cannot have read
+    a weight. Its numbers equal those of the fully loaded model."""
+    src = _save("deepseek_v2", tmp_path / "src", torch.bfloat16)
+    rc, out, err = _cli(capsys, "inspect", src, "--json")
+    assert rc == 0, err
+    ref = json.loads(out)
+    lm = moekit.load(src)
+    assert ref["params_total"] == sum(p.numel() for p in lm.model.parameters())
+    sd = lm.model.state_dict()
+    persistent = [b for n, b in lm.model.named_buffers() if n in sd]
+    assert ref["bytes_total"] == sum(t.numel() * t.element_size() for t in [*lm.model.parameters(), *persistent])
+    assert ref["dtype"] == "bfloat16"
+    _truncate_to_headers(src)
+    rc, out, err = _cli(capsys, "inspect", src, "--json")
+    assert rc == 0, err
+    assert json.loads(out) == ref
+    with pytest.raises(MoekitError, match="short read"):
+        moekit.load(src, max_memory="100GB")
+
+
+def _budget_for(path, slots: int) -> int:
+    """A max_memory that leaves room for ``slots`` experts per layer next to the resident weights."""
+    meta = load_structure(path)
+    plan = plan_budget(meta, 10**12)
+    per_slot = plan["min_cache_bytes"] // max(v.top_k for v in meta.moe)
+    return int((RESERVE + plan["resident"] + slots * per_slot + per_slot // 2) / 0.9)
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "deepseek_v2", "mixtral"])
+def test_max_memory_offloads_with_identical_traces_and_logits(arch, tmp_path):
+    src = _save(arch, tmp_path / "src", torch.bfloat16)
+    ref = moekit.load(src)
+    k = max(v.top_k for v in ref.moe)
+    lm = moekit.load(src, max_memory=_budget_for(src, k + 1))
+    assert lm.engine is not None and lm.engine.slots == k + 1
+    assert all(v.experts.down_proj.is_meta for v in lm.moe)
+    batch = random_batch(vocab=ref.config.vocab_size, batch=2, seq=16, seed=1, pad_last=3)
+    with torch.no_grad():
+        outs = []
+        for m in (ref, lm):
+            with moekit.record(m, fields=("ids", "weights", "probs")) as rec:
+                logits = m.model(**batch).logits
+            outs.append((logits, rec.trace))
+    (l0, t0), (l1, t1) = outs
+    assert torch.equal(l0, l1)
+    assert (t0.ids == t1.ids).all() and (t0.weights == t1.weights).all() and (t0.probs == t1.probs).all()
+    with moekit.route(ref, disable=[(ref.moe.indices[0], 1)]), moekit.route(lm, disable=[(lm.moe.indices[0], 1)]):
+        assert generate(ref, PROMPT, max_new_tokens=10).token_ids == generate(lm, PROMPT, max_new_tokens=10).token_ids
+    stats = lm.engine.stats()
+    assert stats["misses"] > 0 and stats["hits"] > 0
+    # a budget that fits the whole model keeps everything resident (no engine), same logits
+    whole = moekit.load(src, max_memory="100GB")
+    assert whole.engine is None and not any(p.is_meta for p in whole.model.parameters())
+    with torch.no_grad():
+        assert torch.equal(whole.model(**batch).logits, l0)
+
+
+def test_max_memory_too_small_says_how_much(tmp_path):
+    src = save_tiny_checkpoint("olmoe", tmp_path / "src")
+    with pytest.raises(MoekitError, match="too small .* give at least"):
+        moekit.load(src, max_memory=RESERVE)
+
+
+def test_cli_commands_under_max_memory(tmp_path, capsys):
+    """trace / eval / generate / steer find / prune with an offloading --max-memory give the in-memory results."""
+    src = _save("olmoe", tmp_path / "src", torch.bfloat16)
+    budget = str(_budget_for(src, 3))
+    data = "moekit:corpus:validation"
+
+    def run(*args):
+        rc, out, err = _cli(capsys, *args)
+        assert rc == 0, err
+        return out
+
+    a = json.loads(run("eval", str(src), "--data", data, "--max-tokens", "256", "--json"))
+    b = json.loads(run("eval", str(src), "--data", data, "--max-tokens", "256", "--json", "--max-memory", budget))
+    assert a == b
+    g1 = json.loads(run("generate", str(src), "--prompt", PROMPT, "--max-tokens", "8", "--json"))
+    g2 = json.loads(run("generate", str(src), "--prompt", PROMPT, "--max-tokens", "8", "--json", "--stats",
+                        "--max-memory", budget))
+    assert g1["token_ids"] == g2["token_ids"] and g2["offload"]["requests"] > 0
+    run("prune", str(src), "--method", "frequency", "--ratio", "0.5", "--calib", data, "--max-tokens", "256",
+        "--out", str(tmp_path / "p1"))
+    run("prune", str(src), "--method", "frequency", "--ratio", "0.5", "--calib", data, "--max-tokens", "256",
+        "--out", str(tmp_path / "p2"), "--max-memory", budget)
+    m1, m2 = (json.loads((tmp_path / p / "moekit_compression.json").read_text()) for p in ("p1", "p2"))
+    assert m1["kept_experts"] == m2["kept_experts"] and m2["low_memory"] is True
+    assert _config_dtype(tmp_path / "p2") == "bfloat16"
+    rc, _, err = _cli(capsys, "merge", src, "--ratio", "0.5", "--calib", data, "--out", tmp_path / "m",
+                      "--max-memory", budget)
+    assert rc == 2 and "needs every expert in memory" in err
