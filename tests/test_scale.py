@@ -201,3 +201,67 @@ def test_cli_commands_under_max_memory(tmp_path, capsys):
     rc, _, err = _cli(capsys, "merge", src, "--ratio", "0.5", "--calib", data, "--out", tmp_path / "m",
                       "--max-memory", budget)
     assert rc == 2 and "needs every expert in memory" in err
+
+
+_CHILD = r"""
+import json, sys
+import torch
+import moekit
+from moekit.generation import generate
+src, budget, out = sys.argv[1], sys.argv[2], sys.argv[3]
+lm = moekit.load(src, max_memory=budget)
+batch = {"input_ids": torch.arange(64).reshape(2, 32) * 7 % 6000, "attention_mask": torch.ones(2, 32, dtype=torch.long)}
+with torch.no_grad(), moekit.record(lm, fields=("ids", "weights")) as rec:
+    logits = lm.model(**batch).logits
+tokens = generate(lm, "The quick brown fox jumps over the lazy dog because", max_new_tokens=12).token_ids
+torch.save({"logits": logits, "ids": torch.as_tensor(rec.trace.ids[:]), "weights": torch.as_tensor(rec.trace.weights[:]),
+            "tokens": tokens, "slots": lm.engine.slots if lm.engine else None}, out)
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"vm_hwm_kb": hwm}))  # this process's peak RSS (ru_maxrss would include the parent's at fork)
+"""
+
+
+@pytest.mark.slow
+def test_few_hundred_mb_model_under_a_smaller_budget(tmp_path):
+    """A 420 MB bf16 checkpoint under max_memory=750MB (the model alone would not fit next to the interpreter):
+    peak RSS of the process (sampled with psutil, and the kernel's high-water mark) stays under the budget
+    + 10%, and the traces, logits and greedy tokens equal the in-memory model's."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    src = save_tiny_checkpoint("olmoe", tmp_path / "src", dtype=torch.bfloat16, hidden_size=512,
+                               intermediate_size=512, num_hidden_layers=8, num_experts=32, num_experts_per_tok=4,
+                               num_attention_heads=8, num_key_value_heads=8)
+    size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    budget = 750_000_000
+    assert size > 400e6 and size + 350e6 > budget  # whole, it cannot fit next to the interpreter
+    ref = moekit.load(src)
+    batch = {"input_ids": torch.arange(64).reshape(2, 32) * 7 % 6000, "attention_mask": torch.ones(2, 32, dtype=torch.long)}
+    with torch.no_grad(), moekit.record(ref, fields=("ids", "weights")) as rec:
+        logits = ref.model(**batch).logits
+    tokens = generate(ref, PROMPT, max_new_tokens=12).token_ids
+    del ref
+    out = tmp_path / "child.pt"
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(src), str(budget), str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    ps, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, ps.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.01)
+    stdout, stderr = proc.communicate()
+    assert proc.returncode == 0, stderr[-2000:]
+    hw = json.loads(stdout.strip().splitlines()[-1])["vm_hwm_kb"] * 1024
+    assert peak <= hw + (8 << 20)
+    assert hw <= budget * 1.10, (hw / 1e6, budget / 1e6)
+    got = torch.load(out, weights_only=True)
+    assert got["slots"] is not None and got["slots"] < 32  # really offloaded
+    assert torch.equal(got["logits"], logits)
+    assert torch.equal(got["ids"], torch.as_tensor(rec.trace.ids[:]))
+    assert torch.equal(got["weights"], torch.as_tensor(rec.trace.weights[:]))
+    assert got["tokens"] == tokens
