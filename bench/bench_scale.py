@@ -1,0 +1,310 @@
+"""Real-size checkpoints: every command on OLMoE-1B-7B (13.8 GB bf16) and DeepSeek-V2-Lite (31 GB bf16) shapes
+within a memory budget, side by side with what a user would pick instead.
+
+Models: random bf16 weights in the published configs (allenai/OLMoE-1B-7B-0924, deepseek-ai/DeepSeek-V2-Lite),
+written tensor by tensor in the Hugging Face on-disk layout (per-expert tensors, 2 GB shards) with the bundled
+tokenizer, once, under ``--models-dir`` (default /work/.bench-models); ``--clean`` deletes them.
+
+Each command runs in a fresh process; peak RSS is sampled with psutil every 20 ms (process tree). Alternatives in
+the same run: plain transformers bf16 in memory (only where the model fits this machine's free memory) and
+accelerate's disk offload (``device_map="auto", max_memory={"cpu": budget}, offload_folder``) at the same budget.
+Random routers route almost uniformly: their hit rates are a floor; the bundled trained models' are printed too.
+
+Usage: ``python bench/bench_scale.py [--models olmoe,dsv2lite] [--clean] [--skip-alternatives]``.
+One JSON line per measurement, then a summary line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+# every process (moekit and the alternatives) gets the short OpenMP spin moekit sets (moekit.openmp)
+ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TOKENIZERS_PARALLELISM": "false", "GOMP_SPINCOUNT": "1000"}
+
+OLMOE = dict(model_type="olmoe", vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
+             num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
+             max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-5, norm_topk_prob=False,
+             tie_word_embeddings=False, clip_qkv=None, router_aux_loss_coef=0.01, pad_token_id=1, eos_token_id=50279)
+DSV2LITE = dict(model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+                moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16,
+                kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1,
+                moe_layer_freq=1, routed_scaling_factor=1.0, topk_method="greedy", n_group=1, topk_group=1,
+                norm_topk_prob=False, max_position_embeddings=163840, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
+                                 "original_max_position_embeddings": 4096, "beta_fast": 32.0, "beta_slow": 1.0,
+                                 "mscale": 0.707, "mscale_all_dim": 0.707},
+                bos_token_id=100000, eos_token_id=100001)
+MODELS = {"olmoe": ("olmoe-1b-7b", OLMOE, "6GB"), "dsv2lite": ("deepseek-v2-lite", DSV2LITE, "8GB"),
+          # a smoke test of this script (seconds): OLMoE's shape scaled down
+          "smoke": ("olmoe-smoke", {**OLMOE, "hidden_size": 256, "intermediate_size": 256, "num_hidden_layers": 2,
+                                    "num_experts": 16, "vocab_size": 8192}, "700MB")}
+PROMPT = "The history of the expert cache begins with"
+GEN_TOKENS = 8
+CALIB_TOKENS = 256
+
+
+# ----- building the checkpoints -------------------------------------------------------------------------
+def build(path: Path, cfg: dict) -> None:
+    """Write a random bf16 checkpoint of ``cfg`` tensor by tensor (never the whole model in memory)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
+
+    from moekit.data import load_tokenizer
+    from moekit.io import atomic_output_dir
+    from moekit.models.loading import bank_keys, skeleton
+
+    hf_logging.set_verbosity_error()
+    cfg = dict(cfg)
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    config.dtype = torch.bfloat16
+    with atomic_output_dir(path, force=True) as tmp:
+        config.save_pretrained(tmp)
+        model = skeleton(tmp, torch.bfloat16)  # meta parameters: shapes only
+        banks = {k: (li, p) for li, d in bank_keys(model).items() for p, k in d.items()}
+        shapes = {k: (tuple(t.shape), t.dtype) for k, t in model.state_dict().items()}
+        del model
+        gen = torch.Generator().manual_seed(0)
+        shards, buf, size = [], {}, 0
+
+        def add(name, shape, dtype, kind):
+            nonlocal buf, size
+            t = torch.empty(shape, dtype=dtype)
+            if kind == "norm":
+                t.fill_(1.0)
+            elif kind == "zero":
+                t.zero_()
+            else:
+                t.normal_(0.0, 0.02, generator=gen)
+            buf[name] = t
+            size += t.numel() * t.element_size()
+            if size >= 2 << 30:
+                flush()
+
+        def flush():
+            nonlocal buf, size
+            if buf:
+                save_file(buf, str(tmp / f"part-{len(shards):05d}.tmp"), metadata={"format": "pt"})
+                shards.append(list(buf))
+                buf, size = {}, 0
+
+        total = sum(1 for _ in shapes)
+        for i, (key, (shape, dtype)) in enumerate(shapes.items()):
+            print(f"\rbuilding {path.name}: tensor {i + 1}/{total}", end="", file=sys.stderr, flush=True)
+            if key in banks:  # the on-disk layout: per-expert tensors (what save_pretrained writes)
+                base = key.rsplit(".", 1)[0]
+                E = shape[0]
+                for e in range(E):
+                    if key.endswith("gate_up_proj"):
+                        half = shape[1] // 2
+                        add(f"{base}.{e}.gate_proj.weight", (half, shape[2]), dtype, "w")
+                        add(f"{base}.{e}.up_proj.weight", (half, shape[2]), dtype, "w")
+                    else:
+                        add(f"{base}.{e}.down_proj.weight", shape[1:], dtype, "w")
+                continue
+            kind = "norm" if ("norm" in key and key.endswith("weight")) else \
+                "zero" if key.endswith(("bias", "e_score_correction_bias")) else "w"
+            add(key, shape, dtype, kind)
+        flush()
+        print(file=sys.stderr)
+        n = len(shards)
+        weight_map = {}
+        for i, names in enumerate(shards):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            (tmp / f"part-{i:05d}.tmp").rename(tmp / final)
+            weight_map.update(dict.fromkeys(names, final))
+        (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        load_tokenizer().save_pretrained(tmp)
+
+
+# ----- measuring one process ----------------------------------------------------------------------------
+def measure(cmd: list[str], timeout: float = 3600) -> dict:
+    """Run ``cmd``; wall seconds, peak RSS of its process tree (psutil, 20 ms), exit code, stdout."""
+    import psutil
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    ps, peak = psutil.Process(proc.pid), 0
+    out_chunks: list[str] = []
+    import threading
+
+    reader = threading.Thread(target=lambda: out_chunks.append(proc.stdout.read()), daemon=True)
+    reader.start()
+    err_chunks: list[str] = []
+    err_reader = threading.Thread(target=lambda: err_chunks.append(proc.stderr.read()), daemon=True)
+    err_reader.start()
+    while proc.poll() is None:
+        try:
+            rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
+            peak = max(peak, rss)
+        except psutil.Error:
+            pass
+        if time.perf_counter() - t0 > timeout:
+            proc.kill()
+        time.sleep(0.02)
+    reader.join()
+    err_reader.join()
+    return {"wall_s": round(time.perf_counter() - t0, 2), "peak_rss_gb": round(peak / 1e9, 3), "rc": proc.returncode,
+            "stdout": "".join(out_chunks), "stderr": "".join(err_chunks)[-600:]}
+
+
+def last_json(text: str) -> dict:
+    """The JSON object printed last on stdout (commands print indented JSON)."""
+    start = text.rfind("\n{\n") + 1 if "\n{\n" in text else text.find("{")
+    try:
+        return json.loads(text[start:])
+    except ValueError:
+        return {}
+
+
+def emit(rec: dict) -> dict:
+    rec = {k: v for k, v in rec.items() if k not in ("stdout",)}
+    if rec.get("rc") == 0:
+        rec.pop("stderr", None)
+    print(json.dumps(rec), flush=True)
+    return rec
+
+
+_ALT = r"""
+import json, sys, time, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+path, mode, budget, folder, n = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+kw = dict(dtype=torch.bfloat16)
+if mode == "accelerate":
+    kw.update(device_map="auto", max_memory={"cpu": budget}, offload_folder=folder)
+model = AutoModelForCausalLM.from_pretrained(path, **kw).eval()
+tok = AutoTokenizer.from_pretrained(path)
+ids = tok("The history of the expert cache begins with", return_tensors="pt").input_ids
+with torch.no_grad():
+    t0 = time.perf_counter(); out = model(ids, use_cache=True); t1 = time.perf_counter()
+    past, nxt, times = out.past_key_values, out.logits[:, -1:].argmax(-1), []
+    for _ in range(n - 1):
+        t = time.perf_counter(); o = model(nxt, past_key_values=past, use_cache=True); times.append(time.perf_counter() - t)
+        past, nxt = o.past_key_values, o.logits[:, -1:].argmax(-1)
+print(json.dumps({"prefill_s": t1 - t0, "decode_tok_s": len(times) / sum(times)}))
+"""
+
+
+def run_model(key: str, models_dir: Path, alternatives: bool) -> list[dict]:
+    import psutil
+
+    name, _, budget = MODELS[key]
+    path = models_dir / name
+    recs = []
+    base = {"model": name, "bytes_on_disk": sum(f.stat().st_size for f in path.glob("*.safetensors"))}
+    with tempfile.TemporaryDirectory(dir=models_dir) as work:
+        work = Path(work)
+        data = work / "notes.txt"
+        data.write_text(("Mixture-of-experts models route every token to a few experts. " * 40 + "\n") * 4)
+        pos, neg = work / "pos.txt", work / "neg.txt"
+        pos.write_text("The cat sat on the mat.\nThe dog slept by the fire.\n")
+        neg.write_text("def f(x):\n    return x + 1\n\nimport os\n")
+        mk = [PY, "-m", "moekit.cli"]
+        cmds = {
+            "inspect": mk + ["inspect", str(path), "--json"],
+            "generate": mk + ["generate", str(path), "--prompt", PROMPT, "--max-tokens", str(GEN_TOKENS), "--json",
+                              "--stats", "--max-memory", budget],
+            "trace": mk + ["trace", str(path), "--data", str(data), "--max-tokens", str(CALIB_TOKENS), "--seq-len",
+                           "128", "--out", str(work / "t.trace"), "--json", "--max-memory", budget],
+            "eval": mk + ["eval", str(path), "--data", str(data), "--max-tokens", str(CALIB_TOKENS), "--seq-len", "128",
+                          "--json", "--max-memory", budget],
+            "report": mk + ["report", str(path), "--data", str(data), "--max-tokens", str(CALIB_TOKENS), "--seq-len",
+                            "128", "--out", str(work / "r.html"), "--max-memory", budget],
+            "steer find": mk + ["steer", "find", str(path), "--pos", str(pos), "--neg", str(neg), "--out",
+                                str(work / "s.json"), "--max-memory", budget],
+            "prune": mk + ["prune", str(path), "--method", "frequency", "--ratio", "0.5", "--calib", str(data),
+                           "--max-tokens", str(CALIB_TOKENS), "--seq-len", "128", "--out", str(work / "pruned"),
+                           "--json", "--max-memory", budget],
+        }
+        for cmd, argv in cmds.items():
+            r = measure(argv)
+            res = last_json(r["stdout"])
+            rec = {"bench": "scale", **base, "command": cmd, "tool": "moekit", "budget": budget, **r}
+            if cmd == "generate" and res:
+                off = res.get("offload") or {}
+                rec.update(tokens_s=off.get("tokens_per_s"), hit_rate=off.get("hit_rate"),
+                           decode_hit_rate=off.get("decode_hit_rate"), prefill_s=off.get("prefill_s"))
+            if cmd in ("trace", "eval") and r["rc"] == 0:
+                rec["tokens_s"] = round(CALIB_TOKENS / r["wall_s"], 2)
+            recs.append(emit(rec))
+            if cmd == "prune":
+                shutil.rmtree(work / "pruned", ignore_errors=True)
+        if alternatives:
+            size = base["bytes_on_disk"]
+            if psutil.virtual_memory().available > size * 1.35 + 2e9:
+                r = measure([PY, "-c", _ALT, str(path), "memory", budget, str(work / "off"), str(GEN_TOKENS)])
+                res = last_json(r["stdout"])
+                recs.append(emit({"bench": "scale", **base, "command": "generate", "tool": "transformers-bf16-memory",
+                                  "budget": None, **r, "tokens_s": res.get("decode_tok_s")}))
+            else:
+                recs.append(emit({"bench": "scale", **base, "command": "generate", "tool": "transformers-bf16-memory",
+                                  "skipped": "does not fit this machine's free memory"}))
+            r = measure([PY, "-c", _ALT, str(path), "accelerate", budget.replace("GB", "GB"), str(work / "off"),
+                         str(GEN_TOKENS)])
+            res = last_json(r["stdout"])
+            recs.append(emit({"bench": "scale", **base, "command": "generate", "tool": "accelerate-disk-offload",
+                              "budget": budget, **r, "tokens_s": res.get("decode_tok_s")}))
+    return recs
+
+
+def bundled_hit_rates() -> list[dict]:
+    out = []
+    for name in ("moekit:tiny", "moekit:tiny-shared"):
+        r = measure([PY, "-m", "moekit.cli", "generate", name, "--prompt", PROMPT, "--max-tokens", "48", "--json",
+                     "--offload", "--stats"])
+        off = last_json(r["stdout"]).get("offload") or {}
+        out.append(emit({"bench": "scale", "model": name, "command": "generate", "tool": "moekit-offload-2k-slots",
+                         "hit_rate": off.get("hit_rate"), "decode_hit_rate": off.get("decode_hit_rate"),
+                         "rc": r["rc"]}))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="olmoe,dsv2lite", help="Comma-separated: olmoe, dsv2lite.")
+    ap.add_argument("--models-dir", type=Path, default=Path("/work/.bench-models"))
+    ap.add_argument("--clean", action="store_true", help="Delete the built checkpoints and exit.")
+    ap.add_argument("--skip-alternatives", action="store_true")
+    args = ap.parse_args()
+    keys = [k.strip() for k in args.models.split(",") if k.strip()]
+    if args.clean:
+        for k in keys:
+            shutil.rmtree(args.models_dir / MODELS[k][0], ignore_errors=True)
+        print(json.dumps({"bench": "scale", "cleaned": [MODELS[k][0] for k in keys]}))
+        return
+    sys.path.insert(0, str(ROOT / "src"))
+    args.models_dir.mkdir(parents=True, exist_ok=True)
+    recs = []
+    for k in keys:
+        name, cfg, _ = MODELS[k]
+        if not (args.models_dir / name / "model.safetensors.index.json").is_file():
+            t0 = time.perf_counter()
+            build(args.models_dir / name, cfg)
+            emit({"bench": "scale", "model": name, "built_s": round(time.perf_counter() - t0, 1)})
+        recs += run_model(k, args.models_dir, not args.skip_alternatives)
+    recs += bundled_hit_rates()
+    summary = {}
+    for r in recs:
+        if "command" in r and "tool" in r and not r.get("model", "").startswith("moekit:"):
+            summary[f"{r['model']}/{r['command']}/{r['tool']}"] = {
+                k: r.get(k) for k in ("rc", "wall_s", "peak_rss_gb", "tokens_s", "hit_rate", "budget", "skipped")
+                if r.get(k) is not None}
+        elif "hit_rate" in r:
+            summary[f"{r['model']}/hit_rate"] = r["hit_rate"]
+    print(json.dumps({"bench": "scale", "summary": summary}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
