@@ -136,7 +136,7 @@ def measure(cmd: list[str], timeout: float = 3600) -> dict:
 
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    ps, peak = psutil.Process(proc.pid), 0
+    ps, peak, timed_out = psutil.Process(proc.pid), 0, False
     out_chunks: list[str] = []
     import threading
 
@@ -151,12 +151,14 @@ def measure(cmd: list[str], timeout: float = 3600) -> dict:
             peak = max(peak, rss)
         except psutil.Error:
             pass
-        if time.perf_counter() - t0 > timeout:
+        if time.perf_counter() - t0 > timeout and proc.poll() is None:
             proc.kill()
+            timed_out = True
         time.sleep(0.02)
     reader.join()
     err_reader.join()
     return {"wall_s": round(time.perf_counter() - t0, 2), "peak_rss_gb": round(peak / 1e9, 3), "rc": proc.returncode,
+            **({"timed_out_s": timeout} if timed_out else {}),
             "stdout": "".join(out_chunks), "stderr": "".join(err_chunks)[-600:]}
 
 
@@ -251,8 +253,8 @@ def run_model(key: str, models_dir: Path, alternatives: bool) -> list[dict]:
             else:
                 recs.append(emit({"bench": "scale", **base, "command": "generate", "tool": "transformers-bf16-memory",
                                   "skipped": "does not fit this machine's free memory"}))
-            r = measure([PY, "-c", _ALT, str(path), "accelerate", budget.replace("GB", "GB"), str(work / "off"),
-                         str(GEN_TOKENS)])
+            r = measure([PY, "-c", _ALT, str(path), "accelerate", budget, str(work / "off"), str(GEN_TOKENS)],
+                        timeout=1200)
             res = last_json(r["stdout"])
             recs.append(emit({"bench": "scale", **base, "command": "generate", "tool": "accelerate-disk-offload",
                               "budget": budget, **r, "tokens_s": res.get("decode_tok_s")}))
