@@ -199,7 +199,7 @@ print(json.dumps({"prefill_s": t1 - t0, "decode_tok_s": len(times) / sum(times)}
 """
 
 
-def run_model(key: str, models_dir: Path, alternatives: bool) -> list[dict]:
+def run_model(key: str, models_dir: Path, alternatives: bool, only: set[str] | None = None) -> list[dict]:
     import psutil
 
     name, _, budget = MODELS[key]
@@ -231,6 +231,8 @@ def run_model(key: str, models_dir: Path, alternatives: bool) -> list[dict]:
                            "--json", "--max-memory", budget],
         }
         for cmd, argv in cmds.items():
+            if only and cmd not in only:
+                continue
             r = measure(argv)
             res = last_json(r["stdout"])
             rec = {"bench": "scale", **base, "command": cmd, "tool": "moekit", "budget": budget, **r}
@@ -279,6 +281,7 @@ def main() -> None:
     ap.add_argument("--models-dir", type=Path, default=Path("/work/.bench-models"))
     ap.add_argument("--clean", action="store_true", help="Delete the built checkpoints and exit.")
     ap.add_argument("--skip-alternatives", action="store_true")
+    ap.add_argument("--commands", default="", help="Comma-separated subset of the commands (default: all).")
     args = ap.parse_args()
     keys = [k.strip() for k in args.models.split(",") if k.strip()]
     if args.clean:
@@ -295,7 +298,8 @@ def main() -> None:
             t0 = time.perf_counter()
             build(args.models_dir / name, cfg)
             emit({"bench": "scale", "model": name, "built_s": round(time.perf_counter() - t0, 1)})
-        recs += run_model(k, args.models_dir, not args.skip_alternatives)
+        only = {c.strip() for c in args.commands.split(",") if c.strip()} or None
+        recs += run_model(k, args.models_dir, not args.skip_alternatives, only)
     recs += bundled_hit_rates()
     summary = {}
     for r in recs:
