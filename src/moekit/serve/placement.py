@@ -29,8 +29,8 @@ from moekit.models.loading import (
 from moekit.models.loading import load as load_resident
 from moekit.models.moe_map import build_moe_map
 
-RESERVE = 450 << 20
-ACTIVATION_SHARE = 0.10
+RESERVE = 600 << 20
+ACTIVATION_SHARE = 0.15
 _UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9, "T": 1e12, "TB": 1e12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
