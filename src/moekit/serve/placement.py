@@ -71,15 +71,19 @@ def plan_budget(lm_meta: LoadedModel, budget: int) -> dict:
 
 def load(spec: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype | str | None = "auto",
          device: str | torch.device = "cpu", with_tokenizer: bool = True, max_memory: str | int | None = None,
-         policy: str = "lru+prefetch") -> LoadedModel:
+         policy: str = "lru+prefetch", distributed_config=None) -> LoadedModel:
     """Load ``spec`` (hub id, local directory or ``moekit:<name>``) in eval mode and map its experts.
 
     ``dtype``: ``"auto"`` keeps the checkpoint's. ``max_memory`` (bytes or ``"6GB"``): the process's peak
     memory to stay under; experts are offloaded (served from the checkpoint through an expert cache with
     ``policy``) when the whole model does not fit. ``lm.engine`` is then the running ``OffloadEngine``.
+    ``distributed_config``: see ``moekit.models.load`` (not with ``max_memory``).
     """
     if max_memory is None:
-        return load_resident(spec, dtype=dtype, device=device, with_tokenizer=with_tokenizer)
+        return load_resident(spec, dtype=dtype, device=device, with_tokenizer=with_tokenizer,
+                             distributed_config=distributed_config)
+    if distributed_config is not None:
+        raise MoekitError("give max_memory or distributed_config, not both")
     budget = parse_size(max_memory)
     from moekit.compress.quantized import is_quantized_checkpoint
 
