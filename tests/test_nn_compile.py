@@ -12,6 +12,9 @@ from moekit.testing import tiny_model
 
 pytest.importorskip("transformers")
 
+# inductor's own import of torch.jit (inside torch) warns; that is upstream's, not something these tests call
+_INDUCTOR_JIT_WARNING = "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"
+
 
 def test_grouped_mm_loop_op_passes_opcheck() -> None:
     """Schema, fake (meta) implementation and autograd of the loop op agree with its real kernel."""
@@ -46,6 +49,7 @@ def test_expert_gemv_op_passes_opcheck() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings(_INDUCTOR_JIT_WARNING)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_forward_fullgraph_equals_eager(dtype: torch.dtype) -> None:
     """fp32 runs the loop custom op under compile (inductor's grouped_mm takes bf16 only), bf16 grouped_mm; a
@@ -65,6 +69,7 @@ def test_compiled_forward_fullgraph_equals_eager(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings(_INDUCTOR_JIT_WARNING)
 def test_static_cache_compiled_generate_equals_eager_without_recompiles() -> None:
     """transformers' own compiled decoding (static cache, fullgraph) gives eager's greedy tokens, and a second
     prompt of another length reuses the compiled step (error_on_recompile)."""
