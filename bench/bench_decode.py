@@ -120,7 +120,9 @@ def generate_seconds(model, prompt: torch.Tensor, new_tokens: int, compiled: boo
         max_length=prompt.shape[1] + 64,
     )
     if compiled:
-        kwargs["compile_config"] = CompileConfig(fullgraph=True, mode="default", _compile_all_devices=True)
+        config = CompileConfig(fullgraph=True, mode="default")
+        config._compile_all_devices = True  # transformers compiles the decode step on CPU only when asked
+        kwargs["compile_config"] = config
     else:
         kwargs["disable_compile"] = True
     synchronize()
