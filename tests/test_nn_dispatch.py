@@ -307,3 +307,41 @@ def test_decode_step_gemv_equals_eager(arch: str) -> None:
     err, eager_err = (got_bf16.float() - ref).abs().max(), (eager_bf16 - ref).abs().max()
     assert err <= 0.03 * ref.abs().max()
     assert err <= eager_err * 1.25
+
+
+def test_quantize_rows_int8_error_bound() -> None:
+    from moekit.nn import quantize_rows_int8
+
+    w = torch.randn(3, 5, 40, generator=torch.Generator().manual_seed(7))
+    w[0, 1] = 0.0  # an all-zero row: finite scale, zero codes
+    q, s = quantize_rows_int8(w)
+    assert q.dtype == torch.int8 and s.shape == (3, 5) and int(q.abs().max()) == 127
+    assert torch.all((q.float() * s[..., None] - w).abs() <= s[..., None] / 2 + 1e-7)
+    assert torch.all(q[0, 1] == 0)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss", "qwen2_moe"])
+def test_int8_experts_equal_eager_on_dequantized_weights(arch: str) -> None:
+    """After quantize_experts_int8, "moekit" runs the int8 kernels; its logits equal eager's on the dequantized
+    weights (prefill: grouped calls; one token: per-slot GEMVs). The float weights can be dropped."""
+    from moekit.nn import quantize_experts_int8
+
+    model = tiny_model(arch)
+    ref_model = tiny_model(arch)
+    assert quantize_experts_int8(model, keep_float=False) == len(_experts_modules(ref_model)) > 0
+    with torch.no_grad():
+        for mod, ref in zip(_experts_modules(model), _experts_modules(ref_model), strict=True):
+            transposed = getattr(ref, "is_transposed", False)
+            for qname, name in (("gate_up", "gate_up_proj" if ref.has_gate else "up_proj"), ("down", "down_proj")):
+                deq = getattr(mod, f"moekit_int8_{qname}").float() * getattr(mod, f"moekit_int8_{qname}_scale")[..., None]
+                getattr(ref, name).copy_(deq.transpose(1, 2) if transposed else deq)
+            assert mod.down_proj.numel() == 0
+    model.set_experts_implementation("moekit")
+    ref_model.set_experts_implementation("eager")
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        for inp in (ids, ids[:1, :1]):
+            ref = ref_model(inp).logits
+            torch.testing.assert_close(model(inp).logits, ref, atol=1e-4, rtol=1e-4)
+    names = [e.name for e in prof.events()]
+    assert "moekit::int8_grouped_mm" in names and "moekit::int8_expert_gemv" in names
