@@ -78,8 +78,9 @@ def build_model(num_experts: int, num_layers: int, dtype: torch.dtype, seed: int
     return model
 
 
-def bytes_read_per_token(model) -> int:
-    """Weights one decode step reads: everything but the embedding table (one row), k/E of every expert."""
+def bytes_read_per_token(model, int8_experts: bool = False) -> int:
+    """Weights one decode step reads: everything but the embedding table (one row), k/E of every expert
+    (with ``int8_experts``: 1 byte per expert weight plus a 2-byte scale per output row)."""
     cfg = model.config
     share = cfg.num_experts_per_tok / cfg.num_experts
     total = 0.0
@@ -88,6 +89,8 @@ def bytes_read_per_token(model) -> int:
         if "embed_tokens" in name:
             size = p.shape[-1] * p.element_size()
         elif ".experts." in name:
+            if int8_experts and p.dim() == 3:  # [E, out, in] (OLMoE's layout): one scale per output row
+                size = p.numel() + 2 * p.numel() // p.shape[-1]
             size *= share
         total += size
     return int(total)
@@ -133,10 +136,33 @@ def generate_seconds(model, prompt: torch.Tensor, new_tokens: int, compiled: boo
     return time.perf_counter() - t0
 
 
+INT8: dict = {}  # experts module → its int8 buffers (quantize_experts_int8), attached only for "moekit-int8"
+
+
 def set_impl(model, impl: str) -> bool:
-    """Switch the experts implementation; returns whether this run is compiled."""
+    """Switch the experts implementation (and the int8 experts on or off); returns whether this run is compiled."""
+    from moekit.nn.dispatch import INT8_BUFFERS
+
+    for module, buffers in INT8.items():
+        for name in INT8_BUFFERS:
+            if impl == "moekit-int8":
+                module.register_buffer(name, buffers[name], persistent=False)
+            elif hasattr(module, name):
+                delattr(module, name)
     model.set_experts_implementation("moekit" if impl.startswith("moekit") else impl)
     return impl.endswith("-compiled")
+
+
+def prepare_int8(model) -> None:
+    """Quantize the experts to int8 once (float weights kept for the other implementations), then detach them."""
+    from moekit.nn import quantize_experts_int8
+    from moekit.nn.dispatch import INT8_BUFFERS
+
+    quantize_experts_int8(model, keep_float=True)
+    for module in model.modules():
+        if hasattr(module, INT8_BUFFERS[0]):
+            INT8[module] = {name: getattr(module, name) for name in INT8_BUFFERS}
+    set_impl(model, "eager")
 
 
 def bench_threads(model, threads: int, args, emit) -> dict:
@@ -149,9 +175,15 @@ def bench_threads(model, threads: int, args, emit) -> dict:
     base = {"threads": threads, "dtype": str(args.dtype)}
     emit(base | {"kind": "bound", "stream_read_GBps": round(gbps, 2), "GB_per_token": round(per_token / 1e9, 3),
                  "bound_tok_s": round(bound, 2)})
+    per_token_int8 = bytes_read_per_token(model, int8_experts=True)
+    bound_int8 = gbps * 1e9 / per_token_int8 if INT8 else None
+    if bound_int8:
+        emit(base | {"kind": "bound", "experts": "int8", "GB_per_token": round(per_token_int8 / 1e9, 3),
+                     "bound_tok_s": round(bound_int8, 2)})
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(3, model.config.vocab_size, (1, args.prompt), generator=g).to(DEVICE)
     impls = [i for i in IMPLS if not (args.no_compile and i.endswith("-compiled"))]
+    impls += ["moekit-int8"] if INT8 else []
     for impl in impls:  # warm-up: first calls, and compilation of the decode step
         compiled = set_impl(model, impl)
         t0 = time.perf_counter()
@@ -167,7 +199,8 @@ def bench_threads(model, threads: int, args, emit) -> dict:
             samples[impl].append(args.new_tokens / max(full - one, 1e-9))
     decode = {i: statistics.median(s) for i, s in samples.items()}
     for impl, tps in decode.items():
-        emit(base | {"kind": "decode", "impl": impl, "tok_s": round(tps, 3), "of_bound": round(tps / bound, 3),
+        impl_bound = bound_int8 if impl == "moekit-int8" else bound
+        emit(base | {"kind": "decode", "impl": impl, "tok_s": round(tps, 3), "of_bound": round(tps / impl_bound, 3),
                      "rounds": [round(s, 3) for s in samples[impl]]})
     prefill = bench_prefill(model, args.prefill, args.rounds)
     for impl, tps in prefill.items():
@@ -177,6 +210,10 @@ def bench_threads(model, threads: int, args, emit) -> dict:
     summary["moekit_of_bound"] = round(decode["moekit"] / bound, 3)
     summary["moekit_vs_eager"] = round(decode["moekit"] / decode["eager"], 3)
     summary["moekit_vs_grouped_mm"] = round(decode["moekit"] / decode["grouped_mm"], 3)
+    if bound_int8:
+        summary["int8_bound_tok_s"] = round(bound_int8, 2)
+        summary["moekit_int8_of_int8_bound"] = round(decode["moekit-int8"] / bound_int8, 3)
+        summary["moekit_int8_vs_bf16"] = round(decode["moekit-int8"] / decode["moekit"], 3)
     summary["prefill_tok_s"] = {i: round(t, 1) for i, t in prefill.items()}
     summary["prefill_moekit_vs_fastest_hf"] = round(prefill["moekit"] / max(prefill["eager"], prefill["grouped_mm"]), 3)
     if args.llama_bench:
@@ -245,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     ap.add_argument("--no-compile", action="store_true", help="skip compiled moekit (compiling takes minutes)")
+    ap.add_argument("--no-int8", action="store_true", help="skip moekit with int8 experts (quantize_experts_int8)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]; kernels are synchronised around timings")
     ap.add_argument("--llama-bench", default=None, help="path to llama.cpp's llama-bench binary (optional)")
     ap.add_argument("--gguf", default=None, help="the same checkpoint converted to GGUF (for --llama-bench)")
@@ -278,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.save_checkpoint:
         model.save_pretrained(args.save_checkpoint)
     params = sum(p.numel() for p in model.parameters())
+    if not args.no_int8 and DEVICE.type == "cpu":  # torch's int8 weight-only kernel used here is the CPU one
+        prepare_int8(model)
     emit({"kind": "env", "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
           "device": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu",
           "model": f"olmoe-1b-7b cut to {args.experts} experts, {args.layers} layers", "params": params,
