@@ -234,11 +234,11 @@ def bench_prefill(model, tokens: int, rounds: int) -> dict[str, float]:
     times: dict[str, list[float]] = {i: [] for i in impls}
     with torch.no_grad():
         for impl in impls:
-            model.set_experts_implementation(impl)
+            set_impl(model, impl)  # (also detaches the int8 experts: this is moekit on the bf16 weights)
             model(ids, use_cache=False)
         for _ in range(rounds):
             for impl in impls:
-                model.set_experts_implementation(impl)
+                set_impl(model, impl)
                 synchronize()
                 t0 = time.perf_counter()
                 model(ids, use_cache=False)

@@ -338,9 +338,10 @@ def test_int8_experts_equal_eager_on_dequantized_weights(arch: str) -> None:
             assert mod.down_proj.numel() == 0
     model.set_experts_implementation("moekit")
     ref_model.set_experts_implementation("eager")
-    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(8))
+    ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(8))
     with torch.no_grad(), torch.profiler.profile() as prof:
-        for inp in (ids, ids[:1, :1]):
+        # 80 tokens: groups of ≥ INT8_DEQUANT_MIN_ROWS dequantize; 6 tokens: the int8 kernel; 1 token: the GEMVs
+        for inp in (ids, ids[:, :3], ids[:1, :1]):
             ref = ref_model(inp).logits
             torch.testing.assert_close(model(inp).logits, ref, atol=1e-4, rtol=1e-4)
     names = [e.name for e in prof.events()]
