@@ -280,3 +280,69 @@ def test_padded_path_equals_grouped_under_no_grad(dtype: torch.dtype) -> None:
     ref = _naive(x, ids, weights, w1, w2)
     scale = float(ref.abs().max())
     torch.testing.assert_close(padded.double(), ref, atol=(1e-5 if dtype == torch.float32 else 0.03) * scale, rtol=0)
+
+
+def test_decode_step_gemv_equals_eager(arch: str) -> None:
+    """A one-token step (auto → the GEMV decode op, no sort) equals eager per layer: 1e-5 in fp32; in bf16 within
+    3% of the fp32 output's scale and no worse than eager's own bf16 error (+25%)."""
+    model = tiny_model(arch)
+    experts = _experts_modules(model)[0]
+    E = experts.num_experts
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, model.config.hidden_size, generator=g)
+    ids = torch.randperm(E, generator=g)[:2][None]
+    weights = torch.rand(1, 2, generator=g)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        model.set_experts_implementation("eager")
+        ref = experts(x, ids, weights)
+        model.set_experts_implementation("moekit")
+        got = experts(x, ids, weights)
+        model.to(torch.bfloat16)
+        got_bf16 = experts(x.bfloat16(), ids, weights.bfloat16())
+        model.set_experts_implementation("eager")
+        eager_bf16 = experts(x.bfloat16(), ids, weights.bfloat16()).float()
+    assert sum(e.name == "moekit::expert_gemv" for e in prof.events()) == 4  # gate/up and down, fp32 and bf16
+    assert ref.abs().max() > 0.01
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    err, eager_err = (got_bf16.float() - ref).abs().max(), (eager_bf16 - ref).abs().max()
+    assert err <= 0.03 * ref.abs().max()
+    assert err <= eager_err * 1.25
+
+
+def test_quantize_rows_int8_error_bound() -> None:
+    from moekit.nn import quantize_rows_int8
+
+    w = torch.randn(3, 5, 40, generator=torch.Generator().manual_seed(7))
+    w[0, 1] = 0.0  # an all-zero row: finite scale, zero codes
+    q, s = quantize_rows_int8(w)
+    assert q.dtype == torch.int8 and s.shape == (3, 5) and int(q.abs().max()) == 127
+    assert torch.all((q.float() * s[..., None] - w).abs() <= s[..., None] / 2 + 1e-7)
+    assert torch.all(q[0, 1] == 0)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss", "qwen2_moe"])
+def test_int8_experts_equal_eager_on_dequantized_weights(arch: str) -> None:
+    """After quantize_experts_int8, "moekit" runs the int8 kernels; its logits equal eager's on the dequantized
+    weights (prefill: grouped calls; one token: per-slot GEMVs). The float weights can be dropped."""
+    from moekit.nn import quantize_experts_int8
+
+    model = tiny_model(arch)
+    ref_model = tiny_model(arch)
+    assert quantize_experts_int8(model, keep_float=False) == len(_experts_modules(ref_model)) > 0
+    with torch.no_grad():
+        for mod, ref in zip(_experts_modules(model), _experts_modules(ref_model), strict=True):
+            transposed = getattr(ref, "is_transposed", False)
+            for qname, name in (("gate_up", "gate_up_proj" if ref.has_gate else "up_proj"), ("down", "down_proj")):
+                deq = getattr(mod, f"moekit_int8_{qname}").float() * getattr(mod, f"moekit_int8_{qname}_scale")[..., None]
+                getattr(ref, name).copy_(deq.transpose(1, 2) if transposed else deq)
+            assert mod.down_proj.numel() == 0
+    model.set_experts_implementation("moekit")
+    ref_model.set_experts_implementation("eager")
+    ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        # 80 tokens: groups of ≥ INT8_DEQUANT_MIN_ROWS dequantize; 6 tokens: the int8 kernel; 1 token: the GEMVs
+        for inp in (ids, ids[:, :3], ids[:1, :1]):
+            ref = ref_model(inp).logits
+            torch.testing.assert_close(model(inp).logits, ref, atol=1e-4, rtol=1e-4)
+    names = [e.name for e in prof.events()]
+    assert "moekit::int8_grouped_mm" in names and "moekit::int8_expert_gemv" in names
