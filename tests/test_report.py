@@ -309,3 +309,49 @@ def test_write_report_without_a_model(workdir, tmp_path):
     html = (tmp_path / "r.html").read_text()
     assert "qwen3_moe" in html and "Super-expert profiling skipped" in html
     assert rep["super_experts"] is None and json.loads((tmp_path / "r.json").read_text())["summary"]["domains"]
+
+
+_PEAK_CHILD = r"""
+import json, sys
+import moekit
+from moekit.data.corpus import Document
+from moekit.eval import perplexity
+from moekit.report import profile_expert_max
+from moekit.routing.tracing import trace_documents
+
+def status(key):  # bytes, from the kernel's view of this process
+    return 1024 * next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key + ":"))
+
+def growth(fn):  # how far peak RSS rises above the RSS before ``fn`` (VmHWM reset through clear_refs)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status("VmRSS")
+    fn()
+    return status("VmHWM") - before
+
+lm = moekit.load(sys.argv[1])
+docs = [Document(" ".join(f"word{i} token{i * 7 % 13} text" for i in range(900)), "text", "t", "<text>")]
+for n in (1, 8):  # one window (warm-up), then 8
+    got = {"profile": growth(lambda: profile_expert_max(lm, docs, max_tokens=128 * n, seq_len=128, batch_size=n)),
+           "trace": growth(lambda: trace_documents(lm, docs, max_tokens=128 * n, seq_len=128, batch_size=n,
+                                                   progress=False)),
+           "perplexity": growth(lambda: perplexity(lm, docs, max_tokens=127 * n, seq_len=128, batch_size=n,
+                                                   progress=False))}
+print(json.dumps(got))
+"""
+
+
+def test_profiling_peak_does_not_scale_with_logits(tmp_path):
+    """Issue 13: the profiling pass and the routing trace of a 64k-vocabulary model over 8 × 128-token
+    windows would hold [8, 128, 64000] fp32 logits (262 MB); they keep only the last position's, so their peak
+    RSS rises above the RSS before the call by a small fraction of that.  Perplexity upcasts one window's
+    logits at a time: it rises by the model's own logits plus less than half of them again (before: logits
+    and a same-size fp32 log-softmax, 2x)."""
+    vocab, windows, seq = 64000, 8, 128
+    ck = save_tiny_checkpoint("qwen3_moe", tmp_path / "ckpt", vocab_size=vocab)
+    logits_bytes = windows * seq * vocab * 4
+    proc = subprocess.run([sys.executable, "-c", _PEAK_CHILD, str(ck)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["profile"] < logits_bytes / 4 and got["trace"] < logits_bytes / 4, got
+    assert got["perplexity"] < 1.5 * logits_bytes, got

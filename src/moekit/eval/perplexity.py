@@ -118,6 +118,17 @@ class WindowLosses:
     done: np.ndarray
 
 
+def _row_nll(logits: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor) -> np.ndarray:
+    """Summed next-token NLL of each row, upcasting one row's logits to fp32 at a time: the fp32
+    log-softmax is ``[seq, vocab]``, not ``[batch, seq, vocab]`` (issue 13's activation allowance)."""
+    out = np.zeros(logits.shape[0], np.float32)
+    for r in range(logits.shape[0]):
+        logp = torch.log_softmax(logits[r, :-1].float(), dim=-1)
+        nll = -logp.gather(-1, ids[r, 1:, None]).squeeze(-1)
+        out[r] = float((nll * valid[r]).sum())
+    return out
+
+
 @torch.no_grad()
 def window_losses(
     lm,
@@ -147,12 +158,10 @@ def window_losses(
         for start in starts:
             _, ids, mask = next(_batches(windows[start:start + batch_size], batch_size, _pad_id(lm.tokenizer)))
             ids, mask = ids.to(lm.device), mask.to(lm.device)
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)
-            nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             valid = mask[:, 1:].bool()
             rows = slice(start, start + ids.shape[0])
-            out.nll[rows] = (nll * valid).sum(1).cpu().numpy()
+            out.nll[rows] = _row_nll(logits, ids, valid)
             out.n[rows] = valid.sum(1).cpu().numpy()
             out.done[rows] = True
             prog.advance(task, ids.shape[0])

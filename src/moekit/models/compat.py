@@ -26,6 +26,17 @@ def cache_kwargs(model: nn.Module, cache) -> dict:
     return {_forward_cache_name(type(model)): cache}
 
 
+@lru_cache(maxsize=64)
+def _takes_logits_to_keep(cls: type) -> bool:
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
+
+
+def last_logits_kwargs(model: nn.Module) -> dict:
+    """``{"logits_to_keep": 1}`` when ``model.forward`` takes it (transformers causal LMs), else ``{}``: for
+    passes that need hidden states or expert inputs, not ``[batch, seq, vocab]`` logits."""
+    return {"logits_to_keep": 1} if _takes_logits_to_keep(type(model)) else {}
+
+
 def output_cache(out):
     """The KV cache a model output carries (``out.cache``, or ``out.past_key_values`` before 5.24)."""
     fields = out.keys() if hasattr(out, "keys") else ()

@@ -10,6 +10,10 @@ inputs it is about to receive (hidden states, top-k indices, top-k weights) and 
 module once per routed expert on that expert's tokens with one-hot routing and unit weight, so the
 output is exactly the expert's own down_proj output (biases included, e.g. GPT-OSS), whatever the
 layout.  Padding positions are excluded.
+
+Only the experts' inputs are needed, so the forward asks for the last position's logits alone
+(``logits_to_keep=1``): the pass never holds ``[batch, seq, vocab]`` logits, which dominate its memory on
+large-vocabulary models (issue 13: ``report --max-memory``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import numpy as np
 import torch
 
 from moekit.errors import MoekitError
+from moekit.models.compat import last_logits_kwargs
 
 
 def _call_args(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,12 +92,13 @@ def profile_expert_max(lm: Any, docs: Sequence, max_tokens: int | None = 8192, s
 
     for pos, view in enumerate(views):
         handles.append(view.experts.register_forward_pre_hook(make_hook(pos, view), with_kwargs=True))
+    extra = last_logits_kwargs(lm.model)
     try:
         order = sorted(range(len(windows)), key=lambda i: -len(windows[i][2]))
         for b in range(0, len(order), batch_size):
             batch = pad_batch([windows[i][2] for i in order[b:b + batch_size]])
             state["keep"] = batch["attention_mask"].reshape(-1).bool().to(lm.device)
-            lm.model(**{k: v.to(lm.device) for k, v in batch.items()}, use_cache=False)
+            lm.model(**{k: v.to(lm.device) for k, v in batch.items()}, use_cache=False, **extra)
     finally:
         for h in handles:
             h.remove()

@@ -9,6 +9,7 @@ import torch
 
 from moekit.data.batching import pad_batch
 from moekit.errors import MoekitError
+from moekit.models.compat import last_logits_kwargs
 from moekit.models.loading import LoadedModel
 from moekit.routing.record import record
 from moekit.trace import RoutingTrace
@@ -75,7 +76,8 @@ def trace_documents(
         task = bar.add_task("tracing", total=sum(len(windows[i][2]) for i in run))
         for batch_windows in batches:
             batch = pad_batch([windows[i][2] for i in batch_windows])
-            lm.model(**{k: v.to(lm.device) for k, v in batch.items()})
+            # routing only: no [batch, seq, vocab] logits (issue 13)
+            lm.model(**{k: v.to(lm.device) for k, v in batch.items()}, **last_logits_kwargs(lm.model))
             bar.advance(task, int(batch["attention_mask"].sum()))
     for _ in range(fill):
         lm.model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=lm.device))
