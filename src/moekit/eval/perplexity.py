@@ -219,6 +219,17 @@ def unigram_perplexity(tokenizer, train_docs: Sequence[Document | str], docs: Se
     return _aggregate("unigram", docs, per_doc_nll, per_doc_n)
 
 
+def _row_kl(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> np.ndarray:
+    """Summed per-token KL(b || a) of each row, one row upcast to fp32 at a time (as ``_row_nll``)."""
+    out = np.zeros(a.shape[0], np.float32)
+    for r in range(a.shape[0]):
+        logq = torch.log_softmax(a[r, :-1].float().cpu(), -1)
+        logp = torch.log_softmax(b[r, :-1].float().cpu(), -1)
+        kl = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0)
+        out[r] = float((kl * valid[r]).sum())
+    return out
+
+
 @torch.no_grad()
 def kl_to_reference(
     lm,
@@ -248,11 +259,8 @@ def kl_to_reference(
                              use_cache=False).logits
             if a.shape[-1] != b.shape[-1]:
                 raise MoekitError(f"vocabulary sizes differ: {a.shape[-1]} vs {b.shape[-1]}")
-            logq = torch.log_softmax(a[:, :-1].float().cpu(), -1)
-            logp = torch.log_softmax(b[:, :-1].float().cpu(), -1)
-            kl = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0)
             valid = mask[:, 1:].bool()
-            kl_rows = (kl * valid).sum(1).numpy()
+            kl_rows = _row_kl(a, b, valid)
             n_rows = valid.sum(1).numpy()
             for r, d in enumerate(doc_idx):
                 total[docs[d].domain] += float(kl_rows[r])
