@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from moekit.errors import MoekitError
+from moekit.models.compat import last_logits_kwargs
 from moekit.models.loading import LoadedModel
 from moekit.models.moe_map import MoELayerView, decoder_layers
 
@@ -252,7 +253,8 @@ def observe_batches(lm: LoadedModel, batches: Sequence[dict], progress: bool = F
                 flat = (mask.bool() if mask is not None else torch.ones_like(batch["input_ids"], dtype=torch.bool))
                 for ob in observers:
                     ob.mask = flat.reshape(-1)
-                lm.model(**{k: v.to(lm.device) for k, v in batch.items()}, use_cache=False)
+                lm.model(**{k: v.to(lm.device) for k, v in batch.items()}, use_cache=False,
+                         **last_logits_kwargs(lm.model))  # expert statistics only: no full logits
                 prog.advance(task)
     finally:
         for ob in observers:

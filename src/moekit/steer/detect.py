@@ -29,6 +29,7 @@ import torch
 from moekit.data.batching import pad_batch
 from moekit.data.corpus import CorpusSpec, corpus_documents, jsonl_rows, parse_corpus_spec, read_text_file
 from moekit.errors import MoekitError
+from moekit.models.compat import last_logits_kwargs
 from moekit.models.loading import LoadedModel
 from moekit.registry import Registry
 from moekit.routing import record
@@ -170,7 +171,8 @@ def count_routing(
         chunk = encoded[b:b + batch_size]
         batch = pad_batch([c[0] for c in chunk], pad)
         with record(lm) as rec:
-            lm.model(**{k: v.to(lm.device) for k, v in batch.items()}, use_cache=False)
+            lm.model(**{k: v.to(lm.device) for k, v in batch.items()}, use_cache=False,
+                     **last_logits_kwargs(lm.model))  # routing only: no [batch, seq, vocab] logits
         trace = rec.trace  # tokens of row 0, then row 1, ... (padding dropped)
         target = np.concatenate([np.asarray(c[1], dtype=bool) for c in chunk])
         marker = np.zeros_like(target)
