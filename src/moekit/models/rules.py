@@ -38,6 +38,11 @@ def top_p_counts(probs: torch.Tensor, p: float) -> torch.Tensor:
     return ((cum - sorted_p) <= p).sum(dim=-1).clamp(min=1, max=probs.shape[-1])
 
 
+def _top2_sum(groups: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V3's group score: the sum of each group's two best expert scores."""
+    return groups.topk(min(2, groups.shape[-1]), dim=-1)[0].sum(dim=-1)
+
+
 class Rule:
     """Base selection rule. Subclasses define scores, the selection key and the weights."""
 
@@ -228,8 +233,7 @@ class SigmoidGroup(Rule):
     def limit_groups(self, choice, k):
         if self.n_group <= 1:
             return choice
-        keep = self._kept_groups(choice, self.n_group, self.topk_group, k,
-                                 lambda g: g.topk(min(2, g.shape[-1]), dim=-1)[0].sum(dim=-1))
+        keep = self._kept_groups(choice, self.n_group, self.topk_group, k, _top2_sum)
         return choice.masked_fill(~keep, NEG_INF)
 
     def weights(self, scores, logits, ids, valid):
@@ -347,8 +351,7 @@ class ScoredTopK(Rule):
         # without a selection bias a disabled expert scores 0 in its group (its probability), as the router
         # itself computes with that expert's logit at -inf; with one, the bias at -inf makes the group -inf
         grouped = choice if self.bias is not None else choice.masked_fill(choice == NEG_INF, 0.0)
-        keep = self._kept_groups(grouped, self.n_group, self.topk_group, k,
-                                 lambda g: g.topk(min(2, g.shape[-1]), dim=-1)[0].sum(dim=-1))
+        keep = self._kept_groups(grouped, self.n_group, self.topk_group, k, _top2_sum)
         return choice.masked_fill(~keep, NEG_INF)
 
     def weights(self, scores, logits, ids, valid):
