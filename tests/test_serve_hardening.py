@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -25,44 +22,18 @@ from hypothesis import strategies as st
 from moekit.cli import main
 from moekit.data import load_tokenizer
 from moekit.testing import save_tiny_checkpoint
+from serve_helpers import start_server
 
 openai = pytest.importorskip("openai")
 
 CONTEXT, PROMPT_CAP, BODY_CAP = 48, 40, 200_000
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(ckpt, root, *flags: str) -> dict:
-    port = _free_port()
-    log = open(root / "server.log", "w+")  # noqa: SIM115
-    env = {**os.environ, "MOEKIT_CACHE_DIR": str(root / "cache"), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "moekit.cli", "serve", str(ckpt), "--port", str(port),
-                             "--name", "tiny", *flags], stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            log.seek(0)
-            pytest.fail(f"server exited with {proc.returncode}: {log.read()[-2000:]}")
-        try:
-            if httpx.get(base + "/health", timeout=5).status_code == 200:
-                return {"proc": proc, "base": base, "port": port, "log": log}
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    proc.kill()
-    pytest.fail("server did not start")
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-hard")
     ckpt = save_tiny_checkpoint("qwen3_moe", root / "ckpt", max_position_embeddings=CONTEXT)
-    srv = _start(ckpt, root, "--max-body-bytes", str(BODY_CAP), "--max-prompt-tokens", str(PROMPT_CAP))
+    srv = start_server(ckpt, root, "--max-body-bytes", str(BODY_CAP), "--max-prompt-tokens", str(PROMPT_CAP))
     yield srv
     srv["proc"].kill()
     srv["proc"].wait()
@@ -415,7 +386,7 @@ def test_non_loopback_host_warns(tmp_path, capfd):
 @pytest.mark.slow
 def test_sigterm_stops_a_busy_server(tmp_path):
     ckpt = save_tiny_checkpoint("qwen3_moe", tmp_path / "ckpt", max_position_embeddings=60_000)
-    srv = _start(ckpt, tmp_path, "--max-prompt-tokens", "1000")
+    srv = start_server(ckpt, tmp_path, "--max-prompt-tokens", "1000")
     proc, base = srv["proc"], srv["base"]
     long = {"prompt": "Once upon a time", "max_tokens": 50_000, "temperature": 0}
     events = []

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -16,44 +12,20 @@ import pytest
 import moekit
 from moekit.generation import generate
 from moekit.testing import save_tiny_checkpoint
+from serve_helpers import start_server
 
 openai = pytest.importorskip("openai")
 
 PROMPTS = [f"Prompt number {i}: the" for i in range(16)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     ckpt = save_tiny_checkpoint("qwen3_moe", root / "ckpt")
-    port = _free_port()
-    log = open(root / "server.log", "w+")  # noqa: SIM115
-    env = {**__import__("os").environ, "MOEKIT_CACHE_DIR": str(root / "cache"), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moekit.cli", "serve", str(ckpt), "--port", str(port), "--offload",
-         "--policy", "lru+prefetch", "--name", "tiny"],
-        stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            log.seek(0)
-            pytest.fail(f"server exited with {proc.returncode}: {log.read()[-2000:]}")
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("server did not start")
-    yield {"proc": proc, "base": base, "ckpt": ckpt, "log": log}
+    srv = start_server(ckpt, root, "--offload", "--policy", "lru+prefetch")
+    proc = srv["proc"]
+    yield {**srv, "ckpt": ckpt}
     if proc.poll() is None:
         proc.kill()
         proc.wait()
