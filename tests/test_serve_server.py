@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -26,9 +27,19 @@ def server(tmp_path_factory):
     srv = start_server(ckpt, root, "--offload", "--policy", "lru+prefetch")
     proc = srv["proc"]
     yield {**srv, "ckpt": ckpt}
+    # SIGTERM after the module's tests, whichever of them ran and in whatever order: a clean exit, no traceback
+    # (a failure here is reported as an error at teardown)
     if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            pytest.fail("the server did not stop within 120 s of SIGTERM")
+        srv["log"].seek(0)
+        log = srv["log"].read()
+        assert code == 0 and "Traceback" not in log, log[-2000:]
 
 
 @pytest.fixture(scope="module")
@@ -125,16 +136,21 @@ def test_bad_requests_get_400_and_the_server_keeps_serving(client, server):
     assert client.completions.create(model="tiny", prompt="still alive", max_tokens=3, temperature=0).choices
 
 
-def test_metrics_report_cache_statistics(server):
-    m = httpx.get(server["base"] + "/metrics", params={"belady": "true"}, timeout=120).json()
-    cache = m["cache"]
-    assert m["offload"] and m["completed"] > 0 and m["errors"] > 0
-    assert cache["hits"] + cache["misses"] == cache["requests"] > 0
+def test_metrics_count_this_tests_requests(client, server, reference):
+    """/metrics counts exactly what happened between two reads (no reliance on what other tests did)."""
+    base = server["base"]
+    m0 = httpx.get(base + "/metrics", timeout=120).json()
+    r = client.completions.create(model="tiny", prompt="The dog", max_tokens=4, temperature=0)
+    assert httpx.post(base + "/v1/completions", json={"prompt": "x", "temperature": -1}).status_code == 400
+    m = httpx.get(base + "/metrics", params={"belady": "true"}, timeout=120).json()
+    assert m["requests"] - m0["requests"] == 1 and m["completed"] - m0["completed"] == 1
+    assert m["errors"] - m0["errors"] == 1
+    assert m["completion_tokens"] - m0["completion_tokens"] == r.usage.completion_tokens
+    cache, cache0 = m["cache"], m0["cache"]
+    assert m["offload"] and cache["hits"] + cache["misses"] == cache["requests"]
+    # each decode step (every generated token after the first) asks for top-k distinct experts per MoE layer
+    per_token = sum(v.top_k for v in reference.moe)
+    assert cache["decode_requests"] - cache0["decode_requests"] == (r.usage.completion_tokens - 1) * per_token
+    assert cache["requests"] - cache0["requests"] > cache["decode_requests"] - cache0["decode_requests"]
     assert cache["policy"] == "lru+prefetch" and "prefetch" in cache and "belady" in cache
     json.dumps(m)
-
-
-def test_zz_sigterm_shuts_down_cleanly(server):
-    proc = server["proc"]
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0
