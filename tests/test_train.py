@@ -46,7 +46,12 @@ def test_training_reduces_loss_on_a_fixed_batch():
     hist = train_lm(model, batch, cfg, progress=False)
     assert hist.tokens_seen == 20 * 4 * 16
     assert hist.lm_loss[-1] < hist.lm_loss[0] - 0.5
-    assert all(a > 0 for a in hist.aux_loss)
+    # one entry per logged step; the logged LM loss is the total minus the weighted aux loss, not the total
+    assert hist.steps == [5, 10, 15, 20] and len(hist.loss) == len(hist.lm_loss) == len(hist.aux_loss) == 4
+    coef = model.config.router_aux_loss_coef
+    assert coef > 0 and all(a > 0 for a in hist.aux_loss)
+    for total, lm, aux in zip(hist.loss, hist.lm_loss, hist.aux_loss, strict=True):
+        assert total == pytest.approx(lm + coef * aux, rel=1e-6)
     assert not model.training
 
 
@@ -55,7 +60,12 @@ def test_aux_loss_is_part_of_the_loss():
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
     out = model(input_ids=ids, labels=ids, output_router_logits=True, use_cache=False)
     lm_loss = F.cross_entropy(out.logits[:, :-1].reshape(-1, 64), ids[:, 1:].reshape(-1))
-    assert out.aux_loss is not None and out.aux_loss > 0
+    # the Switch balance loss over all layers' router logits: E * sum_e (share of top-k picks of e) * (mean prob of e)
+    logits = torch.cat(out.router_logits).detach()
+    probs = logits.softmax(-1)
+    e, k = model.config.num_experts, model.config.num_experts_per_tok
+    picks = torch.bincount(probs.topk(k, dim=-1).indices.flatten(), minlength=e) / logits.shape[0]
+    assert out.aux_loss.item() == pytest.approx(e * float((picks * probs.mean(0)).sum()), rel=1e-5)
     assert out.loss.item() == pytest.approx(lm_loss.item() + model.config.router_aux_loss_coef * out.aux_loss.item(),
                                             rel=1e-5)
 
