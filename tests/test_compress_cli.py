@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import moekit
 from moekit.cli import main
+from moekit.compress.quantize import quantized_copy
 from moekit.compress.writer import METADATA_FILE
 from moekit.testing import save_tiny_checkpoint
 
@@ -98,12 +100,24 @@ def test_merge_and_quantize_commands(ckpt, calib, tmp_path, capsys):
     assert sorted(e for g in s["groups"]["0"] for e in g) == list(range(8))
     assert [v.num_experts for v in moekit.load(tmp_path / "m").moe] == [4, 4]
 
-    code, out, err = _run(capsys, ["quantize", str(ckpt), "--bits", "4", "--group-size", "32",
+    # hidden size 64, so the group size 32 asked for differs from the default 128 in what it writes
+    wide = save_tiny_checkpoint("qwen3_moe", tmp_path / "wide", hidden_size=64)
+    code, out, err = _run(capsys, ["quantize", str(wide), "--bits", "4", "--group-size", "32",
                                    "--out", str(tmp_path / "q"), "--json"])
     assert code == 0, err
     s = json.loads(out)
-    assert s["average_bits"] == 4.0 and s["experts_4bit"] == 16 and s["bytes_on_disk"] > 0
-    assert moekit.load(tmp_path / "q").model is not None
+    assert s["average_bits"] == 4.0 and s["experts_4bit"] == 16
+    # the size of what was written (not of the source or of a temporary directory)
+    files = [p for p in (tmp_path / "q").rglob("*") if p.is_file()]
+    assert s["bytes_on_disk"] == sum(p.stat().st_size for p in files) < sum(
+        p.stat().st_size for p in wide.rglob("*") if p.is_file())
+    # the written checkpoint is the source with its experts quantized at the options given (4 bits, groups of 32)
+    src = moekit.load(wide)
+    ids = torch.arange(3, 19).reshape(2, 8)
+    with torch.no_grad():
+        want = quantized_copy(src, 4, 32)(input_ids=ids).logits
+        got = moekit.load(tmp_path / "q").model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
     code, out, err = _run(capsys, ["quantize", str(ckpt), "--avg-bits", "6", "--group-size", "32", "--calib",
                                    str(calib), "--out", str(tmp_path / "mix"), "--json"])
