@@ -32,7 +32,22 @@ def test_summarize_full_is_json():
     text = json.dumps(s, allow_nan=False)  # NaN would have been turned into null
     assert json.loads(text)["model"]["layers"] == [1, 2, 4]
     assert s["coactivation"]["layer"] == 2 and s["affinity"]["next_layer"] == 4
-    assert len(s["domains"]["layers"]) == 3 and s["dynamic_k"] is not None
+    assert len(s["domains"]["layers"]) == 3
+    # dynamic k, counted token by token: experts kept until the sorted mass first exceeds p
+    tr = make_trace()
+    dk = s["dynamic_k"]
+    assert dk["ps"] == [0.5, 0.8, 0.9]
+    for i, p in enumerate(dk["ps"]):
+        for layer in range(3):
+            need = []
+            for row in tr.probs[layer].astype(np.float64):
+                cs = np.cumsum(np.sort(row)[::-1])
+                need.append(min(int(np.argmax(cs > p)) + 1 if (cs > p).any() else 8, 8))
+            need = np.array(need)
+            assert dk["mean"][i][layer] == pytest.approx(need.mean(), rel=1e-12)
+            # per domain (tokens of even documents are domain a): the labels reach the profile
+            for d in range(2):
+                assert dk["by_domain"][i][d][layer] == pytest.approx(need[tr.domain == d].mean(), rel=1e-12)
     assert s["srp"]["seg_lens"] == [4, 16, 64, 256]
     assert s["srp"]["model"][3] is None  # documents of 32 tokens have no window of 256
     assert s["cache"]["capacities"] == [2, 3, 4, 6, 8]
