@@ -120,7 +120,9 @@ def test_cli_writes_checkpoint_log_and_plot(tmp_path: Path) -> None:
     cfg.write_text(yaml.safe_dump(_spec(train={"steps": 4, "eval_every": 4, "save_every": 2})))
     out = tmp_path / "out"
     assert main(["train", "--config", str(cfg), "--out", str(out), "--no-progress"]) == 0
-    assert (out / "checkpoint/state.pt").is_file() and (out / "loss.png").stat().st_size > 0
+    state = load_state(out / "checkpoint/state.pt")
+    assert state["step"] == 4 and state["optimizer"] is not None  # the last step's, resumable
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     log = json.loads((out / "log.json").read_text())
     assert log["steps"][-1] == 4
     ev = log["evals"][-1]
