@@ -9,7 +9,7 @@ import typer
 from moekit.cli.common import DTYPE_OPTION, MAX_MEMORY_OPTION, MODEL_HELP, app, console_err, load_model
 from moekit.errors import MoekitError
 
-DEFAULT_MAX_BODY_BYTES = 1 << 20  # = moekit.serve.server.DEFAULT_MAX_BODY_BYTES (not imported: keeps --help fast)
+DEFAULT_MAX_BODY_BYTES = 1 << 20  # = moekit.serve.requests.DEFAULT_MAX_BODY_BYTES (not imported: keeps --help fast)
 
 
 def _policy_help() -> str:
@@ -49,7 +49,7 @@ def serve_command(
       moekit serve ./olmoe --offload --cache-mb 2048 --policy lru+prefetch --device cuda
     """
     from moekit.serve.cache import POLICIES
-    from moekit.serve.server import is_loopback, listen, serve
+    from moekit.serve.process import is_loopback, listen, serve
 
     POLICIES.get(policy)
     if max_body_bytes < 1:
