@@ -5,17 +5,18 @@ A run config has three sections: ``model`` (:class:`~moekit.nn.model.MoELMConfig
 :func:`run_training` trains with AdamW and the ``lm_trainer`` LR schedule, evaluates per-domain validation
 loss, router load CV and mean active experts, writes atomic checkpoints (model, optimiser, step, RNG
 state) and resumes bit-exactly: batch order is a pure function of ``(seed, step)``.
+
+The config classes and parsing live in ``moekit.train.run_config`` (importable from here too); the
+expert-parallel gradient sync and shard gathering in ``moekit.train.parallel``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,127 +25,23 @@ import torch
 
 from moekit.errors import MoekitError
 from moekit.io import atomic_output_dir, atomic_write
-from moekit.nn.model import MoELM, MoELMConfig
+from moekit.nn.model import MoELM
 from moekit.nn.routers import Router
-from moekit.train.lm_trainer import TrainConfig, lr_at, make_readable, pack_windows, plot_loss
+from moekit.train.lm_trainer import lr_at, make_readable, pack_windows, plot_loss
+from moekit.train.parallel import gathered_state_dict, sync_gradients
+from moekit.train.run_config import (  # noqa: F401  (re-exported: the config classes' import path)
+    DataConfig,
+    RunConfig,
+    RunTrainConfig,
+    _tokenizer,
+    load_run_config,
+    parse_run_config,
+)
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.pt"
 LOG_FILE = "log.json"
 PLOT_FILE = "loss.png"
-
-
-@dataclass
-class DataConfig:
-    """Data: the bundled corpus (``moekit:corpus``) packed into ``seq_len`` windows."""
-
-    corpus: str = "moekit:corpus"
-    seq_len: int = 128
-    max_train_docs: int | None = None  # use only the first n training documents (tests, quick runs)
-    val_windows_per_domain: int = 16  # validation windows per domain at each eval point
-
-
-@dataclass
-class RunTrainConfig(TrainConfig):
-    """Optimisation settings plus evaluation/checkpoint cadence and router aux-loss coefficients."""
-
-    steps: int = 200
-    batch_size: int = 16
-    lr: float = 3e-3
-    warmup: int = 20
-    eval_every: int = 50
-    save_every: int = 50
-    balance_coef: float | None = None  # None: keep the model's router_kwargs
-    seq_coef: float | None = None
-    z_coef: float | None = None
-
-
-@dataclass
-class RunConfig:
-    """A whole ``moekit train`` config."""
-
-    model: MoELMConfig
-    data: DataConfig = field(default_factory=DataConfig)
-    train: RunTrainConfig = field(default_factory=RunTrainConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"model": asdict(self.model), "data": asdict(self.data), "train": asdict(self.train)}
-
-
-def _build(cls: type, section: str, values: Any) -> Any:
-    """Instantiate dataclass ``cls`` from a mapping, rejecting unknown keys with a one-line error."""
-    if values is None:
-        values = {}
-    if not isinstance(values, dict):
-        raise MoekitError(f"config section {section!r} must be a mapping, got {type(values).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise MoekitError(f"unknown {section} config keys: {', '.join(unknown)}")
-    try:
-        return cls(**values)
-    except TypeError as exc:
-        raise MoekitError(f"bad {section} config: {exc}") from None
-
-
-def parse_run_config(data: Any) -> RunConfig:
-    """Validate a parsed YAML mapping into a :class:`RunConfig` (MoekitError on any problem)."""
-    if not isinstance(data, dict):
-        raise MoekitError("a train config must be a mapping with sections model, data, train")
-    unknown = sorted(set(data) - {"model", "data", "train"})
-    if unknown:
-        raise MoekitError(f"unknown config sections: {', '.join(unknown)} (expected model, data, train)")
-    if not isinstance(data.get("model") or {}, dict):
-        raise MoekitError("config section 'model' must be a mapping")
-    model = dict(data.get("model") or {})
-    dcfg = _build(DataConfig, "data", data.get("data"))
-    tcfg = _build(RunTrainConfig, "train", data.get("train"))
-    if dcfg.corpus != "moekit:corpus":
-        raise MoekitError(
-            f"data.corpus {dcfg.corpus!r} is not supported; only moekit:corpus (the bundled corpus)"
-        )
-    model.setdefault("vocab_size", len(_tokenizer()))
-    model.setdefault("max_seq", max(dcfg.seq_len, 512))
-    try:
-        mcfg = MoELMConfig.from_dict(model)
-    except TypeError as exc:
-        raise MoekitError(f"bad model config: {exc}") from None
-    rk = dict(mcfg.router_kwargs)
-    for key in ("balance_coef", "seq_coef", "z_coef"):
-        if getattr(tcfg, key) is not None:
-            rk[key] = getattr(tcfg, key)
-    mcfg.router_kwargs = rk
-    if tcfg.steps < 1 or tcfg.batch_size < 1 or dcfg.seq_len < 2:
-        raise MoekitError("train.steps, train.batch_size must be ≥ 1 and data.seq_len ≥ 2")
-    if tcfg.eval_every < 0 or tcfg.save_every < 0 or tcfg.log_every < 1:
-        raise MoekitError("train.eval_every/save_every must be ≥ 0 and train.log_every ≥ 1")
-    try:  # instantiate once so bad router options fail here, not mid-run
-        MoELM(mcfg)
-    except (TypeError, ValueError) as exc:
-        raise MoekitError(f"bad model/router options: {exc}") from None
-    return RunConfig(mcfg, dcfg, tcfg)
-
-
-def load_run_config(path: str | os.PathLike) -> RunConfig:
-    """Read and validate a YAML train config."""
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise MoekitError(f"config file {p} not found")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        line = str(exc).replace("\n", " ")
-        raise MoekitError(f"{p}: invalid YAML ({line})") from None
-    return parse_run_config(data)
-
-
-@functools.cache
-def _tokenizer():
-    from moekit.data import load_tokenizer
-
-    return load_tokenizer()
 
 
 @functools.cache
@@ -396,7 +293,7 @@ def run_training(
                 loss, _, aux = model(batch[world.rank * share:(world.rank + 1) * share],
                                      labels=batch[world.rank * share:(world.rank + 1) * share])
                 loss.backward()
-                loss = _sync_gradients(model, loss, cfg.grad_clip, world)
+                loss = sync_gradients(model, loss, cfg.grad_clip, world)
             else:
                 loss, _, aux = model(batch, labels=batch)
                 loss.backward()  # router aux losses are attached to the graph
@@ -425,7 +322,7 @@ def run_training(
             log["seconds"] = time.perf_counter() - t0
             if (cfg.save_every and done % cfg.save_every == 0) or done == end:
                 if parallel:
-                    full = _gathered_state_dict(model, world)  # a collective: every rank takes part
+                    full = gathered_state_dict(model, world)  # a collective: every rank takes part
                     if main:
                         save_state(out, model, None, done, log, run, state_dict=full)
                         _write_log(out, log)
@@ -436,51 +333,3 @@ def run_training(
     if start_step >= end and main:
         _write_log(out, log)
     return log
-
-
-def _sync_gradients(model: MoELM, loss: torch.Tensor, grad_clip: float, world: Any) -> torch.Tensor:
-    """Expert parallel: average replicated gradients over ranks, scale expert-shard gradients to the global
-    mean loss, clip by the global norm; returns the mean loss over ranks (for logging)."""
-    import torch.distributed as dist
-
-    from moekit.nn.expert_parallel import ExpertParallelBank
-
-    sharded = {id(p) for m in model.modules() if isinstance(m, ExpertParallelBank) for p in m.parameters()}
-    params = [p for p in model.parameters() if p.grad is not None]
-    replicated = [p for p in params if id(p) not in sharded]
-    flat = torch.cat([p.grad.reshape(-1) for p in replicated] + [loss.detach().reshape(1)])
-    dist.all_reduce(flat)
-    flat /= world.size
-    offset = 0
-    for p in replicated:
-        n = p.grad.numel()
-        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
-        offset += n
-    for p in params:
-        if id(p) in sharded:
-            p.grad /= world.size  # each rank's loss is a mean over its share: the global loss is their mean
-    if grad_clip:
-        sq = torch.stack([p.grad.double().pow(2).sum() for p in params if id(p) in sharded] or
-                         [torch.zeros((), dtype=torch.float64)]).sum()
-        dist.all_reduce(sq)
-        sq += sum(p.grad.double().pow(2).sum() for p in replicated)
-        coef = (grad_clip / (sq.sqrt() + 1e-6)).clamp(max=1.0)
-        for p in params:
-            p.grad.mul_(coef.to(p.grad.dtype))
-    return flat[-1]
-
-
-def _gathered_state_dict(model: MoELM, world: Any) -> dict[str, torch.Tensor]:
-    """The whole model's state dict: every expert-parallel shard gathered from all ranks (a collective)."""
-    import torch.distributed as dist
-
-    from moekit.nn.expert_parallel import ExpertParallelBank
-
-    sd = dict(model.state_dict())
-    for name, module in model.named_modules():
-        if isinstance(module, ExpertParallelBank):
-            for pname, p in module.named_parameters():
-                parts = [torch.empty_like(p.data) for _ in range(world.size)]
-                dist.all_gather(parts, p.data.contiguous())
-                sd[f"{name}.{pname}"] = torch.cat(parts)
-    return sd
