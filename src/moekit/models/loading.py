@@ -1,8 +1,10 @@
-"""Load a model by hub id, local directory or bundled name, with its tokenizer and MoEMap."""
+"""Load a model by hub id, local directory or bundled name, with its tokenizer and MoEMap.
+
+The model's structure without weights (meta device) and reading weights tensor by tensor from a checkpoint
+live in ``moekit.models.structure``; their names are importable from here too."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -303,119 +305,15 @@ def _first_line(exc: BaseException) -> str:
     return text[0][:300] if text else exc.__class__.__name__
 
 
-# ---------------------------------------------------------------------------------------------------
-# Structure without weights, and weights read tensor by tensor from the checkpoint (formats.Checkpoint)
-# ---------------------------------------------------------------------------------------------------
-
-EXPERT_PARAMS = ("gate_up_proj", "gate_up_proj_bias", "up_proj", "up_proj_bias", "down_proj", "down_proj_bias")
+_STRUCTURE = ("EXPERT_PARAMS", "expert_param_names", "bank_keys", "skeleton", "load_structure", "footprint",
+              "read_weights", "_tokenizer")
 
 
-def expert_param_names(experts: nn.Module) -> list[str]:
-    """Names of the fused per-expert tensors of an expert bank (parameters with a leading E axis)."""
-    E = int(experts.num_experts)
-    return [n for n in EXPERT_PARAMS
-            if isinstance(getattr(experts, n, None), torch.Tensor) and getattr(experts, n).shape[:1] == (E,)]
+def __getattr__(name: str):
+    """The weightless structure and tensor-by-tensor reading moved to ``moekit.models.structure``; their
+    names stay importable from here (resolved on first use: structure imports this module)."""
+    if name in _STRUCTURE:
+        from moekit.models import structure
 
-
-def bank_keys(model: nn.Module, moe: MoEMap | None = None) -> dict[int, dict[str, str]]:
-    """Decoder layer → {param name → state-dict key} of every routed-expert bank of ``model``."""
-    moe = moe or build_moe_map(model)
-    names = {id(m): n for n, m in model.named_modules()}
-    return {v.index: {p: f"{names[id(v.experts)]}.{p}" for p in expert_param_names(v.experts)} for v in moe}
-
-
-@contextlib.contextmanager
-def _params_on_meta():
-    """Every parameter created inside lands on the meta device (buffers stay real: rotary tables are computed)."""
-    orig = nn.Module.register_parameter
-
-    def register(self, name, param):
-        orig(self, name, param)
-        if param is not None and param.device.type != "meta":
-            self._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = orig
-
-
-def skeleton(path: str | os.PathLike, dtype: torch.dtype) -> nn.Module:
-    """The checkpoint's model built from its config with every parameter on the meta device (no weight
-    memory, no weight read); buffers are real."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
-
-    _quiet_transformers()
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as exc:
-        raise MoekitError(f"could not read the config of {path}: {_first_line(exc)}") from None
-    with _params_on_meta(), no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.eval()
-
-
-def load_structure(spec: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype | str | None = "auto",
-                   with_tokenizer: bool = False) -> LoadedModel:
-    """``spec``'s model with its MoEMap and no weights (meta device): for ``inspect``, size estimates and
-    planning; reads config.json and, for ``dtype="auto"`` without a declared dtype, safetensors headers."""
-    path, name = resolve(spec)
-    if path is None:
-        path = Path(_hub_snapshot(name))
-    model = skeleton(path, resolve_dtype(dtype, path))
-    return LoadedModel(model=model, tokenizer=_tokenizer(path) if with_tokenizer else None, moe=build_moe_map(model),
-                       name=name, path=path)
-
-
-def footprint(lm: LoadedModel) -> dict[str, int]:
-    """Bytes of ``lm``'s weights in its dtype: ``total``, ``experts`` (routed banks), ``resident`` (the rest)."""
-    keys = {k for d in bank_keys(lm.model, lm.moe).values() for k in d.values()}
-    seen, total, experts = set(), 0, 0
-    for k, t in lm.model.state_dict(keep_vars=True).items():
-        ident = id(t)
-        if ident in seen:  # tied weights count once
-            continue
-        seen.add(ident)
-        n = t.numel() * t.element_size()
-        total += n
-        if k in keys:
-            experts += n
-    return {"total": total, "experts": experts, "resident": total - experts}
-
-
-def read_weights(model: nn.Module, ckpt, skip: set[str] = frozenset(), drop_cache: bool = True) -> None:
-    """Give every meta parameter of ``model`` (except the state-dict keys in ``skip``) its tensor from
-    ``ckpt`` (a ``formats.Checkpoint``), one tensor at a time with ``pread`` (no mmap, no second copy)."""
-    plan = ckpt.plan(model)
-    loaded: set[str] = set()
-    for key, t in model.state_dict(keep_vars=True).items():
-        if key in skip:
-            continue
-        tgt = plan.get(key)
-        if tgt is None:
-            continue
-        mod_name, _, attr = key.rpartition(".")
-        mod = model.get_submodule(mod_name) if mod_name else model
-        buf = torch.empty(tgt.shape, dtype=t.dtype)
-        ckpt.read_target(tgt, buf, drop=drop_cache)
-        if attr in mod._parameters:
-            mod._parameters[attr] = nn.Parameter(buf, requires_grad=t.requires_grad)
-        else:
-            mod._buffers[attr] = buf
-        loaded.add(key)
-    if getattr(model.config, "tie_word_embeddings", False) or hasattr(model, "tie_weights"):
-        model.tie_weights()
-    still = sorted(k for k, t in model.state_dict(keep_vars=True).items() if k not in skip and t.is_meta)
-    if still:
-        raise MoekitError(f"could not find {len(still)} tensors in {ckpt.path} (e.g. {still[0]})")
-
-
-def _tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+        return getattr(structure, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
