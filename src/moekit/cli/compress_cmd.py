@@ -23,7 +23,7 @@ from moekit.cli.common import (
     positive_int,
     seed_int,
 )
-from moekit.compress.criteria import CRITERIA
+from moekit.compress.criteria import CRITERIA, needs_calibration
 from moekit.data.corpus import CORPUS_SPEC_HELP
 from moekit.errors import MoekitError, UnsupportedArchitecture
 
@@ -83,7 +83,7 @@ def prune_command(
     model: str = typer.Argument(None, help=MODEL_HELP),
     dtype: str = DTYPE_OPTION,
     max_memory: str = MAX_MEMORY_OPTION,
-    method: str = typer.Option("reap", "--method", "-m", help=f"Criterion: {', '.join(CRITERIA.names())}."),
+    method: str = typer.Option("reap", "--method", "-m", help=f"Criterion. {CRITERIA.describe()}."),
     ratio: float = typer.Option(..., "--ratio", "-r", callback=open_unit_ratio, help="Fraction of experts to remove (0.25 = a quarter)."),
     global_budget: bool = typer.Option(False, "--global", help="One budget over all layers (scores normalised "
                                        "per layer); unequal counts need a router bias (GPT-OSS, DeepSeek-V3)."),
@@ -107,7 +107,7 @@ def prune_command(
     """
     CRITERIA.get(method)
     check_output(out, force, "dir")
-    docs = _read_calib(calib) if (calib or method != "random" or protect_super) else None
+    docs = _read_calib(calib) if (calib or needs_calibration(method, protect_super)) else None
     world = None
     if low_memory or not _fits(model, dtype, max_memory):
         from moekit.compress.lowmem import prune_lowmem

@@ -12,7 +12,9 @@ from torch import nn
 
 from moekit.errors import MoekitError
 from moekit.formats.checkpoint import checkpoint_dtype
+from moekit.formats.quantized import QUANT_CONFIG
 from moekit.models.moe_map import MoEMap, build_moe_map
+from moekit.models.quantized import is_quantized_checkpoint, load_quantized
 
 BUNDLED_PREFIX = "moekit:"
 DEFAULT_MODEL = "moekit:tiny"
@@ -172,8 +174,6 @@ def resolve_dtype(dtype: torch.dtype | str | None, path: Path | None) -> torch.d
         return dt
     if path is None:
         return torch.float32
-    from moekit.compress.quantized import QUANT_CONFIG  # noqa: PLC0415  (a file name, no code)
-
     qcfg = Path(path) / QUANT_CONFIG
     if qcfg.is_file():
         import json
@@ -205,12 +205,10 @@ def load(
     device = check_device(device)
     path, name = resolve(spec)
     source = str(path) if path is not None else name
-    _quiet_transformers()
+    quiet_transformers()
     if path is None:
-        source = _hub_snapshot(name)
+        source = hub_snapshot(name)
     dtype = resolve_dtype(dtype, Path(source))
-    from moekit.compress.quantized import is_quantized_checkpoint, load_quantized  # noqa: PLC0415
-
     try:
         if path is not None and is_quantized_checkpoint(path):
             model = load_quantized(path, dtype=dtype)
@@ -245,7 +243,7 @@ def from_model(model: nn.Module, tokenizer=None, name: str | None = None) -> Loa
                        name=name or getattr(model.config, "model_type", "model"))
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     """Keep transformers' per-load progress bars and advisory warnings out of moekit's output.
 
     With ``MOEKIT_TRANSFORMERS_WARNINGS=1`` (the test suite sets it) warnings still print nowhere, but reach
@@ -266,7 +264,7 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_warning()
 
 
-def _hub_snapshot(hub_id: str) -> str:
+def hub_snapshot(hub_id: str) -> str:
     """A local directory for ``hub_id``: the HF cache if it has it, else a download.
 
     Fails in seconds (not after minutes of retries) when the hub cannot be reached.
@@ -347,7 +345,7 @@ def skeleton(path: str | os.PathLike, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    _quiet_transformers()
+    quiet_transformers()
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError) as exc:
@@ -363,9 +361,9 @@ def load_structure(spec: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype |
     planning; reads config.json and, for ``dtype="auto"`` without a declared dtype, safetensors headers."""
     path, name = resolve(spec)
     if path is None:
-        path = Path(_hub_snapshot(name))
+        path = Path(hub_snapshot(name))
     model = skeleton(path, resolve_dtype(dtype, path))
-    return LoadedModel(model=model, tokenizer=_tokenizer(path) if with_tokenizer else None, moe=build_moe_map(model),
+    return LoadedModel(model=model, tokenizer=tokenizer_at(path) if with_tokenizer else None, moe=build_moe_map(model),
                        name=name, path=path)
 
 
@@ -412,7 +410,7 @@ def read_weights(model: nn.Module, ckpt, skip: set[str] = frozenset(), drop_cach
         raise MoekitError(f"could not find {len(still)} tensors in {ckpt.path} (e.g. {still[0]})")
 
 
-def _tokenizer(path: Path):
+def tokenizer_at(path: Path):
     from transformers import AutoTokenizer
 
     try:

@@ -55,7 +55,7 @@ class ArchSupport:
     @property
     def path(self) -> str:
         """"registry" (an ArchSpec entry in models.moe_map) or "generic" (rule verified on the router)."""
-        return "registry" if self.model_type in ARCHITECTURES._items else "generic"
+        return "registry" if self.model_type in ARCHITECTURES else "generic"
 
     @property
     def level(self) -> str:
