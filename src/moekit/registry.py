@@ -11,6 +11,7 @@ through ``alias`` (saved configs written before a rename).
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -39,7 +40,10 @@ class Entry:
 
 
 def _doc_line(obj: object) -> str:
-    doc = getattr(obj, "__doc__", None) or ""
+    """The first paragraph of a class's or function's own docstring (an instance's class doc is not its help)."""
+    if not (isinstance(obj, type) or inspect.isroutine(obj)):
+        return ""
+    doc = inspect.cleandoc(obj.__doc__ or "")  # its own, not inherited from a base class
     return " ".join(doc.strip().split("\n\n")[0].split())
 
 

@@ -32,8 +32,9 @@ app.add_typer(adapt_app, name="adapt")
 
 def _method_help() -> str:
     from moekit.adapters import METHODS
+    from moekit.cli.choices import choice_help
 
-    return "; ".join(f"{n}: {METHODS.get(n).help}" for n in METHODS.names())
+    return choice_help(METHODS, "Adapter method")
 
 
 def _target_help() -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from moekit.cli.choices import choice_callback, choice_help
 from moekit.cli.common import (
     DTYPE_OPTION,
     MAX_MEMORY_OPTION,
@@ -19,13 +20,7 @@ from moekit.cli.common import (
     positive_int,
 )
 from moekit.data.corpus import CORPUS_SPEC_HELP
-
-
-def _method_help() -> str:
-    from moekit.steer.detect import DETECTORS, INPUT_OPTIONS
-
-    return f"Detection method. {DETECTORS.describe(INPUT_OPTIONS)}."
-
+from moekit.steer.detect import DETECTORS, INPUT_OPTIONS
 
 steer_app = typer.Typer(help="Find the experts tied to a behaviour (then steer with `moekit generate --steer`).",
                         no_args_is_help=True)
@@ -42,7 +37,8 @@ def find_command(
                             f"{CORPUS_SPEC_HELP}."),
     neg: str = typer.Option(None, "--neg", help="Contrasting examples, same formats (optional for npmi)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output experts file (JSON)."),
-    method: str = typer.Option("risk_diff", "--method", help=_method_help()),
+    method: str = typer.Option("risk_diff", "--method", callback=choice_callback(DETECTORS),
+                               help=choice_help(DETECTORS, "Detection method", INPUT_OPTIONS)),
     markers: str = typer.Option(None, "--markers", help="Comma-separated marker strings for npmi, e.g. 'Alternatively,Wait'."),
     top: int = typer.Option(10, "--top", callback=positive_int, help="How many experts the steering presets use by default."),
     max_len: int = typer.Option(256, "--max-len", callback=positive_int, help="Tokens per example (longer ones are cut)."),
