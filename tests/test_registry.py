@@ -151,6 +151,7 @@ def test_old_router_name_in_saved_configs_still_loads():
     (["generate", "--help"], POLICIES, None),
     (["serve", "--help"], POLICIES, None),
     (["placement", "plan", "--help"], PLACEMENTS, None),
+    (["adapt", "train", "--help"], METHODS, None),
 ])
 def test_help_lists_every_registry_entry(argv, registry, options):
     code, out, _ = _cli(argv)
@@ -172,6 +173,7 @@ def test_generate_help_takes_decoder_help_from_the_registry():
     (["generate", NO_MODEL, "--prompt", "x", "--offload", "--policy", "nope"], POLICIES),
     (["serve", NO_MODEL, "--policy", "nope"], POLICIES),
     (["placement", "plan", "{tmp}/t.npz", "--ranks", "2", "--method", "nope", "--out", "{tmp}/p.json"], PLACEMENTS),
+    (["adapt", "train", NO_MODEL, "--method", "nope", "--out", "{tmp}/a"], METHODS),
 ])
 def test_unknown_choice_is_one_line_naming_every_entry_before_any_work(argv, registry, tmp_path):
     code, out, err = _cli([a.replace("{tmp}", str(tmp_path)) for a in argv])

@@ -1,7 +1,7 @@
 """A tiny name → object registry, used for every family of methods (criteria, policies, routers...).
 
 Each entry carries its one-line ``help`` and its ``needs`` (inputs beyond the model: calibration data, a
-negative example set, marker tokens, a routing profile), so that the CLI generates its choices, help and
+negative example set, marker tokens), so that the CLI generates its choices, help and
 input checks from the registry instead of repeating them. An entry may be *lazy*: registered as
 ``"module:attr"`` and imported on first use, so that a lower layer can offer a method implemented in a
 higher one (``generation.DECODERS`` → ``moekit.steer``) without importing it. Old names stay readable
@@ -25,7 +25,6 @@ NEEDS: dict[str, str] = {
     "calibration": "calibration data",
     "negative": "a second, contrasting example set",
     "markers": "marker tokens",
-    "profile": "a routing profile (a trace)",
 }
 
 

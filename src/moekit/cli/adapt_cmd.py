@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from moekit.cli.choices import choice_callback, choice_help
 from moekit.cli.common import (
     MODEL_HELP,
     app,
@@ -32,9 +33,14 @@ app.add_typer(adapt_app, name="adapt")
 
 def _method_help() -> str:
     from moekit.adapters import METHODS
-    from moekit.cli.choices import choice_help
 
     return choice_help(METHODS, "Adapter method")
+
+
+def _method_choice(value: str | None) -> str | None:
+    from moekit.adapters import METHODS
+
+    return choice_callback(METHODS)(value)
 
 
 def _target_help() -> str:
@@ -46,7 +52,7 @@ def _target_help() -> str:
 @adapt_app.command("train")
 def train_command(
     model: str = typer.Argument(None, help=MODEL_HELP),
-    method: str = typer.Option("lora", "--method", "-m", help=_method_help()),
+    method: str = typer.Option("lora", "--method", "-m", callback=_method_choice, help=_method_help()),
     rank: int = typer.Option(8, "--rank", "-r", callback=positive_int, help="LoRA rank r (per expert with --target experts)."),
     active: int = typer.Option(None, "--active", callback=positive_int, help="Active ranks per token (flylora, smora, mora)."),
     experts: int = typer.Option(None, "--experts", callback=positive_int, help="LoRA experts per layer (mixlora, loramoe, hydralora)."),
