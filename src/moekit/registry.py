@@ -30,12 +30,12 @@ NEEDS: dict[str, str] = {
 
 @dataclass(frozen=True)
 class Entry:
-    """One registered name: its help line, what it needs, and its object or lazy ``"module:attr"`` target."""
+    """One registered name: its help line, what it needs, and for a lazy entry its ``"module:attr"`` target."""
 
     name: str
     help: str
     needs: frozenset[str]
-    target: str | None = None  # "module:attr" of a lazy entry not yet imported
+    target: str | None = None  # "module:attr" of a lazy entry (imported on the first get)
 
 
 def _doc_line(obj: object) -> str:

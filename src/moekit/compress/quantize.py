@@ -1,24 +1,16 @@
 """Weight-only group-wise quantization of routed experts (int8 / int4), with mixed precision per expert.
 
-Scheme: **asymmetric** (scale + integer zero point) per group of ``group_size`` consecutive weights along
-the input dimension of each expert matrix (nn.Linear (out, in) convention: gate/up along the hidden size,
-down along the intermediate size). The range is widened to contain 0, the scale is
-s = (max − min) / (2^bits − 1) stored as float16 (rounded up, so every weight stays in range), the zero
-point z = round(−min / s) as uint8, q = clamp(round(w / s) + z, 0, 2^bits − 1), and ŵ = (q − z)·s, so
-|w − ŵ| ≤ s/2 in every group. Asymmetric was chosen over symmetric because it uses all 16 int4 levels on
-skewed groups; for int8 the difference is negligible. A last group shorter than ``group_size`` is
-zero-padded (the padding is dropped on load). int4 codes are packed two per byte (low nibble = even
-column). Everything else (attention, embeddings, routers, shared experts, expert biases) stays in the
-model's dtype.
+The codec (asymmetric scale + zero point per group of ``group_size`` weights along the input dimension,
+|w − ŵ| ≤ s/2 in every group, int4 packed two per byte) and the on-disk format are in
+``moekit.formats.quantized``; ``moekit.load`` reads such a checkpoint (``moekit.models.quantized``). This module
+chooses the bits and writes the checkpoint. Asymmetric was chosen over symmetric because it uses all 16 int4
+levels on skewed groups; for int8 the difference is negligible. Everything else (attention, embeddings,
+routers, shared experts, expert biases) stays in the model's dtype.
 
 Mixed precision (MC-MoE's idea, greedy instead of an ILP): importance_j = frequency_j × mean gate_j ×
 relative reconstruction error of expert j at 4 bits; starting from 4 bits everywhere, the most
 important experts are raised to 8 bits while the parameter-weighted average stays ≤ ``avg_bits``.
 
-On disk: ``config.json`` (unchanged), tokenizer, ``moekit_quantized.safetensors`` (non-expert tensors,
-plus ``<param>.<expert>.qweight/.scales/.zeros`` for every expert matrix) and
-``moekit_quantization.json``. The codec and the format live in ``moekit.formats.quantized``; ``moekit.load``
-dequantizes into the standard model (``moekit.models.quantized``).
 transformers' own quantization configs (bitsandbytes, HQQ, torchao, compressed-tensors...) quantize
 ``nn.Linear`` modules; v5 MoE experts are fused 3-D parameters, so none of them applies to the experts
 here without a custom integration — which is why moekit uses its own small format.
