@@ -104,6 +104,7 @@ print(json.dumps({"before": before + still, "help": help_text, "ids": r.token_id
 """
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and transformers (~30 s on a busy 2-core machine)
 def test_steer_decoders_resolve_lazily_from_the_registry(lm):
     """generation.py never imports moekit.steer: the "contrast" entry imports its module on first use."""
     import subprocess

@@ -24,7 +24,7 @@ from moekit.models.rules import RULES
 from moekit.nn.dispatch import BACKENDS
 from moekit.nn.routers import ROUTERS, build_router
 from moekit.registry import NEEDS, Registry
-from moekit.serve.cache import POLICIES
+from moekit.serve import POLICIES
 from moekit.steer.detect import DETECTORS
 
 ALL = (CRITERIA, MERGERS, PLACEMENTS, METHODS, DECODERS, ARCHITECTURES, RULES, BACKENDS, ROUTERS, POLICIES,

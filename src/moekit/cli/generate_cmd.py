@@ -24,7 +24,7 @@ from moekit.cli.common import (
     seed_int,
 )
 from moekit.generation import DECODERS
-from moekit.serve.cache import POLICIES
+from moekit.serve import POLICIES
 
 
 def parse_routing(disable: str | None = None, force: str | None = None, boost: str | None = None,

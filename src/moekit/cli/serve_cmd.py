@@ -9,7 +9,7 @@ import typer
 from moekit.cli.choices import choice_callback, choice_help
 from moekit.cli.common import DTYPE_OPTION, MAX_MEMORY_OPTION, MODEL_HELP, app, console_err, load_model
 from moekit.errors import MoekitError
-from moekit.serve.cache import POLICIES
+from moekit.serve import POLICIES
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # = moekit.serve.server.DEFAULT_MAX_BODY_BYTES (not imported: keeps --help fast)
 
