@@ -36,18 +36,18 @@ from moekit.train.config_train import parse_run_config, run_training
 BASE: dict[str, Any] = dict(hidden=96, num_layers=2, num_heads=4, inter=192, num_experts=8, top_k=2)
 
 VARIANTS: dict[str, dict[str, Any]] = {
-    "topk": dict(router="topk_softmax", router_kwargs={"balance_coef": 0.01}),
+    "topk": dict(router="softmax_then_topk", router_kwargs={"balance_coef": 0.01}),
     "top_p": dict(router="top_p", router_kwargs={"p": 0.4, "balance_coef": 0.01}),
     "null": dict(router="null_experts", top_k=3, router_kwargs={"num_null": 4, "balance_coef": 0.01}),
     "fine_shared": dict(
-        router="topk_softmax",
+        router="softmax_then_topk",
         num_experts=9,
         inter=168,
         granularity=4,
         num_shared=1,
         router_kwargs={"balance_coef": 0.01},
     ),
-    "coe": dict(router="topk_softmax", top_k=1, coe_iterations=2, router_kwargs={"balance_coef": 0.01}),
+    "coe": dict(router="softmax_then_topk", top_k=1, coe_iterations=2, router_kwargs={"balance_coef": 0.01}),
     "aux_free": dict(router="aux_free", router_kwargs={"bias_update_rate": 0.01}),
 }
 

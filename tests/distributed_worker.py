@@ -65,7 +65,7 @@ def _expert_parallel(world) -> dict:
     sizes = [7, 5, 6, 4][: world.size]  # uneven token counts per rank
     hidden, total = 16, sum(sizes)
     report = {}
-    for router, kwargs in (("topk_softmax", {}), ("aux_free", {}), ("top_p", {"p": 0.5})):
+    for router, kwargs in (("softmax_then_topk", {}), ("aux_free", {}), ("top_p", {"p": 0.5})):
         torch.manual_seed(1)
         ref = MoELayer(hidden, 24, 8, 2, router=router, num_shared=1, router_kwargs=kwargs).train()
         ep = MoELayer(hidden, 24, 8, 2, router=router, num_shared=1, router_kwargs=kwargs).train()

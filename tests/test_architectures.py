@@ -407,7 +407,7 @@ def test_jetmoe_attention_experts_are_mapped():
     att = lm.moe.attention_experts
     assert [v.index for v in att] == [0, 1, 2, 3]
     for v in att:
-        assert (v.num_experts, v.top_k, v.rule.name) == (8, 2, "topk_softmax")
+        assert (v.num_experts, v.top_k, v.rule.name) == (8, 2, "topk_then_softmax")
         assert v.block is lm.model.model.layers[v.index].self_attention.experts
     mlp = lm.moe.layers[0]
     w = mlp.expert_weights(5)

@@ -90,7 +90,9 @@ def test_quantized_checkpoint_loads_via_moekit_load(arch, bits, tol, tmp_path):
         if name in res.packed:
             continue
         assert torch.equal(p, dict(lm.model.named_parameters())[name]), name
-    packed = moekit.compress.quantized.load_quantized(out, keep_packed=True)._moekit_packed
+    from moekit.models.quantized import load_quantized
+
+    packed = load_quantized(out, keep_packed=True)._moekit_packed
     assert set(packed) == set(res.packed)
     assert all(torch.equal(a.qweight, b.qweight) for k in packed for a, b in zip(packed[k], res.packed[k], strict=True))
 

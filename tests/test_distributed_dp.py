@@ -116,7 +116,7 @@ def test_expert_parallel_layer_equals_single_process(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     for rank in (0, 1):
         report = json.loads((tmp_path / f"ep{rank}.json").read_text())
-        assert set(report) == {"topk_softmax", "aux_free", "top_p"}
+        assert set(report) == {"softmax_then_topk", "aux_free", "top_p"}
         for router, diff in report.items():
             assert diff["scale"] > 0.1, router
             assert diff["forward"] <= 1e-6, (router, diff)

@@ -90,6 +90,43 @@ def test_contrast_beta_zero_is_greedy(lm):
         generate(lm, PROMPT, strategy="contrast", strategy_options={"beta": -1.0})
 
 
+LAZY_DECODER = """
+import json, sys
+from moekit.generation import DECODERS, generate
+from moekit.testing import tiny_lm
+before = sorted(m for m in sys.modules if m.startswith("moekit.steer"))
+help_text = DECODERS.help("contrast")  # listed with its help, still not imported
+lm = tiny_lm("qwen3_moe")
+still = sorted(m for m in sys.modules if m.startswith("moekit.steer"))
+r = generate(lm, PROMPT, max_new_tokens=8, strategy="contrast", strategy_options={"beta": 2.0})
+print(json.dumps({"before": before + still, "help": help_text, "ids": r.token_ids, "changed": r.stats["changed"],
+                  "loaded": "moekit.steer.contrast" in sys.modules}))
+"""
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch and transformers (~30 s on a busy 2-core machine)
+def test_steer_decoders_resolve_lazily_from_the_registry(lm):
+    """generation.py never imports moekit.steer: the "contrast" entry imports its module on first use."""
+    import subprocess
+    import sys
+
+    code = LAZY_DECODER.replace("PROMPT", repr(PROMPT))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["before"] == [] and got["loaded"] is True
+    assert got["help"].startswith("Self-contrast decoding (SCMoE)")
+    here = generate(lm, PROMPT, max_new_tokens=8, strategy="contrast", strategy_options={"beta": 2.0})
+    assert got["ids"] == here.token_ids and got["changed"] == here.stats["changed"]
+
+
+def test_unknown_decoder_lists_the_registry():
+    from moekit.generation import DECODERS
+
+    with pytest.raises(MoekitError, match=r"^unknown decoding strategy 'nope'; choose one of: plain, contrast, rewire$"):
+        DECODERS.get("nope")
+
+
 def test_rewire_keeps_weights_and_changes_routing(lm):
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
     dec = RewireDecoder(lm, steps=5, lr=0.5, every=0)

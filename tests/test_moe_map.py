@@ -90,7 +90,7 @@ def test_generic_path_verifies_the_rule():
     model.config.model_type = "my_new_moe"
     lm = from_model(model)
     assert lm.moe.generic and lm.moe.indices == [0, 1, 2]
-    assert lm.moe.layers[0].rule.name == "softmax_topk" and not lm.moe.layers[0].renormalize
+    assert lm.moe.layers[0].rule.name == "softmax_then_topk" and not lm.moe.layers[0].renormalize
     batch = random_batch(seed=3)
     with torch.no_grad(), moekit.route(lm, disable={(0, 1)}), moekit.record(lm) as rec:
         lm.model(**batch)

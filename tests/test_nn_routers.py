@@ -34,7 +34,7 @@ def identity_router(name: str, num_logits: int, num_experts: int, top_k: int, **
 
 def test_registry_lists_all_routers() -> None:
     assert set(ROUTERS.names()) >= {
-        "topk_softmax",
+        "softmax_then_topk",
         "topk_then_softmax",
         "sigmoid_bias",
         "aux_free",
@@ -50,10 +50,10 @@ LOGITS = [[1.0, 2.0, 3.0, 0.0], [0.5, -1.0, 2.0, 2.1], [0.2, 0.0, -3.0, 1.0]]
 TOP2 = [[2, 1], [3, 2], [3, 0]]  # by hand
 
 
-def test_topk_softmax_with_and_without_renorm() -> None:
+def test_softmax_then_topk_with_and_without_renorm() -> None:
     x = torch.tensor(LOGITS)
     for renorm in (True, False):
-        out = identity_router("topk_softmax", 4, 4, 2, renorm=renorm)(x)
+        out = identity_router("softmax_then_topk", 4, 4, 2, renorm=renorm)(x)
         assert out.ids.tolist() == TOP2
         e = np.exp(np.array(LOGITS))
         chosen = np.take_along_axis(e, np.array(TOP2), 1)
@@ -241,7 +241,7 @@ def test_add_aux_loss_is_identity_and_sends_gradient() -> None:
     torch.testing.assert_close(w.grad, torch.tensor(2.0))  # d(0.5 w^2)/dw
 
 
-@pytest.mark.parametrize("router", ["topk_softmax", "top_p", "null_experts", "sigmoid_bias"])
+@pytest.mark.parametrize("router", ["softmax_then_topk", "top_p", "null_experts", "sigmoid_bias"])
 def test_aux_loss_reaches_router_from_main_loss_only(router: str) -> None:
     torch.manual_seed(0)
     kw = {"balance_coef": 0.5, "z_coef": 0.1, "seq_coef": 0.3}

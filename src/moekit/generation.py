@@ -1,8 +1,10 @@
 """Text generation with routing interventions, sampling and streaming (used by the CLI and the server).
 
 A *decoder* produces next-token logits: ``prefill(ids)`` then ``step(token)``. The plain decoder runs the
-model with a KV cache; other strategies (self-contrast decoding, test-time rerouting) register their
-own decoder in ``DECODERS`` and are picked by name. Routing controls apply to every forward through
+model with a KV cache; other strategies (self-contrast decoding, test-time rerouting) are picked by name
+from ``DECODERS``. Those live in ``moekit.steer`` (a feature layer above this one): they are registered
+here as lazy ``"module:attr"`` entries with their help, and imported on first use — no import side effect,
+no import of ``moekit.steer`` from this module. Routing controls apply to every forward through
 ``moekit.route``; sampling, stop strings and streaming are shared by all decoders.
 """
 
@@ -45,7 +47,11 @@ class Decoder:
 
 
 DECODERS: Registry[Callable[..., Decoder]] = Registry("decoding strategy")
-DECODERS.register("plain")(Decoder)
+DECODERS.add("plain", Decoder, help="the model's own next-token logits, KV-cached")
+DECODERS.register_lazy("contrast", "moekit.steer.contrast:ContrastDecoder",
+                       help="Self-contrast decoding (SCMoE): the model's routing against a weaker top-k routing")
+DECODERS.register_lazy("rewire", "moekit.steer.rewire:RewireDecoder",
+                       help="Test-time rerouting: adapt router-logit biases on the context")
 
 
 @dataclass
@@ -110,8 +116,6 @@ def stream(
     if temperature < 0 or not 0 < top_p <= 1:
         raise MoekitError("temperature must be >= 0 and top_p in (0, 1]")
     ids = encode_prompt(lm, prompt)
-    if strategy not in DECODERS:
-        import moekit.steer  # noqa: F401  (registers the "contrast" and "rewire" decoders)
     decoder = DECODERS.get(strategy)(lm, **(strategy_options or {}))
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     eos = _eos_ids(lm)

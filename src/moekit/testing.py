@@ -292,13 +292,13 @@ if _pytest is not None:
     @_pytest.fixture(scope="session")
     def bundled_tiny():
         """``moekit.load("moekit:tiny")``, once per test session."""
-        import moekit
+        from moekit.serve.placement import load
 
-        return moekit.load("moekit:tiny")
+        return load("moekit:tiny")
 
     @_pytest.fixture(scope="session")
     def bundled_tiny_shared():
         """``moekit.load("moekit:tiny-shared")``, once per test session."""
-        import moekit
+        from moekit.serve.placement import load
 
-        return moekit.load("moekit:tiny-shared")
+        return load("moekit:tiny-shared")

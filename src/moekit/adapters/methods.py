@@ -26,7 +26,7 @@ METHODS: Registry[AdapterMethod] = Registry("adapter method")
 
 
 def _add(method: AdapterMethod) -> None:
-    METHODS.register(method.name)(method)
+    METHODS.add(method.name, method, help=method.help)
 
 
 _add(AdapterMethod("lora", "plain LoRA (the control); with --target experts, LoRA on the fused 3-D expert tensors "

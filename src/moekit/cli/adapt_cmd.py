@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from moekit.cli.choices import choice_callback, choice_help
 from moekit.cli.common import (
     MODEL_HELP,
     app,
@@ -33,7 +34,20 @@ app.add_typer(adapt_app, name="adapt")
 def _method_help() -> str:
     from moekit.adapters import METHODS
 
-    return "; ".join(f"{n}: {METHODS.get(n).help}" for n in METHODS.names())
+    return choice_help(METHODS, "Adapter method")
+
+
+def _methods_with(flag: str) -> str:
+    """The adapter methods whose registry entry sets ``flag`` (``uses_active``, ``uses_experts``)."""
+    from moekit.adapters import METHODS
+
+    return ", ".join(n for n in METHODS.names() if getattr(METHODS.get(n), flag))
+
+
+def _method_choice(value: str | None) -> str | None:
+    from moekit.adapters import METHODS
+
+    return choice_callback(METHODS)(value)
 
 
 def _target_help() -> str:
@@ -45,10 +59,10 @@ def _target_help() -> str:
 @adapt_app.command("train")
 def train_command(
     model: str = typer.Argument(None, help=MODEL_HELP),
-    method: str = typer.Option("lora", "--method", "-m", help=_method_help()),
+    method: str = typer.Option("lora", "--method", "-m", callback=_method_choice, help=_method_help()),
     rank: int = typer.Option(8, "--rank", "-r", callback=positive_int, help="LoRA rank r (per expert with --target experts)."),
-    active: int = typer.Option(None, "--active", callback=positive_int, help="Active ranks per token (flylora, smora, mora)."),
-    experts: int = typer.Option(None, "--experts", callback=positive_int, help="LoRA experts per layer (mixlora, loramoe, hydralora)."),
+    active: int = typer.Option(None, "--active", callback=positive_int, help=f"Active ranks per token ({_methods_with('uses_active')})."),
+    experts: int = typer.Option(None, "--experts", callback=positive_int, help=f"LoRA experts per layer ({_methods_with('uses_experts')})."),
     top_k: int = typer.Option(None, "--top-k", callback=non_negative_int, help="Experts per token (mixlora; 0 = dense)."),
     target: str = typer.Option("attention", "--target", "-t", help=_target_help()),
     alpha: float = typer.Option(None, "--alpha", callback=finite_non_negative, help="LoRA alpha (default 2·rank)."),

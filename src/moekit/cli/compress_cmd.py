@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from moekit.cli.choices import choice_callback, choice_help
 from moekit.cli.common import (
     DTYPE_OPTION,
     MAX_MEMORY_OPTION,
@@ -23,7 +24,8 @@ from moekit.cli.common import (
     positive_int,
     seed_int,
 )
-from moekit.compress.criteria import CRITERIA
+from moekit.compress.criteria import CRITERIA, needs_calibration
+from moekit.compress.merge import MERGERS
 from moekit.data.corpus import CORPUS_SPEC_HELP
 from moekit.errors import MoekitError, UnsupportedArchitecture
 
@@ -83,7 +85,8 @@ def prune_command(
     model: str = typer.Argument(None, help=MODEL_HELP),
     dtype: str = DTYPE_OPTION,
     max_memory: str = MAX_MEMORY_OPTION,
-    method: str = typer.Option("reap", "--method", "-m", help=f"Criterion: {', '.join(CRITERIA.names())}."),
+    method: str = typer.Option("reap", "--method", "-m", callback=choice_callback(CRITERIA),
+                               help=choice_help(CRITERIA, "Pruning criterion", {"calibration": "--calib"})),
     ratio: float = typer.Option(..., "--ratio", "-r", callback=open_unit_ratio, help="Fraction of experts to remove (0.25 = a quarter)."),
     global_budget: bool = typer.Option(False, "--global", help="One budget over all layers (scores normalised "
                                        "per layer); unequal counts need a router bias (GPT-OSS, DeepSeek-V3)."),
@@ -107,7 +110,7 @@ def prune_command(
     """
     CRITERIA.get(method)
     check_output(out, force, "dir")
-    docs = _read_calib(calib) if (calib or method != "random" or protect_super) else None
+    docs = _read_calib(calib) if (calib or needs_calibration(method, protect_super)) else None
     world = None
     if low_memory or not _fits(model, dtype, max_memory):
         from moekit.compress.lowmem import prune_lowmem
@@ -148,7 +151,8 @@ def merge_command(
     model: str = typer.Argument(None, help=MODEL_HELP),
     dtype: str = DTYPE_OPTION,
     max_memory: str = MAX_MEMORY_OPTION,
-    method: str = typer.Option("m-smoe", "--method", "-m", help="Merging method: m-smoe."),
+    method: str = typer.Option("m-smoe", "--method", "-m", callback=choice_callback(MERGERS),
+                               help=choice_help(MERGERS, "Merging method", {"calibration": "--calib"})),
     ratio: float = typer.Option(..., "--ratio", "-r", callback=open_unit_ratio, help="Fraction of experts merged away."),
     calib: list[str] = typer.Option(None, "--calib", "-c", help=_CALIB_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint directory."),
@@ -165,8 +169,6 @@ def merge_command(
     """
     from moekit.compress.merge import merge
 
-    if method != "m-smoe":
-        raise MoekitError(f"unknown merging method {method!r}; choose one of: m-smoe")
     check_output(out, force, "dir")
     docs = _read_calib(calib)
     world = join_ranks()
@@ -175,14 +177,14 @@ def merge_command(
     if world is not None:
         docs = _observe_dp(lm, docs, world, seq_len, max_tokens)
     res, _ = merge(lm, ratio, docs, out=out if world is None or world.is_main else None, force=force, protect_super=protect_super, seq_len=seq_len,
-                   max_tokens=max_tokens, progress=not json_out)
+                   max_tokens=max_tokens, progress=not json_out, method=method)
     if world is not None and not world.is_main:
         return
     summary = res.summary()
     if json_out:
         emit_json(summary)
     else:
-        console.print(f"wrote {out}: m-smoe at ratio {ratio}, experts per layer "
+        console.print(f"wrote {out}: {method} at ratio {ratio}, experts per layer "
                       f"{sorted(set(summary['experts_per_layer'].values()))}")
 
 

@@ -6,6 +6,7 @@ import sys
 
 import typer
 
+from moekit.cli.choices import choice_callback, choice_help
 from moekit.cli.common import (
     DTYPE_OPTION,
     MAX_MEMORY_OPTION,
@@ -22,6 +23,8 @@ from moekit.cli.common import (
     probability_mass,
     seed_int,
 )
+from moekit.generation import DECODERS
+from moekit.serve import POLICIES
 
 
 def parse_routing(disable: str | None = None, force: str | None = None, boost: str | None = None,
@@ -74,10 +77,10 @@ def generate_command(
     sample_top_p: float = typer.Option(1.0, "--sample-top-p", callback=probability_mass, help="Nucleus sampling mass (with --temperature)."),
     seed: int = typer.Option(None, "--seed", callback=seed_int, help="Sampling seed (reproducible output)."),
     stop: list[str] = typer.Option(None, "--stop", help="Stop before this string (repeatable)."),
-    contrast: float = typer.Option(None, "--contrast", callback=finite_non_negative, help="Self-contrast decoding (SCMoE) strength beta >= 0."),
+    contrast: float = typer.Option(None, "--contrast", callback=finite_non_negative, help=f"{DECODERS.help('contrast')}; strength beta >= 0."),
     contrast_alpha: float = typer.Option(0.1, "--contrast-alpha", callback=float_option(0.0, 1.0), help="SCMoE plausibility cut alpha."),
     weak_top_k: int = typer.Option(1, "--weak-top-k", callback=positive_int, help="SCMoE weak routing: experts per token."),
-    rewire: bool = typer.Option(False, "--rewire", help="Test-time rerouting: adapt router-logit biases on the context."),
+    rewire: bool = typer.Option(False, "--rewire", help=f"{DECODERS.help('rewire')}."),
     rewire_every: int = typer.Option(32, "--rewire-every", callback=non_negative_int, help="Re-adapt every N generated tokens (0: prefill only)."),
     rewire_steps: int = typer.Option(5, "--rewire-steps", callback=positive_int, help="Adam steps per adaptation."),
     rewire_lr: float = typer.Option(0.03, "--rewire-lr", callback=float_option(0.0, lo_open=True), help="Adam learning rate for the biases."),
@@ -87,8 +90,8 @@ def generate_command(
                                  "from the checkpoint on demand (moekit.serve)."),
     cache_mb: float = typer.Option(None, "--cache-mb", callback=float_option(0.0, lo_open=True), help="With --offload: expert cache budget in MB "
                                    "(default: 2·k experts per layer)."),
-    policy: str = typer.Option("lru+prefetch", "--policy", help="With --offload: cache policy (lru, lfu, static, "
-                               "lru+prefetch, none)."),
+    policy: str = typer.Option("lru+prefetch", "--policy", callback=choice_callback(POLICIES),
+                               help=choice_help(POLICIES, "With --offload: expert cache policy")),
     offload_stats: bool = typer.Option(False, "--stats", help="With --offload or an offloading --max-memory: "
                                        "report the cache statistics."),
 ) -> None:

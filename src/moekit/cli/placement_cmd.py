@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from moekit.cli.choices import choice_callback, choice_help
 from moekit.cli.common import MODEL_HELP, app, console, emit_json, load_model
 from moekit.distributed.placement import PLACEMENTS
 
@@ -14,7 +15,7 @@ placement_app = typer.Typer(help="Plan which experts live on which rank from a t
                                  "permute a checkpoint to the plan.", no_args_is_help=True)
 app.add_typer(placement_app, name="placement")
 
-_METHOD_HELP = "Placement method: " + "; ".join(f"{n}: {PLACEMENTS.get(n).help}" for n in PLACEMENTS.names()) + "."
+_METHOD_HELP = choice_help(PLACEMENTS, "Placement method")
 _BYTES_HELP = "Bytes one token's hidden state takes on the wire (hidden size × dtype bytes) to report bytes too."
 
 
@@ -36,7 +37,7 @@ def _load_trace(path: Path):
 def plan_command(
     trace: Path = typer.Argument(..., help="Routing trace (from `moekit trace`)."),
     ranks: int = typer.Option(..., "--ranks", "-r", help="Number of ranks (must divide every layer's expert count)."),
-    method: str = typer.Option("affinity", "--method", "-m", help=_METHOD_HELP),
+    method: str = typer.Option("affinity", "--method", "-m", callback=choice_callback(PLACEMENTS), help=_METHOD_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="Output placement file (JSON)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random method."),
     bytes_per_token: float = typer.Option(None, "--bytes-per-token", help=_BYTES_HELP),

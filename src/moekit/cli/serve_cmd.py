@@ -6,16 +6,12 @@ import contextlib
 
 import typer
 
+from moekit.cli.choices import choice_callback, choice_help
 from moekit.cli.common import DTYPE_OPTION, MAX_MEMORY_OPTION, MODEL_HELP, app, console_err, load_model
 from moekit.errors import MoekitError
+from moekit.serve import POLICIES
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # = moekit.serve.requests.DEFAULT_MAX_BODY_BYTES (not imported: keeps --help fast)
-
-
-def _policy_help() -> str:
-    from moekit.serve.cache import POLICIES
-
-    return "Expert cache policy: " + ", ".join(POLICIES.names()) + "."
 
 
 @app.command("serve")
@@ -34,8 +30,8 @@ def serve_command(
                                  "others from the checkpoint on demand."),
     cache_mb: float = typer.Option(None, "--cache-mb", help="Expert cache budget in MB (default: 2·k experts "
                                    "per layer)."),
-    policy: str = typer.Option("lru+prefetch", "--policy", help="Expert cache policy (lru, lfu, static, "
-                               "lru+prefetch, none)."),
+    policy: str = typer.Option("lru+prefetch", "--policy", callback=choice_callback(POLICIES),
+                               help=choice_help(POLICIES, "Expert cache policy")),
     device: str = typer.Option(None, "--device", help="Device of the model and the expert cache (cpu, cuda)."),
     profile: str = typer.Option(None, "--profile", help="Routing trace (.npz) giving the static policy's "
                                 "expert frequencies."),
@@ -48,10 +44,8 @@ def serve_command(
       moekit serve moekit:tiny --port 8000\n
       moekit serve ./olmoe --offload --cache-mb 2048 --policy lru+prefetch --device cuda
     """
-    from moekit.serve.cache import POLICIES
     from moekit.serve.process import is_loopback, listen, serve
 
-    POLICIES.get(policy)
     if max_body_bytes < 1:
         raise MoekitError(f"--max-body-bytes must be at least 1, not {max_body_bytes}")
     if max_prompt_tokens is not None and max_prompt_tokens < 1:

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from moekit.cli.choices import choice_callback, choice_help
 from moekit.cli.common import (
     DTYPE_OPTION,
     MAX_MEMORY_OPTION,
@@ -19,6 +20,7 @@ from moekit.cli.common import (
     positive_int,
 )
 from moekit.data.corpus import CORPUS_SPEC_HELP
+from moekit.steer.detect import DETECTORS, INPUT_OPTIONS
 
 steer_app = typer.Typer(help="Find the experts tied to a behaviour (then steer with `moekit generate --steer`).",
                         no_args_is_help=True)
@@ -35,8 +37,8 @@ def find_command(
                             f"{CORPUS_SPEC_HELP}."),
     neg: str = typer.Option(None, "--neg", help="Contrasting examples, same formats (optional for npmi)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output experts file (JSON)."),
-    method: str = typer.Option("risk_diff", "--method", help="risk_diff (SteerMoE), contrast (mean routing weight, "
-                               "fTRI-style) or npmi (RICE, needs --markers)."),
+    method: str = typer.Option("risk_diff", "--method", callback=choice_callback(DETECTORS),
+                               help=choice_help(DETECTORS, "Detection method", INPUT_OPTIONS)),
     markers: str = typer.Option(None, "--markers", help="Comma-separated marker strings for npmi, e.g. 'Alternatively,Wait'."),
     top: int = typer.Option(10, "--top", callback=positive_int, help="How many experts the steering presets use by default."),
     max_len: int = typer.Option(256, "--max-len", callback=positive_int, help="Tokens per example (longer ones are cut)."),
@@ -51,15 +53,10 @@ def find_command(
       moekit steer find moekit:tiny --pos qa.jsonl --neg qa_bad.jsonl --method contrast --out e.json --top 4\n
       moekit steer find moekit:tiny --pos traces.txt --method npmi --markers "equals,plus" --out m.json
     """
-    from moekit.errors import MoekitError
-    from moekit.steer.detect import DETECTORS, find_experts, read_examples, save_experts
+    from moekit.steer.detect import check_inputs, find_experts, read_examples, save_experts
 
-    DETECTORS.get(method)
     mk = [m for m in (markers or "").split(",") if m.strip()]
-    if neg is None and method != "npmi":
-        raise MoekitError(f"method {method} needs a second example set (--neg)")
-    if method == "npmi" and not mk:
-        raise MoekitError("method npmi needs marker tokens (--markers)")
+    check_inputs(method, neg is not None, bool(mk))
     check_output(out, force, "json")
     pos_ex = read_examples(pos)
     neg_ex = read_examples(neg) if neg is not None else None

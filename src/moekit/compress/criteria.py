@@ -29,34 +29,41 @@ Criterion = Callable[[LayerStats, int], np.ndarray]
 CRITERIA: Registry[Criterion] = Registry("pruning criterion")
 
 
-@CRITERIA.register("random")
+@CRITERIA.register("random", help="uniform random scores (seeded by --seed and the layer): the baseline")
 def _random(st: LayerStats, seed: int = 0) -> np.ndarray:
     return np.random.default_rng([seed, st.index]).random(st.num_experts)
 
 
-@CRITERIA.register("frequency")
+@CRITERIA.register("frequency", help="tokens routed to the expert on the calibration data", needs=["calibration"])
 def _frequency(st: LayerStats, seed: int = 0) -> np.ndarray:
     return st.count.astype(np.float64).copy()
 
 
-@CRITERIA.register("gate-sum")
+@CRITERIA.register("gate-sum", help="sum of the expert's routing weights on the calibration data", needs=["calibration"])
 def _gate_sum(st: LayerStats, seed: int = 0) -> np.ndarray:
     return st.gate_sum.copy()
 
 
-@CRITERIA.register("ean")
+@CRITERIA.register("ean", help="EAN: mean norm of the expert's output over its tokens", needs=["calibration"])
 def _ean(st: LayerStats, seed: int = 0) -> np.ndarray:
     return st.mean("norm_sum")
 
 
-@CRITERIA.register("reap")
+@CRITERIA.register("reap", help="REAP: mean routing weight × output norm over the expert's tokens (Cerebras)",
+                   needs=["calibration"])
 def _reap(st: LayerStats, seed: int = 0) -> np.ndarray:
     return st.mean("reap_sum")
 
 
-@CRITERIA.register("easy-ep")
+@CRITERIA.register("easy-ep", help="EASY-EP: weight × output norm × how much the layer changes the token; "
+                   "calibrate on a few demonstrations of the target domain", needs=["calibration"])
 def _easy_ep(st: LayerStats, seed: int = 0) -> np.ndarray:
     return st.easy_sum.copy()
+
+
+def needs_calibration(method: str, protect_super: bool = False) -> bool:
+    """Whether pruning with ``method`` needs calibration data (the criterion's needs, or super-expert protection)."""
+    return "calibration" in CRITERIA.needs(method) or protect_super
 
 
 def scores(stats: CalibStats, method: str, seed: int = 0) -> dict[int, np.ndarray]:

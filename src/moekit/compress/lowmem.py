@@ -231,13 +231,13 @@ def prune_lowmem(path: str | Path, method: str, ratio: float, docs: Sequence | N
                  dtype: torch.dtype | str | None = "auto"):
     """``prune`` for checkpoints larger than memory: layer-by-layer calibration (in ``dtype``, by default the
     checkpoint's), file-to-file writing (tensors as stored)."""
-    from moekit.compress.criteria import CRITERIA
+    from moekit.compress.criteria import CRITERIA, needs_calibration
     from moekit.compress.prune import check_ratio_for_model, choose
     from moekit.io import check_writable
 
     CRITERIA.get(method)
     check_writable(out, force)
-    if docs is None and (method != "random" or protect_super):
+    if docs is None and needs_calibration(method, protect_super):
         raise MoekitError(f"criterion {method!r} needs calibration data")
     if docs is None:
         lm, stats = meta_model(path, dtype), None

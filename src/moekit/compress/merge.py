@@ -22,7 +22,7 @@ weights under all E rows would keep M-SMoE's routing exactly but save no memory,
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +43,12 @@ from moekit.compress.writer import (
 from moekit.errors import MoekitError
 from moekit.models.loading import LoadedModel
 from moekit.models.moe_map import MoELayerView
+from moekit.registry import Registry
+
+# A merging method plans the groups: (lm, calibration stats, ratio, protect_super) → (groups per layer,
+# protected experts); ``merge`` then aligns and averages every group and writes the checkpoint.
+Planner = Callable[[LoadedModel, CalibStats, float, bool], tuple[dict[int, list[list[int]]], list[tuple[int, int]]]]
+MERGERS: Registry[Planner] = Registry("merging method")
 
 
 @dataclass
@@ -54,9 +60,10 @@ class MergeResult:
     protected: list[tuple[int, int]] = field(default_factory=list)
     out: Path | None = None
     calib_hash: str | None = None
+    method: str = "m-smoe"
 
     def summary(self) -> dict:
-        return {"method": "m-smoe", "ratio": self.ratio, "out": str(self.out) if self.out else None,
+        return {"method": self.method, "ratio": self.ratio, "out": str(self.out) if self.out else None,
                 "experts_per_layer": {str(k): len(v) for k, v in self.groups.items()},
                 "groups": {str(k): v for k, v in self.groups.items()},
                 "protected": [list(p) for p in self.protected], "calibration_data_sha256": self.calib_hash}
@@ -156,8 +163,11 @@ def merged_model(lm: LoadedModel, groups: Mapping[int, Sequence[Sequence[int]]],
     return build_model(config, sd, dtype, getattr(lm.model, "generation_config", None)), notes
 
 
+@MERGERS.register("m-smoe", needs=["calibration"],
+                  help="M-SMoE: the most used experts are group centres; every other expert joins the centre its "
+                  "router-logit column is most similar to; neurons aligned, then frequency-weighted average")
 def plan_groups(lm: LoadedModel, stats: CalibStats, ratio: float, protect_super: bool = False):
-    """Groups per layer and the protected experts."""
+    """M-SMoE groups per layer and the protected experts."""
     protected = super_experts(stats) if protect_super else []
     groups = {}
     for view in lm.moe:
@@ -174,8 +184,10 @@ def plan_groups(lm: LoadedModel, stats: CalibStats, ratio: float, protect_super:
 
 def merge(lm: LoadedModel, ratio: float, calib: CalibStats | Sequence, out: str | Path | None = None,
           force: bool = False, protect_super: bool = False, seq_len: int = 256, max_tokens: int | None = None,
-          progress: bool = False):
-    """M-SMoE merge of ``lm`` at ``ratio``. Returns (MergeResult, in-memory merged model)."""
+          progress: bool = False, method: str = "m-smoe"):
+    """Merge ``lm``'s experts at ``ratio`` with ``method`` (a ``MERGERS`` name, M-SMoE by default).
+    Returns (MergeResult, in-memory merged model)."""
+    planner = MERGERS.get(method)
     if out is not None:
         from moekit.io import check_writable
 
@@ -186,12 +198,12 @@ def merge(lm: LoadedModel, ratio: float, calib: CalibStats | Sequence, out: str 
             raise MoekitError(f"ratio {ratio} leaves {n_keep} experts in layer {view.index}, fewer than top-k = {view.top_k}")
     stats = calib if isinstance(calib, CalibStats) else observe(lm, calib, seq_len=seq_len, max_tokens=max_tokens,
                                                                 progress=progress)
-    groups, protected = plan_groups(lm, stats, ratio, protect_super)
+    groups, protected = planner(lm, stats, ratio, protect_super)
     model, notes = merged_model(lm, groups, {li: st.count for li, st in stats.layers.items()})
-    res = MergeResult(ratio, groups, protected, calib_hash=stats.data_hash)
+    res = MergeResult(ratio, groups, protected, calib_hash=stats.data_hash, method=MERGERS.canonical(method))
     if out is not None:
         kept = {li: [g[0] for g in gs] for li, gs in groups.items()}
-        meta = metadata("m-smoe", ratio, kept, lm.moe.layers[0].num_experts, stats.data_hash, notes=notes,
+        meta = metadata(res.method, ratio, kept, lm.moe.layers[0].num_experts, stats.data_hash, notes=notes,
                         num_experts=max(len(v) for v in kept.values()),
                         groups={str(k): v for k, v in groups.items()}, router="centre row per group",
                         protected=[list(p) for p in protected], calibration_tokens=stats.tokens)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moekit.compress.criteria import CRITERIA, scores, select_kept, super_experts
+from moekit.compress.criteria import CRITERIA, needs_calibration, scores, select_kept, super_experts
 from moekit.compress.observer import CalibStats, observe
 from moekit.compress.writer import pruned_experts, write_pruned
 from moekit.errors import MoekitError
@@ -60,7 +60,7 @@ def choose(lm: LoadedModel, stats: CalibStats | None, method: str, ratio: float,
     CRITERIA.get(method)
     check_ratio_for_model(lm, ratio, global_budget)
     if stats is None:
-        if method != "random" or protect_super:
+        if needs_calibration(method, protect_super):
             raise MoekitError(f"criterion {method!r} needs calibration data")
         from moekit.compress.observer import LayerStats
 

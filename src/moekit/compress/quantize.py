@@ -1,23 +1,16 @@
 """Weight-only group-wise quantization of routed experts (int8 / int4), with mixed precision per expert.
 
-Scheme: **asymmetric** (scale + integer zero point) per group of ``group_size`` consecutive weights along
-the input dimension of each expert matrix (nn.Linear (out, in) convention: gate/up along the hidden size,
-down along the intermediate size). The range is widened to contain 0, the scale is
-s = (max − min) / (2^bits − 1) stored as float16 (rounded up, so every weight stays in range), the zero
-point z = round(−min / s) as uint8, q = clamp(round(w / s) + z, 0, 2^bits − 1), and ŵ = (q − z)·s, so
-|w − ŵ| ≤ s/2 in every group. Asymmetric was chosen over symmetric because it uses all 16 int4 levels on
-skewed groups; for int8 the difference is negligible. A last group shorter than ``group_size`` is
-zero-padded (the padding is dropped on load). int4 codes are packed two per byte (low nibble = even
-column). Everything else (attention, embeddings, routers, shared experts, expert biases) stays in the
-model's dtype.
+The codec (asymmetric scale + zero point per group of ``group_size`` weights along the input dimension,
+|w − ŵ| ≤ s/2 in every group, int4 packed two per byte) and the on-disk format are in
+``moekit.formats.quantized``; ``moekit.load`` reads such a checkpoint (``moekit.models.quantized``). This module
+chooses the bits and writes the checkpoint. Asymmetric was chosen over symmetric because it uses all 16 int4
+levels on skewed groups; for int8 the difference is negligible. Everything else (attention, embeddings,
+routers, shared experts, expert biases) stays in the model's dtype.
 
 Mixed precision (MC-MoE's idea, greedy instead of an ILP): importance_j = frequency_j × mean gate_j ×
 relative reconstruction error of expert j at 4 bits; starting from 4 bits everywhere, the most
 important experts are raised to 8 bits while the parameter-weighted average stays ≤ ``avg_bits``.
 
-On disk: ``config.json`` (unchanged), tokenizer, ``moekit_quantized.safetensors`` (non-expert tensors,
-plus ``<param>.<expert>.qweight/.scales/.zeros`` for every expert matrix) and
-``moekit_quantization.json``. ``moekit.load`` dequantizes into the standard model (see ``quantized.py``).
 transformers' own quantization configs (bitsandbytes, HQQ, torchao, compressed-tensors...) quantize
 ``nn.Linear`` modules; v5 MoE experts are fused 3-D parameters, so none of them applies to the experts
 here without a custom integration — which is why moekit uses its own small format.
@@ -34,87 +27,20 @@ import numpy as np
 import torch
 
 from moekit.errors import MoekitError
+from moekit.formats.quantized import (
+    FORMAT,
+    FORMAT_VERSION,
+    QUANT_CONFIG,
+    QUANT_WEIGHTS,
+    SUPPORTED_BITS,
+    QTensor,
+    dequantize,
+    pack_int4,
+    quantize_matrix,
+    unpack_int4,
+)
 from moekit.models.loading import LoadedModel
 from moekit.models.moe_map import MoELayerView
-
-QUANT_CONFIG = "moekit_quantization.json"
-QUANT_WEIGHTS = "moekit_quantized.safetensors"
-FORMAT = "moekit-weight-only"
-FORMAT_VERSION = 1
-SUPPORTED_BITS = (4, 8)
-_MIN_SCALE = 2.0 ** -14  # smallest normal float16
-
-
-@dataclass
-class QTensor:
-    """One quantized matrix (out, in): codes (packed for int4), float16 scales and uint8 zero points."""
-
-    qweight: torch.Tensor
-    scales: torch.Tensor
-    zeros: torch.Tensor
-    bits: int
-    group_size: int
-    shape: tuple[int, int]
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize(self, dtype)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros))
-
-
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """uint8 codes in [0, 15], last dim even → two per byte (low nibble = even index)."""
-    if q.shape[-1] % 2:
-        raise ValueError("pack_int4 needs an even last dimension")
-    q = q.to(torch.uint8)
-    return q[..., 0::2] | (q[..., 1::2] << 4)
-
-
-def unpack_int4(p: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``pack_int4``."""
-    out = torch.empty((*p.shape[:-1], p.shape[-1] * 2), dtype=torch.uint8, device=p.device)
-    out[..., 0::2] = p & 0x0F
-    out[..., 1::2] = p >> 4
-    return out
-
-
-def quantize_matrix(w: torch.Tensor, bits: int, group_size: int) -> QTensor:
-    """Quantize a 2-D (out, in) matrix group-wise along ``in``."""
-    if bits not in SUPPORTED_BITS:
-        raise MoekitError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
-    if group_size < 2 or group_size % 2:
-        raise MoekitError(f"group size must be an even number >= 2, got {group_size}")
-    out_dim, in_dim = w.shape
-    padded = -(-in_dim // group_size) * group_size
-    x = w.detach().float()
-    if padded != in_dim:
-        x = torch.nn.functional.pad(x, (0, padded - in_dim))
-    g = x.reshape(out_dim, padded // group_size, group_size)
-    qmax = 2 ** bits - 1
-    lo = g.amin(dim=-1).clamp(max=0.0)
-    hi = g.amax(dim=-1).clamp(min=0.0)
-    s = ((hi - lo) / qmax).clamp(min=_MIN_SCALE)
-    s16 = (s * (1 + 2.0 ** -10)).to(torch.float16)  # round up: the range still fits in qmax steps
-    s = s16.float()
-    z = torch.round(-lo / s).clamp(0, qmax)
-    q = (torch.round(g / s[..., None]) + z[..., None]).clamp(0, qmax).to(torch.uint8).reshape(out_dim, padded)
-    q = q[:, : in_dim + in_dim % 2]  # the padding of a short last group is not stored
-    if bits == 4:
-        q = pack_int4(q)
-    return QTensor(q, s16, z.to(torch.uint8), bits, group_size, (out_dim, in_dim))
-
-
-def dequantize(qt: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The float matrix a QTensor stands for."""
-    q = unpack_int4(qt.qweight) if qt.bits == 4 else qt.qweight
-    out_dim, in_dim = qt.shape
-    padded = qt.scales.shape[-1] * qt.group_size
-    q = torch.nn.functional.pad(q.float(), (0, padded - q.shape[-1]))
-    g = q.reshape(out_dim, -1, qt.group_size)
-    w = (g - qt.zeros.float()[..., None]) * qt.scales.float()[..., None]
-    return w.reshape(out_dim, -1)[:, :in_dim].to(dtype)
 
 
 def expert_matrices(view: MoELayerView) -> dict[str, tuple[torch.Tensor, bool]]:
@@ -321,68 +247,6 @@ def quantize(lm: LoadedModel, bits: int = 8, group_size: int = 128, avg_bits: fl
     return res
 
 
-def read_quant_meta(path: Path) -> dict:
-    """The format record of a moekit quantized checkpoint, checked (format, version, weights file present)."""
-    try:
-        meta = json.loads((path / QUANT_CONFIG).read_text())
-    except (OSError, ValueError) as exc:
-        raise MoekitError(f"cannot read {path / QUANT_CONFIG}: {exc}") from None
-    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
-        raise MoekitError(f"{path}: unsupported quantization format {meta.get('format')!r} v{meta.get('version')}")
-    if not (path / QUANT_WEIGHTS).is_file():
-        raise MoekitError(f"{path}: {QUANT_WEIGHTS} is missing")
-    return meta
-
-
-def load_quantized_dir(path: str | Path, dtype=None, keep_packed: bool = False):
-    """Build the standard HF model of a moekit quantized checkpoint, experts dequantized."""
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
-
-    path = Path(path)
-    meta = read_quant_meta(path)
-    dtype = dtype or getattr(torch, meta.get("dtype", "float32"))
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    config = AutoConfig.from_pretrained(path)
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    gs = int(meta["group_size"])
-    sd, packed = {}, {}
-    with safe_open(str(path / QUANT_WEIGHTS), "pt") as f:
-        keys = set(f.keys())
-        for k in keys:
-            if not k.endswith((".qweight", ".scales", ".zeros")):
-                sd[k] = f.get_tensor(k)
-        for name, info in meta["tensors"].items():
-            E, o, i = info["shape"]
-            qts = [QTensor(f.get_tensor(f"{name}.{e}.qweight"), f.get_tensor(f"{name}.{e}.scales"),
-                           f.get_tensor(f"{name}.{e}.zeros"), int(info["bits"][e]), gs, (o, i)) for e in range(E)]
-            full = torch.stack([qt.dequantize(dtype) for qt in qts])
-            sd[name] = full.transpose(1, 2).contiguous() if info["transposed"] else full
-            if keep_packed:
-                packed[name] = qts
-    for k, other in meta.get("tied", {}).items():
-        sd[k] = sd[other]
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise MoekitError(f"{path}: quantized checkpoint does not match its config "
-                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    try:
-        from transformers import GenerationConfig
-
-        model.generation_config = GenerationConfig.from_pretrained(path)
-    except OSError:
-        pass
-    if keep_packed:
-        model._moekit_packed = packed
-        model._moekit_quantization = meta
-    return model.eval()
-
-
 def size_on_disk(path: str | Path) -> int:
     """Total bytes of the files in a checkpoint directory."""
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
@@ -398,5 +262,6 @@ def effective_bits(packed: Mapping[str, Sequence[QTensor]]) -> float:
     return 8 * expert_bytes(packed) / n
 
 
-__all__ = ["QTensor", "QuantResult", "allocate_bits", "dequantize", "load_quantized_dir", "np", "pack_int4",
-           "quantize", "quantize_matrix", "unpack_int4", "write_quantized"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "QUANT_CONFIG", "QUANT_WEIGHTS", "SUPPORTED_BITS", "QTensor", "QuantResult",
+           "allocate_bits", "dequantize", "np", "pack_int4", "quantize", "quantize_matrix", "unpack_int4",
+           "write_quantized"]

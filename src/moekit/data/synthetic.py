@@ -68,6 +68,9 @@ def number_to_words(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+NUMBER_WORDS = frozenset([*_ONES, *_TENS[2:], *(name for _, name in _SCALES), "negative"])
+"""Every word ``number_to_words`` writes (the word-style numbers of the synthetic corpus)."""
+
 _WORD_VALUE = {w: i for i, w in enumerate(_ONES)} | {w: 10 * i for i, w in enumerate(_TENS) if i >= 2}
 _SCALE_VALUE = {name: value for value, name in _SCALES}
 

@@ -60,12 +60,12 @@ def placed_model(lm: LoadedModel, placement: Placement):
 
 def write_placed(lm: LoadedModel, placement: Placement, out: str | Path, force: bool = False) -> Path:
     """Write the permuted checkpoint (+ tokenizer, + ``moekit_placement.json``) atomically; returns ``out``."""
-    import moekit
+    from moekit.version import __version__
 
     model = placed_model(lm, placement)
     with atomic_output_dir(out, force) as tmp:
         model.save_pretrained(tmp)
-        record = dict(placement.to_json(), source_model=lm.name, moekit_version=moekit.__version__,
+        record = dict(placement.to_json(), source_model=lm.name, moekit_version=__version__,
                       tokenizer_copied=copy_tokenizer(lm, tmp))
         (tmp / PLACEMENT_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return Path(out)

@@ -170,7 +170,7 @@ PLACEMENTS: Registry[PlacementMethod] = Registry("placement method")
 
 def _method(name: str, help_text: str) -> Callable[[Planner], Planner]:
     def deco(fn: Planner) -> Planner:
-        PLACEMENTS.register(name)(PlacementMethod(fn, help_text))
+        PLACEMENTS.add(name, PlacementMethod(fn, help_text), help=help_text)
         return fn
 
     return deco

@@ -14,7 +14,9 @@ from torch import nn
 
 from moekit.errors import MoekitError
 from moekit.formats.checkpoint import checkpoint_dtype
+from moekit.formats.quantized import QUANT_CONFIG
 from moekit.models.moe_map import MoEMap, build_moe_map
+from moekit.models.quantized import is_quantized_checkpoint, load_quantized
 
 BUNDLED_PREFIX = "moekit:"
 DEFAULT_MODEL = "moekit:tiny"
@@ -174,8 +176,6 @@ def resolve_dtype(dtype: torch.dtype | str | None, path: Path | None) -> torch.d
         return dt
     if path is None:
         return torch.float32
-    from moekit.compress.quantized import QUANT_CONFIG  # noqa: PLC0415  (a file name, no code)
-
     qcfg = Path(path) / QUANT_CONFIG
     if qcfg.is_file():
         import json
@@ -207,12 +207,10 @@ def load(
     device = check_device(device)
     path, name = resolve(spec)
     source = str(path) if path is not None else name
-    _quiet_transformers()
+    quiet_transformers()
     if path is None:
-        source = _hub_snapshot(name)
+        source = hub_snapshot(name)
     dtype = resolve_dtype(dtype, Path(source))
-    from moekit.compress.quantized import is_quantized_checkpoint, load_quantized  # noqa: PLC0415
-
     try:
         if path is not None and is_quantized_checkpoint(path):
             model = load_quantized(path, dtype=dtype)
@@ -247,7 +245,7 @@ def from_model(model: nn.Module, tokenizer=None, name: str | None = None) -> Loa
                        name=name or getattr(model.config, "model_type", "model"))
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     """Keep transformers' per-load progress bars and advisory warnings out of moekit's output.
 
     With ``MOEKIT_TRANSFORMERS_WARNINGS=1`` (the test suite sets it) warnings still print nowhere, but reach
@@ -268,7 +266,7 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_warning()
 
 
-def _hub_snapshot(hub_id: str) -> str:
+def hub_snapshot(hub_id: str) -> str:
     """A local directory for ``hub_id``: the HF cache if it has it, else a download.
 
     Fails in seconds (not after minutes of retries) when the hub cannot be reached.
@@ -306,7 +304,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 _STRUCTURE = ("EXPERT_PARAMS", "expert_param_names", "bank_keys", "skeleton", "load_structure", "footprint",
-              "read_weights", "_tokenizer")
+              "read_weights", "tokenizer_at")
 
 
 def __getattr__(name: str):

@@ -57,7 +57,7 @@ ARCHITECTURES: Registry[ArchSpec] = Registry("architecture")
 
 
 def _register(spec: ArchSpec) -> None:
-    ARCHITECTURES.register(spec.model_type)(spec)
+    ARCHITECTURES.add(spec.model_type, spec, help=spec.note or f"MoE block at layer.{spec.block_attr}, router .{spec.router_attr}")
 
 
 def _deepseek_v2_rule(router: nn.Module, config) -> Rule:
@@ -361,7 +361,7 @@ def build_moe_map(model: nn.Module) -> MoEMap:
     """Map every MoE layer of ``model``; raises NotAnMoEModel / UnsupportedArchitecture."""
     config = model.config
     model_type = getattr(config, "model_type", type(model).__name__)
-    spec = ARCHITECTURES._items.get(model_type)
+    spec = ARCHITECTURES.get(model_type) if model_type in ARCHITECTURES else None
     layers = decoder_layers(model, spec.layers_path if spec else "model.layers")
     supported = ", ".join(ARCHITECTURES.names())
     if layers is None:

@@ -5,6 +5,9 @@ routing control (design §3): experts disabled (never selected), forced (always 
 of experts per token other than the model's k (``top_k``), or a per-token number from router mass
 (``top_p``). Slots that select nothing carry the expert id of the token's first choice and weight 0,
 which every experts implementation treats as "no contribution"; ``valid`` marks the real slots.
+
+Names say the order: ``softmax_then_topk`` (softmax over all experts, then top-k) and ``topk_then_softmax``
+(top-k on the logits, softmax over the k) — the same names ``moekit.nn.ROUTERS`` uses for the same orders.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ class Rule:
     """Base selection rule. Subclasses define scores, the selection key and the weights."""
 
     name = "rule"
+    formula = ""  # what the rule computes, without its numbers (the support table reads it from RULES)
 
     def __init__(self, router: torch.nn.Module, config) -> None:
         self.top_k = int(getattr(router, "top_k", None) or getattr(config, "num_experts_per_tok", 0) or 0)
@@ -130,12 +134,13 @@ class Rule:
         return self.name
 
 
-@RULES.register("softmax_topk")
+@RULES.register("softmax_then_topk")
 class SoftmaxTopK(Rule):
     """softmax over experts → top-k → optional renormalisation → optional scaling
     (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2 greedy)."""
 
-    name = "softmax_topk"
+    name = "softmax_then_topk"
+    formula = "softmax → top-k"
 
     def __init__(self, router, config, renormalize: bool | None = None, scaling: float = 1.0) -> None:
         super().__init__(router, config)
@@ -162,6 +167,7 @@ class SoftmaxGroupMax(SoftmaxTopK):
     """DeepSeek-V2 ``group_limited_greedy``: keep the top groups by their best expert, then top-k."""
 
     name = "softmax_group_max"
+    formula = "softmax → group-limited top-k (group max) × scale"
 
     def __init__(self, router, config, renormalize=None, scaling=1.0) -> None:
         super().__init__(router, config, renormalize=renormalize, scaling=scaling)
@@ -178,11 +184,12 @@ class SoftmaxGroupMax(SoftmaxTopK):
         return f"softmax → group-limited top-k ({self.topk_group}/{self.n_group} groups, max) × {self.scaling:g}"
 
 
-@RULES.register("topk_softmax")
+@RULES.register("topk_then_softmax")
 class TopKSoftmax(Rule):
     """top-k on the logits → softmax over the k chosen (GPT-OSS, GraniteMoE)."""
 
-    name = "topk_softmax"
+    name = "topk_then_softmax"
+    formula = "top-k on logits → softmax over k"
 
     def scores(self, logits):
         return logits.float()
@@ -207,6 +214,7 @@ class SigmoidGroup(Rule):
     sum of its two best biased scores); weights from the unbiased scores, renormalised, × scaling."""
 
     name = "sigmoid_group"
+    formula = "sigmoid + selection bias → group-limited top-k → renorm × scale"
 
     def __init__(self, router, config) -> None:
         super().__init__(router, config)
@@ -253,6 +261,7 @@ class SparseMixer(Rule):
     the remaining scores within a relative jitter band of the picked one."""
 
     name = "sparsemixer"
+    formula = "sparsemixer"
 
     def __init__(self, router, config) -> None:
         super().__init__(router, config)

@@ -20,8 +20,8 @@ from moekit.models.loading import (
     DEFAULT_MODEL,
     LoadedModel,
     _first_line,
-    _hub_snapshot,
-    _quiet_transformers,
+    hub_snapshot,
+    quiet_transformers,
     resolve,
     resolve_dtype,
 )
@@ -67,7 +67,7 @@ def skeleton(path: str | os.PathLike, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    _quiet_transformers()
+    quiet_transformers()
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError) as exc:
@@ -83,9 +83,9 @@ def load_structure(spec: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype |
     planning; reads config.json and, for ``dtype="auto"`` without a declared dtype, safetensors headers."""
     path, name = resolve(spec)
     if path is None:
-        path = Path(_hub_snapshot(name))
+        path = Path(hub_snapshot(name))
     model = skeleton(path, resolve_dtype(dtype, path))
-    return LoadedModel(model=model, tokenizer=_tokenizer(path) if with_tokenizer else None, moe=build_moe_map(model),
+    return LoadedModel(model=model, tokenizer=tokenizer_at(path) if with_tokenizer else None, moe=build_moe_map(model),
                        name=name, path=path)
 
 
@@ -132,7 +132,7 @@ def read_weights(model: nn.Module, ckpt, skip: set[str] = frozenset(), drop_cach
         raise MoekitError(f"could not find {len(still)} tensors in {ckpt.path} (e.g. {still[0]})")
 
 
-def _tokenizer(path: Path):
+def tokenizer_at(path: Path):
     from transformers import AutoTokenizer
 
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from moekit.models.moe_map import ARCHITECTURES
+from moekit.models.rules import RULES
 
 FEATURES = ("map", "route", "record", "generate", "prune", "offload")
 FEATURE_HELP = {
@@ -23,15 +24,6 @@ FEATURE_HELP = {
     "offload": "offloaded greedy generation = in-memory",
 }
 
-# the selection rule per architecture (``rules.RULES`` name and what it computes); None: not verified
-_RULES = {
-    "softmax_topk": "softmax → top-k",
-    "softmax_topk_renorm": "softmax → top-k → renorm",
-    "softmax_group_max": "softmax → group-limited top-k (group max) × scale",
-    "sigmoid_group": "sigmoid + selection bias → group-limited top-k → renorm × scale",
-    "topk_softmax": "top-k on logits → softmax over k",
-    "sparsemixer": "sparsemixer",
-}
 
 ZERO_EXPERTS = "zero-computation experts sit beside the weight bank; the writer and offload engine refuse cleanly"
 DENSE_EXPERTS = "Llama4TextExperts runs every expert densely on score-scaled inputs; the offload engine refuses cleanly"
@@ -55,7 +47,7 @@ class ArchSupport:
     @property
     def path(self) -> str:
         """"registry" (an ArchSpec entry in models.moe_map) or "generic" (rule verified on the router)."""
-        return "registry" if self.model_type in ARCHITECTURES._items else "generic"
+        return "registry" if self.model_type in ARCHITECTURES else "generic"
 
     @property
     def level(self) -> str:
@@ -75,19 +67,20 @@ def _g(rule_key: str | None, note: str = "", **limits: str) -> tuple:
 _S = "sigmoid_group"
 _REC = None  # record-only: the router's rule is not verified, so routing control is refused
 
-# model type → (rule key, note, limits). Keys of _RULES, or "scored_topk:<text>" for ScoredTopK entries.
+# model type → (rule key, note, limits). The key is a ``RULES`` name (its text is the rule's ``formula``), with
+# "+renorm" when the rule renormalises the top-k weights, or "scored_topk:<text>" for ScoredTopK entries.
 _TABLE: dict[str, tuple] = {
     "afmoe": _g("scored_topk:sigmoid + selection bias → top-k → renorm × scale",
                 "the block's expert_bias for selection; shared experts"),
-    "aria_text": _g("softmax_topk_renorm"),
+    "aria_text": _g("softmax_then_topk+renorm"),
     "axk1": _g(_S), "axk2": _g(_S),
     "bailing_hybrid": _g(_S, "hybrid: linear attention (KDA) + full attention layers"),
     "beam": _g("scored_topk:sigmoid + selection bias → group-limited top-k → renorm",
                "the block scales the routed output by routed_scaling_factor"),
-    "cohere2_moe": _g("softmax_topk_renorm"),
-    "dbrx": _g("softmax_topk_renorm", "router returns logits; the block selects (p=1 normalisation)",
+    "cohere2_moe": _g("softmax_then_topk+renorm"),
+    "dbrx": _g("softmax_then_topk+renorm", "router returns logits; the block selects (p=1 normalisation)",
                prune=NO_BANK_VIEW, offload=NO_BANK_VIEW),
-    "deepseek_ocr2_text": _g("softmax_topk", generate=TEXT_TOWER, prune=TEXT_TOWER, offload=TEXT_TOWER),
+    "deepseek_ocr2_text": _g("softmax_then_topk", generate=TEXT_TOWER, prune=TEXT_TOWER, offload=TEXT_TOWER),
     "deepseek_v2": _g("softmax_group_max"),
     "deepseek_v3": _g(_S),
     "deepseek_v32": _g(_S, "DeepSeek-V3 routing under sparse indexed attention (DSA)"),
@@ -105,7 +98,7 @@ _TABLE: dict[str, tuple] = {
                                "text experts; vision experts serve image/video tokens only",
                                generate=TEXT_TOWER, prune=TEXT_TOWER, offload=TEXT_TOWER),
     "exaone_moe": _g(_S),
-    "flex_olmo": _g("softmax_topk"),
+    "flex_olmo": _g("softmax_then_topk"),
     "flint": _g("scored_topk:sigmoid → top-k → renorm"),
     "gemma4_text": _g("scored_topk:softmax → top-k → renorm × per-expert scale",
                       "MoE block beside the dense MLP (enable_moe_block); router returns probabilities"),
@@ -113,12 +106,12 @@ _TABLE: dict[str, tuple] = {
     "glm4v_moe_text": _g(_S, "", generate=TEXT_TOWER, prune=TEXT_TOWER, offload=TEXT_TOWER),
     "glm5_next_text": _g(_S, "DSA attention", generate=TEXT_TOWER, prune=TEXT_TOWER, offload=TEXT_TOWER),
     "glm_moe_dsa": _g(_S, "DeepSeek-V3 routing under sparse indexed attention (GLM-5)"),
-    "gpt_oss": _g("topk_softmax"),
-    "granitemoe": _g("topk_softmax"),
-    "granitemoe_swa": _g("softmax_topk_renorm"),
-    "granitemoehybrid": _g("softmax_topk_renorm", "Granite 4: Mamba-2 + attention layers"),
-    "granitemoeshared": _g("softmax_topk_renorm"),
-    "hunyuan_v1_moe": _g("softmax_topk_renorm", "shared MLP always on; routed experts behind their own gate"),
+    "gpt_oss": _g("topk_then_softmax"),
+    "granitemoe": _g("topk_then_softmax"),
+    "granitemoe_swa": _g("softmax_then_topk+renorm"),
+    "granitemoehybrid": _g("softmax_then_topk+renorm", "Granite 4: Mamba-2 + attention layers"),
+    "granitemoeshared": _g("softmax_then_topk+renorm"),
+    "hunyuan_v1_moe": _g("softmax_then_topk+renorm", "shared MLP always on; routed experts behind their own gate"),
     "hy_v3": _g("scored_topk:sigmoid + selection bias → top-k → renorm × scale", "the block's bias for selection"),
     "hy_v4": _g(_S),
     "hy_v4_vl_text": _g(_S, "", generate=TEXT_TOWER, prune=TEXT_TOWER, offload=TEXT_TOWER),
@@ -126,44 +119,44 @@ _TABLE: dict[str, tuple] = {
     "inkling2_text": _g("scored_topk:sigmoid + selection bias → top-k → renorm × scale"),
     "inkling_text": _g(_REC, "the router also weighs the shared experts (a 4-tuple output with shared gammas, "
                        "log-sigmoid normalisation over routed + shared): rule not modelled, routing control refused"),
-    "jamba": _g("softmax_topk", "Mamba + attention layers"),
-    "jetmoe": _g("topk_softmax", "MLP experts routed; attention experts (MoA) mapped in moe.attention_experts, "
+    "jamba": _g("softmax_then_topk", "Mamba + attention layers"),
+    "jetmoe": _g("topk_then_softmax", "MLP experts routed; attention experts (MoA) mapped in moe.attention_experts, "
                  "not controlled", prune=JETMOE, offload=JETMOE),
     "kimi_linear": _g(_S, "linear attention (KDA) + MLA layers"),
     "kolibri1": _g("scored_topk:sigmoid (selection: logits + bias) → top-k", "bias added to the logits for selection"),
     "laguna": _g("scored_topk:sigmoid + selection bias → top-k → renorm", "soft-capped logits"),
-    "lara_mini": _g("softmax_topk_renorm"),
+    "lara_mini": _g("softmax_then_topk+renorm"),
     "lfm2_moe": _g("scored_topk:sigmoid + selection bias → top-k → renorm", "short-conv + attention layers"),
     "llama4_text": _g("scored_topk:sigmoid → top-k", "top-1; the router score multiplies the expert's input; "
                       "shared expert", offload=DENSE_EXPERTS),
     "longcat_flash": _g("scored_topk:softmax + selection bias → top-k × scale",
                         "zero-computation (identity) experts after the real ones", prune=ZERO_EXPERTS,
                         offload=ZERO_EXPERTS),
-    "mellum": _g("softmax_topk_renorm"),
+    "mellum": _g("softmax_then_topk+renorm"),
     "mimo_v2_flash": _g(_S),
-    "minimax": _g("softmax_topk_renorm", "lightning (linear) attention + softmax attention layers"),
+    "minimax": _g("softmax_then_topk+renorm", "lightning (linear) attention + softmax attention layers"),
     "minimax_m2": _g("scored_topk:sigmoid + selection bias → top-k → renorm", "the block's bias for selection"),
     "minimax_m3_vl_text": _g("scored_topk:sigmoid + selection bias → top-k → renorm"),
     "mistral_large4_text": _g("scored_topk:softmax → group-limited top-k → renorm", "", generate=TEXT_TOWER,
                               prune=TEXT_TOWER, offload=TEXT_TOWER),
-    "mixtral": _g("softmax_topk_renorm"),
+    "mixtral": _g("softmax_then_topk+renorm"),
     "muse_spark_text": _g("scored_topk:sigmoid + selection bias → top-k → renorm", "", generate=TEXT_TOWER,
                           prune=TEXT_TOWER, offload=TEXT_TOWER),
     "nemotron_h": _g(_S, "Mamba-2 + attention + MoE layers"),
-    "olmoe": _g("softmax_topk"),
+    "olmoe": _g("softmax_then_topk"),
     "phimoe": _g("sparsemixer"),
-    "qwen2_moe": _g("softmax_topk"),
-    "qwen3_5_moe_text": _g("softmax_topk_renorm", "gated DeltaNet + attention layers"),
-    "qwen3_moe": _g("softmax_topk_renorm"),
-    "qwen3_next": _g("softmax_topk_renorm", "gated DeltaNet + attention layers"),
-    "qwen3_omni_moe_text": _g("softmax_topk_renorm", "", generate=TEXT_TOWER, prune=TEXT_TOWER, offload=TEXT_TOWER),
-    "qwen3_vl_moe_text": _g("softmax_topk_renorm", "", generate=TEXT_TOWER, prune=TEXT_TOWER, offload=TEXT_TOWER),
-    "qwen4_exp_text": _g("softmax_topk_renorm"),
+    "qwen2_moe": _g("softmax_then_topk"),
+    "qwen3_5_moe_text": _g("softmax_then_topk+renorm", "gated DeltaNet + attention layers"),
+    "qwen3_moe": _g("softmax_then_topk+renorm"),
+    "qwen3_next": _g("softmax_then_topk+renorm", "gated DeltaNet + attention layers"),
+    "qwen3_omni_moe_text": _g("softmax_then_topk+renorm", "", generate=TEXT_TOWER, prune=TEXT_TOWER, offload=TEXT_TOWER),
+    "qwen3_vl_moe_text": _g("softmax_then_topk+renorm", "", generate=TEXT_TOWER, prune=TEXT_TOWER, offload=TEXT_TOWER),
+    "qwen4_exp_text": _g("softmax_then_topk+renorm"),
     "sarvam_mla": _g(_S), "sarvam_moe": _g(_S),
     "solar_open": _g(_S),
     "step3p5": _g("scored_topk:sigmoid + selection bias → top-k → renorm", "", generate=TEXT_TOWER,
                   prune=TEXT_TOWER, offload=TEXT_TOWER),
-    "unlimited_ocr_text": _g("softmax_topk", "", generate=TEXT_TOWER, prune=TEXT_TOWER, offload=TEXT_TOWER),
+    "unlimited_ocr_text": _g("softmax_then_topk", "", generate=TEXT_TOWER, prune=TEXT_TOWER, offload=TEXT_TOWER),
     "zaya": ("unsupported", "router is an MLP over a down-projected residual (ZayaRouter), not one linear layer "
              "moekit can read and verify", {}),
 }
@@ -174,10 +167,10 @@ def _entry(model_type: str, key, note: str, limits: dict) -> ArchSupport:
         return ArchSupport(model_type, None, "", "", unsupported=note)
     if key is None:
         return ArchSupport(model_type, None, "", note, limits=dict(limits))
-    if key.startswith("scored_topk:"):
-        return ArchSupport(model_type, "scored_topk", key.split(":", 1)[1], note, limits=dict(limits))
-    name = "softmax_topk" if key == "softmax_topk_renorm" else key
-    return ArchSupport(model_type, name, _RULES[key], note, limits=dict(limits))
+    name, _, text = key.partition(":")
+    name, renorm, _ = name.partition("+renorm")
+    text = text or RULES.get(name).formula + (" → renorm" if renorm else "")
+    return ArchSupport(model_type, RULES.canonical(name), text, note, limits=dict(limits))
 
 
 SUPPORT: dict[str, ArchSupport] = {mt: _entry(mt, *row) for mt, row in sorted(_TABLE.items())}

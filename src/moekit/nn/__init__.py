@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from moekit.nn.dispatch import (
+    BACKENDS,
     combine_slots,
     expert_counts,
     expert_forward,
@@ -30,6 +31,7 @@ from moekit.nn.routers import (
 register_with_transformers()
 
 __all__ = [
+    "BACKENDS",
     "ROUTERS",
     "AddAuxiliaryLoss",
     "CoELayer",

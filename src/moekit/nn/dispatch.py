@@ -22,17 +22,26 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from moekit.registry import Registry
+
 Backend = Literal["auto", "grouped_mm", "loop", "padded", "gemv"]
-_BACKENDS = ("auto", "grouped_mm", "loop", "padded", "gemv")
+BACKENDS: Registry[str] = Registry("experts backend")
+for _name, _help in (
+    ("auto", "picks per call: gemv for a one-token CPU step, padded for small CPU groups, else grouped_mm "
+             "where it runs, else loop"),
+    ("grouped_mm", "torch's F.grouped_mm over the expert-sorted rows (GPU; bf16 under torch.compile)"),
+    ("loop", "one matmul per expert, one host sync (runs everywhere)"),
+    ("padded", "one bmm over zero-padded per-expert blocks (CPU, small groups)"),
+    ("gemv", "one matrix-vector product per active expert on the weights' storage (decode, inference only)"),
+):
+    BACKENDS.add(_name, _name, help=_help)
 _default_backend: Backend = os.environ.get("MOEKIT_EXPERTS_BACKEND", "auto")  # type: ignore[assignment]
 
 
 def set_backend(backend: Backend) -> None:
     """Choose how grouped matmuls run: ``auto`` (picks per call, see ``_choose_path``), or force one."""
     global _default_backend
-    if backend not in _BACKENDS:
-        raise ValueError(f"unknown experts backend {backend!r}; choose one of {_BACKENDS}")
-    _default_backend = backend
+    _default_backend = BACKENDS.canonical(backend)  # type: ignore[assignment]
 
 
 def get_backend() -> Backend:
@@ -420,8 +429,8 @@ def expert_forward(
     top_k = ids.shape[-1]
     num_experts = w_gate_up.shape[0]
     backend = backend or _default_backend
-    if backend not in _BACKENDS:
-        raise ValueError(f"unknown experts backend {backend!r}; choose one of {_BACKENDS}")
+    if backend not in BACKENDS:
+        BACKENDS.canonical(backend)  # the one-line error naming every backend
     compiling = torch.compiler.is_compiling()
 
     # [E, in, out] views of the weights, whatever the storage layout.

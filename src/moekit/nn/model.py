@@ -27,7 +27,7 @@ class MoELMConfig:
     inter: int = 256  # width of one routed expert (before fine-grained splitting)
     num_experts: int = 8
     top_k: int = 2
-    router: str = "topk_softmax"
+    router: str = "softmax_then_topk"
     router_kwargs: dict[str, Any] = field(default_factory=lambda: {"balance_coef": 0.01})
     num_shared: int = 0
     granularity: int = 1  # DeepSeekMoE fine-grained split m: m·E experts of width I/m, m·k active

@@ -108,8 +108,8 @@ class Router(nn.Module):
         return f"hidden={self.hidden}, num_experts={self.num_experts}, top_k={self.top_k}"
 
 
-@ROUTERS.register("topk_softmax")
-class TopKSoftmaxRouter(Router):
+@ROUTERS.register("softmax_then_topk")
+class SoftmaxThenTopKRouter(Router):
     """Softmax over all experts, then top-k, optionally renormalised (Mixtral, Qwen-MoE, OLMoE, Switch)."""
 
     def __init__(self, hidden: int, num_experts: int, top_k: int, *, renorm: bool = True, **kw) -> None:
@@ -131,6 +131,11 @@ class TopKThenSoftmaxRouter(Router):
     def select(self, logits: torch.Tensor):
         top_logits, ids = logits.topk(self.top_k, dim=-1)
         return top_logits.softmax(dim=-1), ids, logits.softmax(dim=-1), ids, self.num_experts
+
+
+# Before the rename this registry called softmax-then-top-k "topk_softmax", the opposite of what the name says
+# (and of models.RULES). Configs saved with it still load: the old name reads as the new one.
+ROUTERS.alias("topk_softmax", "softmax_then_topk", note="renamed: the order is softmax, then top-k")
 
 
 def group_limited_topk(

@@ -21,10 +21,10 @@ from moekit.errors import MoekitError
 from moekit.models.loading import (
     DEFAULT_MODEL,
     LoadedModel,
-    _tokenizer,
     footprint,
     load_structure,
     read_weights,
+    tokenizer_at,
 )
 from moekit.models.loading import load as load_resident
 from moekit.models.moe_map import build_moe_map
@@ -85,7 +85,7 @@ def load(spec: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype | str | Non
     if distributed_config is not None:
         raise MoekitError("give max_memory or distributed_config, not both")
     budget = parse_size(max_memory)
-    from moekit.compress.quantized import is_quantized_checkpoint
+    from moekit.formats.quantized import is_quantized_checkpoint
 
     meta = load_structure(spec, dtype)
     plan = plan_budget(meta, budget)
@@ -103,7 +103,7 @@ def load(spec: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype | str | Non
             ckpt.close()
         meta.model.to(device)
         meta.moe = build_moe_map(meta.model)
-        meta.tokenizer = _tokenizer(meta.path) if with_tokenizer else None
+        meta.tokenizer = tokenizer_at(meta.path) if with_tokenizer else None
         return meta
     if plan["cache_bytes"] < plan["min_cache_bytes"]:
         raise MoekitError(

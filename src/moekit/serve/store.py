@@ -24,14 +24,14 @@ from moekit.formats import Checkpoint, Piece, Target, bytes_of, drop_cache, prea
 from moekit.formats.safetensors import ST_DTYPES
 from moekit.models.loading import (
     LoadedModel,
-    _hub_snapshot,
-    _tokenizer,
     bank_keys,
     expert_param_names,
+    hub_snapshot,
     read_weights,
     resolve,
     resolve_dtype,
     skeleton,
+    tokenizer_at,
 )
 from moekit.models.moe_map import build_moe_map
 
@@ -134,7 +134,7 @@ class QuantizedFileStore(FileStore):
         return plain | {n: (p.model_shape, self.dtype) for n, p in self.packed[layer].items()}
 
     def read(self, layer: int, expert: int, out: dict[str, torch.Tensor]) -> int:
-        from moekit.compress.quantize import QTensor
+        from moekit.formats.quantized import QTensor
 
         total = super().read(layer, expert, {n: out[n] for n in self.targets.get(layer, {})}) \
             if layer in self.targets else 0  # the unquantized tensors
@@ -158,7 +158,7 @@ class QuantizedFileStore(FileStore):
     def open(cls, path: Path, meta: dict, keys: dict[int, dict[str, str]], dtype: torch.dtype,
              bypass_page_cache: bool = True) -> QuantizedFileStore:
         """The store of quantized checkpoint ``path`` (format record ``meta``) for the model's bank ``keys``."""
-        from moekit.compress.quantize import QUANT_WEIGHTS
+        from moekit.formats.quantized import QUANT_WEIGHTS
 
         file = path / QUANT_WEIGHTS
         header, data_start = read_header(file)
@@ -233,8 +233,8 @@ def load_offloaded(
     Memory: the non-expert weights only; nothing is read twice and no file is mapped."""
     path, name = resolve(spec)
     if path is None:
-        path = Path(_hub_snapshot(name))
-    from moekit.compress.quantized import is_quantized_checkpoint
+        path = Path(hub_snapshot(name))
+    from moekit.formats.quantized import is_quantized_checkpoint
 
     dtype = resolve_dtype(dtype, path)
     model = skeleton(path, dtype)
@@ -242,7 +242,7 @@ def load_offloaded(
     expert_keys = {k for d in keys.values() for k in d.values()}
     store: ExpertStore
     if is_quantized_checkpoint(path):
-        from moekit.compress.quantize import QUANT_WEIGHTS, read_quant_meta
+        from moekit.formats.quantized import QUANT_WEIGHTS, read_quant_meta
 
         store = QuantizedFileStore.open(path, read_quant_meta(path), keys, dtype, bypass_page_cache)
         _read_dense_quantized(model, path / QUANT_WEIGHTS, expert_keys, store)
@@ -257,7 +257,7 @@ def load_offloaded(
         read_weights(model, ckpt, skip=expert_keys, drop_cache=bypass_page_cache)
     _to_device(model, device)
     model.eval()
-    lm = LoadedModel(model=model, tokenizer=_tokenizer(path) if with_tokenizer else None, moe=build_moe_map(model),
+    lm = LoadedModel(model=model, tokenizer=tokenizer_at(path) if with_tokenizer else None, moe=build_moe_map(model),
                      name=name, path=path)
     lm._moekit_expert_store = store  # type: ignore[attr-defined]
     return lm
@@ -303,7 +303,7 @@ def store_for(lm: LoadedModel, bypass_page_cache: bool = True) -> ExpertStore:
     if store is not None:
         return store
     if lm.path is not None:
-        from moekit.compress.quantized import is_quantized_checkpoint
+        from moekit.formats.quantized import is_quantized_checkpoint
 
         if not is_quantized_checkpoint(Path(lm.path)):
             dtype = next(iter(lm.moe)).router.weight.dtype

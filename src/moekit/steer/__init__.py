@@ -1,6 +1,6 @@
 """Steering: find the experts tied to a behaviour, switch / force / boost them, self-contrast decoding
-(SCMoE) and test-time rerouting. Importing this package registers the ``contrast`` and ``rewire``
-decoders in ``moekit.generation.DECODERS``."""
+(SCMoE) and test-time rerouting. The ``contrast`` and ``rewire`` decoders are entries of
+``moekit.generation.DECODERS`` that import this package's modules on first use."""
 
 from moekit.steer.contrast import ContrastDecoder, contrast_logits
 from moekit.steer.demo import demo_step

@@ -13,7 +13,7 @@ import math
 import torch
 
 from moekit.errors import MoekitError
-from moekit.generation import DECODERS, Decoder
+from moekit.generation import Decoder
 from moekit.models.loading import LoadedModel
 from moekit.routing import route
 
@@ -31,7 +31,6 @@ def contrast_logits(z_strong: torch.Tensor, z_weak: torch.Tensor, beta: float, a
     return z.masked_fill(~plausible, float("-inf"))
 
 
-@DECODERS.register("contrast")
 class ContrastDecoder(Decoder):
     """SCMoE: strong (model's routing, plus any outer control) vs weak (``weak_top_k`` experts) routing."""
 

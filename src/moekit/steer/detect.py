@@ -215,13 +215,23 @@ Detector = Callable[[SetCounts, SetCounts | None], tuple[np.ndarray, dict[str, n
 DETECTORS: Registry[Detector] = Registry("detection method")
 
 
+INPUT_OPTIONS = {"negative": "--neg", "markers": "--markers"}
+
+
+def check_inputs(method: str, has_neg: bool, has_markers: bool) -> None:
+    """Fail before any work when ``method`` needs an input that is missing (the registry entry's needs)."""
+    given = {"negative"} if has_neg else set()
+    DETECTORS.check_needs(method, given | ({"markers"} if has_markers else set()), INPUT_OPTIONS)
+
+
 def _need_neg(neg: SetCounts | None, method: str) -> SetCounts:
     if neg is None:
         raise MoekitError(f"method {method} needs a second example set (--neg)")
     return neg
 
 
-@DETECTORS.register("risk_diff")
+@DETECTORS.register("risk_diff", needs=["negative"],
+                    help="SteerMoE: selection rate on the examples minus on the contrasting set")
 def risk_diff(pos: SetCounts, neg: SetCounts | None) -> tuple[np.ndarray, dict]:
     """SteerMoE: ``a₁/(a₁+d₁) − a₂/(a₂+d₂)`` (selection rate on set 1 minus on set 2)."""
     neg = _need_neg(neg, "risk_diff")
@@ -230,7 +240,9 @@ def risk_diff(pos: SetCounts, neg: SetCounts | None) -> tuple[np.ndarray, dict]:
                    "d_neg": neg.not_selected}
 
 
-@DETECTORS.register("contrast")
+@DETECTORS.register("contrast", needs=["negative"],
+                    help="activation contrast (fTRI-style): mean routing weight per target token, examples minus "
+                    "contrasting set")
 def activation_contrast(pos: SetCounts, neg: SetCounts | None) -> tuple[np.ndarray, dict]:
     """fTRI-style activation contrast: mean routing weight per target token on set 1 minus on set 2."""
     neg = _need_neg(neg, "contrast")
@@ -252,7 +264,9 @@ def npmi_counts(n: int, n_x: int, n_e: np.ndarray, n_xe: np.ndarray) -> np.ndarr
     return out
 
 
-@DETECTORS.register("npmi")
+@DETECTORS.register("npmi", needs=["markers"],
+                    help="RICE: nPMI between 'token is a marker' and 'token selected the expert' (contrasting set "
+                    "optional)")
 def npmi(pos: SetCounts, neg: SetCounts | None) -> tuple[np.ndarray, dict]:
     """RICE: nPMI between "token is a marker" and "token selected the expert" over all counted tokens."""
     sets = [s for s in (pos, neg) if s is not None]
@@ -289,11 +303,9 @@ def find_experts(
     batch_size: int = 16,
 ) -> dict:
     """Rank every (layer, expert) by ``method``; returns the experts-file dict (see ``save_experts``)."""
-    DETECTORS.get(method)
+    check_inputs(method, neg is not None, bool(markers))
     if top < 1:
         raise MoekitError("--top must be at least 1")
-    if method == "npmi" and not markers:
-        raise MoekitError("method npmi needs marker tokens (--markers)")
     pc = count_routing(lm, pos, markers, max_len, batch_size)
     nc = count_routing(lm, neg, markers, max_len, batch_size) if neg else None
     return rank_experts(lm, pc, nc, method, top, markers)

@@ -10,12 +10,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from moekit.data.synthetic import _ONES, _TENS
+from moekit.data.synthetic import NUMBER_WORDS
 from moekit.models.compat import cache_kwargs, output_cache
 from moekit.models.loading import LoadedModel
 from moekit.routing import RoutingControl, route
 
-NUMBER_WORDS = frozenset([*_ONES, *_TENS[2:], "hundred", "thousand", "million", "negative"])
 _NUM = re.compile(r"-?\d+|[A-Za-z]+")
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from moekit.errors import MoekitError
-from moekit.generation import DECODERS, Decoder
+from moekit.generation import Decoder
 from moekit.models.loading import LoadedModel
 from moekit.routing import RoutingControl, route
 
@@ -74,7 +74,6 @@ class RouterBias:
         return entry
 
 
-@DECODERS.register("rewire")
 class RewireDecoder(Decoder):
     """Adapts router-logit vectors on the context at prefill and every ``every`` generated tokens; the KV
     cache is rebuilt after each update so every position is routed with the current vectors."""
