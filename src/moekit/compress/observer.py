@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from moekit.data.batching import length_sorted_batches, pad_batch
 from moekit.errors import MoekitError
 from moekit.models.compat import last_logits_kwargs
 from moekit.models.loading import LoadedModel
@@ -215,7 +216,7 @@ def calibration_windows(lm: LoadedModel, docs: Sequence, seq_len: int = 256, max
 
     if not docs:
         raise MoekitError("calibration data is empty: give at least one non-empty --calib file")
-    windows = [w[2] for w in tokenize_windows(lm, docs, seq_len, max_tokens)]
+    windows = [w.ids for w in tokenize_windows(lm, docs, seq_len, max_tokens)]
     if not windows or sum(len(w) for w in windows) < 2:
         raise MoekitError("calibration data is empty: the --calib files contain no tokens")
     return windows
@@ -223,10 +224,7 @@ def calibration_windows(lm: LoadedModel, docs: Sequence, seq_len: int = 256, max
 
 def batches_of(windows: Sequence[Sequence[int]], batch_size: int) -> list[dict[str, torch.Tensor]]:
     """Right-padded batches (longest windows first, to keep padding small)."""
-    from moekit.routing.tracing import pad_batch
-
-    order = sorted(range(len(windows)), key=lambda i: -len(windows[i]))
-    return [pad_batch([windows[i] for i in order[b:b + batch_size]]) for b in range(0, len(order), batch_size)]
+    return [pad_batch([windows[i] for i in b]) for b in length_sorted_batches([len(w) for w in windows], batch_size)]
 
 
 def progress_bar(enabled: bool, total: int, label: str):

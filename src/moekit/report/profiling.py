@@ -63,7 +63,8 @@ def profile_expert_max(lm: Any, docs: Sequence, max_tokens: int | None = 8192, s
 
     ``docs`` are documents (objects with ``text``); at most ``max_tokens`` tokens are run.  An
     expert that received no token gets NaN."""
-    from moekit.routing.tracing import pad_batch, tokenize_windows
+    from moekit.data.batching import length_sorted_batches, pad_batch
+    from moekit.routing.tracing import tokenize_windows
 
     windows = tokenize_windows(lm, docs, seq_len, max_tokens)
     if not windows:
@@ -94,9 +95,8 @@ def profile_expert_max(lm: Any, docs: Sequence, max_tokens: int | None = 8192, s
         handles.append(view.experts.register_forward_pre_hook(make_hook(pos, view), with_kwargs=True))
     extra = last_logits_kwargs(lm.model)
     try:
-        order = sorted(range(len(windows)), key=lambda i: -len(windows[i][2]))
-        for b in range(0, len(order), batch_size):
-            batch = pad_batch([windows[i][2] for i in order[b:b + batch_size]])
+        for b in length_sorted_batches([len(w.ids) for w in windows], batch_size):
+            batch = pad_batch([windows[i].ids for i in b])
             state["keep"] = batch["attention_mask"].reshape(-1).bool().to(lm.device)
             lm.model(**{k: v.to(lm.device) for k, v in batch.items()}, use_cache=False, **extra)
     finally:
