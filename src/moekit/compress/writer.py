@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from moekit.data.tokenizers import TOKENIZER_EXTRA_FILES, TOKENIZER_FILES
 from moekit.errors import MoekitError, UnsupportedArchitecture
 from moekit.io import atomic_output_dir
 from moekit.models.loading import LoadedModel
@@ -38,8 +39,6 @@ from moekit.models.moe_map import MoELayerView
 
 EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 METADATA_FILE = "moekit_compression.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
 
 def data_hash(windows: Sequence[Sequence[int]]) -> str:
@@ -206,7 +205,7 @@ def copy_tokenizer(lm: LoadedModel, out: Path) -> bool:
 
 def copy_tokenizer_files(src: Path, out: Path) -> bool:
     found = False
-    for name in TOKENIZER_FILES:
+    for name in (*TOKENIZER_FILES, *TOKENIZER_EXTRA_FILES):
         if (src / name).is_file():
             shutil.copy2(src / name, out / name)
             found = True

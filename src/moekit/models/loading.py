@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moekit.data.tokenizers import load_tokenizer_from
 from moekit.errors import MoekitError
 from moekit.formats.checkpoint import checkpoint_dtype
 from moekit.models.moe_map import MoEMap, build_moe_map
@@ -50,11 +51,6 @@ def bundled_names() -> list[str]:
     if not root.is_dir():
         return []
     return sorted(BUNDLED_PREFIX + p.name for p in root.iterdir() if (p / "config.json").is_file())
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",
-                   "vocab.txt", "tekken.json")
-"""Files of which at least one is present in a checkpoint that ships a tokenizer."""
 
 
 def check_checkpoint(path: str | os.PathLike) -> None:
@@ -129,11 +125,6 @@ def check_device(device: str | torch.device) -> torch.device:
     return d
 
 
-def has_tokenizer(path: str | os.PathLike) -> bool:
-    """Whether a checkpoint directory ships tokenizer files (else AutoTokenizer builds an empty one)."""
-    return any((Path(path) / name).is_file() for name in TOKENIZER_FILES)
-
-
 def resolve(spec: str | os.PathLike) -> tuple[Path | None, str]:
     """Turn a model spec into (local directory or None for a hub id, display name)."""
     s = str(spec)
@@ -200,7 +191,7 @@ def load(
     ``dtype``: ``"auto"`` (default) keeps the checkpoint's dtype; or ``bfloat16``/``float16``/``float32``.
     """
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     device = check_device(device)
     path, name = resolve(spec)
@@ -230,12 +221,7 @@ def load(
     if distributed_config is None:
         model.to(device)
     model.eval()
-    tokenizer = None
-    if with_tokenizer and has_tokenizer(source):
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-        except (OSError, ValueError, KeyError, TypeError):
-            tokenizer = None
+    tokenizer = load_tokenizer_from(source) if with_tokenizer else None
     return LoadedModel(model=model, tokenizer=tokenizer, moe=build_moe_map(model), name=name, path=path)
 
 
@@ -365,7 +351,7 @@ def load_structure(spec: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype |
     if path is None:
         path = Path(_hub_snapshot(name))
     model = skeleton(path, resolve_dtype(dtype, path))
-    return LoadedModel(model=model, tokenizer=_tokenizer(path) if with_tokenizer else None, moe=build_moe_map(model),
+    return LoadedModel(model=model, tokenizer=load_tokenizer_from(path) if with_tokenizer else None, moe=build_moe_map(model),
                        name=name, path=path)
 
 
@@ -410,12 +396,3 @@ def read_weights(model: nn.Module, ckpt, skip: set[str] = frozenset(), drop_cach
     still = sorted(k for k, t in model.state_dict(keep_vars=True).items() if k not in skip and t.is_meta)
     if still:
         raise MoekitError(f"could not find {len(still)} tensors in {ckpt.path} (e.g. {still[0]})")
-
-
-def _tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None

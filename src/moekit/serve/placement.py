@@ -17,11 +17,11 @@ import re
 
 import torch
 
+from moekit.data.tokenizers import load_tokenizer_from
 from moekit.errors import MoekitError
 from moekit.models.loading import (
     DEFAULT_MODEL,
     LoadedModel,
-    _tokenizer,
     footprint,
     load_structure,
     read_weights,
@@ -103,7 +103,7 @@ def load(spec: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype | str | Non
             ckpt.close()
         meta.model.to(device)
         meta.moe = build_moe_map(meta.model)
-        meta.tokenizer = _tokenizer(meta.path) if with_tokenizer else None
+        meta.tokenizer = load_tokenizer_from(meta.path) if with_tokenizer else None
         return meta
     if plan["cache_bytes"] < plan["min_cache_bytes"]:
         raise MoekitError(

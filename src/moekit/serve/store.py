@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moekit.data.tokenizers import load_tokenizer_from
 from moekit.errors import MoekitError
 from moekit.formats import Checkpoint, Piece, Target, bytes_of, drop_cache, pread_into, read_header
 from moekit.formats.safetensors import ST_DTYPES
 from moekit.models.loading import (
     LoadedModel,
     _hub_snapshot,
-    _tokenizer,
     bank_keys,
     expert_param_names,
     read_weights,
@@ -257,7 +257,7 @@ def load_offloaded(
         read_weights(model, ckpt, skip=expert_keys, drop_cache=bypass_page_cache)
     _to_device(model, device)
     model.eval()
-    lm = LoadedModel(model=model, tokenizer=_tokenizer(path) if with_tokenizer else None, moe=build_moe_map(model),
+    lm = LoadedModel(model=model, tokenizer=load_tokenizer_from(path) if with_tokenizer else None, moe=build_moe_map(model),
                      name=name, path=path)
     lm._moekit_expert_store = store  # type: ignore[attr-defined]
     return lm

@@ -261,8 +261,9 @@ def upcycle_checkpoint(dense: str | os.PathLike, out: str | os.PathLike, num_exp
 
     All argument checks (architecture, N >= k, granularity, output dir) happen before any weight is read.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
+    from moekit.data.tokenizers import load_tokenizer_from
     from moekit.models import resolve
 
     config = load_dense_config(dense)
@@ -273,10 +274,7 @@ def upcycle_checkpoint(dense: str | os.PathLike, out: str | os.PathLike, num_exp
     path, name = resolve(dense)
     source = str(path) if path is not None else name
     dense_model = AutoModelForCausalLM.from_pretrained(source, dtype="auto")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError, KeyError, TypeError):
-        tokenizer = None
+    tokenizer = load_tokenizer_from(source)
     moe = upcycle(dense_model, num_experts, top_k, granularity, shared, seed=seed, router=router)
     save(moe, out, tokenizer=tokenizer, force=force)
     total = sum(t.numel() for t in moe.parameters())
