@@ -1,4 +1,4 @@
-"""One tokenizer loader (moekit.data.tokenizers): every way of loading a model finds the same tokenizer, or none."""
+"""One tokenizer loader (moekit.formats.tokenizer): every way of loading a model finds the same tokenizer, or none."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 
 import moekit
 from moekit.data import load_tokenizer
-from moekit.data.tokenizers import load_tokenizer_from
+from moekit.formats.tokenizer import load_tokenizer_from
 from moekit.models.loading import load_structure
 from moekit.serve.store import load_offloaded
 from moekit.testing import save_tiny_checkpoint

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from moekit.data.tokenizers import TOKENIZER_EXTRA_FILES, TOKENIZER_FILES
 from moekit.errors import MoekitError, UnsupportedArchitecture
+from moekit.formats.tokenizer import TOKENIZER_EXTRA_FILES, TOKENIZER_FILES
 from moekit.io import atomic_output_dir
 from moekit.models.loading import LoadedModel
 from moekit.models.moe_map import MoELayerView

@@ -203,15 +203,13 @@ def tokenizer_path() -> Path:
 
 
 def load_tokenizer():
-    """Load the bundled tokenizer (offline, from the package; ``tokenizers.load_tokenizer_from``)."""
-    from moekit.data.tokenizers import load_tokenizer_from
+    """Load the bundled tokenizer with ``transformers.AutoTokenizer`` (offline, from the package)."""
+    from transformers import AutoTokenizer
 
     path = tokenizer_path()
-    tok = load_tokenizer_from(path, local_files_only=True) if (path / "tokenizer.json").is_file() else None
-    if tok is None:
-        raise MoekitError(f"bundled tokenizer {path} is missing or unreadable; rebuild it with "
-                          "scripts/train_tokenizer.py")
-    return tok
+    if not (path / "tokenizer.json").is_file():
+        raise MoekitError(f"bundled tokenizer {path} is missing; rebuild it with scripts/train_tokenizer.py")
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
 def interleave_domains(docs: Sequence[Document]) -> list[Document]:

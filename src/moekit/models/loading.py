@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moekit.data.tokenizers import load_tokenizer_from
 from moekit.errors import MoekitError
 from moekit.formats.checkpoint import checkpoint_dtype
+from moekit.formats.tokenizer import load_tokenizer_from
 from moekit.models.moe_map import MoEMap, build_moe_map
 
 BUNDLED_PREFIX = "moekit:"

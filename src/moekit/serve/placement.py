@@ -17,8 +17,8 @@ import re
 
 import torch
 
-from moekit.data.tokenizers import load_tokenizer_from
 from moekit.errors import MoekitError
+from moekit.formats.tokenizer import load_tokenizer_from
 from moekit.models.loading import (
     DEFAULT_MODEL,
     LoadedModel,

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moekit.data.tokenizers import load_tokenizer_from
 from moekit.errors import MoekitError
 from moekit.formats import Checkpoint, Piece, Target, bytes_of, drop_cache, pread_into, read_header
 from moekit.formats.safetensors import ST_DTYPES
+from moekit.formats.tokenizer import load_tokenizer_from
 from moekit.models.loading import (
     LoadedModel,
     _hub_snapshot,

@@ -263,7 +263,7 @@ def upcycle_checkpoint(dense: str | os.PathLike, out: str | os.PathLike, num_exp
     """
     from transformers import AutoModelForCausalLM
 
-    from moekit.data.tokenizers import load_tokenizer_from
+    from moekit.formats.tokenizer import load_tokenizer_from
     from moekit.models import resolve
 
     config = load_dense_config(dense)

@@ -1,6 +1,7 @@
-"""The one tokenizer loader: a checkpoint's (or the bundled) tokenizer with transformers' ``AutoTokenizer``,
-and ``None`` where there is none to load, instead of the empty tokenizer ``AutoTokenizer`` builds for a
-directory without tokenizer files. Every loader of models (resident, low-memory, offloaded, upcycle) uses it.
+"""A checkpoint's tokenizer files, and the one tokenizer loader: transformers' ``AutoTokenizer`` on a checkpoint,
+or ``None`` where there is none to load (instead of the empty tokenizer ``AutoTokenizer`` builds for a directory
+without tokenizer files). Every model loader (resident, low-memory, offloaded, upcycle) uses it; the checkpoint
+writer copies the files.
 """
 
 from __future__ import annotations
