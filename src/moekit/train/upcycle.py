@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from moekit.errors import MoekitError
-from moekit.io import atomic_output_dir, check_writable
+from moekit.formats.writer import write_checkpoint
+from moekit.io import check_writable
 
 SOURCES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORT: dict[str, tuple[str, str]] = {  # source -> (target without shared experts, target with shared experts)
@@ -233,11 +234,7 @@ def upcycle(dense_model: nn.Module, num_experts: int, top_k: int, granularity: i
 
 def save(model: nn.Module, out: str | os.PathLike, tokenizer=None, force: bool = False) -> Path:
     """Write ``model`` (and ``tokenizer``) as a normal HF checkpoint directory, atomically."""
-    with atomic_output_dir(out, force=force) as tmp:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    return Path(out)
+    return write_checkpoint(out, force=force, model=model, tokenizer=tokenizer)
 
 
 def load_dense_config(spec: str | os.PathLike):
