@@ -184,51 +184,6 @@ class TopKSoftmax(Rule):
         return "top-k on logits → softmax over k"
 
 
-@RULES.register("sigmoid_group")
-class SigmoidGroup(Rule):
-    """DeepSeek-V3: sigmoid scores; a selection-only correction bias; group-limited top-k (group score =
-    sum of its two best biased scores); weights from the unbiased scores, renormalised, × scaling."""
-
-    name = "sigmoid_group"
-
-    def __init__(self, router, config) -> None:
-        super().__init__(router, config)
-        self.router = router
-        self.n_group = int(router.num_group)
-        self.topk_group = int(router.topk_group)
-        self._renorm = bool(router.norm_topk_prob)
-        self.scaling = float(router.routed_scaling_factor)
-
-    @property
-    def renormalize(self) -> bool:
-        return self._renorm
-
-    def scores(self, logits):
-        return expert_scores(logits, "sigmoid")
-
-    def probs(self, logits):
-        return score_distribution(self.scores(logits), "sigmoid")
-
-    def choice(self, scores, logits):
-        return scores + self.router.e_score_correction_bias.float()
-
-    def limit_groups(self, choice, k):
-        if self.n_group <= 1:
-            return choice
-        keep = kept_groups(choice, self.n_group, self.topk_group, k)
-        return choice.masked_fill(~keep, NEG_INF)
-
-    def weights(self, scores, logits, ids, valid):
-        w = scores.gather(1, ids).masked_fill(~valid, 0.0)
-        if self._renorm:
-            w = renormalize(w)
-        return w * self.scaling
-
-    def describe(self) -> str:
-        return (f"sigmoid + selection bias → group-limited top-k ({self.topk_group}/{self.n_group} groups)"
-                + (" → renorm" if self._renorm else "") + f" × {self.scaling:g}")
-
-
 @RULES.register("sparsemixer")
 class SparseMixer(Rule):
     """PhiMoE SparseMixer (inference): pick experts one at a time by score; each weight is the softmax of
@@ -303,7 +258,7 @@ class ScoredTopK(Rule):
             self.top_k = int(top_k)
         expert_scores(torch.zeros(1, 1), score)  # an unknown score function fails here, not at the first forward
         self.score = score
-        self.bias = bias
+        self._bias = bias
         self._renorm = bool(renormalize)
         self.scaling = float(scaling)
         self.n_group, self.topk_group = int(n_group), int(topk_group)
@@ -313,6 +268,11 @@ class ScoredTopK(Rule):
     @property
     def renormalize(self) -> bool:
         return self._renorm
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The selection-only bias (None: selection by the scores themselves)."""
+        return self._bias
 
     def scores(self, logits):
         return expert_scores(logits, self.score)
@@ -350,3 +310,28 @@ class ScoredTopK(Rule):
         s += " → renorm" if self._renorm else ""
         s += " × per-expert scale" if self.expert_scale is not None else ""
         return s + (f" × {self.scaling:g}" if self.scaling != 1.0 else "")
+
+
+@RULES.register("sigmoid_group")
+class SigmoidGroup(ScoredTopK):
+    """DeepSeek-V3: sigmoid scores; a selection-only correction bias; group-limited top-k (group score =
+    sum of its two best biased scores); weights from the unbiased scores, renormalised, × scaling.
+
+    ``ScoredTopK`` with the router's own parameters; the bias is read from the router at every call, so a
+    bias updated or moved with the model is the one used."""
+
+    name = "sigmoid_group"
+
+    def __init__(self, router, config) -> None:
+        super().__init__(router, config, score="sigmoid", renormalize=bool(router.norm_topk_prob),
+                         scaling=float(router.routed_scaling_factor), n_group=int(router.num_group),
+                         topk_group=int(router.topk_group))
+        self.router = router
+
+    @property
+    def bias(self) -> torch.Tensor:
+        return self.router.e_score_correction_bias
+
+    def describe(self) -> str:
+        return (f"sigmoid + selection bias → group-limited top-k ({self.topk_group}/{self.n_group} groups)"
+                + (" → renorm" if self._renorm else "") + f" × {self.scaling:g}")
