@@ -154,6 +154,8 @@ def write_checkpoint(
             if isinstance(data, Path):
                 if data.is_file():
                     shutil.copy2(data, tmp / name)
+            elif isinstance(data, bytes):
+                (tmp / name).write_bytes(data)
             else:
-                (tmp / name).write_bytes(data) if isinstance(data, bytes) else (tmp / name).write_text(data)
+                (tmp / name).write_text(data)
     return Path(out)
