@@ -130,3 +130,36 @@ def test_demo_step_reports_perplexity_before_and_after(tmp_path):
     assert r["params_after"] < r["params_before"]
     assert r["perplexity_before"] > 1 and r["perplexity_after"] > 1
     assert set(r["by_domain_before"]) == set(r["by_domain_after"])
+
+
+def test_ratio_check_is_one_rule_for_prune_merge_and_selection():
+    """prune (``choose``), merge (``merge`` and ``plan_groups``) and ``select_kept`` refuse the same ratio with the
+    same message, and accept the largest ratio that still leaves top-k experts."""
+    from moekit.compress.criteria import check_ratio, experts_kept
+    from moekit.compress.merge import merge, plan_groups
+
+    lm = tiny_lm("qwen3_moe")
+    v = lm.moe.layers[0]
+    E, k = v.num_experts, v.top_k
+    stats = CalibStats({w.index: LayerStats(w.index, w.num_experts, w.top_k) for w in lm.moe}, tokens=0)
+    too_far = (E - k + 1) / E  # drops one expert too many
+    want = f"ratio {too_far} leaves {k - 1} experts in layer {v.index}, fewer than top-k = {k}"
+    calls = [
+        lambda: choose(lm, None, "random", too_far),
+        lambda: merge(lm, too_far, stats),
+        lambda: plan_groups(lm, stats, too_far),
+        lambda: select_kept({w.index: np.ones(w.num_experts) for w in lm.moe}, too_far,
+                            {w.index: w.top_k for w in lm.moe}),
+        lambda: check_ratio({w.index: (w.num_experts, w.top_k) for w in lm.moe}, too_far),
+    ]
+    for call in calls:
+        with pytest.raises(MoekitError) as err:
+            call()
+        assert str(err.value) == want
+    just_enough = (E - k) / E
+    assert experts_kept(E, k, just_enough, v.index) == k
+    assert [len(x) for x in choose(lm, None, "random", just_enough).kept.values()] == [k] * len(lm.moe)
+    # under a global budget only the total counts
+    with pytest.raises(MoekitError, match="fewer experts in all than top-k per layer"):
+        check_ratio({0: (E, k), 1: (E, k)}, too_far, global_budget=True)
+    check_ratio({0: (E, k), 1: (E, k)}, just_enough, global_budget=True)

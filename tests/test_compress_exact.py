@@ -125,12 +125,12 @@ def test_refuses_overwrite_and_too_few_experts(tmp_path):
 def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
     lm = tiny_lm("mixtral")
     kept = {v.index: list(range(4)) for v in lm.moe}
-    from moekit.compress import writer
+    from moekit.formats import writer
 
-    def boom(*a, **k):
+    def boom(*a, **k):  # interrupted after the weights are written, before the tokenizer and the record
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(writer, "copy_tokenizer", boom)
+    monkeypatch.setattr(writer, "write_tokenizer", boom)
     with pytest.raises(KeyboardInterrupt):
         write_pruned(lm, kept, tmp_path / "o")
     assert list(tmp_path.iterdir()) == []

@@ -234,7 +234,8 @@ def test_profile_matches_direct_expert_computation(workdir):
     lm = moekit.load(str(workdir / "ckpt"))
     docs = read_documents([str(workdir / "two.jsonl")])[:3]
     got = profile_expert_max(lm, docs, max_tokens=300, seq_len=64, batch_size=2)
-    from moekit.routing.tracing import pad_batch, tokenize_windows
+    from moekit.data.batching import pad_batch
+    from moekit.routing.tracing import tokenize_windows
 
     want = np.full_like(got, np.nan)
     seen = {}

@@ -275,11 +275,9 @@ def save_tiny_checkpoint(arch: str, path, seed: int = 0, with_tokenizer: bool = 
 
         tok = load_tokenizer()
         overrides.setdefault("vocab_size", len(tok))
-    model = tiny_model(arch, seed=seed, **overrides)
-    model.save_pretrained(path)
-    if with_tokenizer:
-        tok.save_pretrained(path)
-    return path
+    from moekit.formats.writer import write_checkpoint
+
+    return write_checkpoint(path, model=tiny_model(arch, seed=seed, **overrides), tokenizer=tok if with_tokenizer else None)
 
 
 try:  # pytest fixtures for the bundled trained models, loaded once per test session

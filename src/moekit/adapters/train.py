@@ -12,21 +12,16 @@ import torch
 from torch import nn
 
 from moekit.adapters.core import aux_loss, load_cv, reset_load
-from moekit.data.batching import pad_batch
+from moekit.data.batching import pad_batch, text_windows
 from moekit.data.corpus import Document
 from moekit.errors import MoekitError
-from moekit.eval import document_windows
 
 
 def token_windows(tokenizer, docs: Sequence[Document | str], seq_len: int) -> list[list[int]]:
     """Every document cut into windows of ``seq_len`` tokens (overlap 1), in document order."""
     if tokenizer is None:
         raise MoekitError("the model has no tokenizer; adapter training needs one")
-    out: list[list[int]] = []
-    for d in docs:
-        text = d.text if isinstance(d, Document) else str(d)
-        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-        out.extend(w for w in document_windows(ids, seq_len) if len(w) >= 2)
+    out = [w.ids for w in text_windows(tokenizer, docs, seq_len, overlap=1)]
     if not out:
         raise MoekitError("no training tokens: the documents are empty or shorter than 2 tokens")
     return out

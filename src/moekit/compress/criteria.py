@@ -29,6 +29,27 @@ Criterion = Callable[[LayerStats, int], np.ndarray]
 CRITERIA: Registry[Criterion] = Registry("pruning criterion")
 
 
+def experts_kept(num_experts: int, top_k: int, ratio: float, layer: int) -> int:
+    """Experts a layer of ``num_experts`` keeps at ``ratio``; a clear error when that is fewer than its top-k
+    (the one check prune, merge and their low-memory variants share)."""
+    keep = num_experts - n_drop(num_experts, ratio)
+    if keep < top_k:
+        raise MoekitError(f"ratio {ratio} leaves {keep} experts in layer {layer}, fewer than top-k = {top_k}")
+    return keep
+
+
+def check_ratio(layers: Mapping[int, tuple[int, int]], ratio: float, global_budget: bool = False) -> None:
+    """Errors early (before calibration) for a ratio that leaves fewer experts than top-k: per layer, or in all
+    under a global budget. ``layers`` maps each MoE layer's index to its ``(num_experts, top_k)``."""
+    if not global_budget:
+        for li, (num_experts, top_k) in layers.items():
+            experts_kept(num_experts, top_k, ratio, li)
+        return
+    total = sum(e for e, _ in layers.values())
+    if total - n_drop(total, ratio) < sum(k for _, k in layers.values()):
+        raise MoekitError(f"ratio {ratio} leaves fewer experts in all than top-k per layer")
+
+
 @CRITERIA.register("random", help="uniform random scores (seeded by --seed and the layer): the baseline")
 def _random(st: LayerStats, seed: int = 0) -> np.ndarray:
     return np.random.default_rng([seed, st.index]).random(st.num_experts)
@@ -106,10 +127,7 @@ def select_kept(
     if not global_budget:
         kept = {}
         for li, v in s.items():
-            E = len(v)
-            keep_n = E - n_drop(E, ratio)
-            if keep_n < top_k[li]:
-                raise MoekitError(f"ratio {ratio} leaves {keep_n} experts in layer {li}, fewer than top-k = {top_k[li]}")
+            keep_n = experts_kept(len(v), top_k[li], ratio, li)
             if len(prot[li]) > keep_n:
                 raise MoekitError(f"layer {li} has {len(prot[li])} protected experts but only {keep_n} are kept")
             key = v.copy()

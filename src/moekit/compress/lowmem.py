@@ -16,9 +16,7 @@ indexed on dim 0), and written in shards of at most ``shard_bytes``, in the dtyp
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -36,7 +34,6 @@ from moekit.compress.observer import (
 from moekit.compress.writer import (
     METADATA_FILE,
     check_kept,
-    copy_tokenizer_files,
     data_hash,
     disable_param,
     metadata,
@@ -44,7 +41,7 @@ from moekit.compress.writer import (
 )
 from moekit.errors import MoekitError
 from moekit.formats import Checkpoint, read_tensor
-from moekit.io import atomic_output_dir
+from moekit.formats.writer import write_checkpoint
 from moekit.models.loading import LoadedModel, load_structure
 
 _PER_EXPERT = re.compile(r"^(?P<block>.+)\.experts\.(?P<e>\d+)\.(?P<proj>[A-Za-z0-9_]+)\.weight$")
@@ -140,8 +137,6 @@ def write_pruned_files(src: str | Path, lm: LoadedModel, kept: Mapping[int, Sequ
 
     ``lm`` is its (meta) LoadedModel, used for the structure. Same result as ``writer.write_pruned``.
     """
-    from safetensors.torch import save_file
-
     src = Path(src)
     kept = check_kept(lm, kept)
     config, notes = plan_config(lm, kept)
@@ -153,42 +148,25 @@ def write_pruned_files(src: str | Path, lm: LoadedModel, kept: Mapping[int, Sequ
 
     views = {v.index: v for v in lm.moe}
     layer_re = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-    with atomic_output_dir(out, force) as tmp:
-        shards: list[list[str]] = []
-        buf: dict[str, torch.Tensor] = {}
-        size = 0
 
-        def flush() -> None:
-            nonlocal buf, size
-            if buf:
-                save_file(buf, str(tmp / f"shard-{len(shards):05d}.tmp"), metadata={"format": "pt"})
-                shards.append(list(buf))
-                buf, size = {}, 0
-
-        def add(name: str, t: torch.Tensor) -> None:
-            nonlocal size
-            buf[name] = t.contiguous()
-            size += t.numel() * t.element_size()
-            if size >= shard_bytes:
-                flush()
-
+    def pruned_tensors():
+        """(name, tensor) of the pruned checkpoint, one source tensor at a time, in the source's order."""
         for key in reader.tensors:
             m = layer_re.match(key)
             view = views.get(int(m[1])) if m else None
             if view is None:
-                add(key, load(key))
+                yield key, load(key)
                 continue
             rest, ids, E = m[2], kept[view.index], view.num_experts
             pe = _PER_EXPERT.match(rest)
             if pe and pe["proj"] in _PROJ:
                 e = int(pe["e"])
                 if e in ids:
-                    new = ids.index(e)
-                    add(f"model.layers.{m[1]}.{pe['block']}.experts.{new}.{pe['proj']}.weight", load(key))
+                    yield f"model.layers.{m[1]}.{pe['block']}.experts.{ids.index(e)}.{pe['proj']}.weight", load(key)
                 if e == ids[0]:  # zero experts for padded slots, shaped like this tensor
                     t = load(key)
                     for slot in range(len(ids), new_e):
-                        add(f"model.layers.{m[1]}.{pe['block']}.experts.{slot}.{pe['proj']}.weight", torch.zeros_like(t))
+                        yield f"model.layers.{m[1]}.{pe['block']}.experts.{slot}.{pe['proj']}.weight", torch.zeros_like(t)
                 continue
             t = load(key)
             if _disk_block_key(rest) and t.dim() >= 1 and t.shape[0] == E:
@@ -199,30 +177,17 @@ def write_pruned_files(src: str | Path, lm: LoadedModel, kept: Mapping[int, Sequ
                     fill = float("-inf") if dis is not None and rest.endswith(("router.bias", "e_score_correction_bias")) \
                         else 0.0
                     new = torch.cat([new, torch.full((pad, *t.shape[1:]), fill, dtype=t.dtype)])
-                add(key, new)
+                yield key, new
             else:
-                add(key, t)
-        flush()
-        n = len(shards)
-        weight_map = {}
-        for i, names in enumerate(shards):
-            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            (tmp / f"shard-{i:05d}.tmp").rename(tmp / final)
-            weight_map.update({k: final for k in names})
-        if n > 1:
-            (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
-                                                                         indent=2))
-        config.dtype = reader.dtype  # tensors are copied as stored: record that dtype, not the planning one
-        config.save_pretrained(tmp)
-        if (src / "generation_config.json").is_file():
-            shutil.copy2(src / "generation_config.json", tmp / "generation_config.json")
-        copied = copy_tokenizer_files(src, tmp)
-        meta = metadata((meta_extra or {}).get("method", "manual"), (meta_extra or {}).get("ratio"), kept,
-                        lm.moe.layers[0].num_experts, (meta_extra or {}).get("calib_hash"), notes=notes,
-                        num_experts=new_e, tokenizer_copied=copied, low_memory=True,
-                        **{k: v for k, v in (meta_extra or {}).items() if k not in ("method", "ratio", "calib_hash")})
-        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    return Path(out)
+                yield key, t
+
+    extra = dict(meta_extra or {})
+    meta = metadata(extra.pop("method", "manual"), extra.pop("ratio", None), kept, lm.moe.layers[0].num_experts,
+                    extra.pop("calib_hash", None), notes=notes, num_experts=new_e, low_memory=True, **extra)
+    # tensors are copied as stored: config.json declares the dtype written, not the planning one
+    return write_checkpoint(out, force=force, tensors=pruned_tensors(), config=config, shard_bytes=shard_bytes,
+                            generation_config=src / "generation_config.json", tokenizer=src,
+                            record=(METADATA_FILE, meta))
 
 
 def prune_lowmem(path: str | Path, method: str, ratio: float, docs: Sequence | None, out: str | Path,

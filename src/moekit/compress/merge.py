@@ -29,13 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moekit.compress.criteria import super_experts
+from moekit.compress.criteria import check_ratio, experts_kept, super_experts
 from moekit.compress.observer import CalibStats, observe
 from moekit.compress.writer import (
     build_model,
     check_kept,
     metadata,
-    n_drop,
     plan_config,
     pruned_state_dict,
     write_model_dir,
@@ -172,9 +171,7 @@ def plan_groups(lm: LoadedModel, stats: CalibStats, ratio: float, protect_super:
     groups = {}
     for view in lm.moe:
         st = stats.layers[view.index]
-        n_keep = view.num_experts - n_drop(view.num_experts, ratio)
-        if n_keep < view.top_k:
-            raise MoekitError(f"ratio {ratio} leaves {n_keep} experts in layer {view.index}, fewer than top-k = {view.top_k}")
+        n_keep = experts_kept(view.num_experts, view.top_k, ratio, view.index)
         prot = [e for (li, e) in protected if li == view.index]
         if len(prot) > n_keep:
             raise MoekitError(f"layer {view.index} has {len(prot)} protected experts but only {n_keep} are kept")
@@ -192,10 +189,7 @@ def merge(lm: LoadedModel, ratio: float, calib: CalibStats | Sequence, out: str 
         from moekit.io import check_writable
 
         check_writable(out, force)
-    for view in lm.moe:
-        n_keep = view.num_experts - n_drop(view.num_experts, ratio)
-        if n_keep < view.top_k:
-            raise MoekitError(f"ratio {ratio} leaves {n_keep} experts in layer {view.index}, fewer than top-k = {view.top_k}")
+    check_ratio({v.index: (v.num_experts, v.top_k) for v in lm.moe}, ratio)
     stats = calib if isinstance(calib, CalibStats) else observe(lm, calib, seq_len=seq_len, max_tokens=max_tokens,
                                                                 progress=progress)
     groups, protected = planner(lm, stats, ratio, protect_super)

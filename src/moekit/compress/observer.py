@@ -9,9 +9,9 @@ Per MoE layer l and expert j, over the calibration tokens S_j routed to j (the r
 - ``max_abs`` max |f_j| (the down_proj output; super-expert profiling), NaN when never routed,
 - ``gram`` Σ_x z(x) z(x)ᵀ of the router logits z (router-logit column similarity for merging).
 
-Expert outputs f_j are computed by calling the layer's experts module itself on the routed rows with
-one-hot routing (weight 1), so every architecture's own expert function is used (GPT-OSS's clamped
-SwiGLU and biases included). The hooks sit on modules of one decoder layer, so the same observer serves
+Expert outputs f_j come from the expert-output probe (``moekit.models.probe.expert_outputs``: the layer's
+experts module itself on the routed rows with one-hot routing, weight 1), so every architecture's own expert
+function is used (GPT-OSS's clamped SwiGLU and biases included). The hooks sit on modules of one decoder layer, so the same observer serves
 the in-memory pass (whole model) and the low-memory pass (one layer at a time, ``lowmem.py``).
 Padded positions (attention mask 0) are excluded.
 """
@@ -25,10 +25,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from moekit.data.batching import length_sorted_batches, pad_batch
 from moekit.errors import MoekitError
 from moekit.models.compat import last_logits_kwargs
 from moekit.models.loading import LoadedModel
 from moekit.models.moe_map import MoELayerView, decoder_layers
+from moekit.models.probe import expert_outputs
 
 STAT_FIELDS = ("count", "gate_sum", "norm_sum", "reap_sum", "easy_sum", "max_abs")
 
@@ -178,18 +180,10 @@ class LayerObserver:
         st.gram += (z.T @ z).cpu().numpy()
         st.tokens += int(h.shape[0])
         E = st.num_experts
-        for j in torch.unique(ids).tolist():
-            if not 0 <= j < E:
-                continue
-            sel = ids == j
-            rows = sel.any(dim=1)
+        for j, rows, f in expert_outputs(experts, E, h, ids):
             n = int(rows.sum())
-            if n == 0:
-                continue
-            g = (weights.float() * sel).sum(dim=1)[rows]
-            x = h[rows]
-            f = experts(x, torch.full((n, 1), j, dtype=ids.dtype, device=x.device),
-                        torch.ones((n, 1), dtype=x.dtype, device=x.device)).float()
+            g = (weights.float() * (ids == j)).sum(dim=1)[rows]
+            f = f.float()
             norms = f.norm(dim=-1)
             st.count[j] += n
             st.gate_sum[j] += float(g.sum())
@@ -215,7 +209,7 @@ def calibration_windows(lm: LoadedModel, docs: Sequence, seq_len: int = 256, max
 
     if not docs:
         raise MoekitError("calibration data is empty: give at least one non-empty --calib file")
-    windows = [w[2] for w in tokenize_windows(lm, docs, seq_len, max_tokens)]
+    windows = [w.ids for w in tokenize_windows(lm, docs, seq_len, max_tokens)]
     if not windows or sum(len(w) for w in windows) < 2:
         raise MoekitError("calibration data is empty: the --calib files contain no tokens")
     return windows
@@ -223,10 +217,7 @@ def calibration_windows(lm: LoadedModel, docs: Sequence, seq_len: int = 256, max
 
 def batches_of(windows: Sequence[Sequence[int]], batch_size: int) -> list[dict[str, torch.Tensor]]:
     """Right-padded batches (longest windows first, to keep padding small)."""
-    from moekit.routing.tracing import pad_batch
-
-    order = sorted(range(len(windows)), key=lambda i: -len(windows[i]))
-    return [pad_batch([windows[i] for i in order[b:b + batch_size]]) for b in range(0, len(order), batch_size)]
+    return [pad_batch([windows[i] for i in b]) for b in length_sorted_batches([len(w) for w in windows], batch_size)]
 
 
 def progress_bar(enabled: bool, total: int, label: str):

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import numpy as np
 
-from moekit.compress.criteria import CRITERIA, needs_calibration, scores, select_kept, super_experts
+from moekit.compress.criteria import (
+    CRITERIA,
+    check_ratio,
+    needs_calibration,
+    scores,
+    select_kept,
+    super_experts,
+)
 from moekit.compress.observer import CalibStats, observe
 from moekit.compress.writer import pruned_experts, write_pruned
 from moekit.errors import MoekitError
@@ -41,17 +48,8 @@ class PruneResult:
 
 
 def check_ratio_for_model(lm: LoadedModel, ratio: float, global_budget: bool = False) -> None:
-    """Errors early (before calibration) for ratios that leave fewer experts than top-k."""
-    from moekit.compress.writer import n_drop
-
-    for v in lm.moe:
-        keep = v.num_experts - n_drop(v.num_experts, ratio)
-        if not global_budget and keep < v.top_k:
-            raise MoekitError(f"ratio {ratio} leaves {keep} experts in layer {v.index}, fewer than top-k = {v.top_k}")
-    if global_budget:
-        total = sum(v.num_experts for v in lm.moe)
-        if total - n_drop(total, ratio) < sum(v.top_k for v in lm.moe):
-            raise MoekitError(f"ratio {ratio} leaves fewer experts in all than top-k per layer")
+    """Errors early (before calibration) for ratios that leave fewer experts than top-k (``check_ratio``)."""
+    check_ratio({v.index: (v.num_experts, v.top_k) for v in lm.moe}, ratio, global_budget)
 
 
 def choose(lm: LoadedModel, stats: CalibStats | None, method: str, ratio: float, global_budget: bool = False,

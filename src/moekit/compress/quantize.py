@@ -18,7 +18,6 @@ here without a custom integration — which is why moekit uses its own small for
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,10 +167,8 @@ def quantized_copy(lm: LoadedModel, bits, group_size: int = 128):
 def write_quantized(lm: LoadedModel, packed: Mapping[str, Sequence[QTensor]], out: str | Path, force: bool = False,
                     extra: Mapping | None = None) -> Path:
     """Write a moekit quantized checkpoint directory (atomic)."""
-    from safetensors.torch import save_file
-
-    from moekit.compress.writer import copy_tokenizer
-    from moekit.io import atomic_output_dir
+    from moekit.compress.writer import tokenizer_source
+    from moekit.formats.writer import write_checkpoint
 
     sd = lm.model.state_dict()
     tensors: dict[str, torch.Tensor] = {}
@@ -203,15 +200,11 @@ def write_quantized(lm: LoadedModel, packed: Mapping[str, Sequence[QTensor]], ou
             "tensors": {k: {"bits": bits_per[k], "shape": [len(packed[k]), *packed[k][0].shape],
                             "transposed": flags[k]} for k in packed},
             "tied": tied, "moekit_version": __version__, **(extra or {})}
-    with atomic_output_dir(out, force) as tmp:
-        lm.model.config.save_pretrained(tmp)
-        gen = getattr(lm.model, "generation_config", None)
-        if gen is not None:
-            gen.save_pretrained(tmp)
-        save_file(tensors, str(tmp / QUANT_WEIGHTS), metadata={"format": FORMAT})
-        meta["tokenizer_copied"] = copy_tokenizer(lm, tmp)
-        (tmp / QUANT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-    return Path(out)
+    return write_checkpoint(out, force=force, tensors=tensors.items(), config=lm.model.config,
+                            dtype=next(lm.model.parameters()).dtype,
+                            generation_config=getattr(lm.model, "generation_config", None),
+                            tokenizer=tokenizer_source(lm), record=(QUANT_CONFIG, meta), shard_bytes=None,
+                            weights_name=QUANT_WEIGHTS, weights_metadata={"format": FORMAT})
 
 
 def quantize(lm: LoadedModel, bits: int = 8, group_size: int = 128, avg_bits: float | None = None,

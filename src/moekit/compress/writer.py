@@ -23,23 +23,19 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import math
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
 from moekit.errors import MoekitError, UnsupportedArchitecture
-from moekit.io import atomic_output_dir
+from moekit.formats.writer import write_checkpoint
 from moekit.models.loading import LoadedModel
 from moekit.models.moe_map import MoELayerView
 
 EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 METADATA_FILE = "moekit_compression.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
 
 def data_hash(windows: Sequence[Sequence[int]]) -> str:
@@ -194,23 +190,9 @@ def build_model(config, state_dict: Mapping[str, torch.Tensor], dtype: torch.dty
     return model.eval()
 
 
-def copy_tokenizer(lm: LoadedModel, out: Path) -> bool:
-    """Save the tokenizer next to the weights (from the loaded tokenizer, else the source files)."""
-    if lm.tokenizer is not None:
-        lm.tokenizer.save_pretrained(out)
-        return True
-    if lm.path is not None:
-        return copy_tokenizer_files(Path(lm.path), out)
-    return False
-
-
-def copy_tokenizer_files(src: Path, out: Path) -> bool:
-    found = False
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, out / name)
-            found = True
-    return found
+def tokenizer_source(lm: LoadedModel):
+    """What the writer saves as ``lm``'s tokenizer: the loaded tokenizer, else the source directory's files."""
+    return lm.tokenizer if lm.tokenizer is not None else lm.path
 
 
 def metadata(method: str, ratio: float | None, kept: Mapping[int, Sequence[int]], original_experts: int,
@@ -225,12 +207,8 @@ def metadata(method: str, ratio: float | None, kept: Mapping[int, Sequence[int]]
 
 
 def write_model_dir(model, out: str | Path, force: bool, meta: dict, lm: LoadedModel) -> Path:
-    """save_pretrained + tokenizer + metadata into ``out`` atomically."""
-    with atomic_output_dir(out, force) as tmp:
-        model.save_pretrained(tmp)
-        meta = dict(meta, tokenizer_copied=copy_tokenizer(lm, tmp))
-        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    return Path(out)
+    """``model`` + ``lm``'s tokenizer + the compression record into ``out`` (``formats.write_checkpoint``)."""
+    return write_checkpoint(out, force=force, model=model, tokenizer=tokenizer_source(lm), record=(METADATA_FILE, meta))
 
 
 @torch.no_grad()

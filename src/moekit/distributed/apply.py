@@ -11,16 +11,15 @@ group's experts together (it may move whole groups between ranks); others are re
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from moekit.compress.writer import build_model, copy_tokenizer, pruned_state_dict
+from moekit.compress.writer import build_model, pruned_state_dict, tokenizer_source
 from moekit.distributed.placement import Placement
 from moekit.errors import MoekitError
-from moekit.io import atomic_output_dir
+from moekit.formats.writer import write_checkpoint
 from moekit.models.loading import LoadedModel
 
 PLACEMENT_FILE = "moekit_placement.json"
@@ -63,9 +62,6 @@ def write_placed(lm: LoadedModel, placement: Placement, out: str | Path, force: 
     from moekit.version import __version__
 
     model = placed_model(lm, placement)
-    with atomic_output_dir(out, force) as tmp:
-        model.save_pretrained(tmp)
-        record = dict(placement.to_json(), source_model=lm.name, moekit_version=__version__,
-                      tokenizer_copied=copy_tokenizer(lm, tmp))
-        (tmp / PLACEMENT_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    return Path(out)
+    record = dict(placement.to_json(), source_model=lm.name, moekit_version=__version__)
+    return write_checkpoint(out, force=force, model=model, tokenizer=tokenizer_source(lm),
+                            record=(PLACEMENT_FILE, record))

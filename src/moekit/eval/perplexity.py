@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from moekit.data.batching import pad_batch
+from moekit.data.batching import Window, document_token_ids, pad_batch, text_windows
 from moekit.data.corpus import Document
 from moekit.errors import MoekitError
 
@@ -28,41 +28,19 @@ def _as_documents(docs: Sequence[Document | str]) -> list[Document]:
     return out
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def document_windows(
-    ids: Sequence[int], seq_len: int
-) -> list[list[int]]:
-    """Cut one document's token ids into windows of ``seq_len`` overlapping by one token."""
-    if seq_len < 2:
-        raise MoekitError("seq_len must be at least 2")
-    stride = seq_len - 1
-    return [list(ids[s : s + seq_len]) for s in range(0, max(len(ids) - 1, 0), stride)]
-
-
-def _windows(lm, docs: list[Document], seq_len: int, max_tokens: int | None) -> list[tuple[int, list[int]]]:
+def _windows(lm, docs: list[Document], seq_len: int, max_tokens: int | None) -> list[Window]:
+    """Windows of ``seq_len`` overlapping by one token, up to ``max_tokens`` predicted tokens in all."""
     if lm.tokenizer is None:
         raise MoekitError(f"model {lm.name} has no tokenizer; perplexity needs one")
-    out: list[tuple[int, list[int]]] = []
-    budget = max_tokens if max_tokens is not None else math.inf
-    for i, doc in enumerate(docs):
-        for w in document_windows(_encode(lm.tokenizer, doc.text), seq_len):
-            if budget <= 0:
-                return out
-            if len(w) - 1 > budget:
-                w = w[: int(budget) + 1]
-            out.append((i, w))
-            budget -= len(w) - 1
-    return out
+    return text_windows(lm.tokenizer, docs, seq_len, max_tokens, overlap=1)
 
 
-def _batches(windows: list[tuple[int, list[int]]], batch_size: int, pad_id: int) -> Iterator[tuple]:
+def _batches(windows: Sequence[Window], batch_size: int, pad_id: int) -> Iterator[tuple]:
+    """Consecutive windows in batches (window order: document order, so results are summed in that order)."""
     for start in range(0, len(windows), batch_size):
         chunk = windows[start : start + batch_size]
-        batch = pad_batch([w for _, w in chunk], pad_id)
-        yield [d for d, _ in chunk], batch["input_ids"], batch["attention_mask"]
+        batch = pad_batch([w.ids for w in chunk], pad_id)
+        yield [w.doc for w in chunk], batch["input_ids"], batch["attention_mask"]
 
 
 def _progress(enabled: bool, total: int, label: str):
@@ -146,7 +124,7 @@ def window_losses(
     if not windows:
         raise MoekitError("no tokens to evaluate: documents are empty or shorter than 2 tokens")
     model = lm.model
-    out = WindowLosses(np.array([d for d, _ in windows], dtype=np.int64), np.zeros(len(windows), np.float32),
+    out = WindowLosses(np.array([w.doc for w in windows], dtype=np.int64), np.zeros(len(windows), np.float32),
                        np.zeros(len(windows), np.int64), np.zeros(len(windows), bool))
     starts = list(range(0, len(windows), batch_size))
     fill = 0
@@ -205,15 +183,14 @@ def unigram_perplexity(tokenizer, train_docs: Sequence[Document | str], docs: Se
     """
     vocab = len(tokenizer)
     counts = np.ones(vocab, dtype=np.float64)
-    for doc in _as_documents(train_docs):
-        ids = _encode(tokenizer, doc.text)
+    for ids in document_token_ids(tokenizer, _as_documents(train_docs)):
         counts += np.bincount(ids, minlength=vocab)[:vocab]
     logp = np.log(counts / counts.sum())
     docs = _as_documents(docs)
     per_doc_nll = np.zeros(len(docs))
     per_doc_n = np.zeros(len(docs), dtype=np.int64)
-    for d, doc in enumerate(docs):
-        ids = np.asarray(_encode(tokenizer, doc.text)[1:], dtype=np.int64)
+    for d, doc_ids in enumerate(document_token_ids(tokenizer, docs)):
+        ids = np.asarray(doc_ids[1:], dtype=np.int64)
         per_doc_nll[d] = -logp[ids].sum()
         per_doc_n[d] = len(ids)
     return _aggregate("unigram", docs, per_doc_nll, per_doc_n)

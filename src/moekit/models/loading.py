@@ -15,6 +15,7 @@ from torch import nn
 from moekit.errors import MoekitError
 from moekit.formats.checkpoint import checkpoint_dtype
 from moekit.formats.quantized import QUANT_CONFIG
+from moekit.formats.tokenizer import load_tokenizer_from
 from moekit.models.moe_map import MoEMap, build_moe_map
 from moekit.models.quantized import is_quantized_checkpoint, load_quantized
 
@@ -54,11 +55,6 @@ def bundled_names() -> list[str]:
     if not root.is_dir():
         return []
     return sorted(BUNDLED_PREFIX + p.name for p in root.iterdir() if (p / "config.json").is_file())
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",
-                   "vocab.txt", "tekken.json")
-"""Files of which at least one is present in a checkpoint that ships a tokenizer."""
 
 
 def check_checkpoint(path: str | os.PathLike) -> None:
@@ -133,11 +129,6 @@ def check_device(device: str | torch.device) -> torch.device:
     return d
 
 
-def has_tokenizer(path: str | os.PathLike) -> bool:
-    """Whether a checkpoint directory ships tokenizer files (else AutoTokenizer builds an empty one)."""
-    return any((Path(path) / name).is_file() for name in TOKENIZER_FILES)
-
-
 def resolve(spec: str | os.PathLike) -> tuple[Path | None, str]:
     """Turn a model spec into (local directory or None for a hub id, display name)."""
     s = str(spec)
@@ -202,7 +193,7 @@ def load(
     ``dtype``: ``"auto"`` (default) keeps the checkpoint's dtype; or ``bfloat16``/``float16``/``float32``.
     """
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     device = check_device(device)
     path, name = resolve(spec)
@@ -230,12 +221,7 @@ def load(
     if distributed_config is None:
         model.to(device)
     model.eval()
-    tokenizer = None
-    if with_tokenizer and has_tokenizer(source):
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-        except (OSError, ValueError, KeyError, TypeError):
-            tokenizer = None
+    tokenizer = load_tokenizer_from(source) if with_tokenizer else None
     return LoadedModel(model=model, tokenizer=tokenizer, moe=build_moe_map(model), name=name, path=path)
 
 
@@ -304,7 +290,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 _STRUCTURE = ("EXPERT_PARAMS", "expert_param_names", "bank_keys", "skeleton", "load_structure", "footprint",
-              "read_weights", "tokenizer_at")
+              "read_weights")
 
 
 def __getattr__(name: str):

@@ -17,10 +17,17 @@ from dataclasses import dataclass
 import torch
 
 from moekit.registry import Registry
+from moekit.routing_math import (
+    NEG_INF,
+    expert_scores,
+    kept_groups,
+    renormalize,
+    score_distribution,
+    softmax_of_chosen,
+    top_p_counts,
+)
 
 RULES: Registry[type[Rule]] = Registry("selection rule")
-
-NEG_INF = float("-inf")
 
 
 @dataclass
@@ -30,20 +37,6 @@ class Selection:
     ids: torch.Tensor
     weights: torch.Tensor
     valid: torch.Tensor
-
-
-def top_p_counts(probs: torch.Tensor, p: float) -> torch.Tensor:
-    """Experts per token under top-p routing ("Harder Tasks Need More Experts"): sort the probabilities,
-    keep experts up to and including the first whose cumulative sum exceeds ``p``."""
-    sorted_p = probs.sort(dim=-1, descending=True).values
-    cum = sorted_p.cumsum(dim=-1)
-    # number of experts whose preceding cumulative mass is still <= p, i.e. up to the first exceeding it
-    return ((cum - sorted_p) <= p).sum(dim=-1).clamp(min=1, max=probs.shape[-1])
-
-
-def _top2_sum(groups: torch.Tensor) -> torch.Tensor:
-    """DeepSeek-V3's group score: the sum of each group's two best expert scores."""
-    return groups.topk(min(2, groups.shape[-1]), dim=-1)[0].sum(dim=-1)
 
 
 class Rule:
@@ -58,7 +51,7 @@ class Rule:
     # --- pieces an architecture defines ---------------------------------------------------------
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """Per-expert scores the weights are taken from (fp32)."""
-        return torch.softmax(logits.float(), dim=-1)
+        return expert_scores(logits, "softmax")
 
     def choice(self, scores: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """The key experts are selected by (may add a selection-only bias)."""
@@ -67,16 +60,6 @@ class Rule:
     def limit_groups(self, choice: torch.Tensor, k: int) -> torch.Tensor:
         """Group-limited routing masks experts outside the chosen groups; default: no groups."""
         return choice
-
-    @staticmethod
-    def _kept_groups(choice: torch.Tensor, n_group: int, topk_group: int, k: int, reduce) -> torch.Tensor:
-        """Bool [T, E]: experts in the best groups. More groups are kept when k needs them."""
-        T, E = choice.shape
-        size = E // n_group
-        g = reduce(choice.view(T, n_group, size))
-        n_keep = max(topk_group, -(-k // size))
-        keep = torch.zeros_like(g, dtype=torch.bool).scatter_(1, torch.topk(g, n_keep, dim=-1)[1], True)
-        return keep.repeat_interleave(size, dim=1)
 
     def weights(self, scores: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor):
         raise NotImplementedError
@@ -154,7 +137,7 @@ class SoftmaxTopK(Rule):
     def weights(self, scores, logits, ids, valid):
         w = scores.gather(1, ids).masked_fill(~valid, 0.0)
         if self._renorm:
-            w = w / w.sum(dim=-1, keepdim=True)
+            w = renormalize(w)
         return w * self.scaling if self.scaling != 1.0 else w
 
     def describe(self) -> str:
@@ -175,7 +158,7 @@ class SoftmaxGroupMax(SoftmaxTopK):
         self.topk_group = int(router.topk_group)
 
     def limit_groups(self, choice, k):
-        keep = self._kept_groups(choice, self.n_group, self.topk_group, k, lambda g: g.max(dim=-1).values)
+        keep = kept_groups(choice, self.n_group, self.topk_group, k, rank=1)
         # DeepSeek-V2 fills dropped groups with score 0, so such an expert, if ever picked, gets weight 0;
         # -inf gives the same output and records the slot as empty
         return choice.masked_fill(~keep, NEG_INF)
@@ -195,10 +178,10 @@ class TopKSoftmax(Rule):
         return logits.float()
 
     def probs(self, logits):
-        return torch.softmax(logits.float(), dim=-1)
+        return expert_scores(logits, "softmax")
 
     def weights(self, scores, logits, ids, valid):
-        return torch.softmax(logits.gather(1, ids).masked_fill(~valid, NEG_INF), dim=-1)
+        return softmax_of_chosen(logits, ids, valid)
 
     @property
     def renormalize(self) -> bool:
@@ -206,53 +189,6 @@ class TopKSoftmax(Rule):
 
     def describe(self) -> str:
         return "top-k on logits → softmax over k"
-
-
-@RULES.register("sigmoid_group")
-class SigmoidGroup(Rule):
-    """DeepSeek-V3: sigmoid scores; a selection-only correction bias; group-limited top-k (group score =
-    sum of its two best biased scores); weights from the unbiased scores, renormalised, × scaling."""
-
-    name = "sigmoid_group"
-    formula = "sigmoid + selection bias → group-limited top-k → renorm × scale"
-
-    def __init__(self, router, config) -> None:
-        super().__init__(router, config)
-        self.router = router
-        self.n_group = int(router.num_group)
-        self.topk_group = int(router.topk_group)
-        self._renorm = bool(router.norm_topk_prob)
-        self.scaling = float(router.routed_scaling_factor)
-
-    @property
-    def renormalize(self) -> bool:
-        return self._renorm
-
-    def scores(self, logits):
-        return logits.float().sigmoid()
-
-    def probs(self, logits):
-        s = self.scores(logits)
-        return s / s.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-
-    def choice(self, scores, logits):
-        return scores + self.router.e_score_correction_bias.float()
-
-    def limit_groups(self, choice, k):
-        if self.n_group <= 1:
-            return choice
-        keep = self._kept_groups(choice, self.n_group, self.topk_group, k, _top2_sum)
-        return choice.masked_fill(~keep, NEG_INF)
-
-    def weights(self, scores, logits, ids, valid):
-        w = scores.gather(1, ids).masked_fill(~valid, 0.0)
-        if self._renorm:
-            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
-        return w * self.scaling
-
-    def describe(self) -> str:
-        return (f"sigmoid + selection bias → group-limited top-k ({self.topk_group}/{self.n_group} groups)"
-                + (" → renorm" if self._renorm else "") + f" × {self.scaling:g}")
 
 
 @RULES.register("sparsemixer")
@@ -271,7 +207,7 @@ class SparseMixer(Rule):
         return logits.float()
 
     def probs(self, logits):
-        return torch.softmax(logits.float(), dim=-1)
+        return expert_scores(logits, "softmax")
 
     def select(self, logits, top_k=None, disable=None, force=None, logit_bias=None, top_p=None):
         scores = logits.float()
@@ -328,10 +264,9 @@ class ScoredTopK(Rule):
         super().__init__(router, config)
         if top_k is not None:
             self.top_k = int(top_k)
-        if score not in ("softmax", "sigmoid"):
-            raise ValueError(f"unknown score function {score!r}")
+        expert_scores(torch.zeros(1, 1), score)  # an unknown score function fails here, not at the first forward
         self.score = score
-        self.bias = bias
+        self._bias = bias
         self._renorm = bool(renormalize)
         self.scaling = float(scaling)
         self.n_group, self.topk_group = int(n_group), int(topk_group)
@@ -342,12 +277,16 @@ class ScoredTopK(Rule):
     def renormalize(self) -> bool:
         return self._renorm
 
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The selection-only bias (None: selection by the scores themselves)."""
+        return self._bias
+
     def scores(self, logits):
-        return torch.softmax(logits.float(), dim=-1) if self.score == "softmax" else logits.float().sigmoid()
+        return expert_scores(logits, self.score)
 
     def probs(self, logits):
-        s = self.scores(logits)
-        return s if self.score == "softmax" else s / s.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        return score_distribution(self.scores(logits), self.score)
 
     def choice(self, scores, logits):
         if self.bias is None:
@@ -360,13 +299,13 @@ class ScoredTopK(Rule):
         # without a selection bias a disabled expert scores 0 in its group (its probability), as the router
         # itself computes with that expert's logit at -inf; with one, the bias at -inf makes the group -inf
         grouped = choice if self.bias is not None else choice.masked_fill(choice == NEG_INF, 0.0)
-        keep = self._kept_groups(grouped, self.n_group, self.topk_group, k, _top2_sum)
+        keep = kept_groups(grouped, self.n_group, self.topk_group, k)
         return choice.masked_fill(~keep, NEG_INF)
 
     def weights(self, scores, logits, ids, valid):
         w = scores.gather(1, ids).masked_fill(~valid, 0.0)
         if self._renorm:
-            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+            w = renormalize(w)
         if self.expert_scale is not None:
             w = w * self.expert_scale.float()[ids]
         return w * self.scaling if self.scaling != 1.0 else w
@@ -379,3 +318,28 @@ class ScoredTopK(Rule):
         s += " → renorm" if self._renorm else ""
         s += " × per-expert scale" if self.expert_scale is not None else ""
         return s + (f" × {self.scaling:g}" if self.scaling != 1.0 else "")
+
+
+@RULES.register("sigmoid_group")
+class SigmoidGroup(ScoredTopK):
+    """DeepSeek-V3: sigmoid scores; a selection-only correction bias; group-limited top-k (group score =
+    sum of its two best biased scores); weights from the unbiased scores, renormalised, × scaling.
+
+    ``ScoredTopK`` with the router's own parameters; the bias is read from the router at every call, so a
+    bias updated or moved with the model is the one used."""
+
+    name = "sigmoid_group"
+
+    def __init__(self, router, config) -> None:
+        super().__init__(router, config, score="sigmoid", renormalize=bool(router.norm_topk_prob),
+                         scaling=float(router.routed_scaling_factor), n_group=int(router.num_group),
+                         topk_group=int(router.topk_group))
+        self.router = router
+
+    @property
+    def bias(self) -> torch.Tensor:
+        return self.router.e_score_correction_bias
+
+    def describe(self) -> str:
+        return (f"sigmoid + selection bias → group-limited top-k ({self.topk_group}/{self.n_group} groups)"
+                + (" → renorm" if self._renorm else "") + f" × {self.scaling:g}")

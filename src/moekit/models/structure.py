@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from moekit.errors import MoekitError
+from moekit.formats.tokenizer import load_tokenizer_from
 from moekit.models.loading import (
     DEFAULT_MODEL,
     LoadedModel,
@@ -85,7 +86,7 @@ def load_structure(spec: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype |
     if path is None:
         path = Path(hub_snapshot(name))
     model = skeleton(path, resolve_dtype(dtype, path))
-    return LoadedModel(model=model, tokenizer=tokenizer_at(path) if with_tokenizer else None, moe=build_moe_map(model),
+    return LoadedModel(model=model, tokenizer=load_tokenizer_from(path) if with_tokenizer else None, moe=build_moe_map(model),
                        name=name, path=path)
 
 
@@ -131,11 +132,3 @@ def read_weights(model: nn.Module, ckpt, skip: set[str] = frozenset(), drop_cach
     if still:
         raise MoekitError(f"could not find {len(still)} tensors in {ckpt.path} (e.g. {still[0]})")
 
-
-def tokenizer_at(path: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None

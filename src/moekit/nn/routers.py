@@ -18,6 +18,14 @@ from torch import nn
 from moekit.nn.dispatch import expert_counts
 from moekit.nn.losses import seq_balance_loss, switch_balance_loss, z_loss
 from moekit.registry import Registry
+from moekit.routing_math import (
+    expert_scores,
+    group_limited_topk,
+    renormalize,
+    score_distribution,
+    softmax_of_chosen,
+    top_p_keep,
+)
 
 ROUTERS: Registry[type[Router]] = Registry("router")
 
@@ -117,10 +125,10 @@ class SoftmaxThenTopKRouter(Router):
         self.renorm = renorm
 
     def select(self, logits: torch.Tensor):
-        probs = logits.softmax(dim=-1)
+        probs = expert_scores(logits, "softmax")
         weights, ids = probs.topk(self.top_k, dim=-1)
         if self.renorm:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+            weights = renormalize(weights)
         return weights, ids, probs, ids, self.num_experts
 
 
@@ -129,34 +137,13 @@ class TopKThenSoftmaxRouter(Router):
     """Top-k on the logits, softmax over the k chosen (GPT-OSS, GraniteMoE)."""
 
     def select(self, logits: torch.Tensor):
-        top_logits, ids = logits.topk(self.top_k, dim=-1)
-        return top_logits.softmax(dim=-1), ids, logits.softmax(dim=-1), ids, self.num_experts
+        ids = logits.topk(self.top_k, dim=-1).indices
+        return softmax_of_chosen(logits, ids), ids, expert_scores(logits, "softmax"), ids, self.num_experts
 
 
 # Before the rename this registry called softmax-then-top-k "topk_softmax", the opposite of what the name says
 # (and of models.RULES). Configs saved with it still load: the old name reads as the new one.
 ROUTERS.alias("topk_softmax", "softmax_then_topk", note="renamed: the order is softmax, then top-k")
-
-
-def group_limited_topk(
-    scores: torch.Tensor, top_k: int, n_group: int, topk_group: int, group_rank: int = 2
-) -> torch.Tensor:
-    """Ids of the top-k ``scores [T,E]`` within the ``topk_group`` best of ``n_group`` equal groups.
-
-    A group's score is the sum of its ``group_rank`` best scores (DeepSeek-V3: 2); other groups are masked with
-    −inf (not 0, which would be wrong once biased scores go negative).
-    """
-    num_tokens, num_experts = scores.shape
-    if n_group <= 1:
-        return scores.topk(top_k, dim=-1).indices
-    if num_experts % n_group:
-        raise ValueError(f"num_experts={num_experts} is not divisible by n_group={n_group}")
-    grouped = scores.view(num_tokens, n_group, num_experts // n_group)
-    group_scores = grouped.topk(min(group_rank, grouped.shape[-1]), dim=-1).values.sum(-1)  # [T,G]
-    keep = torch.zeros_like(group_scores, dtype=torch.bool)
-    keep.scatter_(1, group_scores.topk(topk_group, dim=-1).indices, True)
-    masked = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(num_tokens, num_experts)
-    return masked.topk(top_k, dim=-1).indices
 
 
 @ROUTERS.register("sigmoid_bias")
@@ -190,14 +177,14 @@ class SigmoidBiasRouter(Router):
         self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, dtype=torch.float32))
 
     def select(self, logits: torch.Tensor):
-        scores = logits.sigmoid()
+        scores = expert_scores(logits, "sigmoid")
         choice = scores + self.e_score_correction_bias
         ids = group_limited_topk(choice, self.top_k, self.n_group, self.topk_group)
         weights = scores.gather(1, ids)
         if self.renorm:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+            weights = renormalize(weights)
         weights = weights * self.routed_scaling
-        probs = scores / scores.sum(dim=-1, keepdim=True)  # normalised affinities for the balance losses
+        probs = score_distribution(scores, "sigmoid")  # normalised affinities for the balance losses
         if self.auto_update and self.training:
             self.update_bias(expert_counts(ids, self.num_experts))
         return weights, ids, probs, ids, self.num_experts
@@ -252,10 +239,8 @@ class TopPRouter(Router):
         self.p, self.max_k, self.trim = p, max_k or num_experts, trim
 
     def select(self, logits: torch.Tensor):
-        probs = logits.softmax(dim=-1)
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        before = sorted_p.cumsum(dim=-1) - sorted_p  # mass of the strictly better experts
-        keep = before <= self.p  # kept until (and including) the one that pushes the sum past p
+        probs = expert_scores(logits, "softmax")
+        sorted_p, order, keep = top_p_keep(probs, self.p)
         keep[:, self.max_k :] = False
         width = self.max_k
         if self.trim:
@@ -283,11 +268,10 @@ class NullExpertsRouter(Router):
         self.top_k, self.num_null = top_k, num_null
 
     def select(self, logits: torch.Tensor):
-        probs = logits.softmax(dim=-1)
+        probs = expert_scores(logits, "softmax")
         top_p, raw_ids = probs.topk(self.top_k, dim=-1)
         real = raw_ids < self.num_experts
-        top_p = torch.where(real, top_p, 0.0)
-        weights = top_p / top_p.sum(dim=-1, keepdim=True).clamp(min=1e-20)
+        weights = renormalize(torch.where(real, top_p, 0.0))  # all-null tokens: zero weights
         ids = torch.where(real, raw_ids, self.num_experts)
         return weights, ids, probs, raw_ids, self.num_experts + self.num_null
 
@@ -317,9 +301,9 @@ class RandomFixedRouter(Router):
         return self.current_k
 
     def select(self, logits: torch.Tensor):
-        probs = logits.softmax(dim=-1)
+        probs = expert_scores(logits, "softmax")
         weights, ids = probs.topk(self.current_k, dim=-1)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = renormalize(weights)
         return weights, ids, probs, ids, self.num_experts
 
 

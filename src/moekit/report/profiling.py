@@ -6,10 +6,10 @@ max |down_proj output| per routed expert over calibration text, then check that 
 experts hurts perplexity far more than zeroing as many random experts.
 
 ``profile_expert_max`` hooks each MoE layer's experts module with a forward pre-hook, takes the
-inputs it is about to receive (hidden states, top-k indices, top-k weights) and re-runs the experts
-module once per routed expert on that expert's tokens with one-hot routing and unit weight, so the
-output is exactly the expert's own down_proj output (biases included, e.g. GPT-OSS), whatever the
-layout.  Padding positions are excluded.
+inputs it is about to receive (hidden states, top-k indices, top-k weights) and runs the expert-output
+probe on them (``moekit.models.probe.expert_outputs``, as calibration does): the experts module once per
+routed expert on that expert's tokens with one-hot routing and unit weight, so the output is exactly the
+expert's own down_proj output (biases included, e.g. GPT-OSS), whatever the layout.  Padding positions are excluded.
 
 Only the experts' inputs are needed, so the forward asks for the last position's logits alone
 (``logits_to_keep=1``): the pass never holds ``[batch, seq, vocab]`` logits, which dominate its memory on
@@ -26,6 +26,7 @@ import torch
 
 from moekit.errors import MoekitError
 from moekit.models.compat import last_logits_kwargs
+from moekit.models.probe import expert_outputs
 
 
 def _call_args(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,17 +42,10 @@ def _expert_maxima(experts: torch.nn.Module, num_experts: int, hidden: torch.Ten
     """``[E]`` max |output| of each expert over the tokens routed to it (NaN: no token)."""
     out = np.full(num_experts, np.nan)
     h = hidden.reshape(-1, hidden.shape[-1])
-    idx = index.reshape(h.shape[0], -1).long()
+    idx = index.reshape(h.shape[0], -1)
     if keep is not None and keep.numel() == h.shape[0]:
         h, idx = h[keep], idx[keep]
-    for e in torch.unique(idx).tolist():
-        if not 0 <= e < num_experts:
-            continue
-        rows = (idx == e).any(dim=1)
-        x = h[rows]
-        one_idx = torch.full((x.shape[0], 1), e, dtype=index.dtype, device=x.device)
-        one_w = torch.ones((x.shape[0], 1), dtype=x.dtype, device=x.device)
-        y = experts(x, one_idx, one_w)
+    for e, _, y in expert_outputs(experts, num_experts, h, idx):
         out[e] = float(y.abs().max())
     return out
 
@@ -63,7 +57,8 @@ def profile_expert_max(lm: Any, docs: Sequence, max_tokens: int | None = 8192, s
 
     ``docs`` are documents (objects with ``text``); at most ``max_tokens`` tokens are run.  An
     expert that received no token gets NaN."""
-    from moekit.routing.tracing import pad_batch, tokenize_windows
+    from moekit.data.batching import length_sorted_batches, pad_batch
+    from moekit.routing.tracing import tokenize_windows
 
     windows = tokenize_windows(lm, docs, seq_len, max_tokens)
     if not windows:
@@ -94,9 +89,8 @@ def profile_expert_max(lm: Any, docs: Sequence, max_tokens: int | None = 8192, s
         handles.append(view.experts.register_forward_pre_hook(make_hook(pos, view), with_kwargs=True))
     extra = last_logits_kwargs(lm.model)
     try:
-        order = sorted(range(len(windows)), key=lambda i: -len(windows[i][2]))
-        for b in range(0, len(order), batch_size):
-            batch = pad_batch([windows[i][2] for i in order[b:b + batch_size]])
+        for b in length_sorted_batches([len(w.ids) for w in windows], batch_size):
+            batch = pad_batch([windows[i].ids for i in b])
             state["keep"] = batch["attention_mask"].reshape(-1).bool().to(lm.device)
             lm.model(**{k: v.to(lm.device) for k, v in batch.items()}, use_cache=False, **extra)
     finally:

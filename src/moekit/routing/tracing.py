@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from moekit.data.batching import pad_batch
+from moekit.data.batching import Window, length_sorted_batches, pad_batch, text_windows
 from moekit.errors import MoekitError
 from moekit.models.compat import last_logits_kwargs
 from moekit.models.loading import LoadedModel
@@ -15,23 +15,12 @@ from moekit.routing.record import record
 from moekit.trace import RoutingTrace
 
 
-def tokenize_windows(lm: LoadedModel, docs: Sequence, seq_len: int, max_tokens: int | None = None):
-    """Token windows ``(doc_index, start, ids)`` of at most ``seq_len`` tokens, up to ``max_tokens`` in all."""
+def tokenize_windows(lm: LoadedModel, docs: Sequence, seq_len: int, max_tokens: int | None = None) -> list[Window]:
+    """Token windows ``(doc, start, ids)`` of at most ``seq_len`` tokens, up to ``max_tokens`` in all
+    (``moekit.data.batching.token_windows`` with the model's tokenizer)."""
     if lm.tokenizer is None:
         raise MoekitError(f"{lm.name} has no tokenizer; tracing text needs one")
-    windows, total = [], 0
-    for d, doc in enumerate(docs):
-        ids = lm.tokenizer(doc.text, add_special_tokens=False)["input_ids"]
-        for start in range(0, len(ids), seq_len):
-            chunk = ids[start:start + seq_len]
-            if max_tokens is not None:
-                chunk = chunk[: max_tokens - total]
-            if chunk:
-                windows.append((d, start, chunk))
-                total += len(chunk)
-            if max_tokens is not None and total >= max_tokens:
-                return windows
-    return windows
+    return text_windows(lm.tokenizer, docs, seq_len, max_tokens)
 
 
 @torch.no_grad()
@@ -60,8 +49,7 @@ def trace_documents(
     if not windows:
         raise MoekitError("no tokens to trace: the documents are empty")
     # longest first keeps padding small; the trace is re-sorted by (document, position) at the end
-    order = sorted(range(len(windows)), key=lambda i: -len(windows[i][2]))
-    batches = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
+    batches = length_sorted_batches([len(w.ids) for w in windows], batch_size)
     fill = 0
     if part is not None:
         rank, size = part
@@ -73,9 +61,9 @@ def trace_documents(
         if getattr(d, "domain", None) and d.domain not in names:
             names.append(d.domain)
     with record(lm, fields=fields) as rec, Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task("tracing", total=sum(len(windows[i][2]) for i in run))
+        task = bar.add_task("tracing", total=sum(len(windows[i].ids) for i in run))
         for batch_windows in batches:
-            batch = pad_batch([windows[i][2] for i in batch_windows])
+            batch = pad_batch([windows[i].ids for i in batch_windows])
             # routing only: no [batch, seq, vocab] logits (issue 13)
             lm.model(**{k: v.to(lm.device) for k, v in batch.items()}, **last_logits_kwargs(lm.model))
             bar.advance(task, int(batch["attention_mask"].sum()))
@@ -91,8 +79,8 @@ def trace_documents(
     trace = rec.trace
     meta = dict(trace.meta, domains=names, seq_len=seq_len)
     row_window = np.array(run)  # trace doc r (a batch row, in run order) is window run[r]
-    win_doc = np.array([w[0] for w in windows])[row_window]
-    win_start = np.array([w[1] for w in windows])[row_window]
+    win_doc = np.array([w.doc for w in windows])[row_window]
+    win_start = np.array([w.start for w in windows])[row_window]
     doc = win_doc[trace.doc]
     pos = win_start[trace.doc] + trace.pos
     doc_dom = np.array([names.index(d.domain) if getattr(d, "domain", None) else -1 for d in docs], dtype=np.int16)

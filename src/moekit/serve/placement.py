@@ -18,13 +18,13 @@ import re
 import torch
 
 from moekit.errors import MoekitError
+from moekit.formats.tokenizer import load_tokenizer_from
 from moekit.models.loading import (
     DEFAULT_MODEL,
     LoadedModel,
     footprint,
     load_structure,
     read_weights,
-    tokenizer_at,
 )
 from moekit.models.loading import load as load_resident
 from moekit.models.moe_map import build_moe_map
@@ -103,7 +103,7 @@ def load(spec: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype | str | Non
             ckpt.close()
         meta.model.to(device)
         meta.moe = build_moe_map(meta.model)
-        meta.tokenizer = tokenizer_at(meta.path) if with_tokenizer else None
+        meta.tokenizer = load_tokenizer_from(meta.path) if with_tokenizer else None
         return meta
     if plan["cache_bytes"] < plan["min_cache_bytes"]:
         raise MoekitError(

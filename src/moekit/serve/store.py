@@ -22,6 +22,7 @@ from torch import nn
 from moekit.errors import MoekitError
 from moekit.formats import Checkpoint, Piece, Target, bytes_of, drop_cache, pread_into, read_header
 from moekit.formats.safetensors import ST_DTYPES
+from moekit.formats.tokenizer import load_tokenizer_from
 from moekit.models.loading import (
     LoadedModel,
     bank_keys,
@@ -31,7 +32,6 @@ from moekit.models.loading import (
     resolve,
     resolve_dtype,
     skeleton,
-    tokenizer_at,
 )
 from moekit.models.moe_map import build_moe_map
 
@@ -257,7 +257,7 @@ def load_offloaded(
         read_weights(model, ckpt, skip=expert_keys, drop_cache=bypass_page_cache)
     _to_device(model, device)
     model.eval()
-    lm = LoadedModel(model=model, tokenizer=tokenizer_at(path) if with_tokenizer else None, moe=build_moe_map(model),
+    lm = LoadedModel(model=model, tokenizer=load_tokenizer_from(path) if with_tokenizer else None, moe=build_moe_map(model),
                      name=name, path=path)
     lm._moekit_expert_store = store  # type: ignore[attr-defined]
     return lm

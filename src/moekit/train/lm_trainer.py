@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moekit.io import atomic_output_dir
+from moekit.formats.writer import write_checkpoint
 
 HIDDEN = 128
 LAYERS = 4
@@ -233,14 +233,8 @@ def save_checkpoint(model: torch.nn.Module, tokenizer, path: str | os.PathLike, 
         if getattr(tokenizer, key, None) is not None:
             setattr(model.config, key, getattr(tokenizer, key))
             setattr(model.generation_config, key, getattr(tokenizer, key))
-    with atomic_output_dir(path, force=force) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        for name, data in (extra_files or {}).items():
-            mode = "wb" if isinstance(data, bytes) else "w"
-            with open(tmp / name, mode) as fh:
-                fh.write(data)
-        make_readable(tmp)
+    write_checkpoint(path, force=force, model=model, tokenizer=tokenizer, extra_files=extra_files)
+    make_readable(path)
     return Path(path)
 
 

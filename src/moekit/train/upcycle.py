@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from moekit.errors import MoekitError
-from moekit.io import atomic_output_dir, check_writable
+from moekit.formats.writer import write_checkpoint
+from moekit.io import check_writable
 
 SOURCES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORT: dict[str, tuple[str, str]] = {  # source -> (target without shared experts, target with shared experts)
@@ -233,11 +234,7 @@ def upcycle(dense_model: nn.Module, num_experts: int, top_k: int, granularity: i
 
 def save(model: nn.Module, out: str | os.PathLike, tokenizer=None, force: bool = False) -> Path:
     """Write ``model`` (and ``tokenizer``) as a normal HF checkpoint directory, atomically."""
-    with atomic_output_dir(out, force=force) as tmp:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    return Path(out)
+    return write_checkpoint(out, force=force, model=model, tokenizer=tokenizer)
 
 
 def load_dense_config(spec: str | os.PathLike):
@@ -261,8 +258,9 @@ def upcycle_checkpoint(dense: str | os.PathLike, out: str | os.PathLike, num_exp
 
     All argument checks (architecture, N >= k, granularity, output dir) happen before any weight is read.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
+    from moekit.formats.tokenizer import load_tokenizer_from
     from moekit.models import resolve
 
     config = load_dense_config(dense)
@@ -273,10 +271,7 @@ def upcycle_checkpoint(dense: str | os.PathLike, out: str | os.PathLike, num_exp
     path, name = resolve(dense)
     source = str(path) if path is not None else name
     dense_model = AutoModelForCausalLM.from_pretrained(source, dtype="auto")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError, KeyError, TypeError):
-        tokenizer = None
+    tokenizer = load_tokenizer_from(source)
     moe = upcycle(dense_model, num_experts, top_k, granularity, shared, seed=seed, router=router)
     save(moe, out, tokenizer=tokenizer, force=force)
     total = sum(t.numel() for t in moe.parameters())
