@@ -329,6 +329,7 @@ class SigmoidGroup(ScoredTopK):
     bias updated or moved with the model is the one used."""
 
     name = "sigmoid_group"
+    formula = "sigmoid + selection bias → group-limited top-k → renorm × scale"
 
     def __init__(self, router, config) -> None:
         super().__init__(router, config, score="sigmoid", renormalize=bool(router.norm_topk_prob),
