@@ -85,6 +85,7 @@ def test_trace_cli_writes_a_loadable_trace(ckpt, tmp_path, capsys):
     assert moekit.RoutingTrace.load(out).num_tokens == 50
 
 
+@pytest.mark.slow
 def test_bad_inputs_exit_2_with_one_line(ckpt, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")

@@ -485,6 +485,7 @@ def _contract(argv) -> None:
         _one_error(code, err)
 
 
+@pytest.mark.slow
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(option=st.sampled_from(NUMERIC_OPTIONS), value=number_text)
 def test_fuzz_numeric_options(option, value):
@@ -495,12 +496,14 @@ def test_fuzz_numeric_options(option, value):
     _contract(argv)
 
 
+@pytest.mark.slow
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(option=st.sampled_from(["--disable", "--force", "--boost", "--bias"]), value=expert_text)
 def test_fuzz_expert_specs(option, value):
     _contract([*BASE["generate"], f"{option}={value}"])
 
 
+@pytest.mark.slow
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spec=corpus_text, where=st.sampled_from(["trace", "eval", "steer"]))
 def test_fuzz_corpus_specs(spec, where):

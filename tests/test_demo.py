@@ -11,6 +11,8 @@ from moekit.compress.demo import balanced_docs
 from moekit.eval import perplexity
 
 
+# end to end through every step (each step also has fast tests of its own: compress/steer/serve demo steps)
+@pytest.mark.slow
 def test_demo_writes_every_output(tmp_path, capsys, bundled_tiny):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--max-tokens", "3000"]) == 0

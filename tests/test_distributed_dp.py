@@ -79,6 +79,7 @@ def _plain_rank(rank: int, world: int, port: int, args: list[str], timeout_s: st
     return subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_missing_rank_is_a_clear_error(tmp_path):
     """WORLD_SIZE=2 but only one process starts: a one-line error after the timeout, not a hang."""
     p = _plain_rank(0, 2, free_port(), ["-m", "moekit", "trace", "moekit:tiny", "--data", "moekit:corpus:test",
@@ -89,6 +90,7 @@ def test_missing_rank_is_a_clear_error(tmp_path):
     assert not (tmp_path / "t.trace").exists()
 
 
+@pytest.mark.slow
 def test_dead_rank_is_a_clear_error(tmp_path):
     """Rank 1 exits after joining: rank 0's next collective fails with a one-line error."""
     port = free_port()

@@ -33,7 +33,9 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("first,torch_expected", [("", False), ("import transformers.integrations.moe", True)])
+# each case is a fresh interpreter importing torch + transformers: the second runs with the slow tests
+@pytest.mark.parametrize("first,torch_expected", [
+    ("", False), pytest.param("import transformers.integrations.moe", True, marks=pytest.mark.slow)])
 def test_import_moekit_registers_experts_implementation(first: str, torch_expected: bool) -> None:
     code = _CHECK.format(first=first, torch_expected=torch_expected)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -342,6 +342,7 @@ print(json.dumps(got))
 """
 
 
+@pytest.mark.slow
 def test_profiling_peak_does_not_scale_with_logits(tmp_path):
     """Issue 13: the profiling pass and the routing trace of a 64k-vocabulary model over 8 × 128-token
     windows would hold [8, 128, 64000] fp32 logits (262 MB); they keep only the last position's, so their peak

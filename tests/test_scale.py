@@ -35,6 +35,7 @@ def _config_dtype(path) -> str:
     return json.loads((path / "config.json").read_text())["dtype"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", DTYPES)
 def test_dtype_round_trips_through_load_and_every_writer(name, tmp_path):
     from moekit.compress.lowmem import prune_lowmem

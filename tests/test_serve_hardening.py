@@ -92,6 +92,7 @@ def assert_still_serving(conn: Conn) -> None:
 
 # ----- limits ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_body_over_the_cap_is_413_before_it_is_read_and_the_connection_lives(server):
     conn = Conn(server["port"])
     huge = b'{"prompt": "' + b"a" * 20_000_000 + b'"}'  # 20 MB, declared by Content-Length
@@ -109,6 +110,7 @@ def test_body_over_the_cap_is_413_before_it_is_read_and_the_connection_lives(ser
     conn.close()
 
 
+@pytest.mark.slow
 def test_long_prompt_refused_by_characters_before_tokenizing(server):
     conn = Conn(server["port"])
     err = assert_openai_error(*conn.post("/v1/completions", {"prompt": "word " * 20_000}), expect=400,
@@ -121,6 +123,7 @@ def test_long_prompt_refused_by_characters_before_tokenizing(server):
     conn.close()
 
 
+@pytest.mark.slow
 def test_prompt_tokens_and_max_tokens_checked_against_cap_and_context(server, tok):
     client = openai.OpenAI(base_url=server["base"] + "/v1", api_key="unused", timeout=120, max_retries=0)
     words = " ".join(f"w{i}" for i in range(200))
@@ -229,6 +232,7 @@ BAD = [  # (path, raw body or object, content type, expected status, expected pa
 ]
 
 
+@pytest.mark.slow
 def test_every_malformed_value_is_a_4xx_and_the_connection_lives(server):
     conn = Conn(server["port"])
     for path, body, ctype, status, param in BAD:
@@ -246,6 +250,7 @@ def test_every_malformed_value_is_a_4xx_and_the_connection_lives(server):
     conn.close()
 
 
+@pytest.mark.slow
 def test_openai_client_gets_bad_request_errors(server):
     client = openai.OpenAI(base_url=server["base"] + "/v1", api_key="unused", timeout=120, max_retries=0)
     # (the client itself refuses to send NaN, inf or lone surrogates: the test above sends them raw)
@@ -319,6 +324,7 @@ _chat_body = st.fixed_dictionaries({}, optional={"messages": st.one_of(st.lists(
                                                  "max_completion_tokens": _small, **_common})
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(chat=st.booleans(), data=st.data())
 def test_fuzz_every_response_is_200_or_an_openai_4xx(server, chat, data):
