@@ -141,7 +141,7 @@ def run_model(name: str, args, rows: list, fh) -> None:
     res = choose(lm, stats, "reap", 0.5, protect_super=True)
     model, _ = pruned_model(lm, res.kept)
     emit(rows, fh, **common, kind="prune", method="reap+protect-super", seed=0, ratio=0.5, calibration="generic",
-         protected=[list(p) for p in res.protected], experts_kept=res.num_kept, **evaluate(model, batches, ref))
+         protected=res.protected.to_list(), experts_kept=res.num_kept, **evaluate(model, batches, ref))
 
     # EASY-EP with 16 in-domain demonstrations vs generic calibration
     for domain in args.domains:

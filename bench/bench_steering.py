@@ -117,7 +117,7 @@ def detect_and_disable(lm, args) -> dict:
             d_ft, d_fo = ft / base_t - 1, fo / base_o - 1
             d_rt = [x / base_t - 1 for x in rt]
             d_ro = [x / base_o - 1 for x in ro]
-            emit("disable", target=target, other=other, n=n, experts=experts, ppl_target_base=base_t,
+            emit("disable", target=target, other=other, n=n, experts=[str(e) for e in experts], ppl_target_base=base_t,
                  ppl_other_base=base_o, ppl_target_found=ft, ppl_other_found=fo, ppl_target_random=rt,
                  ppl_other_random=ro, rel_target_found=d_ft, rel_other_found=d_fo,
                  rel_target_random_mean=float(np.mean(d_rt)), rel_target_random_max=float(np.max(d_rt)),
@@ -152,7 +152,7 @@ def style_shift(lm, found_all: dict, args) -> None:
                 scale={e: args.boost for e in matched_random(lm, bst, s)})
             r_off = matched_random(lm, sorted(set(off_other) | set(r_on)), s + 100)
             per_layer = {li: sum(1 for x, _ in off_other if x == li) for li, _ in off_other}
-            r_off = [e for li, k in per_layer.items() for e in [x for x in r_off if x[0] == li][:k]]
+            r_off = [e for li, k in per_layer.items() for e in [x for x in r_off if x.layer == li][:k]]
             conds[f"random_on+off_s{s}"] = RoutingControl.make(force=r_on, disable=r_off)
         base_margin = None
         for name, ctrl in conds.items():

@@ -6,7 +6,6 @@ model argument is a directory that does not exist: reaching the model would give
 """
 
 import contextlib
-import io
 import json
 import math
 import os
@@ -22,34 +21,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import moekit
-from moekit.cli import main
+from cli_helpers import one_error, run_cli
 from moekit.data.corpus import CorpusSpec, corpus_documents, load_corpus, parse_corpus_spec, read_documents
 from moekit.errors import MoekitError
+from moekit.experts import ExpertRef
 from moekit.io import MARKER, atomic_output_dir, atomic_write, clean_stale_temps
 from moekit.steer.detect import model_signature
 from moekit.steer.presets import control_from_spec, load_experts
 from moekit.testing import save_tiny_checkpoint, tiny_model
 
+_cli, _one_error = run_cli, one_error
+
 NO_MODEL = "./no-such-model-dir"  # reaching the model gives "model ... not found"
-
-
-def _cli(argv) -> tuple[int, str, str]:
-    """Run ``moekit argv`` in-process; (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
-
-
-def _one_error(code: int, err: str, *patterns: str) -> str:
-    """Assert the CLI contract for bad input: exit 2, exactly one stderr line ``error: ...``, no traceback."""
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert code == 2, (code, err)
-    assert "Traceback" not in err
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for p in patterns:
-        assert p in lines[0], (p, lines[0])
-    return lines[0]
 
 
 def _tmp_siblings(folder: Path) -> list[str]:
@@ -229,7 +212,7 @@ NUMERIC_CASES = [
     (["generate", NO_MODEL, "--prompt", "x", "--boost", "1:2=nan"], "--boost", "nan"),
     (["generate", NO_MODEL, "--prompt", "x", "--boost", "1:2=-1"], "must be in [0, inf)"),
     (["generate", NO_MODEL, "--prompt", "x", "--bias", "1:2=inf"], "--bias"),
-    (["generate", NO_MODEL, "--prompt", "x", "--disable", "1:-2"], "layer and expert are indices >= 0"),
+    (["generate", NO_MODEL, "--prompt", "x", "--disable", "1:-2"], "decoder-layer and expert indices 0..32767"),
     (["generate", NO_MODEL, "--prompt", "x", "--temperature", "nan"], "--temperature must be a finite number"),
     (["generate", NO_MODEL, "--prompt", "x", "--temperature", "-1"], "--temperature must be in [0, inf)"),
     (["generate", NO_MODEL, "--prompt", "x", "--contrast", "inf"], "--contrast must be a finite number"),
@@ -298,7 +281,7 @@ def _experts_file(path: Path, entries, **extra) -> str:
 
 @pytest.mark.parametrize("entries,extra,pattern", [
     ([{"layer": "1", "expert": 2, "score": 0.5}], {}, "entry 0 layer must be an integer, got '1'"),
-    ([{"layer": 1, "expert": -2, "score": 0.5}], {}, "entry 0 expert must be >= 0, got -2"),
+    ([{"layer": 1, "expert": -2, "score": 0.5}], {}, "entry 0 expert must be in [0, 32767], got -2"),
     ([{"layer": 1, "score": 0.5}], {}, "entry 0 has no 'expert'"),
     ([{"layer": 1, "expert": 2, "score": "high"}], {}, "entry 0 score must be a number"),
     ([{"layer": 1, "expert": 2, "score": math.nan}], {}, "entry 0 score must be a finite number"),
@@ -323,7 +306,7 @@ def test_steer_boost_factor_must_be_finite(bundled_tiny, tmp_path):
     for factor, pattern in (("nan", "finite"), ("inf", "finite"), ("-1", r"\[0, inf\)"), ("x", "not a number")):
         with pytest.raises(MoekitError, match=pattern):
             control_from_spec(f"{f}:boost={factor}", lm)
-    assert control_from_spec(f"{f}:boost=2", lm).scale == {(lm.moe.indices[0], 3): 2.0}
+    assert control_from_spec(f"{f}:boost=2", lm).scale == {ExpertRef(lm.moe.indices[0], 3): 2.0}
 
 
 # ----- 6. a model without a tokenizer -------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import moekit
 from moekit.compress import CRITERIA, choose, observe_batches, scores, select_kept
 from moekit.compress.observer import CalibStats, LayerStats
 from moekit.errors import MoekitError
+from moekit.experts import ExpertRef, ExpertSet
 from moekit.testing import TINY_ARCHS, random_batch, tiny_lm
 
 
@@ -116,8 +117,16 @@ def test_protect_super_keeps_detected_experts():
     first = lm.moe.indices[0]
     st.layers[first].max_abs[7] = 50.0  # one massive expert in the first layer
     res = choose(lm, st, "frequency", 0.5, protect_super=True)
-    assert res.protected == [(first, 7)]
+    assert res.protected == ExpertSet([ExpertRef(first, 7)])
     assert res.kept[first] == [0, 1, 2, 7]
+    # explicit protection adds to the super experts; every other layer keeps its four most used
+    last = lm.moe.indices[-1]
+    res = choose(lm, st, "frequency", 0.5, protect_super=True, protect=ExpertSet.parse(f"{last}:6,{last}:7"))
+    assert res.protected.to_list() == [f"{first}:7", f"{last}:6", f"{last}:7"]
+    assert res.kept[first] == [0, 1, 2, 7] and res.kept[last] == [0, 1, 6, 7]
+    assert res.summary()["protected"] == [f"{first}:7", f"{last}:6", f"{last}:7"]
+    with pytest.raises(MoekitError, match=f"expert {first}:8 is not in this model"):
+        choose(lm, st, "frequency", 0.5, protect=ExpertSet.parse(f"{first}:8"))
 
 
 def test_demo_step_reports_perplexity_before_and_after(tmp_path):

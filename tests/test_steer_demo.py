@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import moekit
+from moekit.experts import ExpertRef
 from moekit.routing import RoutingControl
 from moekit.steer import demo_step
 from moekit.steer.effects import classify_style, matched_random, number_token_classes, style_margin
@@ -20,10 +21,10 @@ def test_demo_step_reports_effect_against_random(lm):
     d, w = out["ppl_digits"], out["ppl_words"]
     assert out["effect_digits"] == pytest.approx(d["found_off"] / d["base"] - 1)
     assert out["random_effect_words"] == pytest.approx(np.mean([x / w["base"] - 1 for x in w["random_off"]]))
-    experts = [tuple(e) for e in out["experts"]]
+    experts = [ExpertRef.parse(e) for e in out["experts"]]
     assert len(experts) == 2
     for draw in out["random_controls"]:
-        draw = [tuple(e) for e in draw["experts"]]
+        draw = [ExpertRef.parse(e) for e in draw["experts"]]
         assert not set(draw) & set(experts) and sorted(li for li, _ in draw) == sorted(li for li, _ in experts)
 
 

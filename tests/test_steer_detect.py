@@ -9,6 +9,7 @@ import torch
 
 import moekit
 from moekit.errors import MoekitError
+from moekit.experts import ExpertRef, ExpertSet
 from moekit.steer.detect import (
     Example,
     SetCounts,
@@ -116,7 +117,8 @@ def test_find_experts_ranks_and_saves(lm, tmp_path):
 def test_presets_round_trip(lm, tmp_path):
     res = find_experts(lm, POS, NEG, top=5)
     path = save_experts(res, tmp_path / "e.json")
-    top = [(r["layer"], r["expert"]) for r in res["entries"] if r["score"] > 0][:5]
+    top = [ExpertRef(r["layer"], r["expert"]) for r in res["entries"] if r["score"] > 0][:5]
+    assert ExpertSet.load(path) == ExpertSet(top)  # the file's "experts" key: the top entries with score > 0
     off = control_from_spec(f"{path}:off", lm)
     assert off.disable == frozenset(top) and not off.force
     on = control_from_spec(f"{path}:on", lm)
@@ -124,7 +126,7 @@ def test_presets_round_trip(lm, tmp_path):
     for layer, _ in on.force:
         per_layer[layer] = per_layer.get(layer, 0) + 1
     assert max(per_layer.values()) <= 2 and on.force <= frozenset(top)
-    neg = [(r["layer"], r["expert"]) for r in reversed(res["entries"]) if r["score"] < 0][:5]
+    neg = [ExpertRef(r["layer"], r["expert"]) for r in reversed(res["entries"]) if r["score"] < 0][:5]
     both = control_from_spec(f"{path}:on+off", lm)
     assert both.force == on.force and both.disable == frozenset(neg)
     boost = control_from_spec(f"{path}:boost=2.5:2", lm)

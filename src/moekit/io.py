@@ -69,6 +69,7 @@ _JSON_SIGNATURES = (
     ("timings", "trace_only"),  # report statistics (moekit report --json)
     ("steps", "lm_loss"),  # training log (moekit train)
     ("method", "experts", "ranking"),  # ROCKET selection (moekit adapt select)
+    ("experts", "written_by"),  # expert set (moekit.experts.ExpertSet.save, moekit report --super-experts)
 )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from moekit.errors import MoekitError
+from moekit.experts import to_dispatch_ids
 
 
 def as_ids(ids: np.ndarray, num_experts: int, ndim: int | None = None) -> np.ndarray:
@@ -28,9 +29,9 @@ def selection_mask(ids: np.ndarray, num_experts: int) -> np.ndarray:
     """Boolean ``[N, E]``: token n selected expert e (``ids`` is ``[N, K]``; -1 and repeats ignored)."""
     arr = as_ids(ids, num_experts, ndim=2)
     n, k = arr.shape
-    mask = np.zeros((n, num_experts + 1), dtype=bool)  # column E absorbs the -1 entries
+    mask = np.zeros((n, num_experts + 1), dtype=bool)  # column E absorbs the NO_EXPERT entries
     rows = np.repeat(np.arange(n), k)
-    mask[rows, np.where(arr < 0, num_experts, arr).ravel()] = True
+    mask[rows, to_dispatch_ids(arr, num_experts).ravel()] = True
     return mask[:, :num_experts]
 
 

@@ -21,7 +21,8 @@ def detect_super_experts(
     rel: float = 0.1,
     stats_over_all_layers: bool = False,
 ) -> list[tuple[int, int]]:
-    """Super experts as ``(layer_pos, expert)`` pairs, sorted by decreasing activation maximum.
+    """Super experts as ``(layer_pos, expert)`` pairs, sorted by decreasing activation maximum (``layer_pos``
+    is the MoE position: ``MoEMap.ref(layer_pos, expert)`` names the expert).
 
     ``max_abs_out`` is ``[L, E]`` (MoE-layer position, expert); NaN marks an expert that never
     received a token.  Only layer positions ``< max(1, floor(layer_fraction * L))`` are candidates.

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from moekit.errors import MoekitError
+from moekit.experts import ExpertRef, ExpertSet, expert_values
 from moekit.validate import SEED_MAX, finite_float, integer, parse_float
 
 app = typer.Typer(
@@ -46,41 +47,18 @@ def _json_default(o: Any):
     return str(o)
 
 
-def parse_experts(text: str | None, option: str = "expert") -> list[tuple[int, int]]:
-    """``"3:5,4:1"`` → [(3, 5), (4, 1)] with a one-line error on bad syntax or a negative index."""
-    if not text:
-        return []
-    out = []
-    for item in text.split(","):
-        item = item.strip()
-        try:
-            layer, expert = item.split(":")
-            pair = (int(layer), int(expert))
-        except ValueError:
-            raise MoekitError(f"bad {option} {item!r}: write LAYER:EXPERT, e.g. 3:5") from None
-        if min(pair) < 0:
-            raise MoekitError(f"bad {option} {item!r}: layer and expert are indices >= 0")
-        out.append(pair)
-    return out
+def parse_experts(text: str | None, option: str = "expert") -> ExpertSet:
+    """An expert option: ``"3:5,4:1"`` or an expert-set JSON file (``moekit steer find`` output, ...);
+    a one-line error on bad syntax, a negative or huge index, or an unreadable file."""
+    return ExpertSet.from_option(text, option)
 
 
 def parse_expert_values(text: str | None, option: str = "expert value", lo: float | None = None,
-                        hi: float | None = None) -> dict[tuple[int, int], float]:
-    """``"3:5=2.0,4:1=0.5"`` → {(3, 5): 2.0, (4, 1): 0.5}; values finite and within [lo, hi]."""
-    if not text:
-        return {}
-    out = {}
-    for item in text.split(","):
-        item = item.strip()
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise MoekitError(f"bad {option} {item!r}: write LAYER:EXPERT=X, e.g. 3:5=2.0")
-        (layer, expert), = parse_experts(key, option) or [(None, None)]
-        if layer is None:
-            raise MoekitError(f"bad {option} {item!r}: write LAYER:EXPERT=X, e.g. 3:5=2.0")
-        out[(layer, expert)] = finite_float(f"{option} {key.strip()}", parse_float(f"{option} {item!r}", value),
-                                            lo, hi)
-    return out
+                        hi: float | None = None) -> dict[ExpertRef, float]:
+    """``"3:5=2.0,4:1=0.5"`` (or ``FILE=X``: every expert of an expert-set file) → {ExpertRef: value};
+    values finite and within [lo, hi]."""
+    return {ref: finite_float(f"{option} {ref}", parse_float(f"{option} {ref}={value}", value), lo, hi)
+            for ref, value in expert_values(text, option).items()}
 
 
 # ----- option validation: typer callbacks that run while the command line is parsed, before any work -----

@@ -21,6 +21,7 @@ from moekit.cli.common import (
     join_ranks,
     load_model,
     open_unit_ratio,
+    parse_experts,
     positive_int,
     seed_int,
 )
@@ -91,6 +92,8 @@ def prune_command(
     global_budget: bool = typer.Option(False, "--global", help="One budget over all layers (scores normalised "
                                        "per layer); unequal counts need a router bias (GPT-OSS, DeepSeek-V3)."),
     protect_super: bool = typer.Option(False, "--protect-super", help="Never remove detected super experts."),
+    protect: str = typer.Option(None, "--protect", help="Experts never removed: 3:5,4:1 or an expert-set JSON file "
+                                "(e.g. the output of `moekit steer find`; docs/experts.md)."),
     calib: list[str] = typer.Option(None, "--calib", "-c", help=_CALIB_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint directory."),
     seed: int = typer.Option(0, "--seed", callback=seed_int, help="Seed of the random criterion."),
@@ -106,9 +109,11 @@ def prune_command(
     Examples:\n
       moekit prune moekit:tiny --method reap --ratio 0.25 --calib moekit:corpus:validation --out tiny-reap25\n
       moekit prune ./ckpt --method easy-ep --ratio 0.5 --calib code_demos.jsonl --out ckpt-code --protect-super\n
-      moekit prune ./big --method frequency --ratio 0.5 --calib notes.txt --out big-half --low-memory
+      moekit prune ./big --method frequency --ratio 0.5 --calib notes.txt --out big-half --low-memory\n
+      moekit prune moekit:tiny --ratio 0.5 --calib moekit:corpus:validation --protect digits.json --out tiny-half
     """
     CRITERIA.get(method)
+    protected = parse_experts(protect, "--protect expert")
     check_output(out, force, "dir")
     docs = _read_calib(calib) if (calib or needs_calibration(method, protect_super)) else None
     world = None
@@ -121,7 +126,7 @@ def prune_command(
             raise MoekitError("--low-memory needs a local checkpoint directory (download the hub model first)")
         res = prune_lowmem(path, method, ratio, docs, out, force=force, global_budget=global_budget,
                            protect_super=protect_super, seed=seed, seq_len=seq_len, max_tokens=max_tokens,
-                           progress=not json_out, dtype=dtype)
+                           progress=not json_out, dtype=dtype, protect=protected)
     else:
         from moekit.compress.prune import prune
 
@@ -132,7 +137,7 @@ def prune_command(
             docs = _observe_dp(lm, docs, world, seq_len, max_tokens)
         res = prune(lm, method, ratio, docs, out=out if world is None or world.is_main else None, force=force, global_budget=global_budget,
                     protect_super=protect_super, seed=seed, seq_len=seq_len, max_tokens=max_tokens,
-                    progress=not json_out)
+                    progress=not json_out, protect=protected)
     if world is not None and not world.is_main:
         return
     summary = res.summary()
@@ -142,8 +147,7 @@ def prune_command(
         per = sorted(set(summary["kept_per_layer"].values()))
         console.print(f"wrote {out}: {method} at ratio {ratio}, kept {summary['experts_kept']} experts "
                       f"({'/'.join(map(str, per))} per layer)"
-                      + (", protected " + ", ".join(f"{li}:{e}" for li, e in summary["protected"])
-                         if summary["protected"] else ""))
+                      + (", protected " + ",".join(summary["protected"]) if summary["protected"] else ""))
 
 
 @app.command("merge")
@@ -157,6 +161,8 @@ def merge_command(
     calib: list[str] = typer.Option(None, "--calib", "-c", help=_CALIB_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint directory."),
     protect_super: bool = typer.Option(False, "--protect-super", help="Super experts are always group centres."),
+    protect: str = typer.Option(None, "--protect", help="Experts kept unchanged as group centres: 3:5,4:1 or an "
+                                "expert-set JSON file (docs/experts.md)."),
     max_tokens: int = typer.Option(65536, "--max-tokens", callback=positive_int, help="Calibration tokens at most."),
     seq_len: int = typer.Option(256, "--seq-len", callback=positive_int, help="Calibration window length."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
@@ -169,6 +175,7 @@ def merge_command(
     """
     from moekit.compress.merge import merge
 
+    protected = parse_experts(protect, "--protect expert")
     check_output(out, force, "dir")
     docs = _read_calib(calib)
     world = join_ranks()
@@ -177,7 +184,7 @@ def merge_command(
     if world is not None:
         docs = _observe_dp(lm, docs, world, seq_len, max_tokens)
     res, _ = merge(lm, ratio, docs, out=out if world is None or world.is_main else None, force=force, protect_super=protect_super, seq_len=seq_len,
-                   max_tokens=max_tokens, progress=not json_out, method=method)
+                   max_tokens=max_tokens, progress=not json_out, method=method, protect=protected)
     if world is not None and not world.is_main:
         return
     summary = res.summary()

@@ -65,10 +65,13 @@ def generate_command(
     dtype: str = DTYPE_OPTION,
     max_memory: str = MAX_MEMORY_OPTION,
     prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt text."),
-    disable: str = typer.Option(None, "--disable", help="Experts never selected, e.g. 3:5,4:1."),
-    force: str = typer.Option(None, "--force", help="Experts always selected (at most k per layer), e.g. 3:5."),
-    boost: str = typer.Option(None, "--boost", help="Scale routing weights, e.g. 3:5=2.0,4:1=0.5."),
-    bias: str = typer.Option(None, "--bias", help="Add to router logits before selection, e.g. 3:5=1.5."),
+    disable: str = typer.Option(None, "--disable", help="Experts never selected, e.g. 3:5,4:1, or an expert-set "
+                                "JSON file (docs/experts.md), e.g. super.json."),
+    force: str = typer.Option(None, "--force", help="Experts always selected (at most k per layer), e.g. 3:5, "
+                              "or an expert-set JSON file."),
+    boost: str = typer.Option(None, "--boost", help="Scale routing weights, e.g. 3:5=2.0,4:1=0.5 (FILE=X: every "
+                              "expert of an expert-set file)."),
+    bias: str = typer.Option(None, "--bias", help="Add to router logits before selection, e.g. 3:5=1.5 (or FILE=X)."),
     top_k: int = typer.Option(None, "--top-k", callback=positive_int, help="Experts per token (routing)."),
     top_p: float = typer.Option(None, "--top-p", callback=probability_mass, help="Top-p routing: experts up to cumulative router mass p."),
     steer: list[str] = typer.Option(None, "--steer", help="FILE:off|on|boost=X[:N] from `moekit steer find`."),
@@ -180,7 +183,9 @@ def _run(lm, prompt, max_tokens, temperature, sample_top_p, seed, stop, control,
 
 
 def _describe(control) -> dict:
-    return {"disable": sorted(control.disable), "force": sorted(control.force),
-            "scale": {f"{k[0]}:{k[1]}": v for k, v in sorted(control.scale.items())},
-            "bias": {f"{k[0]}:{k[1]}": v for k, v in sorted(control.bias.items())},
+    from moekit.experts import ExpertSet
+
+    return {"disable": ExpertSet(control.disable).to_list(), "force": ExpertSet(control.force).to_list(),
+            "scale": {str(k): v for k, v in sorted(control.scale.items())},
+            "bias": {str(k): v for k, v in sorted(control.bias.items())},
             "top_k": control.top_k, "top_p": control.top_p}

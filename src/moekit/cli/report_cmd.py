@@ -33,6 +33,8 @@ def report_command(
                                     "--data; it must come from MODEL."),
     out: Path = typer.Option(..., "--out", "-o", help="Output HTML file."),
     json_path: Path = typer.Option(None, "--json", help="Also write all statistics to this JSON file."),
+    super_path: Path = typer.Option(None, "--super-experts", help="Also write the detected super experts as an "
+                                    "expert-set JSON file (input of generate --disable, prune --protect)."),
     layer: int = typer.Option(None, "--layer", callback=non_negative_int, help="Decoder layer for the co-activation heatmap and the "
                               "top-experts table (default: the middle MoE layer)."),
     max_tokens: int = typer.Option(40_000, "--max-tokens", callback=positive_int, help="Tokens of --data to trace (documents are "
@@ -49,7 +51,8 @@ def report_command(
     Examples:\n
       moekit report moekit:tiny --data moekit:corpus:test --out report.html\n
       moekit report ./ckpt --data notes.jsonl --out notes.html --json notes-stats.json --layer 3\n
-      moekit report moekit:tiny --trace test.trace --out report.html
+      moekit report moekit:tiny --trace test.trace --out report.html\n
+      moekit report moekit:tiny --data moekit:corpus:test --out r.html --super-experts super.json
     """
     from moekit.errors import MoekitError
     from moekit.report import write_report
@@ -59,6 +62,10 @@ def report_command(
     check_output(out, force, "html")
     if json_path is not None:
         check_output(json_path, force, "json")
+    if super_path is not None:
+        if no_super or not data:
+            raise MoekitError("--super-experts needs the super-expert profiling: give --data, not --no-super-experts")
+        check_output(super_path, force, "json")
     docs = None
     if data:
         from moekit.data import read_documents
@@ -79,8 +86,13 @@ def report_command(
         rep = write_report(lm, trace, out, docs=None if no_super else docs, layer=layer, json_path=json_path,
                            force=force, profile_tokens=profile_tokens, check_tokens=max(profile_tokens // 2, 64))
     se = rep.get("super_experts")
+    if super_path is not None:
+        from moekit.experts import ExpertSet
+
+        ExpertSet(se["detected"]).save(super_path, force=force, model=lm.name, source="moekit report")
     summary = {"out": str(out), "json": str(json_path) if json_path else None, "tokens": trace.num_tokens,
                "bytes": out.stat().st_size, "super_experts": None if se is None else se["detected"],
+               "super_experts_file": str(super_path) if super_path else None,
                "timings": rep["timings"]}
     if json_out:
         emit_json(summary)

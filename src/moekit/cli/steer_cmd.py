@@ -65,7 +65,8 @@ def find_command(
     save_experts(result, out, force=force)
     head = result["entries"][:top]
     if json_out:
-        emit_json({"out": str(out), "method": method, "sets": result["sets"], "top": head})
+        emit_json({"out": str(out), "method": method, "sets": result["sets"], "experts": result["experts"],
+                   "top": head})
         return
     sets = result["sets"]
     console.print(f"wrote {out}: {method} over {sets['pos']['tokens']} target tokens"
@@ -76,3 +77,5 @@ def find_command(
         table.add_row(str(r["rank"]), str(r["layer"]), str(r["expert"]), f"{r['score']:+.4f}",
                       *[f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in extra])
     console.print(table)
+    console.print(f"expert set (the top {top} with a positive score): {','.join(result['experts']) or 'none'}; "
+                  f"use it as --disable/--force {out} or prune --protect {out}")

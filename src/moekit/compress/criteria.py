@@ -15,7 +15,7 @@ Experts never routed on the calibration data score 0 (random excepted).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -23,6 +23,8 @@ from moekit.analysis.super_experts import detect_super_experts
 from moekit.compress.observer import CalibStats, LayerStats
 from moekit.compress.writer import n_drop
 from moekit.errors import MoekitError
+from moekit.experts import ExpertRef, ExpertSet
+from moekit.models.moe_map import MoEMap
 from moekit.registry import Registry
 
 Criterion = Callable[[LayerStats, int], np.ndarray]
@@ -93,12 +95,13 @@ def scores(stats: CalibStats, method: str, seed: int = 0) -> dict[int, np.ndarra
     return {li: np.asarray(fn(st, seed), dtype=np.float64) for li, st in sorted(stats.layers.items())}
 
 
-def super_experts(stats: CalibStats, **thresholds) -> list[tuple[int, int]]:
-    """Super experts (decoder layer, expert) from the profiled max |down_proj output| (design §5 thresholds:
+def super_experts(stats: CalibStats, moe: MoEMap, **thresholds) -> ExpertSet:
+    """Super experts of the model ``moe`` from the profiled max |down_proj output| (design §5 thresholds:
     above the 99.5th percentile of all experts and above max/10, first 75% of MoE layers)."""
-    order = sorted(stats.layers)
-    found = detect_super_experts(stats.stacked("max_abs"), **thresholds)
-    return [(order[pos], e) for pos, e in found]
+    if sorted(stats.layers) != moe.indices:
+        raise MoekitError(f"calibration statistics of layers {sorted(stats.layers)} do not match the model's MoE "
+                          f"layers {moe.indices}")
+    return ExpertSet(moe.ref(pos, e) for pos, e in detect_super_experts(stats.stacked("max_abs"), **thresholds))
 
 
 def _ranked(s: np.ndarray) -> np.ndarray:
@@ -111,7 +114,7 @@ def select_kept(
     ratio: float,
     top_k: Mapping[int, int],
     global_budget: bool = False,
-    protect: Sequence[tuple[int, int]] = (),
+    protect: Iterable[ExpertRef] = (),
 ) -> dict[int, list[int]]:
     """The experts to keep per layer.
 

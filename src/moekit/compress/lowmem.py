@@ -17,7 +17,7 @@ indexed on dim 0), and written in shards of at most ``shard_bytes``, in the dtyp
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -40,6 +40,7 @@ from moekit.compress.writer import (
     plan_config,
 )
 from moekit.errors import MoekitError
+from moekit.experts import ExpertRef, ExpertSet
 from moekit.formats import Checkpoint, read_tensor
 from moekit.formats.writer import write_checkpoint
 from moekit.models.loading import LoadedModel, load_structure
@@ -193,9 +194,9 @@ def write_pruned_files(src: str | Path, lm: LoadedModel, kept: Mapping[int, Sequ
 def prune_lowmem(path: str | Path, method: str, ratio: float, docs: Sequence | None, out: str | Path,
                  force: bool = False, global_budget: bool = False, protect_super: bool = False, seed: int = 0,
                  seq_len: int = 256, max_tokens: int | None = None, batch_size: int = 8, progress: bool = False,
-                 dtype: torch.dtype | str | None = "auto"):
+                 dtype: torch.dtype | str | None = "auto", protect: Iterable[ExpertRef] = ()):
     """``prune`` for checkpoints larger than memory: layer-by-layer calibration (in ``dtype``, by default the
-    checkpoint's), file-to-file writing (tensors as stored)."""
+    checkpoint's), file-to-file writing (tensors as stored); ``protect``: experts never removed."""
     from moekit.compress.criteria import CRITERIA, needs_calibration
     from moekit.compress.prune import check_ratio_for_model, choose
     from moekit.io import check_writable
@@ -207,11 +208,13 @@ def prune_lowmem(path: str | Path, method: str, ratio: float, docs: Sequence | N
     if docs is None:
         lm, stats = meta_model(path, dtype), None
     else:
-        check_ratio_for_model(meta_model(path, dtype), ratio, global_budget)
+        meta = meta_model(path, dtype)
+        check_ratio_for_model(meta, ratio, global_budget)
+        ExpertSet(protect).check(meta.moe)  # before the calibration pass
         stats, lm = observe_lowmem(path, docs, seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size,
                                    progress=progress, dtype=dtype)
-    res = choose(lm, stats, method, ratio, global_budget, protect_super, seed)
+    res = choose(lm, stats, method, ratio, global_budget, protect_super, seed, protect)
     res.out = write_pruned_files(path, lm, res.kept, out, force, meta_extra={
         "method": method, "ratio": ratio, "calib_hash": res.calib_hash, "global_budget": global_budget,
-        "protected": [list(p) for p in res.protected], "seed": seed, "calibration_tokens": res.calib_tokens})
+        "protected": res.protected.to_list(), "seed": seed, "calibration_tokens": res.calib_tokens})
     return res

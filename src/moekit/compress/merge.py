@@ -22,7 +22,7 @@ weights under all E rows would keep M-SMoE's routing exactly but save no memory,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,13 +40,15 @@ from moekit.compress.writer import (
     write_model_dir,
 )
 from moekit.errors import MoekitError
+from moekit.experts import ExpertRef, ExpertSet
 from moekit.models.loading import LoadedModel
 from moekit.models.moe_map import MoELayerView
 from moekit.registry import Registry
 
-# A merging method plans the groups: (lm, calibration stats, ratio, protect_super) → (groups per layer,
+# A merging method plans the groups: (lm, calibration stats, ratio, protect_super, protect) → (groups per layer,
 # protected experts); ``merge`` then aligns and averages every group and writes the checkpoint.
-Planner = Callable[[LoadedModel, CalibStats, float, bool], tuple[dict[int, list[list[int]]], list[tuple[int, int]]]]
+Planner = Callable[[LoadedModel, CalibStats, float, bool, Iterable[ExpertRef]],
+                   tuple[dict[int, list[list[int]]], ExpertSet]]
 MERGERS: Registry[Planner] = Registry("merging method")
 
 
@@ -56,7 +58,7 @@ class MergeResult:
 
     ratio: float
     groups: dict[int, list[list[int]]]
-    protected: list[tuple[int, int]] = field(default_factory=list)
+    protected: ExpertSet = field(default_factory=ExpertSet)
     out: Path | None = None
     calib_hash: str | None = None
     method: str = "m-smoe"
@@ -65,7 +67,7 @@ class MergeResult:
         return {"method": self.method, "ratio": self.ratio, "out": str(self.out) if self.out else None,
                 "experts_per_layer": {str(k): len(v) for k, v in self.groups.items()},
                 "groups": {str(k): v for k, v in self.groups.items()},
-                "protected": [list(p) for p in self.protected], "calibration_data_sha256": self.calib_hash}
+                "protected": self.protected.to_list(), "calibration_data_sha256": self.calib_hash}
 
 
 def group_experts(count: np.ndarray, similarity: np.ndarray, n_keep: int, protect: Sequence[int] = ()) -> list[list[int]]:
@@ -165,14 +167,18 @@ def merged_model(lm: LoadedModel, groups: Mapping[int, Sequence[Sequence[int]]],
 @MERGERS.register("m-smoe", needs=["calibration"],
                   help="M-SMoE: the most used experts are group centres; every other expert joins the centre its "
                   "router-logit column is most similar to; neurons aligned, then frequency-weighted average")
-def plan_groups(lm: LoadedModel, stats: CalibStats, ratio: float, protect_super: bool = False):
-    """M-SMoE groups per layer and the protected experts."""
-    protected = super_experts(stats) if protect_super else []
+def plan_groups(lm: LoadedModel, stats: CalibStats, ratio: float, protect_super: bool = False,
+                protect: Iterable[ExpertRef] = ()) -> tuple[dict[int, list[list[int]]], ExpertSet]:
+    """M-SMoE groups per layer and the protected experts (``protect``, plus the super experts with
+    ``protect_super``)."""
+    protected = ExpertSet(protect).check(lm.moe)
+    if protect_super:
+        protected = protected | super_experts(stats, lm.moe)
     groups = {}
     for view in lm.moe:
         st = stats.layers[view.index]
         n_keep = experts_kept(view.num_experts, view.top_k, ratio, view.index)
-        prot = [e for (li, e) in protected if li == view.index]
+        prot = list(protected.in_layer(view.index))
         if len(prot) > n_keep:
             raise MoekitError(f"layer {view.index} has {len(prot)} protected experts but only {n_keep} are kept")
         groups[view.index] = group_experts(st.count, st.logit_similarity(), n_keep, prot)
@@ -181,10 +187,11 @@ def plan_groups(lm: LoadedModel, stats: CalibStats, ratio: float, protect_super:
 
 def merge(lm: LoadedModel, ratio: float, calib: CalibStats | Sequence, out: str | Path | None = None,
           force: bool = False, protect_super: bool = False, seq_len: int = 256, max_tokens: int | None = None,
-          progress: bool = False, method: str = "m-smoe"):
-    """Merge ``lm``'s experts at ``ratio`` with ``method`` (a ``MERGERS`` name, M-SMoE by default).
-    Returns (MergeResult, in-memory merged model)."""
+          progress: bool = False, method: str = "m-smoe", protect: Iterable[ExpertRef] = ()):
+    """Merge ``lm``'s experts at ``ratio`` with ``method`` (a ``MERGERS`` name, M-SMoE by default);
+    ``protect``: experts that stay group centres, i.e. unchanged. Returns (MergeResult, in-memory merged model)."""
     planner = MERGERS.get(method)
+    ExpertSet(protect).check(lm.moe)  # before the calibration pass
     if out is not None:
         from moekit.io import check_writable
 
@@ -192,7 +199,7 @@ def merge(lm: LoadedModel, ratio: float, calib: CalibStats | Sequence, out: str 
     check_ratio({v.index: (v.num_experts, v.top_k) for v in lm.moe}, ratio)
     stats = calib if isinstance(calib, CalibStats) else observe(lm, calib, seq_len=seq_len, max_tokens=max_tokens,
                                                                 progress=progress)
-    groups, protected = planner(lm, stats, ratio, protect_super)
+    groups, protected = planner(lm, stats, ratio, protect_super, protect)
     model, notes = merged_model(lm, groups, {li: st.count for li, st in stats.layers.items()})
     res = MergeResult(ratio, groups, protected, calib_hash=stats.data_hash, method=MERGERS.canonical(method))
     if out is not None:
@@ -200,6 +207,6 @@ def merge(lm: LoadedModel, ratio: float, calib: CalibStats | Sequence, out: str 
         meta = metadata(res.method, ratio, kept, lm.moe.layers[0].num_experts, stats.data_hash, notes=notes,
                         num_experts=max(len(v) for v in kept.values()),
                         groups={str(k): v for k, v in groups.items()}, router="centre row per group",
-                        protected=[list(p) for p in protected], calibration_tokens=stats.tokens)
+                        protected=protected.to_list(), calibration_tokens=stats.tokens)
         res.out = write_model_dir(model, out, force, meta, lm)
     return res, model

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from moekit.compress.criteria import (
 from moekit.compress.observer import CalibStats, observe
 from moekit.compress.writer import pruned_experts, write_pruned
 from moekit.errors import MoekitError
+from moekit.experts import ExpertRef, ExpertSet
 from moekit.models.loading import LoadedModel
 
 
@@ -30,7 +31,7 @@ class PruneResult:
     ratio: float
     kept: dict[int, list[int]]
     scores: dict[int, np.ndarray]
-    protected: list[tuple[int, int]] = field(default_factory=list)
+    protected: ExpertSet = field(default_factory=ExpertSet)
     global_budget: bool = False
     out: Path | None = None
     calib_hash: str | None = None
@@ -43,7 +44,7 @@ class PruneResult:
     def summary(self) -> dict:
         return {"method": self.method, "ratio": self.ratio, "global": self.global_budget,
                 "kept_per_layer": {str(k): len(v) for k, v in self.kept.items()}, "experts_kept": self.num_kept,
-                "protected": [list(p) for p in self.protected], "out": str(self.out) if self.out else None,
+                "protected": self.protected.to_list(), "out": str(self.out) if self.out else None,
                 "calibration_tokens": self.calib_tokens, "calibration_data_sha256": self.calib_hash}
 
 
@@ -53,10 +54,12 @@ def check_ratio_for_model(lm: LoadedModel, ratio: float, global_budget: bool = F
 
 
 def choose(lm: LoadedModel, stats: CalibStats | None, method: str, ratio: float, global_budget: bool = False,
-           protect_super: bool = False, seed: int = 0) -> PruneResult:
-    """Score and select (no writing). ``stats`` may be None only for ``random`` without protection."""
+           protect_super: bool = False, seed: int = 0, protect: Iterable[ExpertRef] = ()) -> PruneResult:
+    """Score and select (no writing). ``stats`` may be None only for ``random`` without super-expert
+    protection. ``protect``: experts always kept (with ``protect_super``, the super experts too)."""
     CRITERIA.get(method)
     check_ratio_for_model(lm, ratio, global_budget)
+    protect = ExpertSet(protect).check(lm.moe)
     if stats is None:
         if needs_calibration(method, protect_super):
             raise MoekitError(f"criterion {method!r} needs calibration data")
@@ -64,7 +67,7 @@ def choose(lm: LoadedModel, stats: CalibStats | None, method: str, ratio: float,
 
         stats = CalibStats({v.index: LayerStats(v.index, v.num_experts, v.top_k) for v in lm.moe}, tokens=0)
     s = scores(stats, method, seed)
-    protected = super_experts(stats) if protect_super else []
+    protected = protect | super_experts(stats, lm.moe) if protect_super else protect
     kept = select_kept(s, ratio, {v.index: v.top_k for v in lm.moe}, global_budget, protected)
     return PruneResult(method, ratio, kept, s, protected, global_budget, calib_hash=stats.data_hash,
                        calib_tokens=stats.tokens)
@@ -73,13 +76,15 @@ def choose(lm: LoadedModel, stats: CalibStats | None, method: str, ratio: float,
 def prune(lm: LoadedModel, method: str, ratio: float, calib: CalibStats | Sequence | None = None,
           out: str | Path | None = None, force: bool = False, global_budget: bool = False,
           protect_super: bool = False, seed: int = 0, seq_len: int = 256, max_tokens: int | None = None,
-          progress: bool = False) -> PruneResult:
+          progress: bool = False, protect: Iterable[ExpertRef] = ()) -> PruneResult:
     """Prune ``lm``'s experts by ``method`` at ``ratio``; write a checkpoint to ``out`` when given.
 
-    ``calib`` is precomputed ``CalibStats`` or documents (``moekit.data.read_documents``).
+    ``calib`` is precomputed ``CalibStats`` or documents (``moekit.data.read_documents``); ``protect``:
+    experts never removed (an ``ExpertSet``, e.g. ``ExpertSet.load("experts.json")``).
     """
     CRITERIA.get(method)
     check_ratio_for_model(lm, ratio, global_budget)
+    ExpertSet(protect).check(lm.moe)  # before the calibration pass
     if out is not None:
         from moekit.io import check_writable
 
@@ -87,10 +92,10 @@ def prune(lm: LoadedModel, method: str, ratio: float, calib: CalibStats | Sequen
     stats = calib
     if calib is not None and not isinstance(calib, CalibStats):
         stats = observe(lm, calib, seq_len=seq_len, max_tokens=max_tokens, progress=progress)
-    res = choose(lm, stats, method, ratio, global_budget, protect_super, seed)
+    res = choose(lm, stats, method, ratio, global_budget, protect_super, seed, protect)
     if out is not None:
         res.out = write_pruned(lm, res.kept, out, force=force, method=method, ratio=ratio, calib_hash=res.calib_hash,
-                               global_budget=global_budget, protected=[list(p) for p in res.protected], seed=seed,
+                               global_budget=global_budget, protected=res.protected.to_list(), seed=seed,
                                calibration_tokens=res.calib_tokens)
     return res
 

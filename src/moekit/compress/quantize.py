@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from moekit.errors import MoekitError
+from moekit.experts import expert_values_json
 from moekit.formats.quantized import (
     FORMAT,
     FORMAT_VERSION,
@@ -234,8 +235,7 @@ def quantize(lm: LoadedModel, bits: int = 8, group_size: int = 128, avg_bits: fl
     res = QuantResult(alloc, group_size, packed)
     if out is not None:
         extra = {"average_bits": average_bits(alloc, params), "avg_bits_budget": avg_bits,
-                 "bits_per_expert": {str(li): [alloc[(li, e)] for e in range(v.num_experts)]
-                                     for v in lm.moe for li in [v.index]}}
+                 "bits_per_expert": expert_values_json(alloc)}
         res.out = write_quantized(lm, packed, out, force, extra)
     return res
 

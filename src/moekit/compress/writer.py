@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from moekit.errors import MoekitError, UnsupportedArchitecture
+from moekit.experts import ExpertRef, ExpertSet
 from moekit.formats.writer import write_checkpoint
 from moekit.models.loading import LoadedModel
 from moekit.models.moe_map import MoELayerView
@@ -197,12 +198,13 @@ def tokenizer_source(lm: LoadedModel):
 
 def metadata(method: str, ratio: float | None, kept: Mapping[int, Sequence[int]], original_experts: int,
              calib_hash: str | None = None, **extra) -> dict:
-    """The ``moekit_compression.json`` record."""
+    """The ``moekit_compression.json`` record (``kept_experts``: the kept experts' original ids as an expert-set
+    list, ``["0:1", "0:3", ...]``; new ids are their ranks within each layer)."""
     from moekit.version import __version__
 
     return {"method": method, "ratio": ratio, "calibration_data_sha256": calib_hash,
             "original_num_experts": original_experts,
-            "kept_experts": {str(li): [int(e) for e in ids] for li, ids in sorted(kept.items())},
+            "kept_experts": ExpertSet(ExpertRef(li, int(e)) for li, ids in kept.items() for e in ids).to_list(),
             "moekit_version": __version__, **extra}
 
 
@@ -235,12 +237,12 @@ def write_pruned(lm: LoadedModel, kept: Mapping[int, Sequence[int]], out: str | 
     return write_model_dir(model, out, force, meta, lm)
 
 
-def pruned_experts(lm: LoadedModel, kept: Mapping[int, Sequence[int]]) -> list[tuple[int, int]]:
-    """(layer, expert) pairs that ``kept`` drops — what ``moekit.route(disable=...)`` needs."""
+def pruned_experts(lm: LoadedModel, kept: Mapping[int, Sequence[int]]) -> list[ExpertRef]:
+    """The experts that ``kept`` drops — what ``moekit.route(disable=...)`` needs."""
     out = []
     for view in lm.moe:
         keep = set(kept[view.index])
-        out += [(view.index, e) for e in range(view.num_experts) if e not in keep]
+        out += [ExpertRef(view.index, e) for e in range(view.num_experts) if e not in keep]
     return out
 
 

@@ -1,7 +1,8 @@
 """Loading models and mapping their MoE layers (design §2, models/)."""
 
+from moekit.models.architectures import ARCHITECTURES, ArchSpec
 from moekit.models.loading import DEFAULT_MODEL, LoadedModel, bundled_names, from_model, load, resolve
-from moekit.models.moe_map import ARCHITECTURES, ArchSpec, MoELayerView, MoEMap, build_moe_map
+from moekit.models.moe_map import MoELayerView, MoEMap, build_moe_map
 from moekit.models.rules import RULES, Rule, Selection, top_p_counts
 
 __all__ = [

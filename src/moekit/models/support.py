@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from moekit.models.moe_map import ARCHITECTURES
+from moekit.models.architectures import ARCHITECTURES
 from moekit.models.rules import RULES
 
 FEATURES = ("map", "route", "record", "generate", "prune", "offload")
@@ -227,7 +227,7 @@ def support_markdown() -> str:
         why = "; ".join(f"{', '.join(fs)}: {w}" for w, fs in reasons.items())
         lines.append(f"| {r['architecture']} | {r['path']} | {r['rule']} | {', '.join(r['works']) or '—'} | "
                      f"{why or '—'} | {r['note'] or '—'} |")
-    lines += ["", "Paths: *registry* = an entry in `moekit.models.moe_map.ARCHITECTURES` (rule read from the "
+    lines += ["", "Paths: *registry* = an entry in `moekit.models.architectures.ARCHITECTURES` (rule read from the "
               "modeling code); *generic* = the v5 router/experts convention, rule verified by running the router "
               "against each known rule.", ""]
     return "\n".join(lines)

@@ -18,13 +18,14 @@ large-vocabulary models (issue 13: ``report --max-memory``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from moekit.errors import MoekitError
+from moekit.experts import ExpertRef
 from moekit.models.compat import last_logits_kwargs
 from moekit.models.probe import expert_outputs
 
@@ -103,12 +104,12 @@ def profile_expert_max(lm: Any, docs: Sequence, max_tokens: int | None = 8192, s
 def super_expert_check(
     lm: Any,
     docs: Sequence,
-    experts: Sequence[tuple[int, int]],
+    experts: Iterable[ExpertRef],
     seeds: Sequence[int] = (0, 1, 2),
     max_tokens: int | None = 4096,
     seq_len: int = 256,
 ) -> dict[str, Any]:
-    """Perplexity with ``experts`` (``(decoder layer, expert)`` pairs) zeroed vs as many random experts.
+    """Perplexity with ``experts`` (refs or anything ``ExpertRef.coerce`` reads) zeroed vs as many random experts.
 
     Zeroing uses ``moekit.route(lm, scale={(l, e): 0.0})``: the expert stays selected but its output
     is multiplied by 0 (the paper's zeroed down_proj).  Random experts are drawn uniformly without
@@ -118,7 +119,7 @@ def super_expert_check(
     from moekit.eval import perplexity
     from moekit.routing import route
 
-    experts = [(int(li), int(e)) for li, e in experts]
+    experts = [ExpertRef.coerce(x) for x in experts]
     if not experts:
         raise MoekitError("super_expert_check needs at least one expert to zero")
 
@@ -128,7 +129,7 @@ def super_expert_check(
                 return float(perplexity(lm, docs, max_tokens=max_tokens, seq_len=seq_len, progress=False)["perplexity"])
         return float(perplexity(lm, docs, max_tokens=max_tokens, seq_len=seq_len, progress=False)["perplexity"])
 
-    pool = [(v.index, e) for v in lm.moe for e in range(v.num_experts) if (v.index, e) not in set(experts)]
+    pool = [r for r in lm.moe.all_experts() if r not in set(experts)]
     if len(pool) < len(experts):
         raise MoekitError("not enough other experts to draw a random control set")
     base = ppl(None)
@@ -137,8 +138,8 @@ def super_expert_check(
     for s in seeds:
         pick = np.random.default_rng(s).choice(len(pool), size=len(experts), replace=False)
         chosen = [pool[i] for i in sorted(pick.tolist())]
-        sets.append([list(x) for x in chosen])
+        sets.append([str(x) for x in chosen])
         rand.append(ppl({x: 0.0 for x in chosen}))
     mean_rand = float(np.mean(rand))
-    return {"experts": [list(x) for x in experts], "baseline": base, "zeroed": zeroed, "random": rand,
+    return {"experts": [str(x) for x in experts], "baseline": base, "zeroed": zeroed, "random": rand,
             "random_sets": sets, "seeds": list(seeds), "ratio": zeroed / mean_rand if mean_rand else float("nan")}

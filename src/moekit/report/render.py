@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from moekit.experts import ExpertRef
 from moekit.report import figures
 
 # --------------------------------------------------------------------------------------------- HTML
@@ -121,7 +122,7 @@ def _super_section(se: dict[str, Any] | None, trace_only: bool) -> str:
     if det:
         parts.append(f"<p><b>{len(det)} expert{'s' if len(det) > 1 else ''} flagged as super expert"
                      f"{'s' if len(det) > 1 else ''}</b> by the detector (Su et al. thresholds): "
-                     + ", ".join(f"layer {li} expert {e}" for li, e in det) + ".</p>")
+                     + ", ".join(f"layer {r.layer} expert {r.expert}" for r in map(ExpertRef.parse, det)) + ".</p>")
     else:
         parts.append("<p><b>No super experts detected</b>: no expert's largest output is both above the 99.5th "
                      "percentile of all experts' maxima and above 1/10 of the largest one in the first 75% of "
@@ -155,7 +156,7 @@ def _super_section(se: dict[str, Any] | None, trace_only: bool) -> str:
         parts.append(f"<h3>Zeroing check ({chk['tokens']:,} tokens)</h3>")
         parts.append(_table(["experts zeroed", "perplexity"], [
             ["none (baseline)", _num(chk["baseline"], 2)],
-            [f"{what}: " + ", ".join(f"{li}:{e}" for li, e in chk["experts"]), _num(chk["zeroed"], 2)],
+            [f"{what}: " + ", ".join(chk["experts"]), _num(chk["zeroed"], 2)],
             [f"{len(chk['experts'])} random expert{'s' if len(chk['experts']) > 1 else ''} "
              f"(seeds {', '.join(map(str, chk['seeds']))})", rand],
         ], left=1))

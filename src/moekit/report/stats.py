@@ -99,16 +99,17 @@ def super_experts(
     flat = [(float(maxima[li, e]), li, e) for li in range(maxima.shape[0]) for e in range(maxima.shape[1])
             if np.isfinite(maxima[li, e])]
     flat.sort(reverse=True)
-    top = [{"layer": layers[li], "expert": e, "max_abs": v, "over_median": v / median if median else None,
+    top = [{"layer": lm.moe.layer_of(li), "expert": e, "max_abs": v, "over_median": v / median if median else None,
             "super": (li, e) in set(found)} for v, li, e in flat[:8]]
+    detected = [lm.moe.ref(li, e) for li, e in found]  # decreasing maximum
     out: dict[str, Any] = {
         "layers": layers, "max_abs": maxima.tolist(), "median": median,
-        "detected": [[layers[li], e] for li, e in found], "detected_pos": [[li, e] for li, e in found],
+        "detected": [str(r) for r in detected], "detected_pos": [[li, e] for li, e in found],
         "top": top, "check": None, "profile_tokens": profile_tokens,
         "candidates": int(np.isfinite(maxima[:n_keep]).sum()), "candidate_layers": layers[:n_keep],
     }
     if check and flat:
-        zero = [(layers[li], e) for li, e in found] or [(layers[flat[0][1]], flat[0][2])]
+        zero = detected or [lm.moe.ref(flat[0][1], flat[0][2])]
         res = super_expert_check(lm, docs, zero, seeds=seeds, max_tokens=check_tokens)
         res["detected"] = bool(found)
         res["tokens"] = check_tokens

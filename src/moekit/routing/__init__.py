@@ -24,8 +24,9 @@ def route(
 ) -> Iterator[RoutingControl]:
     """Change routing for every forward inside the block; exact, composable, and gone after exit.
 
-    ``disable``/``force``: (layer, expert) pairs never / always selected; ``scale``: (layer, expert) →
-    factor on the routing weight; ``bias``: (layer, expert) → logit bias; ``top_k``/``top_p``: experts
+    ``disable``/``force``: experts never / always selected (an ``ExpertSet``, ``ExpertRef``s, ``"3:5"`` strings
+    or ``(layer, expert)`` pairs; layer = decoder-layer index); ``scale``: expert → factor on the routing weight;
+    ``bias``: expert → logit bias; ``top_k``/``top_p``: experts
     per token (int or per-layer dict; top-p as in "Harder Tasks Need More Experts").
     """
     ctrl = control or RoutingControl.make(disable, force, scale, bias, top_k, top_p)

@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 import torch
 
 from moekit.errors import MoekitError
+from moekit.experts import ExpertRef, ExpertSet
 from moekit.models.moe_map import MoELayerView, MoEMap, require_rule
 from moekit.validate import finite_float, integer
 
-Expert = tuple[int, int]  # (decoder layer index, expert index)
+Expert = ExpertRef  # (decoder layer index, expert index); any form ``ExpertRef.coerce`` reads is accepted
 
 MAX_ROUTING_VALUE = 1e4
 """Largest routing-weight factor and |logit bias| accepted: beyond it half precision overflows, and a
@@ -32,8 +33,9 @@ class RoutingControl:
     @classmethod
     def make(cls, disable: Iterable[Expert] = (), force: Iterable[Expert] = (), scale=None, bias=None,
              top_k=None, top_p=None) -> RoutingControl:
-        return cls(frozenset(map(tuple, disable)), frozenset(map(tuple, force)), dict(scale or {}),
-                   dict(bias or {}), top_k, top_p)
+        """A control from experts in any form ``ExpertRef.coerce`` reads (refs, "3:5", (3, 5) pairs)."""
+        return cls(frozenset(ExpertSet(disable)), frozenset(ExpertSet(force)), _keyed(scale), _keyed(bias),
+                   top_k, top_p)
 
     def is_empty(self) -> bool:
         return not (self.disable or self.force or self.scale or self.bias) and self.top_k is None \
@@ -45,10 +47,7 @@ class RoutingControl:
     def validate(self, moe: MoEMap) -> None:
         """One-line errors for experts or layers that do not exist and impossible requests (NaN, ±inf,
         negative or huge factors and biases included: they would make NaN logits, not an error)."""
-        for layer, expert in self.experts():
-            integer("layer", layer, 0)
-            integer("expert", expert, 0)
-            moe.check_expert(layer, expert)
+        ExpertSet(self.experts()).check(moe)
         for (layer, expert), v in self.scale.items():
             finite_float(f"the routing-weight factor of expert {layer}:{expert}", _number(v), 0.0, MAX_ROUTING_VALUE)
         for (layer, expert), v in self.bias.items():
@@ -80,6 +79,11 @@ class RoutingControl:
                 require_rule(view)
 
 
+def _keyed(values: Mapping | None) -> dict[ExpertRef, object]:
+    """``values`` keyed by ExpertRef (keys in any form ``ExpertRef.coerce`` reads)."""
+    return {ExpertRef.coerce(k): v for k, v in (values or {}).items()}
+
+
 def _number(v):
     """A one-element tensor (test-time rerouting keeps its biases as tensors with gradients) as a float."""
     if isinstance(v, torch.Tensor) and v.numel() == 1:
@@ -106,7 +110,7 @@ def merge(controls: Iterable[RoutingControl]) -> RoutingControl:
             bias[key] = bias.get(key, 0.0) + v
         top_k = c.top_k if c.top_k is not None else top_k
         top_p = c.top_p if c.top_p is not None else top_p
-    return RoutingControl(frozenset(disable), frozenset(force), scale, bias, top_k, top_p)
+    return RoutingControl.make(disable, force, scale, bias, top_k, top_p)
 
 
 @dataclass

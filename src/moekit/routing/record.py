@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from moekit.experts import NO_EXPERT, masked_to_trace_ids
 from moekit.models.compat import forward_cache
 from moekit.models.loading import LoadedModel
 from moekit.models.moe_map import MoELayerView
@@ -32,7 +33,6 @@ class Recorder:
             raise ValueError(f"unknown record fields {sorted(unknown)}; choose from {FIELDS}")
         self.lm = lm
         self.fields = set(fields) | {"ids", "weights"}
-        self._pos_of = {view.index: i for i, view in enumerate(lm.moe)}
         self._calls: list[dict] = []
         self._docs_seen = 0
         self._row_docs: np.ndarray = np.zeros(0, dtype=np.int64)
@@ -75,7 +75,7 @@ class Recorder:
             t = t.detach().reshape(-1, t.shape[-1])
             return t if keep is None else t[keep]
 
-        ids_c = ids if valid is None else torch.where(valid, ids, torch.full_like(ids, -1))
+        ids_c = ids if valid is None else masked_to_trace_ids(ids, valid)
         entry = {"ids": rows(ids_c).to(torch.int16).cpu(), "weights": rows(weights).float().cpu()}
         if "probs" in self.fields:
             entry["probs"] = rows(view.rule.probs(logits.detach())).to(torch.float16).cpu()
@@ -83,7 +83,7 @@ class Recorder:
             entry["logits"] = rows(logits).float().cpu()
         if "hidden" in self.fields:
             entry["hidden"] = rows(hidden).float().cpu()
-        call["layers"][self._pos_of[view.index]] = entry
+        call["layers"][self.lm.moe.moe_position(view.index)] = entry
 
     # ----- labels ----------------------------------------------------------------------------------
     def label_documents(self, domains: Sequence[str | None], first_doc: int = 0) -> None:
@@ -111,7 +111,7 @@ class Recorder:
         for li in range(len(self.lm.moe)):
             parts = [c["layers"][li][name] for c in self._calls if li in c["layers"]]
             if name in ("ids", "weights"):
-                parts = _pad_columns(parts, -1 if name == "ids" else 0.0)
+                parts = _pad_columns(parts, NO_EXPERT if name == "ids" else 0.0)
             out.append(parts[0] if len(parts) == 1 else torch.cat(parts))
         return out
 
@@ -130,7 +130,7 @@ class Recorder:
 
             raise TraceError("nothing was recorded: run the model inside the record() block")
         order = self._order()
-        ids_a = np.stack([t.numpy() for t in _pad_columns(self._stack("ids"), -1)])
+        ids_a = np.stack([t.numpy() for t in _pad_columns(self._stack("ids"), NO_EXPERT)])
         w_a = np.stack([t.numpy() for t in _pad_columns(self._stack("weights"), 0.0)])
         probs = np.stack([t.numpy() for t in self._stack("probs")])[:, order] if "probs" in self.fields else None
         doc = np.concatenate([c["doc"] for c in self._calls])[order]

@@ -13,6 +13,7 @@ import re
 from typing import Any
 
 from moekit.errors import MoekitError
+from moekit.experts import ExpertRef
 from moekit.models.loading import LoadedModel
 
 DEFAULT_CHAT_TEMPLATE = "<|{role}|>\n{content}\n"
@@ -81,26 +82,12 @@ def _number(body: dict, name: str, default, kind: type, lo: float | None = None,
         raise RequestError(f"'{param}' is out of range", param=param) from None
 
 
-def _index(v: Any) -> int:
-    if isinstance(v, bool):
-        raise ValueError
-    if isinstance(v, int):
-        return v
-    if isinstance(v, str) and v.strip().lstrip("-").isdigit() and len(v) <= 12:
-        return int(v)
-    raise ValueError
-
-
-def _expert(item: Any, param: str) -> tuple[int, int]:
+def _expert(item: Any, param: str) -> ExpertRef:
+    """One expert of the ``moekit`` field: "LAYER:EXPERT" (or, legacy, a [layer, expert] pair)."""
     try:
-        if isinstance(item, str) and item.count(":") == 1:
-            layer, expert = item.split(":")
-            return _index(layer), _index(expert)
-        if isinstance(item, list) and len(item) == 2:
-            return _index(item[0]), _index(item[1])
-    except ValueError:
-        pass
-    raise RequestError(f"bad expert {_short(item)} in '{param}': write \"LAYER:EXPERT\", e.g. \"3:5\"", param=param)
+        return ExpertRef.coerce(item, f"expert in '{param}'")
+    except MoekitError as exc:
+        raise RequestError(str(exc), param=param) from None
 
 
 def parse_control(lm: LoadedModel, spec: Any):
@@ -115,13 +102,13 @@ def parse_control(lm: LoadedModel, spec: Any):
     if unknown:
         raise RequestError(f"unknown fields in 'moekit': {_short(sorted(unknown))}", param="moekit")
 
-    def experts(name: str) -> list[tuple[int, int]]:
+    def experts(name: str) -> list[ExpertRef]:
         v = spec.get(name) or []
         if not isinstance(v, list):
             raise RequestError(f"'moekit.{name}' must be a list of \"LAYER:EXPERT\"", param=f"moekit.{name}")
         return [_expert(x, f"moekit.{name}") for x in v]
 
-    def values(name: str, bound: float) -> dict[tuple[int, int], float]:
+    def values(name: str, bound: float) -> dict[ExpertRef, float]:
         v = spec.get(name) or {}
         if not isinstance(v, dict):
             raise RequestError(f"'moekit.{name}' must be an object {{\"LAYER:EXPERT\": number}}",

@@ -48,14 +48,14 @@ def demo_step(lm: LoadedModel, n_examples: int = 48, n_test: int = 40, n_experts
     for s in range(3):
         draw = matched_random(lm, experts, s)
         ctrl = RoutingControl.make(disable=draw)
-        randoms.append({"experts": [list(e) for e in draw], "ppl_digits": _ppl(lm, digits, ctrl),
+        randoms.append({"experts": [str(e) for e in draw], "ppl_digits": _ppl(lm, digits, ctrl),
                         "ppl_words": _ppl(lm, words, ctrl)})
     rel = lambda new, old: new / old - 1  # noqa: E731
     prompt = "17 + 25 ="
     return {
         "what": f"switch off the {n_experts} experts found for digit arithmetic (vs the same facts in number "
                 "words) and compare with switching off random experts in the same layers",
-        "experts": [list(e) for e in experts],
+        "experts": [str(e) for e in experts],
         "scores": [round(r["score"], 4) for r in found["entries"][:n_experts]],
         "held_out_lines": n_test,
         "ppl_digits": {"base": base[0], "found_off": found_ppl[0], "random_off": [r["ppl_digits"] for r in randoms]},

@@ -11,7 +11,9 @@ tokens that selected the expert (``a``), those that did not (``d``), the summed 
   "the token is (part of) a marker".
 
 Entries are ranked by score, highest first: the top entries are the experts most tied to set 1
-(``--pos``) or to the markers. Swap the sets to rank the other side.
+(``--pos``) or to the markers. Swap the sets to rank the other side. The file's ``experts`` key holds the
+``top`` entries with a positive score as an expert set (``moekit.experts``), so the file is valid input
+wherever moekit reads experts (``prune --protect``, ``generate --disable``, ...).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 from moekit.data.batching import pad_batch
 from moekit.data.corpus import CorpusSpec, corpus_documents, jsonl_rows, parse_corpus_spec, read_text_file
 from moekit.errors import MoekitError
+from moekit.experts import ExpertSet, to_dispatch_ids
 from moekit.models.compat import last_logits_kwargs
 from moekit.models.loading import LoadedModel
 from moekit.registry import Registry
@@ -206,7 +209,7 @@ def _dedup_bincount(ids: np.ndarray, E: int) -> np.ndarray:
     if ids.size == 0:
         return np.zeros(E, dtype=np.int64)
     m = np.zeros((ids.shape[0], E + 1), dtype=bool)
-    m[np.repeat(np.arange(ids.shape[0]), ids.shape[1]), np.where(ids < 0, E, ids).ravel()] = True
+    m[np.repeat(np.arange(ids.shape[0]), ids.shape[1]), to_dispatch_ids(ids, E).ravel()] = True
     return m[:, :E].sum(0)
 
 
@@ -329,8 +332,9 @@ def rank_experts(lm: LoadedModel, pc: SetCounts, nc: SetCounts | None, method: s
     sets = {"pos": {"examples": pc.examples, "tokens": pc.tokens, "marker_tokens": pc.marker_tokens}}
     if nc is not None:
         sets["neg"] = {"examples": nc.examples, "tokens": nc.tokens, "marker_tokens": nc.marker_tokens}
+    chosen = ExpertSet([r for r in entries if r["score"] > 0][:top])  # what --steer FILE:off switches off
     return {"format": EXPERTS_FORMAT, **model_signature(lm), "method": method, "top": int(top),
-            "markers": list(markers or []), "sets": sets, "entries": entries}
+            "markers": list(markers or []), "sets": sets, **chosen.to_json(), "entries": entries}
 
 
 def save_experts(result: dict, path: str | os.PathLike, force: bool = True) -> Path:

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
 
 from moekit.data.synthetic import NUMBER_WORDS
+from moekit.experts import ExpertRef
 from moekit.models.compat import cache_kwargs, output_cache
 from moekit.models.loading import LoadedModel
 from moekit.routing import RoutingControl, route
@@ -62,17 +63,18 @@ def _null():
     return contextlib.nullcontext()
 
 
-def matched_random(lm: LoadedModel, experts: Sequence[tuple[int, int]], seed: int) -> list[tuple[int, int]]:
+def matched_random(lm: LoadedModel, experts: Iterable[ExpertRef], seed: int) -> list[ExpertRef]:
     """Random experts with the same count per layer as ``experts``, none of them in ``experts``."""
     rng = random.Random(seed)
+    experts = [ExpertRef.coerce(x) for x in experts]
     chosen = set(experts)
     out = []
     per_layer: dict[int, int] = {}
     for layer, _ in experts:
         per_layer[layer] = per_layer.get(layer, 0) + 1
     for layer, n in sorted(per_layer.items()):
-        pool = [e for e in range(lm.moe.layer(layer).num_experts) if (layer, e) not in chosen]
-        out += [(layer, e) for e in rng.sample(pool, n)]
+        pool = [e for e in range(lm.moe.layer(layer).num_experts) if ExpertRef(layer, e) not in chosen]
+        out += [ExpertRef(layer, e) for e in rng.sample(pool, n)]
     return out
 
 

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from moekit.errors import MoekitError
+from moekit.experts import MAX_INDEX, ExpertRef, ExpertSet
 from moekit.models.loading import LoadedModel
 from moekit.routing import RoutingControl
 from moekit.steer.detect import EXPERTS_FORMAT, model_signature
@@ -54,9 +55,11 @@ def check_entries(data: dict, source: str = "experts file") -> None:
             for key in ("layer", "expert", "score"):
                 if key not in row:
                     raise MoekitError(f"entry {i} has no {key!r}")
-            integer(f"entry {i} layer", row["layer"], 0)
-            integer(f"entry {i} expert", row["expert"], 0)
+            integer(f"entry {i} layer", row["layer"], 0, MAX_INDEX)
+            integer(f"entry {i} expert", row["expert"], 0, MAX_INDEX)
             finite_float(f"entry {i} score", row["score"])
+        if "experts" in data:
+            ExpertSet.from_json(data)
     except MoekitError as exc:
         raise MoekitError(f"{source} is not a valid experts file: {exc}") from None
 
@@ -74,7 +77,7 @@ def check_experts(data: dict, lm: LoadedModel, source: str = "experts file") -> 
                               f"weights differ from {lm.name}'s)")
 
 
-def selected_experts(data: dict, n: int | None = None, side: str = "pos") -> list[tuple[int, int]]:
+def selected_experts(data: dict, n: int | None = None, side: str = "pos") -> list[ExpertRef]:
     """The top ``n`` (default: the file's ``top``) experts with a positive score, best first; with
     ``side="neg"`` the ``n`` with the most negative score (those tied to the second set)."""
     n = int(data.get("top", 10)) if n is None else n
@@ -84,7 +87,7 @@ def selected_experts(data: dict, n: int | None = None, side: str = "pos") -> lis
         rows = [r for r in data["entries"] if r["score"] > 0]
     else:
         rows = [r for r in reversed(data["entries"]) if r["score"] < 0]
-    out = [(int(r["layer"]), int(r["expert"])) for r in rows][:n]
+    out = [ExpertRef.coerce(r) for r in rows][:n]
     if not out:
         raise MoekitError(f"the experts file has no entry with a {'positive' if side == 'pos' else 'negative'} score")
     return out
@@ -106,7 +109,7 @@ def steering_control(data: dict, mode: str, lm: LoadedModel, n: int | None = Non
         for layer, e in experts:
             if per_layer.get(layer, 0) < lm.moe.layer(layer).top_k:
                 per_layer[layer] = per_layer.get(layer, 0) + 1
-                chosen.append((layer, e))
+                chosen.append(ExpertRef(layer, e))
         off = selected_experts(data, n, side="neg") if name == "on+off" else []
         return RoutingControl.make(force=chosen, disable=off)
     factor = finite_float("boost factor", parse_float("boost factor", arg), 0.0)

@@ -2,7 +2,8 @@
 
 Layout (all numpy arrays; axis 0 of the per-layer arrays is the MoE layer, in ``meta["layers"]`` order):
 
-- ``ids``      int16   [L, N, K]  selected experts; ``-1`` where fewer than K were used
+- ``ids``      int16   [L, N, K]  selected experts; ``-1`` (``moekit.experts.NO_EXPERT``) where fewer than K
+  were used
 - ``weights``  float32 [L, N, K]  routing weight actually applied (0 where id is -1)
 - ``probs``    float16 [L, N, E]  optional: full router probabilities (same E in every layer)
 - ``token_ids`` int32 [N], ``doc`` int32 [N] (document index), ``pos`` int32 [N] (position in doc),
@@ -24,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from moekit.errors import TraceError
+from moekit.errors import MoekitError, TraceError
+from moekit.experts import NO_EXPERT, moe_position
 
 FORMAT_VERSION = 1
 _PER_TOKEN = ("token_ids", "doc", "pos", "domain")
@@ -111,9 +113,9 @@ class RoutingTrace:
     def layer_pos(self, layer: int) -> int:
         """Axis-0 position of decoder layer ``layer``; a clear error if it is not an MoE layer."""
         try:
-            return self.layers.index(layer)
-        except ValueError:
-            raise TraceError(f"layer {layer} is not an MoE layer of this trace (MoE layers: {self.layers})") from None
+            return moe_position(self.layers, layer, " of this trace")
+        except MoekitError as exc:
+            raise TraceError(str(exc)) from None
 
     def __len__(self) -> int:
         return self.num_tokens
@@ -179,7 +181,7 @@ class RoutingTrace:
         doc_offset = 0
         for t in traces:
             pad = K - t.ids.shape[2]
-            ids.append(np.pad(np.asarray(t.ids), ((0, 0), (0, 0), (0, pad)), constant_values=-1))
+            ids.append(np.pad(np.asarray(t.ids), ((0, 0), (0, 0), (0, pad)), constant_values=NO_EXPERT))
             weights.append(np.pad(np.asarray(t.weights), ((0, 0), (0, 0), (0, pad))))
             if with_probs:
                 probs.append(np.asarray(t.probs))
@@ -231,7 +233,7 @@ class RoutingTrace:
             raise TraceError("the shares overlap: a (document, position) appears twice")
         probs = None if full[0].probs is None else cat("probs")[:, order]
         return RoutingTrace(
-            ids=cat("ids", -1)[:, order], weights=cat("weights", 0.0)[:, order], probs=probs,
+            ids=cat("ids", NO_EXPERT)[:, order], weights=cat("weights", 0.0)[:, order], probs=probs,
             token_ids=cat("token_ids")[order], doc=doc[order], pos=pos[order], domain=cat("domain")[order],
             meta=dict(first.meta),
         )
