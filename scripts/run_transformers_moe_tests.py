@@ -1,16 +1,20 @@
 """Run transformers' own model tests for six MoE architectures with moekit's experts switched on.
 
-transformers' wheel and sdist carry no ``tests/models`` or ``tests/generation``, so the test files come from a
-transformers git repository at the tag of the installed version (``v<transformers.__version__>``): a mirror
-(for instance the git directory that ``fetch github:huggingface/transformers`` brings), read with ``git archive``,
-or a checkout directory. They are copied into a temporary directory for the run and deleted afterwards; nothing of
-transformers' is written into this repository.
+transformers' wheel carries no tests, and its sdist only the top-level ``tests/*.py`` (no ``tests/models`` or
+``tests/generation``), so the test files come from a transformers git repository at the tag of the installed version
+(``v<transformers.__version__>``), read with ``git archive``, or from a directory laid out like a checkout (a real
+checkout, or a tree assembled by hand as docs/nn.md describes). They are copied into a temporary directory for the
+run and deleted afterwards; nothing of transformers' is written into this repository.
 
-"Switched on" means every model a test builds without naming an experts implementation gets ``"moekit"``
-(transformers' default is ``grouped_mm``); tests that name one (``"eager"`` in the equivalence tests) keep it.
+"Switched on" (``--experts moekit``, the default) means every model a test builds without naming an experts
+implementation gets ``"moekit"`` (transformers' default is ``grouped_mm``), and in the eager-equivalence test
+(``test_eager_matches_batched_and_grouped_inference``, which names its implementations) the slot called
+``grouped_mm`` runs moekit, so moekit is compared with eager at fp32, fp16 and bf16. ``--experts grouped_mm`` runs
+the same tests with transformers' own default, to tell moekit's failures from failures that are not moekit's.
 
     python scripts/run_transformers_moe_tests.py --source /path/to/transformers.git
     python scripts/run_transformers_moe_tests.py --source ~/src/transformers --archs olmoe,mixtral -- -k compile
+    python scripts/run_transformers_moe_tests.py --source /tmp/tf-src --experts grouped_mm --archs olmoe
 
 Needs pytest and ``parameterized`` (transformers' tests import it). Prints one JSON line per architecture
 (passed / failed / errors / skipped, and the failing test ids) and a final tally line.
@@ -30,13 +34,18 @@ from pathlib import Path
 ARCHS = ("qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "deepseek_v3", "gpt_oss")
 # What the model test files import besides themselves: the common testers and mixins at tests/, the generation
 # tester, and the package markers.
-COMMON = ("tests/*.py", "tests/generation", "tests/utils", "tests/models/__init__.py")
+COMMON = ("tests/*.py", "tests/generation", "tests/utils", "tests/exporters", "tests/models/__init__.py")
+EXPERTS = ("moekit", "grouped_mm")
 
 CONFTEST = '''
-"""Written by moekit's run_transformers_moe_tests.py: make "moekit" the default experts implementation."""
-import moekit.nn  # noqa: F401  (registers "moekit" in transformers' experts registry)
+"""Written by moekit's run_transformers_moe_tests.py: make "moekit" the default experts implementation, and let
+the eager-equivalence test's "grouped_mm" slot run moekit (the test imports the function by name, after this)."""
+import transformers.integrations.moe as moe
 from transformers import PreTrainedModel
 
+from moekit.nn.dispatch import moekit_experts_forward, register_with_transformers
+
+register_with_transformers()
 _original = PreTrainedModel.get_correct_experts_implementation
 
 
@@ -45,6 +54,7 @@ def _moekit_by_default(self, requested_experts):
 
 
 PreTrainedModel.get_correct_experts_implementation = _moekit_by_default
+moe.grouped_mm_experts_forward = moekit_experts_forward
 '''
 
 
@@ -96,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--source", required=True, type=Path, help="transformers git directory or checkout")
     ap.add_argument("--tag", default=f"v{transformers.__version__}", help="git tag (default: the installed one)")
     ap.add_argument("--archs", default=",".join(ARCHS), help=f"comma-separated, from {', '.join(ARCHS)}")
+    ap.add_argument("--experts", default="moekit", choices=EXPERTS,
+                    help="moekit (switched on), or grouped_mm (transformers' default, to classify failures)")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per architecture")
+    ap.add_argument("--junit-dir", type=Path, help="keep each architecture's JUnit XML here")
     ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     args = ap.parse_args(argv)
     archs = [a for a in args.archs.split(",") if a]
@@ -117,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="moekit-hf-tests-") as tmp:
         root = Path(tmp)
         copy_tests(args.source, args.tag, archs, root)
-        (root / "conftest.py").write_text(CONFTEST)
+        if args.experts == "moekit":
+            (root / "conftest.py").write_text(CONFTEST)
         for arch in archs:
             test_file = root / "tests" / "models" / arch / f"test_modeling_{arch}.py"
             if not test_file.exists():
@@ -133,10 +147,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({"arch": arch, "error": f"timed out after {args.timeout} s"}))
                 continue
             result = tally(junit)
+            if args.junit_dir is not None and junit.exists():
+                args.junit_dir.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(junit, args.junit_dir / f"{arch}-{args.experts}.xml")
             for key in total:
                 total[key] += result[key]
-            print(json.dumps({"arch": arch, **result}), flush=True)
-    print(json.dumps({"kind": "tally", "tag": args.tag, "experts_implementation": "moekit", **total}))
+            print(json.dumps({"arch": arch, "experts_implementation": args.experts, **result}), flush=True)
+    print(json.dumps({"kind": "tally", "tag": args.tag, "experts_implementation": args.experts, **total}))
     return 0
 
 
