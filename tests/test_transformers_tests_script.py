@@ -13,8 +13,6 @@ import transformers
 
 REPO = Path(__file__).resolve().parent.parent
 
-pytest.importorskip("parameterized")  # the script refuses to run without it (transformers' tests import it)
-
 # One file per architecture, as transformers has; each asserts what the run is expected to switch on.
 MODEL_TEST = '''
 import os
