@@ -9,7 +9,7 @@ import moekit
 from moekit.errors import MoekitError
 from moekit.generation import generate
 from moekit.models.loading import bundled_names
-from moekit.serve import POLICIES, TensorStore, belady_misses, load_offloaded, offload
+from moekit.serve import POLICIES, TensorStore, load_offloaded, offload
 from moekit.testing import save_tiny_checkpoint, tiny_lm
 
 ARCHS = ("qwen3_moe", "qwen2_moe", "mixtral", "gpt_oss", "deepseek_v3")
@@ -135,21 +135,21 @@ def test_lfu_and_static_eviction():
 
 
 def test_belady_replay_is_a_lower_bound():
+    """The engine records its decode requests (slot order) and replays them in moekit.analysis.cache. By hand, with
+    3 slots: LRU misses 2+2+1+2+2+2+2 = 13 (t1 evicts 0; t2 evicts 1; t3 evicts 3, 0; t4 evicts 2, 1; t5 evicts
+    4, 0; t6 evicts 3, 2); Belady 2+2+0+2+1+1+1 = 9 (t1 evicts 1, next used at t3; t3 evicts 2 and 3; t4 evicts 4;
+    t5 evicts 3, never used again; t6 evicts 2)."""
     reqs = [[0, 1], [2, 3], [0, 2], [1, 4], [0, 3], [2, 1], [4, 0]]
-    opt = belady_misses(reqs, 3, set())
     lm = tiny_lm("qwen3_moe")
     layer = lm.moe.layers[0].index
     with _engine_on(lm, "lru", 3) as engine:
         for r in reqs:
             engine.access(layer, r)
-        lru_misses = engine.stats(belady=False)["misses"]
-    assert opt <= lru_misses
-    import numpy as np
-
-    from moekit.analysis.cache import simulate_cache
-
-    assert simulate_cache(np.array(reqs), "belady", 3, num_experts=8)["misses"] == opt
-    assert simulate_cache(np.array(reqs), "lru", 3, num_experts=8)["misses"] == lru_misses
+        s = engine.stats()
+        assert engine.logs[layer].array().tolist() == reqs
+    assert s["misses"] == s["decode_misses"] == 13
+    assert s["belady"]["belady_misses_warm"] == s["belady"]["belady_misses_cold"] == 9
+    assert s["belady"]["simulated_lru_misses_cold"] == 13 and s["belady"]["miss_ratio_to_belady"] == 13 / 9
 
 
 def test_prefetch_statistics_are_consistent(checkpoints):
