@@ -86,7 +86,7 @@ def test_lru_lfu_lfru_exact_misses():
     assert _run(lfru, reqs) == 5
     assert lfru.resident() == {1, 2}
     assert lfru.policy.value(2) == pytest.approx((0.8**2 + 1) * 0.8)
-    assert lfru.policy.value(0) == pytest.approx(((1.8 * 0.8**2 + 1) * 0.8**4))
+    assert lfru.policy.value(0) == pytest.approx((1.8 * 0.8**2 + 1) * 0.8**4)
 
 
 def test_lfru_default_half_life_and_limits():
