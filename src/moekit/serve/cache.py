@@ -272,6 +272,7 @@ class LayerCache:
         self.layer = layer
         self.slots = slots
         self.bank = {n: torch.empty((slots, *shape), dtype=dt, device=device) for n, (shape, dt) in shapes.items()}
+        self._views = [{n: t[i] for n, t in self.bank.items()} for i in range(slots)]  # made once, not per step
         self.slot_of: dict[int, int] = {}        # resident or loading expert → slot
         self.loading: dict[int, Any] = {}        # expert → the token its readers wait on, while it loads
         self.free = list(range(slots - 1, -1, -1))
@@ -376,7 +377,8 @@ class LayerCache:
 
     # ----- data -----------------------------------------------------------------------------------------------
     def weights(self, slot: int) -> dict[str, torch.Tensor]:
-        return {n: t[slot] for n, t in self.bank.items()}
+        """Views of the slot's tensors (the same dict every time)."""
+        return self._views[slot]
 
     def nbytes(self) -> int:
         if self._released is not None:
@@ -388,6 +390,7 @@ class LayerCache:
         if self._released is None:
             self._released = self.nbytes()
         self.bank = {}
+        self._views = []
         self.slot_of.clear()
         self.loading.clear()
         self.free = []

@@ -96,6 +96,7 @@ class OffloadEngine:
         self.io = ExpertIO(store, self.device, io_threads)
         self.counters = EngineCounters()
         self._failed: dict[tuple[int, int], BaseException] = {}
+        self._ew: dict[int, ExpertWeights] = {}
         self._predicted: dict[int, set[int]] = {}
         self.logs: dict[int, RequestLog] = {v.index: RequestLog() for v in self.views}
         self.warm_state: dict[int, set[int]] = {}
@@ -121,6 +122,7 @@ class OffloadEngine:
 
     def stop(self) -> None:
         self.io.stop()
+        self._ew.clear()
         for h in self._hooks:
             h.remove()
         self._hooks = []
@@ -171,7 +173,10 @@ class OffloadEngine:
             bounds = set(experts)
             order = [e for e in top_k_index[0].tolist() if e in bounds] if decode else None
             for e, w in self._provide(lc, experts, decode, order=order):
-                yield e, ExpertWeights(w[names[0]], w[names[1]], w.get(names[2]), w.get(names[3]))
+                ew = self._ew.get(id(w))  # slot and scratch dicts are long-lived: wrap each once
+                if ew is None:
+                    ew = self._ew[id(w)] = ExpertWeights(w[names[0]], w[names[1]], w.get(names[2]), w.get(names[3]))
+                yield e, ew
 
         gate_fn = mod._apply_gate if has_gate and hasattr(mod, "_apply_gate") else None
         post_fn = mod.post_expert_norm if getattr(mod, "has_post_expert_norm", False) else None
