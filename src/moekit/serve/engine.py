@@ -24,7 +24,7 @@ from torch import nn
 
 from moekit.errors import MoekitError
 from moekit.models.loading import LoadedModel
-from moekit.nn.dispatch import ExpertWeights, expert_forward_provided
+from moekit.nn.dispatch import ExpertWeights, expert_forward, expert_forward_provided
 from moekit.serve.cache import POLICIES, LayerCache, Policy
 from moekit.serve.io import ExpertIO
 from moekit.serve.stats import EngineCounters, RequestLog, summary
@@ -180,10 +180,27 @@ class OffloadEngine:
 
         gate_fn = mod._apply_gate if has_gate and hasattr(mod, "_apply_gate") else None
         post_fn = mod.post_expert_norm if getattr(mod, "has_post_expert_norm", False) else None
+        act = getattr(mod, "act_fn", torch.nn.functional.silu)
+        transposed = bool(getattr(mod, "is_transposed", False))
+        if decode and self._prev_impl == "moekit" and lc.slots:
+            # the model ran moekit.nn's dispatch: when all k experts are resident, run its decode kernel on the slot
+            # bank itself (slots as expert ids): the same kernel on the same weights, so the same numbers
+            hit = self._all_resident(lc, top_k_index)
+            if hit is not None:
+                experts, slot_ids = hit
+                bank = lc.bank
+                try:
+                    return expert_forward(hidden, slot_ids, top_k_weights, bank[names[0]], bank[names[1]], act,
+                                          b_gate_up=bank.get(names[2]), b_down=bank.get(names[3]),
+                                          transposed=transposed, has_gate=has_gate, gate_fn=gate_fn,
+                                          post_fn=post_fn)
+                finally:
+                    with self.lock:
+                        lc.release(experts, experts)
         try:
             return expert_forward_provided(
-                hidden, top_k_index, top_k_weights, provide, getattr(mod, "act_fn", torch.nn.functional.silu),
-                transposed=bool(getattr(mod, "is_transposed", False)), has_gate=has_gate, gate_fn=gate_fn,
+                hidden, top_k_index, top_k_weights, provide, act, transposed=transposed, has_gate=has_gate,
+                gate_fn=gate_fn,
                 post_fn=post_fn, combine="gemm" if self._prev_impl == "moekit" else "sum",
                 num_experts=lc.policy.num_experts)
         finally:
@@ -217,17 +234,7 @@ class OffloadEngine:
         take (read into scratch buffers, a few at a time in parallel). Pins are released by the caller.
         ``order``: the request in slot order (recorded for the replay; default ``experts``)."""
         with self.lock:
-            plan = lc.lookup(experts, decode)
-            if decode:
-                if lc.layer not in self.warm_state:
-                    self.warm_state[lc.layer] = lc.resident()
-                self.logs[lc.layer].append(list(dict.fromkeys(order)) if order is not None else experts)
-                pred = self._predicted.pop(lc.layer, None)
-                if pred is not None:
-                    c = self.counters
-                    c.pred_hits += len(pred & set(experts))
-                    c.pred_requests += len(experts)
-                    c.pred_total += len(pred)
+            plan = self._lookup(lc, experts, decode, order)
             claimed: dict[int, tuple[int, threading.Event]] = {}
             for e in experts:
                 if plan[e] == "miss":
@@ -260,6 +267,34 @@ class OffloadEngine:
                 w = fut.result()
                 self.counters.stall(time.perf_counter() - t0)
                 yield e, w
+
+    def _lookup(self, lc: LayerCache, experts: list[int], decode: bool, order: list[int] | None) -> dict[int, str]:
+        """``lc.lookup`` plus the engine's decode bookkeeping (warm state, request log, predictor); lock held."""
+        plan = lc.lookup(experts, decode)
+        if decode:
+            if lc.layer not in self.warm_state:
+                self.warm_state[lc.layer] = lc.resident()
+            self.logs[lc.layer].append(list(dict.fromkeys(order)) if order is not None else experts)
+            pred = self._predicted.pop(lc.layer, None)
+            if pred is not None:
+                c = self.counters
+                c.pred_hits += len(pred & set(experts))
+                c.pred_requests += len(experts)
+                c.pred_total += len(pred)
+        return plan
+
+    def _all_resident(self, lc: LayerCache, ids: torch.Tensor) -> tuple[list[int], torch.Tensor] | None:
+        """Decode fast path: when every expert of this one-token step is resident, count and pin them (as a
+        lookup does) and return them with ``ids`` mapped to their slots (ids >= E to ``slots``: no expert)."""
+        row = ids[0].tolist()
+        num_experts = lc.policy.num_experts
+        experts = [e for e in dict.fromkeys(row) if 0 <= e < num_experts]
+        with self.lock:
+            if any(e not in lc.slot_of or e in lc.loading for e in experts):
+                return None
+            self._lookup(lc, sorted(experts), True, experts)
+            slots = [lc.slot_of[e] if 0 <= e < num_experts else lc.slots for e in row]
+        return experts, torch.tensor([slots], dtype=ids.dtype, device=ids.device)
 
     def _wait(self, lc: LayerCache, e: int, ev: threading.Event) -> dict[str, torch.Tensor]:
         """The slot of ``e`` once its read (a prefetch or a fill) has finished; its failure is raised here."""
