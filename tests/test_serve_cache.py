@@ -117,4 +117,4 @@ def test_every_eviction_policy_has_a_prefetch_variant_and_help():
         assert base in names and base + "+prefetch" in names
         assert not POLICIES.get(base).prefetch and POLICIES.get(base + "+prefetch").prefetch
         assert issubclass(POLICIES.get(base + "+prefetch"), POLICIES.get(base))
-    assert all(POLICIES.get(n).help for n in names)
+    assert all(POLICIES.get(n).help and POLICIES.help(n) == POLICIES.get(n).help for n in names)

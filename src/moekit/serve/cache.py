@@ -86,12 +86,12 @@ def _register(name: str, prefetch_variant: bool = True):
     cross-layer-gate prefetch)."""
 
     def deco(cls: type[Policy]) -> type[Policy]:
-        POLICIES.register(name)(cls)
+        POLICIES.register(name, help=cls.help)(cls)
         if prefetch_variant:
             variant = type(cls.__name__ + "Prefetch", (cls,), {
                 "prefetch": True, "__doc__": cls.__doc__,
-                "help": cls.help.rstrip(".") + ", plus cross-layer-gate prefetch on a background thread."})
-            POLICIES.register(name + "+prefetch")(variant)
+                "help": cls.help.rstrip(".") + ", plus cross-layer-gate prefetch on a background thread"})
+            POLICIES.register(name + "+prefetch", help=variant.help)(variant)
         return cls
 
     return deco
@@ -241,11 +241,6 @@ class NoCache(Policy):
 
     def admit(self, expert: int) -> bool:
         return False
-
-
-def policy_help() -> str:
-    """One line per policy: ``name: help`` (for the CLI)."""
-    return "; ".join(f"{n}: {POLICIES.get(n).help}" for n in POLICIES.names())
 
 
 @dataclass
