@@ -8,6 +8,9 @@ while the hits are computed, and ``serve.stats`` counts.  The per-expert matmuls
 the model's own implementation (transformers' ``grouped_mm``, or moekit's), so greedy generation yields the
 tokens of the fully loaded model for every policy.  Anything that runs the model inside the ``with`` block
 (``moekit.generation.stream``, the server, a plain forward) is offloaded.
+
+(Over 400 lines: it is the one place where the cache's states, the I/O threads, the prefetch thread and the
+compute meet, and the locking that orders them is easier to check in one file.)
 """
 
 from __future__ import annotations
