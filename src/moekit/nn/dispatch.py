@@ -646,12 +646,7 @@ def expert_forward_int8(
     def ffn(h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         if b_gate_up is not None:
             h = h + b_gate_up[rows].to(h.dtype)
-        if gate_fn is not None:
-            return gate_fn(h)
-        if has_gate:
-            gate, up = h.chunk(2, dim=-1)
-            return act(gate) * up
-        return act(h)
+        return _activate(h, act, has_gate, gate_fn)
 
     if num_tokens == 0 or top_k == 0:
         return x.new_zeros(x.shape)
@@ -728,6 +723,17 @@ def register_with_transformers() -> bool:
     return True
 
 
+def _activate(h: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor], has_gate: bool,
+              gate_fn: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+    """The expert's nonlinearity on its up projection: ``gate_fn``, ``act(gate) * up`` or ``act``."""
+    if gate_fn is not None:
+        return gate_fn(h)
+    if has_gate:
+        gate, up = h.chunk(2, dim=-1)
+        return act(gate) * up
+    return act(h)
+
+
 class ExpertWeights(NamedTuple):
     """One expert's matrices in the bank's per-expert layout (``[2I, H]``/``[H, I]``, or transposed), biases or None."""
 
@@ -784,13 +790,7 @@ def expert_forward_provided(
              else torch.mm(rows, w.gate_up if transposed else w.gate_up.t()))
         if w.gate_up_bias is not None:
             h.add_(w.gate_up_bias)
-        if gate_fn is not None:
-            h = gate_fn(h)
-        elif has_gate:
-            gate, up = h.chunk(2, dim=-1)
-            h = act(gate) * up
-        else:
-            h = act(h)
+        h = _activate(h, act, has_gate, gate_fn)
         same = y.dtype == h.dtype
         out = y[a:b] if same else h.new_empty(b - a, y.shape[1])
         if b - a == 1 and not transposed:

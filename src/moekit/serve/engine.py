@@ -313,7 +313,8 @@ class OffloadEngine:
         return lc.weights(slot)
 
     def _fill(self, lc: LayerCache, e: int, slot: int, ev: threading.Event, decode: bool) -> None:
-        """Read ``e`` into its claimed slot (I/O thread); a failure reaches the waiting forward."""
+        """Read ``e`` into its claimed slot (I/O or prefetch thread), finish the claim and wake its waiters; a
+        failure reaches the waiting forward."""
         try:
             n = self.io.read(lc.layer, e, lc.weights(slot))
         except BaseException as exc:  # noqa: BLE001
@@ -370,18 +371,7 @@ class OffloadEngine:
             if slot is None:
                 self.counters.prefetch_skipped += 1
                 return
-        try:
-            n = self.io.read(layer, e, lc.weights(slot))
-        except BaseException as exc:  # noqa: BLE001
-            with self.lock:
-                self._failed[(layer, e)] = exc
-                lc.finish(e, ok=False)
-            ev.set()
-            return
-        with self.lock:
-            lc.finish(e)
-        ev.set()
-        self.counters.read(n, self._phase_decode)
+        self._fill(lc, e, slot, ev, self._phase_decode)
 
     # ----- statistics ---------------------------------------------------------------------------------
     def stats(self, belady: bool = True) -> dict[str, Any]:
