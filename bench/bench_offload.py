@@ -164,9 +164,12 @@ def run_one(config: str, tokens: int) -> dict:
     return out
 
 
-def hit_rates(quick: bool) -> list[dict]:
-    """Every policy at 2·k slots on the bundled models (or a tiny random stand-in)."""
+def hit_rates(quick: bool, multipliers: tuple[float, ...] = (2.0,)) -> list[dict]:
+    """Every policy at C = m·k slots per layer (each m) on the bundled models (or a tiny random stand-in);
+    decode misses against Belady's MIN replayed on the same requests (``moekit.analysis.cache``)."""
     import tempfile
+
+    import numpy as np
 
     from moekit.generation import generate
     from moekit.models.loading import bundled_names
@@ -185,31 +188,35 @@ def hit_rates(quick: bool) -> list[dict]:
         lm = load_offloaded(spec)
         k = max(v.top_k for v in lm.moe)
         E = max(v.num_experts for v in lm.moe)
-        slots = min(2 * k, E)
-        # static profile: decode routing on other prompts (an LRU run records the trace)
-        with offload(lm, policy="lru", slots=slots) as eng:
+        # static profile: decode routing on other prompts (an LRU run records the requests)
+        with offload(lm, policy="lru", slots=2 * k) as eng:
             for p in PROFILE_PROMPTS:
                 generate(lm, p, max_new_tokens=n_new)
-            import numpy as np
-
-            profile = {li: np.bincount([e for req in reqs for e in req], minlength=E) for li, reqs in eng.trace.items()}
-        for policy in POLICIES.names():
-            with offload(lm, policy=policy, slots=slots, profile=profile if policy == "static" else None) as eng:
-                for p in EVAL_PROMPTS:
-                    generate(lm, p, max_new_tokens=n_new)
-                s = eng.stats()
-            b = s.get("belady") or {}
-            lines.append({
-                "bench": "offload_hit_rate", "model": spec, "weights": label[spec], "policy": policy,
-                "experts": E, "top_k": k, "slots_per_layer": slots, "decode_tokens": s["decode_tokens"],
-                "hit_rate": s["hit_rate"], "decode_hit_rate": s["decode_hit_rate"], "decode_misses": s["decode_misses"],
-                "belady_misses_warm": b.get("belady_misses_warm"), "miss_ratio_to_belady": b.get("miss_ratio_to_belady"),
-                "fetch_ratio_to_belady": b.get("fetch_ratio_to_belady"), "belady_misses_cold": b.get("belady_misses_cold"),
-                "simulated_lru_misses_cold": b.get("simulated_lru_misses_cold"),
-                "prefetch_precision": (s.get("prefetch") or {}).get("precision"),
-                "predictor_recall": (s.get("prefetch") or {}).get("predictor_recall"),
-            })
-            print(json.dumps(lines[-1]), flush=True)
+            profile = {li: np.bincount(log.array()[log.array() >= 0], minlength=E) for li, log in eng.logs.items()}
+        for m in multipliers:
+            slots = min(max(k, int(m * k)), E)
+            for policy in POLICIES.names():
+                if policy == "none" and m != multipliers[0]:
+                    continue
+                with offload(lm, policy=policy, slots=slots, profile=profile if policy == "static" else None) as eng:
+                    for p in EVAL_PROMPTS:
+                        generate(lm, p, max_new_tokens=n_new)
+                    s = eng.stats()
+                b = s.get("belady") or {}
+                lines.append({
+                    "bench": "offload_hit_rate", "model": spec, "weights": label[spec], "policy": policy,
+                    "experts": E, "top_k": k, "slots_per_layer": slots, "layer_slots": s["layer_slots"],
+                    "decode_tokens": s["decode_tokens"], "hit_rate": s["hit_rate"],
+                    "decode_hit_rate": s["decode_hit_rate"], "decode_misses": s["decode_misses"],
+                    "belady_misses_warm": b.get("belady_misses_warm"),
+                    "miss_ratio_to_belady": b.get("miss_ratio_to_belady"),
+                    "fetch_ratio_to_belady": b.get("fetch_ratio_to_belady"),
+                    "belady_misses_cold": b.get("belady_misses_cold"),
+                    "simulated_lru_misses_cold": b.get("simulated_lru_misses_cold"),
+                    "prefetch_precision": (s.get("prefetch") or {}).get("precision"),
+                    "predictor_recall": (s.get("prefetch") or {}).get("predictor_recall"),
+                })
+                print(json.dumps(lines[-1]), flush=True)
     return lines
 
 
@@ -220,6 +227,8 @@ def main() -> None:
     ap.add_argument("--skip-bandwidth", action="store_true")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch compute threads (default 1: one compute + one I/O thread, as in the protocol)")
+    ap.add_argument("--sizes", default="2",
+                    help="cache sizes of the hit-rate runs as multiples of k, comma-separated (e.g. 1.5,2,3)")
     ap.add_argument("--run-one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     import torch
@@ -243,7 +252,7 @@ def main() -> None:
             line = json.loads(proc.stdout.strip().splitlines()[-1])
             band[config] = line
             print(json.dumps({k: v for k, v in line.items() if k != "token_ids"}), flush=True)
-    hits = hit_rates(args.quick)
+    hits = hit_rates(args.quick, tuple(float(m) for m in args.sizes.split(",")))
     summary: dict = {"bench": "offload_summary", "seconds": round(time.time() - t_start, 1),
                      "load_average": os.getloadavg(), "cpus": os.cpu_count(), "torch_threads": args.threads}
     if band:
@@ -263,13 +272,19 @@ def main() -> None:
             summary["rss_default_mb"] = d["peak_rss_above_baseline_mb"]
             summary["rss_limit_mb"] = d.get("rss_limit_mb")
             summary["rss_within_limit"] = d.get("rss_within_limit")
-    trained = [h for h in hits if h["policy"] == "lru+prefetch"]
+    trained = [h for h in hits if h["policy"] == "lru+prefetch" and h["slots_per_layer"] == 2 * h["top_k"]]
     if trained:
         summary["miss_ratio_to_belady"] = {h["model"]: h["miss_ratio_to_belady"] for h in trained}
         summary["fetch_ratio_to_belady"] = {h["model"]: h["fetch_ratio_to_belady"] for h in trained}
-    lru = [h for h in hits if h["policy"] == "lru"]
+    lru = [h for h in hits if h["policy"] == "lru" and h["slots_per_layer"] == 2 * h["top_k"]]
     if lru:
         summary["lru_miss_ratio_to_belady"] = {h["model"]: h["miss_ratio_to_belady"] for h in lru}
+    table: dict = {}  # model -> policy -> {slots: decode misses / Belady}
+    for h in hits:
+        if h["miss_ratio_to_belady"] is not None:
+            table.setdefault(h["model"], {}).setdefault(h["policy"], {})[h["slots_per_layer"]] = round(
+                h["miss_ratio_to_belady"], 3)
+    summary["misses_over_belady"] = table
     print(json.dumps(summary), flush=True)
 
 

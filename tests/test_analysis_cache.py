@@ -63,8 +63,8 @@ def ref_static(stream, cap, n_items):
     return hits
 
 
-def opt_exhaustive(stream, cap, bypass):
-    """Fewest misses over every legal schedule (all choices of what to keep after each token)."""
+def opt_exhaustive(stream, cap, bypass, initial=frozenset()):
+    """Fewest misses over every legal schedule (all choices of what to keep after each token), from ``initial``."""
     reqs = [frozenset(int(x) for x in row if x >= 0) for row in stream]
 
     @functools.cache
@@ -83,7 +83,7 @@ def opt_exhaustive(stream, cap, bypass):
             nxt = [r | frozenset(c) for c in itertools.combinations(rest, keep)]
         return miss + min(best(t + 1, c) for c in nxt)
 
-    return best(0, frozenset())
+    return best(0, frozenset(initial))
 
 
 def random_stream(rng, n, k, e, hot=None):
@@ -252,3 +252,24 @@ def test_next_use_matches_loops():
                 if s[t, j] >= 0:
                     ref[t, j] = next((u for u in range(t + 1, n) if s[t, j] in s[u]), n)
         assert (next_use(s) == ref).all()
+
+
+def test_warm_start_hand_worked_and_optimal():
+    """The offload engine's replay: Belady from the cache it held when decoding began. C=3 from {0, 1, 4}:
+    t0 hits; t1 [2,3] evicts 4 and 1 (next uses t3, tie to the larger id first); t3 [1,4] evicts 2 (t5) and 3
+    (t4, tie with 0); t4 [0,3] evicts 4; t5 [2,1] evicts 3 (never again); t6 [4,0]: 2+2+1+1+1 = 7 (cold: 9)."""
+    reqs = np.array([[0, 1], [2, 3], [0, 2], [1, 4], [0, 3], [2, 1], [4, 0]])
+    assert simulate_cache(reqs, "belady", 3, num_experts=8, initial=[0, 1, 4])["misses"] == 7
+    assert simulate_cache(reqs, "belady", 3, num_experts=8)["misses"] == 9
+    # LRU from {5, 6, 7}: the warm items are older than any request, so they go first and nothing changes
+    assert simulate_cache(reqs, "lru", 3, num_experts=8, initial=[5, 6, 7])["misses"] == 13
+    assert simulate_cache(reqs, "lru", 3, num_experts=8, initial=[0, 1])["misses"] == 11
+    with pytest.raises(MoekitError, match="does not fit"):
+        simulate_cache(reqs, "belady", 2, num_experts=8, initial=[0, 1, 4])
+    rng = np.random.default_rng(21)
+    for _ in range(40):
+        s = random_stream(rng, 6, 2, 5)
+        init = frozenset(int(x) for x in rng.choice(5, size=int(rng.integers(0, 4)), replace=False))
+        for bypass, pol in ((False, "belady"), (True, "belady_bypass")):
+            got = simulate_cache(s, pol, 3, num_experts=5, initial=sorted(init))["misses"]
+            assert got == opt_exhaustive(tuple(map(tuple, s)), 3, bypass, init)

@@ -103,9 +103,23 @@ def _static_hits(streams: np.ndarray, n_items: int, capacities: Sequence[int],
     return out
 
 
-def _simulate(streams: np.ndarray, n_items: int, policies: Sequence[str], capacities: Sequence[int]) -> np.ndarray:
+def first_use(stream: np.ndarray, n_items: int) -> np.ndarray:
+    """``[n_items]``: the first token requesting each item, or N when none does."""
+    s = np.asarray(stream, dtype=np.int64)
+    n = s.shape[0]
+    out = np.full(n_items + 1, n, dtype=np.int64)
+    t = np.broadcast_to(np.arange(n)[:, None], s.shape)
+    col = np.where(s >= 0, s, n_items)
+    np.minimum.at(out, col.ravel(), t.ravel())
+    return out[:n_items]
+
+
+def _simulate(streams: np.ndarray, n_items: int, policies: Sequence[str], capacities: Sequence[int],
+              initial: np.ndarray | None = None) -> np.ndarray:
     """Dynamic policies on ``G`` independent streams ``[G, N, K]`` side by side.
 
+    ``initial`` (``[G, n_items]`` bool): each stream's cache before its first token (warm start; default empty);
+    its items rank below every requested one for LRU/LFU (oldest first by id) and by their first use for Belady.
     Returns hits ``[P, G, C]``.  One numpy step per token updates every (policy, stream, capacity)
     cache at once: hits are looked up, the requested items get their new priority, and each cache
     over capacity drops its lowest-priority candidates (residents not requested, or with bypass all
@@ -128,6 +142,14 @@ def _simulate(streams: np.ndarray, n_items: int, policies: Sequence[str], capaci
     resident = np.zeros((n_rows, width), dtype=bool)
     req = np.zeros((n_rows, width), dtype=bool)
     prio = np.zeros((n_rows, width), dtype=np.int64)  # larger = kept
+    if initial is not None:
+        init = np.zeros((g_n, width), dtype=bool)
+        init[:, :n_items] = np.asarray(initial, dtype=bool)[:, :n_items]
+        resident[:] = init[g_of]
+        items = np.arange(width, dtype=np.int64)
+        first = np.stack([np.append(first_use(streams[g], n_items), n) for g in range(g_n)])  # [G, width]
+        is_bel = np.repeat([p in ("belady", "belady_bypass") for p in pol], per_p)
+        prio[:] = np.where(is_bel[:, None], -(first[g_of] * width + items), -(width - items))
     freq = np.zeros((n_rows, width), dtype=np.int64)
     hits = np.zeros(n_rows, dtype=np.int64)
     slot = np.arange(k, dtype=np.int64)
@@ -203,20 +225,22 @@ def _check_policies(policies: Sequence[str]) -> list[str]:
 
 
 def _run(streams: np.ndarray, n_items: int, policies: Sequence[str], capacities: Sequence[int],
-         profile: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Hits ``{policy: [G, C]}`` for streams ``[G, N, K]``."""
+         profile: np.ndarray | None = None, initial: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Hits ``{policy: [G, C]}`` for streams ``[G, N, K]`` (``initial``: warm start, dynamic policies only)."""
     pol = _check_policies(policies)
+    if initial is not None and "static" in pol:
+        raise MoekitError("a warm initial cache applies to the dynamic policies, not 'static'")
     per_token = int((streams >= 0).sum(axis=2).max()) if streams.size else 0
     if min(capacities) < per_token and any(p in ("lru", "lfu", "belady") for p in pol):
         raise MoekitError(f"cache capacity {min(capacities)} is smaller than the {per_token} experts one token "
                           "requests; the co-resident policies need C >= that")
     out: dict[str, np.ndarray] = {}
     dyn = [p for p in pol if p in _DYNAMIC]
-    if "lru" in dyn and n_items * streams.shape[2] <= 4096:  # closed form when [K, items] is small
+    if "lru" in dyn and initial is None and n_items * streams.shape[2] <= 4096:  # closed form when [K, items] is small
         out["lru"] = np.stack([_lru_hits(streams[g], n_items, capacities) for g in range(streams.shape[0])])
         dyn.remove("lru")
     if dyn:
-        h = _simulate(streams, n_items, dyn, capacities)
+        h = _simulate(streams, n_items, dyn, capacities, initial)
         for i, p in enumerate(dyn):
             out[p] = h[i]
     if "static" in pol:
@@ -230,20 +254,29 @@ def simulate_cache(
     capacity: int,
     num_experts: int | None = None,
     profile: np.ndarray | None = None,
+    initial: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """One cache over one request stream ``ids_layer`` ``[N, K]`` (a layer's selections, or any item
     stream: for a global cache pass the ``(layer, e)`` keys as ``layer * E + e``).
 
     Returns ``{"policy", "capacity", "hits", "misses", "requests", "hit_rate"}``; see the module
     docstring for the conventions.  ``profile`` (``[M, K]`` ids) is the static policy's frequency
-    source."""
+    source.  ``initial``: the items resident before the first token (a warm cache, at most ``capacity``; the
+    dynamic policies only), e.g. an offload engine's cache when its decode began."""
     s = np.asarray(ids_layer)
     if s.ndim != 2:
         raise MoekitError(f"simulate_cache expects ids [N, K], got shape {s.shape}")
     n_items = int(num_experts) if num_experts is not None else (int(s.max()) + 1 if s.size else 1)
     s = as_ids(s, max(n_items, 1), ndim=2)
     prof = None if profile is None else as_ids(profile, n_items, ndim=2)[None]
-    h = int(_run(s[None], n_items, [policy], [int(capacity)], prof)[policy][0, 0])
+    init = None
+    if initial is not None:
+        items = sorted({int(e) for e in initial})
+        if len(items) > capacity or (items and not 0 <= items[0] <= items[-1] < n_items):
+            raise MoekitError(f"initial cache {items} does not fit {capacity} slots of items [0, {n_items})")
+        init = np.zeros((1, n_items), dtype=bool)
+        init[0, items] = True
+    h = int(_run(s[None], n_items, [policy], [int(capacity)], prof, init)[policy][0, 0])
     req = int((s >= 0).sum())
     return {"policy": policy, "capacity": int(capacity), "hits": h, "misses": req - h, "requests": req,
             "hit_rate": h / req if req else float("nan")}

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from moekit.serve.cache import POLICIES, Policy
 from moekit.serve.demo import demo_step
-from moekit.serve.engine import OffloadEngine, belady_misses, offload
+from moekit.serve.engine import OffloadEngine, offload
 from moekit.serve.store import ExpertStore, FileStore, TensorStore, load_offloaded, store_for
 
 __all__ = [
-    "POLICIES", "ExpertStore", "FileStore", "OffloadEngine", "Policy", "TensorStore", "belady_misses", "demo_step",
+    "POLICIES", "ExpertStore", "FileStore", "OffloadEngine", "Policy", "TensorStore", "demo_step",
     "load_offloaded", "offload", "store_for",
 ]
