@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from moekit.nn import cpu_kernels
 from moekit.registry import Registry
 
 Backend = Literal["auto", "grouped_mm", "loop", "padded", "gemv"]
@@ -256,8 +257,13 @@ def _expert_gemv(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, out_in: bo
     weights' storage (no gather, no sort): the decode kernel. Slots with ids outside [0, E) are zero.
 
     ``x`` is ``[T, in]`` (shared by the k slots of a token) or ``[T, k, in]``; the result is ``[T, k, out]``.
-    With nn.Linear's layout each product reads contiguous rows (torch's fastest CPU GEMV).
+    With nn.Linear's layout on CPU all products run as one call of moekit's compiled kernel (``cpu_kernels``: rows
+    split across threads); otherwise one ``torch.mv`` per slot, each reading contiguous rows where it can.
     """
+    if out_in:
+        fast = cpu_kernels.expert_gemv(x, w, ids)
+        if fast is not None:
+            return fast
     num_experts = w.shape[0]
     out = x.new_empty(*ids.shape, w.shape[1] if out_in else w.shape[2])
     per_slot = x.dim() == 3
@@ -562,6 +568,9 @@ def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offsets: torch.Tens
 @torch.library.custom_op("moekit::int8_expert_gemv", mutates_args=())
 def _int8_expert_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """The int8 decode kernel: ``moekit::expert_gemv`` with int8 experts (``x [T, in]`` or ``[T, k, in]``)."""
+    fast = cpu_kernels.expert_gemv(x, q, ids, scale)
+    if fast is not None:
+        return fast
     num_experts = q.shape[0]
     out = x.new_empty(*ids.shape, q.shape[1])
     per_slot = x.dim() == 3
