@@ -47,6 +47,9 @@ struct F32 { typedef float T; static inline float get(T v) { return v; } static 
 #ifdef __FLT16_MAX__
 struct F16 { typedef _Float16 T; static inline float get(T v) { return (float)v; } static inline T put(float f) { return (T)f; } };
 #endif
+#ifndef PF_AHEAD
+#define PF_AHEAD 2
+#endif
 struct I8 { typedef int8_t T; static inline float get(T v) { return (float)v; } };
 
 /* out[s, r] = (scale[e, r] *) sum_c w[e, r, c] * x[s / xdiv, c] with e = ids[s]; 0 where e is not in [0, ne).
@@ -68,6 +71,19 @@ static void gemv(const typename W::T* w, int64_t es, int64_t rs, const int64_t* 
     if (e < 0 || e >= ne) { for (int64_t i = 0; i < nr; i++) o[i] = X::put(0.f); continue; }
     const float* xv = xf + (s / xdiv) * cols;
     const typename W::T* wr = w + e * es + r0 * rs;
+    /* Prefetch the block PF_AHEAD blocks on (this thread's static share runs in order): short rows and experts
+       scattered in memory give the hardware prefetchers too short a stream to ramp up on. */
+    const int64_t nxt = b + PF_AHEAD;
+    if (nxt < total) {
+      const int64_t ns = nxt / nb, ne2 = ids[ns];
+      if (ne2 >= 0 && ne2 < ne) {
+        const int64_t nr0 = (nxt % nb) * 4, nnr = rows - nr0 < 4 ? rows - nr0 : 4;
+        const char* p = (const char*)(w + ne2 * es + nr0 * rs);
+        for (int64_t i = 0; i < nnr; i++)
+          for (int64_t off = 0; off < cols * (int64_t)sizeof(typename W::T); off += 64)
+            __builtin_prefetch(p + i * rs * (int64_t)sizeof(typename W::T) + off);
+      }
+    }
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     if (nr == 4) {
       const typename W::T *w0 = wr, *w1 = wr + rs, *w2 = wr + 2 * rs, *w3 = wr + 3 * rs;
