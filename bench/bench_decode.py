@@ -56,6 +56,19 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": 
 IMPLS = ("eager", "grouped_mm", "moekit", "moekit-compiled")
 
 DEVICE = torch.device("cpu")
+CLOCK = "wall"  # --clock
+
+
+def now() -> float:
+    """Seconds on the chosen clock: wall time, or (``--clock cpu``) this process's CPU time ÷ torch's threads.
+
+    On a busy shared machine wall time measures the other processes; CPU time counts only the cycles this process
+    ran (stalls on memory included), so CPU time ÷ threads estimates the wall time of a quiet machine. Spinning
+    OpenMP threads add CPU time, so at 2 threads it is a conservative (slower) estimate.
+    """
+    if CLOCK == "cpu":
+        return time.process_time() / (torch.get_num_threads() if DEVICE.type == "cpu" else 1)
+    return time.perf_counter()
 
 
 def synchronize() -> None:
@@ -104,10 +117,10 @@ def stream_read_gbps(gib: float = 1.0, repeats: int = 5) -> float:
         fn()
         for _ in range(repeats):
             synchronize()
-            t0 = time.perf_counter()
+            t0 = now()
             fn()
             synchronize()
-            best = max(best, buf.numel() * 4 / (time.perf_counter() - t0) / 1e9)
+            best = max(best, buf.numel() * 4 / max(now() - t0, 1e-9) / 1e9)
     return best
 
 
@@ -129,11 +142,11 @@ def generate_seconds(model, prompt: torch.Tensor, new_tokens: int, compiled: boo
     else:
         kwargs["disable_compile"] = True
     synchronize()
-    t0 = time.perf_counter()
+    t0 = now()
     with torch.no_grad():
         model.generate(prompt, **kwargs)
     synchronize()
-    return time.perf_counter() - t0
+    return now() - t0
 
 
 INT8: dict = {}  # experts module → its int8 buffers (quantize_experts_int8), attached only for "moekit-int8"
@@ -165,14 +178,14 @@ def prepare_int8(model) -> None:
     set_impl(model, "eager")
 
 
-def bench_threads(model, threads: int, args, emit) -> dict:
+def bench_threads(model, threads: int, dtype: str, args, emit) -> dict:
     """Bound, decode and prefill tokens/s of every implementation at one thread count."""
     if DEVICE.type == "cpu":
         torch.set_num_threads(threads)
     gbps = stream_read_gbps()
     per_token = bytes_read_per_token(model)
     bound = gbps * 1e9 / per_token
-    base = {"threads": threads, "dtype": str(args.dtype)}
+    base = {"threads": threads, "dtype": dtype, "clock": CLOCK}
     emit(base | {"kind": "bound", "stream_read_GBps": round(gbps, 2), "GB_per_token": round(per_token / 1e9, 3),
                  "bound_tok_s": round(bound, 2)})
     per_token_int8 = bytes_read_per_token(model, int8_experts=True)
@@ -210,18 +223,24 @@ def bench_threads(model, threads: int, args, emit) -> dict:
     summary["moekit_of_bound"] = round(decode["moekit"] / bound, 3)
     summary["moekit_vs_eager"] = round(decode["moekit"] / decode["eager"], 3)
     summary["moekit_vs_grouped_mm"] = round(decode["moekit"] / decode["grouped_mm"], 3)
+    if "moekit-compiled" in decode:
+        summary["moekit_compiled_of_bound"] = round(decode["moekit-compiled"] / bound, 3)
     if bound_int8:
         summary["int8_bound_tok_s"] = round(bound_int8, 2)
         summary["moekit_int8_of_int8_bound"] = round(decode["moekit-int8"] / bound_int8, 3)
         summary["moekit_int8_vs_bf16"] = round(decode["moekit-int8"] / decode["moekit"], 3)
     summary["prefill_tok_s"] = {i: round(t, 1) for i, t in prefill.items()}
     summary["prefill_moekit_vs_fastest_hf"] = round(prefill["moekit"] / max(prefill["eager"], prefill["grouped_mm"]), 3)
-    if args.llama_bench:
-        llama = run_llama_bench(args.llama_bench, args.gguf, threads, args.new_tokens, args.prefill)
-        emit(base | {"kind": "llama.cpp"} | llama)
-        summary["llama_cpp_tok_s"] = llama.get("decode_tok_s")
-        if llama.get("decode_tok_s"):
-            summary["moekit_vs_llama_cpp"] = round(decode["moekit"] / llama["decode_tok_s"], 3)
+    if args.llama_bench and dtype == "bfloat16":  # equal bits: bf16 GGUF against bf16, q8_0 against int8 experts
+        runs = [("", args.gguf, "moekit")] + ([("_q8_0", args.gguf_q8, "moekit-int8")] if args.gguf_q8 else [])
+        for suffix, gguf, ours in runs:
+            if ours not in decode:
+                continue
+            llama = run_llama_bench(args.llama_bench, gguf, threads, args.new_tokens, args.prefill)
+            emit(base | {"kind": "llama.cpp", "gguf": gguf} | llama)
+            summary[f"llama_cpp{suffix}_tok_s"] = llama.get("decode_tok_s")
+            if llama.get("decode_tok_s"):
+                summary[f"{ours.replace('-', '_')}_vs_llama_cpp{suffix}"] = round(decode[ours] / llama["decode_tok_s"], 3)
     emit(summary)
     return summary
 
@@ -240,10 +259,10 @@ def bench_prefill(model, tokens: int, rounds: int) -> dict[str, float]:
             for impl in impls:
                 set_impl(model, impl)
                 synchronize()
-                t0 = time.perf_counter()
+                t0 = now()
                 model(ids, use_cache=False)
                 synchronize()
-                times[impl].append(time.perf_counter() - t0)
+                times[impl].append(now() - t0)
     return {i: tokens / statistics.median(t) for i, t in times.items()}
 
 
@@ -280,17 +299,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=16, help="decode tokens timed per generate")
     ap.add_argument("--prefill", type=int, default=128, help="tokens in the timed prefill forward")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
-    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    ap.add_argument("--dtypes", default="bfloat16", help="comma-separated checkpoint dtypes: bfloat16, float16, float32")
+    ap.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                    help="wall time, or CPU time ÷ threads (an estimate of a quiet machine's time on a busy one)")
     ap.add_argument("--no-compile", action="store_true", help="skip compiled moekit (compiling takes minutes)")
     ap.add_argument("--no-int8", action="store_true", help="skip moekit with int8 experts (quantize_experts_int8)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]; kernels are synchronised around timings")
     ap.add_argument("--llama-bench", default=None, help="path to llama.cpp's llama-bench binary (optional)")
-    ap.add_argument("--gguf", default=None, help="the same checkpoint converted to GGUF (for --llama-bench)")
+    ap.add_argument("--gguf", default=None, help="the same checkpoint converted to a bf16 GGUF (for --llama-bench)")
+    ap.add_argument("--gguf-q8", default=None, help="the same checkpoint converted to q8_0 (against int8 experts)")
     ap.add_argument("--save-checkpoint", default=None, help="write the random checkpoint here (for conversion)")
     ap.add_argument("--no-env-tuning", action="store_true", help="keep glibc's and OpenMP's defaults")
     args = ap.parse_args(argv)
-    global DEVICE
+    global DEVICE, CLOCK
     DEVICE = torch.device(args.device)
+    CLOCK = args.clock
+    dtypes = args.dtypes.split(",")
+    if any(d not in ("bfloat16", "float16", "float32") for d in dtypes):
+        print(f"--dtypes {args.dtypes}: choose among bfloat16, float16, float32", file=sys.stderr)
+        return 2
     if DEVICE.type == "cuda" and not torch.cuda.is_available():
         print(f"--device {args.device}: no CUDA device here", file=sys.stderr)
         return 2
@@ -311,22 +338,38 @@ def main(argv: list[str] | None = None) -> int:
     def emit(record: dict) -> None:
         print(json.dumps(record), flush=True)
 
-    dtype = getattr(torch, args.dtype)
-    model = build_model(args.experts, args.layers, dtype)
-    if args.save_checkpoint:
-        model.save_pretrained(args.save_checkpoint)
-    params = sum(p.numel() for p in model.parameters())
-    if not args.no_int8 and DEVICE.type == "cpu":  # torch's int8 weight-only kernel used here is the CPU one
-        prepare_int8(model)
-    emit({"kind": "env", "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-          "device": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu",
-          "model": f"olmoe-1b-7b cut to {args.experts} experts, {args.layers} layers", "params": params,
-          "dtype": args.dtype, "loadavg_1m": round(os.getloadavg()[0], 2),
-          "omp_wait": os.environ.get("OMP_WAIT_POLICY") or f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}",
-          "experts_backend": moekit.nn.get_backend()})
     t0 = time.perf_counter()
-    summaries = [bench_threads(model, t, args, emit) for t in (threads if DEVICE.type == "cpu" else threads[:1])]
-    emit({"kind": "final", "best_moekit_of_bound": max(s["moekit_of_bound"] for s in summaries),
+    summaries = []
+    for dtype_name in dtypes:
+        model = build_model(args.experts, args.layers, getattr(torch, dtype_name))
+        if args.save_checkpoint:
+            model.save_pretrained(args.save_checkpoint)
+        params = sum(p.numel() for p in model.parameters())
+        INT8.clear()
+        if not args.no_int8 and DEVICE.type == "cpu":  # torch's int8 weight-only kernel used here is the CPU one
+            prepare_int8(model)
+        emit({"kind": "env", "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+              "device": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu",
+              "model": f"olmoe-1b-7b cut to {args.experts} experts, {args.layers} layers", "params": params,
+              "dtype": dtype_name, "clock": CLOCK, "loadavg_1m": round(os.getloadavg()[0], 2),
+              "omp_wait": os.environ.get("OMP_WAIT_POLICY") or f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}",
+              "experts_backend": moekit.nn.get_backend(), "cpu_kernels": moekit.nn.cpu_kernels.available(),
+              "int4": "moekit's int4 experts (moekit quantize --bits 4) load dequantized: they decode as the float rows"})
+        for t in threads if DEVICE.type == "cpu" else threads[:1]:
+            summaries.append(bench_threads(model, t, dtype_name, args, emit))
+        INT8.clear()
+        del model
+    keys = ("moekit", "eager", "grouped_mm", "moekit-compiled", "moekit-int8")
+    rows = []
+    for s in summaries:
+        row = {k: s[k] for k in ("dtype", "threads", "bound_tok_s", "int8_bound_tok_s") if k in s}
+        row |= {k.replace("-", "_"): s[f"{k}_tok_s"] for k in keys if f"{k}_tok_s" in s}
+        row |= {k: v for k, v in s.items() if k.startswith(("llama_cpp", "moekit_of", "moekit_int8_of", "moekit_compiled_of",
+                                                            "moekit_vs_llama", "moekit_int8_vs_llama"))}
+        rows.append(row)
+    emit({"kind": "final", "clock": CLOCK, "rows": rows,
+          "best_moekit_of_bound": max(s["moekit_of_bound"] for s in summaries),
+          "min_moekit_of_bound": min(s["moekit_of_bound"] for s in summaries),
           "min_moekit_vs_eager": min(s["moekit_vs_eager"] for s in summaries),
           "min_prefill_moekit_vs_fastest_hf": min(s["prefill_moekit_vs_fastest_hf"] for s in summaries),
           "loadavg_1m": round(os.getloadavg()[0], 2), "seconds": round(time.perf_counter() - t0, 1)})

@@ -34,6 +34,9 @@ SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 #include <stdlib.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 static inline float bf16f(uint16_t v) { uint32_t u = (uint32_t)v << 16; float f; memcpy(&f, &u, 4); return f; }
 static inline uint16_t f2bf(float f) {  /* round to nearest even, NaN kept NaN (torch's rule) */
@@ -42,15 +45,24 @@ static inline uint16_t f2bf(float f) {  /* round to nearest even, NaN kept NaN (
   u += 0x7fffu + ((u >> 16) & 1u);
   return (uint16_t)(u >> 16);
 }
-struct BF16 { typedef uint16_t T; static inline float get(T v) { return bf16f(v); } static inline T put(float f) { return f2bf(f); } };
-struct F32 { typedef float T; static inline float get(T v) { return v; } static inline T put(float f) { return f; } };
+struct BF16 { static const bool kF16 = false; typedef uint16_t T; static inline float get(T v) { return bf16f(v); } static inline T put(float f) { return f2bf(f); } };
+struct F32 { static const bool kF16 = false; typedef float T; static inline float get(T v) { return v; } static inline T put(float f) { return f; } };
 #ifdef __FLT16_MAX__
-struct F16 { typedef _Float16 T; static inline float get(T v) { return (float)v; } static inline T put(float f) { return (T)f; } };
+/* half → float with integer ops that vectorize (the compiler's _Float16 conversion stays scalar here): the 15 low
+   bits shifted into place and scaled by 2^112 give normals and subnormals exactly; inf/NaN get the top exponent. */
+static inline float f16f(uint16_t h) {
+  const uint32_t em = h & 0x7fffu, sign = (uint32_t)(h & 0x8000u) << 16;
+  uint32_t u = em << 13; float f; memcpy(&f, &u, 4); f *= 0x1p112f;
+  memcpy(&u, &f, 4); u |= sign | (em >= 0x7c00u ? 0x7f800000u : 0u); memcpy(&f, &u, 4);
+  return f;
+}
+struct F16 { static const bool kF16 = true; typedef _Float16 T; static inline float get(T v) { uint16_t h; memcpy(&h, &v, 2); return f16f(h); }
+             static inline T put(float f) { return (T)f; } };
 #endif
 #ifndef PF_AHEAD
 #define PF_AHEAD 2
 #endif
-struct I8 { typedef int8_t T; static inline float get(T v) { return (float)v; } };
+struct I8 { static const bool kF16 = false; typedef int8_t T; static inline float get(T v) { return (float)v; } };
 
 /* out[s, r] = (scale[e, r] *) sum_c w[e, r, c] * x[s / xdiv, c] with e = ids[s]; 0 where e is not in [0, ne).
    w rows are contiguous (row stride rs, expert stride es); x rows contiguous with stride xs; out [n, rows]. */
@@ -85,6 +97,24 @@ static void gemv(const typename W::T* w, int64_t es, int64_t rs, const int64_t* 
       }
     }
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#if defined(__AVX512F__)
+    if (nr == 4 && W::kF16) {  /* fp16 rows: the hardware conversion (the generic loop's integer one is slower) */
+      __m512 v0 = _mm512_setzero_ps(), v1 = v0, v2 = v0, v3 = v0;
+      const uint16_t* w0 = (const uint16_t*)wr;
+      const int64_t r = rs, c16 = cols & ~(int64_t)15;
+      for (int64_t c = 0; c < c16; c += 16) {
+        const __m512 xc = _mm512_loadu_ps(xv + c);
+        v0 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(w0 + c))), xc, v0);
+        v1 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(w0 + r + c))), xc, v1);
+        v2 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(w0 + 2 * r + c))), xc, v2);
+        v3 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(w0 + 3 * r + c))), xc, v3);
+      }
+      acc[0] = _mm512_reduce_add_ps(v0); acc[1] = _mm512_reduce_add_ps(v1);
+      acc[2] = _mm512_reduce_add_ps(v2); acc[3] = _mm512_reduce_add_ps(v3);
+      for (int64_t c = c16; c < cols; c++)
+        for (int i = 0; i < 4; i++) acc[i] += W::get(wr[i * rs + c]) * xv[c];
+    } else
+#endif
     if (nr == 4) {
       const typename W::T *w0 = wr, *w1 = wr + rs, *w2 = wr + 2 * rs, *w3 = wr + 3 * rs;
       float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
