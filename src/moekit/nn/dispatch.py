@@ -315,6 +315,10 @@ PADDED_MAX_WASTE = 3.0
 PADDED_MIN_USED = 0.75
 PADDED_MAX_ROWS_INFERENCE = 256
 PADDED_MAX_ROWS_TRAINING = 32
+# ... and only for small experts: from about a million weights per matrix (H·I; OLMoE-1B-7B's 2048×1024) one GEMM
+# per expert (grouped_mm, or the loop) runs each expert's rows fast enough that padding only costs (measured in
+# docs/nn.md, "Prefill at OLMoE's published shape": bench_experts.py --shape olmoe-1b-7b --paths ...).
+PADDED_MAX_EXPERT_WEIGHTS = 2**20
 
 
 def _use_gemv(backend: Backend, w1: torch.Tensor, num_tokens: int, needs_grad: bool) -> bool:
@@ -357,6 +361,7 @@ def _choose_path(
         and w1.device.type == "cpu"
         and x.dtype == w1.dtype
         and num_slots >= PADDED_MIN_USED * num_experts
+        and w1.shape[1] * w1.shape[2] <= 2 * PADDED_MAX_EXPERT_WEIGHTS  # w1 is [E, H, 2I]
     ):
         per_expert = counts.tolist()  # on CPU, reading counts is not a device sync
         used = sum(c > 0 for c in per_expert)
