@@ -53,7 +53,7 @@ OLMOE_1B_7B = dict(
     tie_word_embeddings=False,
 )
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
-IMPLS = ("eager", "grouped_mm", "moekit", "moekit-compiled")
+IMPLS = ("eager", "grouped_mm", "moekit", "moekit-linears", "moekit-compiled")
 
 DEVICE = torch.device("cpu")
 CLOCK = "wall"  # --clock
@@ -154,6 +154,7 @@ INT8: dict = {}  # experts module → its int8 buffers (quantize_experts_int8), 
 
 def set_impl(model, impl: str) -> bool:
     """Switch the experts implementation (and the int8 experts on or off); returns whether this run is compiled."""
+    import moekit.nn
     from moekit.nn.dispatch import INT8_BUFFERS
 
     for module, buffers in INT8.items():
@@ -163,6 +164,8 @@ def set_impl(model, impl: str) -> bool:
             elif hasattr(module, name):
                 delattr(module, name)
     model.set_experts_implementation("moekit" if impl.startswith("moekit") else impl)
+    # moekit-linears (and int8): attention and lm_head also through moekit's decode kernel (cpu_kernels.use_for_linears)
+    moekit.nn.cpu_kernels.use_for_linears(model, enable=impl in ("moekit-linears", "moekit-int8"))
     return impl.endswith("-compiled")
 
 
@@ -196,6 +199,7 @@ def bench_threads(model, threads: int, dtype: str, args, emit) -> dict:
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(3, model.config.vocab_size, (1, args.prompt), generator=g).to(DEVICE)
     impls = [i for i in IMPLS if not (args.no_compile and i.endswith("-compiled"))]
+    impls = [i for i in impls if i != "moekit-linears" or DEVICE.type == "cpu"]
     impls += ["moekit-int8"] if INT8 else []
     for impl in impls:  # warm-up: first calls, and compilation of the decode step
         compiled = set_impl(model, impl)
@@ -223,16 +227,20 @@ def bench_threads(model, threads: int, dtype: str, args, emit) -> dict:
     summary["moekit_of_bound"] = round(decode["moekit"] / bound, 3)
     summary["moekit_vs_eager"] = round(decode["moekit"] / decode["eager"], 3)
     summary["moekit_vs_grouped_mm"] = round(decode["moekit"] / decode["grouped_mm"], 3)
+    if "moekit-linears" in decode:
+        summary["moekit_linears_of_bound"] = round(decode["moekit-linears"] / bound, 3)
     if "moekit-compiled" in decode:
         summary["moekit_compiled_of_bound"] = round(decode["moekit-compiled"] / bound, 3)
     if bound_int8:
         summary["int8_bound_tok_s"] = round(bound_int8, 2)
         summary["moekit_int8_of_int8_bound"] = round(decode["moekit-int8"] / bound_int8, 3)
-        summary["moekit_int8_vs_bf16"] = round(decode["moekit-int8"] / decode["moekit"], 3)
+        bf16_row = "moekit-linears" if "moekit-linears" in decode else "moekit"  # int8 runs with the linears kernel
+        summary["moekit_int8_vs_bf16"] = round(decode["moekit-int8"] / decode[bf16_row], 3)
     summary["prefill_tok_s"] = {i: round(t, 1) for i, t in prefill.items()}
     summary["prefill_moekit_vs_fastest_hf"] = round(prefill["moekit"] / max(prefill["eager"], prefill["grouped_mm"]), 3)
     if args.llama_bench and dtype == "bfloat16":  # equal bits: bf16 GGUF against bf16, q8_0 against int8 experts
-        runs = [("", args.gguf, "moekit")] + ([("_q8_0", args.gguf_q8, "moekit-int8")] if args.gguf_q8 else [])
+        best = "moekit-linears" if "moekit-linears" in decode else "moekit"
+        runs = [("", args.gguf, best)] + ([("_q8_0", args.gguf_q8, "moekit-int8")] if args.gguf_q8 else [])
         for suffix, gguf, ours in runs:
             if ours not in decode:
                 continue
@@ -359,12 +367,12 @@ def main(argv: list[str] | None = None) -> int:
             summaries.append(bench_threads(model, t, dtype_name, args, emit))
         INT8.clear()
         del model
-    keys = ("moekit", "eager", "grouped_mm", "moekit-compiled", "moekit-int8")
+    keys = ("moekit", "moekit-linears", "eager", "grouped_mm", "moekit-compiled", "moekit-int8")
     rows = []
     for s in summaries:
         row = {k: s[k] for k in ("dtype", "threads", "bound_tok_s", "int8_bound_tok_s") if k in s}
         row |= {k.replace("-", "_"): s[f"{k}_tok_s"] for k in keys if f"{k}_tok_s" in s}
-        row |= {k: v for k, v in s.items() if k.startswith(("llama_cpp", "moekit_of", "moekit_int8_of", "moekit_compiled_of",
+        row |= {k: v for k, v in s.items() if k.startswith(("llama_cpp", "moekit_of", "moekit_int8_of", "moekit_compiled_of", "moekit_linears_of",
                                                             "moekit_vs_llama", "moekit_int8_vs_llama"))}
         rows.append(row)
     emit({"kind": "final", "clock": CLOCK, "rows": rows,

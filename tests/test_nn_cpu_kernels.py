@@ -128,3 +128,26 @@ def test_every_half_precision_weight_converts_exactly(dtype: torch.dtype) -> Non
     got = cpu_kernels.expert_gemv(x, w, torch.zeros(1, 1, dtype=torch.long))
     assert got is not None
     torch.testing.assert_close(got[0, 0], w[0, :, 0], rtol=0, atol=0, equal_nan=True)
+
+
+def test_use_for_linears_decode_step() -> None:
+    """use_for_linears: a one-token step's logits match F.linear's within bf16 rounding, prefill is bit-identical
+    (it keeps F.linear), and enable=False restores every module."""
+    from moekit.testing import tiny_model
+
+    model = tiny_model("olmoe", hidden_size=256, intermediate_size=128).to(torch.bfloat16).eval()
+    lm_head = torch.nn.Linear(256, 1000, bias=True, dtype=torch.bfloat16)  # a bias, and rows not a multiple of 4
+    x = torch.randn(1, 1, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    ids = torch.randint(3, 100, (1, 6), generator=torch.Generator().manual_seed(1))
+    linears = sum(type(m) is torch.nn.Linear for m in model.modules())
+    with torch.no_grad():
+        ref_prefill, ref_step, ref_lin = model(ids).logits, model(ids[:, :1]).logits, lm_head(x)
+        assert cpu_kernels.use_for_linears(model) == linears > 0 and cpu_kernels.use_for_linears(lm_head) == 1
+        prefill, step, lin = model(ids).logits, model(ids[:, :1]).logits, lm_head(x)
+        assert cpu_kernels.use_for_linears(model, enable=False) == linears
+        assert all("forward" not in m.__dict__ for m in model.modules())
+    assert torch.equal(prefill, ref_prefill)
+    exact = x.double() @ lm_head.weight.double().T + lm_head.bias.double()
+    assert (lin.double() - exact).abs().max() <= 2 * (ref_lin.double() - exact).abs().max()
+    assert not torch.equal(lin, ref_lin)  # the kernel ran (its rounding differs from oneDNN's somewhere)
+    torch.testing.assert_close(step.float(), ref_step.float(), atol=0.02 * float(ref_step.abs().max()), rtol=0)
