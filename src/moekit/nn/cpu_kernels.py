@@ -45,8 +45,14 @@ static inline uint16_t f2bf(float f) {  /* round to nearest even, NaN kept NaN (
   u += 0x7fffu + ((u >> 16) & 1u);
   return (uint16_t)(u >> 16);
 }
-struct BF16 { static const bool kF16 = false; typedef uint16_t T; static inline float get(T v) { return bf16f(v); } static inline T put(float f) { return f2bf(f); } };
-struct F32 { static const bool kF16 = false; typedef float T; static inline float get(T v) { return v; } static inline T put(float f) { return f; } };
+#if defined(__AVX512F__)
+#define LOAD16(body) static inline __m512 load16(const T* p) { body }
+#else
+#define LOAD16(body)
+#endif
+struct BF16 { typedef uint16_t T;
+  LOAD16(return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));) static inline float get(T v) { return bf16f(v); } static inline T put(float f) { return f2bf(f); } };
+struct F32 { typedef float T; LOAD16(return _mm512_loadu_ps(p);) static inline float get(T v) { return v; } static inline T put(float f) { return f; } };
 #ifdef __FLT16_MAX__
 /* half → float with integer ops that vectorize (the compiler's _Float16 conversion stays scalar here): the 15 low
    bits shifted into place and scaled by 2^112 give normals and subnormals exactly; inf/NaN get the top exponent. */
@@ -56,13 +62,13 @@ static inline float f16f(uint16_t h) {
   memcpy(&u, &f, 4); u |= sign | (em >= 0x7c00u ? 0x7f800000u : 0u); memcpy(&f, &u, 4);
   return f;
 }
-struct F16 { static const bool kF16 = true; typedef _Float16 T; static inline float get(T v) { uint16_t h; memcpy(&h, &v, 2); return f16f(h); }
+struct F16 { typedef _Float16 T; LOAD16(return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));) static inline float get(T v) { uint16_t h; memcpy(&h, &v, 2); return f16f(h); }
              static inline T put(float f) { return (T)f; } };
 #endif
 #ifndef PF_AHEAD
 #define PF_AHEAD 2
 #endif
-struct I8 { static const bool kF16 = false; typedef int8_t T; static inline float get(T v) { return (float)v; } };
+struct I8 { typedef int8_t T; LOAD16(return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));) static inline float get(T v) { return (float)v; } };
 
 /* out[s, r] = (scale[e, r] *) sum_c w[e, r, c] * x[s / xdiv, c] with e = ids[s]; 0 where e is not in [0, ne).
    w rows are contiguous (row stride rs, expert stride es); x rows contiguous with stride xs; out [n, rows]. */
@@ -98,16 +104,16 @@ static void gemv(const typename W::T* w, int64_t es, int64_t rs, const int64_t* 
     }
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #if defined(__AVX512F__)
-    if (nr == 4 && W::kF16) {  /* fp16 rows: the hardware conversion (the generic loop's integer one is slower) */
+    if (nr == 4) {  /* AVX-512: explicit conversions (the compiler's vectorization of fp16 and int8 is poor) */
       __m512 v0 = _mm512_setzero_ps(), v1 = v0, v2 = v0, v3 = v0;
-      const uint16_t* w0 = (const uint16_t*)wr;
+      const typename W::T* w0 = wr;
       const int64_t r = rs, c16 = cols & ~(int64_t)15;
       for (int64_t c = 0; c < c16; c += 16) {
         const __m512 xc = _mm512_loadu_ps(xv + c);
-        v0 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(w0 + c))), xc, v0);
-        v1 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(w0 + r + c))), xc, v1);
-        v2 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(w0 + 2 * r + c))), xc, v2);
-        v3 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(w0 + 3 * r + c))), xc, v3);
+        v0 = _mm512_fmadd_ps(W::load16(w0 + c), xc, v0);
+        v1 = _mm512_fmadd_ps(W::load16(w0 + r + c), xc, v1);
+        v2 = _mm512_fmadd_ps(W::load16(w0 + 2 * r + c), xc, v2);
+        v3 = _mm512_fmadd_ps(W::load16(w0 + 3 * r + c), xc, v3);
       }
       acc[0] = _mm512_reduce_add_ps(v0); acc[1] = _mm512_reduce_add_ps(v1);
       acc[2] = _mm512_reduce_add_ps(v2); acc[3] = _mm512_reduce_add_ps(v3);
