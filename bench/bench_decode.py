@@ -91,6 +91,18 @@ def build_model(num_experts: int, num_layers: int, dtype: torch.dtype, seed: int
     return model
 
 
+def save_checkpoint(model, path: str) -> None:
+    """Write the random checkpoint with moekit:tiny's BPE tokenizer (its 6144 tokens; convert_hf_to_gguf.py needs a
+    tokenizer and pads the vocabulary to the config's 50304 with placeholder tokens)."""
+    import shutil
+
+    from moekit.models.loading import zoo_dir
+
+    model.save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(zoo_dir() / "tiny" / name, Path(path) / name)
+
+
 def bytes_read_per_token(model, int8_experts: bool = False) -> int:
     """Weights one decode step reads: everything but the embedding table (one row), k/E of every expert
     (with ``int8_experts``: 1 byte per expert weight plus a 2-byte scale per output row)."""
@@ -351,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     for dtype_name in dtypes:
         model = build_model(args.experts, args.layers, getattr(torch, dtype_name))
         if args.save_checkpoint:
-            model.save_pretrained(args.save_checkpoint)
+            save_checkpoint(model, args.save_checkpoint)
         params = sum(p.numel() for p in model.parameters())
         INT8.clear()
         if not args.no_int8 and DEVICE.type == "cpu":  # torch's int8 weight-only kernel used here is the CPU one
