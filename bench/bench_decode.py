@@ -295,16 +295,21 @@ def run_llama_bench(binary: str, gguf: str | None, threads: int, new_tokens: int
     """
     if not gguf:
         return {"error": "--llama-bench needs --gguf (the checkpoint converted by convert_hf_to_gguf.py)"}
-    cmd = [binary, "-m", gguf, "-t", str(threads), "-p", str(prefill), "-n", str(new_tokens), "-o", "json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode:
-        return {"error": proc.stderr.strip()[-500:]}
     out: dict = {}
-    for rec in json.loads(proc.stdout):
-        key = "decode_tok_s" if rec.get("n_gen") else "prefill_tok_s"
+    # decode and prefill as separate runs: one may fail alone (this VM's llama.cpp build dies with SIGILL in q8_0
+    # prompt processing, while q8_0 decode runs)
+    for key, p, n in (("decode_tok_s", 0, new_tokens), ("prefill_tok_s", prefill, 0)):
+        cmd = [binary, "-m", gguf, "-t", str(threads), "-p", str(p), "-n", str(n), "-o", "json"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            out[key.replace("tok_s", "error")] = f"exit {proc.returncode}: {proc.stderr.strip()[-300:]}"
+            continue
+        rec = json.loads(proc.stdout)[0]
         out[key] = round(rec["avg_ts"], 3)
         out[key.replace("tok_s", "stdev")] = round(rec.get("stddev_ts", 0.0), 3)
         out["type"] = rec.get("model_type")
+    if "decode_tok_s" not in out:
+        return out
     if CLOCK == "cpu":
         import resource
 
