@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -73,12 +74,12 @@ struct I8 { typedef int8_t T; LOAD16(return _mm512_cvtepi32_ps(_mm512_cvtepi8_ep
 /* out[s, r] = (scale[e, r] *) sum_c w[e, r, c] * x[s / xdiv, c] with e = ids[s]; 0 where e is not in [0, ne).
    w rows are contiguous (row stride rs, expert stride es); x rows contiguous with stride xs; out [n, rows]. */
 template <class W, class X>
-static void gemv(const typename W::T* w, int64_t es, int64_t rs, const int64_t* ids, int64_t n, int64_t ne,
+static int gemv(const typename W::T* w, int64_t es, int64_t rs, const int64_t* ids, int64_t n, int64_t ne,
                  const typename X::T* x, int64_t xs, int64_t xdiv, int64_t rows, int64_t cols,
                  const typename X::T* scale, int64_t ss, typename X::T* out, int nthreads) {
   const int64_t nx = (n + xdiv - 1) / xdiv;
   float* xf = (float*)malloc((size_t)(nx * cols) * sizeof(float) + 64);
-  if (!xf) return;
+  if (!xf) return 1;  /* the caller falls back to torch's ops */
   for (int64_t s = 0; s < nx; s++)
     for (int64_t c = 0; c < cols; c++) xf[s * cols + c] = X::get(x[s * xs + c]);
   const int64_t nb = (rows + 3) / 4, total = n * nb;
@@ -142,22 +143,23 @@ static void gemv(const typename W::T* w, int64_t es, int64_t rs, const int64_t* 
     for (int64_t i = 0; i < nr; i++) o[i] = X::put(scale ? acc[i] * X::get(scale[e * ss + r0 + i]) : acc[i]);
   }
   free(xf);
+  return 0;
 }
 
 #define ARGS(WT, XT) const WT* w, int64_t es, int64_t rs, const int64_t* ids, int64_t n, int64_t ne, const XT* x, \
   int64_t xs, int64_t xdiv, int64_t rows, int64_t cols
 #define PASS w, es, rs, ids, n, ne, x, xs, xdiv, rows, cols
 extern "C" {
-void moekit_gemv_bfloat16(ARGS(uint16_t, uint16_t), uint16_t* out, int nt) { gemv<BF16, BF16>(PASS, nullptr, 0, out, nt); }
-void moekit_gemv_float32(ARGS(float, float), float* out, int nt) { gemv<F32, F32>(PASS, nullptr, 0, out, nt); }
-void moekit_gemv_int8_bfloat16(ARGS(int8_t, uint16_t), const uint16_t* sc, int64_t ss, uint16_t* out, int nt) {
-  gemv<I8, BF16>(PASS, sc, ss, out, nt); }
-void moekit_gemv_int8_float32(ARGS(int8_t, float), const float* sc, int64_t ss, float* out, int nt) {
-  gemv<I8, F32>(PASS, sc, ss, out, nt); }
+int moekit_gemv_bfloat16(ARGS(uint16_t, uint16_t), uint16_t* out, int nt) { return gemv<BF16, BF16>(PASS, nullptr, 0, out, nt); }
+int moekit_gemv_float32(ARGS(float, float), float* out, int nt) { return gemv<F32, F32>(PASS, nullptr, 0, out, nt); }
+int moekit_gemv_int8_bfloat16(ARGS(int8_t, uint16_t), const uint16_t* sc, int64_t ss, uint16_t* out, int nt) {
+  return gemv<I8, BF16>(PASS, sc, ss, out, nt); }
+int moekit_gemv_int8_float32(ARGS(int8_t, float), const float* sc, int64_t ss, float* out, int nt) {
+  return gemv<I8, F32>(PASS, sc, ss, out, nt); }
 #ifdef __FLT16_MAX__
-void moekit_gemv_float16(ARGS(_Float16, _Float16), _Float16* out, int nt) { gemv<F16, F16>(PASS, nullptr, 0, out, nt); }
-void moekit_gemv_int8_float16(ARGS(int8_t, _Float16), const _Float16* sc, int64_t ss, _Float16* out, int nt) {
-  gemv<I8, F16>(PASS, sc, ss, out, nt); }
+int moekit_gemv_float16(ARGS(_Float16, _Float16), _Float16* out, int nt) { return gemv<F16, F16>(PASS, nullptr, 0, out, nt); }
+int moekit_gemv_int8_float16(ARGS(int8_t, _Float16), const _Float16* sc, int64_t ss, _Float16* out, int nt) {
+  return gemv<I8, F16>(PASS, sc, ss, out, nt); }
 #endif
 }
 """
@@ -235,9 +237,13 @@ def available() -> bool:
     return _load() is not None
 
 
-def _fn(name: str):
+def _fn(name: str) -> Callable[..., int] | None:
+    """The kernel entry point ``name`` (0 on success), or None when the library or that dtype's variant is missing."""
     lib = _load()
-    return getattr(lib, name, None) if lib is not None else None
+    fn = getattr(lib, name, None) if lib is not None else None
+    if fn is not None:
+        fn.restype = ctypes.c_int
+    return fn
 
 
 def expert_gemv(
@@ -276,8 +282,7 @@ def expert_gemv(
     if scale is not None:
         args += [ptr(scale.data_ptr()), ctypes.c_int64(scale.stride(0))]
     args += [ptr(out.data_ptr()), ctypes.c_int(torch.get_num_threads())]
-    fn(*args)
-    return out
+    return out if fn(*args) == 0 else None
 
 
 _ONE_SLOT = torch.zeros(1, 1, dtype=torch.int64)
