@@ -53,9 +53,22 @@ OLMOE_1B_7B = dict(
     tie_word_embeddings=False,
 )
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
-IMPLS = ("eager", "grouped_mm", "moekit", "moekit-compiled")
+IMPLS = ("eager", "grouped_mm", "moekit", "moekit-linears", "moekit-compiled")
 
 DEVICE = torch.device("cpu")
+CLOCK = "wall"  # --clock
+
+
+def now() -> float:
+    """Seconds on the chosen clock: wall time, or (``--clock cpu``) this process's CPU time ÷ torch's threads.
+
+    On a busy shared machine wall time measures the other processes; CPU time counts only the cycles this process
+    ran (stalls on memory included), so CPU time ÷ threads estimates the wall time of a quiet machine. Spinning
+    OpenMP threads add CPU time, so at 2 threads it is a conservative (slower) estimate.
+    """
+    if CLOCK == "cpu":
+        return time.process_time() / (torch.get_num_threads() if DEVICE.type == "cpu" else 1)
+    return time.perf_counter()
 
 
 def synchronize() -> None:
@@ -76,6 +89,18 @@ def build_model(num_experts: int, num_layers: int, dtype: torch.dtype, seed: int
     model.generation_config.eos_token_id = None  # always generate the full count
     model.generation_config.pad_token_id = 0
     return model
+
+
+def save_checkpoint(model, path: str) -> None:
+    """Write the random checkpoint with moekit:tiny's BPE tokenizer (its 6144 tokens; convert_hf_to_gguf.py needs a
+    tokenizer and pads the vocabulary to the config's 50304 with placeholder tokens)."""
+    import shutil
+
+    from moekit.models.loading import zoo_dir
+
+    model.save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(zoo_dir() / "tiny" / name, Path(path) / name)
 
 
 def bytes_read_per_token(model, int8_experts: bool = False) -> int:
@@ -104,10 +129,10 @@ def stream_read_gbps(gib: float = 1.0, repeats: int = 5) -> float:
         fn()
         for _ in range(repeats):
             synchronize()
-            t0 = time.perf_counter()
+            t0 = now()
             fn()
             synchronize()
-            best = max(best, buf.numel() * 4 / (time.perf_counter() - t0) / 1e9)
+            best = max(best, buf.numel() * 4 / max(now() - t0, 1e-9) / 1e9)
     return best
 
 
@@ -129,11 +154,11 @@ def generate_seconds(model, prompt: torch.Tensor, new_tokens: int, compiled: boo
     else:
         kwargs["disable_compile"] = True
     synchronize()
-    t0 = time.perf_counter()
+    t0 = now()
     with torch.no_grad():
         model.generate(prompt, **kwargs)
     synchronize()
-    return time.perf_counter() - t0
+    return now() - t0
 
 
 INT8: dict = {}  # experts module → its int8 buffers (quantize_experts_int8), attached only for "moekit-int8"
@@ -141,6 +166,7 @@ INT8: dict = {}  # experts module → its int8 buffers (quantize_experts_int8), 
 
 def set_impl(model, impl: str) -> bool:
     """Switch the experts implementation (and the int8 experts on or off); returns whether this run is compiled."""
+    import moekit.nn
     from moekit.nn.dispatch import INT8_BUFFERS
 
     for module, buffers in INT8.items():
@@ -150,6 +176,8 @@ def set_impl(model, impl: str) -> bool:
             elif hasattr(module, name):
                 delattr(module, name)
     model.set_experts_implementation("moekit" if impl.startswith("moekit") else impl)
+    # moekit-linears (and int8): attention and lm_head also through moekit's decode kernel (cpu_kernels.use_for_linears)
+    moekit.nn.cpu_kernels.use_for_linears(model, enable=impl in ("moekit-linears", "moekit-int8"))
     return impl.endswith("-compiled")
 
 
@@ -165,14 +193,14 @@ def prepare_int8(model) -> None:
     set_impl(model, "eager")
 
 
-def bench_threads(model, threads: int, args, emit) -> dict:
+def bench_threads(model, threads: int, dtype: str, args, emit) -> dict:
     """Bound, decode and prefill tokens/s of every implementation at one thread count."""
     if DEVICE.type == "cpu":
         torch.set_num_threads(threads)
     gbps = stream_read_gbps()
     per_token = bytes_read_per_token(model)
     bound = gbps * 1e9 / per_token
-    base = {"threads": threads, "dtype": str(args.dtype)}
+    base = {"threads": threads, "dtype": dtype, "clock": CLOCK}
     emit(base | {"kind": "bound", "stream_read_GBps": round(gbps, 2), "GB_per_token": round(per_token / 1e9, 3),
                  "bound_tok_s": round(bound, 2)})
     per_token_int8 = bytes_read_per_token(model, int8_experts=True)
@@ -183,6 +211,7 @@ def bench_threads(model, threads: int, args, emit) -> dict:
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(3, model.config.vocab_size, (1, args.prompt), generator=g).to(DEVICE)
     impls = [i for i in IMPLS if not (args.no_compile and i.endswith("-compiled"))]
+    impls = [i for i in impls if i != "moekit-linears" or DEVICE.type == "cpu"]
     impls += ["moekit-int8"] if INT8 else []
     for impl in impls:  # warm-up: first calls, and compilation of the decode step
         compiled = set_impl(model, impl)
@@ -210,18 +239,28 @@ def bench_threads(model, threads: int, args, emit) -> dict:
     summary["moekit_of_bound"] = round(decode["moekit"] / bound, 3)
     summary["moekit_vs_eager"] = round(decode["moekit"] / decode["eager"], 3)
     summary["moekit_vs_grouped_mm"] = round(decode["moekit"] / decode["grouped_mm"], 3)
+    if "moekit-linears" in decode:
+        summary["moekit_linears_of_bound"] = round(decode["moekit-linears"] / bound, 3)
+    if "moekit-compiled" in decode:
+        summary["moekit_compiled_of_bound"] = round(decode["moekit-compiled"] / bound, 3)
     if bound_int8:
         summary["int8_bound_tok_s"] = round(bound_int8, 2)
         summary["moekit_int8_of_int8_bound"] = round(decode["moekit-int8"] / bound_int8, 3)
-        summary["moekit_int8_vs_bf16"] = round(decode["moekit-int8"] / decode["moekit"], 3)
+        bf16_row = "moekit-linears" if "moekit-linears" in decode else "moekit"  # int8 runs with the linears kernel
+        summary["moekit_int8_vs_bf16"] = round(decode["moekit-int8"] / decode[bf16_row], 3)
     summary["prefill_tok_s"] = {i: round(t, 1) for i, t in prefill.items()}
     summary["prefill_moekit_vs_fastest_hf"] = round(prefill["moekit"] / max(prefill["eager"], prefill["grouped_mm"]), 3)
-    if args.llama_bench:
-        llama = run_llama_bench(args.llama_bench, args.gguf, threads, args.new_tokens, args.prefill)
-        emit(base | {"kind": "llama.cpp"} | llama)
-        summary["llama_cpp_tok_s"] = llama.get("decode_tok_s")
-        if llama.get("decode_tok_s"):
-            summary["moekit_vs_llama_cpp"] = round(decode["moekit"] / llama["decode_tok_s"], 3)
+    if args.llama_bench and dtype == "bfloat16":  # equal bits: bf16 GGUF against bf16, q8_0 against int8 experts
+        best = "moekit-linears" if "moekit-linears" in decode else "moekit"
+        runs = [("", args.gguf, best)] + ([("_q8_0", args.gguf_q8, "moekit-int8")] if args.gguf_q8 else [])
+        for suffix, gguf, ours in runs:
+            if ours not in decode:
+                continue
+            llama = run_llama_bench(args.llama_bench, gguf, threads, args.new_tokens, args.prefill)
+            emit(base | {"kind": "llama.cpp", "gguf": gguf} | llama)
+            summary[f"llama_cpp{suffix}_tok_s"] = llama.get("decode_tok_s")
+            if llama.get("decode_tok_s"):
+                summary[f"{ours.replace('-', '_')}_vs_llama_cpp{suffix}"] = round(decode[ours] / llama["decode_tok_s"], 3)
     emit(summary)
     return summary
 
@@ -240,27 +279,53 @@ def bench_prefill(model, tokens: int, rounds: int) -> dict[str, float]:
             for impl in impls:
                 set_impl(model, impl)
                 synchronize()
-                t0 = time.perf_counter()
+                t0 = now()
                 model(ids, use_cache=False)
                 synchronize()
-                times[impl].append(time.perf_counter() - t0)
+                times[impl].append(now() - t0)
     return {i: tokens / statistics.median(t) for i, t in times.items()}
 
 
 def run_llama_bench(binary: str, gguf: str | None, threads: int, new_tokens: int, prefill: int) -> dict:
-    """llama.cpp's own ``llama-bench`` on the converted checkpoint: decode and prefill tokens/s."""
+    """llama.cpp's own ``llama-bench`` on the converted checkpoint: decode and prefill tokens/s (its wall clock).
+
+    With ``--clock cpu`` also ``decode_tok_s_cpu``: llama-bench's CPU time (of the child process) for a generate of
+    ``new_tokens`` + 1 tokens minus one of 1 token, ÷ threads, as moekit's rows are timed. ggml's worker threads
+    busy-wait at barriers, which counts as CPU time: at 2 threads this errs against llama.cpp.
+    """
     if not gguf:
         return {"error": "--llama-bench needs --gguf (the checkpoint converted by convert_hf_to_gguf.py)"}
-    cmd = [binary, "-m", gguf, "-t", str(threads), "-p", str(prefill), "-n", str(new_tokens), "-o", "json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode:
-        return {"error": proc.stderr.strip()[-500:]}
     out: dict = {}
-    for rec in json.loads(proc.stdout):
-        key = "decode_tok_s" if rec.get("n_gen") else "prefill_tok_s"
+    # decode and prefill as separate runs: one may fail alone (this VM's llama.cpp build dies with SIGILL in q8_0
+    # prompt processing, while q8_0 decode runs)
+    for key, p, n in (("decode_tok_s", 0, new_tokens), ("prefill_tok_s", prefill, 0)):
+        cmd = [binary, "-m", gguf, "-t", str(threads), "-p", str(p), "-n", str(n), "-o", "json"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            out[key.replace("tok_s", "error")] = f"exit {proc.returncode}: {proc.stderr.strip()[-300:]}"
+            continue
+        rec = json.loads(proc.stdout)[0]
         out[key] = round(rec["avg_ts"], 3)
         out[key.replace("tok_s", "stdev")] = round(rec.get("stddev_ts", 0.0), 3)
         out["type"] = rec.get("model_type")
+    if "decode_tok_s" not in out:
+        return out
+    if CLOCK == "cpu":
+        import resource
+
+        def child_cpu(n: int) -> float:
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            subprocess.run([binary, "-m", gguf, "-t", str(threads), "-p", "0", "-n", str(n), "-r", "1", "-o", "json"],
+                           capture_output=True, check=True)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            return (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+
+        samples = []
+        for _ in range(3):
+            extra = child_cpu(new_tokens + 1) - child_cpu(1)
+            samples.append(new_tokens / max(extra / threads, 1e-9))
+        out["decode_tok_s_cpu"] = round(statistics.median(samples), 3)
+        out["decode_tok_s"], out["decode_tok_s_wall"] = out["decode_tok_s_cpu"], out.get("decode_tok_s")
     return out
 
 
@@ -280,17 +345,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=16, help="decode tokens timed per generate")
     ap.add_argument("--prefill", type=int, default=128, help="tokens in the timed prefill forward")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
-    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    ap.add_argument("--dtypes", default="bfloat16", help="comma-separated checkpoint dtypes: bfloat16, float16, float32")
+    ap.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                    help="wall time, or CPU time ÷ threads (an estimate of a quiet machine's time on a busy one)")
     ap.add_argument("--no-compile", action="store_true", help="skip compiled moekit (compiling takes minutes)")
     ap.add_argument("--no-int8", action="store_true", help="skip moekit with int8 experts (quantize_experts_int8)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]; kernels are synchronised around timings")
     ap.add_argument("--llama-bench", default=None, help="path to llama.cpp's llama-bench binary (optional)")
-    ap.add_argument("--gguf", default=None, help="the same checkpoint converted to GGUF (for --llama-bench)")
+    ap.add_argument("--gguf", default=None, help="the same checkpoint converted to a bf16 GGUF (for --llama-bench)")
+    ap.add_argument("--gguf-q8", default=None, help="the same checkpoint converted to q8_0 (against int8 experts)")
     ap.add_argument("--save-checkpoint", default=None, help="write the random checkpoint here (for conversion)")
     ap.add_argument("--no-env-tuning", action="store_true", help="keep glibc's and OpenMP's defaults")
     args = ap.parse_args(argv)
-    global DEVICE
+    global DEVICE, CLOCK
     DEVICE = torch.device(args.device)
+    CLOCK = args.clock
+    dtypes = args.dtypes.split(",")
+    if any(d not in ("bfloat16", "float16", "float32") for d in dtypes):
+        print(f"--dtypes {args.dtypes}: choose among bfloat16, float16, float32", file=sys.stderr)
+        return 2
     if DEVICE.type == "cuda" and not torch.cuda.is_available():
         print(f"--device {args.device}: no CUDA device here", file=sys.stderr)
         return 2
@@ -311,22 +384,38 @@ def main(argv: list[str] | None = None) -> int:
     def emit(record: dict) -> None:
         print(json.dumps(record), flush=True)
 
-    dtype = getattr(torch, args.dtype)
-    model = build_model(args.experts, args.layers, dtype)
-    if args.save_checkpoint:
-        model.save_pretrained(args.save_checkpoint)
-    params = sum(p.numel() for p in model.parameters())
-    if not args.no_int8 and DEVICE.type == "cpu":  # torch's int8 weight-only kernel used here is the CPU one
-        prepare_int8(model)
-    emit({"kind": "env", "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-          "device": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu",
-          "model": f"olmoe-1b-7b cut to {args.experts} experts, {args.layers} layers", "params": params,
-          "dtype": args.dtype, "loadavg_1m": round(os.getloadavg()[0], 2),
-          "omp_wait": os.environ.get("OMP_WAIT_POLICY") or f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}",
-          "experts_backend": moekit.nn.get_backend()})
     t0 = time.perf_counter()
-    summaries = [bench_threads(model, t, args, emit) for t in (threads if DEVICE.type == "cpu" else threads[:1])]
-    emit({"kind": "final", "best_moekit_of_bound": max(s["moekit_of_bound"] for s in summaries),
+    summaries = []
+    for dtype_name in dtypes:
+        model = build_model(args.experts, args.layers, getattr(torch, dtype_name))
+        if args.save_checkpoint:
+            save_checkpoint(model, args.save_checkpoint)
+        params = sum(p.numel() for p in model.parameters())
+        INT8.clear()
+        if not args.no_int8 and DEVICE.type == "cpu":  # torch's int8 weight-only kernel used here is the CPU one
+            prepare_int8(model)
+        emit({"kind": "env", "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+              "device": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu",
+              "model": f"olmoe-1b-7b cut to {args.experts} experts, {args.layers} layers", "params": params,
+              "dtype": dtype_name, "clock": CLOCK, "loadavg_1m": round(os.getloadavg()[0], 2),
+              "omp_wait": os.environ.get("OMP_WAIT_POLICY") or f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}",
+              "experts_backend": moekit.nn.get_backend(), "cpu_kernels": moekit.nn.cpu_kernels.available(),
+              "int4": "moekit's int4 experts (moekit quantize --bits 4) load dequantized: they decode as the float rows"})
+        for t in threads if DEVICE.type == "cpu" else threads[:1]:
+            summaries.append(bench_threads(model, t, dtype_name, args, emit))
+        INT8.clear()
+        del model
+    keys = ("moekit", "moekit-linears", "eager", "grouped_mm", "moekit-compiled", "moekit-int8")
+    rows = []
+    for s in summaries:
+        row = {k: s[k] for k in ("dtype", "threads", "bound_tok_s", "int8_bound_tok_s") if k in s}
+        row |= {k.replace("-", "_"): s[f"{k}_tok_s"] for k in keys if f"{k}_tok_s" in s}
+        row |= {k: v for k, v in s.items() if k.startswith(("llama_cpp", "moekit_of", "moekit_int8_of", "moekit_compiled_of", "moekit_linears_of",
+                                                            "moekit_vs_llama", "moekit_int8_vs_llama"))}
+        rows.append(row)
+    emit({"kind": "final", "clock": CLOCK, "rows": rows,
+          "best_moekit_of_bound": max(s["moekit_of_bound"] for s in summaries),
+          "min_moekit_of_bound": min(s["moekit_of_bound"] for s in summaries),
           "min_moekit_vs_eager": min(s["moekit_vs_eager"] for s in summaries),
           "min_prefill_moekit_vs_fastest_hf": min(s["prefill_moekit_vs_fastest_hf"] for s in summaries),
           "loadavg_1m": round(os.getloadavg()[0], 2), "seconds": round(time.perf_counter() - t0, 1)})

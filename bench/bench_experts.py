@@ -40,6 +40,8 @@ class Shape:
 
 
 FULL_SHAPES = [Shape("mixtral-like", 512, 1024, 8, 2), Shape("olmoe-like", 512, 256, 64, 8)]
+# OLMoE-1B-7B's published expert shape, cut to 32 experts (bench_decode.py's 3.7B checkpoint): for --shape olmoe-1b-7b
+PUBLISHED_SHAPES = {"olmoe-1b-7b": Shape("olmoe-1b-7b", 2048, 1024, 32, 8), "olmoe-1b-7b-64": Shape("olmoe-1b-7b-64", 2048, 1024, 64, 8)}
 QUICK_SHAPES = [Shape("mixtral-like", 64, 128, 8, 2), Shape("olmoe-like", 64, 32, 64, 8)]
 FULL_TOKENS = [1, 16, 512, 4096]
 QUICK_TOKENS = [1, 16, 128]
@@ -64,6 +66,23 @@ def make_experts(shape: Shape, dtype: torch.dtype) -> torch.nn.Module:
     return experts.to(dtype)
 
 
+def forced(path: str) -> Callable:
+    """moekit's experts forward with its grouped-matmul path forced (``--paths``: what ``auto`` chooses among)."""
+
+    def run(module: torch.nn.Module, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        before = moekit.nn.get_backend()
+        moekit.nn.set_backend(path)
+        try:
+            return moekit_experts_forward(module, x, ids, weights)
+        finally:
+            moekit.nn.set_backend(before)
+
+    return run
+
+
+PATHS: tuple[str, ...] = ()  # set by --paths
+
+
 def implementations(experts: torch.nn.Module, tokens: int) -> dict[str, Callable]:
     """name → f(module, x, ids, weights); transformers' eager is the undecorated forward."""
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
@@ -73,6 +92,7 @@ def implementations(experts: torch.nn.Module, tokens: int) -> dict[str, Callable
         "grouped_mm": ALL_EXPERTS_FUNCTIONS["grouped_mm"],
         "moekit": moekit_experts_forward,
     }
+    impls |= {f"moekit-{p}": forced(p) for p in PATHS}
     if tokens <= 16:  # batched_mm gathers a weight copy per (token, k): hopeless beyond decode sizes
         impls["batched_mm"] = ALL_EXPERTS_FUNCTIONS["batched_mm"]
     return impls
@@ -171,7 +191,7 @@ def bench_case(
     for name, t in times.items():
         emit(base | {"impl": "dense-equivalent" if name == "dense" else name, "ms": round(t * 1e3, 3)})
 
-    hf = {n: t for n, t in times.items() if n not in ("moekit", "dense")}
+    hf = {n: t for n, t in times.items() if n != "dense" and not n.startswith("moekit")}
     fastest = min(hf, key=hf.get)
     summary = base | {
         "kind": "summary",
@@ -180,6 +200,9 @@ def bench_case(
         "speedup_vs_eager": round(times["eager"] / times["moekit"], 3),
         "dense_efficiency": round(times["dense"] / times["moekit"], 3),
     }
+    if PATHS:
+        paths = {n: t for n, t in times.items() if n.startswith("moekit-")}
+        summary["fastest_moekit_path"] = min(paths, key=paths.get).removeprefix("moekit-")
     emit(summary)
     return summary
 
@@ -201,7 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", default=None, help="comma-separated token counts, run in this order")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]; kernels are synchronised per call")
+    parser.add_argument("--shape", default=None, choices=sorted(PUBLISHED_SHAPES), help="one published shape only")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated dtypes")
+    parser.add_argument("--modes", default="fwd,fwd+bwd", help="comma-separated: fwd, fwd+bwd")
+    parser.add_argument("--paths", default="", help="also time moekit with these paths forced (padded,grouped_mm,loop)")
     args = parser.parse_args(argv)
+    global PATHS
+    PATHS = tuple(p for p in args.paths.split(",") if p)
     global DEVICE
     DEVICE = torch.device(args.device)
     if DEVICE.type == "cuda" and not torch.cuda.is_available():
@@ -210,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes, token_counts = (QUICK_SHAPES, QUICK_TOKENS) if args.quick else (FULL_SHAPES, FULL_TOKENS)
+    if args.shape:
+        shapes = [PUBLISHED_SHAPES[args.shape]]
 
     def emit(record: dict) -> None:
         print(json.dumps(record), flush=True)
@@ -234,8 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         token_counts = [int(t) for t in args.tokens.split(",")]
     for tokens in token_counts:  # T outermost, in the given order: a partial run still covers whole T rows
         for shape in shapes:
-            for dtype in (torch.float32, torch.bfloat16):
-                for mode in ("fwd", "fwd+bwd"):
+            for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
+                for mode in args.modes.split(","):
                     summaries.append(bench_case(shape, tokens, dtype, mode, emit))
     big = [s for s in summaries if s["T"] >= 512]
     bf16_512 = [s for s in summaries if s["T"] == 512 and s["dtype"] == "bfloat16"]

@@ -242,6 +242,22 @@ def test_auto_path_choice_on_cpu() -> None:
     assert _choose_path("loop", torch.randn(128, H), w1, w2, expert_counts(small, E), 128, False) == "loop"
 
 
+def test_auto_path_skips_padding_for_large_experts() -> None:
+    """At OLMoE-1B-7B's expert size (H·I = 2048·1024 > PADDED_MAX_EXPERT_WEIGHTS) per-expert GEMMs beat the padded
+    bmm at every prefill size (docs/nn.md): auto never pads there, and pads the same groups of a smaller expert."""
+    from moekit.nn.dispatch import PADDED_MAX_EXPERT_WEIGHTS, _choose_path
+
+    E = 8
+    ids = torch.arange(128) % E  # 16 rows per expert, no padding needed
+    for hidden, inter, padded in ((2048, 1024, False), (1024, 512, True)):
+        assert (hidden * inter > PADDED_MAX_EXPERT_WEIGHTS) != padded
+        w1 = torch.empty(E, 2 * inter, hidden, dtype=torch.bfloat16).transpose(1, 2)  # [E, H, 2I] views, as dispatch
+        w2 = torch.empty(E, hidden, inter, dtype=torch.bfloat16).transpose(1, 2)
+        x = torch.empty(128, hidden, dtype=torch.bfloat16)
+        got = _choose_path("auto", x, w1, w2, expert_counts(ids, E), 128, False)
+        assert (got == "padded") == padded, (hidden, inter, got)
+
+
 def test_padded_backward_writes_weight_gradients_in_parameter_layout() -> None:
     g = torch.Generator().manual_seed(6)
     T, H, Inter, E, k = 32, 16, 8, 4, 2

@@ -22,6 +22,7 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from moekit.nn import cpu_kernels
 from moekit.registry import Registry
 
 Backend = Literal["auto", "grouped_mm", "loop", "padded", "gemv"]
@@ -256,8 +257,13 @@ def _expert_gemv(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, out_in: bo
     weights' storage (no gather, no sort): the decode kernel. Slots with ids outside [0, E) are zero.
 
     ``x`` is ``[T, in]`` (shared by the k slots of a token) or ``[T, k, in]``; the result is ``[T, k, out]``.
-    With nn.Linear's layout each product reads contiguous rows (torch's fastest CPU GEMV).
+    With nn.Linear's layout on CPU all products run as one call of moekit's compiled kernel (``cpu_kernels``: rows
+    split across threads); otherwise one ``torch.mv`` per slot, each reading contiguous rows where it can.
     """
+    if out_in:
+        fast = cpu_kernels.expert_gemv(x, w, ids)
+        if fast is not None:
+            return fast
     num_experts = w.shape[0]
     out = x.new_empty(*ids.shape, w.shape[1] if out_in else w.shape[2])
     per_slot = x.dim() == 3
@@ -309,6 +315,10 @@ PADDED_MAX_WASTE = 3.0
 PADDED_MIN_USED = 0.75
 PADDED_MAX_ROWS_INFERENCE = 256
 PADDED_MAX_ROWS_TRAINING = 32
+# ... and only for small experts: from about a million weights per matrix (H·I; OLMoE-1B-7B's 2048×1024) one GEMM
+# per expert (grouped_mm, or the loop) runs each expert's rows fast enough that padding only costs (measured in
+# docs/nn.md, "Prefill at OLMoE's published shape": bench_experts.py --shape olmoe-1b-7b --paths ...).
+PADDED_MAX_EXPERT_WEIGHTS = 2**20
 
 
 def _use_gemv(backend: Backend, w1: torch.Tensor, num_tokens: int, needs_grad: bool) -> bool:
@@ -351,6 +361,7 @@ def _choose_path(
         and w1.device.type == "cpu"
         and x.dtype == w1.dtype
         and num_slots >= PADDED_MIN_USED * num_experts
+        and w1.shape[1] * w1.shape[2] <= 2 * PADDED_MAX_EXPERT_WEIGHTS  # w1 is [E, H, 2I]
     ):
         per_expert = counts.tolist()  # on CPU, reading counts is not a device sync
         used = sum(c > 0 for c in per_expert)
@@ -562,6 +573,9 @@ def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offsets: torch.Tens
 @torch.library.custom_op("moekit::int8_expert_gemv", mutates_args=())
 def _int8_expert_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """The int8 decode kernel: ``moekit::expert_gemv`` with int8 experts (``x [T, in]`` or ``[T, k, in]``)."""
+    fast = cpu_kernels.expert_gemv(x, q, ids, scale)
+    if fast is not None:
+        return fast
     num_experts = q.shape[0]
     out = x.new_empty(*ids.shape, q.shape[1])
     per_slot = x.dim() == 3

@@ -1,0 +1,153 @@
+"""moekit's compiled CPU decode kernel (moekit.nn.cpu_kernels): builds here, equals an fp64 reference within one
+rounding of the output dtype, is independent of the thread count, and switches off cleanly."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from moekit.nn import cpu_kernels
+from moekit.nn.dispatch import expert_forward, quantize_rows_int8
+
+HAS_COMPILER = any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+pytestmark = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the kernel falls back to torch's ops")
+
+E, ROWS, COLS, T, K = 5, 13, 37, 2, 3  # 13 rows: a tail block of 1 after three blocks of 4
+
+
+def _ulp(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps
+
+
+def _reference(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """fp64 ``x @ w[e].T`` per slot (× row scale), zero for ids outside [0, E)."""
+    out = torch.zeros(*ids.shape, w.shape[1], dtype=torch.float64)
+    for t in range(ids.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            if 0 <= e < w.shape[0]:
+                xv = x[t, j] if x.dim() == 3 else x[t]
+                out[t, j] = w[e].double() @ xv.double()
+                if scale is not None:
+                    out[t, j] *= scale[e].double()
+    return out
+
+
+def _inputs(dtype: torch.dtype, per_slot: bool):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(E, ROWS, COLS, generator=g).to(dtype)
+    x = torch.randn(T, K, COLS, generator=g) if per_slot else torch.randn(T, COLS, generator=g)
+    ids = torch.tensor([[4, E, 0], [-1, 2, 2]])  # a "no expert" sentinel, a negative id, a repeated expert
+    return x.to(dtype), w, ids
+
+
+def test_kernel_builds_in_its_cache(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("MOEKIT_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_kernels, "_state", {})  # a fresh process's view: nothing loaded yet
+    assert cpu_kernels.available()
+    assert len(list(tmp_path.glob("moekit_gemv_*.so"))) == 1
+    assert not list(tmp_path.glob("tmp*"))  # the build folder is gone
+
+
+@pytest.mark.parametrize("per_slot", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gemv_equals_fp64_reference(dtype: torch.dtype, per_slot: bool) -> None:
+    """fp32 accumulation, one rounding to the output dtype: within one ulp of the fp64 result (fp32: 1e-5)."""
+    x, w, ids = _inputs(dtype, per_slot)
+    got = cpu_kernels.expert_gemv(x, w, ids)
+    assert got is not None and got.dtype == dtype and got.shape == (T, K, ROWS)
+    ref = _reference(x, w, ids)
+    assert torch.all(got[0, 1] == 0) and torch.all(got[1, 0] == 0)  # sentinel slots are exactly zero
+    tol = 1e-5 if dtype == torch.float32 else _ulp(dtype)
+    err = (got.double() - ref).abs()
+    assert torch.all(err <= tol * ref.abs() + 1e-6), float(err.max())
+    assert torch.equal(got[1, 1], got[1, 2]) == (not per_slot)  # same expert, same input ⇒ same row
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int8_gemv_equals_fp64_reference(dtype: torch.dtype) -> None:
+    x, w, ids = _inputs(torch.float32, per_slot=False)
+    q, s = quantize_rows_int8(w.to(dtype))
+    got = cpu_kernels.expert_gemv(x.to(dtype), q, ids, s)
+    assert got is not None and got.dtype == dtype
+    ref = _reference(x.to(dtype), q, ids, s)
+    tol = 1e-5 if dtype == torch.float32 else _ulp(dtype)
+    assert torch.all((got.double() - ref).abs() <= tol * ref.abs() + 1e-6)
+
+
+def test_result_does_not_depend_on_threads() -> None:
+    """Every output row is summed by one thread in one order: bit-identical at 1 and 2 threads."""
+    x, w, ids = _inputs(torch.bfloat16, per_slot=True)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_kernels.expert_gemv(x, w, ids)
+        torch.set_num_threads(2)
+        two = cpu_kernels.expert_gemv(x, w, ids)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+def test_unsupported_layouts_fall_back() -> None:
+    """Rows that are not contiguous (a transposed bank), mixed dtypes or int8 without scales: None (torch's ops)."""
+    x, w, ids = _inputs(torch.float32, per_slot=False)
+    wt = w.transpose(1, 2).contiguous().transpose(1, 2)  # same values, column-major rows
+    assert cpu_kernels.expert_gemv(x, wt, ids) is None
+    assert cpu_kernels.expert_gemv(x.bfloat16(), w, ids) is None
+    assert cpu_kernels.expert_gemv(x, w.to(torch.int8), ids) is None
+
+
+def test_switched_off_decode_equals_kernel_decode(monkeypatch) -> None:
+    """MOEKIT_CPU_KERNELS=0: the decode step runs torch.mv per slot and gives the kernel's result (fp32, 1e-5)."""
+    g = torch.Generator().manual_seed(3)
+    H, inter = 64, 48
+    x = torch.randn(1, H, generator=g)
+    w1, w2 = torch.randn(6, 2 * inter, H, generator=g), torch.randn(6, H, inter, generator=g)
+    ids, weights = torch.tensor([[1, 5, 6]]), torch.rand(1, 3, generator=g)
+    with torch.no_grad():
+        fast = expert_forward(x, ids, weights, w1, w2)
+        monkeypatch.setenv("MOEKIT_CPU_KERNELS", "0")
+        monkeypatch.setattr(cpu_kernels, "_state", {})
+        assert not cpu_kernels.available() and cpu_kernels.expert_gemv(x, w1, ids) is None
+        slow = expert_forward(x, ids, weights, w1, w2)
+    torch.testing.assert_close(fast, slow, atol=1e-5 * float(slow.abs().max()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_half_precision_weight_converts_exactly(dtype: torch.dtype) -> None:
+    """All 65536 bit patterns as weights against a one-hot input: each output is that weight (NaN stays NaN,
+    infinities and subnormals exact), through the vector loop (16 columns) of 4-row blocks."""
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    w = torch.zeros(1, bits.numel(), 16, dtype=dtype)
+    w[0, :, 0] = bits.view(dtype)
+    x = torch.zeros(1, 16, dtype=dtype)
+    x[0, 0] = 1.0
+    got = cpu_kernels.expert_gemv(x, w, torch.zeros(1, 1, dtype=torch.long))
+    assert got is not None
+    torch.testing.assert_close(got[0, 0], w[0, :, 0], rtol=0, atol=0, equal_nan=True)
+
+
+def test_use_for_linears_decode_step() -> None:
+    """use_for_linears: a one-token step's logits match F.linear's within bf16 rounding, prefill is bit-identical
+    (it keeps F.linear), and enable=False restores every module."""
+    from moekit.testing import tiny_model
+
+    model = tiny_model("olmoe", hidden_size=256, intermediate_size=128).to(torch.bfloat16).eval()
+    lm_head = torch.nn.Linear(256, 1000, bias=True, dtype=torch.bfloat16)  # a bias, and rows not a multiple of 4
+    x = torch.randn(1, 1, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    ids = torch.randint(3, 100, (1, 6), generator=torch.Generator().manual_seed(1))
+    linears = sum(type(m) is torch.nn.Linear for m in model.modules())
+    with torch.no_grad():
+        ref_prefill, ref_step, ref_lin = model(ids).logits, model(ids[:, :1]).logits, lm_head(x)
+        assert cpu_kernels.use_for_linears(model) == linears > 0 and cpu_kernels.use_for_linears(lm_head) == 1
+        prefill, step, lin = model(ids).logits, model(ids[:, :1]).logits, lm_head(x)
+        assert cpu_kernels.use_for_linears(model, enable=False) == linears
+        assert all("forward" not in m.__dict__ for m in model.modules())
+    assert torch.equal(prefill, ref_prefill)
+    exact = x.double() @ lm_head.weight.double().T + lm_head.bias.double()
+    assert (lin.double() - exact).abs().max() <= 2 * (ref_lin.double() - exact).abs().max()
+    assert not torch.equal(lin, ref_lin)  # the kernel ran (its rounding differs from oneDNN's somewhere)
+    torch.testing.assert_close(step.float(), ref_step.float(), atol=0.02 * float(ref_step.abs().max()), rtol=0)
