@@ -61,6 +61,8 @@ def serve_command(
     if not is_loopback(host):
         console_err.print(f"warning: listening on {host}: the model is reachable from other machines, "
                           "without authentication", highlight=False, soft_wrap=True)
+    from moekit.nn.dispatch import use_moekit_experts
+
     with contextlib.closing(sock):
         if offload:
             from moekit.models import DEFAULT_MODEL
@@ -74,6 +76,8 @@ def serve_command(
             lm = load_model(model, dtype, max_memory)
             if device and lm.engine is None:
                 lm.model.to(device)
+            if lm.engine is None:
+                use_moekit_experts(lm.model)  # moekit's dispatch and CPU decode kernel (docs/nn.md)
             ctx = contextlib.nullcontext(lm.engine)
         with ctx as engine:
             url = f"http://{f'[{host}]' if ':' in host else host}:{port}"

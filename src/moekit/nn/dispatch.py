@@ -727,6 +727,21 @@ def moekit_experts_forward(
     )
 
 
+def use_moekit_experts(model: torch.nn.Module) -> bool:
+    """Run ``model``'s experts with moekit's dispatch (on CPU, the decode kernel of ``nn.cpu_kernels``) when they
+    use transformers' experts interface; returns False, leaving the model as it is, when they do not."""
+    config = getattr(model, "config", None)
+    if not hasattr(model, "set_experts_implementation") or not hasattr(config, "_experts_implementation"):
+        return False
+    if not register_with_transformers():
+        return False
+    try:
+        model.set_experts_implementation("moekit")
+    except (ValueError, RuntimeError, AttributeError, KeyError):  # experts outside the interface, or load-locked
+        return False
+    return config._experts_implementation == "moekit"
+
+
 def register_with_transformers() -> bool:
     """Register ``"moekit"`` in transformers' experts registry (idempotent); False if transformers lacks it."""
     try:
