@@ -229,6 +229,10 @@ def run_model(key: str, models_dir: Path, alternatives: bool, only: set[str] | N
             "prune": mk + ["prune", str(path), "--method", "frequency", "--ratio", "0.5", "--calib", str(data),
                            "--max-tokens", str(CALIB_TOKENS), "--seq-len", "128", "--out", str(work / "pruned"),
                            "--json", "--max-memory", budget],
+            "merge": mk + ["merge", str(path), "--ratio", "0.5", "--calib", str(data), "--max-tokens", str(CALIB_TOKENS),
+                           "--seq-len", "128", "--out", str(work / "merged"), "--json", "--max-memory", budget],
+            "quantize": mk + ["quantize", str(path), "--bits", "4", "--group-size", "128", "--out",
+                              str(work / "quantized"), "--json", "--max-memory", budget],
         }
         for cmd, argv in cmds.items():
             if only and cmd not in only:
@@ -243,8 +247,8 @@ def run_model(key: str, models_dir: Path, alternatives: bool, only: set[str] | N
             if cmd in ("trace", "eval") and r["rc"] == 0:
                 rec["tokens_s"] = round(CALIB_TOKENS / r["wall_s"], 2)
             recs.append(emit(rec))
-            if cmd == "prune":
-                shutil.rmtree(work / "pruned", ignore_errors=True)
+            for written in ("pruned", "merged", "quantized"):  # outputs of several GB: gone before the next command
+                shutil.rmtree(work / written, ignore_errors=True)
         if alternatives:
             size = base["bytes_on_disk"]
             if psutil.virtual_memory().available > size * 1.35 + 2e9:

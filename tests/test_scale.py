@@ -5,7 +5,9 @@ placement giving the in-memory model's traces and logits."""
 from __future__ import annotations
 
 import json
+import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -201,9 +203,50 @@ def test_cli_commands_under_max_memory(tmp_path, capsys):
     m1, m2 = (json.loads((tmp_path / p / "moekit_compression.json").read_text()) for p in ("p1", "p2"))
     assert m1["kept_experts"] == m2["kept_experts"] and m2["low_memory"] is True
     assert _config_dtype(tmp_path / "p2") == "bfloat16"
-    rc, _, err = _cli(capsys, "merge", src, "--ratio", "0.5", "--calib", data, "--out", tmp_path / "m",
-                      "--max-memory", budget)
-    assert rc == 2 and "needs every expert in memory" in err
+    for cmd, extra in (("merge", ("--ratio", "0.5", "--calib", data, "--max-tokens", "256")),
+                       ("quantize", ("--avg-bits", "6", "--group-size", "32", "--calib", data, "--max-tokens", "256"))):
+        s1 = json.loads(run(cmd, str(src), *extra, "--out", str(tmp_path / f"{cmd}1"), "--json"))
+        s2 = json.loads(run(cmd, str(src), *extra, "--out", str(tmp_path / f"{cmd}2"), "--json", "--max-memory", budget))
+        assert {k: v for k, v in s1.items() if k != "out"} == {k: v for k, v in s2.items() if k != "out"}, cmd
+        assert _tensors(tmp_path / f"{cmd}1") == _tensors(tmp_path / f"{cmd}2"), cmd
+
+
+def _tensors(path) -> dict[str, bytes]:
+    """Every tensor of a checkpoint directory's safetensors files, as (dtype, shape, bytes) by name."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update({k: (str(t.dtype), tuple(t.shape), t.contiguous().view(torch.uint8).numpy().tobytes())
+                    for k, t in load_file(f).items()})
+    return out
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "mixtral", "gpt_oss", "deepseek_v2"])
+def test_streamed_merge_and_quantize_equal_in_memory(arch, tmp_path):
+    """merge and quantize one decoder layer at a time from the files write exactly what the in-memory
+    path writes: same tensors (names, dtypes, bytes), same config, same records (but ``low_memory``)."""
+    from moekit.compress.lowmem import merge_lowmem, quantize_lowmem
+    from moekit.compress.merge import merge
+    from moekit.compress.quantize import quantize
+    from moekit.data import Document
+
+    src = _save(arch, tmp_path / "src", torch.bfloat16, **({"tie_word_embeddings": True} if arch == "olmoe" else {}))
+    docs = [Document("The cat sat on the mat. The dog ran off to the river. " * 30, "prose", "a", "x")]
+    lm = moekit.load(src)
+    r1, _ = merge(lm, 0.5, docs, out=tmp_path / "m1", seq_len=32)
+    r2 = merge_lowmem(src, 0.5, docs, tmp_path / "m2", seq_len=32)
+    assert r1.groups == r2.groups and any(len(g) > 1 for gs in r1.groups.values() for g in gs)
+    q1 = quantize(lm, avg_bits=6, group_size=32, calib=docs, out=tmp_path / "q1", seq_len=32)
+    q2 = quantize_lowmem(src, avg_bits=6, group_size=32, docs=docs, out=tmp_path / "q2", seq_len=32)
+    assert q1.bits == q2.bits and {4, 8} == set(q1.bits.values())
+    for a, b, record in (("m1", "m2", "moekit_compression.json"), ("q1", "q2", "moekit_quantization.json")):
+        assert _tensors(tmp_path / a) == _tensors(tmp_path / b), a
+        ra, rb = (json.loads((tmp_path / d / record).read_text()) for d in (a, b))
+        rb.pop("low_memory", None)
+        assert ra == rb
+        ca, cb = (json.loads((tmp_path / d / "config.json").read_text()) for d in (a, b))
+        assert ca == cb and ca["dtype"] == "bfloat16"
 
 
 _CHILD = r"""
@@ -268,3 +311,98 @@ def test_few_hundred_mb_model_under_a_smaller_budget(tmp_path):
     assert torch.equal(got["ids"], torch.as_tensor(rec.trace.ids[:]))
     assert torch.equal(got["weights"], torch.as_tensor(rec.trace.weights[:]))
     assert got["tokens"] == tokens
+
+
+_CLI_CHILD = r"""
+import json, sys
+from moekit.cli import main
+rc = main(sys.argv[1:])
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"vm_hwm_kb": hwm}), file=sys.stderr)
+sys.exit(rc)
+"""
+
+
+def _sampled(argv: list[str]) -> tuple[str, int]:
+    """Run ``moekit argv`` in a fresh process: (stdout, peak RSS in bytes: the kernel's high-water mark, checked
+    against psutil sampling every 10 ms)."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-c", _CLI_CHILD, *map(str, argv)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    ps, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, ps.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.01)
+    stdout, stderr = proc.communicate()
+    assert proc.returncode == 0, stderr[-2000:]
+    hw = json.loads(stderr.strip().splitlines()[-1])["vm_hwm_kb"] * 1024
+    assert peak <= hw + (8 << 20)
+    return stdout, hw
+
+
+@pytest.mark.slow
+def test_streamed_merge_and_quantize_stay_under_a_budget_smaller_than_the_model(tmp_path):
+    """merge and quantize of a 1.2 GB checkpoint under --max-memory 1GB (less than the model itself) stay
+    under the budget + 10% and write the same checkpoint as the in-memory commands."""
+    src = save_tiny_checkpoint("olmoe", tmp_path / "src", dtype=torch.bfloat16, hidden_size=512, intermediate_size=512,
+                               num_hidden_layers=24, num_experts=32, num_experts_per_tok=4, num_attention_heads=8,
+                               num_key_value_heads=8)
+    size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    budget = 1_000_000_000
+    assert size > 1.2 * budget
+    data = "moekit:corpus:validation"
+    for cmd, extra in (("merge", ("--ratio", "0.5", "--calib", data, "--max-tokens", "512")),
+                       ("quantize", ("--bits", "4", "--group-size", "64"))):
+        out, peak = _sampled([cmd, src, *extra, "--out", tmp_path / f"{cmd}-low", "--json", "--max-memory", budget])
+        assert peak <= budget * 1.10, (cmd, peak / 1e6)
+        ref = json.loads(_sampled([cmd, src, *extra, "--out", tmp_path / f"{cmd}-mem", "--json"])[0])
+        same = {k: v for k, v in json.loads(out).items() if k not in ("out", "bytes_on_disk")}  # headers differ in layout
+        assert same == {k: v for k, v in ref.items() if k not in ("out", "bytes_on_disk")}
+        assert _tensors(tmp_path / f"{cmd}-low") == _tensors(tmp_path / f"{cmd}-mem"), cmd
+        shutil.rmtree(tmp_path / f"{cmd}-mem")
+        shutil.rmtree(tmp_path / f"{cmd}-low")
+
+
+def test_budget_sizes_profiling_and_perplexity_batches(tmp_path):
+    """Under max_memory, report's profiling and perplexity run as many windows per forward as the activation
+    share holds by the per-token estimate (fewer than the default 8), with the same results."""
+    from moekit.data import Document
+    from moekit.eval import perplexity
+    from moekit.models.loading import activation_bytes_per_token, windows_per_forward
+    from moekit.report.profiling import profile_expert_max
+
+    src = _save("olmoe", tmp_path / "src", torch.bfloat16)
+    lm = moekit.load(src, max_memory="100GB")
+    assert lm.engine is None and lm.activation_bytes == int(ACTIVATION_SHARE * 100e9)
+    assert windows_per_forward(lm, 64, 8) == 8 and moekit.load(src).activation_bytes is None
+    docs = [Document("The cat sat on the mat and the dog ran to the river bank. " * 40, "prose", "a", "x")]
+    forwards: list[int] = []
+    lm.model.register_forward_pre_hook(lambda m, a, k: forwards.append(k["input_ids"].shape[0]), with_kwargs=True)
+    ref_max = profile_expert_max(lm, docs, max_tokens=64 * 5, seq_len=64)
+    ref_ppl = perplexity(lm, docs, max_tokens=64 * 5, seq_len=64, progress=False)
+    (n_prof, n_ppl) = forwards  # one forward each: every window fits the default batch of 8
+    assert n_prof == 5 and 5 <= n_ppl <= 8
+    per = activation_bytes_per_token(lm, 64)
+    vocab = lm.config.vocab_size * 2
+    lm.activation_bytes = 2 * 64 * (per + vocab)  # two windows with logits, more without
+    assert windows_per_forward(lm, 64, 8, with_logits=True) == 2 and windows_per_forward(lm, 64, 8) > 2
+    forwards.clear()
+    got_max = profile_expert_max(lm, docs, max_tokens=64 * 5, seq_len=64)
+    got_ppl = perplexity(lm, docs, max_tokens=64 * 5, seq_len=64, progress=False)
+    n = windows_per_forward(lm, 64, 8)
+
+    def chunks(total: int, size: int) -> list[int]:
+        return [min(size, total - i) for i in range(0, total, size)]
+
+    assert forwards == chunks(n_prof, n) + chunks(n_ppl, 2)
+    assert np.array_equal(np.isnan(got_max), np.isnan(ref_max))
+    np.testing.assert_allclose(got_max, ref_max, rtol=2e-2, equal_nan=True)  # bf16 rows in other batches
+    assert got_ppl["tokens"] == ref_ppl["tokens"] and got_ppl["perplexity"] == pytest.approx(ref_ppl["perplexity"], rel=1e-2)

@@ -53,12 +53,15 @@ def _fits(model: str | None, dtype: str | None, max_memory: str | None) -> bool:
     return bool(plan_budget(load_structure(model or "moekit:tiny", dtype), parse_size(max_memory))["resident_all"])
 
 
-def _whole_model(model: str | None, dtype: str | None, max_memory: str | None, what: str):
-    """Load ``model`` for a command that needs every expert in memory, or say clearly that the budget is too small."""
-    if not _fits(model, dtype, max_memory):
-        raise MoekitError(f"{what} needs every expert in memory and {model} does not fit --max-memory {max_memory}; "
-                          "give a larger budget, or prune with --max-memory (it calibrates one layer at a time)")
-    return load_model(model, dtype, max_memory)
+def _local_path(model: str | None):
+    """The local directory of ``model`` (the streaming, layer-by-layer paths read its safetensors files)."""
+    from moekit.models.loading import resolve
+
+    path, _ = resolve(model or "moekit:tiny")
+    if path is None:
+        raise MoekitError("a model larger than --max-memory must be a local checkpoint directory "
+                          "(download the hub model first)")
+    return path
 
 
 def _read_calib(calib: list[str] | None):
@@ -119,12 +122,8 @@ def prune_command(
     world = None
     if low_memory or not _fits(model, dtype, max_memory):
         from moekit.compress.lowmem import prune_lowmem
-        from moekit.models.loading import resolve
 
-        path, _ = resolve(model or "moekit:tiny")
-        if path is None:
-            raise MoekitError("--low-memory needs a local checkpoint directory (download the hub model first)")
-        res = prune_lowmem(path, method, ratio, docs, out, force=force, global_budget=global_budget,
+        res = prune_lowmem(_local_path(model), method, ratio, docs, out, force=force, global_budget=global_budget,
                            protect_super=protect_super, seed=seed, seq_len=seq_len, max_tokens=max_tokens,
                            progress=not json_out, dtype=dtype, protect=protected)
     else:
@@ -178,13 +177,23 @@ def merge_command(
     protected = parse_experts(protect, "--protect expert")
     check_output(out, force, "dir")
     docs = _read_calib(calib)
-    world = join_ranks()
-    lm = _whole_model(model, dtype, max_memory, "merge")
-    _check_supported(lm)
-    if world is not None:
-        docs = _observe_dp(lm, docs, world, seq_len, max_tokens)
-    res, _ = merge(lm, ratio, docs, out=out if world is None or world.is_main else None, force=force, protect_super=protect_super, seq_len=seq_len,
-                   max_tokens=max_tokens, progress=not json_out, method=method, protect=protected)
+    world = None
+    if not _fits(model, dtype, max_memory):
+        from moekit.compress.lowmem import merge_lowmem, meta_model
+
+        _check_supported(meta_model(_local_path(model), dtype))
+        res = merge_lowmem(_local_path(model), ratio, docs, out, force=force, protect_super=protect_super,
+                           seq_len=seq_len, max_tokens=max_tokens, progress=not json_out, dtype=dtype,
+                           method=method, protect=protected)
+    else:
+        world = join_ranks()
+        lm = load_model(model, dtype, max_memory)
+        _check_supported(lm)
+        if world is not None:
+            docs = _observe_dp(lm, docs, world, seq_len, max_tokens)
+        res, _ = merge(lm, ratio, docs, out=out if world is None or world.is_main else None, force=force,
+                       protect_super=protect_super, seq_len=seq_len, max_tokens=max_tokens, progress=not json_out,
+                       method=method, protect=protected)
     if world is not None and not world.is_main:
         return
     summary = res.summary()
@@ -216,7 +225,7 @@ def quantize_command(
       moekit quantize moekit:tiny --bits 4 --group-size 64 --out tiny-int4\n
       moekit quantize moekit:tiny --avg-bits 5 --calib moekit:corpus:validation --out tiny-mixed
     """
-    from moekit.compress.quantize import effective_bits, expert_params, quantize, size_on_disk
+    from moekit.compress.quantize import effective_bits_on_disk, expert_params, quantize, size_on_disk
 
     if bits not in (4, 8):
         raise MoekitError(f"--bits must be 8 or 4, got {bits}")
@@ -224,13 +233,21 @@ def quantize_command(
     docs = _read_calib(calib) if (avg_bits is not None or calib) else None
     if avg_bits is not None and docs is None:
         raise MoekitError("mixed precision (--avg-bits) needs calibration data (--calib)")
-    lm = _whole_model(model, dtype, max_memory, "quantize")
-    _check_supported(lm)
-    res = quantize(lm, bits=bits, group_size=group_size, avg_bits=avg_bits, calib=docs, out=out, force=force,
-                   max_tokens=max_tokens, progress=not json_out)
+    if not _fits(model, dtype, max_memory):
+        from moekit.compress.lowmem import meta_model, quantize_lowmem
+
+        lm = meta_model(_local_path(model), dtype)
+        _check_supported(lm)
+        res = quantize_lowmem(lm.path, bits=bits, group_size=group_size, avg_bits=avg_bits, docs=docs, out=out,
+                              force=force, max_tokens=max_tokens, progress=not json_out, dtype=dtype)
+    else:
+        lm = load_model(model, dtype, max_memory)
+        _check_supported(lm)
+        res = quantize(lm, bits=bits, group_size=group_size, avg_bits=avg_bits, calib=docs, out=out, force=force,
+                       max_tokens=max_tokens, progress=not json_out)
     params = expert_params(lm)
     summary = {"out": str(out), "group_size": group_size, "average_bits": res.average_bits(params),
-               "effective_bits_with_scales": effective_bits(res.packed), "bytes_on_disk": size_on_disk(out),
+               "effective_bits_with_scales": effective_bits_on_disk(out), "bytes_on_disk": size_on_disk(out),
                "experts_8bit": sum(b == 8 for b in res.bits.values()),
                "experts_4bit": sum(b == 4 for b in res.bits.values())}
     if json_out:

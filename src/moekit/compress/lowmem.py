@@ -16,8 +16,10 @@ indexed on dim 0), and written in shards of at most ``shard_bytes``, in the dtyp
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+import shutil
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -43,6 +45,8 @@ from moekit.errors import MoekitError
 from moekit.experts import ExpertRef, ExpertSet
 from moekit.formats import Checkpoint, read_tensor
 from moekit.formats.writer import write_checkpoint
+from moekit.io import atomic_output_dir
+from moekit.malloc import return_freed_memory
 from moekit.models.loading import LoadedModel, load_structure
 
 _PER_EXPERT = re.compile(r"^(?P<block>.+)\.experts\.(?P<e>\d+)\.(?P<proj>[A-Za-z0-9_]+)\.weight$")
@@ -75,6 +79,7 @@ def observe_lowmem(path: str | Path, docs: Sequence | None = None, batches: Sequ
                    progress: bool = False, dtype: torch.dtype | str | None = "auto") -> tuple[CalibStats, LoadedModel]:
     """Calibration statistics computed layer by layer from the checkpoint at ``path`` (in ``dtype``, by
     default the checkpoint's); also returns the meta-device LoadedModel (structure only) used to select and write."""
+    return_freed_memory()
     lm = meta_model(path, dtype)
     dtype = next(lm.model.parameters()).dtype
     reader = Checkpoint(path)
@@ -138,6 +143,7 @@ def write_pruned_files(src: str | Path, lm: LoadedModel, kept: Mapping[int, Sequ
 
     ``lm`` is its (meta) LoadedModel, used for the structure. Same result as ``writer.write_pruned``.
     """
+    return_freed_memory()
     src = Path(src)
     kept = check_kept(lm, kept)
     config, notes = plan_config(lm, kept)
@@ -189,6 +195,253 @@ def write_pruned_files(src: str | Path, lm: LoadedModel, kept: Mapping[int, Sequ
     return write_checkpoint(out, force=force, tensors=pruned_tensors(), config=config, shard_bytes=shard_bytes,
                             generation_config=src / "generation_config.json", tokenizer=src,
                             record=(METADATA_FILE, meta))
+
+
+def _layer_of(key: str) -> int | None:
+    m = re.match(r"^model\.layers\.(\d+)\.", key)
+    return int(m[1]) if m else None
+
+
+@torch.no_grad()
+def write_layerwise(src: str | Path, lm: LoadedModel, out: str | Path, config, meta: Mapping,
+                    transform: Callable[[int, dict[str, torch.Tensor]], None], force: bool = False,
+                    shard_bytes: int = 2 << 30, progress: bool = False, what: str = "writing") -> Path:
+    """Write a checkpoint laid out like ``src`` (its key names, per-expert or fused expert tensors), one decoder
+    layer in memory at a time.
+
+    Each decoder layer ``i`` is read into ``lm``'s meta structure; ``transform(i, sd)`` rewrites its state dict
+    ``sd`` (model keys) in place, e.g. fewer experts; every on-disk tensor of ``src`` is then written from it
+    (an expert's per-expert tensors only for the experts that remain). Tensors outside the decoder layers are
+    copied; floating tensors are written in ``lm``'s dtype, which ``config`` records."""
+    return_freed_memory()
+    src = Path(src)
+    reader = Checkpoint(src)
+    plan = reader.plan(lm.model)
+    dtype = next(lm.model.parameters()).dtype
+    where = {p.info.key: (tgt, p) for tgt in plan.values() for p in tgt.pieces}
+    meta_dtypes = {k: t.dtype for k, t in lm.model.state_dict().items()}  # the load dtypes (fp32 routers kept)
+    by_layer: dict[int | None, list[str]] = {}
+    for key in reader.tensors:
+        tgt = where.get(key)
+        by_layer.setdefault(_layer_of(tgt[0].key if tgt else key), []).append(key)
+    layers = list(lm.model.model.layers)
+
+    def tensors():
+        for key in by_layer.get(None, []):
+            tgt, _ = where.get(key, (None, None))
+            if tgt is None:  # not part of the model (an old buffer): kept as stored
+                yield key, read_tensor(reader.handles, reader.tensors[key])
+                continue
+            buf = torch.empty(tgt.shape, dtype=meta_dtypes[tgt.key])
+            reader.read_target(tgt, buf)
+            yield key, buf
+        prog, task = progress_bar(progress, len(layers), what)
+        with prog:
+            for i, layer in enumerate(layers):
+                prefix = f"model.layers.{i}."
+                reader.materialize(layer, plan, prefix, dtype)
+                try:
+                    sd = {prefix + k: v for k, v in layer.state_dict().items()}
+                    transform(i, sd)
+                    for key in by_layer.get(i, []):
+                        tgt, piece = where.get(key, (None, None))
+                        if tgt is None:
+                            yield key, read_tensor(reader.handles, reader.tensors[key])
+                        elif piece.expert is None:
+                            yield key, sd[tgt.key].clone()
+                        elif piece.expert < sd[tgt.key].shape[0]:
+                            part = sd[tgt.key][piece.expert].reshape(piece.nparts, -1)[piece.part]
+                            yield key, part.reshape(piece.info.shape).clone()
+                finally:
+                    layer.to("meta")
+                prog.advance(task)
+
+    try:
+        return write_checkpoint(out, force=force, tensors=tensors(), config=config, dtype=dtype,
+                                shard_bytes=shard_bytes, generation_config=src / "generation_config.json",
+                                tokenizer=src, record=(METADATA_FILE, meta))
+    finally:
+        reader.close()
+
+
+def merge_lowmem(path: str | Path, ratio: float, docs: Sequence, out: str | Path, force: bool = False,
+                 protect_super: bool = False, seq_len: int = 256, max_tokens: int | None = None, batch_size: int = 8,
+                 progress: bool = False, dtype: torch.dtype | str | None = "auto", method: str = "m-smoe",
+                 protect: Iterable[ExpertRef] = ()):
+    """``merge`` for checkpoints larger than memory: layer-by-layer calibration, then one decoder layer at a time
+    merged and written (in ``dtype``, by default the checkpoint's). Same checkpoint as ``merge``."""
+    from moekit.compress.criteria import check_ratio
+    from moekit.compress.merge import MERGERS, MergeResult, check_groups, merge_metadata, merge_view_tensors
+    from moekit.compress.writer import module_names, plan_config, prune_view_tensors
+    from moekit.io import check_writable
+
+    planner = MERGERS.get(method)
+    check_writable(out, force)
+    if not docs:
+        raise MoekitError("merging needs calibration data")
+    structure = meta_model(path, dtype)
+    ExpertSet(protect).check(structure.moe)
+    check_ratio({v.index: (v.num_experts, v.top_k) for v in structure.moe}, ratio)
+    stats, lm = observe_lowmem(path, docs, seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size,
+                               progress=progress, dtype=dtype)
+    groups, protected = planner(lm, stats, ratio, protect_super, protect)
+    kept = check_groups(lm, groups)
+    config, notes = plan_config(lm, kept)
+    new_e = max(len(v) for v in kept.values())
+    views = {v.index: v for v in lm.moe}
+    names = module_names(lm.model)
+
+    def transform(i: int, sd: dict[str, torch.Tensor]) -> None:
+        if i in views:
+            prune_view_tensors(sd, views[i], names, kept[i], new_e)
+            merge_view_tensors(sd, views[i], names, groups[i], stats.layers[i].count)
+
+    res = MergeResult(ratio, groups, protected, calib_hash=stats.data_hash, method=MERGERS.canonical(method))
+    meta = merge_metadata(lm, res.method, ratio, groups, protected, stats, notes, low_memory=True)
+    res.out = write_layerwise(path, lm, out, config, meta, transform, force, progress=progress,
+                              what="merging (layer by layer)")
+    return res
+
+
+@torch.no_grad()
+def quantize_lowmem(path: str | Path, bits: int = 8, group_size: int = 128, avg_bits: float | None = None,
+                    docs: Sequence | None = None, out: str | Path | None = None, force: bool = False,
+                    seq_len: int = 256, max_tokens: int | None = None, batch_size: int = 8, progress: bool = False,
+                    dtype: torch.dtype | str | None = "auto"):
+    """``quantize`` for checkpoints larger than memory: one decoder layer in memory at a time (in ``dtype``, by
+    default the checkpoint's), its experts quantized and streamed into the quantized file. Mixed precision
+    (``avg_bits``) calibrates layer by layer and reads each layer's experts once more for the error term.
+    Same checkpoint as ``quantize``; the result's ``packed`` stays empty (nothing is kept in memory)."""
+    from moekit.compress.quantize import (
+        FORMAT,
+        QUANT_CONFIG,
+        QUANT_WEIGHTS,
+        QuantResult,
+        allocate_bits,
+        check_quant_args,
+        expert_matrices,
+        expert_params,
+        importance,
+        qtensor_specs,
+        quant_extra,
+        quant_record,
+        quantize_matrix,
+    )
+    from moekit.compress.writer import module_names
+    from moekit.formats import StreamWriter
+    from moekit.formats.writer import write_tokenizer
+    from moekit.io import check_writable
+
+    return_freed_memory()
+    check_quant_args(bits, group_size)
+    if out is None:
+        raise MoekitError("the low-memory quantizer writes a checkpoint: give out")
+    check_writable(out, force)
+    if avg_bits is not None:
+        if not docs:
+            raise MoekitError("mixed precision (--avg-bits) needs calibration data (--calib)")
+        stats, lm = observe_lowmem(path, docs, seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size,
+                                   progress=progress, dtype=dtype)
+    else:
+        lm = meta_model(path, dtype)
+    params = expert_params(lm)
+    dtype = next(lm.model.parameters()).dtype
+    reader = Checkpoint(path)
+    plan = reader.plan(lm.model)
+    names = module_names(lm.model)
+    layers = list(lm.model.model.layers)
+    try:
+        if avg_bits is not None:  # the 4-bit error term needs every expert's weights: one layer's bank at a time
+            imp = {}
+            prog, task = progress_bar(progress, len(lm.moe), "quantization error (layer by layer)")
+            with prog:
+                for v in lm.moe:
+                    reader.materialize(v.experts, plan, names[id(v.experts)] + ".", dtype)
+                    try:
+                        imp.update(importance(lm, stats, group_size, views=[v]))
+                    finally:
+                        v.experts.to("meta")
+                    prog.advance(task)
+            alloc = allocate_bits(imp, params, avg_bits)
+        else:
+            alloc = {k: bits for k in params}
+        packed_keys = {}  # expert parameter name → (view, name in expert_matrices)
+        for v in lm.moe:
+            for pname in expert_matrices(v):
+                packed_keys[f"{names[id(v.experts)]}.{pname}"] = (v, pname)
+        if getattr(lm.config, "tie_word_embeddings", False):
+            lm.model.tie_weights()  # the meta structure is built untied; the loaded model is tied
+        first: dict[int, str] = {}
+        tied: dict[str, str] = {}
+        specs, order = [], []
+        for k, t in lm.model.state_dict(keep_vars=True).items():
+            if k in packed_keys:
+                v, pname = packed_keys[k]
+                w = expert_matrices(v)[pname][0]
+                for e in range(v.num_experts):
+                    for field, (dt, shape) in qtensor_specs(w.shape[1], w.shape[2], alloc[(v.index, e)],
+                                                            group_size).items():
+                        specs.append((f"{k}.{e}.{field}", dt, shape))
+                order.append(k)
+                continue
+            if id(t) in first:  # tied weights (embeddings / lm_head) are stored once
+                tied[k] = first[id(t)]
+                continue
+            first[id(t)] = k
+            specs.append((k, t.dtype, tuple(t.shape)))  # the meta structure's: the load dtype, fp32 routers kept
+            order.append(k)
+        meta = quant_record(lm, {k: [alloc[(v.index, e)] for e in range(v.num_experts)]
+                                 for k, (v, _) in packed_keys.items()}, group_size, tied,
+                            quant_extra(lm, alloc, params, avg_bits))
+        with atomic_output_dir(out, force) as tmp:
+            writer = StreamWriter(tmp / QUANT_WEIGHTS, specs, {"format": FORMAT})
+            prog, task = progress_bar(progress, len(layers), "quantizing (layer by layer)")
+            spec_of = {n: (d, shape) for n, d, shape in specs}
+            current, lsd = None, {}
+            ok = False
+            try:
+                with prog:
+                    for k in order:
+                        li = _layer_of(k)
+                        if li != current:
+                            if current is not None:
+                                layers[current].to("meta")
+                                prog.advance(task)
+                            current, lsd = li, {}
+                            if li is not None:
+                                prefix = f"model.layers.{li}."
+                                reader.materialize(layers[li], plan, prefix, dtype)
+                                lsd = {prefix + n: t for n, t in layers[li].state_dict().items()}
+                        if k in packed_keys:
+                            v, pname = packed_keys[k]
+                            w = expert_matrices(v)[pname][0]
+                            for e in range(v.num_experts):
+                                qt = quantize_matrix(w[e], alloc[(v.index, e)], group_size)
+                                for field in ("qweight", "scales", "zeros"):
+                                    writer.write(f"{k}.{e}.{field}", getattr(qt, field))
+                        elif li is not None:
+                            writer.write(k, lsd[k])
+                        else:
+                            buf = torch.empty(spec_of[k][1], dtype=spec_of[k][0])
+                            reader.read_target(plan[k], buf)
+                            writer.write(k, buf)
+                    lsd = {}
+                    if current is not None:
+                        layers[current].to("meta")
+                        prog.advance(task)
+                ok = True
+            finally:
+                writer.close(check=ok)
+            lm.model.config.save_pretrained(tmp)
+            if (Path(path) / "generation_config.json").is_file():
+                shutil.copy2(Path(path) / "generation_config.json", tmp / "generation_config.json")
+            meta["tokenizer_copied"] = write_tokenizer(lm.tokenizer if lm.tokenizer is not None else path, tmp)
+            (tmp / QUANT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    finally:
+        reader.close()
+    res = QuantResult(alloc, group_size)
+    res.out = Path(out)
+    return res
 
 
 def prune_lowmem(path: str | Path, method: str, ratio: float, docs: Sequence | None, out: str | Path,

@@ -35,6 +35,7 @@ from moekit.compress.writer import (
     build_model,
     check_kept,
     metadata,
+    module_names,
     plan_config,
     pruned_state_dict,
     write_model_dir,
@@ -141,27 +142,50 @@ def _write_expert(view: MoELayerView, tensors: dict[str, torch.Tensor], e: int, 
     tensors["down_proj"][e] = w["down"]
 
 
-@torch.no_grad()
-def merged_model(lm: LoadedModel, groups: Mapping[int, Sequence[Sequence[int]]], counts: Mapping[int, np.ndarray]):
-    """(model, notes): a new HF model whose expert i of layer l merges ``groups[l][i]`` (centre first)."""
+def merge_view_tensors(sd: dict[str, torch.Tensor], view: MoELayerView, names: Mapping[int, str],
+                       groups: Sequence[Sequence[int]], counts: np.ndarray) -> None:
+    """Write, into ``sd`` (already pruned to the group centres), each group's merged expert in place of its centre.
+    ``names`` maps ``id(module)`` to its name in the model."""
+    prefix = names[id(view.experts)]
+    tensors = {p: sd[f"{prefix}.{p}"] for p, _ in view.experts.named_parameters()}
+    for i, g in enumerate(groups):
+        if len(g) == 1:
+            continue
+        merged = merge_group([view.expert_weights(e) for e in g], [float(counts[e]) for e in g])
+        _write_expert(view, tensors, i, merged)
+
+
+def check_groups(lm: LoadedModel, groups: Mapping[int, Sequence[Sequence[int]]]) -> dict[int, list[int]]:
+    """The kept centres of ``groups`` (validated; groups must be ordered by centre id)."""
     kept = check_kept(lm, {li: [g[0] for g in gs] for li, gs in groups.items()})
     for li, gs in groups.items():
         if [g[0] for g in gs] != kept[li]:
             raise MoekitError(f"layer {li}: groups must be ordered by centre id")
+    return kept
+
+
+@torch.no_grad()
+def merged_model(lm: LoadedModel, groups: Mapping[int, Sequence[Sequence[int]]], counts: Mapping[int, np.ndarray]):
+    """(model, notes): a new HF model whose expert i of layer l merges ``groups[l][i]`` (centre first)."""
+    kept = check_groups(lm, groups)
     config, notes = plan_config(lm, kept)
     new_e = max(len(v) for v in kept.values())
     sd = pruned_state_dict(lm, kept, new_e)
-    names = {id(m): n for n, m in lm.model.named_modules()}
+    names = module_names(lm.model)
     for view in lm.moe:
-        prefix = names[id(view.experts)]
-        tensors = {p: sd[f"{prefix}.{p}"] for p, _ in view.experts.named_parameters()}
-        for i, g in enumerate(groups[view.index]):
-            if len(g) == 1:
-                continue
-            merged = merge_group([view.expert_weights(e) for e in g], [float(counts[view.index][e]) for e in g])
-            _write_expert(view, tensors, i, merged)
+        merge_view_tensors(sd, view, names, groups[view.index], counts[view.index])
     dtype = next(lm.model.parameters()).dtype
     return build_model(config, sd, dtype, getattr(lm.model, "generation_config", None)), notes
+
+
+def merge_metadata(lm: LoadedModel, method: str, ratio: float, groups: Mapping[int, list[list[int]]],
+                   protected: ExpertSet, stats: CalibStats, notes: dict, **extra) -> dict:
+    """The ``moekit_compression.json`` record of a merge."""
+    kept = {li: [g[0] for g in gs] for li, gs in groups.items()}
+    return metadata(method, ratio, kept, lm.moe.layers[0].num_experts, stats.data_hash, notes=notes,
+                    num_experts=max(len(v) for v in kept.values()),
+                    groups={str(k): v for k, v in groups.items()}, router="centre row per group",
+                    protected=protected.to_list(), calibration_tokens=stats.tokens, **extra)
 
 
 @MERGERS.register("m-smoe", needs=["calibration"],
@@ -203,10 +227,6 @@ def merge(lm: LoadedModel, ratio: float, calib: CalibStats | Sequence, out: str 
     model, notes = merged_model(lm, groups, {li: st.count for li, st in stats.layers.items()})
     res = MergeResult(ratio, groups, protected, calib_hash=stats.data_hash, method=MERGERS.canonical(method))
     if out is not None:
-        kept = {li: [g[0] for g in gs] for li, gs in groups.items()}
-        meta = metadata(res.method, ratio, kept, lm.moe.layers[0].num_experts, stats.data_hash, notes=notes,
-                        num_experts=max(len(v) for v in kept.values()),
-                        groups={str(k): v for k, v in groups.items()}, router="centre row per group",
-                        protected=protected.to_list(), calibration_tokens=stats.tokens)
+        meta = merge_metadata(lm, res.method, ratio, groups, protected, stats, notes)
         res.out = write_model_dir(model, out, force, meta, lm)
     return res, model

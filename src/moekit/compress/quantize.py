@@ -95,10 +95,12 @@ def expert_params(lm: LoadedModel) -> dict[tuple[int, int], int]:
     return out
 
 
-def importance(lm: LoadedModel, stats, group_size: int) -> dict[tuple[int, int], float]:
-    """frequency × mean gate × relative 4-bit reconstruction error, per (layer, expert)."""
+def importance(lm: LoadedModel, stats, group_size: int, views: Sequence[MoELayerView] | None = None
+               ) -> dict[tuple[int, int], float]:
+    """frequency × mean gate × relative 4-bit reconstruction error, per (layer, expert) of ``views``
+    (default: every MoE layer)."""
     out = {}
-    for v in lm.moe:
+    for v in (lm.moe if views is None else views):
         st = stats.layers[v.index]
         freq = st.count / max(st.tokens, 1)
         gate = st.mean("gate_sum")
@@ -165,6 +167,35 @@ def quantized_copy(lm: LoadedModel, bits, group_size: int = 128):
     return model
 
 
+def quant_record(lm: LoadedModel, bits_per: Mapping[str, Sequence[int]], group_size: int, tied: Mapping[str, str],
+                 extra: Mapping | None = None) -> dict:
+    """The ``moekit_quantization.json`` record (without ``tokenizer_copied``): format, scheme, and per expert
+    parameter its bits per expert, shape [E, out, in] and whether it is stored transposed."""
+    from moekit.compress.writer import module_names
+    from moekit.version import __version__
+
+    flags = _transposed_flags(lm)
+    names = module_names(lm.model)
+    mats = {f"{names[id(v.experts)]}.{p}": w for v in lm.moe
+            for p, (w, _) in expert_matrices(v).items()}
+    return {"format": FORMAT, "version": FORMAT_VERSION, "scheme": "asymmetric", "scale_dtype": "float16",
+            "zero_dtype": "uint8", "group_size": group_size,
+            "int4_packing": "two per byte, low nibble = even column",
+            "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""),
+            "tensors": {k: {"bits": list(bits_per[k]), "shape": list(mats[k].shape), "transposed": flags[k]}
+                        for k in bits_per},
+            "tied": dict(tied), "moekit_version": __version__, **(extra or {})}
+
+
+def qtensor_specs(out_dim: int, in_dim: int, bits: int, group_size: int) -> dict[str, tuple[torch.dtype, tuple]]:
+    """dtype and shape of the ``qweight`` / ``scales`` / ``zeros`` that ``quantize_matrix`` makes of an
+    (out, in) matrix (known before quantizing, for writers that declare a file's tensors first)."""
+    cols = in_dim + in_dim % 2
+    groups = -(-in_dim // group_size)
+    return {"qweight": (torch.uint8, (out_dim, cols // 2 if bits == 4 else cols)),
+            "scales": (torch.float16, (out_dim, groups)), "zeros": (torch.uint8, (out_dim, groups))}
+
+
 def write_quantized(lm: LoadedModel, packed: Mapping[str, Sequence[QTensor]], out: str | Path, force: bool = False,
                     extra: Mapping | None = None) -> Path:
     """Write a moekit quantized checkpoint directory (atomic)."""
@@ -184,23 +215,13 @@ def write_quantized(lm: LoadedModel, packed: Mapping[str, Sequence[QTensor]], ou
             continue
         seen[ident] = k
         tensors[k] = t.detach().clone().contiguous()
-    bits_per = {}
     for key, qts in packed.items():
         for e, qt in enumerate(qts):
             tensors[f"{key}.{e}.qweight"] = qt.qweight.contiguous()
             tensors[f"{key}.{e}.scales"] = qt.scales.contiguous()
             tensors[f"{key}.{e}.zeros"] = qt.zeros.contiguous()
-        bits_per[key] = [qt.bits for qt in qts]
-    flags = _transposed_flags(lm)
-    from moekit.version import __version__
-
-    meta = {"format": FORMAT, "version": FORMAT_VERSION, "scheme": "asymmetric", "scale_dtype": "float16",
-            "zero_dtype": "uint8", "group_size": next(iter(packed.values()))[0].group_size,
-            "int4_packing": "two per byte, low nibble = even column",
-            "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""),
-            "tensors": {k: {"bits": bits_per[k], "shape": [len(packed[k]), *packed[k][0].shape],
-                            "transposed": flags[k]} for k in packed},
-            "tied": tied, "moekit_version": __version__, **(extra or {})}
+    meta = quant_record(lm, {k: [qt.bits for qt in qts] for k, qts in packed.items()},
+                        next(iter(packed.values()))[0].group_size, tied, extra)
     return write_checkpoint(out, force=force, tensors=tensors.items(), config=lm.model.config,
                             dtype=next(lm.model.parameters()).dtype,
                             generation_config=getattr(lm.model, "generation_config", None),
@@ -208,14 +229,26 @@ def write_quantized(lm: LoadedModel, packed: Mapping[str, Sequence[QTensor]], ou
                             weights_name=QUANT_WEIGHTS, weights_metadata={"format": FORMAT})
 
 
-def quantize(lm: LoadedModel, bits: int = 8, group_size: int = 128, avg_bits: float | None = None,
-             calib=None, out: str | Path | None = None, force: bool = False, seq_len: int = 256,
-             max_tokens: int | None = None, progress: bool = False) -> QuantResult:
-    """Quantize ``lm``'s experts (uniform ``bits`` or mixed 4/8 under ``avg_bits``); write when ``out``."""
+def quant_extra(lm: LoadedModel, alloc: Mapping[tuple[int, int], int], params: Mapping[tuple[int, int], int],
+                avg_bits: float | None) -> dict:
+    """The allocation part of the quantization record: average bits, the budget and bits per expert."""
+    return {"average_bits": average_bits(alloc, params), "avg_bits_budget": avg_bits,
+            "bits_per_expert": expert_values_json(alloc)}
+
+
+def check_quant_args(bits: int, group_size: int) -> None:
+    """Refuse unsupported bits / group sizes before any work."""
     if bits not in SUPPORTED_BITS:
         raise MoekitError(f"--bits must be 8 or 4, got {bits}")
     if group_size not in (32, 64, 128, 256):
         raise MoekitError(f"--group-size must be 32, 64, 128 or 256, got {group_size}")
+
+
+def quantize(lm: LoadedModel, bits: int = 8, group_size: int = 128, avg_bits: float | None = None,
+             calib=None, out: str | Path | None = None, force: bool = False, seq_len: int = 256,
+             max_tokens: int | None = None, progress: bool = False) -> QuantResult:
+    """Quantize ``lm``'s experts (uniform ``bits`` or mixed 4/8 under ``avg_bits``); write when ``out``."""
+    check_quant_args(bits, group_size)
     if out is not None:
         from moekit.io import check_writable
 
@@ -234,9 +267,7 @@ def quantize(lm: LoadedModel, bits: int = 8, group_size: int = 128, avg_bits: fl
     packed = quantize_experts(lm, alloc, group_size)
     res = QuantResult(alloc, group_size, packed)
     if out is not None:
-        extra = {"average_bits": average_bits(alloc, params), "avg_bits_budget": avg_bits,
-                 "bits_per_expert": expert_values_json(alloc)}
-        res.out = write_quantized(lm, packed, out, force, extra)
+        res.out = write_quantized(lm, packed, out, force, quant_extra(lm, alloc, params, avg_bits))
     return res
 
 
@@ -253,6 +284,19 @@ def effective_bits(packed: Mapping[str, Sequence[QTensor]]) -> float:
     """Bits per expert weight including scales and zero points."""
     n = sum(qt.shape[0] * qt.shape[1] for qts in packed.values() for qt in qts)
     return 8 * expert_bytes(packed) / n
+
+
+def effective_bits_on_disk(path: str | Path) -> float:
+    """``effective_bits`` of a written quantized checkpoint, from its safetensors header (no weight read)."""
+    from moekit.formats import tensor_infos
+    from moekit.formats.quantized import read_quant_meta
+
+    path = Path(path)
+    meta = read_quant_meta(path)
+    infos = tensor_infos(path / QUANT_WEIGHTS)
+    nbytes = sum(i.nbytes for k, i in infos.items() if k.endswith((".qweight", ".scales", ".zeros")))
+    n = sum(E * o * i for E, o, i in (t["shape"] for t in meta["tensors"].values()))
+    return 8 * nbytes / n
 
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "QUANT_CONFIG", "QUANT_WEIGHTS", "SUPPORTED_BITS", "QTensor", "QuantResult",

@@ -137,40 +137,48 @@ def plan_config(lm: LoadedModel, kept: Mapping[int, list[int]]):
     return config, notes
 
 
-def _prefix_of(model: torch.nn.Module) -> dict[int, str]:
+def module_names(model: torch.nn.Module) -> dict[int, str]:
+    """``id(module)`` → its qualified name in ``model``."""
     return {id(m): name for name, m in model.named_modules()}
 
 
 def pruned_state_dict(lm: LoadedModel, kept: Mapping[int, list[int]], new_e: int) -> dict[str, torch.Tensor]:
     """The model's state dict with every expert-indexed tensor sliced to ``kept`` (padded to ``new_e``)."""
     sd = dict(lm.model.state_dict())
-    names = _prefix_of(lm.model)
+    names = module_names(lm.model)
     for view in lm.moe:
-        ids = kept[view.index]
-        idx = torch.tensor(ids, dtype=torch.long)
-        pad = new_e - len(ids)
-        dis = disable_param(view)
-        # the experts, the router and the block's own per-expert tensors (a selection bias kept on the block)
-        block_own = {n: t for n, t in [*view.block.named_parameters(recurse=False),
-                                       *view.block.named_buffers(recurse=False)]}
-        for mod, is_router, tensors in ((view.experts, False, None), (view.router, True, None),
-                                        (view.block, True, block_own)):
-            prefix = names[id(mod)]
-            for pname, t in list((tensors if tensors is not None else mod.state_dict()).items()):
-                key = f"{prefix}.{pname}"
-                if key not in sd or t.dim() == 0:
-                    continue
-                if t.dim() == 2 and t.shape == (1, view.num_experts):  # [1, E] (ERNIE-4.5's selection bias)
-                    sd[key] = t.index_select(1, idx.to(t.device)).clone()
-                    continue
-                if t.shape[0] != view.num_experts:
-                    continue
-                new = t.index_select(0, idx.to(t.device)).clone()
-                if pad:
-                    fill = float("-inf") if (is_router and pname == dis) else 0.0
-                    new = torch.cat([new, torch.full((pad, *t.shape[1:]), fill, dtype=t.dtype, device=t.device)])
-                sd[key] = new
+        prune_view_tensors(sd, view, names, kept[view.index], new_e)
     return sd
+
+
+def prune_view_tensors(sd: dict[str, torch.Tensor], view: MoELayerView, names: Mapping[int, str],
+                       ids: Sequence[int], new_e: int) -> None:
+    """Slice, in ``sd`` (model state-dict keys; only the keys present are touched), every expert-indexed tensor
+    of ``view`` (experts, router, the block's own per-expert tensors) to ``ids``, padded to ``new_e``.
+    ``names`` maps ``id(module)`` to its name in the model."""
+    idx = torch.tensor(list(ids), dtype=torch.long)
+    pad = new_e - len(ids)
+    dis = disable_param(view)
+    # the experts, the router and the block's own per-expert tensors (a selection bias kept on the block)
+    block_own = {n: t for n, t in [*view.block.named_parameters(recurse=False),
+                                   *view.block.named_buffers(recurse=False)]}
+    for mod, is_router, tensors in ((view.experts, False, None), (view.router, True, None),
+                                    (view.block, True, block_own)):
+        prefix = names[id(mod)]
+        for pname, t in list((tensors if tensors is not None else mod.state_dict()).items()):
+            key = f"{prefix}.{pname}"
+            if key not in sd or t.dim() == 0:
+                continue
+            if t.dim() == 2 and t.shape == (1, view.num_experts):  # [1, E] (ERNIE-4.5's selection bias)
+                sd[key] = t.index_select(1, idx.to(t.device)).clone()
+                continue
+            if t.shape[0] != view.num_experts:
+                continue
+            new = t.index_select(0, idx.to(t.device)).clone()
+            if pad:
+                fill = float("-inf") if (is_router and pname == dis) else 0.0
+                new = torch.cat([new, torch.full((pad, *t.shape[1:]), fill, dtype=t.dtype, device=t.device)])
+            sd[key] = new
 
 
 def build_model(config, state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype, generation_config=None):

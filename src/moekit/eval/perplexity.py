@@ -120,9 +120,12 @@ def window_losses(
 ) -> WindowLosses:
     """Summed NLL of every window of ``docs``; ``part=(i, n)`` runs only batches ``b`` with ``b mod n == i``
     (``lockstep``: and as many forwards as the largest part, for models sharded over the ranks)."""
+    from moekit.models.loading import windows_per_forward
+
     windows = _windows(lm, _as_documents(docs), seq_len, max_tokens)
     if not windows:
         raise MoekitError("no tokens to evaluate: documents are empty or shorter than 2 tokens")
+    batch_size = windows_per_forward(lm, seq_len, batch_size, with_logits=True)  # fewer under a memory budget
     model = lm.model
     out = WindowLosses(np.array([w.doc for w in windows], dtype=np.int64), np.zeros(len(windows), np.float32),
                        np.zeros(len(windows), np.int64), np.zeros(len(windows), bool))

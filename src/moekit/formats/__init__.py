@@ -4,6 +4,8 @@ from moekit.formats.checkpoint import Checkpoint, Piece, Target, checkpoint_dtyp
 from moekit.formats.safetensors import (
     ST_DTYPES,
     FileHandles,
+    SpooledWriter,
+    StreamWriter,
     TensorInfo,
     bytes_of,
     drop_cache,
@@ -15,6 +17,6 @@ from moekit.formats.safetensors import (
 )
 
 __all__ = [
-    "ST_DTYPES", "Checkpoint", "FileHandles", "Piece", "Target", "TensorInfo", "bytes_of", "checkpoint_dtype",
+    "ST_DTYPES", "Checkpoint", "FileHandles", "SpooledWriter", "StreamWriter", "Piece", "Target", "TensorInfo", "bytes_of", "checkpoint_dtype",
     "config_dtype", "drop_cache", "pread_into", "read_header", "read_range", "read_tensor", "tensor_infos",
 ]

@@ -180,13 +180,15 @@ class Checkpoint:
 
     def materialize(self, module: nn.Module, plan: dict[str, Target], prefix: str, dtype: torch.dtype) -> None:
         """Give a meta-device ``module`` (at ``prefix`` of the planned model) real tensors read from the
-        checkpoint, tensor by tensor."""
+        checkpoint, tensor by tensor, floating ones in ``dtype`` — except those the meta structure keeps in
+        float32 (``_keep_in_fp32_modules``, e.g. DeepSeek-V2's router), which stay float32 as in the loaded model."""
         out = {}
         for name, t in module.state_dict().items():
             tgt = plan.get(prefix + name)
             if tgt is None:
                 raise UnsupportedArchitecture(f"no on-disk tensor for {prefix + name}")
-            buf = torch.empty(t.shape, dtype=dtype if t.dtype.is_floating_point else t.dtype)
+            want = t.dtype if not t.dtype.is_floating_point or (t.is_meta and t.dtype == torch.float32) else dtype
+            buf = torch.empty(t.shape, dtype=want)
             self.read_target(tgt, buf)
             out[name] = buf
         module.load_state_dict(out, strict=True, assign=True)

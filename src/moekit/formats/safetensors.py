@@ -133,3 +133,94 @@ def read_tensor(handles: FileHandles, info: TensorInfo, drop: bool = False) -> t
     t = torch.empty(info.shape, dtype=info.dtype)
     read_range(handles, info, t, 0, drop)
     return t
+
+
+ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+
+
+class StreamWriter:
+    """Write one safetensors file tensor by tensor, never holding more than the tensor being written.
+
+    The header is written first from the declared ``specs`` (name, dtype, shape, in file order); then
+    ``write`` must be called once per spec, in that order, with a tensor of exactly that dtype and shape.
+    ``close`` checks that every declared tensor was written. Used by writers that stream a checkpoint
+    bigger than memory (``compress.lowmem``)."""
+
+    def __init__(self, path: str | os.PathLike, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None) -> None:
+        header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+        self._order: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+        pos = 0
+        for name, dtype, shape in specs:
+            if name in header:
+                raise MoekitError(f"internal error: tensor {name} declared twice")
+            n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": ST_NAMES[dtype], "shape": list(shape), "data_offsets": [pos, pos + n]}
+            self._order.append((name, dtype, tuple(shape)))
+            pos += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the format allows space padding; 8-byte alignment of the data
+        self._f = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._f.write(struct.pack("<Q", len(raw)) + raw)
+        self._next = 0
+
+    def write(self, name: str, t: torch.Tensor) -> None:
+        """Append tensor ``name`` (the next declared one)."""
+        if self._next >= len(self._order) or self._order[self._next][0] != name:
+            want = self._order[self._next][0] if self._next < len(self._order) else "nothing"
+            raise MoekitError(f"internal error: writing {name}, expected {want}")
+        _, dtype, shape = self._order[self._next]
+        if t.dtype != dtype or tuple(t.shape) != shape:
+            raise MoekitError(f"internal error: {name} is {t.dtype} {list(t.shape)}, declared {dtype} {list(shape)}")
+        self._f.write(bytes_of(t.detach().cpu().contiguous()))
+        self._next += 1
+
+    def close(self, check: bool = True) -> None:
+        """Finish the file; ``check``: every declared tensor must have been written."""
+        self._f.close()
+        if check and self._next != len(self._order):
+            raise MoekitError(f"internal error: {len(self._order) - self._next} declared tensors were not written")
+
+
+class SpooledWriter:
+    """Write one safetensors file from tensors given one at a time whose list is not known in advance: each
+    tensor's bytes go to a data file beside ``path`` as it comes (nothing is kept in memory), and ``close``
+    writes the header and then the data behind it (a kernel-side copy). Memory: one tensor at a time."""
+
+    def __init__(self, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+        self.path = Path(path)
+        self._data_path = self.path.with_name(self.path.name + ".data")
+        self._data = open(self._data_path, "wb")  # noqa: SIM115 - closed in close()
+        self._specs: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+        self._metadata = metadata
+        self.nbytes = 0
+
+    def write(self, name: str, t: torch.Tensor) -> None:
+        """Append tensor ``name``."""
+        t = t.detach().cpu().contiguous()
+        self._data.write(bytes_of(t))
+        self._specs.append((name, t.dtype, tuple(t.shape)))
+        self.nbytes += t.numel() * t.element_size()
+
+    def names(self) -> list[str]:
+        return [n for n, _, _ in self._specs]
+
+    def close(self) -> None:
+        """Write the finished file (header, then the spooled data) and remove the data file."""
+        self._data.close()
+        header = StreamWriter(self.path, self._specs, self._metadata)  # writes the header only
+        try:
+            f = header._f
+            f.flush()
+            with open(self._data_path, "rb") as src:
+                left = os.fstat(src.fileno()).st_size
+                while left > 0:
+                    n = os.copy_file_range(src.fileno(), f.fileno(), left) if hasattr(os, "copy_file_range") \
+                        else f.write(src.read(min(left, 64 << 20)))
+                    if n <= 0:
+                        raise MoekitError(f"internal error: short copy into {self.path}")
+                    left -= n
+            header._next = len(header._order)
+        finally:
+            header.close()
+            self._data_path.unlink(missing_ok=True)

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from moekit.formats.safetensors import SpooledWriter
 from moekit.formats.tokenizer import TOKENIZER_EXTRA_FILES, TOKENIZER_FILES
 from moekit.io import atomic_output_dir
 
@@ -35,7 +36,9 @@ INDEX_NAME = "model.safetensors.index.json"
 
 class ShardWriter:
     """Tensors streamed into safetensors files of about ``shard_bytes`` each (``None``: one file), named as
-    transformers names them once ``close`` knows how many there are; keeps the bytes written per dtype."""
+    transformers names them once ``close`` knows how many there are; keeps the bytes written per dtype. Each
+    tensor goes to disk when added (``SpooledWriter``), so a writer streaming a checkpoint larger than memory
+    holds one tensor, not a shard and its serialized copy."""
 
     def __init__(self, folder: Path, shard_bytes: int | None = 5 << 30, name: str = WEIGHTS_NAME,
                  metadata: Mapping[str, str] | None = None) -> None:
@@ -43,25 +46,23 @@ class ShardWriter:
         self.metadata = dict(metadata or {"format": "pt"})
         self.shards: list[list[str]] = []
         self.bytes_by_dtype: dict[torch.dtype, int] = {}
-        self._buf: dict[str, torch.Tensor] = {}
-        self._size = 0
+        self._cur: SpooledWriter | None = None
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue one tensor; a shard is written once the queued ones reach ``shard_bytes``."""
+        """Write one tensor; a shard is closed once it holds ``shard_bytes``."""
         n = tensor.numel() * tensor.element_size()
-        self._buf[name] = tensor.contiguous()
-        self._size += n
+        if self._cur is None:
+            self._cur = SpooledWriter(self.folder / f".shard-{len(self.shards):05d}.part", self.metadata)
+        self._cur.write(name, tensor)
         self.bytes_by_dtype[tensor.dtype] = self.bytes_by_dtype.get(tensor.dtype, 0) + n
-        if self.shard_bytes is not None and self._size >= self.shard_bytes:
+        if self.shard_bytes is not None and self._cur.nbytes >= self.shard_bytes:
             self._flush()
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if self._buf:
-            save_file(self._buf, str(self.folder / f".shard-{len(self.shards):05d}.part"), metadata=self.metadata)
-            self.shards.append(list(self._buf))
-            self._buf, self._size = {}, 0
+        if self._cur is not None:
+            self._cur.close()
+            self.shards.append(self._cur.names())
+            self._cur = None
 
     def close(self) -> dict[str, str]:
         """Write what is queued, name the shards and write the index (several shards); returns tensor → file."""

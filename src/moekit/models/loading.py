@@ -35,6 +35,8 @@ class LoadedModel:
     path: Path | None = None
     #: the expert engine serving this model's experts when they are not resident (``moekit.load(max_memory=)``)
     engine: object | None = None
+    #: bytes of the memory budget set aside for activations (``moekit.load(max_memory=)``); None: no budget
+    activation_bytes: int | None = None
 
     @property
     def config(self):
@@ -43,6 +45,34 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+
+def activation_bytes_per_token(lm: LoadedModel, seq_len: int) -> int:
+    """Estimated peak activation bytes per token of one forward (no logits beyond one window's): the routed
+    experts' gathered inputs, intermediates and outputs (k per token, in several dtypes), the hidden states and
+    the attention scores. Calibrated on a 640 MB OLMoE-shaped model (~140 kB per token, measured) — an estimate
+    for sizing batches under a budget, not a bound."""
+    el = next(lm.model.parameters()).element_size()
+    hidden = int(getattr(lm.config.get_text_config(), "hidden_size", 0) or 0)
+    heads = int(getattr(lm.config.get_text_config(), "num_attention_heads", 1) or 1)
+    k, inter = 1, 0
+    for v in lm.moe:
+        per = sum(p[0].numel() for p in v.experts.parameters() if p.dim() >= 3 and p.shape[0] == v.num_experts)
+        k, inter = max(k, v.top_k), max(inter, per // max(3 * hidden, 1))
+    return el * (6 * k * (3 * inter + 2 * hidden) + 8 * hidden) + 4 * heads * seq_len
+
+
+def windows_per_forward(lm: LoadedModel, seq_len: int, default: int, with_logits: bool = False) -> int:
+    """How many windows of ``seq_len`` tokens one forward takes: ``default``, or fewer (at least 1) when ``lm``
+    runs under a memory budget whose activation share they would exceed (``with_logits``: the forward also
+    returns every position's logits)."""
+    share = lm.activation_bytes
+    if share is None:
+        return default
+    per = activation_bytes_per_token(lm, seq_len)
+    if with_logits:
+        per += next(lm.model.parameters()).element_size() * int(lm.config.get_text_config().vocab_size)
+    return max(1, min(default, int(share // (per * seq_len))))
 
 
 def zoo_dir() -> Path:

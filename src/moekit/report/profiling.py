@@ -56,14 +56,17 @@ def profile_expert_max(lm: Any, docs: Sequence, max_tokens: int | None = 8192, s
                        batch_size: int = 8) -> np.ndarray:
     """``[L, E]`` max |down_proj output| per (MoE layer position, routed expert) over ``docs``.
 
-    ``docs`` are documents (objects with ``text``); at most ``max_tokens`` tokens are run.  An
-    expert that received no token gets NaN."""
+    ``docs`` are documents (objects with ``text``); at most ``max_tokens`` tokens are run, ``batch_size``
+    windows per forward (fewer under ``moekit.load(max_memory=)``'s activation share).  An expert that
+    received no token gets NaN."""
     from moekit.data.batching import length_sorted_batches, pad_batch
+    from moekit.models.loading import windows_per_forward
     from moekit.routing.tracing import tokenize_windows
 
     windows = tokenize_windows(lm, docs, seq_len, max_tokens)
     if not windows:
         raise MoekitError("no tokens to profile: the documents are empty")
+    batch_size = windows_per_forward(lm, seq_len, batch_size)  # fewer per forward under a memory budget
     views = list(lm.moe)
     e_max = max(v.num_experts for v in views)
     maxima = np.full((len(views), e_max), np.nan)

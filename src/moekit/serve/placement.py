@@ -86,13 +86,18 @@ def load(spec: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype | str | Non
         raise MoekitError("give max_memory or distributed_config, not both")
     budget = parse_size(max_memory)
     from moekit.formats.quantized import is_quantized_checkpoint
+    from moekit.malloc import return_freed_memory
+
+    return_freed_memory()
 
     meta = load_structure(spec, dtype)
     plan = plan_budget(meta, budget)
     if meta.path is not None and is_quantized_checkpoint(meta.path):
         # quantized experts are dequantized when loaded whole: offload them whenever they do not fit
         if plan["resident_all"]:
-            return load_resident(spec, dtype=dtype, device=device, with_tokenizer=with_tokenizer)
+            lm = load_resident(spec, dtype=dtype, device=device, with_tokenizer=with_tokenizer)
+            lm.activation_bytes = int(ACTIVATION_SHARE * budget)
+            return lm
     elif plan["resident_all"]:
         from moekit.formats import Checkpoint
 
@@ -104,6 +109,7 @@ def load(spec: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype | str | Non
         meta.model.to(device)
         meta.moe = build_moe_map(meta.model)
         meta.tokenizer = load_tokenizer_from(meta.path) if with_tokenizer else None
+        meta.activation_bytes = int(ACTIVATION_SHARE * budget)
         return meta
     if plan["cache_bytes"] < plan["min_cache_bytes"]:
         raise MoekitError(
@@ -117,6 +123,7 @@ def load(spec: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype | str | Non
     lm = load_offloaded(spec, dtype=dtype, device=device, with_tokenizer=with_tokenizer)
     engine = OffloadEngine(lm, store_for(lm), policy=policy, cache_mb=plan["cache_bytes"] / 2**20)
     lm.engine = engine.start()
+    lm.activation_bytes = int(ACTIVATION_SHARE * budget)
     return lm
 
 
