@@ -167,7 +167,7 @@ INT8: dict = {}  # experts module → its int8 buffers (quantize_experts_int8), 
 def set_impl(model, impl: str) -> bool:
     """Switch the experts implementation (and the int8 experts on or off); returns whether this run is compiled."""
     import moekit.nn
-    from moekit.nn.dispatch import INT8_BUFFERS
+    from moekit.nn.int8_experts import INT8_BUFFERS
 
     for module, buffers in INT8.items():
         for name in INT8_BUFFERS:
@@ -184,7 +184,7 @@ def set_impl(model, impl: str) -> bool:
 def prepare_int8(model) -> None:
     """Quantize the experts to int8 once (float weights kept for the other implementations), then detach them."""
     from moekit.nn import quantize_experts_int8
-    from moekit.nn.dispatch import INT8_BUFFERS
+    from moekit.nn.int8_experts import INT8_BUFFERS
 
     quantize_experts_int8(model, keep_float=True)
     for module in model.modules():

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from moekit.nn import cpu_kernels
-from moekit.nn.dispatch import expert_forward, quantize_rows_int8
+from moekit.nn.dispatch import expert_forward
+from moekit.nn.int8_experts import quantize_rows_int8
 
 HAS_COMPILER = any(shutil.which(c) for c in ("c++", "g++", "clang++"))
 pytestmark = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the kernel falls back to torch's ops")

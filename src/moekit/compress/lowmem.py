@@ -12,6 +12,8 @@ The pruned checkpoint is written straight from the source files (``write_pruned_
 read one at a time, expert-indexed ones sliced (per-expert keys dropped and renumbered, fused ones
 indexed on dim 0), and written in shards of at most ``shard_bytes``, in the dtype they are stored in
 (which config.json then records).
+
+One module (~470 lines): the streamed prune, merge and quantize share its layer-wise reader and writer.
 """
 
 from __future__ import annotations

@@ -7,15 +7,13 @@ from moekit.nn.dispatch import (
     combine_slots,
     expert_counts,
     expert_forward,
-    expert_forward_int8,
     get_backend,
     moekit_experts_forward,
-    quantize_experts_int8,
-    quantize_rows_int8,
     register_with_transformers,
     set_backend,
 )
 from moekit.nn.expert_parallel import ExpertParallelBank, all_to_all, shard_experts
+from moekit.nn.int8_experts import expert_forward_int8, quantize_experts_int8, quantize_rows_int8
 from moekit.nn.layers import CoELayer, ExpertBank, GatedMLP, MoELayer
 from moekit.nn.losses import AddAuxiliaryLoss, add_aux_loss, seq_balance_loss, switch_balance_loss, z_loss
 from moekit.nn.model import MoELM, MoELMConfig

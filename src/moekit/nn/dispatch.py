@@ -11,13 +11,17 @@ Ids ≥ E mean "no expert" (null experts, dropped tokens, expert-parallel sentin
 Under ``torch.compile`` nothing reads tensor values on the host: the data-dependent loops (``loop``, ``gemv``)
 run as ``torch.library`` custom ops (``moekit::grouped_mm_loop``, ``moekit::expert_gemv``) with fake
 implementations, ``grouped_mm`` is used only in bf16 (what inductor accepts), and sentinel masks always apply.
+
+One module of ~620 lines on purpose: the eager and compiled paths, their custom ops and the path rule are one
+pipeline sharing layout conventions (``out_in``, sentinel ids); the int8 variant is ``int8_experts`` and the
+provider-fed variant the offload engine uses is ``provided``.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
-from typing import Literal, NamedTuple
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -539,158 +543,6 @@ def _weighted_sum(y_tok: torch.Tensor, weights: torch.Tensor, slot_valid: torch.
     return torch.bmm(weights.reshape(num_tokens, 1, top_k), y_tok).squeeze(1)
 
 
-# int8 experts (inference): per-output-row symmetric int8 codes with one scale per row, run by torch's int8
-# weight-only kernel (``_weight_int8pack_mm``: int8 rows × bf16/fp16/fp32 activations). Half the bytes of bf16 to
-# read per token, so a decode step bound by memory reads can run up to twice as fast.
-
-
-# torch's int8 weight-only kernel is built for few rows (decode); from this many rows on, a group dequantizes its
-# expert and runs a GEMM (in bf16, 3.6x faster at 64 rows per expert in bench_decode's 128-token prefill).
-INT8_DEQUANT_MIN_ROWS = 16
-
-
-@torch.library.custom_op("moekit::int8_grouped_mm", mutates_args=())
-def _int8_grouped_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Sorted rows ``x [S, in]`` times int8 experts ``q [E, out, in]`` (row scales ``[E, out]``), one kernel call
-    per non-empty group; rows past the last group are zero."""
-    out = x.new_empty(x.shape[0], q.shape[1])
-    start = 0
-    for e, end in enumerate(offsets.tolist()):
-        if end - start >= INT8_DEQUANT_MIN_ROWS:  # a GEMM: dequantizing the expert once costs less than the kernel
-            torch.mm(x[start:end], (q[e].to(x.dtype) * scale[e].unsqueeze(-1)).t(), out=out[start:end])
-        elif end > start:
-            out[start:end] = torch._weight_int8pack_mm(x[start:end], q[e], scale[e])
-        start = end
-    out[start:].zero_()
-    return out
-
-
-@_int8_grouped_mm.register_fake
-def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(x.shape[0], q.shape[1])
-
-
-@torch.library.custom_op("moekit::int8_expert_gemv", mutates_args=())
-def _int8_expert_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """The int8 decode kernel: ``moekit::expert_gemv`` with int8 experts (``x [T, in]`` or ``[T, k, in]``)."""
-    fast = cpu_kernels.expert_gemv(x, q, ids, scale)
-    if fast is not None:
-        return fast
-    num_experts = q.shape[0]
-    out = x.new_empty(*ids.shape, q.shape[1])
-    per_slot = x.dim() == 3
-    for t, row in enumerate(ids.tolist()):
-        for j, e in enumerate(row):
-            if 0 <= e < num_experts:
-                xv = x[t, j : j + 1] if per_slot else x[t : t + 1]
-                out[t, j : j + 1] = torch._weight_int8pack_mm(xv, q[e], scale[e])
-            else:
-                out[t, j].zero_()
-    return out
-
-
-@_int8_expert_gemv.register_fake
-def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(*ids.shape, q.shape[1])
-
-
-def quantize_rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``w [..., out, in]`` → (int8 codes, per-row scales in ``w``'s dtype): symmetric, scale = max|row| / 127, so
-    every weight is within scale/2 of its code × scale."""
-    amax = w.detach().abs().amax(-1, keepdim=True).float().clamp(min=torch.finfo(torch.float32).tiny)
-    scale = amax / 127.0
-    q = torch.round(w.detach().float() / scale).clamp(-127, 127).to(torch.int8)
-    return q, scale.squeeze(-1).to(w.dtype)
-
-
-INT8_BUFFERS = ("moekit_int8_gate_up", "moekit_int8_gate_up_scale", "moekit_int8_down", "moekit_int8_down_scale")
-
-
-def quantize_experts_int8(model: torch.nn.Module, keep_float: bool = True) -> int:
-    """Give every transformers experts module int8 copies of its expert weights, which the ``moekit``
-    implementation then runs (inference only); returns how many modules were converted.
-
-    ``keep_float=False`` frees the float weights (then only ``"moekit"`` can run the experts). Memory: 1 byte per
-    weight plus one scale per output row, on top of the float weights unless they are dropped.
-    """
-    converted = 0
-    for module in model.modules():
-        if not (hasattr(module, "has_gate") and hasattr(module, "down_proj")):
-            continue
-        has_gate = getattr(module, "has_gate", True)
-        transposed = getattr(module, "is_transposed", False)
-        name1 = "gate_up_proj" if has_gate else "up_proj"
-        for name, buffers in ((name1, INT8_BUFFERS[:2]), ("down_proj", INT8_BUFFERS[2:])):
-            w = getattr(module, name)
-            codes, scales = [], []
-            for e in range(w.shape[0]):  # one expert at a time: no float32 copy of the whole bank
-                q, s = quantize_rows_int8(w[e].t() if transposed else w[e])
-                codes.append(q.contiguous())
-                scales.append(s)
-            module.register_buffer(buffers[0], torch.stack(codes), persistent=False)
-            module.register_buffer(buffers[1], torch.stack(scales), persistent=False)
-            if not keep_float:
-                setattr(module, name, torch.nn.Parameter(w.new_empty(0), requires_grad=False))
-        converted += 1
-    return converted
-
-
-def expert_forward_int8(
-    x: torch.Tensor,
-    ids: torch.Tensor,
-    weights: torch.Tensor,
-    q_gate_up: torch.Tensor,
-    s_gate_up: torch.Tensor,
-    q_down: torch.Tensor,
-    s_down: torch.Tensor,
-    act: Callable[[torch.Tensor], torch.Tensor] = F.silu,
-    *,
-    b_gate_up: torch.Tensor | None = None,
-    b_down: torch.Tensor | None = None,
-    has_gate: bool = True,
-    gate_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    post_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """``expert_forward`` on int8 experts (``q [E, out, in]`` int8, ``s [E, out]``; see ``quantize_rows_int8``):
-    per-slot GEMVs for one token, per-expert kernel calls on sorted rows otherwise. Inference only."""
-    num_tokens, top_k = ids.shape
-    num_experts = q_gate_up.shape[0]
-    compute_dtype = s_gate_up.dtype
-
-    def ffn(h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        if b_gate_up is not None:
-            h = h + b_gate_up[rows].to(h.dtype)
-        return _activate(h, act, has_gate, gate_fn)
-
-    if num_tokens == 0 or top_k == 0:
-        return x.new_zeros(x.shape)
-    safe_ids = ids.clamp(0, num_experts - 1)
-    if num_tokens == 1:
-        h = ffn(torch.ops.moekit.int8_expert_gemv(x.to(compute_dtype), q_gate_up, s_gate_up, ids), safe_ids)
-        y = torch.ops.moekit.int8_expert_gemv(h.contiguous(), q_down, s_down, ids)
-        if b_down is not None:
-            y = y + b_down[safe_ids].to(y.dtype)
-        if post_fn is not None:
-            y = post_fn(y)
-        valid = ((ids >= 0) & (ids < num_experts)).unsqueeze(-1)
-        return _weighted_sum(y, weights, valid).to(x.dtype)
-    flat_ids = ids.reshape(-1)
-    sorted_ids, perm = torch.sort(flat_ids)
-    x_g = x.index_select(0, perm // top_k).to(compute_dtype)
-    offsets = torch.cumsum(expert_counts(sorted_ids, num_experts), dim=0, dtype=torch.int32)
-    bias_rows = sorted_ids.clamp(max=num_experts - 1)
-    h = ffn(torch.ops.moekit.int8_grouped_mm(x_g, q_gate_up, s_gate_up, offsets), bias_rows)
-    y = torch.ops.moekit.int8_grouped_mm(h.contiguous(), q_down, s_down, offsets)
-    if b_down is not None:
-        y = y + b_down[bias_rows].to(y.dtype)
-    if post_fn is not None:
-        y = post_fn(y)
-    slot_rows = torch.empty_like(perm)
-    slot_rows[perm] = torch.arange(flat_ids.numel(), device=perm.device)
-    slot_valid = ids.reshape(num_tokens, top_k, 1) < num_experts
-    return combine_slots(y, slot_rows, weights, slot_valid).to(x.dtype)
-
-
 def moekit_experts_forward(
     self: torch.nn.Module,
     hidden_states: torch.Tensor,
@@ -705,9 +557,9 @@ def moekit_experts_forward(
     b2 = self.down_proj_bias if has_bias else None
     gate_fn = self._apply_gate if has_gate and hasattr(self, "_apply_gate") else None
     post_fn = self.post_expert_norm if getattr(self, "has_post_expert_norm", False) else None
-    if hasattr(self, INT8_BUFFERS[0]):  # quantize_experts_int8 ran on this module
-        q1, s1, q2, s2 = (getattr(self, name) for name in INT8_BUFFERS)
-        return expert_forward_int8(
+    if hasattr(self, _int8.INT8_BUFFERS[0]):  # quantize_experts_int8 ran on this module
+        q1, s1, q2, s2 = (getattr(self, name) for name in _int8.INT8_BUFFERS)
+        return _int8.expert_forward_int8(
             hidden_states, top_k_index, top_k_weights, q1, s1, q2, s2, getattr(self, "act_fn", F.silu),
             b_gate_up=b1, b_down=b2, has_gate=has_gate, gate_fn=gate_fn, post_fn=post_fn,
         )
@@ -763,78 +615,14 @@ def _activate(h: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor], has_
     return act(h)
 
 
-class ExpertWeights(NamedTuple):
-    """One expert's matrices in the bank's per-expert layout (``[2I, H]``/``[H, I]``, or transposed), biases or None."""
-
-    gate_up: torch.Tensor
-    down: torch.Tensor
-    gate_up_bias: torch.Tensor | None = None
-    down_bias: torch.Tensor | None = None
-
-
-#: ``provide(experts)`` yields ``(expert, ExpertWeights)`` once for every id in ``experts``, in any order.
-WeightProvider = Callable[[list[int]], Iterable[tuple[int, ExpertWeights]]]
-
-
-def expert_forward_provided(
-    x: torch.Tensor,
-    ids: torch.Tensor,
-    weights: torch.Tensor,
-    provide: WeightProvider,
-    act: Callable[[torch.Tensor], torch.Tensor] = F.silu,
-    *,
-    transposed: bool = False,
-    has_gate: bool = True,
-    gate_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    post_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    combine: Literal["gemm", "sum"] = "gemm",
-    num_experts: int | None = None,
-) -> torch.Tensor:
-    """``expert_forward`` with the weights of each active expert supplied one at a time by ``provide`` (an expert
-    cache that loads them): sort the (token, slot) pairs by expert, run each expert's rows as it arrives (one ``mm``
-    per projection, as the ``loop`` path; a GEMV for one row), then un-permute and sum over k. Inference only; ids
-    outside [0, ``num_experts``) are never provided and add zero. ``combine="sum"`` weights each row and sums the
-    k slots as transformers' ``grouped_mm`` experts do (bit for bit); ``"gemm"`` is ``combine_slots``."""
-    num_tokens, top_k = ids.shape
-    flat_ids = ids.reshape(-1)
-    if num_tokens == 1:  # decode: no sort (k distinct ids); slot order is the row order
-        sorted_ids, perm = flat_ids, torch.arange(top_k)
-    else:
-        sorted_ids, perm = torch.sort(flat_ids)
-    x_g = x[perm // top_k]
-    uniq = sorted_ids.tolist()
-    bounds: dict[int, tuple[int, int]] = {}
-    for i, e in enumerate(uniq):
-        if e >= 0 and (num_experts is None or e < num_experts):
-            a, _ = bounds.get(e, (i, i))
-            bounds[e] = (a, i + 1)
-    y = x_g.new_empty(x_g.shape[0], x.shape[-1])
-    if sum(b - a for a, b in bounds.values()) < len(uniq):
-        y.zero_()
-    for e, w in provide(list(bounds)):
-        a, b = bounds[e]
-        rows = x_g[a:b].to(w.gate_up.dtype)
-        # one row (decode): a matrix-vector product on the storage rows (same result as mm, faster on CPU)
-        h = (torch.mv(w.gate_up, rows[0]).unsqueeze(0) if b - a == 1 and not transposed
-             else torch.mm(rows, w.gate_up if transposed else w.gate_up.t()))
-        if w.gate_up_bias is not None:
-            h.add_(w.gate_up_bias)
-        h = _activate(h, act, has_gate, gate_fn)
-        same = y.dtype == h.dtype
-        out = y[a:b] if same else h.new_empty(b - a, y.shape[1])
-        if b - a == 1 and not transposed:
-            torch.mv(w.down, h[0], out=out[0])
-        else:
-            torch.mm(h, w.down if transposed else w.down.t(), out=out)
-        if w.down_bias is not None:
-            out.add_(w.down_bias)
-        if not same:
-            y[a:b] = out
-    if post_fn is not None:
-        y = post_fn(y)
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.numel())
-    if combine == "gemm":
-        return combine_slots(y, inv, weights).to(x.dtype)
-    weighted = y * weights.reshape(-1)[perm].unsqueeze(-1)
-    return weighted[inv].view(num_tokens, top_k, -1).sum(dim=1).to(x.dtype)
+# int8 experts and per-expert weight providers live in their own modules (they use this module's helpers); the
+# names stay importable from here
+from moekit.nn import int8_experts as _int8  # noqa: E402
+from moekit.nn.int8_experts import (  # noqa: E402,F401
+    INT8_BUFFERS,
+    INT8_DEQUANT_MIN_ROWS,
+    expert_forward_int8,
+    quantize_experts_int8,
+    quantize_rows_int8,
+)
+from moekit.nn.provided import ExpertWeights, WeightProvider, expert_forward_provided  # noqa: E402,F401

@@ -27,7 +27,8 @@ from torch import nn
 
 from moekit.errors import MoekitError
 from moekit.models.loading import LoadedModel
-from moekit.nn.dispatch import ExpertWeights, expert_forward, expert_forward_provided
+from moekit.nn.dispatch import expert_forward
+from moekit.nn.provided import ExpertWeights, expert_forward_provided
 from moekit.serve.cache import POLICIES, LayerCache, Policy
 from moekit.serve.io import ExpertIO
 from moekit.serve.stats import EngineCounters, RequestLog, summary

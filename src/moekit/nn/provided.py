@@ -1,0 +1,89 @@
+"""Expert dispatch with each active expert's weights supplied one at a time by a provider (an expert cache that
+loads them): what the offload engine computes through. Sort, un-permute and combine are ``moekit.nn.dispatch``'s."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from moekit.nn.dispatch import _activate, combine_slots
+
+
+class ExpertWeights(NamedTuple):
+    """One expert's matrices in the bank's per-expert layout (``[2I, H]``/``[H, I]``, or transposed), biases or None."""
+
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    gate_up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+
+
+#: ``provide(experts)`` yields ``(expert, ExpertWeights)`` once for every id in ``experts``, in any order.
+WeightProvider = Callable[[list[int]], Iterable[tuple[int, ExpertWeights]]]
+
+
+def expert_forward_provided(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    provide: WeightProvider,
+    act: Callable[[torch.Tensor], torch.Tensor] = F.silu,
+    *,
+    transposed: bool = False,
+    has_gate: bool = True,
+    gate_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    post_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    combine: Literal["gemm", "sum"] = "gemm",
+    num_experts: int | None = None,
+) -> torch.Tensor:
+    """``expert_forward`` with the weights of each active expert supplied one at a time by ``provide`` (an expert
+    cache that loads them): sort the (token, slot) pairs by expert, run each expert's rows as it arrives (one ``mm``
+    per projection, as the ``loop`` path; a GEMV for one row), then un-permute and sum over k. Inference only; ids
+    outside [0, ``num_experts``) are never provided and add zero. ``combine="sum"`` weights each row and sums the
+    k slots as transformers' ``grouped_mm`` experts do (bit for bit); ``"gemm"`` is ``combine_slots``."""
+    num_tokens, top_k = ids.shape
+    flat_ids = ids.reshape(-1)
+    if num_tokens == 1:  # decode: no sort (k distinct ids); slot order is the row order
+        sorted_ids, perm = flat_ids, torch.arange(top_k)
+    else:
+        sorted_ids, perm = torch.sort(flat_ids)
+    x_g = x[perm // top_k]
+    uniq = sorted_ids.tolist()
+    bounds: dict[int, tuple[int, int]] = {}
+    for i, e in enumerate(uniq):
+        if e >= 0 and (num_experts is None or e < num_experts):
+            a, _ = bounds.get(e, (i, i))
+            bounds[e] = (a, i + 1)
+    y = x_g.new_empty(x_g.shape[0], x.shape[-1])
+    if sum(b - a for a, b in bounds.values()) < len(uniq):
+        y.zero_()
+    for e, w in provide(list(bounds)):
+        a, b = bounds[e]
+        rows = x_g[a:b].to(w.gate_up.dtype)
+        # one row (decode): a matrix-vector product on the storage rows (same result as mm, faster on CPU)
+        h = (torch.mv(w.gate_up, rows[0]).unsqueeze(0) if b - a == 1 and not transposed
+             else torch.mm(rows, w.gate_up if transposed else w.gate_up.t()))
+        if w.gate_up_bias is not None:
+            h.add_(w.gate_up_bias)
+        h = _activate(h, act, has_gate, gate_fn)
+        same = y.dtype == h.dtype
+        out = y[a:b] if same else h.new_empty(b - a, y.shape[1])
+        if b - a == 1 and not transposed:
+            torch.mv(w.down, h[0], out=out[0])
+        else:
+            torch.mm(h, w.down if transposed else w.down.t(), out=out)
+        if w.down_bias is not None:
+            out.add_(w.down_bias)
+        if not same:
+            y[a:b] = out
+    if post_fn is not None:
+        y = post_fn(y)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel())
+    if combine == "gemm":
+        return combine_slots(y, inv, weights).to(x.dtype)
+    weighted = y * weights.reshape(-1)[perm].unsqueeze(-1)
+    return weighted[inv].view(num_tokens, top_k, -1).sum(dim=1).to(x.dtype)
