@@ -400,13 +400,7 @@ def _gemv_forward(
     safe_ids = ids.clamp(0, num_experts - 1)
     if b_gate_up is not None:
         h = h + b_gate_up[safe_ids].to(h.dtype)
-    if gate_fn is not None:
-        h = gate_fn(h)
-    elif has_gate:
-        gate, up = h.chunk(2, dim=-1)
-        h = act(gate) * up
-    else:
-        h = act(h)
+    h = _activate(h, act, has_gate, gate_fn)
     y = torch.ops.moekit.expert_gemv(h.contiguous(), w_down, ids, out_in)  # [T, k, H]
     if b_down is not None:
         y = y + b_down[safe_ids].to(y.dtype)
@@ -500,13 +494,7 @@ def expert_forward(
         h = h + b_gate_up[bias_rows].to(h.dtype)
     if path == "grouped_mm" and valid is not None:
         h = h.masked_fill(~valid, 0.0)
-    if gate_fn is not None:
-        h = gate_fn(h)
-    elif has_gate:
-        gate, up = h.chunk(2, dim=-1)
-        h = act(gate) * up
-    else:
-        h = act(h)
+    h = _activate(h, act, has_gate, gate_fn)
     y = _grouped(h, w2, offsets, bounds, path, w_down, out_in)
     if b_down is not None:
         y = y + b_down[bias_rows].to(y.dtype)
