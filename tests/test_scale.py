@@ -274,12 +274,6 @@ def test_few_hundred_mb_model_under_a_smaller_budget(tmp_path):
     """A 640 MB bf16 checkpoint under max_memory=1GB (the model would not fit next to the interpreter):
     peak RSS of the process (sampled with psutil, and the kernel's high-water mark) stays under the budget
     + 10%, and the traces, logits and greedy tokens equal the in-memory model's."""
-    import subprocess
-    import sys
-    import time
-
-    import psutil
-
     src = save_tiny_checkpoint("olmoe", tmp_path / "src", dtype=torch.bfloat16, hidden_size=512,
                                intermediate_size=512, num_hidden_layers=12, num_experts=32, num_experts_per_tok=4,
                                num_attention_heads=8, num_key_value_heads=8)
@@ -293,19 +287,7 @@ def test_few_hundred_mb_model_under_a_smaller_budget(tmp_path):
     tokens = generate(ref, PROMPT, max_new_tokens=12).token_ids
     del ref
     out = tmp_path / "child.pt"
-    proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(src), str(budget), str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    ps, peak = psutil.Process(proc.pid), 0
-    while proc.poll() is None:
-        try:
-            peak = max(peak, ps.memory_info().rss)
-        except psutil.NoSuchProcess:
-            break
-        time.sleep(0.01)
-    stdout, stderr = proc.communicate()
-    assert proc.returncode == 0, stderr[-2000:]
-    hw = json.loads(stdout.strip().splitlines()[-1])["vm_hwm_kb"] * 1024
-    assert peak <= hw + (8 << 20)
+    stdout, _, hw = _run_sampled([_CHILD, str(src), str(budget), str(out)], hwm_on="stdout")
     assert hw <= budget * 1.10, (hw / 1e6, budget / 1e6)
     got = torch.load(out, weights_only=True)
     assert got["slots"] is not None and got["slots"] < 32  # really offloaded
@@ -328,14 +310,22 @@ sys.exit(rc)
 def _sampled(argv: list[str]) -> tuple[str, int]:
     """Run ``moekit argv`` in a fresh process: (stdout, peak RSS in bytes: the kernel's high-water mark, checked
     against psutil sampling every 10 ms)."""
+    stdout, _, hw = _run_sampled([_CLI_CHILD, *map(str, argv)], hwm_on="stderr")
+    return stdout, hw
+
+
+def _run_sampled(child: list[str], hwm_on: str) -> tuple[str, str, int]:
+    """Run ``python -c child...``, sampling its RSS every 10 ms; returns (stdout, stderr, peak RSS in bytes): the
+    kernel's high-water mark the child prints last (as ``{"vm_hwm_kb": ...}`` on ``hwm_on``), which must not be
+    below what sampling saw."""
     import subprocess
     import sys
     import time
 
     import psutil
 
-    proc = subprocess.Popen([sys.executable, "-c", _CLI_CHILD, *map(str, argv)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", *child], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     ps, peak = psutil.Process(proc.pid), 0
     while proc.poll() is None:
         try:
@@ -345,9 +335,9 @@ def _sampled(argv: list[str]) -> tuple[str, int]:
         time.sleep(0.01)
     stdout, stderr = proc.communicate()
     assert proc.returncode == 0, stderr[-2000:]
-    hw = json.loads(stderr.strip().splitlines()[-1])["vm_hwm_kb"] * 1024
+    hw = json.loads((stdout if hwm_on == "stdout" else stderr).strip().splitlines()[-1])["vm_hwm_kb"] * 1024
     assert peak <= hw + (8 << 20)
-    return stdout, hw
+    return stdout, stderr, hw
 
 
 @pytest.mark.slow
