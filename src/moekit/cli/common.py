@@ -131,6 +131,19 @@ def load_model(spec: str | None, dtype: str | None = "auto", max_memory: str | N
         return load(spec or DEFAULT_MODEL, dtype=dtype, max_memory=max_memory)
 
 
+def use_fast_decode(lm) -> None:
+    """moekit's dispatch and CPU decode kernel for the experts, on the expert cache's slots when they are offloaded
+    (``lm.engine``, or an engine started later), and for the attention and lm_head linears (docs/nn.md, serving.md)."""
+    from moekit.nn.cpu_kernels import use_for_linears
+    from moekit.nn.dispatch import use_moekit_experts
+
+    if lm.engine is not None:
+        lm.engine.set_experts_implementation("moekit")
+    else:
+        use_moekit_experts(lm.model)
+    use_for_linears(lm.model)
+
+
 def join_ranks():
     """Under ``torchrun``: join the job and return its ``World`` (data parallel: every rank holds the whole model
     and runs a share of the batches); None in a single process."""

@@ -22,6 +22,7 @@ from moekit.cli.common import (
     positive_int,
     probability_mass,
     seed_int,
+    use_fast_decode,
 )
 from moekit.generation import DECODERS
 from moekit.serve import POLICIES
@@ -129,10 +130,7 @@ def generate_command(
     if offload and max_memory:
         raise MoekitError("give --offload (with --cache-mb) or --max-memory, not both")
     lm = _load_offloaded(model, dtype) if offload else load_model(model, dtype, max_memory)
-    if not offload and lm.engine is None:
-        from moekit.nn.dispatch import use_moekit_experts
-
-        use_moekit_experts(lm.model)  # moekit's dispatch and CPU decode kernel (docs/nn.md)
+    use_fast_decode(lm)  # moekit's dispatch and CPU decode kernels, offloaded or not (docs/nn.md)
     if lm.tokenizer is None:
         raise MoekitError(f"this model ({lm.name}) has no tokenizer; --prompt text needs one: copy the base "
                           "model's tokenizer files (tokenizer.json, tokenizer_config.json) into its directory")

@@ -7,7 +7,15 @@ import contextlib
 import typer
 
 from moekit.cli.choices import choice_callback, choice_help
-from moekit.cli.common import DTYPE_OPTION, MAX_MEMORY_OPTION, MODEL_HELP, app, console_err, load_model
+from moekit.cli.common import (
+    DTYPE_OPTION,
+    MAX_MEMORY_OPTION,
+    MODEL_HELP,
+    app,
+    console_err,
+    load_model,
+    use_fast_decode,
+)
 from moekit.errors import MoekitError
 from moekit.serve import POLICIES
 
@@ -61,8 +69,6 @@ def serve_command(
     if not is_loopback(host):
         console_err.print(f"warning: listening on {host}: the model is reachable from other machines, "
                           "without authentication", highlight=False, soft_wrap=True)
-    from moekit.nn.dispatch import use_moekit_experts
-
     with contextlib.closing(sock):
         if offload:
             from moekit.models import DEFAULT_MODEL
@@ -71,13 +77,13 @@ def serve_command(
 
             with console_err.status(f"loading {model or DEFAULT_MODEL} (experts offloaded)"):
                 lm = load_offloaded(model or DEFAULT_MODEL, dtype=dtype, device=device or "cpu")
+            use_fast_decode(lm)  # moekit's dispatch and CPU decode kernels (docs/nn.md)
             ctx = offload_ctx(lm, cache_mb=cache_mb, policy=policy, profile=profile)
         else:
             lm = load_model(model, dtype, max_memory)
             if device and lm.engine is None:
                 lm.model.to(device)
-            if lm.engine is None:
-                use_moekit_experts(lm.model)  # moekit's dispatch and CPU decode kernel (docs/nn.md)
+            use_fast_decode(lm)  # moekit's dispatch and CPU decode kernels, offloaded or not (docs/nn.md)
             ctx = contextlib.nullcontext(lm.engine)
         with ctx as engine:
             url = f"http://{f'[{host}]' if ':' in host else host}:{port}"

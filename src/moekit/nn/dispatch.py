@@ -395,6 +395,26 @@ def _gemv_forward(
     post_fn: Callable[[torch.Tensor], torch.Tensor] | None,
 ) -> torch.Tensor:
     """The decode path: per (token, slot) GEMVs on the experts' storage, then the weighted sum over k."""
+    y, valid = _gemv_outputs(x, ids, w_gate_up, w_down, act, b_gate_up, b_down, out_in, has_gate, gate_fn, post_fn)
+    return _weighted_sum(y, weights, valid).to(x.dtype)
+
+
+def _gemv_outputs(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    act: Callable[[torch.Tensor], torch.Tensor],
+    b_gate_up: torch.Tensor | None,
+    b_down: torch.Tensor | None,
+    out_in: bool,
+    has_gate: bool,
+    gate_fn: Callable[[torch.Tensor], torch.Tensor] | None,
+    post_fn: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each (token, slot)'s expert output ``y [T, k, H]`` (unweighted) and ``valid [T, k, 1]`` (ids in [0, E));
+    invalid slots hold anything. Every slot's value depends on its own id and row only (the kernel computes each
+    product alone), so computing a step's slots in several calls, the others as sentinels, gives the same numbers."""
     num_experts = w_gate_up.shape[0]
     h = torch.ops.moekit.expert_gemv(x.to(w_gate_up.dtype), w_gate_up, ids, out_in)  # [T, k, 2I]
     safe_ids = ids.clamp(0, num_experts - 1)
@@ -407,7 +427,7 @@ def _gemv_forward(
     if post_fn is not None:
         y = post_fn(y)
     valid = ((ids >= 0) & (ids < num_experts)).unsqueeze(-1)  # masked always: cheaper than asking
-    return _weighted_sum(y, weights, valid).to(x.dtype)
+    return y, valid
 
 
 def expert_forward(

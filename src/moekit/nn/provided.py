@@ -1,5 +1,6 @@
 """Expert dispatch with each active expert's weights supplied one at a time by a provider (an expert cache that
-loads them): what the offload engine computes through. Sort, un-permute and combine are ``moekit.nn.dispatch``'s."""
+loads them), or a decode step's slots computed in parts on banks of resident experts: what the offload engine
+computes through. Sort, un-permute, the decode kernel and combine are ``moekit.nn.dispatch``'s."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from moekit.nn.dispatch import _activate, combine_slots
+from moekit.nn.dispatch import _activate, _gemv_outputs, _use_gemv, _weighted_sum, combine_slots, get_backend
 
 
 class ExpertWeights(NamedTuple):
@@ -87,3 +88,38 @@ def expert_forward_provided(
         return combine_slots(y, inv, weights).to(x.dtype)
     weighted = y * weights.reshape(-1)[perm].unsqueeze(-1)
     return weighted[inv].view(num_tokens, top_k, -1).sum(dim=1).to(x.dtype)
+
+
+def decodes_by_gemv(bank: torch.Tensor) -> bool:
+    """Whether ``expert_forward`` runs a one-token step on experts stored like ``bank`` with the decode kernel (the
+    ``gemv`` path: the current backend, the device), i.e. whether ``expert_forward_parts`` reproduces it."""
+    return _use_gemv(get_backend(), bank, 1, False)
+
+
+def expert_forward_parts(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    parts: Iterable[tuple[torch.Tensor, ExpertWeights]],
+    act: Callable[[torch.Tensor], torch.Tensor] = F.silu,
+    *,
+    transposed: bool = False,
+    has_gate: bool = True,
+    gate_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    post_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``expert_forward``'s decode path (per-slot GEMVs on the weights' storage, then the weighted sum over k) with
+    the k slots computed in parts, each on its own bank as it becomes ready: the offload engine's cache hits on the
+    slot bank while the misses are read, then the misses. ``parts`` yields at least one ``(ids [T, k], bank)``:
+    each slot's index into that bank, or one outside it for the slots of other parts. A slot's output does not
+    depend on the others, so the result equals one ``expert_forward`` over all slots bit for bit."""
+    y = valid = None
+    for ids, bank in parts:
+        y_p, v_p = _gemv_outputs(x, ids, bank.gate_up, bank.down, act, bank.gate_up_bias, bank.down_bias,
+                                 not transposed, has_gate, gate_fn, post_fn)
+        if y is None or valid is None:
+            y, valid = y_p, v_p
+        else:
+            y, valid = torch.where(v_p, y_p, y), valid | v_p
+    if y is None or valid is None:
+        raise ValueError("expert_forward_parts needs at least one part")
+    return _weighted_sum(y, weights, valid).to(x.dtype)

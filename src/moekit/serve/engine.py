@@ -28,7 +28,7 @@ from torch import nn
 from moekit.errors import MoekitError
 from moekit.models.loading import LoadedModel
 from moekit.nn.dispatch import expert_forward
-from moekit.nn.provided import ExpertWeights, expert_forward_provided
+from moekit.nn.provided import ExpertWeights, decodes_by_gemv, expert_forward_parts, expert_forward_provided
 from moekit.serve.cache import POLICIES, LayerCache, Policy
 from moekit.serve.io import ExpertIO
 from moekit.serve.stats import EngineCounters, RequestLog, summary
@@ -124,6 +124,21 @@ class OffloadEngine:
         self.io.start(self._prefetch_one if self.prefetch else None)
         return self
 
+    def set_experts_implementation(self, impl: str) -> None:
+        """Compute the offloaded experts as the experts implementation ``impl`` does, and return the model to it
+        when the engine stops: ``"moekit"`` (moekit.nn's dispatch; its decode kernel then runs on the cache's slots,
+        as fast as on resident weights) or transformers' (per-expert matmuls, summed as ``grouped_mm`` does). For a
+        running engine (``moekit.load(max_memory=)``), where ``model.set_experts_implementation`` would unplug it."""
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+        if impl == "moekit":
+            from moekit.nn.dispatch import register_with_transformers
+
+            register_with_transformers()
+        if impl == IMPL_NAME or (impl != "eager" and impl not in ALL_EXPERTS_FUNCTIONS):
+            raise MoekitError(f"unknown experts implementation {impl!r} to compute the offloaded experts with")
+        self._prev_impl = impl
+
     def stop(self) -> None:
         self.io.stop()
         self._ew.clear()
@@ -187,15 +202,19 @@ class OffloadEngine:
         act = getattr(mod, "act_fn", torch.nn.functional.silu)
         transposed = bool(getattr(mod, "is_transposed", False))
         if decode and self._prev_impl == "moekit" and lc.slots:
-            # the model ran moekit.nn's dispatch: when all k experts are resident, run its decode kernel on the slot
-            # bank itself (slots as expert ids): the same kernel on the same weights, so the same numbers
-            hit = self._all_resident(lc, top_k_index)
+            # the model ran moekit.nn's dispatch: run its decode kernel on the slot bank itself (slots as expert ids),
+            # the hits while the misses are read, then the misses: the same kernel on the same weights, the same numbers
+            bank = lc.bank
+            parts_w = ExpertWeights(bank[names[0]], bank[names[1]], bank.get(names[2]), bank.get(names[3]))
+            if decodes_by_gemv(parts_w.gate_up):
+                return self._decode_in_parts(lc, hidden, top_k_index, top_k_weights, parts_w, names, act,
+                                             transposed, has_gate, gate_fn, post_fn)
+            hit = self._all_resident(lc, top_k_index)  # another backend: on the slot bank when all k are resident
             if hit is not None:
                 experts, slot_ids = hit
-                bank = lc.bank
                 try:
-                    return expert_forward(hidden, slot_ids, top_k_weights, bank[names[0]], bank[names[1]], act,
-                                          b_gate_up=bank.get(names[2]), b_down=bank.get(names[3]),
+                    return expert_forward(hidden, slot_ids, top_k_weights, parts_w.gate_up, parts_w.down, act,
+                                          b_gate_up=parts_w.gate_up_bias, b_down=parts_w.down_bias,
                                           transposed=transposed, has_gate=has_gate, gate_fn=gate_fn,
                                           post_fn=post_fn)
                 finally:
@@ -211,6 +230,66 @@ class OffloadEngine:
             if used:
                 with self.lock:
                     lc.release(used, top_k_index.reshape(-1).tolist())
+
+    def _decode_in_parts(self, lc: LayerCache, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                         top_k_weights: torch.Tensor, bank: ExpertWeights, names: tuple[str, ...], act: Any,
+                         transposed: bool, has_gate: bool, gate_fn: Any, post_fn: Any) -> torch.Tensor:
+        """One decode step with moekit's decode kernel on cache slots: the hits on the slot bank while the misses
+        are read into claimed slots (on the I/O threads), then prefetches in flight and those misses once read, then
+        the misses the cache does not take, from scratch buffers. No weight is copied after its read."""
+        row = top_k_index[0].tolist()
+        num_experts = lc.policy.num_experts
+        experts = [e for e in dict.fromkeys(row) if 0 <= e < num_experts]
+        with self.lock:
+            plan = self._lookup(lc, sorted(experts), True, experts)
+            claimed: dict[int, tuple[int, threading.Event]] = {}
+            for e in experts:
+                if plan[e] == "miss":
+                    ev = threading.Event()
+                    slot = lc.claim(e, ev)
+                    if slot is not None:
+                        claimed[e] = (slot, ev)
+            events = {e: lc.loading[e] for e in experts if plan[e] == "wait"}
+            hits = {e: lc.slot_of[e] for e in experts if plan[e] == "hit"}
+        fills = {e: self.io.submit(self._fill, lc, e, slot, ev, True) for e, (slot, ev) in claimed.items()}
+        bypass = [e for e in experts if plan[e] == "miss" and e not in claimed]
+        dtype, device = top_k_index.dtype, top_k_index.device
+
+        def slot_ids(slot_of: dict[int, int], absent: int) -> torch.Tensor:
+            return torch.tensor([[slot_of.get(e, absent) for e in row]], dtype=dtype, device=device)
+
+        def parts() -> Iterator[tuple[torch.Tensor, ExpertWeights]]:
+            if hits or not experts:  # (at least one part)
+                yield slot_ids(hits, lc.slots), bank
+            late: dict[int, int] = {}
+            for e, ev in events.items():
+                self._wait(lc, e, ev)
+                late[e] = lc.slot_of[e]
+            for e, fut in fills.items():
+                t0 = time.perf_counter()
+                fut.result()
+                self.counters.stall(time.perf_counter() - t0)
+                self._wait(lc, e, claimed[e][1])
+                late[e] = claimed[e][0]
+            if late:
+                yield slot_ids(late, lc.slots), bank
+            width = max(2, self.io_threads) if self.io.pool is not None else 1
+            for i in range(0, len(bypass), width):
+                chunk = bypass[i:i + width]
+                futs = [self.io.submit(self._read_scratch, lc.layer, e, j, True) for j, e in enumerate(chunk)]
+                for e, fut in zip(chunk, futs, strict=True):
+                    t0 = time.perf_counter()
+                    w = fut.result()
+                    self.counters.stall(time.perf_counter() - t0)
+                    one = ExpertWeights(*(w[n].unsqueeze(0) if n in w else None for n in names))
+                    yield slot_ids({e: 0}, 1), one
+
+        try:
+            return expert_forward_parts(hidden, top_k_weights, parts(), act, transposed=transposed,
+                                        has_gate=has_gate, gate_fn=gate_fn, post_fn=post_fn)
+        finally:
+            with self.lock:
+                lc.release(experts, row)
 
     def access(self, layer: int, experts: list[int], decode: bool = True) -> list[str]:
         """Request ``experts`` of ``layer`` as one forward would (without computing): ``"hit"``, ``"wait"``
