@@ -8,6 +8,13 @@ tokens/s cannot exceed bound = streaming-read bandwidth ÷ bytes of weights read
 best of torch's streaming reads (``sum``, ``dot``) over a buffer far larger than the caches, measured in the same
 run at the same thread count.
 
+Offloaded rows (CPU): the same checkpoint saved to disk and loaded with its experts served by moekit's expert cache
+(``moekit.serve``: non-expert weights resident, experts read from the checkpoint into the cache's slots), computed
+with moekit's decode kernels (experts on the slots, ``use_for_linears``): ``moekit-offload-warm`` with a cache that
+holds every expert, filled before timing (hit rate 1.0: what #14 calls "offloaded with a warm cache"; the bound is
+the in-memory one, the bytes read per token being the same) and ``moekit-offload-half`` with half of each layer's
+experts (misses read from storage, page cache bypassed: its hit rate is printed).
+
 Every implementation generates greedily with a static cache from the same prompt. Decode tokens/s is
 new tokens ÷ (time of a generate with ``--new-tokens`` + 1 tokens − time of one with 1 token), the median of
 ``--rounds`` interleaved rounds (every implementation once per round, so load from other processes hits all
@@ -54,6 +61,8 @@ OLMOE_1B_7B = dict(
 )
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 IMPLS = ("eager", "grouped_mm", "moekit", "moekit-linears", "moekit-compiled")
+OFFLOAD_IMPLS = ("moekit-offload-warm", "moekit-offload-half")
+OFFLOADED: dict = {}  # offload row → (LoadedModel, OffloadEngine), built by prepare_offloaded
 
 DEVICE = torch.device("cpu")
 CLOCK = "wall"  # --clock
@@ -193,6 +202,45 @@ def prepare_int8(model) -> None:
     set_impl(model, "eager")
 
 
+def prepare_offloaded(model, checkpoint: str) -> None:
+    """The offloaded rows: ``checkpoint`` (``model`` saved) loaded twice with its experts offloaded, on moekit's
+    kernels (experts on the cache's slots, ``use_for_linears``), one engine with every expert cached and filled, one
+    with half of each layer's experts."""
+    from moekit.nn.cpu_kernels import use_for_linears
+    from moekit.nn.dispatch import use_moekit_experts
+    from moekit.serve.engine import OffloadEngine
+    from moekit.serve.store import load_offloaded, store_for
+
+    num_experts = model.config.num_experts
+    for impl, slots in zip(OFFLOAD_IMPLS, (num_experts, max(num_experts // 2, model.config.num_experts_per_tok)),
+                           strict=True):
+        lm = load_offloaded(checkpoint, with_tokenizer=False)
+        lm.model.generation_config.eos_token_id = None
+        lm.model.generation_config.pad_token_id = 0
+        use_moekit_experts(lm.model)
+        use_for_linears(lm.model)
+        engine = OffloadEngine(lm, store_for(lm), slots=slots).start()
+        if impl.endswith("-warm"):
+            for v in lm.moe:
+                engine.access(v.index, list(range(v.num_experts)), decode=False)
+        OFFLOADED[impl] = (lm, engine)
+
+
+def release_offloaded() -> None:
+    """Stop the offloaded rows' engines and drop their models."""
+    for _lm, engine in OFFLOADED.values():
+        engine.stop()
+    OFFLOADED.clear()
+
+
+def model_for(model, impl: str):
+    """The model an implementation runs: an offloaded copy for the offload rows (set up once), else ``model``
+    switched to ``impl``; returns (model, compiled)."""
+    if impl in OFFLOADED:
+        return OFFLOADED[impl][0].model, False
+    return model, set_impl(model, impl)
+
+
 def bench_threads(model, threads: int, dtype: str, args, emit) -> dict:
     """Bound, decode and prefill tokens/s of every implementation at one thread count."""
     if DEVICE.type == "cpu":
@@ -213,24 +261,32 @@ def bench_threads(model, threads: int, dtype: str, args, emit) -> dict:
     impls = [i for i in IMPLS if not (args.no_compile and i.endswith("-compiled"))]
     impls = [i for i in impls if i != "moekit-linears" or DEVICE.type == "cpu"]
     impls += ["moekit-int8"] if INT8 else []
+    impls += [i for i in OFFLOAD_IMPLS if i in OFFLOADED]
     for impl in impls:  # warm-up: first calls, and compilation of the decode step
-        compiled = set_impl(model, impl)
+        m, compiled = model_for(model, impl)
         t0 = time.perf_counter()
-        generate_seconds(model, prompt, 2, compiled)
+        generate_seconds(m, prompt, 2, compiled)
         if compiled:
             emit(base | {"kind": "compile", "impl": impl, "seconds": round(time.perf_counter() - t0, 1)})
     samples: dict[str, list[float]] = {i: [] for i in impls}
     for _ in range(args.rounds):
         for impl in impls:
-            compiled = set_impl(model, impl)
-            one = generate_seconds(model, prompt, 1, compiled)
-            full = generate_seconds(model, prompt, 1 + args.new_tokens, compiled)
+            m, compiled = model_for(model, impl)
+            one = generate_seconds(m, prompt, 1, compiled)
+            full = generate_seconds(m, prompt, 1 + args.new_tokens, compiled)
             samples[impl].append(args.new_tokens / max(full - one, 1e-9))
     decode = {i: statistics.median(s) for i, s in samples.items()}
+    hit_rates = {}
     for impl, tps in decode.items():
         impl_bound = bound_int8 if impl == "moekit-int8" else bound
+        extra = {}
+        if impl in OFFLOADED:
+            st = OFFLOADED[impl][1].stats(belady=False)
+            hit_rates[impl] = st["decode_hit_rate"]
+            extra = {"cache_slots": OFFLOADED[impl][1].slots, "decode_hit_rate": round(st["decode_hit_rate"], 3),
+                     "bytes_read_per_token": st["bytes_read_per_token"]}
         emit(base | {"kind": "decode", "impl": impl, "tok_s": round(tps, 3), "of_bound": round(tps / impl_bound, 3),
-                     "rounds": [round(s, 3) for s in samples[impl]]})
+                     "rounds": [round(s, 3) for s in samples[impl]]} | extra)
     prefill = bench_prefill(model, args.prefill, args.rounds)
     for impl, tps in prefill.items():
         emit(base | {"kind": "prefill", "impl": impl, "tokens": args.prefill, "tok_s": round(tps, 1)})
@@ -243,6 +299,13 @@ def bench_threads(model, threads: int, dtype: str, args, emit) -> dict:
         summary["moekit_linears_of_bound"] = round(decode["moekit-linears"] / bound, 3)
     if "moekit-compiled" in decode:
         summary["moekit_compiled_of_bound"] = round(decode["moekit-compiled"] / bound, 3)
+    for impl in OFFLOAD_IMPLS:  # offloaded: of the bound, against the same kernels in memory, and the hit rate
+        if impl in decode:
+            key = impl.replace("-", "_")
+            summary[f"{key}_of_bound"] = round(decode[impl] / bound, 3)
+            if "moekit-linears" in decode:
+                summary[f"{key}_vs_in_memory"] = round(decode[impl] / decode["moekit-linears"], 3)
+            summary[f"{key}_decode_hit_rate"] = round(hit_rates[impl], 3)
     if bound_int8:
         summary["int8_bound_tok_s"] = round(bound_int8, 2)
         summary["moekit_int8_of_int8_bound"] = round(decode["moekit-int8"] / bound_int8, 3)
@@ -355,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gguf", default=None, help="the same checkpoint converted to a bf16 GGUF (for --llama-bench)")
     ap.add_argument("--gguf-q8", default=None, help="the same checkpoint converted to q8_0 (against int8 experts)")
     ap.add_argument("--save-checkpoint", default=None, help="write the random checkpoint here (for conversion)")
+    ap.add_argument("--no-offload", action="store_true",
+                    help="skip the offloaded rows (they save the checkpoint to a temporary directory, or use "
+                         "--save-checkpoint's)")
     ap.add_argument("--no-env-tuning", action="store_true", help="keep glibc's and OpenMP's defaults")
     args = ap.parse_args(argv)
     global DEVICE, CLOCK
@@ -390,6 +456,16 @@ def main(argv: list[str] | None = None) -> int:
         model = build_model(args.experts, args.layers, getattr(torch, dtype_name))
         if args.save_checkpoint:
             save_checkpoint(model, args.save_checkpoint)
+        tmp = None
+        if not args.no_offload and DEVICE.type == "cpu":
+            import tempfile
+
+            ckpt = args.save_checkpoint
+            if ckpt is None:
+                tmp = tempfile.TemporaryDirectory(prefix="bench-decode-")
+                ckpt = tmp.name
+                save_checkpoint(model, ckpt)
+            prepare_offloaded(model, ckpt)
         params = sum(p.numel() for p in model.parameters())
         INT8.clear()
         if not args.no_int8 and DEVICE.type == "cpu":  # torch's int8 weight-only kernel used here is the CPU one
@@ -404,14 +480,17 @@ def main(argv: list[str] | None = None) -> int:
         for t in threads if DEVICE.type == "cpu" else threads[:1]:
             summaries.append(bench_threads(model, t, dtype_name, args, emit))
         INT8.clear()
+        release_offloaded()
+        if tmp is not None:
+            tmp.cleanup()
         del model
-    keys = ("moekit", "moekit-linears", "eager", "grouped_mm", "moekit-compiled", "moekit-int8")
+    keys = ("moekit", "moekit-linears", "eager", "grouped_mm", "moekit-compiled", "moekit-int8", *OFFLOAD_IMPLS)
     rows = []
     for s in summaries:
         row = {k: s[k] for k in ("dtype", "threads", "bound_tok_s", "int8_bound_tok_s") if k in s}
         row |= {k.replace("-", "_"): s[f"{k}_tok_s"] for k in keys if f"{k}_tok_s" in s}
         row |= {k: v for k, v in s.items() if k.startswith(("llama_cpp", "moekit_of", "moekit_int8_of", "moekit_compiled_of", "moekit_linears_of",
-                                                            "moekit_vs_llama", "moekit_int8_vs_llama"))}
+                                                            "moekit_vs_llama", "moekit_int8_vs_llama", "moekit_offload"))}
         rows.append(row)
     emit({"kind": "final", "clock": CLOCK, "rows": rows,
           "best_moekit_of_bound": max(s["moekit_of_bound"] for s in summaries),
