@@ -172,6 +172,28 @@ def test_max_memory_offloads_with_identical_traces_and_logits(arch, tmp_path):
         assert torch.equal(whole.model(**batch).logits, l0)
 
 
+def test_running_engine_computes_with_moekits_dispatch(tmp_path):
+    """``engine.set_experts_implementation("moekit")`` on a model offloaded by ``max_memory``: the decode kernel runs
+    on the cache's slots and greedy tokens equal the in-memory model on moekit's dispatch (hits and misses alike);
+    the model returns to "moekit" when the engine stops; a name that is no experts implementation is refused."""
+    from moekit.nn.dispatch import use_moekit_experts
+
+    src = _save("olmoe", tmp_path / "src", torch.bfloat16)
+    ref = moekit.load(src)
+    assert use_moekit_experts(ref.model)
+    k = max(v.top_k for v in ref.moe)
+    lm = moekit.load(src, max_memory=_budget_for(src, k + 1))
+    with pytest.raises(MoekitError, match="unknown experts implementation"):
+        lm.engine.set_experts_implementation("fastest")
+    lm.engine.set_experts_implementation("moekit")
+    want = generate(ref, PROMPT, max_new_tokens=12).token_ids
+    assert generate(lm, PROMPT, max_new_tokens=12).token_ids == want
+    stats = lm.engine.stats(belady=False)
+    assert stats["decode_misses"] > 0 and stats["decode_hits"] > 0
+    lm.engine.stop()
+    assert lm.model.config._experts_implementation == "moekit"
+
+
 def test_max_memory_too_small_says_how_much(tmp_path):
     src = save_tiny_checkpoint("olmoe", tmp_path / "src")
     with pytest.raises(MoekitError, match="too small .* give at least"):
