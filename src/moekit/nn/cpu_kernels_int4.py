@@ -28,7 +28,6 @@ SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 #include <stdlib.h>
-#include <omp.h>
 #if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
@@ -199,10 +198,11 @@ static int gemv4(const uint8_t* q, int64_t es, int64_t rs, const uint16_t* sc, c
       xsum[s * groups + g] = t;
     }
   }
-  float* scratch = (float*)malloc((size_t)(nthreads > 0 ? nthreads : 1) * 4 * groups * sizeof(float) + 64);
-  if (!scratch) { free(xf); return 1; }
   const int64_t nb = (rows + 3) / 4, total = n * nb, rowbytes = cols / 2;
-  #pragma omp parallel for num_threads(nthreads) schedule(static)
+  #pragma omp parallel num_threads(nthreads)
+  {
+  float* sf = (float*)__builtin_alloca((size_t)(4 * groups) * sizeof(float));  /* this thread's block scales */
+  #pragma omp for schedule(static)
   for (int64_t b = 0; b < total; b++) {
     const int64_t s = b / nb, r0 = (b % nb) * 4, nr = rows - r0 < 4 ? rows - r0 : 4, e = ids[s];
     typename X::T* o = out + s * rows + r0;
@@ -223,7 +223,6 @@ static int gemv4(const uint8_t* q, int64_t es, int64_t rs, const uint16_t* sc, c
       }
     }
     /* this block's scales in fp32, and the zero points' share: corr = Σ_g s · z · Σx_g */
-    float* sf = scratch + (int64_t)omp_get_thread_num() * 4 * groups;
     float corr[4] = {0.f, 0.f, 0.f, 0.f};
     for (int64_t i = 0; i < nr; i++) {
       const uint16_t* si = sr + i * grs;
@@ -272,8 +271,8 @@ static int gemv4(const uint8_t* q, int64_t es, int64_t rs, const uint16_t* sc, c
     for (int64_t i = 0; i < nr; i++) acc[i] = row_scalar(wr + i * rs, sf + i * groups, groups, gs, xv);
     for (int64_t i = 0; i < nr; i++) o[i] = X::put(acc[i] - corr[i]);
   }
+  }
   free(xf);
-  free(scratch);
   return 0;
 }
 
