@@ -5,13 +5,15 @@ The weights are moekit's int4 codec (``moekit.formats.quantized``): two codes pe
 per group of ``gs`` columns one float16 scale ``s`` and one uint8 zero point ``z``, weight = (q − z)·s. A decode
 step is bound by the bytes it reads, and int4 reads 0.5 + 3/gs bytes per weight against bf16's 2.
 
-Per row and group the kernel forms d = Σ q·x over the group's columns (codes unpacked with and/shift, converted to
-fp32, FMA against an fp32 copy of the input), adds s·d to the row's accumulator, and subtracts Σ_g s·z·Σx_g once
-at the end (the per-group input sums are computed once per call): the codes are exact, so results differ from
-dequantize-then-matmul in fp32 only by the accumulation order. Rows are split across torch's OpenMP threads four
-at a time with a prefetch two blocks ahead, like ``cpu_kernels``' ``gemv``. With AVX-512 and a group size that is a
-multiple of 32 the unpack is vectorised: 16 bytes → 16 lanes (``vpmovzxbd``), low nibbles against the even columns
-and high nibbles against the odd ones of an input copy permuted once per call; otherwise a scalar loop.
+Per row and group the kernel forms d = Σ q·x over the group's columns, adds s·d to the row's fp32 accumulator, and
+subtracts Σ_g s·z·Σx_g once per row (the per-group input sums are computed once per call): the codes are exact, so
+results differ from dequantize-then-matmul in fp32 only by the accumulation order. Rows are split across torch's
+OpenMP threads four at a time with a prefetch two blocks ahead, like ``cpu_kernels``' ``gemv``. Three loops
+(``kernel_path``): bf16 inputs on a CPU with AVX512-BF16 and groups of 64k: each code becomes the bf16 number
+128 + q (OR into 0x4300; 128 comes off with the zero point) and ``vdpbf16ps`` multiplies it with the bf16 input;
+other inputs with AVX-512 and groups of 32k: 16 bytes → 16 lanes (``vpmovzxbd``), and/shift, ``vcvtdq2ps``, FMA;
+otherwise a scalar loop. The vector loops read an input copy permuted once per call into the order the codes
+unpack in.
 
 Its own source and library (``moekit_gemv_int4_*.so``), built and cached by ``cpu_kernels.load_library``.
 """
@@ -185,8 +187,8 @@ static int gemv4(const uint8_t* q, int64_t es, int64_t rs, const uint16_t* sc, c
     float* xr = xf + s * cols;
     const typename X::T* xi = x + s * xs;
     for (int64_t c = 0; c < cols; c++) {
-      /* vector modes: within every blk columns, the even ones first, then the odd ones (the order the nibbles
-         unpack in); the scalar loop reads the input as it is */
+      /* vector modes, within every blk columns: the order the codes unpack in (modes 1, 2: the even columns, then
+         the odd ones; mode 3: columns 4j, then 4j+1, 4j+2, 4j+3); the scalar loop reads the input as it is */
       const int64_t in = c % blk, run = mode == 3 ? in % 4 : in % 2, pos = mode == 3 ? in / 4 : in / 2;
       const int64_t dst = mode ? (c - in) + run * (mode == 3 ? 32 : blk / 2) + pos : c;
       xr[dst] = X::get(xi[c]);
