@@ -226,3 +226,30 @@ def test_mixed_or_unaligned_banks_load_dequantized(tmp_path) -> None:
     ids = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(10))
     with torch.no_grad():
         torch.testing.assert_close(packed(ids).logits, deq(ids).logits)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 5, 40])
+def test_expert_forward_int4_ignores_sentinel_ids(num_tokens: int) -> None:
+    """ids ≥ E ("no expert") add exactly nothing, on the per-slot decode path (1 token), the kernel groups (5) and
+    the dequantized groups (40): the same result as expert_forward on the dequantized weights."""
+    from moekit.nn import expert_forward, expert_forward_int4
+
+    g = torch.Generator().manual_seed(11)
+    hidden, inter, num_experts = 64, 32, 4
+    w1 = torch.randn(num_experts, 2 * inter, hidden, generator=g)
+    w2 = torch.randn(num_experts, hidden, inter, generator=g)
+    banks, deq = [], []
+    for w in (w1, w2):
+        qts = [quantize_matrix(w[e], 4, 32) for e in range(num_experts)]
+        q, s, z = (torch.stack([getattr(t, k) for t in qts]) for k in ("qweight", "scales", "zeros"))
+        banks += [q, s, z]
+        deq.append(torch.stack([dequantize_int4(q[e], s[e], z[e], torch.float32) for e in range(num_experts)]))
+    x = torch.randn(num_tokens, hidden, generator=g)
+    ids = torch.randint(0, num_experts, (num_tokens, 2), generator=g)
+    ids[0, 1] = num_experts  # a sentinel in the first token
+    weights = torch.rand(num_tokens, 2, generator=g)
+    got = expert_forward_int4(x, ids, weights, tuple(banks))
+    ref = expert_forward(x, ids, weights, deq[0], deq[1], backend="loop")
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    only_first = expert_forward_int4(x[:1], ids[:1, :1], weights[:1, :1], tuple(banks))
+    torch.testing.assert_close(got[:1], only_first, atol=1e-4, rtol=1e-4)  # the sentinel slot added nothing
