@@ -253,3 +253,20 @@ def test_expert_forward_int4_ignores_sentinel_ids(num_tokens: int) -> None:
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     only_first = expert_forward_int4(x[:1], ids[:1, :1], weights[:1, :1], tuple(banks))
     torch.testing.assert_close(got[:1], only_first, atol=1e-4, rtol=1e-4)  # the sentinel slot added nothing
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_int4_experts_compile_fullgraph_and_equal_eager() -> None:
+    """A model with packed int4 experts compiles with fullgraph=True (the int4 custom ops' fake implementations);
+    a prefill and a one-token step equal the uncompiled model."""
+    torch._dynamo.reset()
+    model = tiny_model("olmoe", num_hidden_layers=1, intermediate_size=32)
+    quantize_experts_int4(model, group_size=32, keep_float=False)
+    model.set_experts_implementation("moekit")
+    ids = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        for inp in (ids, ids[:1, :1]):
+            ref = model(inp).logits
+            torch.testing.assert_close(compiled(inp).logits, ref, atol=1e-5, rtol=1e-5)
