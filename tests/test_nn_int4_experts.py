@@ -6,12 +6,14 @@ weights; a quantized int4 checkpoint loaded with packed experts gives the dequan
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
 import torch
 
 import moekit
+from cli_helpers import one_error, run_cli
 from moekit.compress.quantize import quantize
 from moekit.errors import MoekitError
 from moekit.formats.quantized import INT4_BUFFERS, quantize_matrix
@@ -215,17 +217,14 @@ def test_packed_experts_need_a_quantized_checkpoint(tmp_path) -> None:
         moekit.load(src, with_tokenizer=False, packed_experts=True)
 
 
-def test_mixed_or_unaligned_banks_load_dequantized(tmp_path) -> None:
-    """Experts whose inputs are not a whole number of groups (down: 16 inputs, groups of 32) stay dequantized:
-    the model loads, those modules have no int4 buffers, and the logits equal the dequantized load's."""
+def test_packed_experts_refuse_a_checkpoint_with_nothing_to_pack(tmp_path) -> None:
+    """Experts whose inputs are not a whole number of groups (down: 16 inputs, groups of 32) cannot stay packed;
+    asking for packed experts when no module can be is a one-line error, not a silent dequantized load."""
     src = save_tiny_checkpoint("qwen3_moe", tmp_path / "src", with_tokenizer=False)
     quantize(moekit.load(src, with_tokenizer=False), bits=4, group_size=32, out=tmp_path / "q4")
-    packed = moekit.load(tmp_path / "q4", with_tokenizer=False, packed_experts=True).model
-    deq = moekit.load(tmp_path / "q4", with_tokenizer=False).model
-    assert not any(hasattr(m, INT4_BUFFERS[0]) for m in packed.modules())
-    ids = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(10))
-    with torch.no_grad():
-        torch.testing.assert_close(packed(ids).logits, deq(ids).logits)
+    with pytest.raises(MoekitError, match=r"no experts module can stay packed.*group size \(32\)"):
+        moekit.load(tmp_path / "q4", with_tokenizer=False, packed_experts=True)
+    assert moekit.load(tmp_path / "q4", with_tokenizer=False).model is not None  # the plain load still works
 
 
 @pytest.mark.parametrize("num_tokens", [1, 5, 40])
@@ -270,3 +269,19 @@ def test_int4_experts_compile_fullgraph_and_equal_eager() -> None:
         for inp in (ids, ids[:1, :1]):
             ref = model(inp).logits
             torch.testing.assert_close(compiled(inp).logits, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_cli_generate_with_packed_experts_gives_the_dequantized_tokens(tmp_path) -> None:
+    """`moekit generate Q4 --packed-experts` decodes with the int4 kernel and gives the greedy tokens of the
+    dequantized load; bad combinations are one-line errors."""
+    src = save_tiny_checkpoint("qwen3_moe", tmp_path / "src", hidden_size=128, moe_intermediate_size=128)
+    quantize(moekit.load(src), bits=4, group_size=128, out=tmp_path / "q4")
+    args = ["generate", tmp_path / "q4", "--prompt", "The river", "--max-tokens", "6", "--json"]
+    code, out, err = run_cli([*args, "--packed-experts"])
+    assert code == 0, err
+    code2, out2, err2 = run_cli(args)
+    assert code2 == 0, err2
+    packed, plain = json.loads(out), json.loads(out2)
+    assert len(packed["token_ids"]) == 6 and packed["token_ids"] == plain["token_ids"]
+    one_error(*run_cli([*args, "--packed-experts", "--offload"])[::2], "--packed-experts")
+    one_error(*run_cli(["generate", src, "--prompt", "x", "--packed-experts"])[::2], "packed experts need")

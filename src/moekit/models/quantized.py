@@ -47,7 +47,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype | str | None = None, kee
     scales and zero points as buffers, ``formats.quantized.INT4_BUFFERS``; its float expert weights are empty)
     and switches the model to moekit's experts implementation, which runs them with the int4 decode kernel:
     0.5 + 3/group_size bytes per expert weight. Modules with 8-bit experts, or inputs that are not a whole number
-    of groups, load dequantized as before. Inference only.
+    of groups, load dequantized as before (with none left to pack: ``MoekitError``). Inference only.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
     from transformers.initialization import no_init_weights
@@ -60,6 +60,9 @@ def load_quantized(path: str | Path, dtype: torch.dtype | str | None = None, kee
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     banks = packed_int4_banks(read_quant_meta(path)) if packed_experts else {}
+    if packed_experts and not banks:
+        raise MoekitError(f"{path}: no experts module can stay packed: that needs all-int4 experts whose input sizes "
+                          f"are multiples of the group size ({read_quant_meta(path)['group_size']})")
     packed_only = {name for names in banks.values() for name in names}
     meta, sd, packed = read_quantized(path, dtype, keep_packed, packed_only)
     missing, unexpected = model.load_state_dict(sd, strict=False)
