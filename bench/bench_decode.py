@@ -1,5 +1,5 @@
-"""Decode speed of an MoE against the memory bound: moekit, transformers eager and grouped_mm, compiled moekit,
-optionally llama.cpp, side by side in one run.
+"""Decode speed of an MoE against the memory bound: moekit (float, int8 and packed int4 experts), transformers eager
+and grouped_mm, compiled moekit, optionally llama.cpp, side by side in one run.
 
 The model is a random checkpoint with OLMoE-1B-7B's published config (H=2048, I=1024, 64 experts, top-8, vocab
 50304) cut to ``--experts`` experts and ``--layers`` layers, in bf16. Decode of one sequence reads every
@@ -112,9 +112,10 @@ def save_checkpoint(model, path: str) -> None:
         shutil.copy(zoo_dir() / "tiny" / name, Path(path) / name)
 
 
-def bytes_read_per_token(model, int8_experts: bool = False) -> int:
+def bytes_read_per_token(model, experts: str = "float", group_size: int = 128) -> int:
     """Weights one decode step reads: everything but the embedding table (one row), k/E of every expert
-    (with ``int8_experts``: 1 byte per expert weight plus a 2-byte scale per output row)."""
+    (``experts="int8"``: 1 byte per expert weight plus a 2-byte scale per output row; ``"int4"``: half a byte per
+    expert weight plus a 2-byte scale and a 1-byte zero point per group of ``group_size``)."""
     cfg = model.config
     share = cfg.num_experts_per_tok / cfg.num_experts
     total = 0.0
@@ -123,8 +124,10 @@ def bytes_read_per_token(model, int8_experts: bool = False) -> int:
         if "embed_tokens" in name:
             size = p.shape[-1] * p.element_size()
         elif ".experts." in name:
-            if int8_experts and p.dim() == 3:  # [E, out, in] (OLMoE's layout): one scale per output row
+            if experts == "int8" and p.dim() == 3:  # [E, out, in] (OLMoE's layout): one scale per output row
                 size = p.numel() + 2 * p.numel() // p.shape[-1]
+            elif experts == "int4" and p.dim() == 3:
+                size = p.numel() // 2 + 3 * p.numel() // group_size
             size *= share
         total += size
     return int(total)
@@ -171,34 +174,44 @@ def generate_seconds(model, prompt: torch.Tensor, new_tokens: int, compiled: boo
 
 
 INT8: dict = {}  # experts module → its int8 buffers (quantize_experts_int8), attached only for "moekit-int8"
+INT4: dict = {}  # experts module → its packed int4 buffers (quantize_experts_int4), attached only for "moekit-int4"
 
 
 def set_impl(model, impl: str) -> bool:
-    """Switch the experts implementation (and the int8 experts on or off); returns whether this run is compiled."""
+    """Switch the experts implementation (and the int8 / int4 experts on or off); returns whether this run is
+    compiled."""
     import moekit.nn
+    from moekit.formats.quantized import INT4_BUFFERS
     from moekit.nn.int8_experts import INT8_BUFFERS
 
-    for module, buffers in INT8.items():
-        for name in INT8_BUFFERS:
-            if impl == "moekit-int8":
-                module.register_buffer(name, buffers[name], persistent=False)
-            elif hasattr(module, name):
-                delattr(module, name)
+    for store, names, own in ((INT8, INT8_BUFFERS, "moekit-int8"), (INT4, INT4_BUFFERS, "moekit-int4")):
+        for module, buffers in store.items():
+            for name in names:
+                if impl == own:
+                    module.register_buffer(name, buffers[name], persistent=False)
+                elif hasattr(module, name):
+                    delattr(module, name)
     model.set_experts_implementation("moekit" if impl.startswith("moekit") else impl)
-    # moekit-linears (and int8): attention and lm_head also through moekit's decode kernel (cpu_kernels.use_for_linears)
-    moekit.nn.cpu_kernels.use_for_linears(model, enable=impl in ("moekit-linears", "moekit-int8"))
+    # moekit-linears (and int8/int4): attention and lm_head also through moekit's decode kernel (use_for_linears)
+    moekit.nn.cpu_kernels.use_for_linears(model, enable=impl in ("moekit-linears", "moekit-int8", "moekit-int4"))
     return impl.endswith("-compiled")
 
 
-def prepare_int8(model) -> None:
-    """Quantize the experts to int8 once (float weights kept for the other implementations), then detach them."""
-    from moekit.nn import quantize_experts_int8
+def prepare_quantized(model, bits: int, group_size: int) -> None:
+    """Quantize the experts to int8 (per-row) or packed int4 (groups of ``group_size``) once, float weights kept for
+    the other implementations, then detach them."""
+    from moekit.formats.quantized import INT4_BUFFERS
+    from moekit.nn import quantize_experts_int4, quantize_experts_int8
     from moekit.nn.int8_experts import INT8_BUFFERS
 
-    quantize_experts_int8(model, keep_float=True)
+    if bits == 8:
+        quantize_experts_int8(model, keep_float=True)
+    else:
+        quantize_experts_int4(model, group_size=group_size, keep_float=True)
+    store, names = (INT8, INT8_BUFFERS) if bits == 8 else (INT4, INT4_BUFFERS)
     for module in model.modules():
-        if hasattr(module, INT8_BUFFERS[0]):
-            INT8[module] = {name: getattr(module, name) for name in INT8_BUFFERS}
+        if hasattr(module, names[0]):
+            store[module] = {name: getattr(module, name) for name in names}
     set_impl(model, "eager")
 
 
@@ -251,16 +264,22 @@ def bench_threads(model, threads: int, dtype: str, args, emit) -> dict:
     base = {"threads": threads, "dtype": dtype, "clock": CLOCK}
     emit(base | {"kind": "bound", "stream_read_GBps": round(gbps, 2), "GB_per_token": round(per_token / 1e9, 3),
                  "bound_tok_s": round(bound, 2)})
-    per_token_int8 = bytes_read_per_token(model, int8_experts=True)
+    per_token_int8 = bytes_read_per_token(model, "int8")
     bound_int8 = gbps * 1e9 / per_token_int8 if INT8 else None
     if bound_int8:
         emit(base | {"kind": "bound", "experts": "int8", "GB_per_token": round(per_token_int8 / 1e9, 3),
                      "bound_tok_s": round(bound_int8, 2)})
+    per_token_int4 = bytes_read_per_token(model, "int4", args.int4_group_size)
+    bound_int4 = gbps * 1e9 / per_token_int4 if INT4 else None
+    if bound_int4:
+        emit(base | {"kind": "bound", "experts": f"int4 (groups of {args.int4_group_size})",
+                     "GB_per_token": round(per_token_int4 / 1e9, 3), "bound_tok_s": round(bound_int4, 2)})
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(3, model.config.vocab_size, (1, args.prompt), generator=g).to(DEVICE)
     impls = [i for i in IMPLS if not (args.no_compile and i.endswith("-compiled"))]
     impls = [i for i in impls if i != "moekit-linears" or DEVICE.type == "cpu"]
     impls += ["moekit-int8"] if INT8 else []
+    impls += ["moekit-int4"] if INT4 else []
     impls += [i for i in OFFLOAD_IMPLS if i in OFFLOADED]
     for impl in impls:  # warm-up: first calls, and compilation of the decode step
         m, compiled = model_for(model, impl)
@@ -278,7 +297,7 @@ def bench_threads(model, threads: int, dtype: str, args, emit) -> dict:
     decode = {i: statistics.median(s) for i, s in samples.items()}
     hit_rates = {}
     for impl, tps in decode.items():
-        impl_bound = bound_int8 if impl == "moekit-int8" else bound
+        impl_bound = {"moekit-int8": bound_int8, "moekit-int4": bound_int4}.get(impl) or bound
         extra = {}
         if impl in OFFLOADED:
             st = OFFLOADED[impl][1].stats(belady=False)
@@ -311,11 +330,19 @@ def bench_threads(model, threads: int, dtype: str, args, emit) -> dict:
         summary["moekit_int8_of_int8_bound"] = round(decode["moekit-int8"] / bound_int8, 3)
         bf16_row = "moekit-linears" if "moekit-linears" in decode else "moekit"  # int8 runs with the linears kernel
         summary["moekit_int8_vs_bf16"] = round(decode["moekit-int8"] / decode[bf16_row], 3)
+    if bound_int4:
+        summary["int4_bound_tok_s"] = round(bound_int4, 2)
+        summary["moekit_int4_of_int4_bound"] = round(decode["moekit-int4"] / bound_int4, 3)
+        float_row = "moekit-linears" if "moekit-linears" in decode else "moekit"  # int4 runs with the linears kernel
+        summary["moekit_int4_vs_float"] = round(decode["moekit-int4"] / decode[float_row], 3)
+        if "moekit-int8" in decode:
+            summary["moekit_int4_vs_int8"] = round(decode["moekit-int4"] / decode["moekit-int8"], 3)
     summary["prefill_tok_s"] = {i: round(t, 1) for i, t in prefill.items()}
     summary["prefill_moekit_vs_fastest_hf"] = round(prefill["moekit"] / max(prefill["eager"], prefill["grouped_mm"]), 3)
     if args.llama_bench and dtype == "bfloat16":  # equal bits: bf16 GGUF against bf16, q8_0 against int8 experts
         best = "moekit-linears" if "moekit-linears" in decode else "moekit"
         runs = [("", args.gguf, best)] + ([("_q8_0", args.gguf_q8, "moekit-int8")] if args.gguf_q8 else [])
+        runs += [("_q4", args.gguf_q4, "moekit-int4")] if args.gguf_q4 else []
         for suffix, gguf, ours in runs:
             if ours not in decode:
                 continue
@@ -336,7 +363,7 @@ def bench_prefill(model, tokens: int, rounds: int) -> dict[str, float]:
     times: dict[str, list[float]] = {i: [] for i in impls}
     with torch.no_grad():
         for impl in impls:
-            set_impl(model, impl)  # (also detaches the int8 experts: this is moekit on the bf16 weights)
+            set_impl(model, impl)  # (also detaches the int8/int4 experts: this is moekit on the float weights)
             model(ids, use_cache=False)
         for _ in range(rounds):
             for impl in impls:
@@ -413,10 +440,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="wall time, or CPU time ÷ threads (an estimate of a quiet machine's time on a busy one)")
     ap.add_argument("--no-compile", action="store_true", help="skip compiled moekit (compiling takes minutes)")
     ap.add_argument("--no-int8", action="store_true", help="skip moekit with int8 experts (quantize_experts_int8)")
+    ap.add_argument("--no-int4", action="store_true", help="skip moekit with packed int4 experts (quantize_experts_int4)")
+    ap.add_argument("--int4-group-size", type=int, default=128, help="int4 weights per scale and zero point (32-256)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]; kernels are synchronised around timings")
     ap.add_argument("--llama-bench", default=None, help="path to llama.cpp's llama-bench binary (optional)")
     ap.add_argument("--gguf", default=None, help="the same checkpoint converted to a bf16 GGUF (for --llama-bench)")
     ap.add_argument("--gguf-q8", default=None, help="the same checkpoint converted to q8_0 (against int8 experts)")
+    ap.add_argument("--gguf-q4", default=None, help="the same checkpoint converted to a 4-bit type (against int4 experts)")
     ap.add_argument("--save-checkpoint", default=None, help="write the random checkpoint here (for conversion)")
     ap.add_argument("--no-offload", action="store_true",
                     help="skip the offloaded rows (they save the checkpoint to a temporary directory, or use "
@@ -432,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if DEVICE.type == "cuda" and not torch.cuda.is_available():
         print(f"--device {args.device}: no CUDA device here", file=sys.stderr)
+        return 2
+    if args.int4_group_size not in (32, 64, 128, 256):
+        print(f"--int4-group-size {args.int4_group_size}: choose 32, 64, 128 or 256", file=sys.stderr)
         return 2
     if args.llama_bench and not Path(args.llama_bench).is_file():
         print(f"--llama-bench {args.llama_bench}: no such file", file=sys.stderr)
@@ -468,29 +501,37 @@ def main(argv: list[str] | None = None) -> int:
             prepare_offloaded(model, ckpt)
         params = sum(p.numel() for p in model.parameters())
         INT8.clear()
+        INT4.clear()
         if not args.no_int8 and DEVICE.type == "cpu":  # torch's int8 weight-only kernel used here is the CPU one
-            prepare_int8(model)
+            prepare_quantized(model, 8, 0)
+        if not args.no_int4 and DEVICE.type == "cpu":  # the int4 kernel is a CPU one (elsewhere: dequantized GEMMs)
+            prepare_quantized(model, 4, args.int4_group_size)
         emit({"kind": "env", "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
               "device": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu",
               "model": f"olmoe-1b-7b cut to {args.experts} experts, {args.layers} layers", "params": params,
               "dtype": dtype_name, "clock": CLOCK, "loadavg_1m": round(os.getloadavg()[0], 2),
               "omp_wait": os.environ.get("OMP_WAIT_POLICY") or f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}",
               "experts_backend": moekit.nn.get_backend(), "cpu_kernels": moekit.nn.cpu_kernels.available(),
-              "int4": "moekit's int4 experts (moekit quantize --bits 4) load dequantized: they decode as the float rows"})
+              "int4": f"moekit-int4: packed int4 experts, groups of {args.int4_group_size} (quantize_experts_int4, as "
+                      "moekit.load(..., packed_experts=True) keeps a moekit quantize --bits 4 checkpoint)",
+              "int4_kernel": moekit.nn.cpu_kernels_int4.kernel_path(args.int4_group_size, getattr(torch, dtype_name))})
         for t in threads if DEVICE.type == "cpu" else threads[:1]:
             summaries.append(bench_threads(model, t, dtype_name, args, emit))
         INT8.clear()
+        INT4.clear()
         release_offloaded()
         if tmp is not None:
             tmp.cleanup()
         del model
-    keys = ("moekit", "moekit-linears", "eager", "grouped_mm", "moekit-compiled", "moekit-int8", *OFFLOAD_IMPLS)
+    keys = ("moekit", "moekit-linears", "eager", "grouped_mm", "moekit-compiled", "moekit-int8", "moekit-int4",
+            *OFFLOAD_IMPLS)
     rows = []
     for s in summaries:
-        row = {k: s[k] for k in ("dtype", "threads", "bound_tok_s", "int8_bound_tok_s") if k in s}
+        row = {k: s[k] for k in ("dtype", "threads", "bound_tok_s", "int8_bound_tok_s", "int4_bound_tok_s") if k in s}
         row |= {k.replace("-", "_"): s[f"{k}_tok_s"] for k in keys if f"{k}_tok_s" in s}
         row |= {k: v for k, v in s.items() if k.startswith(("llama_cpp", "moekit_of", "moekit_int8_of", "moekit_compiled_of", "moekit_linears_of",
-                                                            "moekit_vs_llama", "moekit_int8_vs_llama", "moekit_offload"))}
+                                                            "moekit_vs_llama", "moekit_int8_vs_llama", "moekit_int4_of",
+                                                            "moekit_int4_vs", "moekit_offload"))}
         rows.append(row)
     emit({"kind": "final", "clock": CLOCK, "rows": rows,
           "best_moekit_of_bound": max(s["moekit_of_bound"] for s in summaries),

@@ -109,9 +109,9 @@ EP_HELP = ("Under torchrun: shard every MoE layer's experts over the ranks with 
 
 
 def load_model(spec: str | None, dtype: str | None = "auto", max_memory: str | None = None, world=None,
-               expert_parallel: bool = False):
+               expert_parallel: bool = False, packed_experts: bool = False):
     """Load a model for a command (``--dtype``, ``--max-memory``), with a status spinner; ``expert_parallel``
-    shards it over ``world``'s ranks."""
+    shards it over ``world``'s ranks; ``packed_experts`` keeps a quantized checkpoint's int4 experts packed."""
     from moekit.models import DEFAULT_MODEL
     from moekit.models.loading import parse_dtype
     from moekit.serve.placement import load, parse_size
@@ -124,11 +124,13 @@ def load_model(spec: str | None, dtype: str | None = "auto", max_memory: str | N
             raise MoekitError("--expert-parallel needs several ranks: start the command with torchrun --nproc-per-node N")
         if max_memory is not None:
             raise MoekitError("give --expert-parallel or --max-memory, not both")
+        if packed_experts:
+            raise MoekitError("give --expert-parallel or --packed-experts, not both")
         from moekit.distributed.data_parallel import load_expert_parallel
 
         return load_expert_parallel(spec or DEFAULT_MODEL, world, dtype=parse_dtype(dtype))
     with console_err.status(f"loading {spec or DEFAULT_MODEL}"):
-        return load(spec or DEFAULT_MODEL, dtype=dtype, max_memory=max_memory)
+        return load(spec or DEFAULT_MODEL, dtype=dtype, max_memory=max_memory, packed_experts=packed_experts)
 
 
 def use_fast_decode(lm) -> None:

@@ -98,6 +98,9 @@ def generate_command(
                                help=choice_help(POLICIES, "With --offload: expert cache policy")),
     offload_stats: bool = typer.Option(False, "--stats", help="With --offload or an offloading --max-memory: "
                                        "report the cache statistics."),
+    packed_experts: bool = typer.Option(False, "--packed-experts", help="A moekit int4 checkpoint (moekit quantize "
+                                        "--bits 4): keep its experts packed in memory (0.52 bytes per weight at "
+                                        "groups of 128), run by moekit's int4 decode kernel."),
 ) -> None:
     """Generate text, optionally steering the experts.
 
@@ -106,7 +109,8 @@ def generate_command(
       moekit generate moekit:tiny --prompt "The river" --disable 1:3,2:7 --temperature 0.8 --seed 1\n
       moekit generate moekit:tiny --prompt "seven plus" --steer digits.json:on\n
       moekit generate moekit:tiny --prompt "17 + 25 =" --contrast 0.5\n
-      moekit generate moekit:tiny --prompt "def f(x):" --rewire --max-tokens 32
+      moekit generate moekit:tiny --prompt "def f(x):" --rewire --max-tokens 32\n
+      moekit generate tiny-int4 --prompt "The river" --packed-experts
     """
     from moekit.errors import MoekitError
 
@@ -129,7 +133,11 @@ def generate_command(
     parse_routing(disable, force, boost, bias, top_k, top_p, steer)  # bad options fail before the model loads
     if offload and max_memory:
         raise MoekitError("give --offload (with --cache-mb) or --max-memory, not both")
-    lm = _load_offloaded(model, dtype) if offload else load_model(model, dtype, max_memory)
+    if packed_experts and (offload or rewire):
+        raise MoekitError("--packed-experts runs the experts from memory without gradients: not with --offload or "
+                          "--rewire")
+    lm = (_load_offloaded(model, dtype) if offload
+          else load_model(model, dtype, max_memory, packed_experts=packed_experts))
     use_fast_decode(lm)  # moekit's dispatch and CPU decode kernels, offloaded or not (docs/nn.md)
     if lm.tokenizer is None:
         raise MoekitError(f"this model ({lm.name}) has no tokenizer; --prompt text needs one: copy the base "

@@ -106,6 +106,30 @@ def dequantize(qt: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return w.reshape(out_dim, -1)[:, :in_dim].to(dtype)
 
 
+# Packed int4 experts in memory (inference): per experts module, the codes, scales and zero points of every expert
+# stacked, ``[E, out, in/2]`` uint8 / ``[E, out, in/gs]`` float16 / uint8, registered as buffers under these
+# names (gate;up or up projection first, then down). ``moekit.models`` attaches them when it loads a checkpoint
+# with packed experts, ``moekit.nn.int4_experts`` when it quantizes a model, and moekit's experts run them.
+INT4_BUFFERS = ("moekit_int4_gate_up", "moekit_int4_gate_up_scale", "moekit_int4_gate_up_zero",
+                "moekit_int4_down", "moekit_int4_down_scale", "moekit_int4_down_zero")
+
+
+def int4_packable(shape: tuple[int, int], bits: list[int] | tuple[int, ...], group_size: int) -> bool:
+    """Whether a bank of (out, in) matrices with these per-expert bits can stay packed as int4 in memory: every
+    expert is 4-bit and ``in`` is a whole number of groups (no zero-padded last group)."""
+    return all(int(b) == 4 for b in bits) and shape[1] % group_size == 0 and group_size % 2 == 0
+
+
+def stack_int4(qts: list[QTensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The experts of one bank as the in-memory int4 layout (see ``INT4_BUFFERS``): stacked codes, scales, zeros."""
+    if not qts or not int4_packable(qts[0].shape, [qt.bits for qt in qts], qts[0].group_size):
+        raise MoekitError("int4 packing needs 4-bit experts whose input size is a multiple of the group size")
+    if any(qt.shape != qts[0].shape or qt.group_size != qts[0].group_size for qt in qts):
+        raise MoekitError("int4 packing needs experts of one shape and group size")
+    return (torch.stack([qt.qweight for qt in qts]), torch.stack([qt.scales for qt in qts]),
+            torch.stack([qt.zeros for qt in qts]))
+
+
 def is_quantized_checkpoint(path: str | Path) -> bool:
     """True when ``path`` holds a moekit weight-only quantized checkpoint."""
     return (Path(path) / QUANT_CONFIG).is_file()
@@ -124,11 +148,13 @@ def read_quant_meta(path: Path) -> dict:
     return meta
 
 
-def read_quantized(path: str | Path, dtype: torch.dtype, keep_packed: bool = False
+def read_quantized(path: str | Path, dtype: torch.dtype, keep_packed: bool = False,
+                   packed_only: frozenset[str] | set[str] = frozenset()
                    ) -> tuple[dict, dict[str, torch.Tensor], dict[str, list[QTensor]]]:
     """Read a quantized checkpoint directory: its format record, the full state dict with every expert
     matrix dequantized to ``dtype`` (tied weights filled in), and, with ``keep_packed``, the packed codes
-    (``{expert parameter name: [QTensor per expert]}``)."""
+    (``{expert parameter name: [QTensor per expert]}``). Expert parameters named in ``packed_only`` are not
+    dequantized (absent from the state dict) and always come back packed."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -144,10 +170,12 @@ def read_quantized(path: str | Path, dtype: torch.dtype, keep_packed: bool = Fal
             E, o, i = info["shape"]
             qts = [QTensor(f.get_tensor(f"{name}.{e}.qweight"), f.get_tensor(f"{name}.{e}.scales"),
                            f.get_tensor(f"{name}.{e}.zeros"), int(info["bits"][e]), gs, (o, i)) for e in range(E)]
-            full = torch.stack([qt.dequantize(dtype) for qt in qts])
-            sd[name] = full.transpose(1, 2).contiguous() if info["transposed"] else full
-            if keep_packed:
+            if name not in packed_only:
+                full = torch.stack([qt.dequantize(dtype) for qt in qts])
+                sd[name] = full.transpose(1, 2).contiguous() if info["transposed"] else full
+            if keep_packed or name in packed_only:
                 packed[name] = qts
     for k, other in meta.get("tied", {}).items():
-        sd[k] = sd[other]
+        if other in sd:  # (a packed-only expert bank is never the target of a tie)
+            sd[k] = sd[other]
     return meta, sd, packed

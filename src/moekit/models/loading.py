@@ -214,6 +214,7 @@ def load(
     device: str | torch.device = "cpu",
     with_tokenizer: bool = True,
     distributed_config=None,
+    packed_experts: bool = False,
 ) -> LoadedModel:
     """Load ``spec`` (hub id, local directory or ``moekit:<name>``) in eval mode and map its experts.
 
@@ -221,6 +222,9 @@ def load(
     model with transformers' own parallel plans, e.g. expert parallelism (see ``moekit.distributed``).
 
     ``dtype``: ``"auto"`` (default) keeps the checkpoint's dtype; or ``bfloat16``/``float16``/``float32``.
+
+    ``packed_experts`` (moekit quantized checkpoints only): keep int4 experts packed in memory, run by moekit's
+    int4 kernel (see ``moekit.models.quantized.load_quantized``).
     """
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
@@ -232,9 +236,12 @@ def load(
     if path is None:
         source = hub_snapshot(name)
     dtype = resolve_dtype(dtype, Path(source))
+    quantized = path is not None and is_quantized_checkpoint(path)
+    if packed_experts and not quantized:
+        raise MoekitError(f"packed experts need a moekit quantized checkpoint (moekit quantize); {source} is not one")
     try:
-        if path is not None and is_quantized_checkpoint(path):
-            model = load_quantized(path, dtype=dtype)
+        if quantized:
+            model = load_quantized(path, dtype=dtype, packed_experts=packed_experts)
         elif distributed_config is not None:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, distributed_config=distributed_config)
         else:

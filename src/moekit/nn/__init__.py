@@ -13,6 +13,7 @@ from moekit.nn.dispatch import (
     set_backend,
 )
 from moekit.nn.expert_parallel import ExpertParallelBank, all_to_all, shard_experts
+from moekit.nn.int4_experts import expert_forward_int4, int4_expert_bytes, quantize_experts_int4
 from moekit.nn.int8_experts import expert_forward_int8, quantize_experts_int8, quantize_rows_int8
 from moekit.nn.layers import CoELayer, ExpertBank, GatedMLP, MoELayer
 from moekit.nn.losses import AddAuxiliaryLoss, add_aux_loss, seq_balance_loss, switch_balance_loss, z_loss
@@ -46,11 +47,14 @@ __all__ = [
     "build_router",
     "expert_counts",
     "expert_forward",
+    "expert_forward_int4",
     "expert_forward_int8",
     "combine_slots",
     "get_backend",
     "group_limited_topk",
     "moekit_experts_forward",
+    "int4_expert_bytes",
+    "quantize_experts_int4",
     "quantize_experts_int8",
     "quantize_rows_int8",
     "register_with_transformers",

@@ -185,8 +185,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MOEKIT_KERNEL_CACHE") or Path.home() / ".cache" / "moekit" / "kernels")
 
 
-def _build(compiler: str) -> Path | None:
-    """Compile SOURCE to a shared library in the cache (once per source, flags and CPU); None when it fails."""
+def _build(compiler: str, source: str = SOURCE, stem: str = "moekit_gemv") -> Path | None:
+    """Compile ``source`` to a shared library ``<stem>_<key>.so`` in the cache (once per source, flags and CPU);
+    None when it fails."""
     folder = cache_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -194,13 +195,13 @@ def _build(compiler: str) -> Path | None:
         log.info("moekit CPU kernels: cannot create %s (%s); using torch's ops", folder, exc)
         return None
     for flags in _FLAG_SETS:
-        key = hashlib.sha256("\0".join([SOURCE, compiler, *flags, _cpu_id()]).encode()).hexdigest()[:16]
-        lib = folder / f"moekit_gemv_{key}.so"
+        key = hashlib.sha256("\0".join([source, compiler, *flags, _cpu_id()]).encode()).hexdigest()[:16]
+        lib = folder / f"{stem}_{key}.so"
         if lib.is_file():
             return lib
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
             src, out = Path(tmp) / "gemv.cpp", Path(tmp) / "gemv.so"
-            src.write_text(SOURCE)
+            src.write_text(source)
             cmd = [compiler, *flags, "-shared", "-fPIC", "-std=c++17", "-o", str(out), str(src)]
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
@@ -214,22 +215,29 @@ def _build(compiler: str) -> Path | None:
     return None
 
 
-def _load() -> ctypes.CDLL | None:
-    """The kernel library, built and loaded once per process; None when disabled or no compiler works."""
+def load_library(source: str = SOURCE, stem: str = "moekit_gemv") -> ctypes.CDLL | None:
+    """A kernel library (``source``, named ``stem`` in the cache), built and loaded once per process; None when
+    disabled (``MOEKIT_CPU_KERNELS=0``) or no compiler works. Other kernel modules (``cpu_kernels_int4``) build
+    their own source through this."""
     with _lock:
-        if "lib" in _state:
-            return _state["lib"]
+        if stem in _state:
+            return _state[stem]
         lib = None
         if os.environ.get("MOEKIT_CPU_KERNELS", "1") not in ("0", "false", "no"):
             compiler = next((c for c in (os.environ.get("CXX"), "c++", "g++", "clang++") if c and shutil.which(c)), None)
-            path = _build(compiler) if compiler else None
+            path = _build(compiler, source, stem) if compiler else None
             if path is not None:
                 try:
                     lib = ctypes.CDLL(str(path))
                 except OSError as exc:
                     log.info("moekit CPU kernels: cannot load %s (%s)", path, exc)
-        _state["lib"] = lib
+        _state[stem] = lib
         return lib
+
+
+def _load() -> ctypes.CDLL | None:
+    """The decode kernel library (SOURCE), built and loaded once per process; None when disabled or no compiler."""
+    return load_library()
 
 
 def available() -> bool:

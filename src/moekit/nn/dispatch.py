@@ -13,8 +13,8 @@ run as ``torch.library`` custom ops (``moekit::grouped_mm_loop``, ``moekit::expe
 implementations, ``grouped_mm`` is used only in bf16 (what inductor accepts), and sentinel masks always apply.
 
 One module of ~620 lines on purpose: the eager and compiled paths, their custom ops and the path rule are one
-pipeline sharing layout conventions (``out_in``, sentinel ids); the int8 variant is ``int8_experts`` and the
-provider-fed variant the offload engine uses is ``provided``.
+pipeline sharing layout conventions (``out_in``, sentinel ids); the int8 and int4 variants are ``int8_experts``
+and ``int4_experts``, and the provider-fed variant the offload engine uses is ``provided``.
 """
 
 from __future__ import annotations
@@ -565,6 +565,12 @@ def moekit_experts_forward(
     b2 = self.down_proj_bias if has_bias else None
     gate_fn = self._apply_gate if has_gate and hasattr(self, "_apply_gate") else None
     post_fn = self.post_expert_norm if getattr(self, "has_post_expert_norm", False) else None
+    if hasattr(self, _int4.INT4_BUFFERS[0]):  # packed int4 experts (quantize_experts_int4, or a packed load)
+        return _int4.expert_forward_int4(
+            hidden_states, top_k_index, top_k_weights, tuple(getattr(self, name) for name in _int4.INT4_BUFFERS),
+            getattr(self, "act_fn", F.silu), b_gate_up=b1, b_down=b2, has_gate=has_gate, gate_fn=gate_fn,
+            post_fn=post_fn,
+        )
     if hasattr(self, _int8.INT8_BUFFERS[0]):  # quantize_experts_int8 ran on this module
         q1, s1, q2, s2 = (getattr(self, name) for name in _int8.INT8_BUFFERS)
         return _int8.expert_forward_int8(
@@ -623,9 +629,11 @@ def _activate(h: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor], has_
     return act(h)
 
 
-# int8 experts and per-expert weight providers live in their own modules (they use this module's helpers); the
+# int8 / int4 experts and per-expert weight providers live in their own modules (they use this module's helpers); the
 # names stay importable from here
+from moekit.nn import int4_experts as _int4  # noqa: E402
 from moekit.nn import int8_experts as _int8  # noqa: E402
+from moekit.nn.int4_experts import INT4_DEQUANT_MIN_ROWS, expert_forward_int4, quantize_experts_int4  # noqa: E402,F401
 from moekit.nn.int8_experts import (  # noqa: E402,F401
     INT8_BUFFERS,
     INT8_DEQUANT_MIN_ROWS,

@@ -71,17 +71,21 @@ def plan_budget(lm_meta: LoadedModel, budget: int) -> dict:
 
 def load(spec: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype | str | None = "auto",
          device: str | torch.device = "cpu", with_tokenizer: bool = True, max_memory: str | int | None = None,
-         policy: str = "lru+prefetch", distributed_config=None) -> LoadedModel:
+         policy: str = "lru+prefetch", distributed_config=None, packed_experts: bool = False) -> LoadedModel:
     """Load ``spec`` (hub id, local directory or ``moekit:<name>``) in eval mode and map its experts.
 
     ``dtype``: ``"auto"`` keeps the checkpoint's. ``max_memory`` (bytes or ``"6GB"``): the process's peak
     memory to stay under; experts are offloaded (served from the checkpoint through an expert cache with
     ``policy``) when the whole model does not fit. ``lm.engine`` is then the running ``OffloadEngine``.
-    ``distributed_config``: see ``moekit.models.load`` (not with ``max_memory``).
+    ``distributed_config``: see ``moekit.models.load`` (not with ``max_memory``). ``packed_experts``: a moekit
+    int4 quantized checkpoint's experts stay packed in memory, run by moekit's int4 kernel (not with
+    ``max_memory``; see ``moekit.models.quantized.load_quantized``).
     """
     if max_memory is None:
         return load_resident(spec, dtype=dtype, device=device, with_tokenizer=with_tokenizer,
-                             distributed_config=distributed_config)
+                             distributed_config=distributed_config, packed_experts=packed_experts)
+    if packed_experts:
+        raise MoekitError("give max_memory or packed_experts, not both (offloaded experts are served dequantized)")
     if distributed_config is not None:
         raise MoekitError("give max_memory or distributed_config, not both")
     budget = parse_size(max_memory)

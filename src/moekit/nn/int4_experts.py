@@ -1,0 +1,193 @@
+"""int4 experts (inference): moekit's int4 codec kept packed in memory — two codes per byte, per group of ``gs``
+weights along ``in`` one float16 scale and one uint8 zero point (``moekit.formats.quantized``) — and run by the
+int4 decode kernel (``cpu_kernels_int4``); the sort/combine pipeline is ``moekit.nn.dispatch``'s.
+
+Memory: 0.5 + 3/gs bytes per expert weight (0.52 at gs=128, 3.8× less than bf16), so a decode step bound by
+memory reads can run up to ~3.8× faster on its expert share. The same layout comes from a quantized checkpoint
+loaded with packed experts (``moekit.models.load_quantized(..., packed_experts=True)``) or from
+``quantize_experts_int4`` on a float model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from moekit.errors import MoekitError
+from moekit.formats.quantized import (
+    INT4_BUFFERS,
+    QTensor,
+    dequantize,
+    int4_packable,
+    quantize_matrix,
+    stack_int4,
+)
+from moekit.nn import cpu_kernels_int4
+from moekit.nn.dispatch import _activate, _weighted_sum, combine_slots, expert_counts
+
+# From this many rows an expert's group dequantizes the expert (to the activations' dtype) and runs one GEMM; fewer
+# rows run the int4 kernel, which reads the packed codes once per row.
+INT4_DEQUANT_MIN_ROWS = 16
+
+
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One expert's ``[out, in]`` matrix from its packed codes ``[out, in/2]``, scales and zeros ``[out, G]``
+    (the format's codec: (q − z)·s computed in fp32, then cast to ``dtype``)."""
+    out_dim, groups = scale.shape
+    in_dim = 2 * q.shape[-1]
+    return dequantize(QTensor(q, scale, zero, 4, in_dim // groups, (out_dim, in_dim)), dtype)
+
+
+@torch.library.custom_op("moekit::int4_expert_gemv", mutates_args=())
+def _int4_expert_gemv(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, ids: torch.Tensor
+) -> torch.Tensor:
+    """The int4 decode kernel: ``out[t, j] = x[t] (or x[t, j]) @ W[ids[t, j]].T`` (``[T, k, out]``, ``x``'s dtype);
+    without the compiled kernel, each slot's expert is dequantized to fp32 and multiplied in fp32 (same codes,
+    same fp32 accumulation, so the two agree to fp32 rounding)."""
+    fast = cpu_kernels_int4.expert_gemv_int4(x, q, scale, zero, ids)
+    if fast is not None:
+        return fast
+    num_experts = q.shape[0]
+    out = x.new_empty(*ids.shape, q.shape[1])
+    per_slot = x.dim() == 3
+    for t, row in enumerate(ids.tolist()):
+        for j, e in enumerate(row):
+            if 0 <= e < num_experts:
+                xv = (x[t, j] if per_slot else x[t]).float()
+                out[t, j] = dequantize_int4(q[e], scale[e], zero[e], torch.float32) @ xv
+            else:
+                out[t, j].zero_()
+    return out
+
+
+@_int4_expert_gemv.register_fake
+def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(*ids.shape, q.shape[1])
+
+
+@torch.library.custom_op("moekit::int4_grouped_mm", mutates_args=())
+def _int4_grouped_mm(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
+    """Sorted rows ``x [S, in]`` times int4 experts over int ``offsets [E]``: a group of at least
+    ``INT4_DEQUANT_MIN_ROWS`` rows dequantizes its expert to ``x``'s dtype and runs one GEMM, a smaller one runs the
+    int4 kernel on its rows; rows past the last group are zero."""
+    out = x.new_empty(x.shape[0], q.shape[1])
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        if end - start >= INT4_DEQUANT_MIN_ROWS:
+            torch.mm(x[start:end], dequantize_int4(q[e], scale[e], zero[e], x.dtype).t(), out=out[start:end])
+        elif end > start:
+            ids = torch.full((end - start, 1), e, dtype=torch.int64)
+            out[start:end] = torch.ops.moekit.int4_expert_gemv(x[start:end].unsqueeze(1), q, scale, zero, ids)[:, 0]
+        start = end
+    out[start:].zero_()
+    return out
+
+
+@_int4_grouped_mm.register_fake
+def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], q.shape[1])
+
+
+def attach_int4(module: torch.nn.Module, gate_up: list[QTensor], down: list[QTensor], keep_float: bool = True) -> None:
+    """Register one experts module's packed int4 banks (``INT4_BUFFERS``), from per-expert (out, in) QTensors;
+    ``keep_float=False`` frees its float expert weights (then only moekit's experts implementation runs it)."""
+    has_gate = getattr(module, "has_gate", True)
+    for qts, names, pname in ((gate_up, INT4_BUFFERS[:3], "gate_up_proj" if has_gate else "up_proj"),
+                              (down, INT4_BUFFERS[3:], "down_proj")):
+        for name, t in zip(names, stack_int4(qts), strict=True):
+            module.register_buffer(name, t, persistent=False)
+        if not keep_float:
+            w = getattr(module, pname)
+            setattr(module, pname, torch.nn.Parameter(w.new_empty(w.shape[0], 0, 0), requires_grad=False))
+
+
+def quantize_experts_int4(model: torch.nn.Module, group_size: int = 128, keep_float: bool = True) -> int:
+    """Give every transformers experts module packed int4 copies of its expert weights (moekit's codec, groups of
+    ``group_size`` along ``in``), which the ``moekit`` implementation then runs (inference only); returns how many
+    modules were converted.
+
+    Memory: 0.5 byte per weight + 3 bytes per group (fp16 scale, uint8 zero point), on top of the float weights
+    unless ``keep_float=False`` drops them. Every expert matrix's input size must be a multiple of ``group_size``.
+    """
+    if group_size < 2 or group_size % 2:
+        raise MoekitError(f"group size must be an even number >= 2, got {group_size}")
+    modules = [m for m in model.modules() if hasattr(m, "has_gate") and hasattr(m, "down_proj")]
+    for module in modules:  # validate every module before changing any
+        transposed = getattr(module, "is_transposed", False)
+        for name in ("gate_up_proj" if getattr(module, "has_gate", True) else "up_proj", "down_proj"):
+            w = getattr(module, name)
+            in_dim = w.shape[1] if transposed else w.shape[2]
+            if not int4_packable((0, in_dim), (4,), group_size):
+                raise MoekitError(f"int4 experts: {name} has {in_dim} inputs, not a multiple of the group size "
+                                  f"{group_size}")
+    for module in modules:
+        transposed = getattr(module, "is_transposed", False)
+        banks = []
+        for name in ("gate_up_proj" if getattr(module, "has_gate", True) else "up_proj", "down_proj"):
+            w = getattr(module, name)  # one expert at a time: no float32 copy of the whole bank
+            banks.append([quantize_matrix(w[e].t() if transposed else w[e], 4, group_size) for e in range(w.shape[0])])
+        attach_int4(module, banks[0], banks[1], keep_float)
+    return len(modules)
+
+
+def expert_forward_int4(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    int4_banks: tuple[torch.Tensor, ...],
+    act: Callable[[torch.Tensor], torch.Tensor] = F.silu,
+    *,
+    b_gate_up: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None,
+    has_gate: bool = True,
+    gate_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    post_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``expert_forward`` on packed int4 experts (``int4_banks``: the six ``INT4_BUFFERS`` tensors), computed in
+    ``x``'s dtype: per-slot GEMVs for one token, per-expert groups on sorted rows otherwise. Inference only."""
+    q1, s1, z1, q2, s2, z2 = int4_banks
+    num_tokens, top_k = ids.shape
+    num_experts = q1.shape[0]
+
+    def ffn(h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        if b_gate_up is not None:
+            h = h + b_gate_up[rows].to(h.dtype)
+        return _activate(h, act, has_gate, gate_fn)
+
+    if num_tokens == 0 or top_k == 0:
+        return x.new_zeros(x.shape)
+    safe_ids = ids.clamp(0, num_experts - 1)
+    if num_tokens == 1:
+        h = ffn(torch.ops.moekit.int4_expert_gemv(x, q1, s1, z1, ids), safe_ids)
+        y = torch.ops.moekit.int4_expert_gemv(h.contiguous(), q2, s2, z2, ids)
+        if b_down is not None:
+            y = y + b_down[safe_ids].to(y.dtype)
+        if post_fn is not None:
+            y = post_fn(y)
+        valid = ((ids >= 0) & (ids < num_experts)).unsqueeze(-1)
+        return _weighted_sum(y, weights, valid).to(x.dtype)
+    flat_ids = ids.reshape(-1)
+    sorted_ids, perm = torch.sort(flat_ids)
+    x_g = x.index_select(0, perm // top_k)
+    offsets = torch.cumsum(expert_counts(sorted_ids, num_experts), dim=0, dtype=torch.int32)
+    bias_rows = sorted_ids.clamp(max=num_experts - 1)
+    h = ffn(torch.ops.moekit.int4_grouped_mm(x_g, q1, s1, z1, offsets), bias_rows)
+    y = torch.ops.moekit.int4_grouped_mm(h.contiguous(), q2, s2, z2, offsets)
+    if b_down is not None:
+        y = y + b_down[bias_rows].to(y.dtype)
+    if post_fn is not None:
+        y = post_fn(y)
+    slot_rows = torch.empty_like(perm)
+    slot_rows[perm] = torch.arange(flat_ids.numel(), device=perm.device)
+    slot_valid = ids.reshape(num_tokens, top_k, 1) < num_experts
+    return combine_slots(y, slot_rows, weights, slot_valid).to(x.dtype)
+
+
+def int4_expert_bytes(model: torch.nn.Module) -> int:
+    """Bytes the packed int4 experts of ``model`` hold in memory (codes, scales and zero points)."""
+    return sum(getattr(m, n).nbytes for m in model.modules() if hasattr(m, INT4_BUFFERS[0]) for n in INT4_BUFFERS)
