@@ -13,7 +13,13 @@ from moekit.nn.dispatch import (
     set_backend,
 )
 from moekit.nn.expert_parallel import ExpertParallelBank, all_to_all, shard_experts
-from moekit.nn.int8_experts import expert_forward_int8, quantize_experts_int8, quantize_rows_int8
+from moekit.nn.int8_experts import (
+    dequantize_linears_int8,
+    expert_forward_int8,
+    quantize_experts_int8,
+    quantize_linears_int8,
+    quantize_rows_int8,
+)
 from moekit.nn.layers import CoELayer, ExpertBank, GatedMLP, MoELayer
 from moekit.nn.losses import AddAuxiliaryLoss, add_aux_loss, seq_balance_loss, switch_balance_loss, z_loss
 from moekit.nn.model import MoELM, MoELMConfig
@@ -52,6 +58,8 @@ __all__ = [
     "group_limited_topk",
     "moekit_experts_forward",
     "quantize_experts_int8",
+    "quantize_linears_int8",
+    "dequantize_linears_int8",
     "quantize_rows_int8",
     "register_with_transformers",
     "seq_balance_loss",

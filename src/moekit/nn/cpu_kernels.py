@@ -35,6 +35,11 @@ SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 #include <stdlib.h>
+#include <type_traits>
+#include <math.h>
+#ifndef QB
+#define QB 64
+#endif
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -76,12 +81,32 @@ struct I8 { typedef int8_t T; LOAD16(return _mm512_cvtepi32_ps(_mm512_cvtepi8_ep
 template <class W, class X>
 static int gemv(const typename W::T* w, int64_t es, int64_t rs, const int64_t* ids, int64_t n, int64_t ne,
                  const typename X::T* x, int64_t xs, int64_t xdiv, int64_t rows, int64_t cols,
-                 const typename X::T* scale, int64_t ss, typename X::T* out, int nthreads) {
+                 const typename X::T* scale, int64_t ss, typename X::T* out, int nthreads, int qx = 0) {
   const int64_t nx = (n + xdiv - 1) / xdiv;
   float* xf = (float*)malloc((size_t)(nx * cols) * sizeof(float) + 64);
   if (!xf) return 1;  /* the caller falls back to torch's ops */
   for (int64_t s = 0; s < nx; s++)
     for (int64_t c = 0; c < cols; c++) xf[s * cols + c] = X::get(x[s * xs + c]);
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  /* int8 weights with qx: the input is quantized too, per block of QB columns (symmetric, scale = max|x| / 127,
+     like llama.cpp's q8_0 activations), and each block's products are summed exactly in int32 by VNNI. */
+  const bool vnni = std::is_same<W, I8>::value && qx && cols % QB == 0;
+#else
+  const bool vnni = false;
+#endif
+  int8_t* xq = nullptr; float* xqs = nullptr;
+  if (vnni) {
+    xq = (int8_t*)malloc((size_t)(nx * cols) + 64); xqs = (float*)malloc((size_t)(nx * cols / QB) * sizeof(float) + 64);
+    if (!xq || !xqs) { free(xf); free(xq); free(xqs); return 1; }
+    for (int64_t s = 0; s < nx; s++)
+      for (int64_t bl = 0; bl < cols / QB; bl++) {
+        const float* v = xf + s * cols + bl * QB; float amax = 0.f;
+        for (int c = 0; c < QB; c++) amax = fabsf(v[c]) > amax ? fabsf(v[c]) : amax;
+        const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+        xqs[s * (cols / QB) + bl] = d;
+        for (int c = 0; c < QB; c++) xq[s * cols + bl * QB + c] = (int8_t)nearbyintf(v[c] * inv);
+      }
+  }
   const int64_t nb = (rows + 3) / 4, total = n * nb;
   #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t b = 0; b < total; b++) {
@@ -104,6 +129,53 @@ static int gemv(const typename W::T* w, int64_t es, int64_t rs, const int64_t* i
       }
     }
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    if (vnni && nr == 4) {
+      /* |xq| (unsigned) times the weights with x's sign moved onto them: 64 products per instruction, exact. */
+      const int8_t* xb = xq + (s / xdiv) * cols; const float* xd = xqs + (s / xdiv) * (cols / QB);
+      const int8_t* w0 = (const int8_t*)wr;
+      __m512 v0 = _mm512_setzero_ps(), v1 = v0, v2 = v0, v3 = v0;
+      const __m512i zero = _mm512_setzero_si512();
+      for (int64_t bl = 0; bl < cols / QB; bl++) {
+        __m512i i0 = zero, i1 = zero, i2 = zero, i3 = zero;
+        for (int64_t c = bl * QB; c < (bl + 1) * QB; c += 64) {
+          const __m512i xv8 = _mm512_loadu_si512(xb + c);
+          const __mmask64 neg = _mm512_movepi8_mask(xv8);
+          const __m512i xa = _mm512_abs_epi8(xv8);
+          i0 = _mm512_dpbusd_epi32(i0, xa, _mm512_mask_sub_epi8(_mm512_loadu_si512(w0 + c), neg, zero, _mm512_loadu_si512(w0 + c)));
+          i1 = _mm512_dpbusd_epi32(i1, xa, _mm512_mask_sub_epi8(_mm512_loadu_si512(w0 + rs + c), neg, zero, _mm512_loadu_si512(w0 + rs + c)));
+          i2 = _mm512_dpbusd_epi32(i2, xa, _mm512_mask_sub_epi8(_mm512_loadu_si512(w0 + 2 * rs + c), neg, zero, _mm512_loadu_si512(w0 + 2 * rs + c)));
+          i3 = _mm512_dpbusd_epi32(i3, xa, _mm512_mask_sub_epi8(_mm512_loadu_si512(w0 + 3 * rs + c), neg, zero, _mm512_loadu_si512(w0 + 3 * rs + c)));
+        }
+        const __m512 d = _mm512_set1_ps(xd[bl]);
+        v0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), d, v0); v1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), d, v1);
+        v2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i2), d, v2); v3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i3), d, v3);
+      }
+      acc[0] = _mm512_reduce_add_ps(v0); acc[1] = _mm512_reduce_add_ps(v1);
+      acc[2] = _mm512_reduce_add_ps(v2); acc[3] = _mm512_reduce_add_ps(v3);
+    } else
+#endif
+#if defined(__AVX512BF16__) && !defined(NO_DPBF16)
+    if (std::is_same<W, BF16>::value && std::is_same<X, BF16>::value && nr == 4) {
+      /* bf16 weights and bf16 input: AVX512-BF16's dot product of 32 bf16 pairs per instruction, products exact
+         in fp32 and summed in fp32 (inputs below 2^-126 count as 0): one instruction per 64 bytes of weights. */
+      const uint16_t* xb = (const uint16_t*)(x + (s / xdiv) * xs);
+      const uint16_t* w0 = (const uint16_t*)wr;
+      __m512 v0 = _mm512_setzero_ps(), v1 = v0, v2 = v0, v3 = v0;
+      const int64_t r = rs, c32 = cols & ~(int64_t)31;
+      for (int64_t c = 0; c < c32; c += 32) {
+        const __m512bh xc = (__m512bh)_mm512_loadu_si512(xb + c);
+        v0 = _mm512_dpbf16_ps(v0, (__m512bh)_mm512_loadu_si512(w0 + c), xc);
+        v1 = _mm512_dpbf16_ps(v1, (__m512bh)_mm512_loadu_si512(w0 + r + c), xc);
+        v2 = _mm512_dpbf16_ps(v2, (__m512bh)_mm512_loadu_si512(w0 + 2 * r + c), xc);
+        v3 = _mm512_dpbf16_ps(v3, (__m512bh)_mm512_loadu_si512(w0 + 3 * r + c), xc);
+      }
+      acc[0] = _mm512_reduce_add_ps(v0); acc[1] = _mm512_reduce_add_ps(v1);
+      acc[2] = _mm512_reduce_add_ps(v2); acc[3] = _mm512_reduce_add_ps(v3);
+      for (int64_t c = c32; c < cols; c++)
+        for (int i = 0; i < 4; i++) acc[i] += W::get(wr[i * rs + c]) * xv[c];
+    } else
+#endif
 #if defined(__AVX512F__)
     if (nr == 4) {  /* AVX-512: explicit conversions (the compiler's vectorization of fp16 and int8 is poor) */
       __m512 v0 = _mm512_setzero_ps(), v1 = v0, v2 = v0, v3 = v0;
@@ -131,6 +203,18 @@ static int gemv(const typename W::T* w, int64_t es, int64_t rs, const int64_t* i
         a0 += W::get(w0[c]) * xc; a1 += W::get(w1[c]) * xc; a2 += W::get(w2[c]) * xc; a3 += W::get(w3[c]) * xc;
       }
       acc[0] = a0; acc[1] = a1; acc[2] = a2; acc[3] = a3;
+    } else if (vnni) {  /* the last rows of a matrix whose row count is not a multiple of 4: same arithmetic */
+      const int8_t* xb = xq + (s / xdiv) * cols; const float* xd = xqs + (s / xdiv) * (cols / QB);
+      for (int64_t i = 0; i < nr; i++) {
+        const int8_t* wi = (const int8_t*)(wr + i * rs);
+        float a = 0.f;
+        for (int64_t bl = 0; bl < cols / QB; bl++) {
+          int32_t t = 0;
+          for (int64_t c = bl * QB; c < (bl + 1) * QB; c++) t += (int32_t)xb[c] * (int32_t)wi[c];
+          a += (float)t * xd[bl];
+        }
+        acc[i] = a;
+      }
     } else {
       for (int64_t i = 0; i < nr; i++) {
         const typename W::T* wi = wr + i * rs;
@@ -142,7 +226,7 @@ static int gemv(const typename W::T* w, int64_t es, int64_t rs, const int64_t* i
     }
     for (int64_t i = 0; i < nr; i++) o[i] = X::put(scale ? acc[i] * X::get(scale[e * ss + r0 + i]) : acc[i]);
   }
-  free(xf);
+  free(xf); free(xq); free(xqs);
   return 0;
 }
 
@@ -152,15 +236,22 @@ static int gemv(const typename W::T* w, int64_t es, int64_t rs, const int64_t* i
 extern "C" {
 int moekit_gemv_bfloat16(ARGS(uint16_t, uint16_t), uint16_t* out, int nt) { return gemv<BF16, BF16>(PASS, nullptr, 0, out, nt); }
 int moekit_gemv_float32(ARGS(float, float), float* out, int nt) { return gemv<F32, F32>(PASS, nullptr, 0, out, nt); }
-int moekit_gemv_int8_bfloat16(ARGS(int8_t, uint16_t), const uint16_t* sc, int64_t ss, uint16_t* out, int nt) {
-  return gemv<I8, BF16>(PASS, sc, ss, out, nt); }
-int moekit_gemv_int8_float32(ARGS(int8_t, float), const float* sc, int64_t ss, float* out, int nt) {
-  return gemv<I8, F32>(PASS, sc, ss, out, nt); }
+int moekit_gemv_int8_bfloat16(ARGS(int8_t, uint16_t), const uint16_t* sc, int64_t ss, uint16_t* out, int nt, int qx) {
+  return gemv<I8, BF16>(PASS, sc, ss, out, nt, qx); }
+int moekit_gemv_int8_float32(ARGS(int8_t, float), const float* sc, int64_t ss, float* out, int nt, int qx) {
+  return gemv<I8, F32>(PASS, sc, ss, out, nt, qx); }
 #ifdef __FLT16_MAX__
 int moekit_gemv_float16(ARGS(_Float16, _Float16), _Float16* out, int nt) { return gemv<F16, F16>(PASS, nullptr, 0, out, nt); }
-int moekit_gemv_int8_float16(ARGS(int8_t, _Float16), const _Float16* sc, int64_t ss, _Float16* out, int nt) {
-  return gemv<I8, F16>(PASS, sc, ss, out, nt); }
+int moekit_gemv_int8_float16(ARGS(int8_t, _Float16), const _Float16* sc, int64_t ss, _Float16* out, int nt, int qx) {
+  return gemv<I8, F16>(PASS, sc, ss, out, nt, qx); }
 #endif
+int moekit_has_vnni(void) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  return 1;
+#else
+  return 0;
+#endif
+}
 }
 """
 
@@ -246,14 +337,30 @@ def _fn(name: str) -> Callable[..., int] | None:
     return fn
 
 
+def int8_activations() -> str:
+    """How int8 weights meet their input: ``"int8"`` (default where the CPU has AVX512-VNNI: the input is quantized
+    per block of 64 values, symmetric, and each block's products are summed exactly in int32, like llama.cpp's
+    q8_0) or ``"float"`` (``MOEKIT_INT8_ACTIVATIONS=float``: weights converted to fp32, the input kept as it is)."""
+    mode = os.environ.get("MOEKIT_INT8_ACTIVATIONS", "int8").strip().lower()
+    return "float" if mode in ("float", "fp32", "0", "no") else "int8"
+
+
+def has_vnni() -> bool:
+    """Whether the built kernel has the AVX512-VNNI int8 dot product (int8 activations for int8 weights)."""
+    fn = _fn("moekit_has_vnni")
+    return bool(fn is not None and fn())
+
+
 def expert_gemv(
-    x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, scale: torch.Tensor | None = None
+    x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, scale: torch.Tensor | None = None,
+    activations: str | None = None,
 ) -> torch.Tensor | None:
     """``out[t, j] = x[t] (or x[t, j]) @ w[ids[t, j]].T`` (× ``scale[ids[t, j]]`` per row for int8 ``w``) as one
     kernel call, or None when the kernel cannot run these tensors (then use torch's ops).
 
     ``w [E, out, in]`` with contiguous rows (nn.Linear's layout; int8 codes with ``scale [E, out]``), ``x [T, in]``
-    or ``[T, k, in]`` in the compute dtype, ``ids [T, k]``; slots with ids outside [0, E) are zero.
+    or ``[T, k, in]`` in the compute dtype, ``ids [T, k]``; slots with ids outside [0, E) are zero. For int8 ``w``,
+    ``activations`` (default ``int8_activations()``) says whether ``x`` is quantized per 64-block for VNNI.
     """
     if x.device.type != "cpu" or w.device.type != "cpu" or w.dim() != 3 or w.stride(-1) != 1:
         return None
@@ -282,6 +389,8 @@ def expert_gemv(
     if scale is not None:
         args += [ptr(scale.data_ptr()), ctypes.c_int64(scale.stride(0))]
     args += [ptr(out.data_ptr()), ctypes.c_int(torch.get_num_threads())]
+    if scale is not None:
+        args.append(ctypes.c_int(int((activations or int8_activations()) == "int8")))
     return out if fn(*args) == 0 else None
 
 
