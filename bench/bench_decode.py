@@ -103,18 +103,21 @@ def save_checkpoint(model, path: str) -> None:
         shutil.copy(zoo_dir() / "tiny" / name, Path(path) / name)
 
 
-def bytes_read_per_token(model, int8_experts: bool = False) -> int:
+def bytes_read_per_token(model, int8: bool = False) -> int:
     """Weights one decode step reads: everything but the embedding table (one row), k/E of every expert
-    (with ``int8_experts``: 1 byte per expert weight plus a 2-byte scale per output row)."""
+    (with ``int8``: 1 byte per expert and linear weight plus a 2-byte scale per output row, like moekit-int8)."""
     cfg = model.config
     share = cfg.num_experts_per_tok / cfg.num_experts
+    linears = {f"{n}.weight" for n, m in model.named_modules() if type(m) is torch.nn.Linear}
     total = 0.0
     for name, p in model.named_parameters():
         size = p.numel() * p.element_size()
         if "embed_tokens" in name:
             size = p.shape[-1] * p.element_size()
+        elif int8 and name in linears:
+            size = p.numel() + 2 * p.shape[0]
         elif ".experts." in name:
-            if int8_experts and p.dim() == 3:  # [E, out, in] (OLMoE's layout): one scale per output row
+            if int8 and p.dim() == 3:  # [E, out, in] (OLMoE's layout): one scale per output row
                 size = p.numel() + 2 * p.numel() // p.shape[-1]
             size *= share
         total += size
@@ -162,6 +165,7 @@ def generate_seconds(model, prompt: torch.Tensor, new_tokens: int, compiled: boo
 
 
 INT8: dict = {}  # experts module → its int8 buffers (quantize_experts_int8), attached only for "moekit-int8"
+INT8_LINEARS: dict = {}  # nn.Linear → its int8 codes and row scales (quantize_linears_int8), likewise
 
 
 def set_impl(model, impl: str) -> bool:
@@ -176,20 +180,39 @@ def set_impl(model, impl: str) -> bool:
             elif hasattr(module, name):
                 delattr(module, name)
     model.set_experts_implementation("moekit" if impl.startswith("moekit") else impl)
-    # moekit-linears (and int8): attention and lm_head also through moekit's decode kernel (cpu_kernels.use_for_linears)
-    moekit.nn.cpu_kernels.use_for_linears(model, enable=impl in ("moekit-linears", "moekit-int8"))
+    # moekit-linears and moekit-compiled: attention and lm_head also through moekit's decode kernel
+    # (cpu_kernels.use_for_linears);
+    # moekit-int8: every matrix int8 like llama.cpp's q8_0 (int8 experts + quantize_linears_int8's int8 linears)
+    moekit.nn.cpu_kernels.use_for_linears(model, enable=False)
+    moekit.nn.dequantize_linears_int8(model)
+    if impl in ("moekit-linears", "moekit-compiled"):  # compiled: the linears' kernel runs as a custom op
+        moekit.nn.cpu_kernels.use_for_linears(model)
+    elif impl == "moekit-int8":
+        import types
+
+        from moekit.nn.int8_experts import INT8_LINEAR_BUFFERS, int8_linear_forward
+
+        for module, buffers in INT8_LINEARS.items():
+            for name, tensor in zip(INT8_LINEAR_BUFFERS, buffers, strict=True):
+                module.register_buffer(name, tensor, persistent=False)
+            module.forward = types.MethodType(int8_linear_forward, module)
     return impl.endswith("-compiled")
 
 
 def prepare_int8(model) -> None:
-    """Quantize the experts to int8 once (float weights kept for the other implementations), then detach them."""
+    """Quantize the experts and linears to int8 once (float weights kept for the other implementations), then
+    detach them."""
+    import moekit.nn
     from moekit.nn import quantize_experts_int8
-    from moekit.nn.int8_experts import INT8_BUFFERS
+    from moekit.nn.int8_experts import INT8_BUFFERS, INT8_LINEAR_BUFFERS
 
     quantize_experts_int8(model, keep_float=True)
+    moekit.nn.quantize_linears_int8(model, keep_float=True)
     for module in model.modules():
         if hasattr(module, INT8_BUFFERS[0]):
             INT8[module] = {name: getattr(module, name) for name in INT8_BUFFERS}
+        if hasattr(module, INT8_LINEAR_BUFFERS[0]):
+            INT8_LINEARS[module] = tuple(getattr(module, name) for name in INT8_LINEAR_BUFFERS)
     set_impl(model, "eager")
 
 
@@ -203,7 +226,7 @@ def bench_threads(model, threads: int, dtype: str, args, emit) -> dict:
     base = {"threads": threads, "dtype": dtype, "clock": CLOCK}
     emit(base | {"kind": "bound", "stream_read_GBps": round(gbps, 2), "GB_per_token": round(per_token / 1e9, 3),
                  "bound_tok_s": round(bound, 2)})
-    per_token_int8 = bytes_read_per_token(model, int8_experts=True)
+    per_token_int8 = bytes_read_per_token(model, int8=True)
     bound_int8 = gbps * 1e9 / per_token_int8 if INT8 else None
     if bound_int8:
         emit(base | {"kind": "bound", "experts": "int8", "GB_per_token": round(per_token_int8 / 1e9, 3),

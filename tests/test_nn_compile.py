@@ -116,3 +116,33 @@ def test_decode_step_runs_gemv_and_equals_loop() -> None:
             calls = [e.name for e in prof.events() if e.name.startswith("moekit::")]
         assert calls.count("moekit::expert_gemv") == 2
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings(_INDUCTOR_JIT_WARNING)
+def test_compiled_decode_keeps_the_linears_kernel() -> None:
+    """use_for_linears under transformers' compiled static-cache decoding: one graph without breaks, the linears'
+    one-row steps call the kernel op inside it (moekit::expert_gemv for every nn.Linear, not just the experts),
+    and the greedy tokens equal the eager run's."""
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    from moekit.nn import cpu_kernels
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model("qwen3_moe", num_hidden_layers=1)
+    model.set_experts_implementation("moekit")
+    linears = cpu_kernels.use_for_linears(model)
+    prompt = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(4))
+    common = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static", max_length=16)
+    eager = model.generate(prompt, **common, disable_compile=True)
+    config = CompileConfig(fullgraph=True, mode="default")
+    config._compile_all_devices = True
+    model.generate(prompt, **common, compile_config=config)  # compiles the decode step
+    with torch.profiler.profile() as prof:
+        compiled = model.generate(prompt, **common, compile_config=config)
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
+    calls = sum(e.name == "moekit::expert_gemv" for e in prof.events())
+    assert calls >= 3 * (linears + 2)  # 3 compiled decode steps, each: every linear + the experts' two products
+    assert torch.equal(compiled, eager)

@@ -405,10 +405,12 @@ def _gemv_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor
         one_row
         and x.device.type == "cpu"
         and x.dtype == w.dtype
-        and not torch.compiler.is_compiling()
         and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
     ):
-        y = expert_gemv(x.reshape(1, -1), w.unsqueeze(0), _ONE_SLOT)
+        if torch.compiler.is_compiling():  # the custom op (moekit.nn.dispatch) keeps the kernel in the graph
+            y = torch.ops.moekit.expert_gemv(x.reshape(1, -1), w.unsqueeze(0), _ONE_SLOT, True)
+        else:
+            y = expert_gemv(x.reshape(1, -1), w.unsqueeze(0), _ONE_SLOT)
         if y is not None:
             y = y.reshape(*x.shape[:-1], w.shape[0])
             return y if self.bias is None else y + self.bias
@@ -421,7 +423,8 @@ def use_for_linears(model: torch.nn.Module, enable: bool = True) -> int:
 
     Decode reads the non-expert weights once per token too (attention and ``lm_head`` are a third of the bytes of
     OLMoE-1B-7B), and ``F.linear`` with one row streams them at ~65% of the read bandwidth against ~85% here.
-    Nothing changes for prefill, training or ``torch.compile`` (they keep ``F.linear``).
+    Nothing changes for prefill or training (they keep ``F.linear``); under ``torch.compile`` a one-row step calls
+    the kernel through the ``moekit::expert_gemv`` custom op, so compiled decode keeps it too.
     """
     import types
 

@@ -111,7 +111,7 @@ INT8_LINEAR_BUFFERS = ("moekit_int8_weight", "moekit_int8_weight_scale")
 _ONE_SLOT = torch.zeros(1, 1, dtype=torch.int64)
 
 
-def _int8_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def int8_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """nn.Linear's forward on its int8 codes: a one-row CPU input (a decode step) through the int8 decode kernel;
     other inputs through the float weight when it was kept, else the dequantized codes."""
     q, s = getattr(self, INT8_LINEAR_BUFFERS[0]), getattr(self, INT8_LINEAR_BUFFERS[1])
@@ -143,7 +143,7 @@ def quantize_linears_int8(model: torch.nn.Module, keep_float: bool = True) -> in
         q, scale = quantize_rows_int8(module.weight)
         module.register_buffer(INT8_LINEAR_BUFFERS[0], q.contiguous(), persistent=False)
         module.register_buffer(INT8_LINEAR_BUFFERS[1], scale.contiguous(), persistent=False)
-        module.forward = types.MethodType(_int8_linear_forward, module)
+        module.forward = types.MethodType(int8_linear_forward, module)
         if not keep_float and id(module.weight) not in shared:
             module.weight = torch.nn.Parameter(module.weight.new_empty(0), requires_grad=False)
         changed += 1
