@@ -146,3 +146,27 @@ def test_compiled_decode_keeps_the_linears_kernel() -> None:
     calls = sum(e.name == "moekit::expert_gemv" for e in prof.events())
     assert calls >= 3 * (linears + 2)  # 3 compiled decode steps, each: every linear + the experts' two products
     assert torch.equal(compiled, eager)
+
+
+def test_combine_ops_pass_opcheck() -> None:
+    """The fused down-projection + weighted-sum ops (float and int8): schema and fake implementation agree with the
+    kernel, and the result is the weighted sum of the per-slot GEMVs."""
+    from moekit.nn.int8_experts import quantize_rows_int8
+
+    g = torch.Generator().manual_seed(6)
+    E, H, N = 5, 64, 12
+    ids = torch.tensor([[4, 0, 5]])  # id 5 = E: "no expert"
+    w = torch.randn(E, N, H, generator=g)
+    h, weights = torch.randn(1, 3, H, generator=g), torch.rand(1, 3, generator=g)
+    q, s = quantize_rows_int8(w)
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.moekit.expert_gemv_combine.default, (h, w, ids, weights, True), test_utils=checks)
+    torch.library.opcheck(torch.ops.moekit.int8_expert_gemv_combine.default, (h, q, s, ids, weights), test_utils=checks)
+    out = torch.ops.moekit.expert_gemv_combine(h, w, ids, weights, True)
+    ref = (weights[0, 0] * (w[4] @ h[0, 0]) + weights[0, 1] * (w[0] @ h[0, 1]))[None]
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    out_t = torch.ops.moekit.expert_gemv_combine(h, w.transpose(1, 2).contiguous(), ids, weights, False)
+    torch.testing.assert_close(out_t, ref, atol=1e-5, rtol=1e-5)
+    per_slot = torch.ops.moekit.int8_expert_gemv(h, q, s, ids)
+    ref8 = (weights[..., None] * per_slot).sum(1)
+    torch.testing.assert_close(torch.ops.moekit.int8_expert_gemv_combine(h, q, s, ids, weights), ref8, atol=1e-5, rtol=1e-5)

@@ -250,3 +250,31 @@ def test_int8_linears_decode_on_their_codes(monkeypatch) -> None:
         assert torch.equal(q(hidden), hidden @ (q.moekit_int8_weight.bfloat16() * q.moekit_int8_weight_scale[:, None]).T)
     assert torch.isfinite(prefill).all()
     torch.testing.assert_close(step.float(), ref_step.float(), atol=0.05 * float(ref_step.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("int8", [False, True])
+def test_combine_equals_weighted_sum_of_products(dtype: torch.dtype, int8: bool) -> None:
+    """expert_gemv_combine = Σ_j g[t, j] · (h[t, j] @ w[ids[t, j]].T) in fp64, within fp32 summation and one rounding
+    of the output (int8: against the same products from expert_gemv, which quantizes its input the same way);
+    ids outside [0, E) add nothing, a row count that is not a multiple of the 32-row chunks included."""
+    g = torch.Generator().manual_seed(7)
+    rows, cols = 45, 128
+    w = torch.randn(E, rows, cols, generator=g).to(dtype)
+    h = torch.randn(T, K, cols, generator=g).to(dtype)
+    ids = torch.tensor([[4, E, 0], [-1, 2, 2]])
+    gates = torch.rand(T, K, generator=g)
+    q, s = quantize_rows_int8(w) if int8 else (w, None)
+    got = cpu_kernels.expert_gemv_combine(h, q, ids, gates, s)
+    assert got is not None and got.dtype == dtype and got.shape == (T, rows)
+    per_slot = cpu_kernels.expert_gemv(h.float(), q if int8 else w.float(), ids, None if s is None else s.float())
+    if int8:  # fp32 products of the same (quantized) input, exact enough to be the reference
+        ref = (gates.double()[..., None] * per_slot.double()).sum(1)
+    else:
+        ref = (gates.double()[..., None] * _reference(h, w, ids)).sum(1)
+    scale = (gates.double()[..., None] * _reference(h, q, ids, s).abs()).sum(1)  # no cancellation credit
+    tol = 1e-5 if dtype == torch.float32 else _ulp(dtype)
+    assert torch.all((got.double() - ref).abs() <= tol * ref.abs() + 1e-5 * scale + 1e-6)
+    # the repeated expert 2 in token 1 counts twice, the sentinels nothing
+    only = cpu_kernels.expert_gemv_combine(h, q, torch.tensor([[E, E, E], [-1, -1, -1]]), gates, s)
+    assert torch.all(only == 0)

@@ -285,6 +285,28 @@ def _(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, out_in: bool) -> torc
     return x.new_empty(*ids.shape, w.shape[1] if out_in else w.shape[2])
 
 
+@torch.library.custom_op("moekit::expert_gemv_combine", mutates_args=())
+def _expert_gemv_combine(
+    h: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, out_in: bool
+) -> torch.Tensor:
+    """``out[t] = Σ_j weights[t, j] · h[t, j] @ expert ids[t, j]``: a decode step's down projection and its weighted
+    sum over the k slots, ``[T, out]`` in ``h``'s dtype; slots with ids outside [0, E) add nothing. On CPU with
+    nn.Linear's layout one kernel call (no ``[T, k, out]`` intermediate, one rounding); otherwise the GEMV op and
+    the weighted sum."""
+    if out_in:
+        fast = cpu_kernels.expert_gemv_combine(h, w, ids, weights)
+        if fast is not None:
+            return fast
+    y = torch.ops.moekit.expert_gemv(h, w, ids, out_in)
+    valid = ((ids >= 0) & (ids < w.shape[0])).unsqueeze(-1)
+    return _weighted_sum(y, weights, valid).to(h.dtype)
+
+
+@_expert_gemv_combine.register_fake
+def _(h: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, out_in: bool) -> torch.Tensor:
+    return h.new_empty(ids.shape[0], w.shape[1] if out_in else w.shape[2])
+
+
 def _grouped(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -401,6 +423,8 @@ def _gemv_forward(
     if b_gate_up is not None:
         h = h + b_gate_up[safe_ids].to(h.dtype)
     h = _activate(h, act, has_gate, gate_fn)
+    if b_down is None and post_fn is None:  # down projection and weighted sum in one pass
+        return torch.ops.moekit.expert_gemv_combine(h.contiguous(), w_down, ids, weights, out_in).to(x.dtype)
     y = torch.ops.moekit.expert_gemv(h.contiguous(), w_down, ids, out_in)  # [T, k, H]
     if b_down is not None:
         y = y + b_down[safe_ids].to(y.dtype)

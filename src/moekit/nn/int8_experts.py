@@ -66,6 +66,24 @@ def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor) 
     return x.new_empty(*ids.shape, q.shape[1])
 
 
+@torch.library.custom_op("moekit::int8_expert_gemv_combine", mutates_args=())
+def _int8_expert_gemv_combine(
+    h: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """``moekit::expert_gemv_combine`` with int8 experts: down projection and weighted sum of a decode step."""
+    fast = cpu_kernels.expert_gemv_combine(h, q, ids, weights, scale)
+    if fast is not None:
+        return fast
+    y = torch.ops.moekit.int8_expert_gemv(h, q, scale, ids)
+    valid = ((ids >= 0) & (ids < q.shape[0])).unsqueeze(-1)
+    return _weighted_sum(y, weights, valid).to(h.dtype)
+
+
+@_int8_expert_gemv_combine.register_fake
+def _(h: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return h.new_empty(ids.shape[0], q.shape[1])
+
+
 def quantize_rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``w [..., out, in]`` → (int8 codes, per-row scales in ``w``'s dtype): symmetric, scale = max|row| / 127, so
     every weight is within scale/2 of its code × scale."""
@@ -194,6 +212,8 @@ def expert_forward_int8(
     safe_ids = ids.clamp(0, num_experts - 1)
     if num_tokens == 1:
         h = ffn(torch.ops.moekit.int8_expert_gemv(x.to(compute_dtype), q_gate_up, s_gate_up, ids), safe_ids)
+        if b_down is None and post_fn is None:  # down projection and weighted sum in one pass
+            return torch.ops.moekit.int8_expert_gemv_combine(h.contiguous(), q_down, s_down, ids, weights).to(x.dtype)
         y = torch.ops.moekit.int8_expert_gemv(h.contiguous(), q_down, s_down, ids)
         if b_down is not None:
             y = y + b_down[safe_ids].to(y.dtype)
