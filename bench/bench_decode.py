@@ -115,14 +115,19 @@ def save_checkpoint(model, path: str) -> None:
 def bytes_read_per_token(model, experts: str = "float", group_size: int = 128) -> int:
     """Weights one decode step reads: everything but the embedding table (one row), k/E of every expert
     (``experts="int8"``: 1 byte per expert weight plus a 2-byte scale per output row; ``"int4"``: half a byte per
-    expert weight plus a 2-byte scale and a 1-byte zero point per group of ``group_size``)."""
+    expert weight plus a 2-byte scale and a 1-byte zero point per group of ``group_size``). With quantized experts
+    the linears (attention, lm_head) count as int8 too (1 byte per weight + a 2-byte row scale), as moekit-int8 and
+    moekit-int4 run them (quantize_linears_int8), like llama.cpp's quantized types."""
     cfg = model.config
     share = cfg.num_experts_per_tok / cfg.num_experts
+    linears = {f"{n}.weight" for n, m in model.named_modules() if type(m) is torch.nn.Linear}
     total = 0.0
     for name, p in model.named_parameters():
         size = p.numel() * p.element_size()
         if "embed_tokens" in name:
             size = p.shape[-1] * p.element_size()
+        elif experts != "float" and name in linears:
+            size = p.numel() + 2 * p.shape[0]
         elif ".experts." in name:
             if experts == "int8" and p.dim() == 3:  # [E, out, in] (OLMoE's layout): one scale per output row
                 size = p.numel() + 2 * p.numel() // p.shape[-1]
@@ -175,6 +180,7 @@ def generate_seconds(model, prompt: torch.Tensor, new_tokens: int, compiled: boo
 
 INT8: dict = {}  # experts module → its int8 buffers (quantize_experts_int8), attached only for "moekit-int8"
 INT4: dict = {}  # experts module → its packed int4 buffers (quantize_experts_int4), attached only for "moekit-int4"
+INT8_LINEARS: dict = {}  # nn.Linear → its int8 codes and row scales (quantize_linears_int8), for int8 and int4
 
 
 def set_impl(model, impl: str) -> bool:
@@ -192,18 +198,37 @@ def set_impl(model, impl: str) -> bool:
                 elif hasattr(module, name):
                     delattr(module, name)
     model.set_experts_implementation("moekit" if impl.startswith("moekit") else impl)
-    # moekit-linears (and int8/int4): attention and lm_head also through moekit's decode kernel (use_for_linears)
-    moekit.nn.cpu_kernels.use_for_linears(model, enable=impl in ("moekit-linears", "moekit-int8", "moekit-int4"))
+    # moekit-linears and moekit-compiled: attention and lm_head also through moekit's decode kernel
+    # (cpu_kernels.use_for_linears, a custom op under compile); moekit-int8 and moekit-int4: the linears int8 like
+    # llama.cpp's quantized types (quantize_linears_int8's codes)
+    moekit.nn.cpu_kernels.use_for_linears(model, enable=False)
+    moekit.nn.dequantize_linears_int8(model)
+    if impl in ("moekit-linears", "moekit-compiled"):
+        moekit.nn.cpu_kernels.use_for_linears(model)
+    elif impl in ("moekit-int8", "moekit-int4"):
+        import types
+
+        from moekit.nn.int8_experts import INT8_LINEAR_BUFFERS, int8_linear_forward
+
+        for module, buffers in INT8_LINEARS.items():
+            for name, tensor in zip(INT8_LINEAR_BUFFERS, buffers, strict=True):
+                module.register_buffer(name, tensor, persistent=False)
+            module.forward = types.MethodType(int8_linear_forward, module)
     return impl.endswith("-compiled")
 
 
 def prepare_quantized(model, bits: int, group_size: int) -> None:
-    """Quantize the experts to int8 (per-row) or packed int4 (groups of ``group_size``) once, float weights kept for
-    the other implementations, then detach them."""
+    """Quantize the experts to int8 (per-row) or packed int4 (groups of ``group_size``) once, and the linears to
+    int8, float weights kept for the other implementations, then detach them."""
     from moekit.formats.quantized import INT4_BUFFERS
-    from moekit.nn import quantize_experts_int4, quantize_experts_int8
-    from moekit.nn.int8_experts import INT8_BUFFERS
+    from moekit.nn import quantize_experts_int4, quantize_experts_int8, quantize_linears_int8
+    from moekit.nn.int8_experts import INT8_BUFFERS, INT8_LINEAR_BUFFERS
 
+    if not INT8_LINEARS:
+        quantize_linears_int8(model, keep_float=True)
+        for module in model.modules():
+            if hasattr(module, INT8_LINEAR_BUFFERS[0]):
+                INT8_LINEARS[module] = tuple(getattr(module, name) for name in INT8_LINEAR_BUFFERS)
     if bits == 8:
         quantize_experts_int8(model, keep_float=True)
     else:
@@ -502,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         params = sum(p.numel() for p in model.parameters())
         INT8.clear()
         INT4.clear()
+        INT8_LINEARS.clear()
         if not args.no_int8 and DEVICE.type == "cpu":  # torch's int8 weight-only kernel used here is the CPU one
             prepare_quantized(model, 8, 0)
         if not args.no_int4 and DEVICE.type == "cpu":  # the int4 kernel is a CPU one (elsewhere: dequantized GEMMs)

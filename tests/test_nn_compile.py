@@ -116,3 +116,57 @@ def test_decode_step_runs_gemv_and_equals_loop() -> None:
             calls = [e.name for e in prof.events() if e.name.startswith("moekit::")]
         assert calls.count("moekit::expert_gemv") == 2
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings(_INDUCTOR_JIT_WARNING)
+def test_compiled_decode_keeps_the_linears_kernel() -> None:
+    """use_for_linears under transformers' compiled static-cache decoding: one graph without breaks, the linears'
+    one-row steps call the kernel op inside it (moekit::expert_gemv for every nn.Linear, not just the experts),
+    and the greedy tokens equal the eager run's."""
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    from moekit.nn import cpu_kernels
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model("qwen3_moe", num_hidden_layers=1)
+    model.set_experts_implementation("moekit")
+    linears = cpu_kernels.use_for_linears(model)
+    prompt = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(4))
+    common = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static", max_length=16)
+    eager = model.generate(prompt, **common, disable_compile=True)
+    config = CompileConfig(fullgraph=True, mode="default")
+    config._compile_all_devices = True
+    model.generate(prompt, **common, compile_config=config)  # compiles the decode step
+    with torch.profiler.profile() as prof:
+        compiled = model.generate(prompt, **common, compile_config=config)
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
+    calls = sum(e.name == "moekit::expert_gemv" for e in prof.events())
+    assert calls >= 3 * (linears + 2)  # 3 compiled decode steps, each: every linear + the experts' two products
+    assert torch.equal(compiled, eager)
+
+
+def test_combine_ops_pass_opcheck() -> None:
+    """The fused down-projection + weighted-sum ops (float and int8): schema and fake implementation agree with the
+    kernel, and the result is the weighted sum of the per-slot GEMVs."""
+    from moekit.nn.int8_experts import quantize_rows_int8
+
+    g = torch.Generator().manual_seed(6)
+    E, H, N = 5, 64, 12
+    ids = torch.tensor([[4, 0, 5]])  # id 5 = E: "no expert"
+    w = torch.randn(E, N, H, generator=g)
+    h, weights = torch.randn(1, 3, H, generator=g), torch.rand(1, 3, generator=g)
+    q, s = quantize_rows_int8(w)
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.moekit.expert_gemv_combine.default, (h, w, ids, weights, True), test_utils=checks)
+    torch.library.opcheck(torch.ops.moekit.int8_expert_gemv_combine.default, (h, q, s, ids, weights), test_utils=checks)
+    out = torch.ops.moekit.expert_gemv_combine(h, w, ids, weights, True)
+    ref = (weights[0, 0] * (w[4] @ h[0, 0]) + weights[0, 1] * (w[0] @ h[0, 1]))[None]
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    out_t = torch.ops.moekit.expert_gemv_combine(h, w.transpose(1, 2).contiguous(), ids, weights, False)
+    torch.testing.assert_close(out_t, ref, atol=1e-5, rtol=1e-5)
+    per_slot = torch.ops.moekit.int8_expert_gemv(h, q, s, ids)
+    ref8 = (weights[..., None] * per_slot).sum(1)
+    torch.testing.assert_close(torch.ops.moekit.int8_expert_gemv_combine(h, q, s, ids, weights), ref8, atol=1e-5, rtol=1e-5)

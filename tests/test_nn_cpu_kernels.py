@@ -152,3 +152,129 @@ def test_use_for_linears_decode_step() -> None:
     assert (lin.double() - exact).abs().max() <= 2 * (ref_lin.double() - exact).abs().max()
     assert not torch.equal(lin, ref_lin)  # the kernel ran (its rounding differs from oneDNN's somewhere)
     torch.testing.assert_close(step.float(), ref_step.float(), atol=0.02 * float(ref_step.abs().max()), rtol=0)
+
+
+def _quantized_input_reference(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """fp64 value of what the VNNI path computes: x quantized per 64-block (scale max|x|/127, round half to even,
+    in fp32 like the kernel), exact integer block dots, times the block scales and the row scales."""
+    xf = x.float().reshape(x.shape[0], -1, 64)
+    amax = xf.abs().amax(-1, keepdim=True)
+    xq = torch.round(xf * torch.where(amax > 0, 127.0 / amax, 0.0)).double()  # [T, B, 64]
+    d = (amax / 127.0).double()  # [T, B, 1]
+    out = torch.zeros(*ids.shape, q.shape[1], dtype=torch.float64)
+    for t in range(ids.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            if 0 <= e < q.shape[0]:
+                blocks = q[e].double().reshape(q.shape[1], -1, 64)  # [rows, B, 64]
+                out[t, j] = ((blocks * xq[t]).sum(-1) * d[t, :, 0]).sum(-1) * s[e].double()
+    return out
+
+
+@pytest.mark.skipif(not (HAS_COMPILER and cpu_kernels.has_vnni()), reason="no AVX512-VNNI on this CPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int8_vnni_path_quantizes_the_input_per_block(dtype: torch.dtype) -> None:
+    """int8 activations (the default with VNNI, columns a multiple of 64): equals the fp64 value of the block-
+    quantized formula within fp32 summation and one output rounding, and differs from the float-activation
+    result by at most the input quantization error: Σ_blocks (max|x_b| / 254) · Σ_b |w|."""
+    g = torch.Generator().manual_seed(5)
+    rows, cols = 13, 192  # three 64-blocks; 13 rows: a tail row after three 4-row blocks
+    w = torch.randn(E, rows, cols, generator=g).to(dtype)
+    x = torch.randn(T, cols, generator=g)
+    x[0, 70] = 50.0  # an outlier in one block: only that block's resolution suffers
+    x[1, :64] = 0.0  # an all-zero block (scale 0)
+    x = x.to(dtype)
+    ids = torch.tensor([[4, E, 0], [-1, 2, 2]])
+    q, s = quantize_rows_int8(w)
+    got = cpu_kernels.expert_gemv(x, q, ids, s, activations="int8")
+    exact = cpu_kernels.expert_gemv(x, q, ids, s, activations="float")
+    assert got is not None and exact is not None and got.dtype == dtype
+    assert torch.all(got[0, 1] == 0) and torch.all(got[1, 0] == 0)
+    ref = _quantized_input_reference(x, q, s, ids)
+    tol = 1e-5 if dtype == torch.float32 else _ulp(dtype)
+    assert torch.all((got.double() - ref).abs() <= tol * ref.abs() + 1e-4 * ref.abs().max()), "not the block formula"
+    float_ref = _reference(x, q, ids, s)
+    amax = x.double().abs().reshape(T, -1, 64).amax(-1)  # [T, B]
+    for t in range(T):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            if not 0 <= e < E:
+                continue
+            wabs = (q[e].double() * s[e].double()[:, None]).abs().reshape(rows, -1, 64).sum(-1)  # [rows, B]
+            bound = (wabs * amax[t] / 254).sum(-1) + tol * float_ref[t, j].abs() + 1e-6
+            assert torch.all((got[t, j].double() - float_ref[t, j]).abs() <= bound)
+    assert not torch.equal(got, exact)  # the input really was quantized
+    assert torch.equal(cpu_kernels.expert_gemv(x, q, ids, s), got)  # int8 activations are the default
+
+
+def test_int8_activations_switch(monkeypatch) -> None:
+    monkeypatch.setenv("MOEKIT_INT8_ACTIVATIONS", "float")
+    assert cpu_kernels.int8_activations() == "float"
+    monkeypatch.delenv("MOEKIT_INT8_ACTIVATIONS")
+    assert cpu_kernels.int8_activations() == "int8"
+
+
+def test_int8_linears_decode_on_their_codes(monkeypatch) -> None:
+    """quantize_linears_int8: a one-row step runs on the int8 codes (= F.linear on the dequantized codes within
+    one bf16 rounding, with float activations), multi-row inputs keep the float weight (bit-identical) or, when it
+    was freed, use the dequantized codes; a tied lm_head keeps its shared weight; dequantize restores the model."""
+    from moekit.nn import dequantize_linears_int8, quantize_linears_int8
+    from moekit.testing import tiny_model
+
+    monkeypatch.setenv("MOEKIT_INT8_ACTIVATIONS", "float")
+    g = torch.Generator().manual_seed(2)
+    lin = torch.nn.Linear(128, 77, bias=True, dtype=torch.bfloat16)
+    x1, x3 = torch.randn(1, 128, generator=g).bfloat16(), torch.randn(3, 128, generator=g).bfloat16()
+    with torch.no_grad():
+        ref3 = lin(x3)
+        assert quantize_linears_int8(lin) == 1
+        deq = lin.moekit_int8_weight.double() * lin.moekit_int8_weight_scale.double()[:, None]
+        product = x1.double() @ deq.T
+        exact = product + lin.bias.double()
+        got1 = lin(x1)  # two roundings: the kernel's output, then the bias add
+        assert torch.all((got1.double() - exact).abs() <= _ulp(torch.bfloat16) * (product.abs() + exact.abs()) + 1e-6)
+        assert torch.equal(lin(x3), ref3)  # the float weight was kept: prefill unchanged
+        assert dequantize_linears_int8(lin) == 1 and not hasattr(lin, "moekit_int8_weight")
+        assert torch.equal(lin(x3), ref3) and "forward" not in lin.__dict__
+
+        model = tiny_model("olmoe", hidden_size=128, intermediate_size=64, tie_word_embeddings=True).bfloat16().eval()
+        linears = sum(type(m) is torch.nn.Linear for m in model.modules())
+        ids = torch.randint(3, 100, (1, 5), generator=g)
+        ref_step = model(ids[:, :1]).logits
+        assert quantize_linears_int8(model, keep_float=False) == linears
+        assert model.lm_head.weight.numel() > 0 and model.lm_head.weight is model.model.embed_tokens.weight  # tied
+        assert model.model.layers[0].self_attn.q_proj.weight.numel() == 0  # freed
+        step, prefill = model(ids[:, :1]).logits, model(ids).logits
+        q = model.model.layers[0].self_attn.q_proj
+        hidden = torch.randn(2, 128, generator=g).bfloat16()
+        assert torch.equal(q(hidden), hidden @ (q.moekit_int8_weight.bfloat16() * q.moekit_int8_weight_scale[:, None]).T)
+    assert torch.isfinite(prefill).all()
+    torch.testing.assert_close(step.float(), ref_step.float(), atol=0.05 * float(ref_step.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("int8", [False, True])
+def test_combine_equals_weighted_sum_of_products(dtype: torch.dtype, int8: bool) -> None:
+    """expert_gemv_combine = Σ_j g[t, j] · (h[t, j] @ w[ids[t, j]].T) in fp64, within fp32 summation and one rounding
+    of the output (int8: against the same products from expert_gemv, which quantizes its input the same way);
+    ids outside [0, E) add nothing, a row count that is not a multiple of the 32-row chunks included."""
+    g = torch.Generator().manual_seed(7)
+    rows, cols = 45, 128
+    w = torch.randn(E, rows, cols, generator=g).to(dtype)
+    h = torch.randn(T, K, cols, generator=g).to(dtype)
+    ids = torch.tensor([[4, E, 0], [-1, 2, 2]])
+    gates = torch.rand(T, K, generator=g)
+    q, s = quantize_rows_int8(w) if int8 else (w, None)
+    got = cpu_kernels.expert_gemv_combine(h, q, ids, gates, s)
+    assert got is not None and got.dtype == dtype and got.shape == (T, rows)
+    per_slot = cpu_kernels.expert_gemv(h.float(), q if int8 else w.float(), ids, None if s is None else s.float())
+    if int8:  # fp32 products of the same (quantized) input, exact enough to be the reference
+        ref = (gates.double()[..., None] * per_slot.double()).sum(1)
+    else:
+        ref = (gates.double()[..., None] * _reference(h, w, ids)).sum(1)
+    scale = (gates.double()[..., None] * _reference(h, q, ids, s).abs()).sum(1)  # no cancellation credit
+    tol = 1e-5 if dtype == torch.float32 else _ulp(dtype)
+    assert torch.all((got.double() - ref).abs() <= tol * ref.abs() + 1e-5 * scale + 1e-6)
+    # the repeated expert 2 in token 1 counts twice, the sentinels nothing
+    only = cpu_kernels.expert_gemv_combine(h, q, torch.tensor([[E, E, E], [-1, -1, -1]]), gates, s)
+    assert torch.all(only == 0)

@@ -14,7 +14,13 @@ from moekit.nn.dispatch import (
 )
 from moekit.nn.expert_parallel import ExpertParallelBank, all_to_all, shard_experts
 from moekit.nn.int4_experts import expert_forward_int4, int4_expert_bytes, quantize_experts_int4
-from moekit.nn.int8_experts import expert_forward_int8, quantize_experts_int8, quantize_rows_int8
+from moekit.nn.int8_experts import (
+    dequantize_linears_int8,
+    expert_forward_int8,
+    quantize_experts_int8,
+    quantize_linears_int8,
+    quantize_rows_int8,
+)
 from moekit.nn.layers import CoELayer, ExpertBank, GatedMLP, MoELayer
 from moekit.nn.losses import AddAuxiliaryLoss, add_aux_loss, seq_balance_loss, switch_balance_loss, z_loss
 from moekit.nn.model import MoELM, MoELMConfig
@@ -56,6 +62,8 @@ __all__ = [
     "int4_expert_bytes",
     "quantize_experts_int4",
     "quantize_experts_int8",
+    "quantize_linears_int8",
+    "dequantize_linears_int8",
     "quantize_rows_int8",
     "register_with_transformers",
     "seq_balance_loss",

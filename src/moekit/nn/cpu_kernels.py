@@ -35,6 +35,11 @@ SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 #include <stdlib.h>
+#include <type_traits>
+#include <math.h>
+#ifndef QB
+#define QB 64
+#endif
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -71,78 +76,214 @@ struct F16 { typedef _Float16 T; LOAD16(return _mm512_cvtph_ps(_mm256_loadu_si25
 #endif
 struct I8 { typedef int8_t T; LOAD16(return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));) static inline float get(T v) { return (float)v; } };
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define HAVE_VNNI 1
+#else
+#define HAVE_VNNI 0
+#endif
+
+/* One call's input rows, converted once: fp32 copies, and for int8 weights with VNNI (``qx``) int8 codes per QB-block
+   of columns (symmetric, scale = max|x| / 127, like llama.cpp's q8_0 activations) with their scales. */
+template <class W, class X> struct Input {
+  const typename X::T* x; int64_t xs, cols; float* xf = nullptr; int8_t* xq = nullptr; float* xqs = nullptr;
+  bool vnni = false;
+  int init(const typename X::T* x_, int64_t nx, int64_t xs_, int64_t cols_, int qx) {
+    x = x_; xs = xs_; cols = cols_;
+    xf = (float*)malloc((size_t)(nx * cols) * sizeof(float) + 64);
+    if (!xf) return 1;
+    for (int64_t s = 0; s < nx; s++)
+      for (int64_t c = 0; c < cols; c++) xf[s * cols + c] = X::get(x[s * xs + c]);
+    vnni = HAVE_VNNI && std::is_same<W, I8>::value && qx && cols % QB == 0;
+    if (!vnni) return 0;
+    xq = (int8_t*)malloc((size_t)(nx * cols) + 64); xqs = (float*)malloc((size_t)(nx * cols / QB) * sizeof(float) + 64);
+    if (!xq || !xqs) return 1;
+    for (int64_t s = 0; s < nx; s++)
+      for (int64_t bl = 0; bl < cols / QB; bl++) {
+        const float* v = xf + s * cols + bl * QB; float amax = 0.f;
+        for (int c = 0; c < QB; c++) amax = fabsf(v[c]) > amax ? fabsf(v[c]) : amax;
+        const float inv = amax > 0.f ? 127.f / amax : 0.f;
+        xqs[s * (cols / QB) + bl] = amax / 127.f;
+        for (int c = 0; c < QB; c++) xq[s * cols + bl * QB + c] = (int8_t)nearbyintf(v[c] * inv);
+      }
+    return 0;
+  }
+  ~Input() { free(xf); free(xq); free(xqs); }
+};
+
+/* Prefetch nr rows of cols weights at p: short rows and experts scattered in memory give the hardware prefetchers
+   too short a stream to ramp up on. */
+template <class W> static inline void prefetch_rows(const typename W::T* p, int64_t nr, int64_t rs, int64_t cols) {
+  for (int64_t i = 0; i < nr; i++)
+    for (int64_t off = 0; off < cols * (int64_t)sizeof(typename W::T); off += 64)
+      __builtin_prefetch((const char*)(p + i * rs) + off);
+}
+
+/* acc[i] = sum_c wr[i * rs + c] * x_s[c] for the nr <= 4 rows at wr, x_s = row s of the input, summed in fp32. */
+template <class W, class X>
+static inline void dot_rows(const typename W::T* wr, int64_t rs, int64_t nr, const Input<W, X>& in, int64_t s,
+                            float* acc) {
+  const int64_t cols = in.cols;
+  const float* xv = in.xf + s * cols;
+  acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+#if HAVE_VNNI
+  if (in.vnni) {
+    const int8_t* xb = in.xq + s * cols; const float* xd = in.xqs + s * (cols / QB);
+    if (nr == 4) {
+      /* |xq| (unsigned) times the weights with x's sign moved onto them: 64 products per instruction, exact. */
+      const int8_t* w0 = (const int8_t*)wr;
+      __m512 v0 = _mm512_setzero_ps(), v1 = v0, v2 = v0, v3 = v0;
+      const __m512i zero = _mm512_setzero_si512();
+      for (int64_t bl = 0; bl < cols / QB; bl++) {
+        __m512i i0 = zero, i1 = zero, i2 = zero, i3 = zero;
+        for (int64_t c = bl * QB; c < (bl + 1) * QB; c += 64) {
+          const __m512i xv8 = _mm512_loadu_si512(xb + c);
+          const __mmask64 neg = _mm512_movepi8_mask(xv8);
+          const __m512i xa = _mm512_abs_epi8(xv8);
+#define VNNI_ROW(I) { const __m512i wv = _mm512_loadu_si512(w0 + I * rs + c); \
+                      i##I = _mm512_dpbusd_epi32(i##I, xa, _mm512_mask_sub_epi8(wv, neg, zero, wv)); }
+          VNNI_ROW(0) VNNI_ROW(1) VNNI_ROW(2) VNNI_ROW(3)
+#undef VNNI_ROW
+        }
+        const __m512 d = _mm512_set1_ps(xd[bl]);
+        v0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), d, v0); v1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), d, v1);
+        v2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i2), d, v2); v3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i3), d, v3);
+      }
+      acc[0] = _mm512_reduce_add_ps(v0); acc[1] = _mm512_reduce_add_ps(v1);
+      acc[2] = _mm512_reduce_add_ps(v2); acc[3] = _mm512_reduce_add_ps(v3);
+      return;
+    }
+    for (int64_t i = 0; i < nr; i++) {  /* the last rows of a matrix whose row count is not a multiple of 4 */
+      const int8_t* wi = (const int8_t*)(wr + i * rs);
+      for (int64_t bl = 0; bl < cols / QB; bl++) {
+        int32_t t = 0;
+        for (int64_t c = bl * QB; c < (bl + 1) * QB; c++) t += (int32_t)xb[c] * (int32_t)wi[c];
+        acc[i] += (float)t * xd[bl];
+      }
+    }
+    return;
+  }
+#endif
+#if defined(__AVX512BF16__) && !defined(NO_DPBF16)
+  if (std::is_same<W, BF16>::value && std::is_same<X, BF16>::value && nr == 4) {
+    /* bf16 weights and bf16 input: AVX512-BF16's dot product of 32 bf16 pairs per instruction, products exact
+       in fp32 and summed in fp32 (inputs below 2^-126 count as 0): one instruction per 64 bytes of weights. */
+    const uint16_t* xb = (const uint16_t*)(in.x + s * in.xs);
+    const uint16_t* w0 = (const uint16_t*)wr;
+    __m512 v0 = _mm512_setzero_ps(), v1 = v0, v2 = v0, v3 = v0;
+    const int64_t r = rs, c32 = cols & ~(int64_t)31;
+    for (int64_t c = 0; c < c32; c += 32) {
+      const __m512bh xc = (__m512bh)_mm512_loadu_si512(xb + c);
+      v0 = _mm512_dpbf16_ps(v0, (__m512bh)_mm512_loadu_si512(w0 + c), xc);
+      v1 = _mm512_dpbf16_ps(v1, (__m512bh)_mm512_loadu_si512(w0 + r + c), xc);
+      v2 = _mm512_dpbf16_ps(v2, (__m512bh)_mm512_loadu_si512(w0 + 2 * r + c), xc);
+      v3 = _mm512_dpbf16_ps(v3, (__m512bh)_mm512_loadu_si512(w0 + 3 * r + c), xc);
+    }
+    acc[0] = _mm512_reduce_add_ps(v0); acc[1] = _mm512_reduce_add_ps(v1);
+    acc[2] = _mm512_reduce_add_ps(v2); acc[3] = _mm512_reduce_add_ps(v3);
+    for (int64_t c = c32; c < cols; c++)
+      for (int i = 0; i < 4; i++) acc[i] += W::get(wr[i * rs + c]) * xv[c];
+    return;
+  }
+#endif
+#if defined(__AVX512F__)
+  if (nr == 4) {  /* AVX-512: explicit conversions (the compiler's vectorization of fp16 and int8 is poor) */
+    __m512 v0 = _mm512_setzero_ps(), v1 = v0, v2 = v0, v3 = v0;
+    const typename W::T* w0 = wr;
+    const int64_t r = rs, c16 = cols & ~(int64_t)15;
+    for (int64_t c = 0; c < c16; c += 16) {
+      const __m512 xc = _mm512_loadu_ps(xv + c);
+      v0 = _mm512_fmadd_ps(W::load16(w0 + c), xc, v0);
+      v1 = _mm512_fmadd_ps(W::load16(w0 + r + c), xc, v1);
+      v2 = _mm512_fmadd_ps(W::load16(w0 + 2 * r + c), xc, v2);
+      v3 = _mm512_fmadd_ps(W::load16(w0 + 3 * r + c), xc, v3);
+    }
+    acc[0] = _mm512_reduce_add_ps(v0); acc[1] = _mm512_reduce_add_ps(v1);
+    acc[2] = _mm512_reduce_add_ps(v2); acc[3] = _mm512_reduce_add_ps(v3);
+    for (int64_t c = c16; c < cols; c++)
+      for (int i = 0; i < 4; i++) acc[i] += W::get(wr[i * rs + c]) * xv[c];
+    return;
+  }
+#endif
+  if (nr == 4) {
+    const typename W::T *w0 = wr, *w1 = wr + rs, *w2 = wr + 2 * rs, *w3 = wr + 3 * rs;
+    float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+    #pragma omp simd reduction(+ : a0, a1, a2, a3)
+    for (int64_t c = 0; c < cols; c++) {
+      const float xc = xv[c];
+      a0 += W::get(w0[c]) * xc; a1 += W::get(w1[c]) * xc; a2 += W::get(w2[c]) * xc; a3 += W::get(w3[c]) * xc;
+    }
+    acc[0] = a0; acc[1] = a1; acc[2] = a2; acc[3] = a3;
+    return;
+  }
+  for (int64_t i = 0; i < nr; i++) {
+    const typename W::T* wi = wr + i * rs;
+    float a = 0.f;
+    #pragma omp simd reduction(+ : a)
+    for (int64_t c = 0; c < cols; c++) a += W::get(wi[c]) * xv[c];
+    acc[i] = a;
+  }
+}
+
 /* out[s, r] = (scale[e, r] *) sum_c w[e, r, c] * x[s / xdiv, c] with e = ids[s]; 0 where e is not in [0, ne).
-   w rows are contiguous (row stride rs, expert stride es); x rows contiguous with stride xs; out [n, rows]. */
+   w rows are contiguous (row stride rs, expert stride es); x rows contiguous with stride xs; out [n, rows].
+   Threads split the 4-row blocks of all n products (static shares: each thread streams its rows in order). */
 template <class W, class X>
 static int gemv(const typename W::T* w, int64_t es, int64_t rs, const int64_t* ids, int64_t n, int64_t ne,
-                 const typename X::T* x, int64_t xs, int64_t xdiv, int64_t rows, int64_t cols,
-                 const typename X::T* scale, int64_t ss, typename X::T* out, int nthreads) {
-  const int64_t nx = (n + xdiv - 1) / xdiv;
-  float* xf = (float*)malloc((size_t)(nx * cols) * sizeof(float) + 64);
-  if (!xf) return 1;  /* the caller falls back to torch's ops */
-  for (int64_t s = 0; s < nx; s++)
-    for (int64_t c = 0; c < cols; c++) xf[s * cols + c] = X::get(x[s * xs + c]);
+                const typename X::T* x, int64_t xs, int64_t xdiv, int64_t rows, int64_t cols,
+                const typename X::T* scale, int64_t ss, typename X::T* out, int nthreads, int qx = 0) {
+  Input<W, X> in;
+  if (in.init(x, (n + xdiv - 1) / xdiv, xs, cols, qx)) return 1;  /* the caller falls back to torch's ops */
   const int64_t nb = (rows + 3) / 4, total = n * nb;
   #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t b = 0; b < total; b++) {
     const int64_t s = b / nb, r0 = (b % nb) * 4, nr = rows - r0 < 4 ? rows - r0 : 4, e = ids[s];
     typename X::T* o = out + s * rows + r0;
     if (e < 0 || e >= ne) { for (int64_t i = 0; i < nr; i++) o[i] = X::put(0.f); continue; }
-    const float* xv = xf + (s / xdiv) * cols;
-    const typename W::T* wr = w + e * es + r0 * rs;
-    /* Prefetch the block PF_AHEAD blocks on (this thread's static share runs in order): short rows and experts
-       scattered in memory give the hardware prefetchers too short a stream to ramp up on. */
-    const int64_t nxt = b + PF_AHEAD;
+    const int64_t nxt = b + PF_AHEAD;  /* this thread's next blocks */
     if (nxt < total) {
-      const int64_t ns = nxt / nb, ne2 = ids[ns];
-      if (ne2 >= 0 && ne2 < ne) {
-        const int64_t nr0 = (nxt % nb) * 4, nnr = rows - nr0 < 4 ? rows - nr0 : 4;
-        const char* p = (const char*)(w + ne2 * es + nr0 * rs);
-        for (int64_t i = 0; i < nnr; i++)
-          for (int64_t off = 0; off < cols * (int64_t)sizeof(typename W::T); off += 64)
-            __builtin_prefetch(p + i * rs * (int64_t)sizeof(typename W::T) + off);
-      }
+      const int64_t ne2 = ids[nxt / nb], nr0 = (nxt % nb) * 4;
+      if (ne2 >= 0 && ne2 < ne) prefetch_rows<W>(w + ne2 * es + nr0 * rs, rows - nr0 < 4 ? rows - nr0 : 4, rs, cols);
     }
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
-#if defined(__AVX512F__)
-    if (nr == 4) {  /* AVX-512: explicit conversions (the compiler's vectorization of fp16 and int8 is poor) */
-      __m512 v0 = _mm512_setzero_ps(), v1 = v0, v2 = v0, v3 = v0;
-      const typename W::T* w0 = wr;
-      const int64_t r = rs, c16 = cols & ~(int64_t)15;
-      for (int64_t c = 0; c < c16; c += 16) {
-        const __m512 xc = _mm512_loadu_ps(xv + c);
-        v0 = _mm512_fmadd_ps(W::load16(w0 + c), xc, v0);
-        v1 = _mm512_fmadd_ps(W::load16(w0 + r + c), xc, v1);
-        v2 = _mm512_fmadd_ps(W::load16(w0 + 2 * r + c), xc, v2);
-        v3 = _mm512_fmadd_ps(W::load16(w0 + 3 * r + c), xc, v3);
-      }
-      acc[0] = _mm512_reduce_add_ps(v0); acc[1] = _mm512_reduce_add_ps(v1);
-      acc[2] = _mm512_reduce_add_ps(v2); acc[3] = _mm512_reduce_add_ps(v3);
-      for (int64_t c = c16; c < cols; c++)
-        for (int i = 0; i < 4; i++) acc[i] += W::get(wr[i * rs + c]) * xv[c];
-    } else
-#endif
-    if (nr == 4) {
-      const typename W::T *w0 = wr, *w1 = wr + rs, *w2 = wr + 2 * rs, *w3 = wr + 3 * rs;
-      float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-      #pragma omp simd reduction(+ : a0, a1, a2, a3)
-      for (int64_t c = 0; c < cols; c++) {
-        const float xc = xv[c];
-        a0 += W::get(w0[c]) * xc; a1 += W::get(w1[c]) * xc; a2 += W::get(w2[c]) * xc; a3 += W::get(w3[c]) * xc;
-      }
-      acc[0] = a0; acc[1] = a1; acc[2] = a2; acc[3] = a3;
-    } else {
-      for (int64_t i = 0; i < nr; i++) {
-        const typename W::T* wi = wr + i * rs;
-        float a = 0.f;
-        #pragma omp simd reduction(+ : a)
-        for (int64_t c = 0; c < cols; c++) a += W::get(wi[c]) * xv[c];
-        acc[i] = a;
-      }
-    }
+    float acc[4];
+    dot_rows<W, X>(w + e * es + r0 * rs, rs, nr, in, s / xdiv, acc);
     for (int64_t i = 0; i < nr; i++) o[i] = X::put(scale ? acc[i] * X::get(scale[e * ss + r0 + i]) : acc[i]);
   }
-  free(xf);
+  return 0;
+}
+
+/* The down projection and the weighted sum of a decode step in one pass: out[t, r] = sum_j g[s] * (sc_s[r] *)
+   sum_c W_s[r, c] * x[s, c] over the k slots s = t * k + j, where W_s is the matrix at address wp[s] (row stride rs;
+   0: the slot adds nothing) and sc_s its int8 row scales at sp[s]. Addresses rather than (bank, id) let one call
+   take experts from several banks (the offload engine's slots and its scratch). Summed in fp32, rounded once.
+   Threads split chunks of RC rows; a chunk walks the k experts' rows (RC rows each, contiguous). */
+#define RC 32
+template <class W, class X>
+static int gemv_combine(const int64_t* wp, int64_t rs, int64_t T, int64_t k, const typename X::T* x, int64_t xs,
+                        int64_t rows, int64_t cols, const int64_t* sp, const float* g, typename X::T* out,
+                        int nthreads, int qx = 0) {
+  Input<W, X> in;
+  if (in.init(x, T * k, xs, cols, qx)) return 1;
+  const int64_t nc = (rows + RC - 1) / RC, total = T * nc;
+  #pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t b = 0; b < total; b++) {
+    const int64_t t = b / nc, r0 = (b % nc) * RC, nrc = rows - r0 < RC ? rows - r0 : RC;
+    float sum[RC];
+    for (int64_t i = 0; i < nrc; i++) sum[i] = 0.f;
+    for (int64_t j = 0; j < k; j++) {
+      const int64_t s = t * k + j;
+      if (!wp[s]) continue;
+      const typename W::T* we = (const typename W::T*)(intptr_t)wp[s];
+      const typename X::T* sc = sp ? (const typename X::T*)(intptr_t)sp[s] : nullptr;
+      for (int64_t r = r0; r < r0 + nrc; r += 4) {
+        const int64_t nr = r0 + nrc - r < 4 ? r0 + nrc - r : 4;
+        if (r + 4 * PF_AHEAD < r0 + nrc) prefetch_rows<W>(we + (r + 4 * PF_AHEAD) * rs, 1, rs, cols);
+        float acc[4];
+        dot_rows<W, X>(we + r * rs, rs, nr, in, s, acc);
+        for (int64_t i = 0; i < nr; i++) sum[r - r0 + i] += g[s] * (sc ? acc[i] * X::get(sc[r + i]) : acc[i]);
+      }
+    }
+    for (int64_t i = 0; i < nrc; i++) out[t * rows + r0 + i] = X::put(sum[i]);
+  }
   return 0;
 }
 
@@ -152,15 +293,25 @@ static int gemv(const typename W::T* w, int64_t es, int64_t rs, const int64_t* i
 extern "C" {
 int moekit_gemv_bfloat16(ARGS(uint16_t, uint16_t), uint16_t* out, int nt) { return gemv<BF16, BF16>(PASS, nullptr, 0, out, nt); }
 int moekit_gemv_float32(ARGS(float, float), float* out, int nt) { return gemv<F32, F32>(PASS, nullptr, 0, out, nt); }
-int moekit_gemv_int8_bfloat16(ARGS(int8_t, uint16_t), const uint16_t* sc, int64_t ss, uint16_t* out, int nt) {
-  return gemv<I8, BF16>(PASS, sc, ss, out, nt); }
-int moekit_gemv_int8_float32(ARGS(int8_t, float), const float* sc, int64_t ss, float* out, int nt) {
-  return gemv<I8, F32>(PASS, sc, ss, out, nt); }
+int moekit_gemv_int8_bfloat16(ARGS(int8_t, uint16_t), const uint16_t* sc, int64_t ss, uint16_t* out, int nt, int qx) {
+  return gemv<I8, BF16>(PASS, sc, ss, out, nt, qx); }
+int moekit_gemv_int8_float32(ARGS(int8_t, float), const float* sc, int64_t ss, float* out, int nt, int qx) {
+  return gemv<I8, F32>(PASS, sc, ss, out, nt, qx); }
+#define CARGS(XT) const int64_t* wp, int64_t rs, int64_t T, int64_t k, const XT* x, int64_t xs, int64_t rows, \
+  int64_t cols, const int64_t* sp, const float* g, XT* out, int nt
+#define CPASS wp, rs, T, k, x, xs, rows, cols, sp, g, out, nt
+int moekit_combine_bfloat16(CARGS(uint16_t)) { return gemv_combine<BF16, BF16>(CPASS); }
+int moekit_combine_float32(CARGS(float)) { return gemv_combine<F32, F32>(CPASS); }
+int moekit_combine_int8_bfloat16(CARGS(uint16_t), int qx) { return gemv_combine<I8, BF16>(CPASS, qx); }
+int moekit_combine_int8_float32(CARGS(float), int qx) { return gemv_combine<I8, F32>(CPASS, qx); }
 #ifdef __FLT16_MAX__
 int moekit_gemv_float16(ARGS(_Float16, _Float16), _Float16* out, int nt) { return gemv<F16, F16>(PASS, nullptr, 0, out, nt); }
-int moekit_gemv_int8_float16(ARGS(int8_t, _Float16), const _Float16* sc, int64_t ss, _Float16* out, int nt) {
-  return gemv<I8, F16>(PASS, sc, ss, out, nt); }
+int moekit_gemv_int8_float16(ARGS(int8_t, _Float16), const _Float16* sc, int64_t ss, _Float16* out, int nt, int qx) {
+  return gemv<I8, F16>(PASS, sc, ss, out, nt, qx); }
+int moekit_combine_float16(CARGS(_Float16)) { return gemv_combine<F16, F16>(CPASS); }
+int moekit_combine_int8_float16(CARGS(_Float16), int qx) { return gemv_combine<I8, F16>(CPASS, qx); }
 #endif
+int moekit_has_vnni(void) { return HAVE_VNNI; }
 }
 """
 
@@ -254,15 +405,23 @@ def _fn(name: str) -> Callable[..., int] | None:
     return fn
 
 
-def expert_gemv(
-    x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, scale: torch.Tensor | None = None
-) -> torch.Tensor | None:
-    """``out[t, j] = x[t] (or x[t, j]) @ w[ids[t, j]].T`` (× ``scale[ids[t, j]]`` per row for int8 ``w``) as one
-    kernel call, or None when the kernel cannot run these tensors (then use torch's ops).
+def int8_activations() -> str:
+    """How int8 weights meet their input: ``"int8"`` (default where the CPU has AVX512-VNNI: the input is quantized
+    per block of 64 values, symmetric, and each block's products are summed exactly in int32, like llama.cpp's
+    q8_0) or ``"float"`` (``MOEKIT_INT8_ACTIVATIONS=float``: weights converted to fp32, the input kept as it is)."""
+    mode = os.environ.get("MOEKIT_INT8_ACTIVATIONS", "int8").strip().lower()
+    return "float" if mode in ("float", "fp32", "0", "no") else "int8"
 
-    ``w [E, out, in]`` with contiguous rows (nn.Linear's layout; int8 codes with ``scale [E, out]``), ``x [T, in]``
-    or ``[T, k, in]`` in the compute dtype, ``ids [T, k]``; slots with ids outside [0, E) are zero.
-    """
+
+def has_vnni() -> bool:
+    """Whether the built kernel has the AVX512-VNNI int8 dot product (int8 activations for int8 weights)."""
+    fn = _fn("moekit_has_vnni")
+    return bool(fn is not None and fn())
+
+
+def _entry(prefix: str, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> Callable[..., int] | None:
+    """The kernel entry ``prefix`` for these tensors' dtypes (``moekit_gemv_bfloat16``, ``moekit_combine_int8_float16``
+    ...), or None when the kernel cannot run them: not CPU, rows not contiguous, dtypes that do not match."""
     if x.device.type != "cpu" or w.device.type != "cpu" or w.dim() != 3 or w.stride(-1) != 1:
         return None
     dtype_name = _DTYPES.get(x.dtype)
@@ -270,14 +429,39 @@ def expert_gemv(
         return None
     if scale is not None and (w.dtype != torch.int8 or scale.dtype != x.dtype or scale.stride(-1) != 1):
         return None
-    fn = _fn(f"moekit_gemv_int8_{dtype_name}" if scale is not None else f"moekit_gemv_{dtype_name}")
+    return _fn(f"{prefix}_int8_{dtype_name}" if scale is not None else f"{prefix}_{dtype_name}")
+
+
+def _rows(x: torch.Tensor, count: int, cols: int) -> torch.Tensor | None:
+    """``x`` as ``count`` rows of ``cols`` contiguous values (a view when it can be), or None."""
+    xs = x.reshape(-1, cols) if x.stride(-1) == 1 else x.contiguous().reshape(-1, cols)
+    return None if xs.shape[0] != count or (count > 1 and xs.stride(0) < cols) else xs
+
+
+def _tail_args(scale: torch.Tensor | None) -> list:
+    """The int8 scale arguments (pointer, row stride) that follow the common ones."""
+    return [] if scale is None else [ctypes.c_void_p(scale.data_ptr()), ctypes.c_int64(scale.stride(0))]
+
+
+def expert_gemv(
+    x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, scale: torch.Tensor | None = None,
+    activations: str | None = None,
+) -> torch.Tensor | None:
+    """``out[t, j] = x[t] (or x[t, j]) @ w[ids[t, j]].T`` (× ``scale[ids[t, j]]`` per row for int8 ``w``) as one
+    kernel call, or None when the kernel cannot run these tensors (then use torch's ops).
+
+    ``w [E, out, in]`` with contiguous rows (nn.Linear's layout; int8 codes with ``scale [E, out]``), ``x [T, in]``
+    or ``[T, k, in]`` in the compute dtype, ``ids [T, k]``; slots with ids outside [0, E) are zero. For int8 ``w``,
+    ``activations`` (default ``int8_activations()``) says whether ``x`` is quantized per 64-block for VNNI.
+    """
+    fn = _entry("moekit_gemv", x, w, scale)
     if fn is None:
         return None
     num_tokens, top_k = ids.shape
     rows, cols = w.shape[1], w.shape[2]
     per_slot = x.dim() == 3
-    xs = x.reshape(-1, cols) if x.stride(-1) == 1 else x.contiguous().reshape(-1, cols)
-    if xs.shape[0] != num_tokens * (top_k if per_slot else 1) or (xs.shape[0] > 1 and xs.stride(0) < cols):
+    xs = _rows(x, num_tokens * (top_k if per_slot else 1), cols)
+    if xs is None:
         return None
     ids64 = ids.to(torch.int64).contiguous()
     out = x.new_empty(num_tokens, top_k, rows)
@@ -286,10 +470,75 @@ def expert_gemv(
         ptr(w.data_ptr()), ctypes.c_int64(w.stride(0)), ctypes.c_int64(w.stride(1)), ptr(ids64.data_ptr()),
         ctypes.c_int64(ids64.numel()), ctypes.c_int64(w.shape[0]), ptr(xs.data_ptr()), ctypes.c_int64(xs.stride(0)),
         ctypes.c_int64(1 if per_slot else top_k), ctypes.c_int64(rows), ctypes.c_int64(cols),
+        *_tail_args(scale), ptr(out.data_ptr()), ctypes.c_int(torch.get_num_threads()),
     ]
     if scale is not None:
-        args += [ptr(scale.data_ptr()), ctypes.c_int64(scale.stride(0))]
-    args += [ptr(out.data_ptr()), ctypes.c_int(torch.get_num_threads())]
+        args.append(ctypes.c_int(int((activations or int8_activations()) == "int8")))
+    return out if fn(*args) == 0 else None
+
+
+def expert_gemv_combine(
+    h: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, scale: torch.Tensor | None = None,
+    activations: str | None = None,
+) -> torch.Tensor | None:
+    """``out[t] = Σ_j weights[t, j] · h[t, j] @ w[ids[t, j]].T`` (× row scales for int8 ``w``): a decode step's
+    down projection and weighted sum over its k slots in one kernel call, summed in fp32 and rounded once; slots
+    with ids outside [0, E) add nothing. None when the kernel cannot run these tensors.
+
+    ``h [T, k, in]`` in the compute dtype, ``w [E, out, in]`` (contiguous rows), ``ids``/``weights [T, k]``;
+    the result is ``[T, out]`` in ``h``'s dtype.
+    """
+    return combine_banks(h, [(ids, w, scale)], weights, activations)
+
+
+def _addresses(t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Byte address of ``t[ids[s]]`` for every slot, 0 where the id is outside [0, len(t))."""
+    valid = (ids >= 0) & (ids < t.shape[0])
+    step = t.stride(0) * t.element_size()
+    return torch.where(valid, t.data_ptr() + ids.to(torch.int64).clamp(0, t.shape[0] - 1) * step, 0)
+
+
+def combine_banks(
+    h: torch.Tensor,
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+    weights: torch.Tensor,
+    activations: str | None = None,
+) -> torch.Tensor | None:
+    """``expert_gemv_combine`` with each slot's expert taken from one of several banks: ``parts`` lists
+    ``(ids [T, k], w [E_p, out, in], scale or None)``, a slot using the bank whose ids hold it in range (the offload
+    engine's slots and its scratch buffer). One kernel call, so the result equals one bank's call bit for bit."""
+    if not parts or h.dim() != 3:
+        return None
+    ids0, w0, s0 = parts[0]
+    fn = _entry("moekit_combine", h, w0, s0)
+    rows, cols = w0.shape[1], w0.shape[2]
+    if fn is None or any(
+        _entry("moekit_combine", h, w, s) is None or w.shape[1:] != (rows, cols) or w.stride(1) != w0.stride(1)
+        or w.dtype != w0.dtype or (s is None) != (s0 is None) for _, w, s in parts
+    ):
+        return None
+    num_tokens, top_k = ids0.shape
+    xs = _rows(h, num_tokens * top_k, cols)
+    if xs is None:
+        return None
+    wp = torch.zeros(num_tokens, top_k, dtype=torch.int64)
+    sp = torch.zeros(num_tokens, top_k, dtype=torch.int64) if s0 is not None else None
+    for ids, w, s in parts:
+        a = _addresses(w, ids)
+        wp = torch.where(a != 0, a, wp)
+        if sp is not None and s is not None:
+            sp = torch.where(a != 0, _addresses(s, ids), sp)
+    g = weights.to(torch.float32).contiguous()
+    out = h.new_empty(num_tokens, rows)
+    ptr = ctypes.c_void_p
+    args = [
+        ptr(wp.data_ptr()), ctypes.c_int64(w0.stride(1)), ctypes.c_int64(num_tokens), ctypes.c_int64(top_k),
+        ptr(xs.data_ptr()), ctypes.c_int64(xs.stride(0)), ctypes.c_int64(rows), ctypes.c_int64(cols),
+        ptr(sp.data_ptr() if sp is not None else None), ptr(g.data_ptr()), ptr(out.data_ptr()),
+        ctypes.c_int(torch.get_num_threads()),
+    ]
+    if s0 is not None:
+        args.append(ctypes.c_int(int((activations or int8_activations()) == "int8")))
     return out if fn(*args) == 0 else None
 
 
@@ -304,10 +553,12 @@ def _gemv_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor
         one_row
         and x.device.type == "cpu"
         and x.dtype == w.dtype
-        and not torch.compiler.is_compiling()
         and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
     ):
-        y = expert_gemv(x.reshape(1, -1), w.unsqueeze(0), _ONE_SLOT)
+        if torch.compiler.is_compiling():  # the custom op (moekit.nn.dispatch) keeps the kernel in the graph
+            y = torch.ops.moekit.expert_gemv(x.reshape(1, -1), w.unsqueeze(0), _ONE_SLOT, True)
+        else:
+            y = expert_gemv(x.reshape(1, -1), w.unsqueeze(0), _ONE_SLOT)
         if y is not None:
             y = y.reshape(*x.shape[:-1], w.shape[0])
             return y if self.bias is None else y + self.bias
@@ -320,7 +571,8 @@ def use_for_linears(model: torch.nn.Module, enable: bool = True) -> int:
 
     Decode reads the non-expert weights once per token too (attention and ``lm_head`` are a third of the bytes of
     OLMoE-1B-7B), and ``F.linear`` with one row streams them at ~65% of the read bandwidth against ~85% here.
-    Nothing changes for prefill, training or ``torch.compile`` (they keep ``F.linear``).
+    Nothing changes for prefill or training (they keep ``F.linear``); under ``torch.compile`` a one-row step calls
+    the kernel through the ``moekit::expert_gemv`` custom op, so compiled decode keeps it too.
     """
     import types
 

@@ -285,6 +285,28 @@ def _(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, out_in: bool) -> torc
     return x.new_empty(*ids.shape, w.shape[1] if out_in else w.shape[2])
 
 
+@torch.library.custom_op("moekit::expert_gemv_combine", mutates_args=())
+def _expert_gemv_combine(
+    h: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, out_in: bool
+) -> torch.Tensor:
+    """``out[t] = Σ_j weights[t, j] · h[t, j] @ expert ids[t, j]``: a decode step's down projection and its weighted
+    sum over the k slots, ``[T, out]`` in ``h``'s dtype; slots with ids outside [0, E) add nothing. On CPU with
+    nn.Linear's layout one kernel call (no ``[T, k, out]`` intermediate, one rounding); otherwise the GEMV op and
+    the weighted sum."""
+    if out_in:
+        fast = cpu_kernels.expert_gemv_combine(h, w, ids, weights)
+        if fast is not None:
+            return fast
+    y = torch.ops.moekit.expert_gemv(h, w, ids, out_in)
+    valid = ((ids >= 0) & (ids < w.shape[0])).unsqueeze(-1)
+    return _weighted_sum(y, weights, valid).to(h.dtype)
+
+
+@_expert_gemv_combine.register_fake
+def _(h: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, out_in: bool) -> torch.Tensor:
+    return h.new_empty(ids.shape[0], w.shape[1] if out_in else w.shape[2])
+
+
 def _grouped(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -394,36 +416,49 @@ def _gemv_forward(
     gate_fn: Callable[[torch.Tensor], torch.Tensor] | None,
     post_fn: Callable[[torch.Tensor], torch.Tensor] | None,
 ) -> torch.Tensor:
-    """The decode path: per (token, slot) GEMVs on the experts' storage, then the weighted sum over k."""
-    y, valid = _gemv_outputs(x, ids, w_gate_up, w_down, act, b_gate_up, b_down, out_in, has_gate, gate_fn, post_fn)
+    """The decode path: per (token, slot) GEMVs on the experts' storage, then the down projection and the weighted
+    sum over k in one pass (``moekit::expert_gemv_combine``), or per slot and summed when the experts have a down
+    bias or a post-function."""
+    h = _gemv_hidden(x, ids, w_gate_up, act, b_gate_up, out_in, has_gate, gate_fn)
+    if b_down is None and post_fn is None:
+        return torch.ops.moekit.expert_gemv_combine(h.contiguous(), w_down, ids, weights, out_in).to(x.dtype)
+    y, valid = _gemv_down(h, ids, w_down, b_down, out_in, post_fn)
     return _weighted_sum(y, weights, valid).to(x.dtype)
 
 
-def _gemv_outputs(
+def _gemv_hidden(
     x: torch.Tensor,
     ids: torch.Tensor,
     w_gate_up: torch.Tensor,
-    w_down: torch.Tensor,
     act: Callable[[torch.Tensor], torch.Tensor],
     b_gate_up: torch.Tensor | None,
-    b_down: torch.Tensor | None,
     out_in: bool,
     has_gate: bool,
     gate_fn: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> torch.Tensor:
+    """Each (token, slot)'s activated up projection ``h [T, k, I]`` (invalid slots hold anything). Every slot's value
+    depends on its own id and row only (the kernel computes each product alone), so computing a step's slots in
+    several calls, the others as sentinels, gives the same numbers."""
+    h = torch.ops.moekit.expert_gemv(x.to(w_gate_up.dtype), w_gate_up, ids, out_in)  # [T, k, 2I]
+    if b_gate_up is not None:
+        h = h + b_gate_up[ids.clamp(0, w_gate_up.shape[0] - 1)].to(h.dtype)
+    return _activate(h, act, has_gate, gate_fn)
+
+
+def _gemv_down(
+    h: torch.Tensor,
+    ids: torch.Tensor,
+    w_down: torch.Tensor,
+    b_down: torch.Tensor | None,
+    out_in: bool,
     post_fn: Callable[[torch.Tensor], torch.Tensor] | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each (token, slot)'s expert output ``y [T, k, H]`` (unweighted) and ``valid [T, k, 1]`` (ids in [0, E));
-    invalid slots hold anything. Every slot's value depends on its own id and row only (the kernel computes each
-    product alone), so computing a step's slots in several calls, the others as sentinels, gives the same numbers."""
-    num_experts = w_gate_up.shape[0]
-    h = torch.ops.moekit.expert_gemv(x.to(w_gate_up.dtype), w_gate_up, ids, out_in)  # [T, k, 2I]
-    safe_ids = ids.clamp(0, num_experts - 1)
-    if b_gate_up is not None:
-        h = h + b_gate_up[safe_ids].to(h.dtype)
-    h = _activate(h, act, has_gate, gate_fn)
+    """Each slot's expert output ``y [T, k, H]`` (unweighted) and ``valid [T, k, 1]`` (ids in [0, E)); per slot like
+    ``_gemv_hidden``."""
+    num_experts = w_down.shape[0]
     y = torch.ops.moekit.expert_gemv(h.contiguous(), w_down, ids, out_in)  # [T, k, H]
     if b_down is not None:
-        y = y + b_down[safe_ids].to(y.dtype)
+        y = y + b_down[ids.clamp(0, num_experts - 1)].to(y.dtype)
     if post_fn is not None:
         y = post_fn(y)
     valid = ((ids >= 0) & (ids < num_experts)).unsqueeze(-1)  # masked always: cheaper than asking

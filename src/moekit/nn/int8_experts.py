@@ -66,6 +66,24 @@ def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor) 
     return x.new_empty(*ids.shape, q.shape[1])
 
 
+@torch.library.custom_op("moekit::int8_expert_gemv_combine", mutates_args=())
+def _int8_expert_gemv_combine(
+    h: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """``moekit::expert_gemv_combine`` with int8 experts: down projection and weighted sum of a decode step."""
+    fast = cpu_kernels.expert_gemv_combine(h, q, ids, weights, scale)
+    if fast is not None:
+        return fast
+    y = torch.ops.moekit.int8_expert_gemv(h, q, scale, ids)
+    valid = ((ids >= 0) & (ids < q.shape[0])).unsqueeze(-1)
+    return _weighted_sum(y, weights, valid).to(h.dtype)
+
+
+@_int8_expert_gemv_combine.register_fake
+def _(h: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return h.new_empty(ids.shape[0], q.shape[1])
+
+
 def quantize_rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``w [..., out, in]`` → (int8 codes, per-row scales in ``w``'s dtype): symmetric, scale = max|row| / 127, so
     every weight is within scale/2 of its code × scale."""
@@ -107,6 +125,61 @@ def quantize_experts_int8(model: torch.nn.Module, keep_float: bool = True) -> in
     return converted
 
 
+INT8_LINEAR_BUFFERS = ("moekit_int8_weight", "moekit_int8_weight_scale")
+_ONE_SLOT = torch.zeros(1, 1, dtype=torch.int64)
+
+
+def int8_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """nn.Linear's forward on its int8 codes: a one-row CPU input (a decode step) through the int8 decode kernel;
+    other inputs through the float weight when it was kept, else the dequantized codes."""
+    q, s = getattr(self, INT8_LINEAR_BUFFERS[0]), getattr(self, INT8_LINEAR_BUFFERS[1])
+    if x.numel() == x.shape[-1] and x.device.type == "cpu" and x.dtype == s.dtype and not torch.compiler.is_compiling():
+        y = cpu_kernels.expert_gemv(x.reshape(1, -1), q.unsqueeze(0), _ONE_SLOT, s.unsqueeze(0))
+        if y is not None:
+            y = y.reshape(*x.shape[:-1], q.shape[0])
+            return y if self.bias is None else y + self.bias
+    w = self.weight if self.weight.numel() else (q.to(x.dtype) * s.to(x.dtype).unsqueeze(-1))
+    return F.linear(x, w, self.bias)
+
+
+def quantize_linears_int8(model: torch.nn.Module, keep_float: bool = True) -> int:
+    """Give every ``nn.Linear`` of ``model`` (attention, dense MLPs, routers that are Linears, ``lm_head``) int8
+    codes with one scale per output row (``quantize_rows_int8``) and run its decode steps on them; returns how many
+    modules changed. With the int8 experts this reads about one byte per weight per token, like llama.cpp's q8_0.
+
+    ``keep_float=True`` keeps the float weight for multi-row inputs (prefill unchanged); ``False`` frees it
+    (unless it is shared, e.g. an ``lm_head`` tied to the embeddings) and multi-row inputs use the dequantized
+    codes. Inference only. Memory: 1 byte per weight + one scale per row (plus the float weight if kept).
+    """
+    import types
+
+    shared = {id(p) for m in model.modules() if not isinstance(m, torch.nn.Linear) for p in m.parameters(recurse=False)}
+    changed = 0
+    for module in model.modules():
+        if type(module) is not torch.nn.Linear or "forward" in module.__dict__:
+            continue
+        q, scale = quantize_rows_int8(module.weight)
+        module.register_buffer(INT8_LINEAR_BUFFERS[0], q.contiguous(), persistent=False)
+        module.register_buffer(INT8_LINEAR_BUFFERS[1], scale.contiguous(), persistent=False)
+        module.forward = types.MethodType(int8_linear_forward, module)
+        if not keep_float and id(module.weight) not in shared:
+            module.weight = torch.nn.Parameter(module.weight.new_empty(0), requires_grad=False)
+        changed += 1
+    return changed
+
+
+def dequantize_linears_int8(model: torch.nn.Module) -> int:
+    """Undo ``quantize_linears_int8`` on modules that kept their float weight; returns how many changed."""
+    changed = 0
+    for module in model.modules():
+        if type(module) is torch.nn.Linear and hasattr(module, INT8_LINEAR_BUFFERS[0]) and module.weight.numel():
+            for name in INT8_LINEAR_BUFFERS:
+                delattr(module, name)
+            module.__dict__.pop("forward", None)
+            changed += 1
+    return changed
+
+
 def expert_forward_int8(
     x: torch.Tensor,
     ids: torch.Tensor,
@@ -139,6 +212,8 @@ def expert_forward_int8(
     safe_ids = ids.clamp(0, num_experts - 1)
     if num_tokens == 1:
         h = ffn(torch.ops.moekit.int8_expert_gemv(x.to(compute_dtype), q_gate_up, s_gate_up, ids), safe_ids)
+        if b_down is None and post_fn is None:  # down projection and weighted sum in one pass
+            return torch.ops.moekit.int8_expert_gemv_combine(h.contiguous(), q_down, s_down, ids, weights).to(x.dtype)
         y = torch.ops.moekit.int8_expert_gemv(h.contiguous(), q_down, s_down, ids)
         if b_down is not None:
             y = y + b_down[safe_ids].to(y.dtype)

@@ -10,7 +10,16 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from moekit.nn.dispatch import _activate, _gemv_outputs, _use_gemv, _weighted_sum, combine_slots, get_backend
+from moekit.nn import cpu_kernels
+from moekit.nn.dispatch import (
+    _activate,
+    _gemv_down,
+    _gemv_hidden,
+    _use_gemv,
+    _weighted_sum,
+    combine_slots,
+    get_backend,
+)
 
 
 class ExpertWeights(NamedTuple):
@@ -112,14 +121,24 @@ def expert_forward_parts(
     slot bank while the misses are read, then the misses. ``parts`` yields at least one ``(ids [T, k], bank)``:
     each slot's index into that bank, or one outside it for the slots of other parts. A slot's output does not
     depend on the others, so the result equals one ``expert_forward`` over all slots bit for bit."""
+    parts = list(parts)
+    if not parts:
+        raise ValueError("expert_forward_parts needs at least one part")
+    h = None
+    for ids, bank in parts:  # each bank's up projections as it becomes ready
+        h_p = _gemv_hidden(x, ids, bank.gate_up, act, bank.gate_up_bias, not transposed, has_gate, gate_fn)
+        v_p = ((ids >= 0) & (ids < bank.gate_up.shape[0])).unsqueeze(-1)
+        h = h_p if h is None else torch.where(v_p, h_p, h)
+    assert h is not None
+    fused = post_fn is None and all(bank.down_bias is None for _, bank in parts)  # as _gemv_forward: one pass
+    if fused and not transposed:
+        out = cpu_kernels.combine_banks(h.contiguous(), [(ids, bank.down, None) for ids, bank in parts], weights)
+        if out is not None:
+            return out.to(x.dtype)
     y = valid = None
     for ids, bank in parts:
-        y_p, v_p = _gemv_outputs(x, ids, bank.gate_up, bank.down, act, bank.gate_up_bias, bank.down_bias,
-                                 not transposed, has_gate, gate_fn, post_fn)
-        if y is None or valid is None:
-            y, valid = y_p, v_p
-        else:
-            y, valid = torch.where(v_p, y_p, y), valid | v_p
-    if y is None or valid is None:
-        raise ValueError("expert_forward_parts needs at least one part")
-    return _weighted_sum(y, weights, valid).to(x.dtype)
+        y_p, v_p = _gemv_down(h, ids, bank.down, bank.down_bias, not transposed, post_fn)
+        y, valid = (y_p, v_p) if y is None or valid is None else (torch.where(v_p, y_p, y), valid | v_p)
+    assert y is not None and valid is not None
+    out = _weighted_sum(y, weights, valid)
+    return (out.to(h.dtype) if fused else out).to(x.dtype)  # the fused op's fallback rounds to h's dtype first
