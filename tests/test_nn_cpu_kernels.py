@@ -278,3 +278,20 @@ def test_combine_equals_weighted_sum_of_products(dtype: torch.dtype, int8: bool)
     # the repeated expert 2 in token 1 counts twice, the sentinels nothing
     only = cpu_kernels.expert_gemv_combine(h, q, torch.tensor([[E, E, E], [-1, -1, -1]]), gates, s)
     assert torch.all(only == 0)
+
+
+def test_combine_over_two_banks_equals_one_bank_bit_for_bit() -> None:
+    """combine_banks: experts taken from two banks (as the offload engine's slots and scratch) give exactly the
+    one-bank result, since one call sums every slot in the same order."""
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(E, 40, 64, generator=g).bfloat16()
+    h = torch.randn(T, K, 64, generator=g).bfloat16()
+    ids = torch.tensor([[4, 1, 0], [3, 2, E]])
+    gates = torch.rand(T, K, generator=g)
+    one = cpu_kernels.expert_gemv_combine(h, w, ids, gates)
+    first, second = w[[0, 1]].clone(), w[[2, 3, 4]].clone()  # banks elsewhere in memory
+    ids_a = torch.where(ids < 2, ids, -1)
+    ids_b = torch.where((ids >= 2) & (ids < E), ids - 2, -1)
+    two = cpu_kernels.combine_banks(h, [(ids_a, first, None), (ids_b, second, None)], gates)
+    assert one is not None and torch.equal(one, two)
+    assert cpu_kernels.combine_banks(h, [(ids_a, first, None), (ids_b, second.float(), None)], gates) is None
