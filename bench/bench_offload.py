@@ -129,10 +129,10 @@ def run_one(config: str, tokens: int) -> dict:
         lm = moekit.load(MODEL_DIR)
         engine_ctx = None
     else:
-        lm = load_offloaded(MODEL_DIR)
+        lm = load_offloaded(MODEL_DIR, bypass_page_cache=True)  # every miss a storage read
         k = max(v.top_k for v in lm.moe)
         policy, options = CONFIGS[config]
-        engine_ctx = offload(lm, policy=policy, slots=2 * k, **options)
+        engine_ctx = offload(lm, policy=policy, slots=2 * k, bypass_page_cache=True, **options)
     load_s = time.perf_counter() - t0
     dense_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters() if not p.is_meta)
     dense_bytes += sum(b.numel() * b.element_size() for b in lm.model.buffers() if not b.is_meta)
@@ -185,11 +185,11 @@ def hit_rates(quick: bool, multipliers: tuple[float, ...] = (2.0,)) -> list[dict
     n_new = 24 if quick else 64
     lines = []
     for spec in specs:
-        lm = load_offloaded(spec)
+        lm = load_offloaded(spec, bypass_page_cache=True)
         k = max(v.top_k for v in lm.moe)
         E = max(v.num_experts for v in lm.moe)
         # static profile: decode routing on other prompts (an LRU run records the requests)
-        with offload(lm, policy="lru", slots=2 * k) as eng:
+        with offload(lm, policy="lru", slots=2 * k, bypass_page_cache=True) as eng:
             for p in PROFILE_PROMPTS:
                 generate(lm, p, max_new_tokens=n_new)
             profile = {li: np.bincount(log.array()[log.array() >= 0], minlength=E) for li, log in eng.logs.items()}
@@ -198,7 +198,8 @@ def hit_rates(quick: bool, multipliers: tuple[float, ...] = (2.0,)) -> list[dict
             for policy in POLICIES.names():
                 if policy == "none" and m != multipliers[0]:
                     continue
-                with offload(lm, policy=policy, slots=slots, profile=profile if policy == "static" else None) as eng:
+                with offload(lm, policy=policy, slots=slots, profile=profile if policy == "static" else None,
+                             bypass_page_cache=True) as eng:
                     for p in EVAL_PROMPTS:
                         generate(lm, p, max_new_tokens=n_new)
                     s = eng.stats()

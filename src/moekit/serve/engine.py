@@ -480,7 +480,7 @@ def _profile_counts(profile: Any, views: list) -> dict[int, np.ndarray]:
 
 @contextlib.contextmanager
 def offload(lm: LoadedModel, cache_mb: float | None = None, policy: str = "lru+prefetch", slots: int | None = None,
-            device: str | torch.device | None = None, profile: Any = None, bypass_page_cache: bool = True,
+            device: str | torch.device | None = None, profile: Any = None, bypass_page_cache: bool = False,
             store: ExpertStore | None = None, io_threads: int = 2,
             prefetch_top: int | None = None) -> Iterator[OffloadEngine]:
     """Run every generation on ``lm`` inside the block with only a cache of experts resident.
