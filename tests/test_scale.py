@@ -16,7 +16,7 @@ from moekit.cli import main
 from moekit.errors import MoekitError
 from moekit.formats import Checkpoint, read_header
 from moekit.generation import generate
-from moekit.models.loading import bank_keys, load_structure
+from moekit.models.loading import bank_keys, footprint, load_structure
 from moekit.serve.placement import ACTIVATION_SHARE, RESERVE, parse_size, plan_budget
 from moekit.testing import random_batch, save_tiny_checkpoint
 
@@ -133,6 +133,22 @@ def test_inspect_reads_no_weights(tmp_path, capsys):
     before = _read_bytes()
     moekit.load(src, max_memory="100GB")  # moekit's own reader, resident: the counter does see its preads
     assert _read_bytes() - before > 0.9 * weights
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "deepseek_v2"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_structure_ties_embeddings_like_the_loaded_model(arch, tied, tmp_path):
+    """The weightless structure ties lm_head to the embeddings when the config does, as from_pretrained does:
+    its size estimate equals the bytes of the tensors the checkpoint stores (a tied lm_head is stored once)."""
+    src = save_tiny_checkpoint(arch, tmp_path / "src", with_tokenizer=False, tie_word_embeddings=tied)
+    stored = sum(e["data_offsets"][1] - e["data_offsets"][0] for f in src.glob("*.safetensors")
+                 for e in read_header(f)[0].values())
+    meta = load_structure(src)
+    assert (meta.model.lm_head.weight is meta.model.model.embed_tokens.weight) is tied
+    fp = footprint(meta)
+    assert fp["total"] == stored
+    assert fp == footprint(moekit.load(src, with_tokenizer=False))
+    assert plan_budget(meta, 10**12)["total"] == stored  # the budget plan uses the same estimate
 
 
 def _budget_for(path, slots: int) -> int:
