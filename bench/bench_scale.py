@@ -17,6 +17,7 @@ One JSON line per measurement, then a summary line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -51,6 +52,7 @@ MODELS = {"olmoe": ("olmoe-1b-7b", OLMOE, "6GB"), "dsv2lite": ("deepseek-v2-lite
                                     "num_experts": 16, "vocab_size": 8192}, "700MB")}
 PROMPT = "The history of the expert cache begins with"
 GEN_TOKENS = 8
+MIN_FREE_DISK = 6e9  # accelerate's offload folder (re-saved fused experts) is stopped before the disk fills
 CALIB_TOKENS = 256
 
 
@@ -130,8 +132,15 @@ def build(path: Path, cfg: dict) -> None:
 
 
 # ----- measuring one process ----------------------------------------------------------------------------
-def measure(cmd: list[str], timeout: float = 3600) -> dict:
-    """Run ``cmd``; wall seconds, peak RSS of its process tree (psutil, 20 ms), exit code, stdout."""
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def measure(cmd: list[str], timeout: float = 3600, watch_dir: Path | None = None, min_free_disk: float = 0) -> dict:
+    """Run ``cmd``; wall seconds, peak RSS of its process tree (psutil, 20 ms), exit code, stdout.
+
+    ``watch_dir``: also the peak bytes written under it (checked every second), and the run is stopped when the
+    disk it is on has less than ``min_free_disk`` bytes free (accelerate's offload folder on a shared disk)."""
     import psutil
 
     t0 = time.perf_counter()
@@ -145,6 +154,7 @@ def measure(cmd: list[str], timeout: float = 3600) -> dict:
     err_chunks: list[str] = []
     err_reader = threading.Thread(target=lambda: err_chunks.append(proc.stderr.read()), daemon=True)
     err_reader.start()
+    disk_peak, disk_stop, next_disk = 0, False, 0.0
     while proc.poll() is None:
         try:
             rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
@@ -154,11 +164,20 @@ def measure(cmd: list[str], timeout: float = 3600) -> dict:
         if time.perf_counter() - t0 > timeout and proc.poll() is None:
             proc.kill()
             timed_out = True
+        if watch_dir is not None and time.perf_counter() >= next_disk:
+            next_disk = time.perf_counter() + 1.0
+            with contextlib.suppress(OSError):  # a file went away while listed
+                disk_peak = max(disk_peak, _dir_bytes(watch_dir))
+            if shutil.disk_usage(watch_dir.parent).free < min_free_disk and proc.poll() is None:
+                proc.kill()
+                disk_stop = True
         time.sleep(0.02)
     reader.join()
     err_reader.join()
     return {"wall_s": round(time.perf_counter() - t0, 2), "peak_rss_gb": round(peak / 1e9, 3), "rc": proc.returncode,
             **({"timed_out_s": timeout} if timed_out else {}),
+            **({"offload_folder_gb": round(disk_peak / 1e9, 2)} if watch_dir is not None else {}),
+            **({"stopped": f"free disk below {min_free_disk / 1e9:.0f} GB"} if disk_stop else {}),
             "stdout": "".join(out_chunks), "stderr": "".join(err_chunks)[-600:]}
 
 
@@ -261,7 +280,7 @@ def run_model(key: str, models_dir: Path, alternatives: bool, only: set[str] | N
                 recs.append(emit({"bench": "scale", **base, "command": "generate", "tool": "transformers-bf16-memory",
                                   "skipped": "does not fit this machine's free memory"}))
             r = measure([PY, "-c", _ALT, str(path), "accelerate", budget, str(work / "off"), str(GEN_TOKENS)],
-                        timeout=1200)
+                        timeout=1200, watch_dir=work / "off", min_free_disk=MIN_FREE_DISK)
             res = last_json(r["stdout"])
             recs.append(emit({"bench": "scale", **base, "command": "generate", "tool": "accelerate-disk-offload",
                               "budget": budget, **r, "tokens_s": res.get("decode_tok_s")}))
