@@ -5,7 +5,8 @@ Models: random bf16 weights in the published configs (allenai/OLMoE-1B-7B-0924, 
 written tensor by tensor in the Hugging Face on-disk layout (per-expert tensors, 2 GB shards) with the bundled
 tokenizer, once, under ``--models-dir`` (default /work/.bench-models); ``--clean`` deletes them.
 
-Each command runs in a fresh process; peak RSS is sampled with psutil every 20 ms (process tree). Alternatives in
+Each command runs in a fresh process; peak RSS is sampled with psutil every 20 ms (process tree); ``serve`` is
+started, sent one completion of ``--gen-tokens`` tokens once it answers, and stopped. Alternatives in
 the same run: plain transformers bf16 in memory (only where the model fits this machine's free memory) and
 accelerate's disk offload (``device_map="auto", max_memory={"cpu": budget}, offload_folder``) at the same budget.
 Random routers route almost uniformly: their hit rates are a floor; the bundled trained models' are printed too.
@@ -49,7 +50,7 @@ DSV2LITE = dict(model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, i
 MODELS = {"olmoe": ("olmoe-1b-7b", OLMOE, "6GB"), "dsv2lite": ("deepseek-v2-lite", DSV2LITE, "8GB"),
           # a smoke test of this script (seconds): OLMoE's shape scaled down
           "smoke": ("olmoe-smoke", {**OLMOE, "hidden_size": 256, "intermediate_size": 256, "num_hidden_layers": 2,
-                                    "num_experts": 16, "vocab_size": 8192}, "700MB")}
+                                    "num_experts": 16, "vocab_size": 8192}, "900MB")}
 PROMPT = "The history of the expert cache begins with"
 GEN_TOKENS = 8
 MIN_FREE_DISK = 6e9  # accelerate's offload folder (re-saved fused experts) is stopped before the disk fills
@@ -181,6 +182,60 @@ def measure(cmd: list[str], timeout: float = 3600, watch_dir: Path | None = None
             "stdout": "".join(out_chunks), "stderr": "".join(err_chunks)[-600:]}
 
 
+def measure_serve(argv: list[str], port: int, max_tokens: int, timeout: float = 1800) -> dict:
+    """Start ``moekit serve`` (``argv``) on ``port``, send one completion of ``max_tokens`` tokens once /health
+    answers, then stop it: wall seconds to ready, the request's seconds and tokens/s, peak RSS of the server
+    (psutil, 20 ms) from start to stop."""
+    import threading
+    import urllib.request
+
+    import psutil
+
+    base = f"http://127.0.0.1:{port}"
+    res: dict = {}
+
+    def client():
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < timeout:
+            try:
+                urllib.request.urlopen(base + "/health", timeout=5).read()
+                break
+            except OSError:
+                time.sleep(0.5)
+        res["ready_s"] = round(time.perf_counter() - t0, 2)
+        body = json.dumps({"model": "m", "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0}).encode()
+        req = urllib.request.Request(base + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+        t1 = time.perf_counter()
+        try:
+            out = json.loads(urllib.request.urlopen(req, timeout=timeout).read())
+            res["request_s"] = round(time.perf_counter() - t1, 2)
+            res["completion_tokens"] = out["usage"]["completion_tokens"]
+            res["tokens_s"] = round(res["completion_tokens"] / res["request_s"], 3)
+            cache = json.loads(urllib.request.urlopen(base + "/metrics", timeout=60).read())["cache"]
+            res["hit_rate"] = (cache or {}).get("hit_rate")  # None: the model was resident
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            res["error"] = str(exc)[:300]
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    ps, peak = psutil.Process(proc.pid), 0
+    th = threading.Thread(target=client, daemon=True)
+    th.start()
+    while th.is_alive() and proc.poll() is None:
+        with contextlib.suppress(psutil.Error):
+            peak = max(peak, ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True)))
+        time.sleep(0.02)
+    proc.terminate()
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    ok = "error" not in res and "request_s" in res
+    return {"wall_s": round(time.perf_counter() - t0, 2), "peak_rss_gb": round(peak / 1e9, 3), "rc": 0 if ok else 1,
+            **res, **({} if ok else {"stderr": (err or "")[-600:]})}
+
+
 def last_json(text: str) -> dict:
     """The JSON object printed last on stdout (commands print indented JSON)."""
     start = text.rfind("\n{\n") + 1 if "\n{\n" in text else text.find("{")
@@ -254,11 +309,13 @@ def run_model(key: str, models_dir: Path, alternatives: bool, only: set[str] | N
             "quantize": mk + ["quantize", str(path), "--bits", "4", "--group-size", "128", "--out",
                               str(work / "quantized"), "--json", "--max-memory", budget],
         }
+        port = 18000 + os.getpid() % 1000
+        cmds["serve"] = mk + ["serve", str(path), "--port", str(port), "--max-memory", budget]
         for cmd, argv in cmds.items():
             if only and cmd not in only:
                 continue
-            r = measure(argv)
-            res = last_json(r["stdout"])
+            r = measure_serve(argv, port, GEN_TOKENS) if cmd == "serve" else measure(argv)
+            res = last_json(r.get("stdout", ""))
             rec = {"bench": "scale", **base, "command": cmd, "tool": "moekit", "budget": budget, **r}
             if cmd == "generate" and res:
                 off = res.get("offload") or {}
