@@ -372,7 +372,7 @@ def quantize_lowmem(path: str | Path, bits: int = 8, group_size: int = 128, avg_
             for pname in expert_matrices(v):
                 packed_keys[f"{names[id(v.experts)]}.{pname}"] = (v, pname)
         if getattr(lm.config, "tie_word_embeddings", False):
-            lm.model.tie_weights()  # the meta structure is built untied; the loaded model is tied
+            lm.model.tie_weights()  # calibration moved the embeddings to meta alone, which unties them
         first: dict[int, str] = {}
         tied: dict[str, str] = {}
         specs, order = [], []
