@@ -273,6 +273,34 @@ print(json.dumps({"prefill_s": t1 - t0, "decode_tok_s": len(times) / sum(times)}
 """
 
 
+_ACC_NEED = r"""
+import json, sys, torch
+from accelerate import infer_auto_device_map
+from moekit.models.loading import bank_keys, skeleton
+from moekit.serve.placement import parse_size
+model = skeleton(sys.argv[1], torch.bfloat16)
+dm = infer_auto_device_map(model, max_memory={"cpu": parse_size(sys.argv[2])},
+                           no_split_module_classes=model._no_split_modules, dtype=torch.bfloat16)
+banks = {k for d in bank_keys(model).values() for k in d.values()}
+def place(key):
+    return max(((n, d) for n, d in dm.items() if n == "" or key == n or key.startswith(n + ".")), key=lambda x: len(x[0]))[1]
+out = {"disk": 0, "resaved": 0}
+for k, t in model.state_dict().items():
+    if place(k) == "disk":
+        out["disk"] += t.numel() * t.element_size()
+        out["resaved"] += t.numel() * t.element_size() if k in banks else 0
+print(json.dumps(out))
+"""
+
+
+def accelerate_disk_need(path: Path, budget: str) -> dict:
+    """What accelerate's ``device_map="auto"`` puts on disk at ``budget`` (its own planner on the meta model), and the
+    part it re-saves into the offload folder: the routed-expert banks, which transformers fuses while loading, so
+    they cannot be read from the original per-expert safetensors."""
+    r = measure([PY, "-c", _ACC_NEED, str(path), budget])
+    return last_json(r["stdout"]) if r["rc"] == 0 else {}
+
+
 def run_model(key: str, models_dir: Path, alternatives: bool, only: set[str] | None = None) -> list[dict]:
     import psutil
 
@@ -336,11 +364,19 @@ def run_model(key: str, models_dir: Path, alternatives: bool, only: set[str] | N
             else:
                 recs.append(emit({"bench": "scale", **base, "command": "generate", "tool": "transformers-bf16-memory",
                                   "skipped": "does not fit this machine's free memory"}))
-            r = measure([PY, "-c", _ALT, str(path), "accelerate", budget, str(work / "off"), str(GEN_TOKENS)],
-                        timeout=1200, watch_dir=work / "off", min_free_disk=MIN_FREE_DISK)
-            res = last_json(r["stdout"])
-            recs.append(emit({"bench": "scale", **base, "command": "generate", "tool": "accelerate-disk-offload",
-                              "budget": budget, **r, "tokens_s": res.get("decode_tok_s")}))
+            need = accelerate_disk_need(path, budget)
+            free = shutil.disk_usage(work).free
+            acc = {"bench": "scale", **base, "command": "generate", "tool": "accelerate-disk-offload", "budget": budget,
+                   "offload_disk_gb": round(need.get("disk", 0) / 1e9, 2),
+                   "offload_folder_needed_gb": round(need.get("resaved", 0) / 1e9, 2), "free_disk_gb": round(free / 1e9, 2)}
+            if need.get("resaved", 0) > free - MIN_FREE_DISK:
+                recs.append(emit({**acc, "skipped": "its offload folder (re-saved fused experts) does not fit the disk "
+                                  "left"}))
+            else:
+                r = measure([PY, "-c", _ALT, str(path), "accelerate", budget, str(work / "off"), str(GEN_TOKENS)],
+                            timeout=1200, watch_dir=work / "off", min_free_disk=MIN_FREE_DISK)
+                res = last_json(r["stdout"])
+                recs.append(emit({**acc, **r, "tokens_s": res.get("decode_tok_s")}))
     return recs
 
 
@@ -392,7 +428,8 @@ def main() -> None:
     for r in recs:
         if "command" in r and "tool" in r and not r.get("model", "").startswith("moekit:"):
             summary[f"{r['model']}/{r['command']}/{r['tool']}"] = {
-                k: r.get(k) for k in ("rc", "wall_s", "peak_rss_gb", "tokens_s", "hit_rate", "budget", "skipped")
+                k: r.get(k) for k in ("rc", "wall_s", "peak_rss_gb", "tokens_s", "hit_rate", "budget", "skipped",
+                          "offload_folder_needed_gb", "offload_folder_gb", "free_disk_gb")
                 if r.get(k) is not None}
         elif "hit_rate" in r:
             summary[f"{r['model']}/hit_rate"] = r["hit_rate"]
