@@ -5,7 +5,8 @@ Models: random bf16 weights in the published configs (allenai/OLMoE-1B-7B-0924, 
 written tensor by tensor in the Hugging Face on-disk layout (per-expert tensors, 2 GB shards) with the bundled
 tokenizer, once, under ``--models-dir`` (default /work/.bench-models); ``--clean`` deletes them.
 
-Each command runs in a fresh process; peak RSS is sampled with psutil every 20 ms (process tree). Alternatives in
+Each command runs in a fresh process; peak RSS is sampled with psutil every 20 ms (process tree); ``serve`` is
+started, sent one completion of ``--gen-tokens`` tokens once it answers, and stopped. Alternatives in
 the same run: plain transformers bf16 in memory (only where the model fits this machine's free memory) and
 accelerate's disk offload (``device_map="auto", max_memory={"cpu": budget}, offload_folder``) at the same budget.
 Random routers route almost uniformly: their hit rates are a floor; the bundled trained models' are printed too.
@@ -17,6 +18,7 @@ One JSON line per measurement, then a summary line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -48,9 +50,11 @@ DSV2LITE = dict(model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, i
 MODELS = {"olmoe": ("olmoe-1b-7b", OLMOE, "6GB"), "dsv2lite": ("deepseek-v2-lite", DSV2LITE, "8GB"),
           # a smoke test of this script (seconds): OLMoE's shape scaled down
           "smoke": ("olmoe-smoke", {**OLMOE, "hidden_size": 256, "intermediate_size": 256, "num_hidden_layers": 2,
-                                    "num_experts": 16, "vocab_size": 8192}, "700MB")}
+                                    "num_experts": 16, "vocab_size": 8192}, "900MB")}
 PROMPT = "The history of the expert cache begins with"
 GEN_TOKENS = 8
+MERGE_RATIO = 0.5  # the merged checkpoint keeps 1 - ratio of the experts: its size on disk
+MIN_FREE_DISK = 6e9  # accelerate's offload folder (re-saved fused experts) is stopped before the disk fills
 CALIB_TOKENS = 256
 
 
@@ -130,8 +134,15 @@ def build(path: Path, cfg: dict) -> None:
 
 
 # ----- measuring one process ----------------------------------------------------------------------------
-def measure(cmd: list[str], timeout: float = 3600) -> dict:
-    """Run ``cmd``; wall seconds, peak RSS of its process tree (psutil, 20 ms), exit code, stdout."""
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def measure(cmd: list[str], timeout: float = 3600, watch_dir: Path | None = None, min_free_disk: float = 0) -> dict:
+    """Run ``cmd``; wall seconds, peak RSS of its process tree (psutil, 20 ms), exit code, stdout.
+
+    ``watch_dir``: also the peak bytes written under it (checked every second), and the run is stopped when the
+    disk it is on has less than ``min_free_disk`` bytes free (accelerate's offload folder on a shared disk)."""
     import psutil
 
     t0 = time.perf_counter()
@@ -145,6 +156,7 @@ def measure(cmd: list[str], timeout: float = 3600) -> dict:
     err_chunks: list[str] = []
     err_reader = threading.Thread(target=lambda: err_chunks.append(proc.stderr.read()), daemon=True)
     err_reader.start()
+    disk_peak, disk_stop, next_disk = 0, False, 0.0
     while proc.poll() is None:
         try:
             rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
@@ -154,12 +166,75 @@ def measure(cmd: list[str], timeout: float = 3600) -> dict:
         if time.perf_counter() - t0 > timeout and proc.poll() is None:
             proc.kill()
             timed_out = True
+        if watch_dir is not None and time.perf_counter() >= next_disk:
+            next_disk = time.perf_counter() + 1.0
+            with contextlib.suppress(OSError):  # a file went away while listed
+                disk_peak = max(disk_peak, _dir_bytes(watch_dir))
+            if shutil.disk_usage(watch_dir.parent).free < min_free_disk and proc.poll() is None:
+                proc.kill()
+                disk_stop = True
         time.sleep(0.02)
     reader.join()
     err_reader.join()
     return {"wall_s": round(time.perf_counter() - t0, 2), "peak_rss_gb": round(peak / 1e9, 3), "rc": proc.returncode,
             **({"timed_out_s": timeout} if timed_out else {}),
+            **({"offload_folder_gb": round(disk_peak / 1e9, 2)} if watch_dir is not None else {}),
+            **({"stopped": f"free disk below {min_free_disk / 1e9:.0f} GB"} if disk_stop else {}),
             "stdout": "".join(out_chunks), "stderr": "".join(err_chunks)[-600:]}
+
+
+def measure_serve(argv: list[str], port: int, max_tokens: int, timeout: float = 1800) -> dict:
+    """Start ``moekit serve`` (``argv``) on ``port``, send one completion of ``max_tokens`` tokens once /health
+    answers, then stop it: wall seconds to ready, the request's seconds and tokens/s, peak RSS of the server
+    (psutil, 20 ms) from start to stop."""
+    import threading
+    import urllib.request
+
+    import psutil
+
+    base = f"http://127.0.0.1:{port}"
+    res: dict = {}
+
+    def client():
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < timeout:
+            try:
+                urllib.request.urlopen(base + "/health", timeout=5).read()
+                break
+            except OSError:
+                time.sleep(0.5)
+        res["ready_s"] = round(time.perf_counter() - t0, 2)
+        body = json.dumps({"model": "m", "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0}).encode()
+        req = urllib.request.Request(base + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+        t1 = time.perf_counter()
+        try:
+            out = json.loads(urllib.request.urlopen(req, timeout=timeout).read())
+            res["request_s"] = round(time.perf_counter() - t1, 2)
+            res["completion_tokens"] = out["usage"]["completion_tokens"]
+            res["tokens_s"] = round(res["completion_tokens"] / res["request_s"], 3)
+            cache = json.loads(urllib.request.urlopen(base + "/metrics", timeout=60).read())["cache"]
+            res["hit_rate"] = (cache or {}).get("hit_rate")  # None: the model was resident
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            res["error"] = str(exc)[:300]
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    ps, peak = psutil.Process(proc.pid), 0
+    th = threading.Thread(target=client, daemon=True)
+    th.start()
+    while th.is_alive() and proc.poll() is None:
+        with contextlib.suppress(psutil.Error):
+            peak = max(peak, ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True)))
+        time.sleep(0.02)
+    proc.terminate()
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    ok = "error" not in res and "request_s" in res
+    return {"wall_s": round(time.perf_counter() - t0, 2), "peak_rss_gb": round(peak / 1e9, 3), "rc": 0 if ok else 1,
+            **res, **({} if ok else {"stderr": (err or "")[-600:]})}
 
 
 def last_json(text: str) -> dict:
@@ -199,6 +274,34 @@ print(json.dumps({"prefill_s": t1 - t0, "decode_tok_s": len(times) / sum(times)}
 """
 
 
+_ACC_NEED = r"""
+import json, sys, torch
+from accelerate import infer_auto_device_map
+from moekit.models.loading import bank_keys, skeleton
+from moekit.serve.placement import parse_size
+model = skeleton(sys.argv[1], torch.bfloat16)
+dm = infer_auto_device_map(model, max_memory={"cpu": parse_size(sys.argv[2])},
+                           no_split_module_classes=model._no_split_modules, dtype=torch.bfloat16)
+banks = {k for d in bank_keys(model).values() for k in d.values()}
+def place(key):
+    return max(((n, d) for n, d in dm.items() if n == "" or key == n or key.startswith(n + ".")), key=lambda x: len(x[0]))[1]
+out = {"disk": 0, "resaved": 0}
+for k, t in model.state_dict().items():
+    if place(k) == "disk":
+        out["disk"] += t.numel() * t.element_size()
+        out["resaved"] += t.numel() * t.element_size() if k in banks else 0
+print(json.dumps(out))
+"""
+
+
+def accelerate_disk_need(path: Path, budget: str) -> dict:
+    """What accelerate's ``device_map="auto"`` puts on disk at ``budget`` (its own planner on the meta model), and the
+    part it re-saves into the offload folder: the routed-expert banks, which transformers fuses while loading, so
+    they cannot be read from the original per-expert safetensors."""
+    r = measure([PY, "-c", _ACC_NEED, str(path), budget])
+    return last_json(r["stdout"]) if r["rc"] == 0 else {}
+
+
 def run_model(key: str, models_dir: Path, alternatives: bool, only: set[str] | None = None) -> list[dict]:
     import psutil
 
@@ -223,22 +326,25 @@ def run_model(key: str, models_dir: Path, alternatives: bool, only: set[str] | N
             "eval": mk + ["eval", str(path), "--data", str(data), "--max-tokens", str(CALIB_TOKENS), "--seq-len", "128",
                           "--json", "--max-memory", budget],
             "report": mk + ["report", str(path), "--data", str(data), "--max-tokens", str(CALIB_TOKENS), "--seq-len",
-                            "128", "--out", str(work / "r.html"), "--max-memory", budget],
+                            "128", "--profile-tokens", str(CALIB_TOKENS), "--out", str(work / "r.html"), "--max-memory",
+                            budget],
             "steer find": mk + ["steer", "find", str(path), "--pos", str(pos), "--neg", str(neg), "--out",
                                 str(work / "s.json"), "--max-memory", budget],
             "prune": mk + ["prune", str(path), "--method", "frequency", "--ratio", "0.5", "--calib", str(data),
                            "--max-tokens", str(CALIB_TOKENS), "--seq-len", "128", "--out", str(work / "pruned"),
                            "--json", "--max-memory", budget],
-            "merge": mk + ["merge", str(path), "--ratio", "0.5", "--calib", str(data), "--max-tokens", str(CALIB_TOKENS),
+            "merge": mk + ["merge", str(path), "--ratio", str(MERGE_RATIO), "--calib", str(data), "--max-tokens", str(CALIB_TOKENS),
                            "--seq-len", "128", "--out", str(work / "merged"), "--json", "--max-memory", budget],
             "quantize": mk + ["quantize", str(path), "--bits", "4", "--group-size", "128", "--out",
                               str(work / "quantized"), "--json", "--max-memory", budget],
         }
+        port = 18000 + os.getpid() % 1000
+        cmds["serve"] = mk + ["serve", str(path), "--port", str(port), "--max-memory", budget]
         for cmd, argv in cmds.items():
             if only and cmd not in only:
                 continue
-            r = measure(argv)
-            res = last_json(r["stdout"])
+            r = measure_serve(argv, port, GEN_TOKENS) if cmd == "serve" else measure(argv)
+            res = last_json(r.get("stdout", ""))
             rec = {"bench": "scale", **base, "command": cmd, "tool": "moekit", "budget": budget, **r}
             if cmd == "generate" and res:
                 off = res.get("offload") or {}
@@ -259,11 +365,19 @@ def run_model(key: str, models_dir: Path, alternatives: bool, only: set[str] | N
             else:
                 recs.append(emit({"bench": "scale", **base, "command": "generate", "tool": "transformers-bf16-memory",
                                   "skipped": "does not fit this machine's free memory"}))
-            r = measure([PY, "-c", _ALT, str(path), "accelerate", budget, str(work / "off"), str(GEN_TOKENS)],
-                        timeout=1200)
-            res = last_json(r["stdout"])
-            recs.append(emit({"bench": "scale", **base, "command": "generate", "tool": "accelerate-disk-offload",
-                              "budget": budget, **r, "tokens_s": res.get("decode_tok_s")}))
+            need = accelerate_disk_need(path, budget)
+            free = shutil.disk_usage(work).free
+            acc = {"bench": "scale", **base, "command": "generate", "tool": "accelerate-disk-offload", "budget": budget,
+                   "offload_disk_gb": round(need.get("disk", 0) / 1e9, 2),
+                   "offload_folder_needed_gb": round(need.get("resaved", 0) / 1e9, 2), "free_disk_gb": round(free / 1e9, 2)}
+            if need.get("resaved", 0) > free - MIN_FREE_DISK:
+                recs.append(emit({**acc, "skipped": "its offload folder (re-saved fused experts) does not fit the disk "
+                                  "left"}))
+            else:
+                r = measure([PY, "-c", _ALT, str(path), "accelerate", budget, str(work / "off"), str(GEN_TOKENS)],
+                            timeout=1200, watch_dir=work / "off", min_free_disk=MIN_FREE_DISK)
+                res = last_json(r["stdout"])
+                recs.append(emit({**acc, **r, "tokens_s": res.get("decode_tok_s")}))
     return recs
 
 
@@ -280,7 +394,7 @@ def bundled_hit_rates() -> list[dict]:
 
 
 def main() -> None:
-    global GEN_TOKENS
+    global GEN_TOKENS, CALIB_TOKENS, MERGE_RATIO
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="olmoe,dsv2lite", help="Comma-separated: olmoe, dsv2lite.")
     ap.add_argument("--models-dir", type=Path, default=Path("/work/.bench-models"))
@@ -289,8 +403,12 @@ def main() -> None:
     ap.add_argument("--commands", default="", help="Comma-separated subset of the commands (default: all).")
     ap.add_argument("--gen-tokens", type=int, default=GEN_TOKENS,
                     help=f"Tokens generated by the generate rows, moekit and the alternatives (default {GEN_TOKENS}).")
+    ap.add_argument("--calib-tokens", type=int, default=CALIB_TOKENS,
+                    help=f"Tokens of trace, eval, calibration and report's profiling (default {CALIB_TOKENS}).")
+    ap.add_argument("--merge-ratio", type=float, default=MERGE_RATIO,
+                    help=f"merge's --ratio (default {MERGE_RATIO}; higher writes a smaller checkpoint).")
     args = ap.parse_args()
-    GEN_TOKENS = args.gen_tokens
+    GEN_TOKENS, CALIB_TOKENS, MERGE_RATIO = args.gen_tokens, args.calib_tokens, args.merge_ratio
     keys = [k.strip() for k in args.models.split(",") if k.strip()]
     if args.clean:
         for k in keys:
@@ -313,7 +431,8 @@ def main() -> None:
     for r in recs:
         if "command" in r and "tool" in r and not r.get("model", "").startswith("moekit:"):
             summary[f"{r['model']}/{r['command']}/{r['tool']}"] = {
-                k: r.get(k) for k in ("rc", "wall_s", "peak_rss_gb", "tokens_s", "hit_rate", "budget", "skipped")
+                k: r.get(k) for k in ("rc", "wall_s", "peak_rss_gb", "tokens_s", "hit_rate", "budget", "skipped",
+                          "offload_folder_needed_gb", "offload_folder_gb", "free_disk_gb")
                 if r.get(k) is not None}
         elif "hit_rate" in r:
             summary[f"{r['model']}/hit_rate"] = r["hit_rate"]

@@ -17,7 +17,7 @@ from moekit.compress.quantize import quantize
 from moekit.compress.writer import write_pruned
 from moekit.distributed.apply import write_placed
 from moekit.distributed.placement import Placement
-from moekit.formats import Checkpoint
+from moekit.formats import Checkpoint, read_header
 from moekit.formats.writer import write_checkpoint
 from moekit.io import MARKER
 from moekit.testing import random_batch, save_tiny_checkpoint
@@ -112,3 +112,21 @@ def test_tensor_writer_declares_the_dominant_float_dtype_and_refuses_two_sources
     assert cfg.dtype != "float16"  # the caller's config is not changed
     with pytest.raises(ValueError, match="exactly one of model and tensors"):
         write_checkpoint(tmp_path / "u", tensors=tensors, model=torch.nn.Linear(1, 1))
+
+
+def test_spooled_writer_failing_copy_raises_its_own_error(tmp_path):
+    """When writing the finished file fails (here its spooled data went missing; on a full disk, ENOSPC), the
+    writer raises that error, not an 'internal error: tensors were not written' that hides it, and leaves no data
+    file behind."""
+    from moekit.formats.safetensors import SpooledWriter
+
+    ok = SpooledWriter(tmp_path / "ok.safetensors")
+    ok.write("a", torch.arange(6, dtype=torch.float32).reshape(2, 3))
+    ok.close()
+    assert read_header(tmp_path / "ok.safetensors")[0]["a"]["shape"] == [2, 3]
+    w = SpooledWriter(tmp_path / "x.safetensors")
+    w.write("a", torch.ones(3))
+    (tmp_path / "x.safetensors.data").unlink()
+    with pytest.raises(FileNotFoundError):
+        w.close()
+    assert not (tmp_path / "x.safetensors.data").exists()

@@ -53,6 +53,15 @@ def _fits(model: str | None, dtype: str | None, max_memory: str | None) -> bool:
     return bool(plan_budget(load_structure(model or "moekit:tiny", dtype), parse_size(max_memory))["resident_all"])
 
 
+def _activation_share(max_memory: str | None) -> int | None:
+    """The part of ``--max-memory`` set aside for activations (what sizes the streamed calibration batches)."""
+    if max_memory is None:
+        return None
+    from moekit.serve.placement import ACTIVATION_SHARE, parse_size
+
+    return int(ACTIVATION_SHARE * parse_size(max_memory))
+
+
 def _local_path(model: str | None):
     """The local directory of ``model`` (the streaming, layer-by-layer paths read its safetensors files)."""
     from moekit.models.loading import resolve
@@ -125,7 +134,8 @@ def prune_command(
 
         res = prune_lowmem(_local_path(model), method, ratio, docs, out, force=force, global_budget=global_budget,
                            protect_super=protect_super, seed=seed, seq_len=seq_len, max_tokens=max_tokens,
-                           progress=not json_out, dtype=dtype, protect=protected)
+                           progress=not json_out, dtype=dtype, protect=protected,
+                           activation_bytes=_activation_share(max_memory))
     else:
         from moekit.compress.prune import prune
 
@@ -184,7 +194,7 @@ def merge_command(
         _check_supported(meta_model(_local_path(model), dtype))
         res = merge_lowmem(_local_path(model), ratio, docs, out, force=force, protect_super=protect_super,
                            seq_len=seq_len, max_tokens=max_tokens, progress=not json_out, dtype=dtype,
-                           method=method, protect=protected)
+                           method=method, protect=protected, activation_bytes=_activation_share(max_memory))
     else:
         world = join_ranks()
         lm = load_model(model, dtype, max_memory)
@@ -239,7 +249,8 @@ def quantize_command(
         lm = meta_model(_local_path(model), dtype)
         _check_supported(lm)
         res = quantize_lowmem(lm.path, bits=bits, group_size=group_size, avg_bits=avg_bits, docs=docs, out=out,
-                              force=force, max_tokens=max_tokens, progress=not json_out, dtype=dtype)
+                              force=force, max_tokens=max_tokens, progress=not json_out, dtype=dtype,
+                              activation_bytes=_activation_share(max_memory))
     else:
         lm = load_model(model, dtype, max_memory)
         _check_supported(lm)

@@ -49,7 +49,7 @@ from moekit.formats import Checkpoint, read_tensor
 from moekit.formats.writer import write_checkpoint
 from moekit.io import atomic_output_dir
 from moekit.malloc import return_freed_memory
-from moekit.models.loading import LoadedModel, load_structure
+from moekit.models.loading import LoadedModel, load_structure, windows_per_forward
 
 _PER_EXPERT = re.compile(r"^(?P<block>.+)\.experts\.(?P<e>\d+)\.(?P<proj>[A-Za-z0-9_]+)\.weight$")
 _PROJ = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
@@ -78,17 +78,24 @@ def meta_model(path: str | Path, dtype: torch.dtype | str | None = "auto") -> Lo
 @torch.no_grad()
 def observe_lowmem(path: str | Path, docs: Sequence | None = None, batches: Sequence[dict] | None = None,
                    seq_len: int = 256, max_tokens: int | None = None, batch_size: int = 8,
-                   progress: bool = False, dtype: torch.dtype | str | None = "auto") -> tuple[CalibStats, LoadedModel]:
+                   progress: bool = False, dtype: torch.dtype | str | None = "auto",
+                   activation_bytes: int | None = None) -> tuple[CalibStats, LoadedModel]:
     """Calibration statistics computed layer by layer from the checkpoint at ``path`` (in ``dtype``, by
-    default the checkpoint's); also returns the meta-device LoadedModel (structure only) used to select and write."""
+    default the checkpoint's); also returns the meta-device LoadedModel (structure only) used to select and write.
+
+    ``activation_bytes`` (a budget's activation share): fewer than ``batch_size`` windows per forward when their
+    activations would exceed it (``models.loading.windows_per_forward``), so the batches depend on the budget, the
+    model's shape and the data only, never on the machine's state."""
     return_freed_memory()
     lm = meta_model(path, dtype)
+    lm.activation_bytes = activation_bytes
     dtype = next(lm.model.parameters()).dtype
     reader = Checkpoint(path)
     plan = reader.plan(lm.model)
     if batches is None:
         windows = calibration_windows(lm, docs or [], seq_len, max_tokens)
-        batches, dh = batches_of(windows, batch_size), data_hash(windows)
+        batches = batches_of(windows, windows_per_forward(lm, seq_len, batch_size))
+        dh = data_hash(windows)
     else:
         dh = None
     base = lm.model.model
@@ -269,9 +276,10 @@ def write_layerwise(src: str | Path, lm: LoadedModel, out: str | Path, config, m
 def merge_lowmem(path: str | Path, ratio: float, docs: Sequence, out: str | Path, force: bool = False,
                  protect_super: bool = False, seq_len: int = 256, max_tokens: int | None = None, batch_size: int = 8,
                  progress: bool = False, dtype: torch.dtype | str | None = "auto", method: str = "m-smoe",
-                 protect: Iterable[ExpertRef] = ()):
+                 protect: Iterable[ExpertRef] = (), activation_bytes: int | None = None):
     """``merge`` for checkpoints larger than memory: layer-by-layer calibration, then one decoder layer at a time
-    merged and written (in ``dtype``, by default the checkpoint's). Same checkpoint as ``merge``."""
+    merged and written (in ``dtype``, by default the checkpoint's). Same checkpoint as ``merge``.
+    ``activation_bytes``: see ``observe_lowmem``."""
     from moekit.compress.criteria import check_ratio
     from moekit.compress.merge import MERGERS, MergeResult, check_groups, merge_metadata, merge_view_tensors
     from moekit.compress.writer import module_names, plan_config, prune_view_tensors
@@ -285,7 +293,7 @@ def merge_lowmem(path: str | Path, ratio: float, docs: Sequence, out: str | Path
     ExpertSet(protect).check(structure.moe)
     check_ratio({v.index: (v.num_experts, v.top_k) for v in structure.moe}, ratio)
     stats, lm = observe_lowmem(path, docs, seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size,
-                               progress=progress, dtype=dtype)
+                               progress=progress, dtype=dtype, activation_bytes=activation_bytes)
     groups, protected = planner(lm, stats, ratio, protect_super, protect)
     kept = check_groups(lm, groups)
     config, notes = plan_config(lm, kept)
@@ -309,11 +317,12 @@ def merge_lowmem(path: str | Path, ratio: float, docs: Sequence, out: str | Path
 def quantize_lowmem(path: str | Path, bits: int = 8, group_size: int = 128, avg_bits: float | None = None,
                     docs: Sequence | None = None, out: str | Path | None = None, force: bool = False,
                     seq_len: int = 256, max_tokens: int | None = None, batch_size: int = 8, progress: bool = False,
-                    dtype: torch.dtype | str | None = "auto"):
+                    dtype: torch.dtype | str | None = "auto", activation_bytes: int | None = None):
     """``quantize`` for checkpoints larger than memory: one decoder layer in memory at a time (in ``dtype``, by
     default the checkpoint's), its experts quantized and streamed into the quantized file. Mixed precision
     (``avg_bits``) calibrates layer by layer and reads each layer's experts once more for the error term.
-    Same checkpoint as ``quantize``; the result's ``packed`` stays empty (nothing is kept in memory)."""
+    Same checkpoint as ``quantize``; the result's ``packed`` stays empty (nothing is kept in memory).
+    ``activation_bytes``: see ``observe_lowmem``."""
     from moekit.compress.quantize import (
         FORMAT,
         QUANT_CONFIG,
@@ -343,7 +352,7 @@ def quantize_lowmem(path: str | Path, bits: int = 8, group_size: int = 128, avg_
         if not docs:
             raise MoekitError("mixed precision (--avg-bits) needs calibration data (--calib)")
         stats, lm = observe_lowmem(path, docs, seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size,
-                                   progress=progress, dtype=dtype)
+                                   progress=progress, dtype=dtype, activation_bytes=activation_bytes)
     else:
         lm = meta_model(path, dtype)
     params = expert_params(lm)
@@ -372,7 +381,7 @@ def quantize_lowmem(path: str | Path, bits: int = 8, group_size: int = 128, avg_
             for pname in expert_matrices(v):
                 packed_keys[f"{names[id(v.experts)]}.{pname}"] = (v, pname)
         if getattr(lm.config, "tie_word_embeddings", False):
-            lm.model.tie_weights()  # the meta structure is built untied; the loaded model is tied
+            lm.model.tie_weights()  # calibration moved the embeddings to meta alone, which unties them
         first: dict[int, str] = {}
         tied: dict[str, str] = {}
         specs, order = [], []
@@ -449,9 +458,11 @@ def quantize_lowmem(path: str | Path, bits: int = 8, group_size: int = 128, avg_
 def prune_lowmem(path: str | Path, method: str, ratio: float, docs: Sequence | None, out: str | Path,
                  force: bool = False, global_budget: bool = False, protect_super: bool = False, seed: int = 0,
                  seq_len: int = 256, max_tokens: int | None = None, batch_size: int = 8, progress: bool = False,
-                 dtype: torch.dtype | str | None = "auto", protect: Iterable[ExpertRef] = ()):
+                 dtype: torch.dtype | str | None = "auto", protect: Iterable[ExpertRef] = (),
+                 activation_bytes: int | None = None):
     """``prune`` for checkpoints larger than memory: layer-by-layer calibration (in ``dtype``, by default the
-    checkpoint's), file-to-file writing (tensors as stored); ``protect``: experts never removed."""
+    checkpoint's), file-to-file writing (tensors as stored); ``protect``: experts never removed;
+    ``activation_bytes``: see ``observe_lowmem``."""
     from moekit.compress.criteria import CRITERIA, needs_calibration
     from moekit.compress.prune import check_ratio_for_model, choose
     from moekit.io import check_writable
@@ -467,7 +478,7 @@ def prune_lowmem(path: str | Path, method: str, ratio: float, docs: Sequence | N
         check_ratio_for_model(meta, ratio, global_budget)
         ExpertSet(protect).check(meta.moe)  # before the calibration pass
         stats, lm = observe_lowmem(path, docs, seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size,
-                                   progress=progress, dtype=dtype)
+                                   progress=progress, dtype=dtype, activation_bytes=activation_bytes)
     res = choose(lm, stats, method, ratio, global_budget, protect_super, seed, protect)
     res.out = write_pruned_files(path, lm, res.kept, out, force, meta_extra={
         "method": method, "ratio": ratio, "calib_hash": res.calib_hash, "global_budget": global_budget,

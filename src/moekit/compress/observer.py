@@ -28,7 +28,7 @@ from torch import nn
 from moekit.data.batching import length_sorted_batches, pad_batch
 from moekit.errors import MoekitError
 from moekit.models.compat import last_logits_kwargs
-from moekit.models.loading import LoadedModel
+from moekit.models.loading import LoadedModel, windows_per_forward
 from moekit.models.moe_map import MoELayerView, decoder_layers
 from moekit.models.probe import expert_outputs
 
@@ -255,8 +255,11 @@ def observe_batches(lm: LoadedModel, batches: Sequence[dict], progress: bool = F
 
 def observe(lm: LoadedModel, docs: Sequence, seq_len: int = 256, max_tokens: int | None = None,
             batch_size: int = 8, progress: bool = False) -> CalibStats:
-    """Calibration statistics of ``lm`` on documents (``moekit.data.read_documents`` output)."""
+    """Calibration statistics of ``lm`` on documents (``moekit.data.read_documents`` output); ``batch_size``
+    windows per forward, fewer under a memory budget whose activation share they would exceed
+    (``windows_per_forward``: from the budget, the model's shape and the data, as the streamed calibration)."""
     from moekit.compress.writer import data_hash
 
     windows = calibration_windows(lm, docs, seq_len, max_tokens)
-    return observe_batches(lm, batches_of(windows, batch_size), progress=progress, data_hash=data_hash(windows))
+    return observe_batches(lm, batches_of(windows, windows_per_forward(lm, seq_len, batch_size)), progress=progress,
+                           data_hash=data_hash(windows))

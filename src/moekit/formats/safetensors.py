@@ -209,6 +209,7 @@ class SpooledWriter:
         """Write the finished file (header, then the spooled data) and remove the data file."""
         self._data.close()
         header = StreamWriter(self.path, self._specs, self._metadata)  # writes the header only
+        ok = False
         try:
             f = header._f
             f.flush()
@@ -221,6 +222,7 @@ class SpooledWriter:
                         raise MoekitError(f"internal error: short copy into {self.path}")
                     left -= n
             header._next = len(header._order)
-        finally:
-            header.close()
+            ok = True
+        finally:  # a failed copy (e.g. a full disk) raises its own error, not a missing-tensors one
+            header.close(check=ok)
             self._data_path.unlink(missing_ok=True)

@@ -75,6 +75,9 @@ def skeleton(path: str | os.PathLike, dtype: torch.dtype) -> nn.Module:
         raise MoekitError(f"could not read the config of {path}: {_first_line(exc)}") from None
     with _params_on_meta(), no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # from_config leaves tied weights (lm_head = embed_tokens) as two tensors: tie them as from_pretrained does,
+    # so that sizes, plans and writers see the one tensor the checkpoint stores
+    model.tie_weights()
     return model.eval()
 
 
