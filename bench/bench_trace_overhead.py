@@ -46,6 +46,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="small batch, few repeats")
     ap.add_argument("--repeats", type=int, default=5, help="rounds for the medium model (tiny: 10x, it is ~8 ms)")
+    ap.add_argument("--model", default=None,
+                    help="also a real-size checkpoint (a path or moekit:name), loaded in its dtype, e.g. bench_scale's "
+                         "OLMoE-1B-7B: one sequence of --tokens tokens")
+    ap.add_argument("--max-memory", default=None, help="with --model: moekit.load's budget (offloaded experts)")
+    ap.add_argument("--tokens", type=int, default=256, help="with --model: tokens per forward")
     args = ap.parse_args()
     torch.manual_seed(0)
     cases = [
@@ -53,10 +58,14 @@ def main() -> None:
         ("medium", from_model(medium_model()),
          random_batch(vocab=4096, batch=2 if args.quick else 8, seq=128 if args.quick else 512)),
     ]
+    if args.model:
+        lm = moekit.load(args.model, max_memory=args.max_memory)
+        cases.append((args.model, lm, random_batch(vocab=lm.model.config.vocab_size, batch=1, seq=args.tokens)))
     ratios = {}
     for name, lm, batch in cases:
         for fields in (("ids", "weights"), ("ids", "weights", "probs")):
             repeats = args.repeats * (10 if name == "tiny" else 1)  # a millisecond-scale forward is noisier
+            repeats = min(repeats, 3) if name == args.model else repeats  # seconds per forward at 7B
             r = measure(lm, batch, 2 if args.quick else repeats, fields)
             key = f"{name}/{'+'.join(fields)}"
             ratios[key] = round(r["ratio"], 3)
