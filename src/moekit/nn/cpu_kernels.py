@@ -31,6 +31,25 @@ import torch
 
 log = logging.getLogger(__name__)
 
+# Scalar conversions both kernel sources use (this one and ``cpu_kernels_int4``'s).
+CONVERSIONS = r"""
+static inline float bf16f(uint16_t v) { uint32_t u = (uint32_t)v << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t f2bf(float f) {  /* round to nearest even, NaN kept NaN (torch's rule) */
+  uint32_t u; memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+/* half → float with integer ops that vectorize (the compiler's _Float16 conversion stays scalar here): the 15 low
+   bits shifted into place and scaled by 2^112 give normals and subnormals exactly; inf/NaN get the top exponent. */
+static inline float f16f(uint16_t h) {
+  const uint32_t em = h & 0x7fffu, sign = (uint32_t)(h & 0x8000u) << 16;
+  uint32_t u = em << 13; float f; memcpy(&f, &u, 4); f *= 0x1p112f;
+  memcpy(&u, &f, 4); u |= sign | (em >= 0x7c00u ? 0x7f800000u : 0u); memcpy(&f, &u, 4);
+  return f;
+}
+"""
+
 SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
@@ -44,13 +63,7 @@ SOURCE = r"""
 #include <immintrin.h>
 #endif
 
-static inline float bf16f(uint16_t v) { uint32_t u = (uint32_t)v << 16; float f; memcpy(&f, &u, 4); return f; }
-static inline uint16_t f2bf(float f) {  /* round to nearest even, NaN kept NaN (torch's rule) */
-  uint32_t u; memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return (uint16_t)(u >> 16);
-}
+__CONVERSIONS__
 #if defined(__AVX512F__)
 #define LOAD16(body) static inline __m512 load16(const T* p) { body }
 #else
@@ -60,14 +73,6 @@ struct BF16 { typedef uint16_t T;
   LOAD16(return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));) static inline float get(T v) { return bf16f(v); } static inline T put(float f) { return f2bf(f); } };
 struct F32 { typedef float T; LOAD16(return _mm512_loadu_ps(p);) static inline float get(T v) { return v; } static inline T put(float f) { return f; } };
 #ifdef __FLT16_MAX__
-/* half → float with integer ops that vectorize (the compiler's _Float16 conversion stays scalar here): the 15 low
-   bits shifted into place and scaled by 2^112 give normals and subnormals exactly; inf/NaN get the top exponent. */
-static inline float f16f(uint16_t h) {
-  const uint32_t em = h & 0x7fffu, sign = (uint32_t)(h & 0x8000u) << 16;
-  uint32_t u = em << 13; float f; memcpy(&f, &u, 4); f *= 0x1p112f;
-  memcpy(&u, &f, 4); u |= sign | (em >= 0x7c00u ? 0x7f800000u : 0u); memcpy(&f, &u, 4);
-  return f;
-}
 struct F16 { typedef _Float16 T; LOAD16(return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));) static inline float get(T v) { uint16_t h; memcpy(&h, &v, 2); return f16f(h); }
              static inline T put(float f) { return (T)f; } };
 #endif
@@ -314,6 +319,7 @@ int moekit_combine_int8_float16(CARGS(_Float16), int qx) { return gemv_combine<I
 int moekit_has_vnni(void) { return HAVE_VNNI; }
 }
 """
+SOURCE = SOURCE.replace("__CONVERSIONS__\n", CONVERSIONS)
 
 _FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"])
 _DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}

@@ -34,20 +34,7 @@ SOURCE = r"""
 #include <immintrin.h>
 #endif
 
-static inline float bf16f(uint16_t v) { uint32_t u = (uint32_t)v << 16; float f; memcpy(&f, &u, 4); return f; }
-static inline uint16_t f2bf(float f) {  /* round to nearest even, NaN kept NaN (torch's rule) */
-  uint32_t u; memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return (uint16_t)(u >> 16);
-}
-/* IEEE half bits → float, exact for normals, subnormals, inf and NaN */
-static inline float f16f(uint16_t h) {
-  const uint32_t em = h & 0x7fffu, sign = (uint32_t)(h & 0x8000u) << 16;
-  uint32_t u = em << 13; float f; memcpy(&f, &u, 4); f *= 0x1p112f;
-  memcpy(&u, &f, 4); u |= sign | (em >= 0x7c00u ? 0x7f800000u : 0u); memcpy(&f, &u, 4);
-  return f;
-}
+__CONVERSIONS__
 struct BF16 { typedef uint16_t T; static const bool bf16 = true; static inline float get(T v) { return bf16f(v); } static inline T put(float f) { return f2bf(f); } };
 struct F32 { typedef float T; static const bool bf16 = false; static inline float get(T v) { return v; } static inline T put(float f) { return f; } };
 #ifdef __FLT16_MAX__
@@ -302,6 +289,7 @@ int moekit_int4_path(int64_t gs, int bf16_input) {
 }
 }
 """
+SOURCE = SOURCE.replace("__CONVERSIONS__\n", cpu_kernels.CONVERSIONS)
 
 _DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 STEM = "moekit_gemv_int4"

@@ -653,6 +653,61 @@ def register_with_transformers() -> bool:
     return True
 
 
+def expert_forward_codes(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    num_experts: int,
+    gemv: Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor],
+    grouped: Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor],
+    act: Callable[[torch.Tensor], torch.Tensor] = F.silu,
+    *,
+    combine: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    b_gate_up: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None,
+    has_gate: bool = True,
+    gate_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    post_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``expert_forward``'s pipeline for experts held as codes (int8, packed int4): the representation supplies
+    ``gemv(x, p, ids) → [T, k, out]`` (one token's slots; projection ``p`` 0 = gate/up, 1 = down) and
+    ``grouped(x_sorted, p, offsets) → rows`` (sorted rows of every expert), optionally ``combine(h, ids, weights)``
+    (down projection + weighted sum in one pass); this does the activation, biases, sort and weighted sum."""
+    num_tokens, top_k = ids.shape
+
+    def ffn(h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        if b_gate_up is not None:
+            h = h + b_gate_up[rows].to(h.dtype)
+        return _activate(h, act, has_gate, gate_fn)
+
+    def down_extras(y: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        if b_down is not None:
+            y = y + b_down[rows].to(y.dtype)
+        return y if post_fn is None else post_fn(y)
+
+    if num_tokens == 0 or top_k == 0:
+        return x.new_zeros(x.shape)
+    if num_tokens == 1:
+        safe_ids = ids.clamp(0, num_experts - 1)
+        h = ffn(gemv(x, 0, ids), safe_ids).contiguous()
+        if combine is not None and b_down is None and post_fn is None:  # down projection and weighted sum at once
+            return combine(h, ids, weights).to(x.dtype)
+        y = down_extras(gemv(h, 1, ids), safe_ids)
+        valid = ((ids >= 0) & (ids < num_experts)).unsqueeze(-1)
+        return _weighted_sum(y, weights, valid).to(x.dtype)
+    flat_ids = ids.reshape(-1)
+    sorted_ids, perm = torch.sort(flat_ids)
+    x_g = x.index_select(0, perm // top_k)
+    offsets = torch.cumsum(expert_counts(sorted_ids, num_experts), dim=0, dtype=torch.int32)
+    bias_rows = sorted_ids.clamp(max=num_experts - 1)
+    h = ffn(grouped(x_g, 0, offsets), bias_rows)
+    y = down_extras(grouped(h.contiguous(), 1, offsets), bias_rows)
+    slot_rows = torch.empty_like(perm)
+    slot_rows[perm] = torch.arange(flat_ids.numel(), device=perm.device)
+    slot_valid = ids.reshape(num_tokens, top_k, 1) < num_experts
+    return combine_slots(y, slot_rows, weights, slot_valid).to(x.dtype)
+
+
 def _activate(h: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor], has_gate: bool,
               gate_fn: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
     """The expert's nonlinearity on its up projection: ``gate_fn``, ``act(gate) * up`` or ``act``."""

@@ -25,7 +25,7 @@ from moekit.formats.quantized import (
     stack_int4,
 )
 from moekit.nn import cpu_kernels_int4
-from moekit.nn.dispatch import _activate, _weighted_sum, combine_slots, expert_counts
+from moekit.nn.dispatch import expert_forward_codes
 
 # From this many rows an expert's group dequantizes the expert (to the activations' dtype) and runs one GEMM; fewer
 # rows run the int4 kernel, which reads the packed codes once per row.
@@ -150,42 +150,13 @@ def expert_forward_int4(
 ) -> torch.Tensor:
     """``expert_forward`` on packed int4 experts (``int4_banks``: the six ``INT4_BUFFERS`` tensors), computed in
     ``x``'s dtype: per-slot GEMVs for one token, per-expert groups on sorted rows otherwise. Inference only."""
-    q1, s1, z1, q2, s2, z2 = int4_banks
-    num_tokens, top_k = ids.shape
-    num_experts = q1.shape[0]
-
-    def ffn(h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        if b_gate_up is not None:
-            h = h + b_gate_up[rows].to(h.dtype)
-        return _activate(h, act, has_gate, gate_fn)
-
-    if num_tokens == 0 or top_k == 0:
-        return x.new_zeros(x.shape)
-    safe_ids = ids.clamp(0, num_experts - 1)
-    if num_tokens == 1:
-        h = ffn(torch.ops.moekit.int4_expert_gemv(x, q1, s1, z1, ids), safe_ids)
-        y = torch.ops.moekit.int4_expert_gemv(h.contiguous(), q2, s2, z2, ids)
-        if b_down is not None:
-            y = y + b_down[safe_ids].to(y.dtype)
-        if post_fn is not None:
-            y = post_fn(y)
-        valid = ((ids >= 0) & (ids < num_experts)).unsqueeze(-1)
-        return _weighted_sum(y, weights, valid).to(x.dtype)
-    flat_ids = ids.reshape(-1)
-    sorted_ids, perm = torch.sort(flat_ids)
-    x_g = x.index_select(0, perm // top_k)
-    offsets = torch.cumsum(expert_counts(sorted_ids, num_experts), dim=0, dtype=torch.int32)
-    bias_rows = sorted_ids.clamp(max=num_experts - 1)
-    h = ffn(torch.ops.moekit.int4_grouped_mm(x_g, q1, s1, z1, offsets), bias_rows)
-    y = torch.ops.moekit.int4_grouped_mm(h.contiguous(), q2, s2, z2, offsets)
-    if b_down is not None:
-        y = y + b_down[bias_rows].to(y.dtype)
-    if post_fn is not None:
-        y = post_fn(y)
-    slot_rows = torch.empty_like(perm)
-    slot_rows[perm] = torch.arange(flat_ids.numel(), device=perm.device)
-    slot_valid = ids.reshape(num_tokens, top_k, 1) < num_experts
-    return combine_slots(y, slot_rows, weights, slot_valid).to(x.dtype)
+    banks = (int4_banks[:3], int4_banks[3:])  # (codes, scales, zero points) of gate/up and of down
+    return expert_forward_codes(
+        x, ids, weights, int4_banks[0].shape[0],
+        lambda v, p, slot_ids: torch.ops.moekit.int4_expert_gemv(v, *banks[p], slot_ids),
+        lambda v, p, offsets: torch.ops.moekit.int4_grouped_mm(v, *banks[p], offsets),
+        act, b_gate_up=b_gate_up, b_down=b_down, has_gate=has_gate, gate_fn=gate_fn, post_fn=post_fn,
+    )
 
 
 def int4_expert_bytes(model: torch.nn.Module) -> int:

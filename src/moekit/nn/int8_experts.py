@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from moekit.nn import cpu_kernels
-from moekit.nn.dispatch import _activate, _weighted_sum, combine_slots, expert_counts
+from moekit.nn.dispatch import _weighted_sum, expert_forward_codes
 
 # int8 experts (inference): per-output-row symmetric int8 codes with one scale per row, run by torch's int8
 # weight-only kernel (``_weight_int8pack_mm``: int8 rows × bf16/fp16/fp32 activations). Half the bytes of bf16 to
@@ -197,42 +197,14 @@ def expert_forward_int8(
     post_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``expert_forward`` on int8 experts (``q [E, out, in]`` int8, ``s [E, out]``; see ``quantize_rows_int8``):
-    per-slot GEMVs for one token, per-expert kernel calls on sorted rows otherwise. Inference only."""
-    num_tokens, top_k = ids.shape
-    num_experts = q_gate_up.shape[0]
+    per-slot GEMVs for one token (down projection and weighted sum fused), per-expert kernel calls on sorted rows
+    otherwise, computed in the scales' dtype. Inference only."""
+    codes, scales = (q_gate_up, q_down), (s_gate_up, s_down)
     compute_dtype = s_gate_up.dtype
-
-    def ffn(h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        if b_gate_up is not None:
-            h = h + b_gate_up[rows].to(h.dtype)
-        return _activate(h, act, has_gate, gate_fn)
-
-    if num_tokens == 0 or top_k == 0:
-        return x.new_zeros(x.shape)
-    safe_ids = ids.clamp(0, num_experts - 1)
-    if num_tokens == 1:
-        h = ffn(torch.ops.moekit.int8_expert_gemv(x.to(compute_dtype), q_gate_up, s_gate_up, ids), safe_ids)
-        if b_down is None and post_fn is None:  # down projection and weighted sum in one pass
-            return torch.ops.moekit.int8_expert_gemv_combine(h.contiguous(), q_down, s_down, ids, weights).to(x.dtype)
-        y = torch.ops.moekit.int8_expert_gemv(h.contiguous(), q_down, s_down, ids)
-        if b_down is not None:
-            y = y + b_down[safe_ids].to(y.dtype)
-        if post_fn is not None:
-            y = post_fn(y)
-        valid = ((ids >= 0) & (ids < num_experts)).unsqueeze(-1)
-        return _weighted_sum(y, weights, valid).to(x.dtype)
-    flat_ids = ids.reshape(-1)
-    sorted_ids, perm = torch.sort(flat_ids)
-    x_g = x.index_select(0, perm // top_k).to(compute_dtype)
-    offsets = torch.cumsum(expert_counts(sorted_ids, num_experts), dim=0, dtype=torch.int32)
-    bias_rows = sorted_ids.clamp(max=num_experts - 1)
-    h = ffn(torch.ops.moekit.int8_grouped_mm(x_g, q_gate_up, s_gate_up, offsets), bias_rows)
-    y = torch.ops.moekit.int8_grouped_mm(h.contiguous(), q_down, s_down, offsets)
-    if b_down is not None:
-        y = y + b_down[bias_rows].to(y.dtype)
-    if post_fn is not None:
-        y = post_fn(y)
-    slot_rows = torch.empty_like(perm)
-    slot_rows[perm] = torch.arange(flat_ids.numel(), device=perm.device)
-    slot_valid = ids.reshape(num_tokens, top_k, 1) < num_experts
-    return combine_slots(y, slot_rows, weights, slot_valid).to(x.dtype)
+    return expert_forward_codes(
+        x.to(compute_dtype), ids, weights, q_gate_up.shape[0],
+        lambda v, p, slot_ids: torch.ops.moekit.int8_expert_gemv(v, codes[p], scales[p], slot_ids),
+        lambda v, p, offsets: torch.ops.moekit.int8_grouped_mm(v, codes[p], scales[p], offsets),
+        act, combine=lambda h, slot_ids, w: torch.ops.moekit.int8_expert_gemv_combine(h, q_down, s_down, slot_ids, w),
+        b_gate_up=b_gate_up, b_down=b_down, has_gate=has_gate, gate_fn=gate_fn, post_fn=post_fn,
+    ).to(x.dtype)

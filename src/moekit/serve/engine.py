@@ -241,15 +241,7 @@ class OffloadEngine:
         num_experts = lc.policy.num_experts
         experts = [e for e in dict.fromkeys(row) if 0 <= e < num_experts]
         with self.lock:
-            plan = self._lookup(lc, sorted(experts), True, experts)
-            claimed: dict[int, tuple[int, threading.Event]] = {}
-            for e in experts:
-                if plan[e] == "miss":
-                    ev = threading.Event()
-                    slot = lc.claim(e, ev)
-                    if slot is not None:
-                        claimed[e] = (slot, ev)
-            events = {e: lc.loading[e] for e in experts if plan[e] == "wait"}
+            plan, claimed, events = self._plan_claims(lc, sorted(experts), True, experts, experts)
             hits = {e: lc.slot_of[e] for e in experts if plan[e] == "hit"}
         fills = {e: self.io.submit(self._fill, lc, e, slot, ev, True) for e, (slot, ev) in claimed.items()}
         bypass = [e for e in experts if plan[e] == "miss" and e not in claimed]
@@ -317,15 +309,7 @@ class OffloadEngine:
         take (read into scratch buffers, a few at a time in parallel). Pins are released by the caller.
         ``order``: the request in slot order (recorded for the replay; default ``experts``)."""
         with self.lock:
-            plan = self._lookup(lc, experts, decode, order)
-            claimed: dict[int, tuple[int, threading.Event]] = {}
-            for e in experts:
-                if plan[e] == "miss":
-                    ev = threading.Event()
-                    slot = lc.claim(e, ev)
-                    if slot is not None:
-                        claimed[e] = (slot, ev)
-            events = {e: lc.loading[e] for e in experts if plan[e] == "wait"}
+            plan, claimed, events = self._plan_claims(lc, experts, decode, order, experts)
         if kinds is not None:
             kinds.extend(plan[e] for e in experts)
         fills = {e: self.io.submit(self._fill, lc, e, slot, ev, decode) for e, (slot, ev) in claimed.items()}
@@ -350,6 +334,22 @@ class OffloadEngine:
                 w = fut.result()
                 self.counters.stall(time.perf_counter() - t0)
                 yield e, w
+
+    def _plan_claims(
+        self, lc: LayerCache, experts: list[int], decode: bool, order: list[int] | None, claim_order: list[int]
+    ) -> tuple[dict[int, str], dict[int, tuple[int, threading.Event]], dict[int, threading.Event]]:
+        """Under ``self.lock``: the plan of ``_lookup`` (hit / miss / wait per expert), a slot claimed for each miss
+        the cache takes (in ``claim_order``; misses it refuses get none) with the event its read will set, and the
+        events of the experts already being read."""
+        plan = self._lookup(lc, experts, decode, order)
+        claimed: dict[int, tuple[int, threading.Event]] = {}
+        for e in claim_order:
+            if plan[e] == "miss":
+                ev = threading.Event()
+                slot = lc.claim(e, ev)
+                if slot is not None:
+                    claimed[e] = (slot, ev)
+        return plan, claimed, {e: lc.loading[e] for e in claim_order if plan[e] == "wait"}
 
     def _lookup(self, lc: LayerCache, experts: list[int], decode: bool, order: list[int] | None) -> dict[int, str]:
         """``lc.lookup`` plus the engine's decode bookkeeping (warm state, request log, predictor); lock held."""
