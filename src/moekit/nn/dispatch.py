@@ -297,9 +297,7 @@ def _expert_gemv_combine(
         fast = cpu_kernels.expert_gemv_combine(h, w, ids, weights)
         if fast is not None:
             return fast
-    y = torch.ops.moekit.expert_gemv(h, w, ids, out_in)
-    valid = ((ids >= 0) & (ids < w.shape[0])).unsqueeze(-1)
-    return _weighted_sum(y, weights, valid).to(h.dtype)
+    return slot_sum(torch.ops.moekit.expert_gemv(h, w, ids, out_in), ids, weights, w.shape[0]).to(h.dtype)
 
 
 @_expert_gemv_combine.register_fake
@@ -692,9 +690,7 @@ def expert_forward_codes(
         h = ffn(gemv(x, 0, ids), safe_ids).contiguous()
         if combine is not None and b_down is None and post_fn is None:  # down projection and weighted sum at once
             return combine(h, ids, weights).to(x.dtype)
-        y = down_extras(gemv(h, 1, ids), safe_ids)
-        valid = ((ids >= 0) & (ids < num_experts)).unsqueeze(-1)
-        return _weighted_sum(y, weights, valid).to(x.dtype)
+        return slot_sum(down_extras(gemv(h, 1, ids), safe_ids), ids, weights, num_experts).to(x.dtype)
     flat_ids = ids.reshape(-1)
     sorted_ids, perm = torch.sort(flat_ids)
     x_g = x.index_select(0, perm // top_k)
@@ -706,6 +702,28 @@ def expert_forward_codes(
     slot_rows[perm] = torch.arange(flat_ids.numel(), device=perm.device)
     slot_valid = ids.reshape(num_tokens, top_k, 1) < num_experts
     return combine_slots(y, slot_rows, weights, slot_valid).to(x.dtype)
+
+
+def slot_sum(y: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``Σ_j weights[t, j] · y[t, j]`` over the slots whose ids are in [0, E); the others add exactly zero."""
+    return _weighted_sum(y, weights, ((ids >= 0) & (ids < num_experts)).unsqueeze(-1))
+
+
+def per_slot_products(
+    x: torch.Tensor, ids: torch.Tensor, num_experts: int, out_features: int,
+    product: Callable[[torch.Tensor, int], torch.Tensor],
+) -> torch.Tensor:
+    """``[T, k, out]``: ``product(x_row [1, in], e)`` for each slot (``x [T, in]`` or ``[T, k, in]``), zero for ids
+    outside [0, E): the decode ops' fallback when their compiled kernel cannot run."""
+    out = x.new_empty(*ids.shape, out_features)
+    per_slot = x.dim() == 3
+    for t, row in enumerate(ids.tolist()):
+        for j, e in enumerate(row):
+            if 0 <= e < num_experts:
+                out[t, j] = product(x[t, j : j + 1] if per_slot else x[t : t + 1], e).reshape(-1)
+            else:
+                out[t, j].zero_()
+    return out
 
 
 def _activate(h: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor], has_gate: bool,

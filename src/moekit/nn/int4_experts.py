@@ -25,7 +25,7 @@ from moekit.formats.quantized import (
     stack_int4,
 )
 from moekit.nn import cpu_kernels_int4
-from moekit.nn.dispatch import expert_forward_codes
+from moekit.nn.dispatch import expert_forward_codes, per_slot_products
 
 # From this many rows an expert's group dequantizes the expert (to the activations' dtype) and runs one GEMM; fewer
 # rows run the int4 kernel, which reads the packed codes once per row.
@@ -50,17 +50,10 @@ def _int4_expert_gemv(
     fast = cpu_kernels_int4.expert_gemv_int4(x, q, scale, zero, ids)
     if fast is not None:
         return fast
-    num_experts = q.shape[0]
-    out = x.new_empty(*ids.shape, q.shape[1])
-    per_slot = x.dim() == 3
-    for t, row in enumerate(ids.tolist()):
-        for j, e in enumerate(row):
-            if 0 <= e < num_experts:
-                xv = (x[t, j] if per_slot else x[t]).float()
-                out[t, j] = dequantize_int4(q[e], scale[e], zero[e], torch.float32) @ xv
-            else:
-                out[t, j].zero_()
-    return out
+    return per_slot_products(
+        x, ids, q.shape[0], q.shape[1],
+        lambda xv, e: (dequantize_int4(q[e], scale[e], zero[e], torch.float32) @ xv[0].float()).to(x.dtype),
+    )
 
 
 @_int4_expert_gemv.register_fake

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from moekit.nn import cpu_kernels
-from moekit.nn.dispatch import _weighted_sum, expert_forward_codes
+from moekit.nn.dispatch import expert_forward_codes, per_slot_products, slot_sum
 
 # int8 experts (inference): per-output-row symmetric int8 codes with one scale per row, run by torch's int8
 # weight-only kernel (``_weight_int8pack_mm``: int8 rows × bf16/fp16/fp32 activations). Half the bytes of bf16 to
@@ -48,17 +48,7 @@ def _int8_expert_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, ids
     fast = cpu_kernels.expert_gemv(x, q, ids, scale)
     if fast is not None:
         return fast
-    num_experts = q.shape[0]
-    out = x.new_empty(*ids.shape, q.shape[1])
-    per_slot = x.dim() == 3
-    for t, row in enumerate(ids.tolist()):
-        for j, e in enumerate(row):
-            if 0 <= e < num_experts:
-                xv = x[t, j : j + 1] if per_slot else x[t : t + 1]
-                out[t, j : j + 1] = torch._weight_int8pack_mm(xv, q[e], scale[e])
-            else:
-                out[t, j].zero_()
-    return out
+    return per_slot_products(x, ids, q.shape[0], q.shape[1], lambda xv, e: torch._weight_int8pack_mm(xv, q[e], scale[e]))
 
 
 @_int8_expert_gemv.register_fake
@@ -74,9 +64,7 @@ def _int8_expert_gemv_combine(
     fast = cpu_kernels.expert_gemv_combine(h, q, ids, weights, scale)
     if fast is not None:
         return fast
-    y = torch.ops.moekit.int8_expert_gemv(h, q, scale, ids)
-    valid = ((ids >= 0) & (ids < q.shape[0])).unsqueeze(-1)
-    return _weighted_sum(y, weights, valid).to(h.dtype)
+    return slot_sum(torch.ops.moekit.int8_expert_gemv(h, q, scale, ids), ids, weights, q.shape[0]).to(h.dtype)
 
 
 @_int8_expert_gemv_combine.register_fake
