@@ -265,16 +265,9 @@ class OffloadEngine:
                 late[e] = claimed[e][0]
             if late:
                 yield slot_ids(late, lc.slots), bank
-            width = max(2, self.io_threads) if self.io.pool is not None else 1
-            for i in range(0, len(bypass), width):
-                chunk = bypass[i:i + width]
-                futs = [self.io.submit(self._read_scratch, lc.layer, e, j, True) for j, e in enumerate(chunk)]
-                for e, fut in zip(chunk, futs, strict=True):
-                    t0 = time.perf_counter()
-                    w = fut.result()
-                    self.counters.stall(time.perf_counter() - t0)
-                    one = ExpertWeights(*(w[n].unsqueeze(0) if n in w else None for n in names))
-                    yield slot_ids({e: 0}, 1), one
+            for e, w in self._scratch_reads(lc, bypass, True):
+                one = ExpertWeights(*(w[n].unsqueeze(0) if n in w else None for n in names))
+                yield slot_ids({e: 0}, 1), one
 
         try:
             return expert_forward_parts(hidden, top_k_weights, parts(), act, transposed=transposed,
@@ -325,9 +318,14 @@ class OffloadEngine:
             self.counters.stall(time.perf_counter() - t0)
             yield e, self._wait(lc, e, claimed[e][1])
         bypass = [e for e in experts if plan[e] == "miss" and e not in claimed]
+        yield from self._scratch_reads(lc, bypass, decode)
+
+    def _scratch_reads(self, lc: LayerCache, experts: list[int], decode: bool) -> Iterator[tuple[int, dict]]:
+        """``(expert, weights)`` for misses the cache does not take, read into scratch buffers a few at a time in
+        parallel (the time spent waiting for each counts as a stall)."""
         width = max(2, self.io_threads) if self.io.pool is not None else 1
-        for i in range(0, len(bypass), width):
-            chunk = bypass[i:i + width]
+        for i in range(0, len(experts), width):
+            chunk = experts[i:i + width]
             futs = [self.io.submit(self._read_scratch, lc.layer, e, j, decode) for j, e in enumerate(chunk)]
             for e, fut in zip(chunk, futs, strict=True):
                 t0 = time.perf_counter()
