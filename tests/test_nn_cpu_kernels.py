@@ -207,11 +207,21 @@ def test_int8_vnni_path_quantizes_the_input_per_block(dtype: torch.dtype) -> Non
     assert torch.equal(cpu_kernels.expert_gemv(x, q, ids, s), got)  # int8 activations are the default
 
 
+@pytest.mark.skipif(not (HAS_COMPILER and cpu_kernels.has_vnni()), reason="no AVX512-VNNI on this CPU")
 def test_int8_activations_switch(monkeypatch) -> None:
+    """MOEKIT_INT8_ACTIVATIONS=float makes the default call the float-activation one, bit for bit; unset, int8."""
+    g = torch.Generator().manual_seed(11)
+    q, s = quantize_rows_int8(torch.randn(E, 8, 128, generator=g))
+    x, ids = torch.randn(1, 128, generator=g), torch.tensor([[1, 3]])
+    as_float = cpu_kernels.expert_gemv(x, q, ids, s, activations="float")
+    as_int8 = cpu_kernels.expert_gemv(x, q, ids, s, activations="int8")
+    assert not torch.equal(as_float, as_int8)
     monkeypatch.setenv("MOEKIT_INT8_ACTIVATIONS", "float")
     assert cpu_kernels.int8_activations() == "float"
+    assert torch.equal(cpu_kernels.expert_gemv(x, q, ids, s), as_float)
     monkeypatch.delenv("MOEKIT_INT8_ACTIVATIONS")
     assert cpu_kernels.int8_activations() == "int8"
+    assert torch.equal(cpu_kernels.expert_gemv(x, q, ids, s), as_int8)
 
 
 def test_int8_linears_decode_on_their_codes(monkeypatch) -> None:

@@ -84,6 +84,17 @@ def _read_calib(calib: list[str] | None):
     return docs
 
 
+def _load_resident(model: str, dtype, max_memory, docs, seq_len: int, max_tokens: int | None):
+    """The in-memory path of prune/merge: join a torchrun job if there is one, load and check the model, and under
+    torchrun gather the calibration statistics over the ranks; returns ``(lm, world, docs)``."""
+    world = join_ranks()
+    lm = load_model(model, dtype, max_memory)
+    _check_supported(lm)
+    if world is not None:
+        docs = _observe_dp(lm, docs, world, seq_len, max_tokens)
+    return lm, world, docs
+
+
 def _observe_dp(lm, docs, world, seq_len: int, max_tokens: int | None):
     """Under torchrun: calibration statistics with the batches split over the ranks (exactly the one-process ones)."""
     if docs is None:
@@ -139,11 +150,7 @@ def prune_command(
     else:
         from moekit.compress.prune import prune
 
-        world = join_ranks()
-        lm = load_model(model, dtype, max_memory)
-        _check_supported(lm)
-        if world is not None:
-            docs = _observe_dp(lm, docs, world, seq_len, max_tokens)
+        lm, world, docs = _load_resident(model, dtype, max_memory, docs, seq_len, max_tokens)
         res = prune(lm, method, ratio, docs, out=out if world is None or world.is_main else None, force=force, global_budget=global_budget,
                     protect_super=protect_super, seed=seed, seq_len=seq_len, max_tokens=max_tokens,
                     progress=not json_out, protect=protected)
@@ -196,11 +203,7 @@ def merge_command(
                            seq_len=seq_len, max_tokens=max_tokens, progress=not json_out, dtype=dtype,
                            method=method, protect=protected, activation_bytes=_activation_share(max_memory))
     else:
-        world = join_ranks()
-        lm = load_model(model, dtype, max_memory)
-        _check_supported(lm)
-        if world is not None:
-            docs = _observe_dp(lm, docs, world, seq_len, max_tokens)
+        lm, world, docs = _load_resident(model, dtype, max_memory, docs, seq_len, max_tokens)
         res, _ = merge(lm, ratio, docs, out=out if world is None or world.is_main else None, force=force,
                        protect_super=protect_super, seq_len=seq_len, max_tokens=max_tokens, progress=not json_out,
                        method=method, protect=protected)
