@@ -94,7 +94,8 @@ def build_model(num_experts: int, num_layers: int, dtype: torch.dtype, seed: int
         "olmoe", **{**OLMOE_1B_7B, "num_experts": num_experts, "num_hidden_layers": num_layers}
     )
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval().to(DEVICE)
+    with torch.device(DEVICE):  # random weights made where they run (a GPU initialises a 7B model in a second)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
     model.generation_config.eos_token_id = None  # always generate the full count
     model.generation_config.pad_token_id = 0
     return model
@@ -153,6 +154,9 @@ def stream_read_gbps(gib: float = 1.0, repeats: int = 5) -> float:
     return best
 
 
+COMPILE_MODE = "default"  # --compile-mode
+
+
 def generate_seconds(model, prompt: torch.Tensor, new_tokens: int, compiled: bool) -> float:
     """Wall time of one greedy static-cache generate of ``new_tokens`` tokens."""
     from transformers import CompileConfig
@@ -165,7 +169,7 @@ def generate_seconds(model, prompt: torch.Tensor, new_tokens: int, compiled: boo
         max_length=prompt.shape[1] + 64,
     )
     if compiled:
-        config = CompileConfig(fullgraph=True, mode="default")
+        config = CompileConfig(fullgraph=True, mode=COMPILE_MODE)
         config._compile_all_devices = True  # transformers compiles the decode step on CPU only when asked
         kwargs["compile_config"] = config
     else:
@@ -468,6 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-int4", action="store_true", help="skip moekit with packed int4 experts (quantize_experts_int4)")
     ap.add_argument("--int4-group-size", type=int, default=128, help="int4 weights per scale and zero point (32-256)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]; kernels are synchronised around timings")
+    ap.add_argument("--compile-mode", default=None, choices=("default", "reduce-overhead", "max-autotune"),
+                    help="torch.compile mode of moekit-compiled (default: reduce-overhead, i.e. CUDA graphs, on a GPU; "
+                         "default on the CPU)")
     ap.add_argument("--llama-bench", default=None, help="path to llama.cpp's llama-bench binary (optional)")
     ap.add_argument("--gguf", default=None, help="the same checkpoint converted to a bf16 GGUF (for --llama-bench)")
     ap.add_argument("--gguf-q8", default=None, help="the same checkpoint converted to q8_0 (against int8 experts)")
@@ -478,8 +485,9 @@ def main(argv: list[str] | None = None) -> int:
                          "--save-checkpoint's)")
     ap.add_argument("--no-env-tuning", action="store_true", help="keep glibc's and OpenMP's defaults")
     args = ap.parse_args(argv)
-    global DEVICE, CLOCK
+    global DEVICE, CLOCK, COMPILE_MODE
     DEVICE = torch.device(args.device)
+    COMPILE_MODE = args.compile_mode or ("reduce-overhead" if DEVICE.type == "cuda" else "default")
     CLOCK = args.clock
     dtypes = args.dtypes.split(",")
     if any(d not in ("bfloat16", "float16", "float32") for d in dtypes):
@@ -537,10 +545,12 @@ def main(argv: list[str] | None = None) -> int:
               "model": f"olmoe-1b-7b cut to {args.experts} experts, {args.layers} layers", "params": params,
               "dtype": dtype_name, "clock": CLOCK, "loadavg_1m": round(os.getloadavg()[0], 2),
               "omp_wait": os.environ.get("OMP_WAIT_POLICY") or f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}",
-              "experts_backend": moekit.nn.get_backend(), "cpu_kernels": moekit.nn.cpu_kernels.available(),
+              "experts_backend": moekit.nn.get_backend(), "cpu_kernels": DEVICE.type == "cpu" and moekit.nn.cpu_kernels.available(),
+              "compile_mode": COMPILE_MODE,
               "int4": f"moekit-int4: packed int4 experts, groups of {args.int4_group_size} (quantize_experts_int4, as "
                       "moekit.load(..., packed_experts=True) keeps a moekit quantize --bits 4 checkpoint)",
-              "int4_kernel": moekit.nn.cpu_kernels_int4.kernel_path(args.int4_group_size, getattr(torch, dtype_name))})
+              "int4_kernel": moekit.nn.cpu_kernels_int4.kernel_path(args.int4_group_size, getattr(torch, dtype_name))
+              if DEVICE.type == "cpu" else None})
         for t in threads if DEVICE.type == "cpu" else threads[:1]:
             summaries.append(bench_threads(model, t, dtype_name, args, emit))
         INT8.clear()
