@@ -71,6 +71,31 @@ def test_bf16_on_cuda_close_to_eager(arch: str) -> None:
     torch.testing.assert_close(out, ref, atol=3e-2 * scale, rtol=3e-2)
 
 
+@pytest.mark.parametrize("backend", ["auto", "loop", "grouped_mm"])
+@pytest.mark.parametrize("sentinels", [None, True])
+def test_no_expert_ids_on_cuda(backend: str, sentinels: bool | None) -> None:
+    """ids ≥ E ("no expert", as expert parallelism routes) add exactly nothing on the GPU, forward and backward,
+    whatever the grouped GEMM leaves in the rows it skips; the result equals the CPU's."""
+    from moekit.nn.dispatch import expert_forward
+
+    g = torch.Generator().manual_seed(7)
+    T, H, Inter, E, k = 64, 64, 32, 8, 2
+    x = torch.randn(T, H, generator=g)
+    w1, w2 = torch.randn(E, 2 * Inter, H, generator=g) / 8, torch.randn(E, H, Inter, generator=g) / 8
+    ids = torch.randint(0, E + 2, (T, k), generator=g)  # about a fifth are ids E, E+1
+    weights = torch.rand(T, k, generator=g)
+    cpu = expert_forward(x, ids, weights, w1, w2, backend="loop")
+    xg = x.to(CUDA).requires_grad_()
+    w1g = w1.to(CUDA).requires_grad_()
+    out = expert_forward(xg, ids.to(CUDA), weights.to(CUDA), w1g, w2.to(CUDA), backend=backend, sentinels=sentinels)
+    out.sum().backward()
+    torch.testing.assert_close(out.detach().cpu(), cpu, atol=1e-4, rtol=1e-4)
+    only_none = (ids >= E).all(dim=1)
+    assert only_none.any() and torch.equal(out.detach().cpu()[only_none], torch.zeros(int(only_none.sum()), H))
+    assert torch.isfinite(xg.grad).all() and torch.isfinite(w1g.grad).all()
+    assert torch.equal(xg.grad.cpu()[only_none], torch.zeros(int(only_none.sum()), H))
+
+
 @pytest.mark.parametrize("arch", ["olmoe", "qwen3_moe", "gpt_oss"])
 def test_cuda_logits_equal_cpu_logits(arch: str) -> None:
     """The same float32 model gives the same logits on the CPU (moekit's CPU kernels) and on the GPU."""

@@ -147,6 +147,52 @@ def test_ids_at_or_above_e_contribute_nothing() -> None:
         torch.testing.assert_close(out.double(), _naive(x, ids, weights, w1, w2), atol=1e-4, rtol=1e-4)
 
 
+def test_known_sentinel_free_calls_skip_the_masks_with_the_same_result() -> None:
+    """``sentinels=False`` (transformers' experts outside expert parallelism) gives the auto result bit for bit and
+    runs no masking op; ``sentinels=True`` masks even where the ids happen to hold no sentinel."""
+    g = torch.Generator().manual_seed(5)
+    T, H, Inter, E, k = 9, 16, 8, 4, 2
+    x = torch.randn(T, H, generator=g)
+    w1, w2 = torch.randn(E, 2 * Inter, H, generator=g), torch.randn(E, H, Inter, generator=g)
+    ids = torch.randint(0, E, (T, k), generator=g)
+    weights = torch.rand(T, k, generator=g)
+    for backend in ("loop", "grouped_mm", "padded"):
+        ref = expert_forward(x, ids, weights, w1, w2, backend=backend)
+        for sentinels, masks in ((False, 0), (True, 1)):
+            with torch.profiler.profile() as prof:
+                out = expert_forward(x, ids, weights, w1, w2, backend=backend, sentinels=sentinels)
+            names = [e.name for e in prof.events()]
+            assert (names.count("aten::where") + names.count("aten::masked_fill") > 0) == bool(masks), backend
+            assert torch.equal(out, ref), (backend, sentinels)
+
+
+def test_transformers_experts_pass_their_expert_parallel_flag() -> None:
+    """An experts module that transformers' expert parallelism marked (``_is_expert_parallel``) gets ids ≥ E
+    dropped; the unmarked module runs the sentinel-free path with eager's numbers."""
+    model = tiny_model("qwen3_moe")
+    experts = model.model.layers[0].mlp.experts
+    assert experts._is_expert_parallel is False
+    E = experts.gate_up_proj.shape[0]
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(5, experts.gate_up_proj.shape[-1], generator=g)
+    ids = torch.randint(0, E, (5, 2), generator=g)
+    weights = torch.rand(5, 2, generator=g)
+    with torch.no_grad():
+        ref = ALL_EXPERTS_FUNCTIONS["grouped_mm"](experts, x, ids, weights)
+        torch.testing.assert_close(moekit_experts_forward(experts, x, ids, weights), ref, atol=1e-5, rtol=1e-5)
+        experts._is_expert_parallel = True
+        try:
+            with_sentinel = ids.clone()
+            with_sentinel[1, 0] = E
+            out = moekit_experts_forward(experts, x, with_sentinel, weights)
+            dropped = moekit_experts_forward(experts, x, torch.where(with_sentinel < E, with_sentinel, 0),
+                                             weights * (with_sentinel < E), )
+        finally:
+            experts._is_expert_parallel = False
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, dropped, atol=1e-6, rtol=1e-6)
+
+
 def test_no_expert_gradients_are_zero_and_finite() -> None:
     g = torch.Generator().manual_seed(3)
     T, H, Inter, E, k = 8, 16, 8, 4, 2

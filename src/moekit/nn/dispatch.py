@@ -478,6 +478,7 @@ def expert_forward(
     gate_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     post_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     backend: Backend | None = None,
+    sentinels: bool | None = None,
 ) -> torch.Tensor:
     """Sum over k of ``weights[t,k] · expert_{ids[t,k]}(x[t])``, sorted by expert; ids ≥ E add nothing.
 
@@ -486,6 +487,10 @@ def expert_forward(
     ``transposed=True``, ``[E, H, 2I]`` and ``[E, I, H]``. ``has_gate=False`` means ``w_gate_up`` is a
     plain up projection followed by ``act``. ``gate_fn`` replaces ``act(gate) * up`` (GPT-OSS).
     Traceable by ``torch.compile(fullgraph=True)``: no tensor value is read on the host under compile.
+    ``sentinels``: whether ids ≥ E ("no expert") may occur; None finds out (on CPU in eager by reading the largest
+    id, elsewhere by assuming they may); False, from a caller that knows (transformers' experts outside expert
+    parallelism), skips the masking passes that keep such rows out of the sums — on a GPU, three passes over the
+    ``[T·k, H]`` rows and their kernel launches.
     """
     num_tokens, hidden = x.shape
     top_k = ids.shape[-1]
@@ -518,7 +523,10 @@ def expert_forward(
     offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
     # Sentinels (ids ≥ E) sort to the tail. In eager on CPU, checking for them costs nothing; elsewhere (an
     # accelerator, or under compile, where no value may be read) assume they may be present.
-    maybe_sentinels = compiling or sorted_ids.device.type != "cpu" or bool(sorted_ids[-1] >= num_experts)
+    if sentinels is None:
+        maybe_sentinels = compiling or sorted_ids.device.type != "cpu" or bool(sorted_ids[-1] >= num_experts)
+    else:
+        maybe_sentinels = sentinels
     valid = (sorted_ids < num_experts).unsqueeze(-1) if maybe_sentinels else None
     bias_rows = sorted_ids.clamp(max=num_experts - 1) if valid is not None else sorted_ids
 
@@ -623,6 +631,8 @@ def moekit_experts_forward(
         has_gate=has_gate,
         gate_fn=gate_fn,
         post_fn=post_fn,
+        # transformers marks experts sharded by its expert parallelism, whose routers emit ids ≥ E; others never do
+        sentinels=getattr(self, "_is_expert_parallel", None),
     )
 
 
