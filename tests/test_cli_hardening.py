@@ -396,6 +396,31 @@ def test_sigterm_during_a_write_leaves_nothing_behind(tmp_path):
     assert _tmp_siblings(tmp_path) == [] and not (tmp_path / "demo").exists()
 
 
+def test_a_full_disk_is_one_line_and_leaves_nothing_behind(tmp_path):
+    """A write that the storage refuses (here a file-size limit, EFBIG, the way a full disk refuses with ENOSPC)
+    ends with one error line and exit code 2, and the atomic writer leaves no temp directory or output."""
+    import resource
+
+    ckpt = tmp_path / "ckpt"
+    save_tiny_checkpoint("qwen3_moe", ckpt)
+    limit = 64 * 1024  # smaller than the quantized shard, larger than the config and marker files
+
+    def limit_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    out = tmp_path / "q"
+    env = dict(os.environ, PYTHONPATH=str(Path(moekit.__file__).parent.parent), HF_HUB_OFFLINE="1")
+    res = subprocess.run([sys.executable, "-m", "moekit.cli", "quantize", str(ckpt), "--bits", "8", "--out", str(out)],
+                         env=env, capture_output=True, text=True, timeout=300, preexec_fn=limit_files)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: file too large for this file system or limit")
+    assert errors[0].endswith("nothing half-written was kept (free space, or write elsewhere with --out)")
+    assert not out.exists() and _tmp_siblings(tmp_path) == []
+
+
 # ----- 9. one corpus-spec grammar ----------------------------------------------------------------------------
 def test_corpus_spec_grammar():
     assert parse_corpus_spec("notes.txt") is None

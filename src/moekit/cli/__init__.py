@@ -6,6 +6,7 @@ User mistakes raise ``MoekitError``; ``main`` prints them on one line and exits 
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -56,6 +57,13 @@ def _error(message: str) -> None:
     console_err.print(f"[bold red]error:[/] {escape(_one_line(message))}", highlight=False, soft_wrap=True)
 
 
+# Storage failures a user fixes on their side (a full disk, a quota, a file-size limit, a read-only or forbidden
+# place): one line and exit code 2, like bad input; the atomic writers (moekit.io) have removed their temp files.
+_STORAGE_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                   errno.EFBIG: "file too large for this file system or limit", errno.EROFS: "read-only file system",
+                   errno.EACCES: "permission denied", errno.EPERM: "operation not permitted"}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``moekit`` script: one ``error: ...`` line and exit code 2 for any bad input."""
     from typer.exceptions import TyperException
@@ -96,6 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         _error("terminated by SIGTERM; nothing half-written was kept")
         return 143
+    except OSError as exc:
+        if exc.errno not in _STORAGE_ERRORS:
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        _error(f"{_STORAGE_ERRORS[exc.errno]}{where}: {exc.strerror or exc}; nothing half-written was kept "
+               "(free space, or write elsewhere with --out)")
+        return 2
     finally:
         command_name.reset(token)
         if previous is not None:
