@@ -83,7 +83,10 @@ def test_bad_dtype_and_size_are_one_line_errors(tmp_path, capsys):
     assert parse_size("6GB") == 6_000_000_000 and parse_size("1.5GiB") == 3 * 2**29 and parse_size(512) == 512
 
 
-@pytest.mark.parametrize("arch", ["olmoe", "mixtral", "phimoe", "granitemoe", "gpt_oss", "deepseek_v2"])
+# the last five need more of transformers' conversions: concatenated, split and chunked attention tensors (bailing
+# hybrid, kimi linear, sarvam, lara), and renames that must not fire on a key the model holds as it is (deepseek_v4)
+@pytest.mark.parametrize("arch", ["olmoe", "mixtral", "phimoe", "granitemoe", "gpt_oss", "deepseek_v2",
+                                  "bailing_hybrid", "kimi_linear", "sarvam_moe", "lara_mini", "deepseek_v4"])
 def test_checkpoint_reader_reads_single_experts_exactly(arch, tmp_path):
     """Expert e's slice of every fused bank, read alone from the on-disk (per-expert or fused) tensors,
     equals what transformers' from_pretrained builds."""
@@ -103,6 +106,54 @@ def test_checkpoint_reader_reads_single_experts_exactly(arch, tmp_path):
         out = torch.empty(tgt.shape, dtype=sd[key].dtype)
         ckpt.read_target(tgt, out)
         assert torch.equal(out, sd[key]), key
+
+
+def test_conversion_steps_equal_transformers_operations():
+    """moekit's conversion steps give what transformers' own operations give (concatenate, chunk, split,
+    transpose with and without the shape check, interleave both ways), and a fused expert bank's transpose or
+    interleave applied to one expert's slab equals that expert of the converted bank."""
+    from transformers.core_model_loading import Chunk, Concatenate, Interleave, Split, Transpose
+
+    from moekit.formats.checkpoint import Piece, Target, _per_expert_recipe, _recipe, _run_recipe
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 6, 8, generator=g), torch.randn(4, 6, 8, generator=g)
+
+    class Model:  # what Split and a checked Transpose ask transformers' model for: each target's parameter shape
+        def __init__(self, shapes: dict) -> None:
+            self.shapes = shapes
+
+        def get_parameter(self, name):
+            return torch.empty(self.shapes[name], device="meta")
+
+    cases = [  # (operation, sources, target patterns, the model's target shapes)
+        (Concatenate(dim=1), [a, b], ["t0"], [(4, 12, 8)]),
+        (Chunk(dim=1), [a], ["t0", "t1"], [(4, 3, 8), (4, 3, 8)]),
+        (Split(dim=1), [a], ["t0", "t1"], [(4, 2, 8), (4, 4, 8)]),
+        (Transpose(1, 2), [a], ["t0"], [(4, 8, 6)]),
+        (Transpose(1, 2, check_dims=True), [a], ["t0"], [(4, 6, 8)]),
+        (Transpose(1, 2, check_dims=True), [a], ["t0"], [(4, 8, 6)]),
+        (Interleave(dim=1), [a], ["t0"], [(4, 6, 8)]),
+        (Interleave(dim=1, inverse=True), [a], ["t0"], [(4, 6, 8)]),
+    ]
+    for op, sources, targets, shapes in cases:
+        inputs = {f"s{i}": t for i, t in enumerate(sources)}
+        want = op.convert(inputs, list(inputs), targets, model=Model(dict(zip(targets, shapes, strict=True))),
+                          full_layer_name="t0", config=None)
+        steps = _recipe("key", [op], shapes)
+        got = _run_recipe(sources, steps, shapes[0])
+        assert len(got) == len(targets), op
+        for name, tensor in zip(targets, got, strict=True):
+            assert torch.equal(tensor, want[name]), (op, name)
+        if len(sources) == 1 and len(targets) == 1 and type(op).__name__ in ("Transpose", "Interleave"):
+            info = type("Info", (), {"shape": tuple(a.shape)})()
+            slab_steps = _per_expert_recipe(Target("t0", shapes[0], [Piece(info)], steps))
+            assert slab_steps is not None
+            for e in range(a.shape[0]):
+                assert torch.equal(_run_recipe([a[e]], slab_steps, shapes[0][1:])[0], want["t0"][e]), (op, e)
+    # a step on the expert axis mixes experts: no per-expert read
+    info = type("Info", (), {"shape": tuple(a.shape)})()
+    assert _per_expert_recipe(Target("t0", (6, 4, 8), [Piece(info)], _recipe("k", [Transpose(0, 1)], [(6, 4, 8)]))) is None
 
 
 def _read_bytes() -> int:
@@ -159,7 +210,7 @@ def _budget_for(path, slots: int) -> int:
     return int((RESERVE + plan["resident"] + slots * per_slot + per_slot // 2) / (1 - ACTIVATION_SHARE))
 
 
-@pytest.mark.parametrize("arch", ["olmoe", "deepseek_v2", "mixtral"])
+@pytest.mark.parametrize("arch", ["olmoe", "deepseek_v2", "mixtral", "kimi_linear", "bailing_hybrid"])
 def test_max_memory_offloads_with_identical_traces_and_logits(arch, tmp_path):
     src = _save(arch, tmp_path / "src", torch.bfloat16)
     ref = moekit.load(src)

@@ -110,3 +110,23 @@ def test_concat_refuses_other_models():
     b = make_trace(E=16)
     with pytest.raises(TraceError, match="different models"):
         RoutingTrace.concat([a, b])
+
+
+def test_probs_of_a_router_whose_rule_moekit_does_not_know_is_a_clear_error(tmp_path):
+    """Recording router probabilities needs the routing rule: where moekit has none for the router (DeepSeek-V4's
+    hash/sqrt-softplus routing), asking for them is one MoekitError, and ids and weights still record."""
+    import torch
+
+    import moekit
+    from moekit.errors import MoekitError
+    from moekit.testing import save_tiny_checkpoint
+
+    lm = moekit.load(save_tiny_checkpoint("deepseek_v4", tmp_path / "m", with_tokenizer=False), with_tokenizer=False)
+    assert any(v.rule is None for v in lm.moe)
+    ids = torch.randint(3, 100, (1, 6), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(MoekitError, match="router probabilities need the routing rule"), torch.no_grad(), \
+            moekit.record(lm, fields=("ids", "weights", "probs")):
+        lm.model(ids)
+    with torch.no_grad(), moekit.record(lm) as rec:
+        lm.model(ids)
+    assert rec.trace.ids.shape == (len(lm.moe), 6, 2) and (rec.trace.ids >= 0).all()  # [layers, tokens, k]

@@ -40,11 +40,14 @@ class Piece:
 
 @dataclass
 class Target:
-    """A model tensor and the pieces that fill it."""
+    """A model tensor and the pieces that fill it; ``recipe`` (with ``output``): transformers' conversion of whole
+    on-disk tensors into it (concatenations, chunks, splits, transposes, interleaves), which moekit runs itself."""
 
     key: str
     shape: tuple[int, ...]
     pieces: list[Piece] = field(default_factory=list)
+    recipe: tuple[tuple, ...] | None = None
+    output: int = 0
 
     @property
     def per_expert(self) -> bool:
@@ -110,6 +113,8 @@ class Checkpoint:
         targets: dict[str, Target] = {}
         for key, info in self.tensors.items():
             new, pattern = rename_source_key(key, renames, converters, prefix, sd)
+            if new not in sd and key in sd:  # transformers' own fallback: a key the model has keeps its name
+                new, pattern = rename_source_key(key, [], [], prefix, sd)
             if new not in sd:
                 continue  # not a parameter of this model (e.g. rotary inv_freq buffers of old checkpoints)
             tgt = targets.setdefault(new, Target(new, sd[new]))
@@ -119,10 +124,20 @@ class Checkpoint:
             c = next(c for c in converters if pattern in c.source_patterns)
             ops = [(type(o).__name__, getattr(o, "dim", None)) for o in c.operations]
             if ops not in ([("MergeModulelist", 0)], [("MergeModulelist", 0), ("Concatenate", 1)]):
-                raise UnsupportedArchitecture(f"{key}: transformers converts it with {ops}; moekit reads only "
-                                              "stacked and gate/up-concatenated expert tensors piecewise")
-            rx = re.escape(pattern).replace(r"\*", r"(\d+)")
-            m = re.search(rx, key)
+                part = Piece(info, None, c.source_patterns.index(pattern), len(c.source_patterns))
+                # a one-to-many conversion renames to its first target; the others replace that pattern (as
+                # transformers' own Split does)
+                first = c.target_patterns[0]
+                outs = [new if i == 0 else new.replace(first, tp, 1) for i, tp in enumerate(c.target_patterns)]
+                recipe = _recipe(key, c.operations, [sd.get(k) for k in outs])
+                for i, out_key in enumerate(outs):
+                    if out_key in sd:
+                        t = targets.setdefault(out_key, Target(out_key, sd[out_key]))
+                        t.recipe, t.output = recipe, i
+                        t.pieces.append(part)
+                continue
+            # transformers' source patterns are regular expressions in which "*" stands for the expert index
+            m = re.search(pattern.replace("*", r"(\d+)"), key)
             if m is None:
                 raise UnsupportedArchitecture(f"{key}: no expert index where {pattern!r} expects one")
             tgt.pieces.append(Piece(info, int(m.group(1)), c.source_patterns.index(pattern), len(c.source_patterns)))
@@ -132,6 +147,17 @@ class Checkpoint:
 
     @staticmethod
     def _check(tgt: Target) -> None:
+        if tgt.recipe is not None:  # run the conversion on shapes alone (meta tensors)
+            tgt.pieces.sort(key=lambda p: p.part)
+            metas = [torch.empty(p.info.shape, device="meta") for p in tgt.pieces]
+            try:
+                got = tuple(_run_recipe(metas, tgt.recipe, tgt.shape)[tgt.output].shape)
+            except (RuntimeError, IndexError, ValueError) as exc:
+                raise MoekitError(f"{tgt.key}: transformers' conversion does not apply to the checkpoint's "
+                                  f"{[list(p.info.shape) for p in tgt.pieces]} ({exc})") from None
+            if got != tuple(tgt.shape):
+                raise MoekitError(f"{tgt.key}: checkpoint converts to {list(got)}, the model expects {list(tgt.shape)}")
+            return
         if not tgt.per_expert:
             if len(tgt.pieces) != 1 or tgt.pieces[0].info.shape != tgt.shape:
                 got = [list(p.info.shape) for p in tgt.pieces]
@@ -151,6 +177,10 @@ class Checkpoint:
     # ----- data -----------------------------------------------------------------------------------
     def read_target(self, tgt: Target, out: torch.Tensor, drop: bool = False) -> None:
         """Fill ``out`` (the model tensor's shape, any dtype) from the target's pieces, one piece at a time."""
+        if tgt.recipe is not None:  # the whole conversion's sources (attention-sized, or one fused bank)
+            tensors = [read_tensor(self.handles, p.info, drop) for p in tgt.pieces]
+            out.copy_(_run_recipe(tensors, tgt.recipe, tgt.shape)[tgt.output])
+            return
         if not tgt.per_expert:
             _read_into(self.handles, tgt.pieces[0].info, out, 0, drop)
             return
@@ -159,6 +189,16 @@ class Checkpoint:
 
     def read_expert(self, tgt: Target, e: int, out: torch.Tensor, drop: bool = False) -> None:
         """Fill ``out`` (shape ``tgt.shape[1:]``) with expert ``e``'s slice of the target (no other expert read)."""
+        if tgt.recipe is not None:
+            slab_ops = _per_expert_recipe(tgt)
+            if slab_ops is None:
+                raise UnsupportedArchitecture(f"{tgt.key}: transformers' conversion {list(tgt.recipe)} mixes experts; "
+                                              "moekit cannot read one expert of it alone")
+            info = tgt.pieces[0].info
+            slab = torch.empty(info.shape[1:], dtype=info.dtype)
+            read_range(self.handles, info, slab, e * (info.nbytes // info.shape[0]), drop)
+            out.copy_(_run_recipe([slab], slab_ops, tuple(tgt.shape[1:]))[0])
+            return
         if not tgt.per_expert:  # fused on disk: expert e is a contiguous slab of the whole tensor
             info = tgt.pieces[0].info
             per = info.nbytes // tgt.shape[0]
@@ -195,6 +235,72 @@ class Checkpoint:
 
     def close(self) -> None:
         self.handles.close()
+
+
+def _recipe(key: str, operations: list, out_shapes: list[tuple[int, ...] | None]) -> tuple[tuple, ...]:
+    """transformers' conversion operations as moekit's own steps (``out_shapes``: the model's shape of each target,
+    None where the model lacks it); an operation moekit does not run is an error."""
+    steps: list[tuple] = []
+    for op in operations:
+        name = type(op).__name__
+        if name == "Concatenate" and getattr(op, "num_shards_attribute", None) is None:
+            steps.append(("concatenate", op.dim))
+        elif name == "Chunk" and getattr(op, "num_shards_attribute", None) is None:
+            steps.append(("chunk", op.dim, len(out_shapes)))
+        elif name == "Split" and all(shape is not None for shape in out_shapes):
+            steps.append(("split", op.dim, tuple(shape[op.dim] for shape in out_shapes)))
+        elif name == "Transpose":
+            steps.append(("transpose", op.dim0, op.dim1, bool(op.check_dims)))
+        elif name == "Interleave":
+            steps.append(("interleave", op.dim, bool(op.inverse)))
+        else:
+            raise UnsupportedArchitecture(
+                f"{key}: transformers converts it with {[type(o).__name__ for o in operations]}; moekit runs "
+                "stacks, concatenations, chunks, splits, transposes and interleaves of checkpoint tensors")
+    return tuple(steps)
+
+
+def _run_recipe(tensors: list[torch.Tensor], steps: tuple[tuple, ...], shape: tuple[int, ...]) -> list[torch.Tensor]:
+    """Apply conversion ``steps`` to the source tensors (in source-pattern order) as transformers' operations do;
+    returns the outputs in target-pattern order. ``shape`` is the (first) target's: a checked transpose applies only
+    where the tensor does not have it already, and a split takes the target's size along its axis."""
+    value = list(tensors)
+    for step in steps:
+        kind = step[0]
+        if kind == "concatenate":
+            value = [torch.cat(value, dim=step[1])]
+        elif kind == "chunk":
+            value = list(torch.chunk(value[0], step[2], dim=step[1]))
+        elif kind == "split":
+            value = list(torch.split(value[0], list(step[2]), dim=step[1]))
+        elif kind == "transpose":
+            _, d0, d1, check = step
+            value = [v if check and tuple(v.shape) == tuple(shape) else v.transpose(d0, d1) for v in value]
+        elif kind == "interleave":
+            _, dim, inverse = step
+            out = []
+            for v in value:
+                split = list(v.shape)
+                split[dim:dim + 1] = [2, split[dim] // 2] if inverse else [split[dim] // 2, 2]
+                out.append(v.reshape(split).transpose(dim, dim + 1).reshape(v.shape))
+            value = out
+    return value
+
+
+def _per_expert_recipe(tgt: Target) -> tuple[tuple, ...] | None:
+    """The recipe of a fused expert bank as steps on one expert's slab (axes shifted past the expert axis), or None
+    when a step mixes experts (it acts on the expert axis, or there is more than one source)."""
+    if len(tgt.pieces) != 1:
+        return None
+    steps = []
+    for step in tgt.recipe or ():
+        if step[0] == "transpose" and min(step[1], step[2]) >= 1:
+            steps.append(("transpose", step[1] - 1, step[2] - 1, step[3]))
+        elif step[0] == "interleave" and step[1] >= 1:
+            steps.append(("interleave", step[1] - 1, step[2]))
+        else:
+            return None
+    return tuple(steps)
 
 
 def _read_into(handles: FileHandles, info: TensorInfo, out: torch.Tensor, start: int, drop: bool) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from moekit.errors import MoekitError
 from moekit.experts import NO_EXPERT, masked_to_trace_ids
 from moekit.models.compat import forward_cache
 from moekit.models.loading import LoadedModel
@@ -78,6 +79,10 @@ class Recorder:
         ids_c = ids if valid is None else masked_to_trace_ids(ids, valid)
         entry = {"ids": rows(ids_c).to(torch.int16).cpu(), "weights": rows(weights).float().cpu()}
         if "probs" in self.fields:
+            if view.rule is None:
+                raise MoekitError(f"router probabilities need the routing rule, which moekit does not know for "
+                                  f"{type(view.router).__name__} (layer {view.index}); record ids, weights or "
+                                  "logits instead (no --probs)")
             entry["probs"] = rows(view.rule.probs(logits.detach())).to(torch.float16).cpu()
         if "logits" in self.fields:
             entry["logits"] = rows(logits).float().cpu()

@@ -240,7 +240,10 @@ def load_offloaded(
 
     dtype = resolve_dtype(dtype, path)
     model = skeleton(path, dtype)
-    keys = bank_keys(model)
+    structure = build_moe_map(model)  # (routing rules are verified on real weights: the map is built again below)
+    for view in structure:  # before anything is read: an expert layout the store cannot serve is one clear error
+        view.require_standard_bank("offloading")
+    keys = bank_keys(model, structure)
     expert_keys = {k for d in keys.values() for k in d.values()}
     store: ExpertStore
     if is_quantized_checkpoint(path):
