@@ -285,3 +285,40 @@ def test_cli_generate_with_packed_experts_gives_the_dequantized_tokens(tmp_path)
     assert len(packed["token_ids"]) == 6 and packed["token_ids"] == plain["token_ids"]
     one_error(*run_cli([*args, "--packed-experts", "--offload"])[::2], "--packed-experts")
     one_error(*run_cli(["generate", src, "--prompt", "x", "--packed-experts"])[::2], "packed experts need")
+
+
+@pytest.mark.slow
+def test_serve_with_packed_experts_answers_the_dequantized_greedy_text(tmp_path) -> None:
+    """`moekit serve Q4 --packed-experts` (a real uvicorn process, the official openai client) keeps the experts
+    packed and answers with the greedy continuation of the dequantized load; bad combinations are one-line errors."""
+    import signal
+
+    import httpx
+    import openai
+
+    from moekit.generation import generate
+    from moekit.serve.server import resident_weights
+    from serve_helpers import start_server
+
+    src = save_tiny_checkpoint("qwen3_moe", tmp_path / "src", hidden_size=128, moe_intermediate_size=128)
+    quantize(moekit.load(src), bits=4, group_size=128, out=tmp_path / "q4")
+    srv = start_server(tmp_path / "q4", tmp_path, "--packed-experts")
+    try:
+        client = openai.OpenAI(base_url=srv["base"] + "/v1", api_key="unused", timeout=300, max_retries=0)
+        r = client.completions.create(model="tiny", prompt="The river", max_tokens=8, temperature=0)
+        weights = httpx.get(srv["base"] + "/metrics", timeout=60).json()["weights"]
+    finally:
+        srv["proc"].send_signal(signal.SIGTERM)
+        srv["proc"].wait(timeout=120)
+    dequantized = moekit.load(tmp_path / "q4")
+    ref = generate(dequantized, "The river", max_new_tokens=8)  # float experts
+    packed = moekit.load(tmp_path / "q4", packed_experts=True)
+    assert weights == resident_weights(packed.model)  # the server holds the packed model's bytes
+    assert 0 < weights["packed_int4_expert_bytes"] == int4_expert_bytes(packed.model)
+    assert weights["resident_bytes"] < resident_weights(dequantized.model)["resident_bytes"]
+    assert r.choices[0].text == ref.text and r.usage.completion_tokens == len(ref.token_ids) == 8
+    srv["log"].seek(0)
+    assert "Traceback" not in srv["log"].read()
+    one_error(*run_cli(["serve", tmp_path / "q4", "--packed-experts", "--offload"])[::2], "--packed-experts")
+    one_error(*run_cli(["serve", tmp_path / "q4", "--packed-experts", "--max-memory", "1GB"])[::2],
+              "--packed-experts")

@@ -11,6 +11,7 @@ from moekit.cli.common import (
     DTYPE_OPTION,
     MAX_MEMORY_OPTION,
     MODEL_HELP,
+    PACKED_EXPERTS_OPTION,
     app,
     emit_json,
     finite_non_negative,
@@ -98,9 +99,7 @@ def generate_command(
                                help=choice_help(POLICIES, "With --offload: expert cache policy")),
     offload_stats: bool = typer.Option(False, "--stats", help="With --offload or an offloading --max-memory: "
                                        "report the cache statistics."),
-    packed_experts: bool = typer.Option(False, "--packed-experts", help="A moekit int4 checkpoint (moekit quantize "
-                                        "--bits 4): keep its experts packed in memory (0.52 bytes per weight at "
-                                        "groups of 128), run by moekit's int4 decode kernel."),
+    packed_experts: bool = PACKED_EXPERTS_OPTION,
 ) -> None:
     """Generate text, optionally steering the experts.
 

@@ -11,6 +11,7 @@ from moekit.cli.common import (
     DTYPE_OPTION,
     MAX_MEMORY_OPTION,
     MODEL_HELP,
+    PACKED_EXPERTS_OPTION,
     app,
     console_err,
     load_model,
@@ -45,12 +46,14 @@ def serve_command(
                                 "expert frequencies."),
     name: str = typer.Option(None, "--name", help="Model id reported by /v1/models (default: MODEL)."),
     log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level."),
+    packed_experts: bool = PACKED_EXPERTS_OPTION,
 ) -> None:
     """Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics).
 
     Examples:\n
       moekit serve moekit:tiny --port 8000\n
-      moekit serve ./olmoe --offload --cache-mb 2048 --policy lru+prefetch --device cuda
+      moekit serve ./olmoe --offload --cache-mb 2048 --policy lru+prefetch --device cuda\n
+      moekit serve ./olmoe-int4 --packed-experts
     """
     from moekit.serve.process import is_loopback, listen, serve
 
@@ -64,6 +67,8 @@ def serve_command(
         check_device(device)
     if offload and max_memory:
         raise MoekitError("give --offload (with --cache-mb) or --max-memory, not both")
+    if packed_experts and (offload or max_memory):
+        raise MoekitError("--packed-experts keeps every expert packed in memory: not with --offload or --max-memory")
     sock = listen(host, port)  # before loading the model: a port in use fails at once
     port = sock.getsockname()[1]
     if not is_loopback(host):
@@ -80,7 +85,7 @@ def serve_command(
             use_fast_decode(lm)  # moekit's dispatch and CPU decode kernels (docs/nn.md)
             ctx = offload_ctx(lm, cache_mb=cache_mb, policy=policy, profile=profile)
         else:
-            lm = load_model(model, dtype, max_memory)
+            lm = load_model(model, dtype, max_memory, packed_experts=packed_experts)
             if device and lm.engine is None:
                 lm.model.to(device)
             use_fast_decode(lm)  # moekit's dispatch and CPU decode kernels, offloaded or not (docs/nn.md)

@@ -111,6 +111,18 @@ class ModelWorker:
 
 # ----- the app -----------------------------------------------------------------------------------------
 
+def resident_weights(model) -> dict[str, int]:
+    """Bytes of the weights the served model holds in memory (parameters and buffers, each storage once; an
+    offloaded bank's meta tensors hold none), and of those the packed int4 experts'."""
+    from moekit.nn.int4_experts import int4_expert_bytes
+
+    seen: dict[int, int] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.device.type != "meta":
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return {"resident_bytes": sum(seen.values()), "packed_int4_expert_bytes": int4_expert_bytes(model)}
+
+
 class ServerState:
     """What the endpoints share: the model, its worker, the offload engine (if any), limits, counters."""
 
@@ -126,6 +138,7 @@ class ServerState:
         self.stopping = threading.Event()
         self.cancel: threading.Event | None = None  # the running job's "client went away" flag
         self.started = time.time()
+        self.weights = resident_weights(lm.model)
         self.requests = self.errors = self.completed = self.tokens = 0
         self.lock = threading.Lock()
 
@@ -256,6 +269,7 @@ def create_app(lm: LoadedModel, engine=None, model_name: str | None = None,
         return {"model": state.name, "uptime_s": round(time.time() - state.started, 3),
                 "requests": state.requests, "completed": state.completed, "errors": state.errors,
                 "completion_tokens": state.tokens, "offload": cache is not None, "cache": cache,
+                "weights": state.weights,
                 "limits": {"max_body_bytes": limits.body, "max_prompt_tokens": limits.prompt_tokens,
                            "context": limits.context}}
 
