@@ -1,7 +1,8 @@
 """Rank program for the multi-process tests (started by torchrun or as plain processes; not a test module).
 
 ``python distributed_worker.py MODE OUT``: ``dp`` writes the data-parallel perplexity and calibration
-statistics; ``dead`` has rank 1 leave right after joining, so rank 0's next collective must fail clearly.
+statistics; ``dead`` has rank 1 leave right after joining, so rank 0's next collective must fail clearly;
+``abort`` has rank 1 die by SIGABRT; ``teardown`` records whether the process group outlives ``runtime.shutdown()``.
 """
 
 from __future__ import annotations
@@ -44,6 +45,14 @@ def main(mode: str, out: str) -> int:
             report = _transformers_ep(world, out)
             with open(os.path.join(out, f"hfep{world.rank}.json"), "w") as fh:
                 json.dump(report, fh)
+        elif mode == "teardown":
+            _teardown(world, out)
+            return 0
+        elif mode == "abort":  # rank 1 dies by SIGABRT after a last word on stderr (the harness must show it)
+            if world.rank == 1:
+                print("rank 1 aborts on purpose", file=sys.stderr, flush=True)
+                os.abort()
+            runtime.all_gather_bytes(b"hello", world)
         elif mode == "dead":
             if world.rank == 1:
                 os._exit(0)
@@ -53,6 +62,27 @@ def main(mode: str, out: str) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _teardown(world, out: str) -> None:
+    """Import what the ranks import after joining (moekit.nn pulls in torch._dynamo and its imports), run a
+    collective, shut down, and record whether anything still holds the process group: one held past shutdown
+    is destroyed during interpreter teardown, where gloo can abort the rank."""
+    import gc
+    import weakref
+
+    import torch.distributed as dist
+
+    import moekit.nn  # noqa: F401
+    from moekit.distributed import runtime
+
+    group = weakref.ref(dist.group.WORLD)
+    t = torch.ones(3)
+    dist.all_reduce(t)
+    runtime.shutdown()
+    gc.collect()
+    with open(os.path.join(out, f"teardown{world.rank}.json"), "w") as fh:
+        json.dump({"sum": t.tolist(), "group_alive_after_shutdown": group() is not None}, fh)
 
 
 def _expert_parallel(world) -> dict:

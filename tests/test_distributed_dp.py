@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +35,38 @@ def _env(**extra) -> dict:
     return env
 
 
-def torchrun(args: list[str], nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *args]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+class Job(subprocess.CompletedProcess):
+    """A finished torchrun job; ``stderr`` is torchrun's own, ``ranks_stderr`` each rank's (from its log file)."""
+
+    ranks_stderr: dict[int, str]
+
+    def failure(self) -> str:
+        """What went wrong, for an assertion message: every rank's whole stderr, then the tail of torchrun's.
+
+        torchrun's summary says only "exitcode -6 (SIGABRT)"; the rank's own words (an abort message, a gloo
+        error, a Python traceback) are in its stderr, which would otherwise be cut off or lost."""
+        parts = [f"torchrun exit code {self.returncode}"]
+        for rank, text in sorted(self.ranks_stderr.items()):
+            parts.append(f"----- rank {rank} stderr -----\n{text.strip() or '(empty)'}")
+        parts.append(f"----- torchrun stderr (tail) -----\n{self.stderr[-1500:]}")
+        return "\n".join(parts)
+
+
+def torchrun(args: list[str], nproc: int = 2, timeout: float = 240) -> Job:
+    """Run ``args`` as ``nproc`` ranks; each rank's stderr goes to a log file (stdout stays torchrun's, which
+    rank 0's JSON needs) and comes back in ``Job.ranks_stderr``."""
+    logs = Path(tempfile.mkdtemp(prefix="torchrun-logs-"))
+    try:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+               "--log-dir", str(logs), "--redirects", "2", *args]
+        res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+        job = Job(res.args, res.returncode, res.stdout, res.stderr)
+        job.ranks_stderr = {int(f.parent.name): f.read_text(errors="replace")
+                            for f in logs.glob("*/attempt_*/*/stderr.log")}
+        return job
+    finally:
+        shutil.rmtree(logs, ignore_errors=True)
 
 
 @pytest.mark.slow
@@ -46,7 +76,7 @@ def test_trace_cli_two_ranks_same_bytes(tmp_path, bundled_tiny):
 
     args = ["--data", "moekit:corpus:test", "--max-tokens", "2500", "--seq-len", "96", "--batch-size", "3", "--probs"]
     res = torchrun(["-m", "moekit", "trace", "moekit:tiny", *args, "--out", str(tmp_path / "two.trace"), "--json"])
-    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.returncode == 0, res.failure()
     assert json.loads(res.stdout)["tokens"] == 2500  # rank 0 alone prints
     docs = read_documents(["moekit:corpus:test"])
     one = trace_documents(bundled_tiny, docs, max_tokens=2500, seq_len=96, batch_size=3,
@@ -62,7 +92,7 @@ def test_eval_and_calibration_two_ranks_exact(tmp_path, bundled_tiny):
     from moekit.eval import perplexity
 
     res = torchrun([str(WORKER), "dp", str(tmp_path)])
-    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.returncode == 0, res.failure()
     docs = read_documents(["moekit:corpus:test"])[:12]
     assert json.loads((tmp_path / "ppl.json").read_text()) == json.loads(json.dumps(
         perplexity(bundled_tiny, docs, max_tokens=1500, batch_size=3, seq_len=64, progress=False)))
@@ -101,6 +131,29 @@ def test_dead_rank_is_a_clear_error(tmp_path):
     assert "a rank died or stopped answering" in outs[0][1] and "Traceback" not in outs[0][1]
 
 
+@pytest.mark.slow
+def test_failed_rank_stderr_is_in_the_failure_message(tmp_path):
+    """torchrun reports a killed rank only as "exitcode -6 (SIGABRT)": the harness shows the rank's own stderr."""
+    res = torchrun([str(WORKER), "abort", str(tmp_path)], timeout=120)
+    assert res.returncode != 0
+    assert "rank 1 aborts on purpose" in res.ranks_stderr[1]
+    message = res.failure()
+    assert "----- rank 1 stderr -----\nrank 1 aborts on purpose" in message and "SIGABRT" in message
+
+
+@pytest.mark.slow
+def test_process_group_is_destroyed_at_shutdown(tmp_path):
+    """Nothing imported after joining keeps the process group alive past ``runtime.shutdown()``: a group that
+    outlives it is destroyed during interpreter teardown, where gloo aborted a rank now and then (SIGABRT,
+    "terminate called without an active exception"; seen in test_expert_parallel_layer_equals_single_process).
+    The ranks import moekit.nn after joining, which imports torch._dynamo and torch.distributed.nn.functional."""
+    res = torchrun([str(WORKER), "teardown", str(tmp_path)])
+    assert res.returncode == 0, res.failure()
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"teardown{rank}.json").read_text())
+        assert report == {"sum": [2.0, 2.0, 2.0], "group_alive_after_shutdown": False}, (rank, report)
+
+
 @pytest.mark.parametrize("bad", ["abc", "-1", "nan"])
 def test_bad_timeout_setting(bad, monkeypatch):
     from moekit.distributed.runtime import timeout_seconds
@@ -115,7 +168,7 @@ def test_bad_timeout_setting(bad, monkeypatch):
 def test_expert_parallel_layer_equals_single_process(tmp_path):
     """2 gloo ranks, uneven token counts, three routers (incl. top-p sentinels and the aux-loss-free bias step)."""
     res = torchrun([str(WORKER), "ep", str(tmp_path)])
-    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.returncode == 0, res.failure()
     for rank in (0, 1):
         report = json.loads((tmp_path / f"ep{rank}.json").read_text())
         assert set(report) == {"softmax_then_topk", "aux_free", "top_p"}
@@ -146,7 +199,7 @@ def test_expert_parallel_training_matches_one_process(tmp_path):
     (tmp_path / "ep.yaml").write_text(EP_CONFIG)
     res = torchrun(["-m", "moekit", "train", "--config", str(tmp_path / "ep.yaml"), "--out", str(tmp_path / "ep"),
                     "--no-progress", "--json"])
-    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.returncode == 0, res.failure()
     assert json.loads(res.stdout)["step"] == 5
     one = run_training(load_run_config(tmp_path / "ep.yaml"), tmp_path / "one", progress=False)
     ep = json.loads((tmp_path / "ep" / "log.json").read_text())
@@ -173,7 +226,7 @@ def test_transformers_expert_parallel_trace_and_route(tmp_path):
 
     save_tiny_checkpoint("olmoe", tmp_path / "olmoe")
     res = torchrun([str(WORKER), "hfep", str(tmp_path)])
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, res.failure()
     for rank in (0, 1):
         report = json.loads((tmp_path / f"hfep{rank}.json").read_text())
         assert report["local_experts"] == 4 and report["num_experts"] == 8

@@ -9,6 +9,7 @@ safetensors blobs in uint8 tensors (``gather_arrays``): no pickling, the same by
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -86,6 +87,11 @@ def init(backend: str | None = None) -> World | None:
     timeout = timeout_seconds()
     if backend == "nccl":
         torch.cuda.set_device(_env_int("LOCAL_RANK") or 0)
+    # torch.distributed.nn.functional binds ``group=group.WORLD`` as default arguments at import: imported after
+    # the group exists (torch._dynamo imports it, and moekit.nn imports torch._dynamo), ten functions would keep
+    # the group alive past shutdown(), to be destroyed during interpreter teardown, where gloo sometimes aborts
+    # the rank ("terminate called without an active exception", exit code -6). Imported first, they hold None.
+    importlib.import_module("torch.distributed.nn.functional")
     try:
         dist.init_process_group(backend, rank=rank, world_size=size, timeout=timedelta(seconds=timeout))
     except (RuntimeError, ValueError, dist.DistError) as exc:
@@ -104,7 +110,8 @@ def current() -> World | None:
 
 
 def shutdown() -> None:
-    """Leave the process group (after a final barrier), if one was joined."""
+    """Leave the process group, if one was joined; the group is destroyed here (nothing of moekit's or torch's
+    imports keeps it alive, see ``init``), not during interpreter teardown."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
