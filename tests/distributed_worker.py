@@ -66,23 +66,28 @@ def main(mode: str, out: str) -> int:
 
 def _teardown(world, out: str) -> None:
     """Import what the ranks import after joining (moekit.nn pulls in torch._dynamo and its imports), run a
-    collective, shut down, and record whether anything still holds the process group: one held past shutdown
-    is destroyed during interpreter teardown, where gloo can abort the rank."""
+    collective and an expert-parallel router's balancing step, shut down with the layer still alive, and record
+    whether anything still holds the process group: one held past shutdown is destroyed during interpreter
+    teardown, where gloo can abort the rank."""
     import gc
     import weakref
 
     import torch.distributed as dist
 
-    import moekit.nn  # noqa: F401
     from moekit.distributed import runtime
+    from moekit.nn import MoELayer, shard_experts
 
     group = weakref.ref(dist.group.WORLD)
     t = torch.ones(3)
     dist.all_reduce(t)
+    layer = MoELayer(16, 24, 4, 2, router="aux_free")  # kept alive past shutdown, as a script's global model is
+    shard_experts(layer)
+    layer.router.update_bias(torch.tensor([world.rank, 0, 0, 1]))  # balances on the loads of both ranks
     runtime.shutdown()
     gc.collect()
     with open(os.path.join(out, f"teardown{world.rank}.json"), "w") as fh:
-        json.dump({"sum": t.tolist(), "group_alive_after_shutdown": group() is not None}, fh)
+        json.dump({"sum": t.tolist(), "bias": layer.router.e_score_correction_bias.tolist(),
+                   "group_alive_after_shutdown": group() is not None}, fh)
 
 
 def _expert_parallel(world) -> dict:

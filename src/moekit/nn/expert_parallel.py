@@ -120,7 +120,7 @@ def shard_experts(model: nn.Module, group=None) -> int:
                 setattr(module, name, ExpertParallelBank.from_bank(child, group))
                 n += 1
         if isinstance(module, Router):
-            module.load_group = group if group is not None else dist.group.WORLD
+            module.load_group = group if group is not None else "world"  # not the group object: see Router
     return n
 
 

@@ -67,7 +67,10 @@ class Router(nn.Module):
         self.register_buffer(
             "tokens_per_expert", torch.zeros(num_experts, dtype=torch.long), persistent=False
         )
-        self.load_group = None  # a torch.distributed group: balancing rules use loads summed over its ranks
+        # Balancing rules use loads summed over the ranks of ``load_group``: a torch.distributed group, or "world"
+        # for the default group (looked up at each call, so a model kept alive does not keep the group alive past
+        # the job's end: see docs/distributed.md); None: this process's loads alone.
+        self.load_group = None
 
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Router logits in fp32 (routing decisions are precision-sensitive)."""
@@ -198,7 +201,7 @@ class SigmoidBiasRouter(Router):
             import torch.distributed as dist
 
             counts = counts.clone()
-            dist.all_reduce(counts, group=self.load_group)
+            dist.all_reduce(counts, group=None if isinstance(self.load_group, str) else self.load_group)
         load = counts.to(self.e_score_correction_bias.device, torch.float32)
         rate = self.bias_update_rate if u is None else u
         self.e_score_correction_bias += rate * torch.sign(load.mean() - load)
