@@ -221,15 +221,18 @@ def set_impl(model, impl: str) -> bool:
     return impl.endswith("-compiled")
 
 
-def prepare_quantized(model, bits: int, group_size: int) -> None:
+def prepare_quantized(model, bits: int, group_size: int, huge_pages: bool = False) -> None:
     """Quantize the experts to int8 (per-row) or packed int4 (groups of ``group_size``) once, and the linears to
-    int8, float weights kept for the other implementations, then detach them."""
+    int8, float weights kept for the other implementations, then detach them (on huge pages if ``huge_pages``)."""
     from moekit.formats.quantized import INT4_BUFFERS
     from moekit.nn import quantize_experts_int4, quantize_experts_int8, quantize_linears_int8
+    from moekit.nn.huge_pages import to_huge_pages
     from moekit.nn.int8_experts import INT8_BUFFERS, INT8_LINEAR_BUFFERS
 
     if not INT8_LINEARS:
         quantize_linears_int8(model, keep_float=True)
+        if huge_pages:
+            to_huge_pages(model)
         for module in model.modules():
             if hasattr(module, INT8_LINEAR_BUFFERS[0]):
                 INT8_LINEARS[module] = tuple(getattr(module, name) for name in INT8_LINEAR_BUFFERS)
@@ -237,6 +240,8 @@ def prepare_quantized(model, bits: int, group_size: int) -> None:
         quantize_experts_int8(model, keep_float=True)
     else:
         quantize_experts_int4(model, group_size=group_size, keep_float=True)
+    if huge_pages:
+        to_huge_pages(model)
     store, names = (INT8, INT8_BUFFERS) if bits == 8 else (INT4, INT4_BUFFERS)
     for module in model.modules():
         if hasattr(module, names[0]):
@@ -244,7 +249,7 @@ def prepare_quantized(model, bits: int, group_size: int) -> None:
     set_impl(model, "eager")
 
 
-def prepare_offloaded(model, checkpoint: str) -> None:
+def prepare_offloaded(model, checkpoint: str, huge_pages: bool = False) -> None:
     """The offloaded rows: ``checkpoint`` (``model`` saved) loaded twice with its experts offloaded, on moekit's
     kernels (experts on the cache's slots, ``use_for_linears``), one engine with every expert cached and filled, one
     with half of each layer's experts."""
@@ -261,6 +266,10 @@ def prepare_offloaded(model, checkpoint: str) -> None:
         lm.model.generation_config.pad_token_id = 0
         use_moekit_experts(lm.model)
         use_for_linears(lm.model)
+        if huge_pages:
+            from moekit.nn.huge_pages import to_huge_pages
+
+            to_huge_pages(lm.model)
         engine = OffloadEngine(lm, store_for(lm), slots=slots).start()
         if impl.endswith("-warm"):
             for v in lm.moe:
@@ -484,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip the offloaded rows (they save the checkpoint to a temporary directory, or use "
                          "--save-checkpoint's)")
     ap.add_argument("--no-env-tuning", action="store_true", help="keep glibc's and OpenMP's defaults")
+    ap.add_argument("--huge-pages", action="store_true",
+                    help="move every row's weights onto 2 MiB transparent huge pages (moekit.nn.huge_pages)")
     args = ap.parse_args(argv)
     global DEVICE, CLOCK, COMPILE_MODE
     DEVICE = torch.device(args.device)
@@ -520,6 +531,11 @@ def main(argv: list[str] | None = None) -> int:
     summaries = []
     for dtype_name in dtypes:
         model = build_model(args.experts, args.layers, getattr(torch, dtype_name))
+        huge_pages = args.huge_pages and DEVICE.type == "cpu"
+        if huge_pages:  # every row runs on the same weights, so all of them (eager too) get the huge pages
+            from moekit.nn.huge_pages import to_huge_pages
+
+            to_huge_pages(model)
         if args.save_checkpoint:
             save_checkpoint(model, args.save_checkpoint)
         tmp = None
@@ -531,19 +547,19 @@ def main(argv: list[str] | None = None) -> int:
                 tmp = tempfile.TemporaryDirectory(prefix="bench-decode-")
                 ckpt = tmp.name
                 save_checkpoint(model, ckpt)
-            prepare_offloaded(model, ckpt)
+            prepare_offloaded(model, ckpt, huge_pages)
         params = sum(p.numel() for p in model.parameters())
         INT8.clear()
         INT4.clear()
         INT8_LINEARS.clear()
         if not args.no_int8 and DEVICE.type == "cpu":  # torch's int8 weight-only kernel used here is the CPU one
-            prepare_quantized(model, 8, 0)
+            prepare_quantized(model, 8, 0, huge_pages)
         if not args.no_int4 and DEVICE.type == "cpu":  # the int4 kernel is a CPU one (elsewhere: dequantized GEMMs)
-            prepare_quantized(model, 4, args.int4_group_size)
+            prepare_quantized(model, 4, args.int4_group_size, huge_pages)
         emit({"kind": "env", "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
               "device": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu",
               "model": f"olmoe-1b-7b cut to {args.experts} experts, {args.layers} layers", "params": params,
-              "dtype": dtype_name, "clock": CLOCK, "loadavg_1m": round(os.getloadavg()[0], 2),
+              "dtype": dtype_name, "clock": CLOCK, "huge_pages": huge_pages, "loadavg_1m": round(os.getloadavg()[0], 2),
               "omp_wait": os.environ.get("OMP_WAIT_POLICY") or f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}",
               "experts_backend": moekit.nn.get_backend(), "cpu_kernels": DEVICE.type == "cpu" and moekit.nn.cpu_kernels.available(),
               "compile_mode": COMPILE_MODE,
