@@ -63,6 +63,7 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": 
 IMPLS = ("eager", "grouped_mm", "moekit", "moekit-linears", "moekit-compiled")
 OFFLOAD_IMPLS = ("moekit-offload-warm", "moekit-offload-half")
 OFFLOADED: dict = {}  # offload row → (LoadedModel, OffloadEngine), built by prepare_offloaded
+HUGE: dict = {}  # "moekit-linears-hugepages" → a copy of the model on huge pages (--huge-pages)
 
 DEVICE = torch.device("cpu")
 CLOCK = "wall"  # --clock
@@ -221,18 +222,15 @@ def set_impl(model, impl: str) -> bool:
     return impl.endswith("-compiled")
 
 
-def prepare_quantized(model, bits: int, group_size: int, huge_pages: bool = False) -> None:
+def prepare_quantized(model, bits: int, group_size: int) -> None:
     """Quantize the experts to int8 (per-row) or packed int4 (groups of ``group_size``) once, and the linears to
-    int8, float weights kept for the other implementations, then detach them (on huge pages if ``huge_pages``)."""
+    int8, float weights kept for the other implementations, then detach them."""
     from moekit.formats.quantized import INT4_BUFFERS
     from moekit.nn import quantize_experts_int4, quantize_experts_int8, quantize_linears_int8
-    from moekit.nn.huge_pages import to_huge_pages
     from moekit.nn.int8_experts import INT8_BUFFERS, INT8_LINEAR_BUFFERS
 
     if not INT8_LINEARS:
         quantize_linears_int8(model, keep_float=True)
-        if huge_pages:
-            to_huge_pages(model)
         for module in model.modules():
             if hasattr(module, INT8_LINEAR_BUFFERS[0]):
                 INT8_LINEARS[module] = tuple(getattr(module, name) for name in INT8_LINEAR_BUFFERS)
@@ -240,8 +238,6 @@ def prepare_quantized(model, bits: int, group_size: int, huge_pages: bool = Fals
         quantize_experts_int8(model, keep_float=True)
     else:
         quantize_experts_int4(model, group_size=group_size, keep_float=True)
-    if huge_pages:
-        to_huge_pages(model)
     store, names = (INT8, INT8_BUFFERS) if bits == 8 else (INT4, INT4_BUFFERS)
     for module in model.modules():
         if hasattr(module, names[0]):
@@ -249,7 +245,7 @@ def prepare_quantized(model, bits: int, group_size: int, huge_pages: bool = Fals
     set_impl(model, "eager")
 
 
-def prepare_offloaded(model, checkpoint: str, huge_pages: bool = False) -> None:
+def prepare_offloaded(model, checkpoint: str) -> None:
     """The offloaded rows: ``checkpoint`` (``model`` saved) loaded twice with its experts offloaded, on moekit's
     kernels (experts on the cache's slots, ``use_for_linears``), one engine with every expert cached and filled, one
     with half of each layer's experts."""
@@ -266,10 +262,6 @@ def prepare_offloaded(model, checkpoint: str, huge_pages: bool = False) -> None:
         lm.model.generation_config.pad_token_id = 0
         use_moekit_experts(lm.model)
         use_for_linears(lm.model)
-        if huge_pages:
-            from moekit.nn.huge_pages import to_huge_pages
-
-            to_huge_pages(lm.model)
         engine = OffloadEngine(lm, store_for(lm), slots=slots).start()
         if impl.endswith("-warm"):
             for v in lm.moe:
@@ -289,6 +281,8 @@ def model_for(model, impl: str):
     switched to ``impl``; returns (model, compiled)."""
     if impl in OFFLOADED:
         return OFFLOADED[impl][0].model, False
+    if impl in HUGE:
+        return HUGE[impl], set_impl(HUGE[impl], "moekit-linears")
     return model, set_impl(model, impl)
 
 
@@ -319,6 +313,7 @@ def bench_threads(model, threads: int, dtype: str, args, emit) -> dict:
     impls += ["moekit-int8"] if INT8 else []
     impls += ["moekit-int4"] if INT4 else []
     impls += [i for i in OFFLOAD_IMPLS if i in OFFLOADED]
+    impls += list(HUGE)
     for impl in impls:  # warm-up: first calls, and compilation of the decode step
         m, compiled = model_for(model, impl)
         t0 = time.perf_counter()
@@ -354,6 +349,9 @@ def bench_threads(model, threads: int, dtype: str, args, emit) -> dict:
     summary["moekit_vs_grouped_mm"] = round(decode["moekit"] / decode["grouped_mm"], 3)
     if "moekit-linears" in decode:
         summary["moekit_linears_of_bound"] = round(decode["moekit-linears"] / bound, 3)
+    if "moekit-linears-hugepages" in decode:
+        summary["moekit_linears_hugepages_of_bound"] = round(decode["moekit-linears-hugepages"] / bound, 3)
+        summary["moekit_linears_hugepages_vs_4k"] = round(decode["moekit-linears-hugepages"] / decode["moekit-linears"], 3)
     if "moekit-compiled" in decode:
         summary["moekit_compiled_of_bound"] = round(decode["moekit-compiled"] / bound, 3)
     for impl in OFFLOAD_IMPLS:  # offloaded: of the bound, against the same kernels in memory, and the hit rate
@@ -494,7 +492,8 @@ def main(argv: list[str] | None = None) -> int:
                          "--save-checkpoint's)")
     ap.add_argument("--no-env-tuning", action="store_true", help="keep glibc's and OpenMP's defaults")
     ap.add_argument("--huge-pages", action="store_true",
-                    help="move every row's weights onto 2 MiB transparent huge pages (moekit.nn.huge_pages)")
+                    help="add the row moekit-linears-hugepages: a copy of the model with its weights on 2 MiB "
+                         "transparent huge pages (moekit.nn.huge_pages.to_huge_pages), beside moekit-linears")
     args = ap.parse_args(argv)
     global DEVICE, CLOCK, COMPILE_MODE
     DEVICE = torch.device(args.device)
@@ -531,11 +530,6 @@ def main(argv: list[str] | None = None) -> int:
     summaries = []
     for dtype_name in dtypes:
         model = build_model(args.experts, args.layers, getattr(torch, dtype_name))
-        huge_pages = args.huge_pages and DEVICE.type == "cpu"
-        if huge_pages:  # every row runs on the same weights, so all of them (eager too) get the huge pages
-            from moekit.nn.huge_pages import to_huge_pages
-
-            to_huge_pages(model)
         if args.save_checkpoint:
             save_checkpoint(model, args.save_checkpoint)
         tmp = None
@@ -547,19 +541,26 @@ def main(argv: list[str] | None = None) -> int:
                 tmp = tempfile.TemporaryDirectory(prefix="bench-decode-")
                 ckpt = tmp.name
                 save_checkpoint(model, ckpt)
-            prepare_offloaded(model, ckpt, huge_pages)
+            prepare_offloaded(model, ckpt)
         params = sum(p.numel() for p in model.parameters())
+        if args.huge_pages and DEVICE.type == "cpu":  # before quantizing: the copy runs the float weights
+            import copy
+
+            from moekit.nn.huge_pages import to_huge_pages
+
+            HUGE["moekit-linears-hugepages"] = copy.deepcopy(model)
+            to_huge_pages(HUGE["moekit-linears-hugepages"])
         INT8.clear()
         INT4.clear()
         INT8_LINEARS.clear()
         if not args.no_int8 and DEVICE.type == "cpu":  # torch's int8 weight-only kernel used here is the CPU one
-            prepare_quantized(model, 8, 0, huge_pages)
+            prepare_quantized(model, 8, 0)
         if not args.no_int4 and DEVICE.type == "cpu":  # the int4 kernel is a CPU one (elsewhere: dequantized GEMMs)
-            prepare_quantized(model, 4, args.int4_group_size, huge_pages)
+            prepare_quantized(model, 4, args.int4_group_size)
         emit({"kind": "env", "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
               "device": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu",
               "model": f"olmoe-1b-7b cut to {args.experts} experts, {args.layers} layers", "params": params,
-              "dtype": dtype_name, "clock": CLOCK, "huge_pages": huge_pages, "loadavg_1m": round(os.getloadavg()[0], 2),
+              "dtype": dtype_name, "clock": CLOCK, "loadavg_1m": round(os.getloadavg()[0], 2),
               "omp_wait": os.environ.get("OMP_WAIT_POLICY") or f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}",
               "experts_backend": moekit.nn.get_backend(), "cpu_kernels": DEVICE.type == "cpu" and moekit.nn.cpu_kernels.available(),
               "compile_mode": COMPILE_MODE,
@@ -572,10 +573,11 @@ def main(argv: list[str] | None = None) -> int:
         INT8.clear()
         INT4.clear()
         release_offloaded()
+        HUGE.clear()
         if tmp is not None:
             tmp.cleanup()
         del model
-    keys = ("moekit", "moekit-linears", "eager", "grouped_mm", "moekit-compiled", "moekit-int8", "moekit-int4",
+    keys = ("moekit", "moekit-linears", "moekit-linears-hugepages", "eager", "grouped_mm", "moekit-compiled", "moekit-int8", "moekit-int4",
             *OFFLOAD_IMPLS)
     rows = []
     for s in summaries:
@@ -583,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
         row |= {k.replace("-", "_"): s[f"{k}_tok_s"] for k in keys if f"{k}_tok_s" in s}
         row |= {k: v for k, v in s.items() if k.startswith(("llama_cpp", "moekit_of", "moekit_int8_of", "moekit_compiled_of", "moekit_linears_of",
                                                             "moekit_vs_llama", "moekit_int8_vs_llama", "moekit_int4_of",
-                                                            "moekit_int4_vs", "moekit_offload"))}
+                                                            "moekit_int4_vs", "moekit_offload", "moekit_linears_hugepages"))}
         rows.append(row)
     emit({"kind": "final", "clock": CLOCK, "rows": rows,
           "best_moekit_of_bound": max(s["moekit_of_bound"] for s in summaries),

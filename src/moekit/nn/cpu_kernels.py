@@ -376,6 +376,8 @@ def load_library(source: str = SOURCE, stem: str = "moekit_gemv") -> ctypes.CDLL
     """A kernel library (``source``, named ``stem`` in the cache), built and loaded once per process; None when
     disabled (``MOEKIT_CPU_KERNELS=0``) or no compiler works. Other kernel modules (``cpu_kernels_int4``) build
     their own source through this."""
+    if stem in _state:  # built or refused already: no lock on the per-call path
+        return _state[stem]
     with _lock:
         if stem in _state:
             return _state[stem]

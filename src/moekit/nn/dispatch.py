@@ -262,8 +262,17 @@ def _grouped_mm_loop_grad(ctx, grad_out: torch.Tensor):
 _grouped_mm_loop.register_autograd(_grouped_mm_loop_grad, setup_context=_grouped_mm_loop_setup)
 
 
-@torch.library.custom_op("moekit::expert_gemv", mutates_args=())
-def _expert_gemv(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, out_in: bool) -> torch.Tensor:
+def eager_or_op(op_name: str, fn: Callable[..., torch.Tensor], *args) -> torch.Tensor:
+    """``torch.ops.moekit.<op_name>(*args)`` under ``torch.compile`` (the custom op keeps the kernel in the graph),
+    else ``fn(*args)``, the op's own implementation: in eager mode the dispatcher's per-call work (autograd wrapper,
+    alias checks, dynamo guard) costs ~20-40 µs per call, and a decode step makes two such calls per MoE layer. Only
+    for inference paths (the decode ops have no backward)."""
+    if torch.compiler.is_compiling():
+        return getattr(torch.ops.moekit, op_name)(*args)
+    return fn(*args)
+
+
+def expert_gemv_impl(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, out_in: bool) -> torch.Tensor:
     """``out[t, j] = x[t] (or x[t, j]) @ expert ids[t, j]`` as one matrix-vector product per slot, straight on the
     weights' storage (no gather, no sort): the decode kernel. Slots with ids outside [0, E) are zero.
 
@@ -287,13 +296,18 @@ def _expert_gemv(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, out_in: bo
     return out
 
 
+@torch.library.custom_op("moekit::expert_gemv", mutates_args=())
+def _expert_gemv(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, out_in: bool) -> torch.Tensor:
+    """``expert_gemv_impl`` as a custom op (compiled graphs call it; eager mode calls the function)."""
+    return expert_gemv_impl(x, w, ids, out_in)
+
+
 @_expert_gemv.register_fake
 def _(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, out_in: bool) -> torch.Tensor:
     return x.new_empty(*ids.shape, w.shape[1] if out_in else w.shape[2])
 
 
-@torch.library.custom_op("moekit::expert_gemv_combine", mutates_args=())
-def _expert_gemv_combine(
+def expert_gemv_combine_impl(
     h: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, out_in: bool
 ) -> torch.Tensor:
     """``out[t] = Σ_j weights[t, j] · h[t, j] @ expert ids[t, j]``: a decode step's down projection and its weighted
@@ -304,7 +318,15 @@ def _expert_gemv_combine(
         fast = cpu_kernels.expert_gemv_combine(h, w, ids, weights)
         if fast is not None:
             return fast
-    return slot_sum(torch.ops.moekit.expert_gemv(h, w, ids, out_in), ids, weights, w.shape[0]).to(h.dtype)
+    return slot_sum(expert_gemv_impl(h, w, ids, out_in), ids, weights, w.shape[0]).to(h.dtype)
+
+
+@torch.library.custom_op("moekit::expert_gemv_combine", mutates_args=())
+def _expert_gemv_combine(
+    h: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, out_in: bool
+) -> torch.Tensor:
+    """``expert_gemv_combine_impl`` as a custom op (compiled graphs call it; eager mode calls the function)."""
+    return expert_gemv_combine_impl(h, w, ids, weights, out_in)
 
 
 @_expert_gemv_combine.register_fake
@@ -426,7 +448,8 @@ def _gemv_forward(
     bias or a post-function."""
     h = _gemv_hidden(x, ids, w_gate_up, act, b_gate_up, out_in, has_gate, gate_fn)
     if b_down is None and post_fn is None:
-        return torch.ops.moekit.expert_gemv_combine(h.contiguous(), w_down, ids, weights, out_in).to(x.dtype)
+        return eager_or_op("expert_gemv_combine", expert_gemv_combine_impl, h.contiguous(), w_down, ids, weights,
+                           out_in).to(x.dtype)
     y, valid = _gemv_down(h, ids, w_down, b_down, out_in, post_fn)
     return _weighted_sum(y, weights, valid).to(x.dtype)
 
@@ -444,7 +467,7 @@ def _gemv_hidden(
     """Each (token, slot)'s activated up projection ``h [T, k, I]`` (invalid slots hold anything). Every slot's value
     depends on its own id and row only (the kernel computes each product alone), so computing a step's slots in
     several calls, the others as sentinels, gives the same numbers."""
-    h = torch.ops.moekit.expert_gemv(x.to(w_gate_up.dtype), w_gate_up, ids, out_in)  # [T, k, 2I]
+    h = eager_or_op("expert_gemv", expert_gemv_impl, x.to(w_gate_up.dtype), w_gate_up, ids, out_in)  # [T, k, 2I]
     if b_gate_up is not None:
         h = h + b_gate_up[ids.clamp(0, w_gate_up.shape[0] - 1)].to(h.dtype)
     return _activate(h, act, has_gate, gate_fn)
@@ -461,7 +484,7 @@ def _gemv_down(
     """Each slot's expert output ``y [T, k, H]`` (unweighted) and ``valid [T, k, 1]`` (ids in [0, E)); per slot like
     ``_gemv_hidden``."""
     num_experts = w_down.shape[0]
-    y = torch.ops.moekit.expert_gemv(h.contiguous(), w_down, ids, out_in)  # [T, k, H]
+    y = eager_or_op("expert_gemv", expert_gemv_impl, h.contiguous(), w_down, ids, out_in)  # [T, k, H]
     if b_down is not None:
         y = y + b_down[ids.clamp(0, num_experts - 1)].to(y.dtype)
     if post_fn is not None:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from moekit.nn import cpu_kernels
-from moekit.nn.dispatch import expert_forward_codes, per_slot_products, slot_sum
+from moekit.nn.dispatch import eager_or_op, expert_forward_codes, per_slot_products, slot_sum
 
 # int8 experts (inference): per-output-row symmetric int8 codes with one scale per row, run by torch's int8
 # weight-only kernel (``_weight_int8pack_mm``: int8 rows × bf16/fp16/fp32 activations). Half the bytes of bf16 to
@@ -42,8 +42,7 @@ def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offsets: torch.Tens
     return x.new_empty(x.shape[0], q.shape[1])
 
 
-@torch.library.custom_op("moekit::int8_expert_gemv", mutates_args=())
-def _int8_expert_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def int8_expert_gemv_impl(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """The int8 decode kernel: ``moekit::expert_gemv`` with int8 experts (``x [T, in]`` or ``[T, k, in]``)."""
     fast = cpu_kernels.expert_gemv(x, q, ids, scale)
     if fast is not None:
@@ -51,20 +50,33 @@ def _int8_expert_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, ids
     return per_slot_products(x, ids, q.shape[0], q.shape[1], lambda xv, e: torch._weight_int8pack_mm(xv, q[e], scale[e]))
 
 
+@torch.library.custom_op("moekit::int8_expert_gemv", mutates_args=())
+def _int8_expert_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``int8_expert_gemv_impl`` as a custom op (compiled graphs call it; eager mode calls the function)."""
+    return int8_expert_gemv_impl(x, q, scale, ids)
+
+
 @_int8_expert_gemv.register_fake
 def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return x.new_empty(*ids.shape, q.shape[1])
 
 
-@torch.library.custom_op("moekit::int8_expert_gemv_combine", mutates_args=())
-def _int8_expert_gemv_combine(
+def int8_expert_gemv_combine_impl(
     h: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
     """``moekit::expert_gemv_combine`` with int8 experts: down projection and weighted sum of a decode step."""
     fast = cpu_kernels.expert_gemv_combine(h, q, ids, weights, scale)
     if fast is not None:
         return fast
-    return slot_sum(torch.ops.moekit.int8_expert_gemv(h, q, scale, ids), ids, weights, q.shape[0]).to(h.dtype)
+    return slot_sum(int8_expert_gemv_impl(h, q, scale, ids), ids, weights, q.shape[0]).to(h.dtype)
+
+
+@torch.library.custom_op("moekit::int8_expert_gemv_combine", mutates_args=())
+def _int8_expert_gemv_combine(
+    h: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """``int8_expert_gemv_combine_impl`` as a custom op (compiled graphs call it; eager mode calls the function)."""
+    return int8_expert_gemv_combine_impl(h, q, scale, ids, weights)
 
 
 @_int8_expert_gemv_combine.register_fake
@@ -191,8 +203,9 @@ def expert_forward_int8(
     compute_dtype = s_gate_up.dtype
     return expert_forward_codes(
         x.to(compute_dtype), ids, weights, q_gate_up.shape[0],
-        lambda v, p, slot_ids: torch.ops.moekit.int8_expert_gemv(v, codes[p], scales[p], slot_ids),
+        lambda v, p, slot_ids: eager_or_op("int8_expert_gemv", int8_expert_gemv_impl, v, codes[p], scales[p], slot_ids),
         lambda v, p, offsets: torch.ops.moekit.int8_grouped_mm(v, codes[p], scales[p], offsets),
-        act, combine=lambda h, slot_ids, w: torch.ops.moekit.int8_expert_gemv_combine(h, q_down, s_down, slot_ids, w),
+        act, combine=lambda h, slot_ids, w: eager_or_op("int8_expert_gemv_combine", int8_expert_gemv_combine_impl, h,
+                                                        q_down, s_down, slot_ids, w),
         b_gate_up=b_gate_up, b_down=b_down, has_gate=has_gate, gate_fn=gate_fn, post_fn=post_fn,
     ).to(x.dtype)
