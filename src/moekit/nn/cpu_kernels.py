@@ -522,16 +522,16 @@ def combine_banks(
     rows, cols = w0.shape[1], w0.shape[2]
     if fn is None or any(
         _entry("moekit_combine", h, w, s) is None or w.shape[1:] != (rows, cols) or w.stride(1) != w0.stride(1)
-        or w.dtype != w0.dtype or (s is None) != (s0 is None) for _, w, s in parts
+        or w.dtype != w0.dtype or (s is None) != (s0 is None) for _, w, s in parts[1:]
     ):
         return None
     num_tokens, top_k = ids0.shape
     xs = _rows(h, num_tokens * top_k, cols)
     if xs is None:
         return None
-    wp = torch.zeros(num_tokens, top_k, dtype=torch.int64)
-    sp = torch.zeros(num_tokens, top_k, dtype=torch.int64) if s0 is not None else None
-    for ids, w, s in parts:
+    wp = _addresses(w0, ids0)  # one bank (a decode step in memory): its addresses as they are
+    sp = _addresses(s0, ids0) if s0 is not None else None
+    for ids, w, s in parts[1:]:
         a = _addresses(w, ids)
         wp = torch.where(a != 0, a, wp)
         if sp is not None and s is not None:
