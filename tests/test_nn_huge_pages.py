@@ -73,3 +73,20 @@ def test_to_huge_pages_keeps_tied_weights_tied():
     model = torch.nn.Sequential(emb, head)
     assert to_huge_pages(model) == 4096 * 256 * 4  # counted once
     assert head.weight is emb.weight and is_on_huge_page_boundary(emb.weight)
+
+
+@needs_thp
+def test_use_fast_decode_puts_a_loaded_model_on_huge_pages(tmp_path):
+    from moekit.cli.common import load_model, use_fast_decode
+    from moekit.testing import save_tiny_checkpoint
+
+    path = save_tiny_checkpoint("olmoe", tmp_path / "m", with_tokenizer=False, hidden_size=256, vocab_size=4096)
+    lm = load_model(str(path), "float32")
+    ids = torch.randint(0, 4096, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = lm.model(ids).logits
+    use_fast_decode(lm)
+    big = [p for p in lm.model.parameters() if p.numel() * p.element_size() >= HUGE_PAGE]
+    assert big and all(is_on_huge_page_boundary(p) for p in big)
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(ids).logits, before, rtol=0, atol=1e-5)  # the decode kernels' sums
