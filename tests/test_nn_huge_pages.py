@@ -90,3 +90,14 @@ def test_use_fast_decode_puts_a_loaded_model_on_huge_pages(tmp_path):
     assert big and all(is_on_huge_page_boundary(p) for p in big)
     with torch.no_grad():
         torch.testing.assert_close(lm.model(ids).logits, before, rtol=0, atol=1e-5)  # the decode kernels' sums
+
+
+@needs_thp
+def test_to_huge_pages_leaves_views_of_a_shared_storage_alone():
+    base = torch.randn(2, 1024, 1024)
+    a, b = torch.nn.Parameter(base[0]), torch.nn.Parameter(base[1])  # contiguous views of one 8 MiB storage
+    model = torch.nn.Module()
+    model.register_parameter("a", a)
+    model.register_parameter("b", b)
+    assert to_huge_pages(model) == 0
+    assert model.a.data_ptr() == base.data_ptr() and model.b.data_ptr() == base[1].data_ptr()

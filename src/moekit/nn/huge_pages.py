@@ -52,7 +52,8 @@ def is_on_huge_page_boundary(t: torch.Tensor) -> bool:
 def to_huge_pages(model: torch.nn.Module, min_bytes: int = HUGE_PAGE) -> int:
     """Move every contiguous CPU parameter and buffer of ``model`` of at least ``min_bytes`` onto huge pages (see
     ``on_huge_pages``), in place: modules keep their Parameter objects, tied weights stay tied. Returns the bytes
-    moved; 0 where huge pages are not supported. Tensors already placed are left alone."""
+    moved; 0 where huge pages are not supported. Tensors already placed, and views of a larger storage, are left
+    alone."""
     if not huge_pages_supported():
         return 0
     moved = 0
@@ -64,8 +65,8 @@ def to_huge_pages(model: torch.nn.Module, min_bytes: int = HUGE_PAGE) -> int:
                     continue
                 seen.add(id(t))
                 nbytes = t.numel() * t.element_size()
-                if nbytes < min_bytes or is_on_huge_page_boundary(t):
-                    continue
+                if nbytes < min_bytes or is_on_huge_page_boundary(t) or t.untyped_storage().nbytes() != nbytes:
+                    continue  # small, placed already, or a view sharing its storage (a copy would unshare it)
                 new = on_huge_pages(t)
                 if isinstance(t, torch.nn.Parameter):
                     t.data = new
