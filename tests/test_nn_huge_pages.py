@@ -32,13 +32,24 @@ def _anon_huge_kb(address: int) -> int:
     raise AssertionError(f"no mapping holds {address:#x}")
 
 
+def _thp_fallbacks() -> int:
+    """Huge-page faults the kernel could not satisfy so far (it fell back to 4 KiB pages: fragmented memory)."""
+    from pathlib import Path
+
+    stats = dict(line.split() for line in Path("/proc/vmstat").read_text().splitlines())
+    return int(stats.get("thp_fault_fallback", 0))
+
+
 @needs_thp
 def test_on_huge_pages_copies_exactly_onto_huge_pages():
     t = torch.randn(3, 1000, 1024, dtype=torch.bfloat16)
+    fallbacks = _thp_fallbacks()
     h = on_huge_pages(t)
     assert h.dtype == t.dtype and h.shape == t.shape and h.is_contiguous()
     assert torch.equal(h, t) and h.data_ptr() != t.data_ptr()
     assert h.data_ptr() % HUGE_PAGE == 0
+    if _anon_huge_kb(h.data_ptr()) < 2048 and _thp_fallbacks() > fallbacks:
+        pytest.skip("the kernel had no free huge page (it fell back to 4 KiB pages): nothing to check here")
     assert _anon_huge_kb(h.data_ptr()) >= 2048  # at least the first full 2 MiB extent is a huge page
     del t
     gc.collect()
