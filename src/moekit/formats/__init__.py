@@ -1,6 +1,7 @@
 """On-disk formats below every feature: safetensors headers and slices, the checkpoint reader (design §2)."""
 
 from moekit.formats.checkpoint import Checkpoint, Piece, Target, checkpoint_dtype, config_dtype
+from moekit.formats.mapped import MappedFiles
 from moekit.formats.safetensors import (
     ST_DTYPES,
     FileHandles,
@@ -17,6 +18,6 @@ from moekit.formats.safetensors import (
 )
 
 __all__ = [
-    "ST_DTYPES", "Checkpoint", "FileHandles", "SpooledWriter", "StreamWriter", "Piece", "Target", "TensorInfo", "bytes_of", "checkpoint_dtype",
+    "ST_DTYPES", "Checkpoint", "FileHandles", "MappedFiles", "SpooledWriter", "StreamWriter", "Piece", "Target", "TensorInfo", "bytes_of", "checkpoint_dtype",
     "config_dtype", "drop_cache", "pread_into", "read_header", "read_range", "read_tensor", "tensor_infos",
 ]

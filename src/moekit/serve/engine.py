@@ -32,7 +32,7 @@ from moekit.nn.provided import ExpertWeights, decodes_by_gemv, expert_forward_pa
 from moekit.serve.cache import POLICIES, LayerCache, Policy
 from moekit.serve.io import ExpertIO
 from moekit.serve.stats import EngineCounters, RequestLog, summary
-from moekit.serve.store import ExpertStore, store_for
+from moekit.serve.store import ExpertStore, MappedExpert, store_for
 
 IMPL_NAME = "moekit_offload"
 
@@ -59,7 +59,8 @@ class OffloadEngine:
 
     def __init__(self, lm: LoadedModel, store: ExpertStore, policy: str = "lru+prefetch",
                  cache_mb: float | None = None, slots: int | None = None, device: str | torch.device | None = None,
-                 profile: Any = None, io_threads: int = 2, prefetch_top: int | None = None) -> None:
+                 profile: Any = None, io_threads: int = 2, prefetch_top: int | None = None,
+                 zero_copy: bool = True, admit_mapped: bool = False) -> None:
         self.lm = lm
         self.io_threads = io_threads
         self.prefetch_top = prefetch_top
@@ -68,6 +69,10 @@ class OffloadEngine:
         policy_cls: type[Policy] = POLICIES.get(policy)
         self.prefetch = bool(policy_cls.prefetch)
         self.device = torch.device(device) if device is not None else lm.device
+        #: decode misses in the page cache computed from a mapping of the checkpoint (CPU fast tier only)
+        self.zero_copy = bool(zero_copy and getattr(store, "zero_copy", False) and self.device.type == "cpu")
+        #: whether such a miss is also copied into a slot (in the background) like any other miss
+        self.admit_mapped = admit_mapped
         self.views = list(lm.moe)
         for v in self.views:
             v.require_standard_bank("offloading")
@@ -234,18 +239,24 @@ class OffloadEngine:
     def _decode_in_parts(self, lc: LayerCache, hidden: torch.Tensor, top_k_index: torch.Tensor,
                          top_k_weights: torch.Tensor, bank: ExpertWeights, names: tuple[str, ...], act: Any,
                          transposed: bool, has_gate: bool, gate_fn: Any, post_fn: Any) -> torch.Tensor:
-        """One decode step with moekit's decode kernel on cache slots: the hits on the slot bank while the misses
-        are read into claimed slots (on the I/O threads), then prefetches in flight and those misses once read, then
-        the misses the cache does not take, from scratch buffers. No weight is copied after its read."""
+        """One decode step with moekit's decode kernel on cache slots: the hits on the slot bank, then the misses
+        whose bytes are in the OS page cache straight from a mapping of the checkpoint (zero-copy, while the other
+        misses are read into claimed slots on the I/O threads), then prefetches in flight and those misses once
+        read, then the misses the cache does not take, from scratch buffers. No weight is copied after its read."""
         row = top_k_index[0].tolist()
         num_experts = lc.policy.num_experts
         experts = [e for e in dict.fromkeys(row) if 0 <= e < num_experts]
+        mapped = self._mapped_misses(lc, experts)
         with self.lock:
-            plan, claimed, events = self._plan_claims(lc, sorted(experts), True, experts, experts)
+            plan, claimed, events = self._plan_claims(lc, sorted(experts), True, experts, experts,
+                                                      skip=() if self.admit_mapped else mapped)
             hits = {e: lc.slot_of[e] for e in experts if plan[e] == "hit"}
+        zero = {e: mapped[e] for e in experts if plan[e] == "miss" and e in mapped}
         fills = {e: self.io.submit(self._fill, lc, e, slot, ev, True) for e, (slot, ev) in claimed.items()}
-        bypass = [e for e in experts if plan[e] == "miss" and e not in claimed]
+        bypass = [e for e in experts if plan[e] == "miss" and e not in claimed and e not in zero]
         dtype, device = top_k_index.dtype, top_k_index.device
+        if zero:
+            self.counters.mapped(sum(me.nbytes for me in zero.values()), len(zero))
 
         def slot_ids(slot_of: dict[int, int], absent: int) -> torch.Tensor:
             return torch.tensor([[slot_of.get(e, absent) for e in row]], dtype=dtype, device=device)
@@ -253,11 +264,17 @@ class OffloadEngine:
         def parts() -> Iterator[tuple[torch.Tensor, ExpertWeights]]:
             if hits or not experts:  # (at least one part)
                 yield slot_ids(hits, lc.slots), bank
+            for e, me in zero.items():  # page-cache-resident misses: computed in place, mapped for this step only
+                me.populate()
+                w = me.weights
+                yield slot_ids({e: 0}, 1), ExpertWeights(*(w[n].unsqueeze(0) if n in w else None for n in names))
             late: dict[int, int] = {}
             for e, ev in events.items():
                 self._wait(lc, e, ev)
                 late[e] = lc.slot_of[e]
             for e, fut in fills.items():
+                if e in zero:  # admitted: its copy into the slot goes on in the background
+                    continue
                 t0 = time.perf_counter()
                 fut.result()
                 self.counters.stall(time.perf_counter() - t0)
@@ -273,8 +290,23 @@ class OffloadEngine:
             return expert_forward_parts(hidden, top_k_weights, parts(), act, transposed=transposed,
                                         has_gate=has_gate, gate_fn=gate_fn, post_fn=post_fn)
         finally:
+            for me in zero.values():
+                me.release()
             with self.lock:
                 lc.release(experts, row)
+
+    def _mapped_misses(self, lc: LayerCache, experts: list[int]) -> dict[int, MappedExpert]:
+        """The experts of this step absent from the cache whose bytes the OS page cache holds, as zero-copy views
+        of the checkpoint (``ExpertStore.mapped``); none when zero-copy is off or the fast tier is not the CPU."""
+        if not self.zero_copy:
+            return {}
+        out = {}
+        for e in experts:
+            if e not in lc.slot_of:  # (a hint without the lock: the plan decides)
+                me = self.store.mapped(lc.layer, e)
+                if me is not None:
+                    out[e] = me
+        return out
 
     def access(self, layer: int, experts: list[int], decode: bool = True) -> list[str]:
         """Request ``experts`` of ``layer`` as one forward would (without computing): ``"hit"``, ``"wait"``
@@ -334,15 +366,16 @@ class OffloadEngine:
                 yield e, w
 
     def _plan_claims(
-        self, lc: LayerCache, experts: list[int], decode: bool, order: list[int] | None, claim_order: list[int]
+        self, lc: LayerCache, experts: list[int], decode: bool, order: list[int] | None, claim_order: list[int],
+        skip: Any = (),
     ) -> tuple[dict[int, str], dict[int, tuple[int, threading.Event]], dict[int, threading.Event]]:
         """Under ``self.lock``: the plan of ``_lookup`` (hit / miss / wait per expert), a slot claimed for each miss
-        the cache takes (in ``claim_order``; misses it refuses get none) with the event its read will set, and the
-        events of the experts already being read."""
+        the cache takes (in ``claim_order``; misses it refuses get none, and so do those in ``skip``) with the event
+        its read will set, and the events of the experts already being read."""
         plan = self._lookup(lc, experts, decode, order)
         claimed: dict[int, tuple[int, threading.Event]] = {}
         for e in claim_order:
-            if plan[e] == "miss":
+            if plan[e] == "miss" and e not in skip:
                 ev = threading.Event()
                 slot = lc.claim(e, ev)
                 if slot is not None:
@@ -480,7 +513,8 @@ def _profile_counts(profile: Any, views: list) -> dict[int, np.ndarray]:
 def offload(lm: LoadedModel, cache_mb: float | None = None, policy: str = "lru+prefetch", slots: int | None = None,
             device: str | torch.device | None = None, profile: Any = None, bypass_page_cache: bool = False,
             store: ExpertStore | None = None, io_threads: int = 2,
-            prefetch_top: int | None = None) -> Iterator[OffloadEngine]:
+            prefetch_top: int | None = None, zero_copy: bool = True,
+            admit_mapped: bool = False) -> Iterator[OffloadEngine]:
     """Run every generation on ``lm`` inside the block with only a cache of experts resident.
 
     ``cache_mb``: byte budget of the cache (default: 2·k experts per layer); ``slots``: experts per layer
@@ -488,14 +522,18 @@ def offload(lm: LoadedModel, cache_mb: float | None = None, policy: str = "lru+p
     fast tier (default: the model's device); ``profile``: frequency source of the ``static`` policy (a
     RoutingTrace, its path, or {layer: counts}); ``io_threads``: threads reading a forward's cached misses
     while its hits are computed and the uncached ones in parallel (0: one read at a time);
-    ``prefetch_top``: prefetch only each token's most confident predictions (default: all k).  Yields the
-    engine; ``engine.stats()`` has the metrics.
+    ``prefetch_top``: prefetch only each token's most confident predictions (default: all k); ``zero_copy``:
+    compute a decode miss whose bytes are in the OS page cache from a mapping of the checkpoint instead of copying
+    it (CPU, checkpoints that store experts in the model's layout and dtype); ``admit_mapped``: copy such a miss
+    into the cache as well, in the background (default: only prefetches and misses read from storage fill it).
+    Yields the engine; ``engine.stats()`` has the metrics.
     """
     for v in lm.moe:
         v.require_standard_bank("offloading")
     st = store or store_for(lm, bypass_page_cache=bypass_page_cache)
     engine = OffloadEngine(lm, st, policy=policy, cache_mb=cache_mb, slots=slots, device=device, profile=profile,
-                           io_threads=io_threads, prefetch_top=prefetch_top)
+                           io_threads=io_threads, prefetch_top=prefetch_top, zero_copy=zero_copy,
+                           admit_mapped=admit_mapped)
     engine.start()
     try:
         yield engine

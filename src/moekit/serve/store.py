@@ -10,6 +10,11 @@ Reads go through the OS page cache, like a memory-mapped checkpoint (llama.cpp, 
 is not the process's memory (not in RSS), the kernel gives it back under pressure, and a miss whose bytes are still
 cached costs a memory copy (~4x faster than this VM's storage). ``bypass_page_cache=True`` drops each read range
 from it (``posix_fadvise DONTNEED``) so that every miss is a real storage read (to measure the storage tier).
+
+Zero-copy (``FileStore.mapped``): where the checkpoint stores an expert in the model's layout and dtype (each of
+its tensors one contiguous range: a slab of a fused tensor, or per-expert tensors, gate and up side by side), the
+engine computes a miss whose bytes are in the page cache straight from a mapping of the file
+(``formats.MappedFiles``), mapped for that step only, instead of copying it first.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from torch import nn
 
 from moekit.errors import MoekitError
 from moekit.formats import Checkpoint, Piece, Target, bytes_of, drop_cache, pread_into, read_header
+from moekit.formats.mapped import MappedFiles
+from moekit.formats.mapped import available as mapping_available
 from moekit.formats.safetensors import ST_DTYPES
 from moekit.formats.tokenizer import load_tokenizer_from
 from moekit.models.loading import (
@@ -51,8 +58,35 @@ class ExpertStore:
     def shapes(self, layer: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:  # pragma: no cover
         raise NotImplementedError
 
+    def mapped(self, layer: int, expert: int) -> MappedExpert | None:
+        """The expert's tensors as zero-copy views of page-cache-resident bytes, or None (not in the page cache, or
+        not stored in the model's layout and dtype, or a store without files)."""
+        return None
+
     def close(self) -> None:
         pass
+
+
+@dataclass(frozen=True)
+class MappedExpert:
+    """One expert's tensors on a file mapping (``weights``) and the file ranges they cover (``ranges``: what
+    ``populate`` maps in before the compute and ``release`` unmaps after it)."""
+
+    weights: dict[str, torch.Tensor]
+    ranges: tuple[tuple[str, int, int], ...]
+    files: MappedFiles
+
+    def populate(self) -> None:
+        for r in self.ranges:
+            self.files.populate(*r)
+
+    def release(self) -> None:
+        for r in self.ranges:
+            self.files.release(*r)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(n for _, _, n in self.ranges)
 
 
 class FileStore(ExpertStore):
@@ -70,6 +104,54 @@ class FileStore(ExpertStore):
         if self.bypass_page_cache:
             for f in {p.info.file for d in targets.values() for t in d.values() for p in t.pieces}:
                 drop_cache(ckpt.handles.fd(f))
+        #: zero-copy misses from the page cache (not when measuring the storage tier)
+        self.zero_copy = mapping_available() and not self.bypass_page_cache
+        self.maps = MappedFiles()
+        self._mapped: dict[tuple[int, int], MappedExpert | None] = {}
+
+    def _layout(self, tgt: Target, expert: int) -> tuple[str, int, int] | None:
+        """(file, offset, bytes) of the expert's slice of ``tgt`` when it is one contiguous range in the store's dtype
+        and the slice's layout, else None."""
+        if not tgt.per_expert:
+            info = tgt.pieces[0].info
+            per = info.nbytes // tgt.shape[0]
+            return (info.file, info.offset + expert * per, per) if info.dtype == self.dtype else None
+        parts = sorted((p for p in tgt.pieces if p.expert == expert), key=lambda p: p.part)
+        first = parts[0].info
+        pos = first.offset
+        for p in parts:
+            if p.info.file != first.file or p.info.offset != pos or p.info.dtype != self.dtype:
+                return None
+            pos += p.info.nbytes
+        return first.file, first.offset, pos - first.offset
+
+    def _mapping(self, layer: int, expert: int) -> MappedExpert | None:
+        key = (layer, expert)
+        if key in self._mapped:
+            return self._mapped[key]
+        weights, ranges = {}, []
+        me: MappedExpert | None = None
+        for name, tgt in self.targets[layer].items():
+            where = self._layout(tgt, expert)
+            if where is None:
+                break
+            try:
+                weights[name] = self.maps.view(*where).view(self.dtype).view(tgt.shape[1:])
+            except (RuntimeError, OSError, ValueError):  # misaligned for the dtype, or the file cannot be mapped
+                break
+            ranges.append(where)
+        else:
+            me = MappedExpert(weights, tuple(ranges), self.maps)
+        self._mapped[key] = me
+        return me
+
+    def mapped(self, layer: int, expert: int) -> MappedExpert | None:
+        if not self.zero_copy:
+            return None
+        me = self._mapping(layer, expert)
+        if me is None or not all(self.maps.resident(*r) for r in me.ranges):
+            return None
+        return me
 
     def shapes(self, layer: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         return {n: (t.shape[1:], self.dtype) for n, t in self.targets[layer].items()}
@@ -86,6 +168,8 @@ class FileStore(ExpertStore):
         return total
 
     def close(self) -> None:
+        self._mapped.clear()
+        self.maps.close()
         self.ckpt.close()
 
 
@@ -121,6 +205,7 @@ class QuantizedFileStore(FileStore):
     def __init__(self, file: Path, ckpt: Checkpoint, targets: dict[int, dict[str, Target]],
                  packed: dict[int, dict[str, PackedSlab]], dtype: torch.dtype, bypass_page_cache: bool = False) -> None:
         super().__init__(ckpt, targets, dtype, bypass_page_cache)
+        self.zero_copy = False  # the cache holds dequantized experts: there is nothing to compute on in place
         self.path = str(file)  # the quantized weights file
         self.packed = packed
         size = torch.empty(0, dtype=dtype).element_size()
