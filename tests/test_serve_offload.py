@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -354,3 +356,128 @@ def test_exact_greedy_under_moekit_dispatch_every_policy(arch, checkpoints):
             assert out.token_ids == ref.token_ids, (arch, policy, slots)
             assert stats["decode_hits"] + stats["decode_misses"] == stats["decode_requests"] > 0
     assert lm.model.config._experts_implementation == "moekit"
+
+
+def _drop_page_cache(path) -> None:
+    """Evict a checkpoint's files from the OS page cache (written back first, so that the kernel can drop them)."""
+    import os
+
+    for f in sorted(path.glob("*.safetensors")):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss", "deepseek_v3", "mixtral"])
+def test_zero_copy_misses_from_the_page_cache_are_exact(arch, checkpoints):
+    """Under moekit's dispatch with a cache of k slots, the decode misses whose bytes are in the page cache are
+    computed straight from a mapping of the checkpoint (counted as zero_copy_misses, nothing read for them) and
+    greedy tokens equal the in-memory model's and the copying engine's. Mixtral stores w1 (gate), w2 (down), w3
+    (up) in that order: gate and up are not one range, so its misses are copied as before."""
+    from moekit.formats.mapped import available
+
+    if not available():
+        pytest.skip("zero-copy views need Linux mincore/madvise")
+    path = checkpoints[arch]
+    whole = moekit.load(path)
+    whole.model.set_experts_implementation("moekit")
+    ref = generate(whole, PROMPT, max_new_tokens=16).token_ids
+    lm = load_offloaded(path)
+    lm.model.set_experts_implementation("moekit")
+    k = max(v.top_k for v in lm.moe)
+    got = {}
+    for zero_copy in (False, True):
+        with offload(lm, policy="lru", slots=k, zero_copy=zero_copy) as engine:
+            got[zero_copy] = generate(lm, PROMPT, max_new_tokens=16).token_ids, engine.stats(belady=False)
+    (copied, s0), (mapped, s1) = got[False], got[True]
+    assert copied == ref and mapped == ref, arch
+    assert s0["zero_copy_misses"] == 0 and s0["decode_misses"] > 0
+    expert_bytes = s1["expert_bytes"]
+    if arch == "mixtral":
+        assert s1["zero_copy_misses"] == 0
+        return
+    # every decode miss was in the page cache (the model was just read): none is copied, none admitted
+    assert s1["zero_copy_misses"] == s1["decode_misses"] > 0, s1
+    assert s1["zero_copy_bytes"] == s1["zero_copy_misses"] * expert_bytes
+    assert s1["bytes_read_per_token"] < s0["bytes_read_per_token"]
+
+
+def test_cold_misses_are_read_and_cached_then_mapped(tmp_path):
+    """An expert whose bytes are not in the page cache (a checkpoint bigger than RAM, never read) is not mapped: the
+    miss is read with pread as before; once read, the page cache holds it and ``mapped`` gives views equal to what
+    was read. A decode step after the page cache was dropped reads its cold misses (not mapped); every step's
+    logits equal the copying engine's bit for bit, and the greedy tokens the in-memory model's."""
+    from moekit.formats.mapped import available
+    from moekit.generation import Decoder, encode_prompt
+
+    if not available():
+        pytest.skip("zero-copy views need Linux mincore/madvise")
+    path = save_tiny_checkpoint("qwen3_moe", tmp_path / "m")
+    whole = moekit.load(path)
+    whole.model.set_experts_implementation("moekit")
+    want = generate(whole, PROMPT, max_new_tokens=5).token_ids
+    ids = encode_prompt(whole, PROMPT)
+    del whole  # (its weights may be mapped from the file: mapped pages stay in the page cache)
+    gc.collect()
+    lm = load_offloaded(path)
+    lm.model.set_experts_implementation("moekit")
+    store = lm._moekit_expert_store
+    layer = lm.moe.layers[0].index
+    _drop_page_cache(path)
+    assert store.mapped(layer, 3) is None  # cold: not in the page cache
+    buf = {n: torch.empty(s, dtype=d) for n, (s, d) in store.shapes(layer).items()}
+    store.read(layer, 3, buf)
+    me = store.mapped(layer, 3)  # the read brought it into the page cache
+    assert me is not None and set(me.weights) == set(buf)
+    assert all(torch.equal(me.weights[n], buf[n]) for n in buf)
+    k = max(v.top_k for v in lm.moe)
+    runs = {}
+    for zero_copy in (False, True):
+        with offload(lm, policy="lru", slots=k, zero_copy=zero_copy) as engine:
+            dec = Decoder(lm)
+            logits = [dec.prefill(ids)]
+            stats = []
+            for i in range(4):
+                if zero_copy and i == 2:
+                    _drop_page_cache(path)  # this step's first misses are cold (their reads bring the rest in)
+                stats.append(engine.stats(belady=False))
+                logits.append(dec.step(int(torch.argmax(logits[-1]))))
+            stats.append(engine.stats(belady=False))
+        runs[zero_copy] = logits, stats
+    (ref, _), (got, st) = runs[False], runs[True]
+    assert [int(torch.argmax(x)) for x in got] == want
+    assert all(torch.equal(g, r) for g, r in zip(got, ref, strict=True))
+    warm, cold = st[2], st[3]  # before and after the cold step
+    assert warm["zero_copy_misses"] > 0
+    misses = cold["decode_misses"] - warm["decode_misses"]
+    assert misses > 0 and cold["zero_copy_misses"] - warm["zero_copy_misses"] < misses
+    assert cold["bytes_read"] > warm["bytes_read"]
+
+
+def test_mapped_pages_leave_the_process_after_each_step(tmp_path):
+    """Mapped expert bytes count in RSS only while a step computes on them: after decoding with zero-copy misses the
+    process's file-backed RSS has not grown by the bytes those misses covered (they were unmapped)."""
+    from moekit.formats.mapped import available
+
+    if not available():
+        pytest.skip("zero-copy views need Linux mincore/madvise")
+
+    def rss_file() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssFile:"))
+
+    path = save_tiny_checkpoint("qwen3_moe", tmp_path / "m", hidden_size=512, intermediate_size=512,
+                                moe_intermediate_size=512, num_experts=32)
+    lm = load_offloaded(path)
+    lm.model.set_experts_implementation("moekit")
+    with offload(lm, policy="lru", slots=max(v.top_k for v in lm.moe)) as engine:
+        generate(lm, PROMPT, max_new_tokens=2)  # warm up: imports, kernel build
+        before = rss_file()
+        generate(lm, PROMPT, max_new_tokens=12)
+        after = rss_file()
+        s = engine.stats(belady=False)
+    assert s["zero_copy_bytes"] > 8 * s["expert_bytes"] > 8 << 20, s
+    assert after - before < s["expert_bytes"], (after - before, s["expert_bytes"])
