@@ -256,7 +256,7 @@ class OffloadEngine:
         bypass = [e for e in experts if plan[e] == "miss" and e not in claimed and e not in zero]
         dtype, device = top_k_index.dtype, top_k_index.device
         if zero:
-            self.counters.mapped(sum(me.nbytes for me in zero.values()), len(zero))
+            self.counters.mapped(sum(me.nbytes for me in zero.values()), len(zero), True)
 
         def slot_ids(slot_of: dict[int, int], absent: int) -> torch.Tensor:
             return torch.tensor([[slot_of.get(e, absent) for e in row]], dtype=dtype, device=device)
@@ -331,7 +331,8 @@ class OffloadEngine:
                  order: list[int] | None = None) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         """The weights of each of ``experts``: hits first, then prefetches in flight, then misses read into
         claimed slots on the I/O threads (started before the hits are computed), then those the cache does not
-        take (read into scratch buffers, a few at a time in parallel). Pins are released by the caller.
+        take: in place from the page cache when it holds them (zero-copy), else read into scratch buffers, a few at
+        a time in parallel. Pins are released by the caller.
         ``order``: the request in slot order (recorded for the replay; default ``experts``)."""
         with self.lock:
             plan, claimed, events = self._plan_claims(lc, experts, decode, order, experts)
@@ -350,7 +351,16 @@ class OffloadEngine:
             self.counters.stall(time.perf_counter() - t0)
             yield e, self._wait(lc, e, claimed[e][1])
         bypass = [e for e in experts if plan[e] == "miss" and e not in claimed]
-        yield from self._scratch_reads(lc, bypass, decode)
+        mapped = self._mapped_misses(lc, bypass)
+        if mapped:
+            self.counters.mapped(sum(me.nbytes for me in mapped.values()), len(mapped), decode)
+        for e, me in mapped.items():  # in the page cache: computed in place, mapped while this expert computes
+            me.populate()
+            try:
+                yield e, me.weights
+            finally:
+                me.release()
+        yield from self._scratch_reads(lc, [e for e in bypass if e not in mapped], decode)
 
     def _scratch_reads(self, lc: LayerCache, experts: list[int], decode: bool) -> Iterator[tuple[int, dict]]:
         """``(expert, weights)`` for misses the cache does not take, read into scratch buffers a few at a time in

@@ -52,7 +52,7 @@ class EngineCounters:
         self.pred_total = 0
         self.prefill_tokens = self.decode_tokens = 0
         self.prefill_s = self.decode_s = 0.0
-        self.zero_copy = 0
+        self.zero_copy = self.decode_zero_copy = 0
         self.zero_copy_bytes = 0
 
     def read(self, n: int, decode: bool) -> None:
@@ -61,10 +61,11 @@ class EngineCounters:
             if decode:
                 self.decode_bytes_read += n
 
-    def mapped(self, nbytes: int, experts: int) -> None:
-        """``experts`` decode misses computed in place from the page cache (``nbytes``, not copied)."""
+    def mapped(self, nbytes: int, experts: int, decode: bool) -> None:
+        """``experts`` misses computed in place from the page cache (``nbytes``, not copied)."""
         with self.lock:
             self.zero_copy += experts
+            self.decode_zero_copy += experts if decode else 0
             self.zero_copy_bytes += nbytes
 
     def stall(self, dt: float) -> None:
@@ -99,7 +100,8 @@ def summary(engine: Any, belady: bool = True) -> dict[str, Any]:
         "fetches": tot.misses + tot.prefetch_issued,
         "bytes_read": c.bytes_read,
         "bytes_read_per_token": c.decode_bytes_read / c.decode_tokens if c.decode_tokens else None,
-        "zero_copy_misses": c.zero_copy, "zero_copy_bytes": c.zero_copy_bytes,
+        "zero_copy_misses": c.zero_copy, "decode_zero_copy_misses": c.decode_zero_copy,
+        "zero_copy_bytes": c.zero_copy_bytes,
         "stall_s": round(c.stall_s, 4),
         "prefill_tokens": c.prefill_tokens, "decode_tokens": c.decode_tokens,
         "prefill_s": round(c.prefill_s, 4), "decode_s": round(c.decode_s, 4),
