@@ -375,9 +375,10 @@ def _drop_page_cache(path) -> None:
 @pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss", "deepseek_v3", "mixtral"])
 def test_zero_copy_misses_from_the_page_cache_are_exact(arch, checkpoints):
     """Under moekit's dispatch with a cache of k slots, the decode misses whose bytes are in the page cache are
-    computed straight from a mapping of the checkpoint (counted as decode_zero_copy_misses, nothing read for them) and
-    greedy tokens equal the in-memory model's and the copying engine's. Mixtral stores w1 (gate), w2 (down), w3
-    (up) in that order: gate and up are not one range, so its misses are copied as before."""
+    computed straight from a mapping of the checkpoint (counted as decode_zero_copy_misses) and greedy tokens equal
+    the in-memory model's and the copying engine's, whichever of them are also copied into the cache (``never``:
+    none, ``always``: all, ``repeat``: those missed again soon). Mixtral stores w1 (gate), w2 (down), w3 (up) in
+    that order: gate and up are not one range, so its misses are copied as before."""
     from moekit.formats.mapped import available
 
     if not available():
@@ -389,23 +390,33 @@ def test_zero_copy_misses_from_the_page_cache_are_exact(arch, checkpoints):
     lm = load_offloaded(path)
     lm.model.set_experts_implementation("moekit")
     k = max(v.top_k for v in lm.moe)
-    got = {}
-    for zero_copy in (False, True):
-        with offload(lm, policy="lru", slots=k, zero_copy=zero_copy) as engine:
-            got[zero_copy] = generate(lm, PROMPT, max_new_tokens=16).token_ids, engine.stats(belady=False)
-    (copied, s0), (mapped, s1) = got[False], got[True]
-    assert copied == ref and mapped == ref, arch
+    runs = {}
+    for zero_copy, admit in ((False, "repeat"), (True, "repeat"), (True, "never"), (True, "always")):
+        with offload(lm, policy="lru", slots=k, zero_copy=zero_copy, admit_mapped=admit) as engine:
+            runs[zero_copy, admit] = generate(lm, PROMPT, max_new_tokens=16).token_ids, engine.stats(belady=False)
+    assert all(tokens == ref for tokens, _ in runs.values()), arch
+    s0 = runs[False, "repeat"][1]
     assert s0["zero_copy_misses"] == 0 and s0["decode_misses"] > 0
-    expert_bytes = s1["expert_bytes"]
     if arch == "mixtral":
-        assert s1["zero_copy_misses"] == 0
+        assert all(s["zero_copy_misses"] == 0 for _, s in runs.values())
         return
-    # every decode miss was in the page cache (the model was just read): none is copied, none admitted; so were
-    # the prefill's misses that the k slots could not take
-    assert s1["decode_zero_copy_misses"] == s1["decode_misses"] > 0, s1
-    assert s1["zero_copy_misses"] > s1["decode_zero_copy_misses"]
-    assert s1["zero_copy_bytes"] == s1["zero_copy_misses"] * expert_bytes
-    assert s1["bytes_read_per_token"] < s0["bytes_read_per_token"]
+    size = s0["expert_bytes"]
+    for admit in ("repeat", "never", "always"):
+        s = runs[True, admit][1]
+        # every decode miss was in the page cache (the model was just read); so were the prefill's misses that the
+        # k slots could not take: all computed in place
+        assert s["decode_zero_copy_misses"] == s["decode_misses"] > 0, (admit, s)
+        assert s["zero_copy_misses"] > s["decode_zero_copy_misses"]
+        assert s["zero_copy_bytes"] == s["zero_copy_misses"] * size
+    decode_read = {a: round(runs[True, a][1]["bytes_read_per_token"] * runs[True, a][1]["decode_tokens"])
+                   for a in ("repeat", "never", "always")}
+    assert decode_read["never"] == 0  # nothing copied: no slot filled during decode
+    # every miss the cache takes (a free or evictable slot) copied as well; only those that repeat soon
+    assert 0.8 * runs[True, "always"][1]["decode_misses"] * size <= decode_read["always"]
+    assert decode_read["always"] <= runs[True, "always"][1]["decode_misses"] * size
+    assert 0 <= decode_read["repeat"] < decode_read["always"]
+    with pytest.raises(MoekitError, match="admit_mapped must be one of"), offload(lm, admit_mapped="sometimes"):
+        pass
 
 
 def test_cold_misses_are_read_and_cached_then_mapped(tmp_path):

@@ -35,6 +35,12 @@ from moekit.serve.stats import EngineCounters, RequestLog, summary
 from moekit.serve.store import ExpertStore, MappedExpert, store_for
 
 IMPL_NAME = "moekit_offload"
+#: whether a decode miss computed in place from the page cache is also copied into a slot (in the background):
+ADMIT_MAPPED = {
+    "repeat": "only when the expert missed within the last max(2, slots // k) forwards of its layer too",
+    "always": "every such miss, like any other miss",
+    "never": "never: the cache fills from prefetches and from misses read from storage only",
+}
 
 
 def _offload_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -60,7 +66,7 @@ class OffloadEngine:
     def __init__(self, lm: LoadedModel, store: ExpertStore, policy: str = "lru+prefetch",
                  cache_mb: float | None = None, slots: int | None = None, device: str | torch.device | None = None,
                  profile: Any = None, io_threads: int = 2, prefetch_top: int | None = None,
-                 zero_copy: bool = True, admit_mapped: bool = False) -> None:
+                 zero_copy: bool = True, admit_mapped: str = "repeat") -> None:
         self.lm = lm
         self.io_threads = io_threads
         self.prefetch_top = prefetch_top
@@ -71,11 +77,15 @@ class OffloadEngine:
         self.device = torch.device(device) if device is not None else lm.device
         #: decode misses in the page cache computed from a mapping of the checkpoint (CPU fast tier only)
         self.zero_copy = bool(zero_copy and getattr(store, "zero_copy", False) and self.device.type == "cpu")
-        #: whether such a miss is also copied into a slot (in the background) like any other miss
+        if admit_mapped not in ADMIT_MAPPED:
+            raise MoekitError(f"admit_mapped must be one of {', '.join(ADMIT_MAPPED)}, got {admit_mapped!r}")
+        #: whether such a miss is also copied into a slot (in the background), see ``ADMIT_MAPPED``
         self.admit_mapped = admit_mapped
+        self._mapped_at: dict[tuple[int, int], int] = {}  # (layer, expert) → the layer's forward of its last such miss
         self.views = list(lm.moe)
         for v in self.views:
             v.require_standard_bank("offloading")
+        self._top_k = max((v.top_k for v in self.views), default=1)
         self.next_view = {v.index: (self.views[i + 1] if i + 1 < len(self.views) else None)
                           for i, v in enumerate(self.views)}
         per_slot = sum(store.expert_bytes[v.index] for v in self.views)
@@ -249,7 +259,7 @@ class OffloadEngine:
         mapped = self._mapped_misses(lc, experts)
         with self.lock:
             plan, claimed, events = self._plan_claims(lc, sorted(experts), True, experts, experts,
-                                                      skip=() if self.admit_mapped else mapped)
+                                                      skip=self._not_admitted(lc, mapped))
             hits = {e: lc.slot_of[e] for e in experts if plan[e] == "hit"}
         zero = {e: mapped[e] for e in experts if plan[e] == "miss" and e in mapped}
         fills = {e: self.io.submit(self._fill, lc, e, slot, ev, True) for e, (slot, ev) in claimed.items()}
@@ -294,6 +304,23 @@ class OffloadEngine:
                 me.release()
             with self.lock:
                 lc.release(experts, row)
+
+    def _not_admitted(self, lc: LayerCache, mapped: dict[int, MappedExpert]) -> set[int]:
+        """Of this step's page-cache misses, those not to copy into a slot: none (``always``), all (``never``), or
+        (``repeat``) those that did not also miss within the last ``max(2, slots // k)`` forwards of this layer: an
+        expert asked for again soon is worth its copy, one asked for once is cheaper computed in place. Lock held."""
+        if not mapped or self.admit_mapped == "always":
+            return set()
+        if self.admit_mapped == "never":
+            return set(mapped)
+        window = max(2, lc.slots // max(1, self._top_k))
+        skip = set()
+        for e in mapped:
+            last = self._mapped_at.get((lc.layer, e))
+            if last is None or lc.forwards - last > window:
+                skip.add(e)
+            self._mapped_at[(lc.layer, e)] = lc.forwards
+        return skip
 
     def _mapped_misses(self, lc: LayerCache, experts: list[int]) -> dict[int, MappedExpert]:
         """The experts of this step absent from the cache whose bytes the OS page cache holds, as zero-copy views
@@ -524,7 +551,7 @@ def offload(lm: LoadedModel, cache_mb: float | None = None, policy: str = "lru+p
             device: str | torch.device | None = None, profile: Any = None, bypass_page_cache: bool = False,
             store: ExpertStore | None = None, io_threads: int = 2,
             prefetch_top: int | None = None, zero_copy: bool = True,
-            admit_mapped: bool = False) -> Iterator[OffloadEngine]:
+            admit_mapped: str = "repeat") -> Iterator[OffloadEngine]:
     """Run every generation on ``lm`` inside the block with only a cache of experts resident.
 
     ``cache_mb``: byte budget of the cache (default: 2·k experts per layer); ``slots``: experts per layer
@@ -534,8 +561,8 @@ def offload(lm: LoadedModel, cache_mb: float | None = None, policy: str = "lru+p
     while its hits are computed and the uncached ones in parallel (0: one read at a time);
     ``prefetch_top``: prefetch only each token's most confident predictions (default: all k); ``zero_copy``:
     compute a decode miss whose bytes are in the OS page cache from a mapping of the checkpoint instead of copying
-    it (CPU, checkpoints that store experts in the model's layout and dtype); ``admit_mapped``: copy such a miss
-    into the cache as well, in the background (default: only prefetches and misses read from storage fill it).
+    it (CPU, checkpoints that store experts in the model's layout and dtype); ``admit_mapped``: whether such a
+    miss is also copied into the cache, in the background (``ADMIT_MAPPED``; default ``repeat``).
     Yields the engine; ``engine.stats()`` has the metrics.
     """
     for v in lm.moe:
@@ -551,4 +578,4 @@ def offload(lm: LoadedModel, cache_mb: float | None = None, policy: str = "lru+p
         engine.stop()
 
 
-__all__ = ["IMPL_NAME", "OffloadEngine", "offload"]
+__all__ = ["ADMIT_MAPPED", "IMPL_NAME", "OffloadEngine", "offload"]
