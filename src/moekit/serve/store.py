@@ -112,10 +112,14 @@ class FileStore(ExpertStore):
     def _layout(self, tgt: Target, expert: int) -> tuple[str, int, int] | None:
         """(file, offset, bytes) of the expert's slice of ``tgt`` when it is one contiguous range in the store's dtype
         and the slice's layout, else None."""
+        if tgt.recipe is not None:  # transposed, interleaved, chunked on disk: converted on read
+            return None
         if not tgt.per_expert:
             info = tgt.pieces[0].info
+            if len(tgt.pieces) != 1 or info.dtype != self.dtype or tuple(info.shape) != tuple(tgt.shape):
+                return None
             per = info.nbytes // tgt.shape[0]
-            return (info.file, info.offset + expert * per, per) if info.dtype == self.dtype else None
+            return info.file, info.offset + expert * per, per
         parts = sorted((p for p in tgt.pieces if p.expert == expert), key=lambda p: p.part)
         first = parts[0].info
         pos = first.offset
