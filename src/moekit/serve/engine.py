@@ -416,6 +416,7 @@ class OffloadEngine:
                 ev = threading.Event()
                 slot = lc.claim(e, ev)
                 if slot is not None:
+                    self._failed.pop((lc.layer, e), None)  # an earlier read's failure nobody waited for is history
                     claimed[e] = (slot, ev)
         return plan, claimed, {e: lc.loading[e] for e in claim_order if plan[e] == "wait"}
 
