@@ -118,3 +118,20 @@ def test_every_eviction_policy_has_a_prefetch_variant_and_help():
         assert not POLICIES.get(base).prefetch and POLICIES.get(base + "+prefetch").prefetch
         assert issubclass(POLICIES.get(base + "+prefetch"), POLICIES.get(base))
     assert all(POLICIES.get(n).help and POLICIES.help(n) == POLICIES.get(n).help for n in names)
+
+
+def test_slot_banks_of_two_mib_or_more_sit_on_huge_pages():
+    """A CPU slot bank of >= 2 MiB is allocated 2 MiB-aligned on pages advised for huge pages (where the system has
+    them), usable like any tensor; a small bank stays a plain allocation."""
+    from moekit.nn.huge_pages import huge_pages_supported, is_on_huge_page_boundary
+
+    shapes = {"gate_up_proj": ((256, 1024), torch.bfloat16), "down_proj": ((8, 8), torch.float32)}
+    lc = LayerCache(0, 4, shapes, torch.device("cpu"), POLICIES.get("lru")(4, 16))
+    big, small = lc.bank["gate_up_proj"], lc.bank["down_proj"]
+    assert big.shape == (4, 256, 1024) and big.dtype == torch.bfloat16 and big.is_contiguous()
+    assert is_on_huge_page_boundary(big) == huge_pages_supported()
+    assert small.shape == (4, 8, 8) and small.dtype == torch.float32
+    big[2].fill_(1.5)
+    assert torch.equal(lc._views[2]["gate_up_proj"], torch.full((256, 1024), 1.5, dtype=torch.bfloat16))
+    if huge_pages_supported():
+        assert big[1].abs().sum() == 0  # fresh anonymous memory reads as zeros

@@ -403,10 +403,10 @@ def test_zero_copy_misses_from_the_page_cache_are_exact(arch, checkpoints):
     size = s0["expert_bytes"]
     for admit in ("repeat", "never", "always"):
         s = runs[True, admit][1]
-        # every decode miss was in the page cache (the model was just read); so were the prefill's misses that the
-        # k slots could not take: all computed in place
+        # every decode miss was in the page cache (the model was just read): all computed in place; a prefill's
+        # misses are read as before (zero-copy is for decode)
         assert s["decode_zero_copy_misses"] == s["decode_misses"] > 0, (admit, s)
-        assert s["zero_copy_misses"] > s["decode_zero_copy_misses"]
+        assert s["zero_copy_misses"] == s["decode_zero_copy_misses"]
         assert s["zero_copy_bytes"] == s["zero_copy_misses"] * size
     decode_read = {a: round(runs[True, a][1]["bytes_read_per_token"] * runs[True, a][1]["decode_tokens"])
                    for a in ("repeat", "never", "always")}

@@ -12,6 +12,7 @@ Measured in docs/nn.md ("Huge pages").
 from __future__ import annotations
 
 import ctypes
+import math
 import mmap
 import sys
 
@@ -31,15 +32,21 @@ def huge_pages_supported() -> bool:
         return False
 
 
+def empty_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A new contiguous CPU tensor (zero-filled by the kernel on first touch) in a fresh anonymous mapping advised
+    ``MADV_HUGEPAGE``, its data starting on a 2 MiB boundary (the tensor keeps the mapping alive)."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    mm = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # private: shared would be shmem
+    mm.madvise(mmap.MADV_HUGEPAGE)  # before the first touch, so that the first faults take huge pages
+    base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+    pad = -base % HUGE_PAGE
+    return torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=pad).view(dtype).view(shape)
+
+
 def on_huge_pages(t: torch.Tensor) -> torch.Tensor:
     """A contiguous copy of CPU tensor ``t`` in a fresh anonymous mapping advised ``MADV_HUGEPAGE``, its data
     starting on a 2 MiB boundary (the tensor keeps the mapping alive)."""
-    nbytes = t.numel() * t.element_size()
-    mm = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # private: shared would be shmem
-    mm.madvise(mmap.MADV_HUGEPAGE)  # before the first touch, so that the faults below take huge pages
-    base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
-    pad = -base % HUGE_PAGE
-    out = torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=pad).view(t.dtype).view(t.shape)
+    out = empty_on_huge_pages(tuple(t.shape), t.dtype)
     out.copy_(t)
     return out
 

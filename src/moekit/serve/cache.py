@@ -259,6 +259,17 @@ class LayerStats:
     prefetch_wasted: int = 0
 
 
+def _bank_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A slot bank's tensor: on the CPU, on 2 MiB pages where the system has them (the decode kernel streams the
+    slots like resident weights, docs/nn.md "Huge pages"); elsewhere a plain allocation."""
+    from moekit.nn.huge_pages import HUGE_PAGE, empty_on_huge_pages, huge_pages_supported
+
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if torch.device(device).type == "cpu" and nbytes >= HUGE_PAGE and huge_pages_supported():
+        return empty_on_huge_pages(shape, dtype)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 class LayerCache:
     """One MoE layer's slots in the fast tier (a bank of ``slots`` experts per fused tensor) and their state."""
 
@@ -266,7 +277,7 @@ class LayerCache:
                  device: torch.device, policy: Policy) -> None:
         self.layer = layer
         self.slots = slots
-        self.bank = {n: torch.empty((slots, *shape), dtype=dt, device=device) for n, (shape, dt) in shapes.items()}
+        self.bank = {n: _bank_tensor((slots, *shape), dt, device) for n, (shape, dt) in shapes.items()}
         self._views = [{n: t[i] for n, t in self.bank.items()} for i in range(slots)]  # made once, not per step
         self.slot_of: dict[int, int] = {}        # resident or loading expert → slot
         self.loading: dict[int, Any] = {}        # expert → the token its readers wait on, while it loads

@@ -378,7 +378,10 @@ class OffloadEngine:
             self.counters.stall(time.perf_counter() - t0)
             yield e, self._wait(lc, e, claimed[e][1])
         bypass = [e for e in experts if plan[e] == "miss" and e not in claimed]
-        mapped = self._mapped_misses(lc, bypass)
+        # zero-copy for decode only: a prefill's GEMMs on the checkpoint's unaligned bytes may round differently from
+        # the same GEMMs on an aligned buffer (calibration statistics must not depend on the cache), and a prefill
+        # reads each missing expert once per forward anyway
+        mapped = self._mapped_misses(lc, bypass) if decode else {}
         if mapped:
             self.counters.mapped(sum(me.nbytes for me in mapped.values()), len(mapped), decode)
         for e, me in mapped.items():  # in the page cache: computed in place, mapped while this expert computes
