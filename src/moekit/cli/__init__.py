@@ -62,6 +62,7 @@ def _error(message: str) -> None:
 _STORAGE_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
                    errno.EFBIG: "file too large for this file system or limit", errno.EROFS: "read-only file system",
                    errno.EACCES: "permission denied", errno.EPERM: "operation not permitted"}
+_SPACE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,9 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         if exc.errno not in _STORAGE_ERRORS:
             raise
-        where = f" writing {exc.filename}" if exc.filename else ""
-        _error(f"{_STORAGE_ERRORS[exc.errno]}{where}: {exc.strerror or exc}; nothing half-written was kept "
-               "(free space, or write elsewhere with --out)")
+        where = f" ({exc.filename})" if exc.filename else ""
+        hint = "free space, or write elsewhere with --out" if exc.errno in _SPACE_ERRORS else "check the path"
+        _error(f"{_STORAGE_ERRORS[exc.errno]}{where}: {exc.strerror or exc}; nothing half-written was kept ({hint})")
         return 2
     finally:
         command_name.reset(token)

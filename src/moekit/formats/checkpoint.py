@@ -142,13 +142,14 @@ class Checkpoint:
                 raise UnsupportedArchitecture(f"{key}: no expert index where {pattern!r} expects one")
             tgt.pieces.append(Piece(info, int(m.group(1)), c.source_patterns.index(pattern), len(c.source_patterns)))
         for tgt in targets.values():
+            if tgt.recipe is not None:  # a conversion takes its sources in source-pattern order
+                tgt.pieces.sort(key=lambda p: p.part)
             self._check(tgt)
         return targets
 
     @staticmethod
     def _check(tgt: Target) -> None:
         if tgt.recipe is not None:  # run the conversion on shapes alone (meta tensors)
-            tgt.pieces.sort(key=lambda p: p.part)
             metas = [torch.empty(p.info.shape, device="meta") for p in tgt.pieces]
             try:
                 got = tuple(_run_recipe(metas, tgt.recipe, tgt.shape)[tgt.output].shape)

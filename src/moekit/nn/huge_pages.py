@@ -35,7 +35,7 @@ def huge_pages_supported() -> bool:
 def empty_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A new contiguous CPU tensor (zero-filled by the kernel on first touch) in a fresh anonymous mapping advised
     ``MADV_HUGEPAGE``, its data starting on a 2 MiB boundary (the tensor keeps the mapping alive)."""
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     mm = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # private: shared would be shmem
     mm.madvise(mmap.MADV_HUGEPAGE)  # before the first touch, so that the first faults take huge pages
     base = ctypes.addressof(ctypes.c_char.from_buffer(mm))

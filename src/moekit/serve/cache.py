@@ -264,7 +264,7 @@ def _bank_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devic
     slots like resident weights, docs/nn.md "Huge pages"); elsewhere a plain allocation."""
     from moekit.nn.huge_pages import HUGE_PAGE, empty_on_huge_pages, huge_pages_supported
 
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if torch.device(device).type == "cpu" and nbytes >= HUGE_PAGE and huge_pages_supported():
         return empty_on_huge_pages(shape, dtype)
     return torch.empty(shape, dtype=dtype, device=device)
