@@ -64,6 +64,8 @@ IMPLS = ("eager", "grouped_mm", "moekit", "moekit-linears", "moekit-compiled")
 OFFLOAD_IMPLS = ("moekit-offload-warm", "moekit-offload-half")
 OFFLOADED: dict = {}  # offload row → (LoadedModel, OffloadEngine), built by prepare_offloaded
 HUGE: dict = {}  # "moekit-linears-hugepages" → a copy of the model on huge pages (--huge-pages)
+COMPILED: dict = {}  # "moekit-compiled", "moekit-int8-compiled", ... → a copy of the model switched once (so that the
+# interleaved rounds' switching of the other rows never invalidates a compiled step's guards)
 
 DEVICE = torch.device("cpu")
 CLOCK = "wall"  # --clock
@@ -195,10 +197,12 @@ def set_impl(model, impl: str) -> bool:
     from moekit.formats.quantized import INT4_BUFFERS
     from moekit.nn.int8_experts import INT8_BUFFERS
 
+    compiled = impl.endswith("-compiled")
+    base = impl.removesuffix("-compiled")  # moekit-compiled is moekit-linears compiled; moekit-int8-compiled, ...
     for store, names, own in ((INT8, INT8_BUFFERS, "moekit-int8"), (INT4, INT4_BUFFERS, "moekit-int4")):
         for module, buffers in store.items():
             for name in names:
-                if impl == own:
+                if base == own:
                     module.register_buffer(name, buffers[name], persistent=False)
                 elif hasattr(module, name):
                     delattr(module, name)
@@ -208,9 +212,10 @@ def set_impl(model, impl: str) -> bool:
     # llama.cpp's quantized types (quantize_linears_int8's codes)
     moekit.nn.cpu_kernels.use_for_linears(model, enable=False)
     moekit.nn.dequantize_linears_int8(model)
-    if impl in ("moekit-linears", "moekit-compiled"):
-        moekit.nn.cpu_kernels.use_for_linears(model)
-    elif impl in ("moekit-int8", "moekit-int4"):
+    if base in ("moekit-linears", "moekit"):
+        if base == "moekit-linears" or compiled:
+            moekit.nn.cpu_kernels.use_for_linears(model)
+    elif base in ("moekit-int8", "moekit-int4"):
         import types
 
         from moekit.nn.int8_experts import INT8_LINEAR_BUFFERS, int8_linear_forward
@@ -219,7 +224,7 @@ def set_impl(model, impl: str) -> bool:
             for name, tensor in zip(INT8_LINEAR_BUFFERS, buffers, strict=True):
                 module.register_buffer(name, tensor, persistent=False)
             module.forward = types.MethodType(int8_linear_forward, module)
-    return impl.endswith("-compiled")
+    return compiled
 
 
 def prepare_quantized(model, bits: int, group_size: int) -> None:
@@ -283,6 +288,14 @@ def model_for(model, impl: str):
         return OFFLOADED[impl][0].model, False
     if impl in HUGE:
         return HUGE[impl], set_impl(HUGE[impl], "moekit-linears")
+    if impl.endswith("-compiled"):
+        if impl not in COMPILED:
+            import copy
+
+            set_impl(model, impl)
+            COMPILED[impl] = copy.deepcopy(model)
+            set_impl(model, "eager")
+        return COMPILED[impl], True
     return model, set_impl(model, impl)
 
 
@@ -310,15 +323,18 @@ def bench_threads(model, threads: int, dtype: str, args, emit) -> dict:
     prompt = torch.randint(3, model.config.vocab_size, (1, args.prompt), generator=g).to(DEVICE)
     impls = [i for i in IMPLS if not (args.no_compile and i.endswith("-compiled"))]
     impls = [i for i in impls if i != "moekit-linears" or DEVICE.type == "cpu"]
-    impls += ["moekit-int8"] if INT8 else []
-    impls += ["moekit-int4"] if INT4 else []
+    for quantized, name in ((INT8, "moekit-int8"), (INT4, "moekit-int4")):
+        if quantized:  # and compiled (transformers' compiled decode step over the int8 / int4 kernels' custom ops)
+            impls += [name] + ([f"{name}-compiled"] if not args.no_compile and DEVICE.type == "cpu" else [])
     impls += [i for i in OFFLOAD_IMPLS if i in OFFLOADED]
     impls += list(HUGE)
     for impl in impls:  # warm-up: first calls, and compilation of the decode step
         m, compiled = model_for(model, impl)
         t0 = time.perf_counter()
         generate_seconds(m, prompt, 2, compiled)
-        if compiled:
+        if compiled:  # the timed lengths too: a static cache of another length is another graph
+            generate_seconds(m, prompt, 1, compiled)
+            generate_seconds(m, prompt, 1 + args.new_tokens, compiled)
             emit(base | {"kind": "compile", "impl": impl, "seconds": round(time.perf_counter() - t0, 1)})
     samples: dict[str, list[float]] = {i: [] for i in impls}
     for _ in range(args.rounds):
@@ -330,7 +346,7 @@ def bench_threads(model, threads: int, dtype: str, args, emit) -> dict:
     decode = {i: statistics.median(s) for i, s in samples.items()}
     hit_rates = {}
     for impl, tps in decode.items():
-        impl_bound = {"moekit-int8": bound_int8, "moekit-int4": bound_int4}.get(impl) or bound
+        impl_bound = {"moekit-int8": bound_int8, "moekit-int4": bound_int4}.get(impl.removesuffix("-compiled")) or bound
         extra = {}
         if impl in OFFLOADED:
             st = OFFLOADED[impl][1].stats(belady=False)
@@ -364,11 +380,15 @@ def bench_threads(model, threads: int, dtype: str, args, emit) -> dict:
     if bound_int8:
         summary["int8_bound_tok_s"] = round(bound_int8, 2)
         summary["moekit_int8_of_int8_bound"] = round(decode["moekit-int8"] / bound_int8, 3)
+        if "moekit-int8-compiled" in decode:
+            summary["moekit_int8_compiled_of_int8_bound"] = round(decode["moekit-int8-compiled"] / bound_int8, 3)
         bf16_row = "moekit-linears" if "moekit-linears" in decode else "moekit"  # int8 runs with the linears kernel
         summary["moekit_int8_vs_bf16"] = round(decode["moekit-int8"] / decode[bf16_row], 3)
     if bound_int4:
         summary["int4_bound_tok_s"] = round(bound_int4, 2)
         summary["moekit_int4_of_int4_bound"] = round(decode["moekit-int4"] / bound_int4, 3)
+        if "moekit-int4-compiled" in decode:
+            summary["moekit_int4_compiled_of_int4_bound"] = round(decode["moekit-int4-compiled"] / bound_int4, 3)
         float_row = "moekit-linears" if "moekit-linears" in decode else "moekit"  # int4 runs with the linears kernel
         summary["moekit_int4_vs_float"] = round(decode["moekit-int4"] / decode[float_row], 3)
         if "moekit-int8" in decode:
@@ -574,17 +594,18 @@ def main(argv: list[str] | None = None) -> int:
         INT4.clear()
         release_offloaded()
         HUGE.clear()
+        COMPILED.clear()
         if tmp is not None:
             tmp.cleanup()
         del model
     keys = ("moekit", "moekit-linears", "moekit-linears-hugepages", "eager", "grouped_mm", "moekit-compiled", "moekit-int8", "moekit-int4",
-            *OFFLOAD_IMPLS)
+            "moekit-int8-compiled", "moekit-int4-compiled", *OFFLOAD_IMPLS)
     rows = []
     for s in summaries:
         row = {k: s[k] for k in ("dtype", "threads", "bound_tok_s", "int8_bound_tok_s", "int4_bound_tok_s") if k in s}
         row |= {k.replace("-", "_"): s[f"{k}_tok_s"] for k in keys if f"{k}_tok_s" in s}
         row |= {k: v for k, v in s.items() if k.startswith(("llama_cpp", "moekit_of", "moekit_int8_of", "moekit_compiled_of", "moekit_linears_of",
-                                                            "moekit_vs_llama", "moekit_int8_vs_llama", "moekit_int4_of",
+                                                            "moekit_vs_llama", "moekit_int8_vs_llama", "moekit_int4_of", "moekit_int8_compiled", "moekit_int4_compiled",
                                                             "moekit_int4_vs", "moekit_offload", "moekit_linears_hugepages"))}
         rows.append(row)
     emit({"kind": "final", "clock": CLOCK, "rows": rows,

@@ -149,6 +149,39 @@ def test_compiled_decode_keeps_the_linears_kernel() -> None:
     assert torch.equal(compiled, eager)
 
 
+@pytest.mark.slow
+@pytest.mark.filterwarnings(_INDUCTOR_JIT_WARNING)
+def test_compiled_decode_keeps_the_int8_kernels() -> None:
+    """int8 experts and int8 linears (quantize_linears_int8, q8_0-like) under transformers' compiled static-cache
+    decoding: one graph without breaks, every linear's one-row step calls moekit::int8_expert_gemv inside it (not
+    F.linear on the kept float weight), and the greedy tokens equal the eager int8 run's."""
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    from moekit.nn import quantize_experts_int8, quantize_linears_int8
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model("qwen3_moe", num_hidden_layers=1)
+    model.set_experts_implementation("moekit")
+    quantize_experts_int8(model, keep_float=False)
+    linears = quantize_linears_int8(model, keep_float=True)
+    prompt = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(4))
+    common = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static", max_length=16)
+    eager = model.generate(prompt, **common, disable_compile=True)
+    config = CompileConfig(fullgraph=True, mode="default")
+    config._compile_all_devices = True
+    model.generate(prompt, **common, compile_config=config)  # compiles the decode step
+    with torch.profiler.profile() as prof:
+        compiled = model.generate(prompt, **common, compile_config=config)
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
+    names = [e.name for e in prof.events()]
+    # 3 compiled decode steps, each: every linear and the experts' up projection, then their fused down + sum
+    assert names.count("moekit::int8_expert_gemv") >= 3 * (linears + 1)
+    assert names.count("moekit::int8_expert_gemv_combine") >= 3 and "aten::linear" not in names[-50:]
+    assert torch.equal(compiled, eager)
+
+
 def test_combine_ops_pass_opcheck() -> None:
     """The fused down-projection + weighted-sum ops (float and int8): schema and fake implementation agree with the
     kernel, and the result is the weighted sum of the per-slot GEMVs."""

@@ -133,8 +133,11 @@ def int8_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """nn.Linear's forward on its int8 codes: a one-row CPU input (a decode step) through the int8 decode kernel;
     other inputs through the float weight when it was kept, else the dequantized codes."""
     q, s = getattr(self, INT8_LINEAR_BUFFERS[0]), getattr(self, INT8_LINEAR_BUFFERS[1])
-    if x.numel() == x.shape[-1] and x.device.type == "cpu" and x.dtype == s.dtype and not torch.compiler.is_compiling():
-        y = cpu_kernels.expert_gemv(x.reshape(1, -1), q.unsqueeze(0), _ONE_SLOT, s.unsqueeze(0))
+    if x.numel() == x.shape[-1] and x.device.type == "cpu" and x.dtype == s.dtype:
+        if torch.compiler.is_compiling():  # the custom op keeps the int8 kernel in a compiled decode step
+            y = torch.ops.moekit.int8_expert_gemv(x.reshape(1, -1), q.unsqueeze(0), s.unsqueeze(0), _ONE_SLOT)
+        else:
+            y = cpu_kernels.expert_gemv(x.reshape(1, -1), q.unsqueeze(0), _ONE_SLOT, s.unsqueeze(0))
         if y is not None:
             y = y.reshape(*x.shape[:-1], q.shape[0])
             return y if self.bias is None else y + self.bias
