@@ -62,6 +62,7 @@ OLMOE_1B_7B = dict(
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 IMPLS = ("eager", "grouped_mm", "moekit", "moekit-linears", "moekit-compiled")
 OFFLOAD_IMPLS = ("moekit-offload-warm", "moekit-offload-half")
+INT4_OFFLOAD = "moekit-int4-offload-warm"  # a `moekit quantize --bits 4` checkpoint, its experts packed in the slots
 OFFLOADED: dict = {}  # offload row → (LoadedModel, OffloadEngine), built by prepare_offloaded
 HUGE: dict = {}  # "moekit-linears-hugepages" → a copy of the model on huge pages (--huge-pages)
 COMPILED: dict = {}  # "moekit-compiled", "moekit-int8-compiled", ... → a copy of the model switched once (so that the
@@ -274,6 +275,29 @@ def prepare_offloaded(model, checkpoint: str) -> None:
         OFFLOADED[impl] = (lm, engine)
 
 
+def prepare_offloaded_int4(checkpoint: str, out: str, group_size: int) -> None:
+    """The packed int4 offload row: ``checkpoint`` quantized as ``moekit quantize --bits 4`` writes it, loaded with
+    its experts offloaded and kept packed in the cache's slots (every expert cached), the linears int8 like the
+    in-memory moekit-int4 row (same bound)."""
+    import moekit
+    from moekit.compress.quantize import quantize
+    from moekit.nn import quantize_linears_int8
+    from moekit.nn.dispatch import use_moekit_experts
+    from moekit.serve.engine import OffloadEngine
+    from moekit.serve.store import load_offloaded, store_for
+
+    quantize(moekit.load(checkpoint, with_tokenizer=False), bits=4, group_size=group_size, out=out)
+    lm = load_offloaded(out, with_tokenizer=False, packed_experts=True)
+    lm.model.generation_config.eos_token_id = None
+    lm.model.generation_config.pad_token_id = 0
+    use_moekit_experts(lm.model)
+    quantize_linears_int8(lm.model, keep_float=False)
+    engine = OffloadEngine(lm, store_for(lm), slots=lm.model.config.num_experts).start()
+    for v in lm.moe:
+        engine.access(v.index, list(range(v.num_experts)), decode=False)
+    OFFLOADED[INT4_OFFLOAD] = (lm, engine)
+
+
 def release_offloaded() -> None:
     """Stop the offloaded rows' engines and drop their models."""
     for _lm, engine in OFFLOADED.values():
@@ -326,7 +350,7 @@ def bench_threads(model, threads: int, dtype: str, args, emit) -> dict:
     for quantized, name in ((INT8, "moekit-int8"), (INT4, "moekit-int4")):
         if quantized:  # and compiled (transformers' compiled decode step over the int8 / int4 kernels' custom ops)
             impls += [name] + ([f"{name}-compiled"] if not args.no_compile and DEVICE.type == "cpu" else [])
-    impls += [i for i in OFFLOAD_IMPLS if i in OFFLOADED]
+    impls += [i for i in (*OFFLOAD_IMPLS, INT4_OFFLOAD) if i in OFFLOADED]
     impls += list(HUGE)
     for impl in impls:  # warm-up: first calls, and compilation of the decode step
         m, compiled = model_for(model, impl)
@@ -346,7 +370,7 @@ def bench_threads(model, threads: int, dtype: str, args, emit) -> dict:
     decode = {i: statistics.median(s) for i, s in samples.items()}
     hit_rates = {}
     for impl, tps in decode.items():
-        impl_bound = {"moekit-int8": bound_int8, "moekit-int4": bound_int4}.get(impl.removesuffix("-compiled")) or bound
+        impl_bound = (bound_int4 if "-int4" in impl else bound_int8 if "-int8" in impl else None) or bound
         extra = {}
         if impl in OFFLOADED:
             st = OFFLOADED[impl][1].stats(belady=False)
@@ -393,6 +417,9 @@ def bench_threads(model, threads: int, dtype: str, args, emit) -> dict:
         summary["moekit_int4_vs_float"] = round(decode["moekit-int4"] / decode[float_row], 3)
         if "moekit-int8" in decode:
             summary["moekit_int4_vs_int8"] = round(decode["moekit-int4"] / decode["moekit-int8"], 3)
+        if INT4_OFFLOAD in decode:
+            summary["moekit_int4_offload_warm_of_int4_bound"] = round(decode[INT4_OFFLOAD] / bound_int4, 3)
+            summary["moekit_int4_offload_warm_vs_in_memory"] = round(decode[INT4_OFFLOAD] / decode["moekit-int4"], 3)
     summary["prefill_tok_s"] = {i: round(t, 1) for i, t in prefill.items()}
     summary["prefill_moekit_vs_fastest_hf"] = round(prefill["moekit"] / max(prefill["eager"], prefill["grouped_mm"]), 3)
     if args.llama_bench and dtype == "bfloat16":  # equal bits: bf16 GGUF against bf16, q8_0 against int8 experts
@@ -552,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
         model = build_model(args.experts, args.layers, getattr(torch, dtype_name))
         if args.save_checkpoint:
             save_checkpoint(model, args.save_checkpoint)
-        tmp = None
+        tmp = tmp_q4 = None
         if not args.no_offload and DEVICE.type == "cpu":
             import tempfile
 
@@ -562,6 +589,9 @@ def main(argv: list[str] | None = None) -> int:
                 ckpt = tmp.name
                 save_checkpoint(model, ckpt)
             prepare_offloaded(model, ckpt)
+            if not args.no_int4:
+                tmp_q4 = tempfile.TemporaryDirectory(prefix="bench-decode-q4-")
+                prepare_offloaded_int4(ckpt, str(Path(tmp_q4.name) / "q4"), args.int4_group_size)
         params = sum(p.numel() for p in model.parameters())
         if args.huge_pages and DEVICE.type == "cpu":  # before quantizing: the copy runs the float weights
             import copy
@@ -595,11 +625,12 @@ def main(argv: list[str] | None = None) -> int:
         release_offloaded()
         HUGE.clear()
         COMPILED.clear()
-        if tmp is not None:
-            tmp.cleanup()
+        for t in (tmp, tmp_q4):
+            if t is not None:
+                t.cleanup()
         del model
     keys = ("moekit", "moekit-linears", "moekit-linears-hugepages", "eager", "grouped_mm", "moekit-compiled", "moekit-int8", "moekit-int4",
-            "moekit-int8-compiled", "moekit-int4-compiled", *OFFLOAD_IMPLS)
+            "moekit-int8-compiled", "moekit-int4-compiled", *OFFLOAD_IMPLS, INT4_OFFLOAD)
     rows = []
     for s in summaries:
         row = {k: s[k] for k in ("dtype", "threads", "bound_tok_s", "int8_bound_tok_s", "int4_bound_tok_s") if k in s}

@@ -31,8 +31,9 @@ DTYPE_OPTION = typer.Option("auto", "--dtype", help="Weights dtype: auto (the ch
 MAX_MEMORY_OPTION = typer.Option(None, "--max-memory", help="Peak memory to stay under, e.g. 6GB: experts are "
                                  "served from the checkpoint through a cache when the model does not fit.")
 PACKED_EXPERTS_OPTION = typer.Option(False, "--packed-experts", help="A moekit int4 checkpoint (moekit quantize "
-                                     "--bits 4): keep its experts packed in memory (0.52 bytes per weight at "
-                                     "groups of 128), run by moekit's int4 decode kernel.")
+                                     "--bits 4): keep its experts packed (0.52 bytes per weight at groups of 128), "
+                                     "in memory or, offloaded, in the expert cache, run by moekit's int4 decode "
+                                     "kernel.")
 
 
 def emit_json(obj: Any) -> None:

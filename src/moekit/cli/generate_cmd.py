@@ -132,10 +132,9 @@ def generate_command(
     parse_routing(disable, force, boost, bias, top_k, top_p, steer)  # bad options fail before the model loads
     if offload and max_memory:
         raise MoekitError("give --offload (with --cache-mb) or --max-memory, not both")
-    if packed_experts and (offload or rewire):
-        raise MoekitError("--packed-experts runs the experts from memory without gradients: not with --offload or "
-                          "--rewire")
-    lm = (_load_offloaded(model, dtype) if offload
+    if packed_experts and rewire:
+        raise MoekitError("--packed-experts runs the experts without gradients: not with --rewire")
+    lm = (_load_offloaded(model, dtype, packed_experts) if offload
           else load_model(model, dtype, max_memory, packed_experts=packed_experts))
     use_fast_decode(lm)  # moekit's dispatch and CPU decode kernels, offloaded or not (docs/nn.md)
     if lm.tokenizer is None:
@@ -157,13 +156,13 @@ def generate_command(
              engine if offload_stats and engine is not None else None)
 
 
-def _load_offloaded(model: str | None, dtype: str | None = "auto"):
+def _load_offloaded(model: str | None, dtype: str | None = "auto", packed_experts: bool = False):
     from moekit.cli.common import console_err
     from moekit.models import DEFAULT_MODEL
     from moekit.serve import load_offloaded
 
     with console_err.status(f"loading {model or DEFAULT_MODEL} (experts offloaded)"):
-        return load_offloaded(model or DEFAULT_MODEL, dtype=dtype)
+        return load_offloaded(model or DEFAULT_MODEL, dtype=dtype, packed_experts=packed_experts)
 
 
 def _run(lm, prompt, max_tokens, temperature, sample_top_p, seed, stop, control, strategy, options, json_out,

@@ -67,8 +67,6 @@ def serve_command(
         check_device(device)
     if offload and max_memory:
         raise MoekitError("give --offload (with --cache-mb) or --max-memory, not both")
-    if packed_experts and (offload or max_memory):
-        raise MoekitError("--packed-experts keeps every expert packed in memory: not with --offload or --max-memory")
     sock = listen(host, port)  # before loading the model: a port in use fails at once
     port = sock.getsockname()[1]
     if not is_loopback(host):
@@ -81,7 +79,8 @@ def serve_command(
             from moekit.serve.store import load_offloaded
 
             with console_err.status(f"loading {model or DEFAULT_MODEL} (experts offloaded)"):
-                lm = load_offloaded(model or DEFAULT_MODEL, dtype=dtype, device=device or "cpu")
+                lm = load_offloaded(model or DEFAULT_MODEL, dtype=dtype, device=device or "cpu",
+                                    packed_experts=packed_experts)
             use_fast_decode(lm)  # moekit's dispatch and CPU decode kernels (docs/nn.md)
             ctx = offload_ctx(lm, cache_mb=cache_mb, policy=policy, profile=profile)
         else:

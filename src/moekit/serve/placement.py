@@ -78,14 +78,13 @@ def load(spec: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype | str | Non
     memory to stay under; experts are offloaded (served from the checkpoint through an expert cache with
     ``policy``) when the whole model does not fit. ``lm.engine`` is then the running ``OffloadEngine``.
     ``distributed_config``: see ``moekit.models.load`` (not with ``max_memory``). ``packed_experts``: a moekit
-    int4 quantized checkpoint's experts stay packed in memory, run by moekit's int4 kernel (not with
-    ``max_memory``; see ``moekit.models.quantized.load_quantized``).
+    int4 quantized checkpoint's experts stay packed, run by moekit's int4 kernel: in memory
+    (``moekit.models.quantized.load_quantized``) or, offloaded, in the expert cache's slots (which then hold ~3.8x
+    the experts of bf16 slots in the same budget).
     """
     if max_memory is None:
         return load_resident(spec, dtype=dtype, device=device, with_tokenizer=with_tokenizer,
                              distributed_config=distributed_config, packed_experts=packed_experts)
-    if packed_experts:
-        raise MoekitError("give max_memory or packed_experts, not both (offloaded experts are served dequantized)")
     if distributed_config is not None:
         raise MoekitError("give max_memory or distributed_config, not both")
     budget = parse_size(max_memory)
@@ -95,11 +94,14 @@ def load(spec: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype | str | Non
     return_freed_memory()
 
     meta = load_structure(spec, dtype)
+    if packed_experts and not (meta.path is not None and is_quantized_checkpoint(meta.path)):
+        raise MoekitError(f"{meta.name}: packed experts need a moekit quantized checkpoint (moekit quantize --bits 4)")
     plan = plan_budget(meta, budget)
     if meta.path is not None and is_quantized_checkpoint(meta.path):
         # quantized experts are dequantized when loaded whole: offload them whenever they do not fit
         if plan["resident_all"]:
-            lm = load_resident(spec, dtype=dtype, device=device, with_tokenizer=with_tokenizer)
+            lm = load_resident(spec, dtype=dtype, device=device, with_tokenizer=with_tokenizer,
+                               packed_experts=packed_experts)
             lm.activation_bytes = int(ACTIVATION_SHARE * budget)
             return lm
     elif plan["resident_all"]:
@@ -124,7 +126,7 @@ def load(spec: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype | str | Non
     from moekit.serve.engine import OffloadEngine
     from moekit.serve.store import load_offloaded, store_for
 
-    lm = load_offloaded(spec, dtype=dtype, device=device, with_tokenizer=with_tokenizer)
+    lm = load_offloaded(spec, dtype=dtype, device=device, with_tokenizer=with_tokenizer, packed_experts=packed_experts)
     engine = OffloadEngine(lm, store_for(lm), policy=policy, cache_mb=plan["cache_bytes"] / 2**20)
     lm.engine = engine.start()
     lm.activation_bytes = int(ACTIVATION_SHARE * budget)

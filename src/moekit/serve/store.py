@@ -201,20 +201,43 @@ class PackedSlab:
         return (in_dim, out_dim) if self.transposed else (out_dim, in_dim)
 
 
+_PACKED_PARTS = ("qweight", "scales", "zeros")
+
+
+def int4_slot_names(param: str) -> tuple[str, str, str]:
+    """The packed int4 tensors (codes, scales, zero points) that stand for expert parameter ``param`` in a cache slot:
+    ``formats.quantized.INT4_BUFFERS``' down-projection names for ``down_proj``, its gate/up names otherwise."""
+    from moekit.formats.quantized import INT4_BUFFERS
+
+    return INT4_BUFFERS[3:] if param.endswith("down_proj") else INT4_BUFFERS[:3]  # type: ignore[return-value]
+
+
 class QuantizedFileStore(FileStore):
     """Experts of a moekit quantized checkpoint: each expert's packed codes are read with ``pread`` and
     dequantized into the cache slot, so the disk read is the quantized size (4 or 8 bits per weight) and the
-    cache holds ready-to-use weights. Unquantized per-expert tensors (biases) are read as ``FileStore`` does."""
+    cache holds ready-to-use weights. Unquantized per-expert tensors (biases) are read as ``FileStore`` does.
+
+    ``packed_int4=True``: the MoE layers whose experts are all int4 with whole groups (``int4_layers``) keep them
+    packed in the slots too (codes, fp16 group scales and zero points under ``int4_slot_names``): 0.5 + 3/group
+    bytes per weight, so a budget holds ~3.8x the experts of bf16, and moekit's int4 kernel runs decode on them."""
 
     def __init__(self, file: Path, ckpt: Checkpoint, targets: dict[int, dict[str, Target]],
-                 packed: dict[int, dict[str, PackedSlab]], dtype: torch.dtype, bypass_page_cache: bool = False) -> None:
+                 packed: dict[int, dict[str, PackedSlab]], dtype: torch.dtype, bypass_page_cache: bool = False,
+                 packed_int4: bool = False) -> None:
+        from moekit.formats.quantized import int4_packable
+
         super().__init__(ckpt, targets, dtype, bypass_page_cache)
-        self.zero_copy = False  # the cache holds dequantized experts: there is nothing to compute on in place
+        self.zero_copy = False  # the cache holds dequantized (or re-laid-out) experts: nothing to compute on in place
         self.path = str(file)  # the quantized weights file
         self.packed = packed
+        #: MoE layers whose experts stay packed int4 in the cache slots
+        self.int4_layers = {li for li, d in packed.items() if packed_int4 and len(d) == 2 and all(
+            int4_packable(p.matrix, p.bits, p.group_size) for p in d.values())}
         size = torch.empty(0, dtype=dtype).element_size()
-        self.expert_bytes = {  # the cache holds dequantized experts: budgets count those bytes
-            li: self.expert_bytes.get(li, 0) + sum(p.matrix[0] * p.matrix[1] * size for p in packed[li].values())
+        self.expert_bytes = {  # what a slot holds: budgets count those bytes
+            li: self.expert_bytes.get(li, 0) + sum(
+                sum(part[1] for part in p.parts[0].values()) if li in self.int4_layers
+                else p.matrix[0] * p.matrix[1] * size for p in packed[li].values())
             for li in packed
         }
         if self.bypass_page_cache:
@@ -222,6 +245,10 @@ class QuantizedFileStore(FileStore):
 
     def shapes(self, layer: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         plain = {n: (t.shape[1:], self.dtype) for n, t in self.targets.get(layer, {}).items()}
+        if layer in self.int4_layers:
+            return plain | {slot_name: self.packed[layer][n].parts[0][part][2:]
+                            for n in self.packed[layer]
+                            for slot_name, part in zip(int4_slot_names(n), _PACKED_PARTS, strict=True)}
         return plain | {n: (p.model_shape, self.dtype) for n, p in self.packed[layer].items()}
 
     def read(self, layer: int, expert: int, out: dict[str, torch.Tensor]) -> int:
@@ -230,15 +257,21 @@ class QuantizedFileStore(FileStore):
         total = super().read(layer, expert, {n: out[n] for n in self.targets.get(layer, {})}) \
             if layer in self.targets else 0  # the unquantized tensors
         fd = self.ckpt.handles.fd(self.path)
+        int4 = layer in self.int4_layers
         for name, slab in self.packed[layer].items():
             parts = {}
             for part, (offset, nbytes, shape, dt) in slab.parts[expert].items():
-                buf = torch.empty(shape, dtype=dt)
+                # packed int4 slots: the codes, scales and zero points go straight into the slot's tensors
+                buf = out[int4_slot_names(name)[_PACKED_PARTS.index(part)]] if int4 else torch.empty(shape, dtype=dt)
+                if int4 and (tuple(buf.shape) != tuple(shape) or buf.dtype != dt or not buf.is_contiguous()):
+                    raise MoekitError(f"{self.path}: {name} of expert {layer}:{expert} ({part}) does not fit its slot")
                 pread_into(fd, bytes_of(buf), offset, f"{self.path} ({name} of expert {layer}:{expert})")
                 if self.bypass_page_cache:
                     drop_cache(fd, offset, nbytes)
                 parts[part] = buf
                 total += nbytes
+            if int4:
+                continue
             qt = QTensor(parts["qweight"], parts["scales"], parts["zeros"], slab.bits[expert], slab.group_size,
                          slab.matrix)
             w = qt.dequantize(self.dtype)
@@ -247,8 +280,9 @@ class QuantizedFileStore(FileStore):
 
     @classmethod
     def open(cls, path: Path, meta: dict, keys: dict[int, dict[str, str]], dtype: torch.dtype,
-             bypass_page_cache: bool = False) -> QuantizedFileStore:
-        """The store of quantized checkpoint ``path`` (format record ``meta``) for the model's bank ``keys``."""
+             bypass_page_cache: bool = False, packed_int4: bool = False) -> QuantizedFileStore:
+        """The store of quantized checkpoint ``path`` (format record ``meta``) for the model's bank ``keys``
+        (``packed_int4``: see the class)."""
         from moekit.formats.quantized import QUANT_WEIGHTS
 
         file = path / QUANT_WEIGHTS
@@ -278,7 +312,7 @@ class QuantizedFileStore(FileStore):
                               for e in range(num))
                 packed[li][pname] = PackedSlab(parts, tuple(int(b) for b in info["bits"]), gs, (out_dim, in_dim),
                                                bool(info["transposed"]))
-        return cls(file, ckpt, targets, packed, dtype, bypass_page_cache)
+        return cls(file, ckpt, targets, packed, dtype, bypass_page_cache, packed_int4)
 
 
 class TensorStore(ExpertStore):
@@ -317,9 +351,12 @@ def load_offloaded(
     device: str | torch.device = "cpu",
     with_tokenizer: bool = True,
     bypass_page_cache: bool = False,
+    packed_experts: bool = False,
 ) -> LoadedModel:
     """Load ``spec`` with its non-expert weights resident on ``device`` and its routed experts left
     in the checkpoint (read on demand by ``moekit.serve.offload``); ``dtype`` defaults to the checkpoint's.
+    ``packed_experts`` (moekit int4 quantized checkpoints): the cache keeps the experts packed and runs them with
+    the int4 kernel (``QuantizedFileStore``'s ``packed_int4``).
 
     Memory: the non-expert weights only; nothing is read twice and no file is mapped."""
     path, name = resolve(spec)
@@ -327,6 +364,8 @@ def load_offloaded(
         path = Path(hub_snapshot(name))
     from moekit.formats.quantized import is_quantized_checkpoint
 
+    if packed_experts and not is_quantized_checkpoint(path):
+        raise MoekitError(f"{path}: packed experts need a moekit quantized checkpoint (moekit quantize --bits 4)")
     dtype = resolve_dtype(dtype, path)
     model = skeleton(path, dtype)
     structure = build_moe_map(model)  # (routing rules are verified on real weights: the map is built again below)
@@ -338,7 +377,11 @@ def load_offloaded(
     if is_quantized_checkpoint(path):
         from moekit.formats.quantized import QUANT_WEIGHTS, read_quant_meta
 
-        store = QuantizedFileStore.open(path, read_quant_meta(path), keys, dtype, bypass_page_cache)
+        store = QuantizedFileStore.open(path, read_quant_meta(path), keys, dtype, bypass_page_cache, packed_experts)
+        if packed_experts and not store.int4_layers:
+            store.close()
+            raise MoekitError(f"{path}: no experts can stay packed: that needs all-int4 experts whose input sizes are "
+                              f"multiples of the group size ({read_quant_meta(path)['group_size']})")
         _read_dense_quantized(model, path / QUANT_WEIGHTS, expert_keys, store)
     else:
         ckpt = Checkpoint(path)
