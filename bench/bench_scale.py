@@ -11,7 +11,14 @@ the same run: plain transformers bf16 in memory (only where the model fits this 
 accelerate's disk offload (``device_map="auto", max_memory={"cpu": budget}, offload_folder``) at the same budget.
 Random routers route almost uniformly: their hit rates are a floor; the bundled trained models' are printed too.
 
-Usage: ``python bench/bench_scale.py [--models olmoe,dsv2lite] [--clean] [--skip-alternatives]``.
+``--enforce-memory``: every process that is given the budget (moekit's commands, accelerate) and transformers in
+memory run each in a fresh memory cgroup limited to the budget + ``--enforce-margin`` (10%), which counts the page
+cache the process reads as well as its own memory (``bench/memlimit.py``); the checkpoint is dropped from the page
+cache before each such run, so every tool starts cold and pays its own reads. The rows say ``enforced: true``, the
+cgroup's limit, peak usage, how often the limit was hit (``cgroup_failcnt``) and OOM kills. ``--also-unenforced``
+runs the unenforced rows too, in the same session.
+
+Usage: ``python bench/bench_scale.py [--models olmoe,dsv2lite] [--clean] [--skip-alternatives] [--enforce-memory]``.
 One JSON line per measurement, then a summary line.
 """
 
@@ -27,6 +34,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import memlimit  # bench/memlimit.py (this script's folder is first on sys.path)
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -138,13 +147,61 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
 
-def measure(cmd: list[str], timeout: float = 3600, watch_dir: Path | None = None, min_free_disk: float = 0) -> dict:
+class Limit:
+    """Where a measured process runs: unlimited (``limit=None``), or in a fresh memory cgroup of ``limit`` bytes after
+    ``cold`` (files, folders) were dropped from the page cache. ``run(cmd)`` gives the argv and, once the process
+    ended, ``record()`` the fields of its row."""
+
+    def __init__(self, limit: int | None = None, cold: list[Path] = ()) -> None:
+        self.limit, self.cold, self.cg, self.cached_before = limit, list(cold), None, None
+
+    def argv(self, cmd: list[str]) -> list[str]:
+        if self.limit is None:
+            return cmd
+        memlimit.evict(self.cold)
+        self.cached_before = memlimit.cached_bytes(self.cold)
+        self.cg = memlimit.MemoryCgroup(self.limit, "moekit-bench-scale")
+        return self.cg.wrap(cmd)
+
+    def record(self) -> dict:
+        if self.cg is None:
+            return {"enforced": False}
+        st = self.cg.stats()
+        self.cg.remove()
+        self.cg = None
+        return {"enforced": True, "cgroup": st["cgroup"], "limit_gb": round(st["limit_bytes"] / 1e9, 3),
+                "cgroup_max_usage_gb": None if st["max_usage_bytes"] is None else round(st["max_usage_bytes"] / 1e9, 3),
+                "cgroup_failcnt": st["failcnt"], "oom_kills": st["oom_kills"],
+                "page_cache_at_start_gb": round(self.cached_before / 1e9, 3)}
+
+
+def _failure(rec: dict) -> dict:
+    """A failed run's row gets a one-line ``error`` instead of its stderr (no tracebacks in the JSON)."""
+    if rec.get("rc") in (0, None):
+        return rec
+    if rec.get("oom_kills"):
+        msg = f"killed by the OOM killer of its memory cgroup (limit {rec['limit_gb']} GB)"
+    elif rec.get("timed_out_s"):
+        msg = f"timed out after {rec['timed_out_s']} s"
+    elif rec.get("stopped"):
+        msg = f"stopped: {rec['stopped']}"
+    else:
+        lines = [ln.strip() for ln in (rec.get("stderr") or "").splitlines() if ln.strip()]
+        msg = lines[-1] if lines else f"exit code {rec.get('rc')}"
+    return {**rec, "error": rec.get("error") or msg[:300]}
+
+
+def measure(cmd: list[str], timeout: float = 3600, watch_dir: Path | None = None, min_free_disk: float = 0,
+            limit: Limit | None = None) -> dict:
     """Run ``cmd``; wall seconds, peak RSS of its process tree (psutil, 20 ms), exit code, stdout.
 
     ``watch_dir``: also the peak bytes written under it (checked every second), and the run is stopped when the
-    disk it is on has less than ``min_free_disk`` bytes free (accelerate's offload folder on a shared disk)."""
+    disk it is on has less than ``min_free_disk`` bytes free (accelerate's offload folder on a shared disk).
+    ``limit``: run it in a memory cgroup (``Limit``); its numbers join the row."""
     import psutil
 
+    limit = limit or Limit()
+    cmd = limit.argv(cmd)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     ps, peak, timed_out = psutil.Process(proc.pid), 0, False
@@ -176,14 +233,15 @@ def measure(cmd: list[str], timeout: float = 3600, watch_dir: Path | None = None
         time.sleep(0.02)
     reader.join()
     err_reader.join()
-    return {"wall_s": round(time.perf_counter() - t0, 2), "peak_rss_gb": round(peak / 1e9, 3), "rc": proc.returncode,
+    wall = time.perf_counter() - t0
+    return {"wall_s": round(wall, 2), "peak_rss_gb": round(peak / 1e9, 3), "rc": proc.returncode, **limit.record(),
             **({"timed_out_s": timeout} if timed_out else {}),
             **({"offload_folder_gb": round(disk_peak / 1e9, 2)} if watch_dir is not None else {}),
             **({"stopped": f"free disk below {min_free_disk / 1e9:.0f} GB"} if disk_stop else {}),
             "stdout": "".join(out_chunks), "stderr": "".join(err_chunks)[-600:]}
 
 
-def measure_serve(argv: list[str], port: int, max_tokens: int, timeout: float = 1800) -> dict:
+def measure_serve(argv: list[str], port: int, max_tokens: int, timeout: float = 1800, limit: Limit | None = None) -> dict:
     """Start ``moekit serve`` (``argv``) on ``port``, send one completion of ``max_tokens`` tokens once /health
     answers, then stop it: wall seconds to ready, the request's seconds and tokens/s, peak RSS of the server
     (psutil, 20 ms) from start to stop."""
@@ -217,6 +275,8 @@ def measure_serve(argv: list[str], port: int, max_tokens: int, timeout: float = 
         except (OSError, ValueError, KeyError, TypeError) as exc:
             res["error"] = str(exc)[:300]
 
+    limit = limit or Limit()
+    argv = limit.argv(argv)
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
     ps, peak = psutil.Process(proc.pid), 0
@@ -234,7 +294,7 @@ def measure_serve(argv: list[str], port: int, max_tokens: int, timeout: float = 
         _, err = proc.communicate()
     ok = "error" not in res and "request_s" in res
     return {"wall_s": round(time.perf_counter() - t0, 2), "peak_rss_gb": round(peak / 1e9, 3), "rc": 0 if ok else 1,
-            **res, **({} if ok else {"stderr": (err or "")[-600:]})}
+            **limit.record(), **res, **({} if ok else {"stderr": (err or "")[-600:]})}
 
 
 def last_json(text: str) -> dict:
@@ -247,9 +307,8 @@ def last_json(text: str) -> dict:
 
 
 def emit(rec: dict) -> dict:
-    rec = {k: v for k, v in rec.items() if k not in ("stdout",)}
-    if rec.get("rc") == 0:
-        rec.pop("stderr", None)
+    rec = _failure({k: v for k, v in rec.items() if k not in ("stdout",)})
+    rec.pop("stderr", None)
     print(json.dumps(rec), flush=True)
     return rec
 
@@ -302,13 +361,24 @@ def accelerate_disk_need(path: Path, budget: str) -> dict:
     return last_json(r["stdout"]) if r["rc"] == 0 else {}
 
 
-def run_model(key: str, models_dir: Path, alternatives: bool, only: set[str] | None = None) -> list[dict]:
+def run_model(key: str, models_dir: Path, alternatives: bool, only: set[str] | None = None, enforce: bool = False,
+              margin: float = 0.10, budget: str | None = None) -> list[dict]:
+    """Every command (or ``only`` those) on model ``key`` at its budget (or ``budget``), then the alternatives.
+    ``enforce``: each process in a fresh memory cgroup of budget × (1 + ``margin``), started on a cold page cache."""
     import psutil
 
-    name, _, budget = MODELS[key]
+    from moekit.serve.placement import parse_size
+
+    name, _, default_budget = MODELS[key]
+    budget = budget or default_budget
     path = models_dir / name
     recs = []
     base = {"model": name, "bytes_on_disk": sum(f.stat().st_size for f in path.glob("*.safetensors"))}
+    limit_bytes = int(parse_size(budget) * (1 + margin)) if enforce else None
+
+    def limit(*cold: Path) -> Limit:
+        return Limit(limit_bytes, [path, *cold]) if enforce else Limit()
+
     with tempfile.TemporaryDirectory(dir=models_dir) as work:
         work = Path(work)
         data = work / "notes.txt"
@@ -343,7 +413,7 @@ def run_model(key: str, models_dir: Path, alternatives: bool, only: set[str] | N
         for cmd, argv in cmds.items():
             if only and cmd not in only:
                 continue
-            r = measure_serve(argv, port, GEN_TOKENS) if cmd == "serve" else measure(argv)
+            r = measure_serve(argv, port, GEN_TOKENS, limit=limit()) if cmd == "serve" else measure(argv, limit=limit())
             res = last_json(r.get("stdout", ""))
             rec = {"bench": "scale", **base, "command": cmd, "tool": "moekit", "budget": budget, **r}
             if cmd == "generate" and res:
@@ -357,11 +427,13 @@ def run_model(key: str, models_dir: Path, alternatives: bool, only: set[str] | N
                 shutil.rmtree(work / written, ignore_errors=True)
         if alternatives:
             size = base["bytes_on_disk"]
-            if psutil.virtual_memory().available > size * 1.35 + 2e9:
-                r = measure([PY, "-c", _ALT, str(path), "memory", budget, str(work / "off"), str(GEN_TOKENS)])
+            # under an enforced budget it is run whatever it needs: the cgroup, not this machine, stops it
+            if enforce or psutil.virtual_memory().available > size * 1.35 + 2e9:
+                r = measure([PY, "-c", _ALT, str(path), "memory", budget, str(work / "off"), str(GEN_TOKENS)],
+                            limit=limit())
                 res = last_json(r["stdout"])
                 recs.append(emit({"bench": "scale", **base, "command": "generate", "tool": "transformers-bf16-memory",
-                                  "budget": None, **r, "tokens_s": res.get("decode_tok_s")}))
+                                  "budget": budget if enforce else None, **r, "tokens_s": res.get("decode_tok_s")}))
             else:
                 recs.append(emit({"bench": "scale", **base, "command": "generate", "tool": "transformers-bf16-memory",
                                   "skipped": "does not fit this machine's free memory"}))
@@ -374,10 +446,14 @@ def run_model(key: str, models_dir: Path, alternatives: bool, only: set[str] | N
                 recs.append(emit({**acc, "skipped": "its offload folder (re-saved fused experts) does not fit the disk "
                                   "left"}))
             else:
-                r = measure([PY, "-c", _ALT, str(path), "accelerate", budget, str(work / "off"), str(GEN_TOKENS)],
-                            timeout=1200, watch_dir=work / "off", min_free_disk=MIN_FREE_DISK)
+                off = work / "off"
+                r = measure([PY, "-c", _ALT, str(path), "accelerate", budget, str(off), str(GEN_TOKENS)],
+                            timeout=2400 if enforce else 1200, watch_dir=off, min_free_disk=MIN_FREE_DISK,
+                            limit=limit(off))
+                shutil.rmtree(off, ignore_errors=True)  # 9 GB on the 7B shape: written afresh by every run
                 res = last_json(r["stdout"])
-                recs.append(emit({**acc, **r, "tokens_s": res.get("decode_tok_s")}))
+                recs.append(emit({**acc, **r, "tokens_s": res.get("decode_tok_s"),
+                                  "prefill_s": res.get("prefill_s")}))
     return recs
 
 
@@ -407,7 +483,34 @@ def main() -> None:
                     help=f"Tokens of trace, eval, calibration and report's profiling (default {CALIB_TOKENS}).")
     ap.add_argument("--merge-ratio", type=float, default=MERGE_RATIO,
                     help=f"merge's --ratio (default {MERGE_RATIO}; higher writes a smaller checkpoint).")
+    ap.add_argument("--budget", default=None, help="The memory budget of every row (default: the model's: olmoe 6GB, "
+                    "dsv2lite 8GB).")
+    ap.add_argument("--enforce-memory", action="store_true",
+                    help="Run each process in a fresh memory cgroup limited to the budget + --enforce-margin (page "
+                         "cache included), on a cold page cache.")
+    ap.add_argument("--enforce-margin", type=float, default=0.10,
+                    help="The cgroup limit is budget x (1 + this) (default 0.10: the 10%% the issue allows).")
+    ap.add_argument("--also-unenforced", action="store_true",
+                    help="With --enforce-memory: afterwards run the same rows unenforced too, in the same session.")
     args = ap.parse_args()
+    sys.path.insert(0, str(ROOT / "src"))
+    if not (0 <= args.enforce_margin <= 1):
+        ap.exit(2, f"error: --enforce-margin must be between 0 and 1, got {args.enforce_margin}\n")
+    if args.gen_tokens < 2:
+        ap.exit(2, f"error: --gen-tokens must be at least 2 (one prefill, then decode), got {args.gen_tokens}\n")
+    if args.budget is not None:
+        from moekit.errors import MoekitError
+        from moekit.serve.placement import parse_size
+
+        try:
+            parse_size(args.budget)
+        except MoekitError as exc:
+            ap.exit(2, f"error: {exc}\n")
+    if args.enforce_memory:
+        try:
+            memlimit.parent_dir()
+        except memlimit.CgroupUnavailable as exc:
+            ap.exit(2, f"error: --enforce-memory: {exc}\n")
     GEN_TOKENS, CALIB_TOKENS, MERGE_RATIO = args.gen_tokens, args.calib_tokens, args.merge_ratio
     keys = [k.strip() for k in args.models.split(",") if k.strip()]
     if args.clean:
@@ -415,7 +518,6 @@ def main() -> None:
             shutil.rmtree(args.models_dir / MODELS[k][0], ignore_errors=True)
         print(json.dumps({"bench": "scale", "cleaned": [MODELS[k][0] for k in keys]}))
         return
-    sys.path.insert(0, str(ROOT / "src"))
     args.models_dir.mkdir(parents=True, exist_ok=True)
     recs = []
     for k in keys:
@@ -425,14 +527,18 @@ def main() -> None:
             build(args.models_dir / name, cfg)
             emit({"bench": "scale", "model": name, "built_s": round(time.perf_counter() - t0, 1)})
         only = {c.strip() for c in args.commands.split(",") if c.strip()} or None
-        recs += run_model(k, args.models_dir, not args.skip_alternatives, only)
+        for enforce in [True, False] if args.enforce_memory and args.also_unenforced else [args.enforce_memory]:
+            recs += run_model(k, args.models_dir, not args.skip_alternatives, only, enforce=enforce,
+                              margin=args.enforce_margin, budget=args.budget)
     recs += bundled_hit_rates()
     summary = {}
     for r in recs:
         if "command" in r and "tool" in r and not r.get("model", "").startswith("moekit:"):
-            summary[f"{r['model']}/{r['command']}/{r['tool']}"] = {
+            tag = f"/enforced-{r['budget']}" if r.get("enforced") else (f"/{r['budget']}" if r.get("budget") else "")
+            summary[f"{r['model']}/{r['command']}/{r['tool']}{tag}"] = {
                 k: r.get(k) for k in ("rc", "wall_s", "peak_rss_gb", "tokens_s", "hit_rate", "budget", "skipped",
-                          "offload_folder_needed_gb", "offload_folder_gb", "free_disk_gb")
+                          "offload_folder_needed_gb", "offload_folder_gb", "free_disk_gb", "limit_gb",
+                          "cgroup_max_usage_gb", "cgroup_failcnt", "oom_kills", "error")
                 if r.get(k) is not None}
         elif "hit_rate" in r:
             summary[f"{r['model']}/hit_rate"] = r["hit_rate"]
