@@ -163,6 +163,12 @@ class Limit:
         self.cg = memlimit.MemoryCgroup(self.limit, "moekit-bench-scale")
         return self.cg.wrap(cmd)
 
+    def close(self) -> None:
+        """Remove the cgroup if ``record`` did not (the measurement stopped early); what still runs in it is killed."""
+        if self.cg is not None:
+            self.cg.remove()
+            self.cg = None
+
     def record(self) -> dict:
         if self.cg is None:
             return {"enforced": False}
@@ -198,10 +204,16 @@ def measure(cmd: list[str], timeout: float = 3600, watch_dir: Path | None = None
     ``watch_dir``: also the peak bytes written under it (checked every second), and the run is stopped when the
     disk it is on has less than ``min_free_disk`` bytes free (accelerate's offload folder on a shared disk).
     ``limit``: run it in a memory cgroup (``Limit``); its numbers join the row."""
+    limit = limit or Limit()
+    try:
+        return _measure(limit.argv(cmd), timeout, watch_dir, min_free_disk, limit)
+    finally:
+        limit.close()
+
+
+def _measure(cmd: list[str], timeout: float, watch_dir: Path | None, min_free_disk: float, limit: Limit) -> dict:
     import psutil
 
-    limit = limit or Limit()
-    cmd = limit.argv(cmd)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     ps, peak, timed_out = psutil.Process(proc.pid), 0, False
@@ -244,7 +256,15 @@ def measure(cmd: list[str], timeout: float = 3600, watch_dir: Path | None = None
 def measure_serve(argv: list[str], port: int, max_tokens: int, timeout: float = 1800, limit: Limit | None = None) -> dict:
     """Start ``moekit serve`` (``argv``) on ``port``, send one completion of ``max_tokens`` tokens once /health
     answers, then stop it: wall seconds to ready, the request's seconds and tokens/s, peak RSS of the server
-    (psutil, 20 ms) from start to stop."""
+    (psutil, 20 ms) from start to stop. ``limit``: as ``measure``'s."""
+    limit = limit or Limit()
+    try:
+        return _measure_serve(limit.argv(argv), port, max_tokens, timeout, limit)
+    finally:
+        limit.close()
+
+
+def _measure_serve(argv: list[str], port: int, max_tokens: int, timeout: float, limit: Limit) -> dict:
     import threading
     import urllib.request
 
@@ -275,8 +295,6 @@ def measure_serve(argv: list[str], port: int, max_tokens: int, timeout: float = 
         except (OSError, ValueError, KeyError, TypeError) as exc:
             res["error"] = str(exc)[:300]
 
-    limit = limit or Limit()
-    argv = limit.argv(argv)
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
     ps, peak = psutil.Process(proc.pid), 0
