@@ -90,3 +90,26 @@ def test_page_cache_is_evicted_and_then_charged_to_the_reader(tmp_path):
 def test_bad_limit_is_refused():
     with pytest.raises(ValueError, match="positive"):
         memlimit.MemoryCgroup(0)
+
+
+def test_bench_scale_rows_of_an_enforced_run(monkeypatch, tmp_path):
+    """bench_scale.measure under a Limit: the row says enforced, the cgroup's numbers, and a one-line error when the
+    cgroup's OOM killer stopped the process; the cgroup is gone afterwards."""
+    _cgroups()
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "bench"))
+    import bench_scale
+
+    f = tmp_path / "ckpt"
+    f.write_bytes(os.urandom(1 << 20))
+    lim = bench_scale.Limit(64 << 20, [tmp_path])
+    ok = bench_scale.measure([sys.executable, "-c", "print('fine')"], limit=lim)
+    assert ok["rc"] == 0 and ok["stdout"] == "fine\n" and lim.cg is None
+    assert ok["enforced"] is True and ok["oom_kills"] == 0 and ok["limit_gb"] == round((64 << 20) / 1e9, 3)
+    if _fs_type(tmp_path) not in ("tmpfs", "ramfs", "overlay"):
+        assert ok["page_cache_at_start_gb"] == 0.0
+    lim = bench_scale.Limit(48 << 20, [])
+    killed = bench_scale._failure(bench_scale.measure([sys.executable, "-c", "x = bytearray(200 << 20)"], limit=lim))
+    assert killed["rc"] == -9 and killed["oom_kills"] == 1
+    assert killed["error"] == f"killed by the OOM killer of its memory cgroup (limit {round((48 << 20) / 1e9, 3)} GB)"
+    failed = bench_scale._failure(bench_scale.measure([sys.executable, "-c", "raise SystemExit('no such model')"]))
+    assert failed["enforced"] is False and failed["error"] == "no such model"
