@@ -29,12 +29,12 @@ from moekit.errors import MoekitError
 from moekit.formats.quantized import INT4_BUFFERS
 from moekit.models.loading import LoadedModel
 from moekit.nn.dispatch import expert_forward
-from moekit.nn.int4_experts import dequantize_int4, expert_forward_int4
+from moekit.nn.int4_experts import expert_forward_int4
 from moekit.nn.provided import ExpertWeights, decodes_by_gemv, expert_forward_parts, expert_forward_provided
 from moekit.serve.cache import POLICIES, LayerCache, Policy
 from moekit.serve.io import ExpertIO
 from moekit.serve.stats import EngineCounters, RequestLog, summary
-from moekit.serve.store import ExpertStore, MappedExpert, int4_slot_names, store_for
+from moekit.serve.store import ExpertStore, MappedExpert, store_for
 
 IMPL_NAME = "moekit_offload"
 #: whether a decode miss computed in place from the page cache is also copied into a slot (in the background):
@@ -211,9 +211,6 @@ class OffloadEngine:
             bounds = set(experts)
             order = [e for e in top_k_index[0].tolist() if e in bounds] if decode else None
             for e, w in self._provide(lc, experts, decode, order=order):
-                if int4:  # a prefill on packed slots: each expert dequantized as the float store would have
-                    yield e, _dequantized(w, names, hidden.dtype, transposed)
-                    continue
                 ew = self._ew.get(id(w))  # slot and scratch dicts are long-lived: wrap each once
                 if ew is None:
                     ew = self._ew[id(w)] = ExpertWeights(w[names[0]], w[names[1]], w.get(names[2]), w.get(names[3]))
@@ -222,8 +219,8 @@ class OffloadEngine:
         gate_fn = mod._apply_gate if has_gate and hasattr(mod, "_apply_gate") else None
         post_fn = mod.post_expert_norm if getattr(mod, "has_post_expert_norm", False) else None
         act = getattr(mod, "act_fn", torch.nn.functional.silu)
-        if int4 and decode:
-            return self._decode_int4(lc, hidden, top_k_index, top_k_weights, names, act, has_gate, gate_fn, post_fn)
+        if int4:
+            return self._forward_int4(lc, hidden, top_k_index, top_k_weights, names, act, has_gate, gate_fn, post_fn)
         if decode and self._prev_impl == "moekit" and lc.slots:
             # the model ran moekit.nn's dispatch: run its decode kernel on the slot bank itself (slots as expert ids),
             # the hits while the misses are read, then the misses: the same kernel on the same weights, the same numbers
@@ -313,44 +310,50 @@ class OffloadEngine:
             with self.lock:
                 lc.release(experts, row)
 
-    def _decode_int4(self, lc: LayerCache, hidden: torch.Tensor, top_k_index: torch.Tensor,
-                     top_k_weights: torch.Tensor, names: tuple[str, ...], act: Any, has_gate: bool, gate_fn: Any,
-                     post_fn: Any) -> torch.Tensor:
-        """One decode step on packed int4 slots with moekit's int4 kernel: the experts the cache holds (hits, and
-        misses once read into their slots) in one call on the slot bank, the misses it does not take each from its
-        scratch buffers as they arrive. With every expert in a slot (a warm cache) this is the in-memory packed
-        model's computation on the same codes, so the same numbers; with scratch parts, their sum in fp32."""
-        row = top_k_index[0].tolist()
+    def _forward_int4(self, lc: LayerCache, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                      top_k_weights: torch.Tensor, names: tuple[str, ...], act: Any, has_gate: bool, gate_fn: Any,
+                      post_fn: Any) -> torch.Tensor:
+        """A forward on packed int4 slots with moekit's int4 experts (``expert_forward_int4``: the int4 kernel per
+        slot for a decode step, per expert groups for a prefill, as the in-memory packed model runs them): the
+        experts the cache holds (hits, and misses once read into their slots) in one call on the slot bank, those it
+        does not take each from its scratch buffers as they arrive (before the next read reuses them), the parts
+        added in fp32. With every expert in a slot, the in-memory packed model's computation on the same codes."""
+        decode = top_k_index.shape[0] == 1
         num_experts = lc.policy.num_experts
-        experts = sorted({e for e in row if 0 <= e < num_experts})
-        dtype, device = top_k_index.dtype, top_k_index.device
+        valid = (top_k_index >= 0) & (top_k_index < num_experts)
+        ids = torch.where(valid, top_k_index, num_experts)  # "no expert" as num_experts
+        flat = top_k_index.reshape(-1).tolist()
+        experts = sorted({e for e in flat if 0 <= e < num_experts})
         biases = {"b_gate_up": names[2], "b_down": names[3]}
 
-        def run(ids: list[int], bank: dict[str, torch.Tensor]) -> torch.Tensor:
+        def run(part_ids: torch.Tensor, bank: dict[str, torch.Tensor]) -> torch.Tensor:
             return expert_forward_int4(
-                hidden, torch.tensor([ids], dtype=dtype, device=device), top_k_weights,
-                tuple(bank[n] for n in INT4_BUFFERS), act, has_gate=has_gate, gate_fn=gate_fn, post_fn=post_fn,
-                **{k: bank.get(n) for k, n in biases.items()})
+                hidden, part_ids, top_k_weights, tuple(bank[n] for n in INT4_BUFFERS), act, has_gate=has_gate,
+                gate_fn=gate_fn, post_fn=post_fn, **{k: bank.get(n) for k, n in biases.items()})
 
-        scratch_out: torch.Tensor | None = None
+        out: torch.Tensor | None = None
         in_slots: dict[int, int] = {}
+        order = [e for e in flat if 0 <= e < num_experts] if decode else None
         try:
-            for e, w in self._provide(lc, experts, True, order=[e for e in row if 0 <= e < num_experts]):
+            for e, w in self._provide(lc, experts, decode, order=order):
                 slot = lc.slot_of.get(e)
                 if slot is not None and w is lc.weights(slot):
                     in_slots[e] = slot
                     continue
-                # not in a slot: computed now, before the next scratch read may reuse these buffers
-                part = run([0 if x == e else 1 for x in row], {n: t.unsqueeze(0) for n, t in w.items()}).float()
-                scratch_out = part if scratch_out is None else scratch_out + part
-            if scratch_out is None:
-                return run([in_slots.get(x, lc.slots) for x in row], lc.bank)
-            if in_slots:
-                scratch_out = scratch_out + run([in_slots.get(x, lc.slots) for x in row], lc.bank).float()
-            return scratch_out.to(hidden.dtype)
+                part = run(torch.where(ids == e, 0, 1), {n: t.unsqueeze(0) for n, t in w.items()}).float()
+                out = part if out is None else out + part
+            if in_slots or out is None:
+                lut = torch.full((num_experts + 1,), lc.slots, dtype=ids.dtype, device=ids.device)
+                for e, slot in in_slots.items():
+                    lut[e] = slot
+                bank_out = run(lut[ids], lc.bank)
+                if out is None:
+                    return bank_out
+                out = out + bank_out.float()
+            return out.to(hidden.dtype)
         finally:
             with self.lock:
-                lc.release(experts, row)
+                lc.release(experts, flat)
 
     def _not_admitted(self, lc: LayerCache, mapped: dict[int, MappedExpert]) -> set[int]:
         """Of this step's page-cache misses, those not to copy into a slot: none (``always``), all (``never``), or
@@ -578,17 +581,6 @@ class OffloadEngine:
         (``belady``) the decode misses relative to Belady's MIN on the same routing requests."""
         with self.lock:
             return summary(self, belady)
-
-
-def _dequantized(w: dict[str, torch.Tensor], names: tuple[str, ...], dtype: torch.dtype,
-                 transposed: bool) -> ExpertWeights:
-    """One expert of packed int4 slots (or scratch buffers) as float weights in the model's layout: the values a
-    dequantizing store would have put in a float slot."""
-    mats = []
-    for n in names[:2]:
-        m = dequantize_int4(*(w[b] for b in int4_slot_names(n)), dtype)
-        mats.append(m.t() if transposed else m)
-    return ExpertWeights(mats[0], mats[1], w.get(names[2]), w.get(names[3]))
 
 
 def _profile_counts(profile: Any, views: list) -> dict[int, np.ndarray]:
