@@ -130,6 +130,43 @@ def stack_int4(qts: list[QTensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Te
             torch.stack([qt.zeros for qt in qts]))
 
 
+def read_int4_bank(path: str | Path, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Expert bank ``name`` of a quantized checkpoint as the in-memory int4 layout (``stack_int4``'s: codes, scales,
+    zero points stacked over experts), each expert's parts read with ``pread`` straight into their slices: no
+    per-expert copies and no mapping of the file, so loading costs the bank's own bytes (all-int4 banks only)."""
+    import os
+
+    from moekit.formats.safetensors import ST_DTYPES, bytes_of, pread_into, read_header
+
+    file = Path(path) / QUANT_WEIGHTS
+    meta = read_quant_meta(Path(path))
+    info = meta["tensors"][name]
+    if not int4_packable(tuple(info["shape"][1:]), info["bits"], int(meta["group_size"])):
+        raise MoekitError(f"{file}: {name} is not an all-int4 bank of whole groups")
+    header, data_start = read_header(file)
+    num = info["shape"][0]
+    bank = []
+    for part in ("qweight", "scales", "zeros"):
+        first = header[f"{name}.0.{part}"]
+        bank.append(torch.empty((num, *first["shape"]), dtype=ST_DTYPES[first["dtype"]]))
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        for e in range(num):
+            for t, part in zip(bank, ("qweight", "scales", "zeros"), strict=True):
+                key = f"{name}.{e}.{part}"
+                entry = header.get(key)
+                if entry is None or tuple(entry["shape"]) != tuple(t.shape[1:]) or ST_DTYPES[entry["dtype"]] != t.dtype:
+                    raise MoekitError(f"{file}: {key} is missing or differs from expert 0's; the checkpoint is damaged")
+                start, end = entry["data_offsets"]
+                view = bytes_of(t[e])
+                if len(view) != end - start:
+                    raise MoekitError(f"{file}: {key} holds {end - start} bytes, not {len(view)}")
+                pread_into(fd, view, data_start + start, f"{file} ({key})")
+    finally:
+        os.close(fd)
+    return bank[0], bank[1], bank[2]
+
+
 def is_quantized_checkpoint(path: str | Path) -> bool:
     """True when ``path`` holds a moekit weight-only quantized checkpoint."""
     return (Path(path) / QUANT_CONFIG).is_file()
@@ -154,7 +191,8 @@ def read_quantized(path: str | Path, dtype: torch.dtype, keep_packed: bool = Fal
     """Read a quantized checkpoint directory: its format record, the full state dict with every expert
     matrix dequantized to ``dtype`` (tied weights filled in), and, with ``keep_packed``, the packed codes
     (``{expert parameter name: [QTensor per expert]}``). Expert parameters named in ``packed_only`` are not
-    dequantized (absent from the state dict) and always come back packed."""
+    dequantized (absent from the state dict) and come back packed only with ``keep_packed`` (else read them with
+    ``read_int4_bank``)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -168,6 +206,8 @@ def read_quantized(path: str | Path, dtype: torch.dtype, keep_packed: bool = Fal
                 sd[k] = f.get_tensor(k)
         for name, info in meta["tensors"].items():
             E, o, i = info["shape"]
+            if name in packed_only and not keep_packed:  # read later as a stacked bank (read_int4_bank)
+                continue
             qts = [QTensor(f.get_tensor(f"{name}.{e}.qweight"), f.get_tensor(f"{name}.{e}.scales"),
                            f.get_tensor(f"{name}.{e}.zeros"), int(info["bits"][e]), gs, (o, i)) for e in range(E)]
             if name not in packed_only:

@@ -14,6 +14,7 @@ from moekit.formats.quantized import (
     INT4_BUFFERS,
     int4_packable,
     is_quantized_checkpoint,
+    read_int4_bank,
     read_quant_meta,
     read_quantized,
     stack_int4,
@@ -80,7 +81,8 @@ def load_quantized(path: str | Path, dtype: torch.dtype | str | None = None, kee
             raise MoekitError(f"{path}: {module_name} is not an experts module; load without packed experts")
         order = sorted(names, key=lambda n: n.endswith("down_proj"))  # gate_up (or up) first, then down
         for name, buffers in zip(order, (INT4_BUFFERS[:3], INT4_BUFFERS[3:]), strict=True):
-            for buf, t in zip(buffers, stack_int4(packed[name]), strict=True):
+            bank = stack_int4(packed[name]) if keep_packed else read_int4_bank(path, name)
+            for buf, t in zip(buffers, bank, strict=True):
                 module.register_buffer(buf, t, persistent=False)
             pname = name.rsplit(".", 1)[1]
             w = getattr(module, pname)  # an empty [E, 0, 0] placeholder: still a bank of E experts to moekit's map
