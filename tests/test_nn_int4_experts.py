@@ -67,7 +67,7 @@ def test_int4_kernel_equals_fp64_on_dequantized_weights(group_size: int, cols: i
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(2, 3, cols, generator=g) if per_slot else torch.randn(2, cols, generator=g)).to(dtype)
     ids = torch.tensor([[4, E, 0], [-1, 1, 1]])  # a "no expert" sentinel, a negative id, a repeated expert
-    got = cpu_kernels_int4.expert_gemv_int4(x, q, s, z, ids)
+    got = cpu_kernels_int4.expert_gemv_int4(x, q, s, z, ids, activations="float")
     assert got is not None and got.dtype == dtype and got.shape == (2, 3, ROWS)
     ref, acc_err = _reference(x, deq, ids)
     half_ulp = 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps / 2
@@ -78,28 +78,40 @@ def test_int4_kernel_equals_fp64_on_dequantized_weights(group_size: int, cols: i
 
 
 @needs_kernel
-def test_int4_kernel_takes_each_loop() -> None:
+def test_int4_kernel_takes_each_loop(monkeypatch) -> None:
     """Which loop runs: scalar for groups of 16, AVX-512 fp32 for 32, the bf16 dot products for bf16 inputs
-    (where the CPU has AVX512-BF16); results of the vector loops match the scalar loop's within rounding."""
+    (where the CPU has AVX512-BF16) with float activations; int8 activations (the default, and
+    MOEKIT_INT8_ACTIVATIONS unset) take the VNNI loop for groups of 64k where the CPU has AVX512-VNNI."""
     path = cpu_kernels_int4.kernel_path
-    assert path(16, torch.float32) == "scalar"
-    if path(32, torch.float32) == "avx512-fp32":
-        assert path(128, torch.float16) == "avx512-fp32"
-        assert path(64, torch.bfloat16) in ("avx512-fp32", "avx512-bf16-dot-64")
-        assert path(128, torch.bfloat16) in ("avx512-fp32", "avx512-bf16-dot-128")
+    for acts in ("float", "int8"):
+        assert path(16, torch.float32, acts) == "scalar"
+    if path(32, torch.float32, "float") == "avx512-fp32":
+        assert path(32, torch.bfloat16, "int8") in ("avx512-fp32", "avx512-bf16-dot-64")  # 32: no VNNI loop
+        assert path(128, torch.float16, "float") == "avx512-fp32"
+        assert path(64, torch.bfloat16, "float") in ("avx512-fp32", "avx512-bf16-dot-64")
+        assert path(128, torch.bfloat16, "float") in ("avx512-fp32", "avx512-bf16-dot-128")
+    if cpu_kernels.has_vnni():
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for gs in (64, 128, 192, 256):
+                assert path(gs, dtype, "int8") == "avx512-vnni-int8"
+        monkeypatch.delenv("MOEKIT_INT8_ACTIVATIONS", raising=False)
+        assert path(128, torch.bfloat16) == "avx512-vnni-int8"
+        monkeypatch.setenv("MOEKIT_INT8_ACTIVATIONS", "float")
+        assert path(128, torch.bfloat16) != "avx512-vnni-int8"
 
 
 @needs_kernel
-def test_int4_kernel_is_independent_of_threads() -> None:
+@pytest.mark.parametrize("activations", ["float", "int8"])
+def test_int4_kernel_is_independent_of_threads(activations: str) -> None:
     q, s, z, _ = _bank(128, 256)
     x = torch.randn(1, 256, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     ids = torch.tensor([[0, 3, 4]])
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = cpu_kernels_int4.expert_gemv_int4(x, q, s, z, ids)
+        one = cpu_kernels_int4.expert_gemv_int4(x, q, s, z, ids, activations)
         torch.set_num_threads(2)
-        two = cpu_kernels_int4.expert_gemv_int4(x, q, s, z, ids)
+        two = cpu_kernels_int4.expert_gemv_int4(x, q, s, z, ids, activations)
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, two)
@@ -110,6 +122,7 @@ def test_int4_kernel_is_independent_of_threads() -> None:
 def test_int4_op_kernel_equals_torch_fallback(monkeypatch, dtype: torch.dtype) -> None:
     """moekit::int4_expert_gemv with the kernel, and with it switched off (each expert dequantized to fp32, fp32
     products): the same numbers up to fp32 accumulation order and the output rounding."""
+    monkeypatch.setenv("MOEKIT_INT8_ACTIVATIONS", "float")  # the fallback keeps x as it is; so does the kernel here
     q, s, z, _ = _bank(64, 128)
     x = torch.randn(2, 128, generator=torch.Generator().manual_seed(3)).to(dtype)
     ids = torch.tensor([[2, 0, E], [4, 4, 1]])
@@ -120,6 +133,74 @@ def test_int4_op_kernel_equals_torch_fallback(monkeypatch, dtype: torch.dtype) -
     tol = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps
     torch.testing.assert_close(fast, slow, atol=tol * float(slow.abs().max()), rtol=tol)
     assert torch.all(slow[0, 2] == 0)
+
+
+def _quantized_input(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as the VNNI loop sees it, in fp64: per block of 64 values d = max|x| / 127, x_q = round(x · 127 / max|x|)
+    (fp32, half to even, as the kernel computes them), value x_q · d (exact in fp64)."""
+    blocks = x.float().reshape(*x.shape[:-1], -1, 64)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return (torch.round(blocks * inv).double() * (amax / 127).double()).reshape(x.shape)
+
+
+VNNI_CASES = [(64, 192), (128, 256), (192, 384), (256, 512)]  # a 64-column tail chunk; groups of 128k; 64·odd; 2 chunks
+needs_vnni = pytest.mark.skipif(not (HAS_COMPILER and cpu_kernels.has_vnni()), reason="no AVX512-VNNI on this CPU")
+
+
+@needs_vnni
+@pytest.mark.parametrize("per_slot", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("group_size", "cols"), VNNI_CASES)
+def test_int4_vnni_path_equals_the_block_quantized_formula(group_size: int, cols: int, dtype: torch.dtype,
+                                                          per_slot: bool) -> None:
+    """int8 activations (default with AVX512-VNNI, groups of 64k): the integer part is exact, so the result equals an
+    fp64 product of the dequantized weights with the block-quantized input within fp32 accumulation and one output
+    rounding; against the float-activation result it differs by at most the input rounding, Σ_b (max|x_b| / 254) ·
+    Σ_{c in b} |w_c| per output."""
+    q, s, z, deq = _bank(group_size, cols)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 3, cols, generator=g) if per_slot else torch.randn(2, cols, generator=g)
+    x[0, ..., 70] = 40.0  # an outlier: only its block's resolution suffers
+    x[1, ..., :64] = 0.0  # an all-zero block (scale 0)
+    x = x.to(dtype)
+    ids = torch.tensor([[4, E, 0], [-1, 1, 1]])
+    assert cpu_kernels_int4.kernel_path(group_size, dtype, "int8") == "avx512-vnni-int8"
+    got = cpu_kernels_int4.expert_gemv_int4(x, q, s, z, ids, activations="int8")
+    assert got is not None and got.dtype == dtype and got.shape == (2, 3, ROWS)
+    assert torch.all(got[0, 1] == 0) and torch.all(got[1, 0] == 0)
+    ref, acc_err = _reference(_quantized_input(x), deq, ids)
+    half_ulp = 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps / 2
+    assert torch.all((got.double() - ref).abs() <= half_ulp * ref.abs() * 1.0001 + acc_err), "not the block formula"
+    float_ref, float_err = _reference(x, deq, ids)
+    amax = x.double().abs().reshape(*x.shape[:-1], -1, 64).amax(-1)  # [T, (k,) B]
+    for t in range(2):
+        for j in range(3):
+            e = int(ids[t, j])
+            if 0 <= e < E:
+                wabs = deq[e].abs().reshape(ROWS, -1, 64).sum(-1)  # [rows, B]
+                bound = wabs @ (amax[t, j] if per_slot else amax[t]) / 254
+                err = (got[t, j].double() - float_ref[t, j]).abs()
+                assert torch.all(err <= bound + half_ulp * float_ref[t, j].abs() * 1.0001 + acc_err[t, j] + float_err[t, j])
+    float_path = cpu_kernels_int4.expert_gemv_int4(x, q, s, z, ids, activations="float")
+    assert not torch.equal(got, float_path)  # the input really was quantized
+
+
+@needs_vnni
+def test_int4_activations_switch(monkeypatch) -> None:
+    """MOEKIT_INT8_ACTIVATIONS=float (int8's switch) makes the default int4 call the float-activation one, bit for
+    bit; unset, the int8-activation one."""
+    q, s, z, _ = _bank(128, 256)
+    x, ids = torch.randn(1, 256, generator=torch.Generator().manual_seed(12)).bfloat16(), torch.tensor([[1, 3]])
+    as_float = cpu_kernels_int4.expert_gemv_int4(x, q, s, z, ids, activations="float")
+    as_int8 = cpu_kernels_int4.expert_gemv_int4(x, q, s, z, ids, activations="int8")
+    assert not torch.equal(as_float, as_int8)
+    monkeypatch.setenv("MOEKIT_INT8_ACTIVATIONS", "float")
+    assert torch.equal(cpu_kernels_int4.expert_gemv_int4(x, q, s, z, ids), as_float)
+    assert torch.equal(torch.ops.moekit.int4_expert_gemv(x, q, s, z, ids), as_float)
+    monkeypatch.delenv("MOEKIT_INT8_ACTIVATIONS")
+    assert torch.equal(cpu_kernels_int4.expert_gemv_int4(x, q, s, z, ids), as_int8)
+    assert torch.equal(torch.ops.moekit.int4_expert_gemv(x, q, s, z, ids), as_int8)
 
 
 def test_int4_ops_pass_opcheck() -> None:
@@ -184,10 +265,12 @@ def test_quantize_experts_int4_rejects_a_group_size_that_does_not_divide() -> No
         quantize_experts_int4(model, group_size=7)
 
 
-def test_packed_int4_checkpoint_equals_dequantized_load_with_3_8x_fewer_bytes(tmp_path) -> None:
+def test_packed_int4_checkpoint_equals_dequantized_load_with_3_8x_fewer_bytes(tmp_path, monkeypatch) -> None:
     """moekit quantize --bits 4 --group-size 128, loaded twice: dequantized (float experts) and with packed experts
-    (moekit's int4 kernel). Logits agree (prefill and a cached decode step) and the packed experts hold 0.5 + 3/128
-    bytes per weight: 3.82x fewer than the same experts in bf16."""
+    (moekit's int4 kernel). Logits agree (prefill and a cached decode step; float activations: the int8 ones are
+    tested on the kernel, test_int4_vnni_path_equals_the_block_quantized_formula) and the packed experts hold 0.5 + 3/128 bytes per weight: 3.82x fewer than the
+    same experts in bf16."""
+    monkeypatch.setenv("MOEKIT_INT8_ACTIVATIONS", "float")
     src = save_tiny_checkpoint("qwen3_moe", tmp_path / "src", with_tokenizer=False, hidden_size=128,
                                moe_intermediate_size=128)
     quantize(moekit.load(src, with_tokenizer=False), bits=4, group_size=128, out=tmp_path / "q4")

@@ -31,7 +31,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# Scalar conversions both kernel sources use (this one and ``cpu_kernels_int4``'s).
+# Scalar conversions (and the q8_0-style input quantization) both kernel sources use (this one and ``cpu_kernels_int4``'s).
 CONVERSIONS = r"""
 static inline float bf16f(uint16_t v) { uint32_t u = (uint32_t)v << 16; float f; memcpy(&f, &u, 4); return f; }
 static inline uint16_t f2bf(float f) {  /* round to nearest even, NaN kept NaN (torch's rule) */
@@ -47,6 +47,15 @@ static inline float f16f(uint16_t h) {
   uint32_t u = em << 13; float f; memcpy(&f, &u, 4); f *= 0x1p112f;
   memcpy(&u, &f, 4); u |= sign | (em >= 0x7c00u ? 0x7f800000u : 0u); memcpy(&f, &u, 4);
   return f;
+}
+/* n fp32 values as int8 codes q = round(v · 127 / max|v|) (half to even), symmetric, like llama.cpp's q8_0
+   activations; returns the block's scale d = max|v| / 127 (0 for an all-zero block: codes 0). */
+static inline float quantize_q8(const float* v, int64_t n, int8_t* q) {
+  float amax = 0.f;
+  for (int64_t c = 0; c < n; c++) amax = fabsf(v[c]) > amax ? fabsf(v[c]) : amax;
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  for (int64_t c = 0; c < n; c++) q[c] = (int8_t)nearbyintf(v[c] * inv);
+  return amax / 127.f;
 }
 """
 
@@ -103,13 +112,8 @@ template <class W, class X> struct Input {
     xq = (int8_t*)malloc((size_t)(nx * cols) + 64); xqs = (float*)malloc((size_t)(nx * cols / QB) * sizeof(float) + 64);
     if (!xq || !xqs) return 1;
     for (int64_t s = 0; s < nx; s++)
-      for (int64_t bl = 0; bl < cols / QB; bl++) {
-        const float* v = xf + s * cols + bl * QB; float amax = 0.f;
-        for (int c = 0; c < QB; c++) amax = fabsf(v[c]) > amax ? fabsf(v[c]) : amax;
-        const float inv = amax > 0.f ? 127.f / amax : 0.f;
-        xqs[s * (cols / QB) + bl] = amax / 127.f;
-        for (int c = 0; c < QB; c++) xq[s * cols + bl * QB + c] = (int8_t)nearbyintf(v[c] * inv);
-      }
+      for (int64_t bl = 0; bl < cols / QB; bl++)
+        xqs[s * (cols / QB) + bl] = quantize_q8(xf + s * cols + bl * QB, QB, xq + s * cols + bl * QB);
     return 0;
   }
   ~Input() { free(xf); free(xq); free(xqs); }

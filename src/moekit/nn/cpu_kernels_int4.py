@@ -30,6 +30,7 @@ SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 #include <stdlib.h>
+#include <math.h>
 #if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
@@ -85,6 +86,11 @@ static inline void rows_avx512(const uint8_t* wr, int64_t rs, const float* sf, i
    BLK = 128 (groups of 128k): a 64-byte load is 32 words of 4 codes; the input is permuted per 128 columns into
    4 runs of 32 (columns 4j, 4j+1, 4j+2, 4j+3). BLK = 64: 32 bytes zero-extended to 32 words of 2 codes; runs of
    the 32 even and the 32 odd columns. */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define HAVE_VNNI 1
+#else
+#define HAVE_VNNI 0
+#endif
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #define HAVE_BF16DP 1
 template <int NR, int BLK>
@@ -133,6 +139,58 @@ static inline void rows_bf16dp(const uint8_t* wr, int64_t rs, const float* sf, i
 }
 #endif
 
+/* int8 activations with AVX512-VNNI: the input is quantized per block of 64 columns (q8_0-style, ``quantize_q8``)
+   and the codes meet it as bytes: a 64-byte load is 128 codes, AND / shift split it into the low nibbles (even
+   columns) and the high ones (odd columns), and ``vpdpbusd`` (unsigned codes × signed input, 4 products summed
+   into each int32 lane, 64 products per instruction) sums each block's products exactly. xp: the quantized input
+   permuted per chunk of 128 columns (its 64 even columns, then its 64 odd ones; a 64-column tail: 32 + 32), so
+   int32 lanes 0-7 hold the chunk's first 64 columns and lanes 8-15 its second 64. dv: per chunk 16 lanes of the
+   blocks' scales (0 past the end). G128 (groups of 128k): one weight scale per chunk, applied per group; otherwise
+   (groups of 64·odd) the two halves' scales per chunk. */
+#if HAVE_VNNI
+template <int NR, bool G128>
+static inline void rows_vnni(const uint8_t* wr, int64_t rs, const float* sf, int64_t groups, int64_t gs, int64_t cols,
+                             const int8_t* xp, const float* dv, float* acc) {
+  const __m512i m4 = _mm512_set1_epi8(0x0f), zero = _mm512_setzero_si512();
+  __m512 a[NR];
+  for (int i = 0; i < NR; i++) a[i] = _mm512_setzero_ps();
+  if (G128) {
+    for (int64_t g = 0; g < groups; g++) {
+      __m512 t[NR];
+      for (int i = 0; i < NR; i++) t[i] = _mm512_setzero_ps();
+      for (int64_t c = g * gs, end = c + gs; c < end; c += 128) {
+        const __m512i xl = _mm512_loadu_si512((const void*)(xp + c)), xh = _mm512_loadu_si512((const void*)(xp + c + 64));
+        const __m512 d = _mm512_loadu_ps(dv + c / 8);
+        for (int i = 0; i < NR; i++) {
+          const __m512i w = _mm512_loadu_si512((const void*)(wr + i * rs + c / 2));
+          __m512i p = _mm512_dpbusd_epi32(zero, _mm512_and_si512(w, m4), xl);
+          p = _mm512_dpbusd_epi32(p, _mm512_and_si512(_mm512_srli_epi16(w, 4), m4), xh);
+          t[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), d, t[i]);
+        }
+      }
+      for (int i = 0; i < NR; i++) a[i] = _mm512_fmadd_ps(t[i], _mm512_set1_ps(sf[i * groups + g]), a[i]);
+    }
+  } else {
+    for (int64_t c = 0; c < cols; c += 128) {
+      const int64_t n = cols - c < 128 ? cols - c : 128;
+      const __mmask64 mk = n == 128 ? ~(__mmask64)0 : (__mmask64)0xffffffffu;
+      const __m512i xl = _mm512_maskz_loadu_epi8(mk, xp + c), xh = _mm512_maskz_loadu_epi8(mk, xp + c + n / 2);
+      const __m512 d = _mm512_loadu_ps(dv + c / 8);
+      const int64_t g0 = c / gs, g1 = n == 128 ? (c + 64) / gs : g0;
+      for (int i = 0; i < NR; i++) {
+        const __m512i w = _mm512_maskz_loadu_epi8(mk, wr + i * rs + c / 2);
+        __m512i p = _mm512_dpbusd_epi32(zero, _mm512_and_si512(w, m4), xl);
+        p = _mm512_dpbusd_epi32(p, _mm512_and_si512(_mm512_srli_epi16(w, 4), m4), xh);
+        const __m512 sv = _mm512_mask_blend_ps((__mmask16)0xff00, _mm512_set1_ps(sf[i * groups + g0]),
+                                               _mm512_set1_ps(sf[i * groups + g1]));
+        a[i] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(p), d), sv, a[i]);
+      }
+    }
+  }
+  for (int i = 0; i < NR; i++) acc[i] = _mm512_reduce_add_ps(a[i]);
+}
+#endif
+
 static inline float row_scalar(const uint8_t* wr, const float* sf, int64_t groups, int64_t gs, const float* xv) {
   float acc = 0.f;
   for (int64_t g = 0; g < groups; g++) {
@@ -146,31 +204,67 @@ static inline float row_scalar(const uint8_t* wr, const float* sf, int64_t group
   return acc;
 }
 
+/* The loop a call runs: 0 scalar; 1 AVX-512 fp32 (groups of 32k); 2 / 3 AVX512-BF16 dot products (bf16 input,
+   groups of 64k / 128k); 4 int8 activations with AVX512-VNNI (qx set, groups of 64k, any input dtype). */
+static int int4_mode(int64_t gs, bool bf16_input, int qx) {
+  int mode = 0;
+#if defined(__AVX512F__)
+  if (gs % 32 == 0) mode = 1;
+#endif
+#if defined(HAVE_BF16DP)
+  if (bf16_input && gs % 64 == 0) mode = gs % 128 == 0 ? 3 : 2;
+#endif
+  if (HAVE_VNNI && qx && gs % 64 == 0) mode = 4;
+  (void)gs; (void)bf16_input; (void)qx;
+  return mode;
+}
+
 /* out[s, r] = Σ_c (q[e, r, c] − z[e, r, c / gs]) · s[e, r, c / gs] · x[s / xdiv, c] with e = ids[s]; 0 where e is
    not in [0, ne). q: packed bytes, row stride rs and expert stride es (bytes); scales (float16 bits) and zeros
    share the strides ges (expert) and grs (row); x rows contiguous with stride xs; out [n, rows]. */
 template <class X>
 static int gemv4(const uint8_t* q, int64_t es, int64_t rs, const uint16_t* sc, const uint8_t* zp, int64_t ges,
                  int64_t grs, const int64_t* ids, int64_t n, int64_t ne, const typename X::T* x, int64_t xs,
-                 int64_t xdiv, int64_t rows, int64_t cols, int64_t gs, typename X::T* out, int nthreads) {
+                 int64_t xdiv, int64_t rows, int64_t cols, int64_t gs, typename X::T* out, int nthreads, int qx) {
   if (gs < 2 || gs % 2 || cols % gs) return 2;
   const int64_t nx = (n + xdiv - 1) / xdiv, groups = cols / gs;
-  /* 0: scalar loop; 1: AVX-512 fp32 (groups of 32k); 2 / 3: AVX512-BF16 dot products (bf16 input, groups of 64k /
-     128k) */
-  int mode = 0;
-#if defined(__AVX512F__)
-  if (gs % 32 == 0) mode = 1;
-#endif
-#if defined(HAVE_BF16DP)
-  if (X::bf16 && gs % 64 == 0) mode = gs % 128 == 0 ? 3 : 2;
-#endif
+  const int mode = int4_mode(gs, X::bf16, qx);
   const int64_t blk = mode == 3 ? 128 : mode == 2 ? 64 : 32;
-  const float zoff = mode >= 2 ? 128.f : 0.f;  /* the dot-product paths add 128 to every code */
+  const float zoff = mode == 2 || mode == 3 ? 128.f : 0.f;  /* the bf16 dot-product paths add 128 to every code */
   float* xf = (float*)malloc((size_t)(nx * (cols + groups)) * sizeof(float) + (size_t)(nx * cols) * 2 + 128);
   if (!xf) return 1;  /* the caller falls back to torch's ops */
   float* xsum = xf + nx * cols;
   uint16_t* xb = (uint16_t*)(xsum + nx * groups);
-  for (int64_t s = 0; s < nx; s++) {
+  /* mode 4: the quantized input, permuted per 128-column chunk (see rows_vnni), and per chunk 16 lanes of block
+     scales; xsum then holds Σ_b d_b · Σ_{c in b} xq_c per group (the zero points' share on the quantized input) */
+  const int64_t nch = (cols + 127) / 128;
+  int8_t* xp = nullptr; float* dv = nullptr;
+  if (mode == 4) {
+    xp = (int8_t*)malloc((size_t)(nx * cols) + (size_t)(nx * nch * 16) * sizeof(float) + 128);
+    if (!xp) { free(xf); return 1; }
+    dv = (float*)(xp + ((nx * cols + 63) & ~(int64_t)63));
+    int8_t qb[64];
+    for (int64_t s = 0; s < nx; s++) {
+      const typename X::T* xi = x + s * xs;
+      float* xr = xf + s * cols;
+      for (int64_t c = 0; c < cols; c++) xr[c] = X::get(xi[c]);
+      for (int64_t g = 0; g < groups; g++) xsum[s * groups + g] = 0.f;
+      for (int64_t k = 0; k < nch * 16; k++) dv[s * nch * 16 + k] = 0.f;
+      for (int64_t bl = 0; bl < cols / 64; bl++) {
+        const int64_t c0 = bl * 64, ch = c0 / 128, n = cols - ch * 128 < 128 ? cols - ch * 128 : 128;
+        const float d = quantize_q8(xr + c0, 64, qb);
+        int32_t t = 0;
+        for (int j = 0; j < 64; j++) {
+          t += qb[j];
+          const int64_t in = c0 + j - ch * 128;  /* position in the chunk: even columns first, then odd */
+          xp[s * cols + ch * 128 + (in % 2) * (n / 2) + in / 2] = qb[j];
+        }
+        for (int l = 0; l < 8; l++) dv[s * nch * 16 + ch * 16 + (c0 % 128) / 8 + l] = d;
+        xsum[s * groups + c0 / gs] += d * (float)t;
+      }
+    }
+  }
+  for (int64_t s = 0; s < nx && mode != 4; s++) {
     float* xr = xf + s * cols;
     const typename X::T* xi = x + s * xs;
     for (int64_t c = 0; c < cols; c++) {
@@ -231,8 +325,25 @@ static int gemv4(const uint8_t* q, int64_t es, int64_t rs, const uint16_t* sc, c
       for (; g < groups; g++) { fi[g] = scale_f(si[g]); corr[i] += fi[g] * ((float)zi[g] + zoff) * xg[g]; }
     }
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#if HAVE_VNNI
+    if (mode == 4) {
+      const int8_t* xpv = xp + (s / xdiv) * cols;
+      const float* dvv = dv + (s / xdiv) * nch * 16;
+      if (gs % 128 == 0) switch (nr) {
+        case 4: rows_vnni<4, true>(wr, rs, sf, groups, gs, cols, xpv, dvv, acc); break;
+        case 3: rows_vnni<3, true>(wr, rs, sf, groups, gs, cols, xpv, dvv, acc); break;
+        case 2: rows_vnni<2, true>(wr, rs, sf, groups, gs, cols, xpv, dvv, acc); break;
+        default: rows_vnni<1, true>(wr, rs, sf, groups, gs, cols, xpv, dvv, acc); break;
+      } else switch (nr) {
+        case 4: rows_vnni<4, false>(wr, rs, sf, groups, gs, cols, xpv, dvv, acc); break;
+        case 3: rows_vnni<3, false>(wr, rs, sf, groups, gs, cols, xpv, dvv, acc); break;
+        case 2: rows_vnni<2, false>(wr, rs, sf, groups, gs, cols, xpv, dvv, acc); break;
+        default: rows_vnni<1, false>(wr, rs, sf, groups, gs, cols, xpv, dvv, acc); break;
+      }
+    } else
+#endif
 #if defined(HAVE_BF16DP)
-    if (mode >= 2) {
+    if (mode == 2 || mode == 3) {
       const uint16_t* xbv = xb + (s / xdiv) * cols;
       if (mode == 3) switch (nr) {
         case 4: rows_bf16dp<4, 128>(wr, rs, sf, groups, gs, xbv, acc); break;
@@ -262,6 +373,7 @@ static int gemv4(const uint8_t* q, int64_t es, int64_t rs, const uint16_t* sc, c
   }
   }
   free(xf);
+  free(xp);
   return 0;
 }
 
@@ -270,23 +382,13 @@ static int gemv4(const uint8_t* q, int64_t es, int64_t rs, const uint16_t* sc, c
   int64_t cols, int64_t gs
 #define PASS4 q, es, rs, sc, zp, ges, grs, ids, n, ne, x, xs, xdiv, rows, cols, gs
 extern "C" {
-int moekit_gemv_int4_bfloat16(ARGS4(uint16_t), uint16_t* out, int nt) { return gemv4<BF16>(PASS4, out, nt); }
-int moekit_gemv_int4_float32(ARGS4(float), float* out, int nt) { return gemv4<F32>(PASS4, out, nt); }
+int moekit_gemv_int4_bfloat16(ARGS4(uint16_t), uint16_t* out, int nt, int qx) { return gemv4<BF16>(PASS4, out, nt, qx); }
+int moekit_gemv_int4_float32(ARGS4(float), float* out, int nt, int qx) { return gemv4<F32>(PASS4, out, nt, qx); }
 #ifdef __FLT16_MAX__
-int moekit_gemv_int4_float16(ARGS4(_Float16), _Float16* out, int nt) { return gemv4<F16>(PASS4, out, nt); }
+int moekit_gemv_int4_float16(ARGS4(_Float16), _Float16* out, int nt, int qx) { return gemv4<F16>(PASS4, out, nt, qx); }
 #endif
-/* which path a call takes: 0 scalar, 1 AVX-512 fp32, 2 / 3 AVX512-BF16 dot products per 64 / 128 columns */
-int moekit_int4_path(int64_t gs, int bf16_input) {
-  int mode = 0;
-#if defined(__AVX512F__)
-  if (gs % 32 == 0) mode = 1;
-#endif
-#if defined(HAVE_BF16DP)
-  if (bf16_input && gs % 64 == 0) mode = gs % 128 == 0 ? 3 : 2;
-#endif
-  (void)gs; (void)bf16_input;
-  return mode;
-}
+/* which path a call takes (int4_mode) */
+int moekit_int4_path(int64_t gs, int bf16_input, int qx) { return int4_mode(gs, bf16_input != 0, qx); }
 }
 """
 SOURCE = SOURCE.replace("__CONVERSIONS__\n", cpu_kernels.CONVERSIONS)
@@ -309,17 +411,22 @@ def available() -> bool:
     return cpu_kernels.load_library(SOURCE, STEM) is not None
 
 
-PATHS = ("scalar", "avx512-fp32", "avx512-bf16-dot-64", "avx512-bf16-dot-128")
+PATHS = ("scalar", "avx512-fp32", "avx512-bf16-dot-64", "avx512-bf16-dot-128", "avx512-vnni-int8")
 
 
-def kernel_path(group_size: int, dtype: torch.dtype) -> str | None:
-    """Which loop the kernel runs for this group size and input dtype (``PATHS``), None without the kernel."""
+def kernel_path(group_size: int, dtype: torch.dtype, activations: str | None = None) -> str | None:
+    """Which loop the kernel runs for this group size, input dtype and ``activations`` (default
+    ``cpu_kernels.int8_activations()``) (``PATHS``), None without the kernel."""
     fn = _fn("moekit_int4_path")
-    return PATHS[fn(ctypes.c_int64(group_size), ctypes.c_int(dtype == torch.bfloat16))] if fn is not None else None
+    if fn is None:
+        return None
+    qx = (activations or cpu_kernels.int8_activations()) == "int8"
+    return PATHS[fn(ctypes.c_int64(group_size), ctypes.c_int(dtype == torch.bfloat16), ctypes.c_int(qx))]
 
 
 def expert_gemv_int4(
-    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, ids: torch.Tensor
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, ids: torch.Tensor,
+    activations: str | None = None,
 ) -> torch.Tensor | None:
     """``out[t, j] = x[t] (or x[t, j]) @ W[ids[t, j]].T`` for int4 experts, W = (codes − zero)·scale per group, as one
     kernel call; None when the kernel cannot run these tensors (then use torch's ops).
@@ -327,6 +434,8 @@ def expert_gemv_int4(
     ``q [E, out, in/2]`` uint8 packed codes (low nibble = even column) with contiguous rows, ``scale [E, out, G]``
     float16 and ``zero [E, out, G]`` uint8 with equal strides (group size in / G), ``x [T, in]`` or ``[T, k, in]``
     in bf16/fp16/fp32, ``ids [T, k]``; slots with ids outside [0, E) are zero. The result has ``x``'s dtype.
+    ``activations`` (default ``cpu_kernels.int8_activations()``): ``"int8"`` quantizes ``x`` per block of 64 for
+    AVX512-VNNI where the CPU has it and the group size is a multiple of 64 (``"float"``: ``x`` as it is).
     """
     tensors = (x, q, scale, zero, ids)
     if any(t.device.type != "cpu" for t in tensors) or q.dim() != 3 or q.dtype != torch.uint8 or q.stride(-1) != 1:
@@ -355,5 +464,6 @@ def expert_gemv_int4(
         i64(scale.stride(0)), i64(scale.stride(1)), ptr(ids64.data_ptr()), i64(ids64.numel()), i64(q.shape[0]),
         ptr(xs.data_ptr()), i64(xs.stride(0)), i64(1 if per_slot else top_k), i64(rows), i64(cols),
         i64(cols // groups), ptr(out.data_ptr()), ctypes.c_int(torch.get_num_threads()),
+        ctypes.c_int(int((activations or cpu_kernels.int8_activations()) == "int8")),
     )
     return out if rc == 0 else None
