@@ -189,6 +189,7 @@ def generate_seconds(model, prompt: torch.Tensor, new_tokens: int, compiled: boo
 INT8: dict = {}  # experts module → its int8 buffers (quantize_experts_int8), attached only for "moekit-int8"
 INT4: dict = {}  # experts module → its packed int4 buffers (quantize_experts_int4), attached only for "moekit-int4"
 INT8_LINEARS: dict = {}  # nn.Linear → its int8 codes and row scales (quantize_linears_int8), for int8 and int4
+INT4_FLOAT_ACTS = "moekit-int4-float-acts"  # int4 experts, float activations (MOEKIT_INT4_ACTIVATIONS=float)
 
 
 def set_impl(model, impl: str) -> bool:
@@ -200,10 +201,15 @@ def set_impl(model, impl: str) -> bool:
 
     compiled = impl.endswith("-compiled")
     base = impl.removesuffix("-compiled")  # moekit-compiled is moekit-linears compiled; moekit-int8-compiled, ...
+    # moekit-int4-float-acts: the int4 experts with float activations (the loops before int8 activations)
+    if base == INT4_FLOAT_ACTS:
+        os.environ["MOEKIT_INT4_ACTIVATIONS"] = "float"
+    else:
+        os.environ.pop("MOEKIT_INT4_ACTIVATIONS", None)
     for store, names, own in ((INT8, INT8_BUFFERS, "moekit-int8"), (INT4, INT4_BUFFERS, "moekit-int4")):
         for module, buffers in store.items():
             for name in names:
-                if base == own:
+                if base == own or (own == "moekit-int4" and base == INT4_FLOAT_ACTS):
                     module.register_buffer(name, buffers[name], persistent=False)
                 elif hasattr(module, name):
                     delattr(module, name)
@@ -216,7 +222,7 @@ def set_impl(model, impl: str) -> bool:
     if base in ("moekit-linears", "moekit"):
         if base == "moekit-linears" or compiled:
             moekit.nn.cpu_kernels.use_for_linears(model)
-    elif base in ("moekit-int8", "moekit-int4"):
+    elif base in ("moekit-int8", "moekit-int4", INT4_FLOAT_ACTS):
         import types
 
         from moekit.nn.int8_experts import INT8_LINEAR_BUFFERS, int8_linear_forward
@@ -308,6 +314,7 @@ def release_offloaded() -> None:
 def model_for(model, impl: str):
     """The model an implementation runs: an offloaded copy for the offload rows (set up once), else ``model``
     switched to ``impl``; returns (model, compiled)."""
+    os.environ.pop("MOEKIT_INT4_ACTIVATIONS", None)  # int8 activations unless the row is moekit-int4-float-acts
     if impl in OFFLOADED:
         return OFFLOADED[impl][0].model, False
     if impl in HUGE:
@@ -325,6 +332,8 @@ def model_for(model, impl: str):
 
 def bench_threads(model, threads: int, dtype: str, args, emit) -> dict:
     """Bound, decode and prefill tokens/s of every implementation at one thread count."""
+    import moekit.nn
+
     if DEVICE.type == "cpu":
         torch.set_num_threads(threads)
     gbps = stream_read_gbps()
@@ -350,6 +359,8 @@ def bench_threads(model, threads: int, dtype: str, args, emit) -> dict:
     for quantized, name in ((INT8, "moekit-int8"), (INT4, "moekit-int4")):
         if quantized:  # and compiled (transformers' compiled decode step over the int8 / int4 kernels' custom ops)
             impls += [name] + ([f"{name}-compiled"] if not args.no_compile and DEVICE.type == "cpu" else [])
+    if INT4 and moekit.nn.cpu_kernels_int4.kernel_path(args.int4_group_size, model.dtype, "int8") == "avx512-vnni-int8":
+        impls.append(INT4_FLOAT_ACTS)  # side by side: the same experts without int8 activations
     impls += [i for i in (*OFFLOAD_IMPLS, INT4_OFFLOAD) if i in OFFLOADED]
     impls += list(HUGE)
     for impl in impls:  # warm-up: first calls, and compilation of the decode step
@@ -420,12 +431,16 @@ def bench_threads(model, threads: int, dtype: str, args, emit) -> dict:
         if INT4_OFFLOAD in decode:
             summary["moekit_int4_offload_warm_of_int4_bound"] = round(decode[INT4_OFFLOAD] / bound_int4, 3)
             summary["moekit_int4_offload_warm_vs_in_memory"] = round(decode[INT4_OFFLOAD] / decode["moekit-int4"], 3)
+        if INT4_FLOAT_ACTS in decode:
+            summary["moekit_int4_float_acts_of_int4_bound"] = round(decode[INT4_FLOAT_ACTS] / bound_int4, 3)
+            summary["moekit_int4_vs_float_acts"] = round(decode["moekit-int4"] / decode[INT4_FLOAT_ACTS], 3)
     summary["prefill_tok_s"] = {i: round(t, 1) for i, t in prefill.items()}
     summary["prefill_moekit_vs_fastest_hf"] = round(prefill["moekit"] / max(prefill["eager"], prefill["grouped_mm"]), 3)
     if args.llama_bench and dtype == "bfloat16":  # equal bits: bf16 GGUF against bf16, q8_0 against int8 experts
         best = "moekit-linears" if "moekit-linears" in decode else "moekit"
         runs = [("", args.gguf, best)] + ([("_q8_0", args.gguf_q8, "moekit-int8")] if args.gguf_q8 else [])
         runs += [("_q4", args.gguf_q4, "moekit-int4")] if args.gguf_q4 else []
+        q4_llama = None
         for suffix, gguf, ours in runs:
             if ours not in decode:
                 continue
@@ -434,6 +449,9 @@ def bench_threads(model, threads: int, dtype: str, args, emit) -> dict:
             summary[f"llama_cpp{suffix}_tok_s"] = llama.get("decode_tok_s")
             if llama.get("decode_tok_s"):
                 summary[f"{ours.replace('-', '_')}_vs_llama_cpp{suffix}"] = round(decode[ours] / llama["decode_tok_s"], 3)
+                q4_llama = llama["decode_tok_s"] if suffix == "_q4" else q4_llama
+        if q4_llama and INT4_FLOAT_ACTS in decode:
+            summary["moekit_int4_float_acts_vs_llama_cpp_q4"] = round(decode[INT4_FLOAT_ACTS] / q4_llama, 3)
     emit(summary)
     return summary
 
@@ -630,14 +648,14 @@ def main(argv: list[str] | None = None) -> int:
                 t.cleanup()
         del model
     keys = ("moekit", "moekit-linears", "moekit-linears-hugepages", "eager", "grouped_mm", "moekit-compiled", "moekit-int8", "moekit-int4",
-            "moekit-int8-compiled", "moekit-int4-compiled", *OFFLOAD_IMPLS, INT4_OFFLOAD)
+            "moekit-int8-compiled", "moekit-int4-compiled", INT4_FLOAT_ACTS, *OFFLOAD_IMPLS, INT4_OFFLOAD)
     rows = []
     for s in summaries:
         row = {k: s[k] for k in ("dtype", "threads", "bound_tok_s", "int8_bound_tok_s", "int4_bound_tok_s") if k in s}
         row |= {k.replace("-", "_"): s[f"{k}_tok_s"] for k in keys if f"{k}_tok_s" in s}
         row |= {k: v for k, v in s.items() if k.startswith(("llama_cpp", "moekit_of", "moekit_int8_of", "moekit_compiled_of", "moekit_linears_of",
                                                             "moekit_vs_llama", "moekit_int8_vs_llama", "moekit_int4_of", "moekit_int8_compiled", "moekit_int4_compiled",
-                                                            "moekit_int4_vs", "moekit_offload", "moekit_linears_hugepages"))}
+                                                            "moekit_int4_vs", "moekit_int4_float_acts", "moekit_offload", "moekit_linears_hugepages"))}
         rows.append(row)
     emit({"kind": "final", "clock": CLOCK, "rows": rows,
           "best_moekit_of_bound": max(s["moekit_of_bound"] for s in summaries),

@@ -189,7 +189,7 @@ def test_int4_vnni_path_equals_the_block_quantized_formula(group_size: int, cols
 @needs_vnni
 def test_int4_activations_switch(monkeypatch) -> None:
     """MOEKIT_INT8_ACTIVATIONS=float (int8's switch) makes the default int4 call the float-activation one, bit for
-    bit; unset, the int8-activation one."""
+    bit; unset, the int8-activation one; MOEKIT_INT4_ACTIVATIONS, when set, decides for int4 alone."""
     q, s, z, _ = _bank(128, 256)
     x, ids = torch.randn(1, 256, generator=torch.Generator().manual_seed(12)).bfloat16(), torch.tensor([[1, 3]])
     as_float = cpu_kernels_int4.expert_gemv_int4(x, q, s, z, ids, activations="float")
@@ -201,6 +201,12 @@ def test_int4_activations_switch(monkeypatch) -> None:
     monkeypatch.delenv("MOEKIT_INT8_ACTIVATIONS")
     assert torch.equal(cpu_kernels_int4.expert_gemv_int4(x, q, s, z, ids), as_int8)
     assert torch.equal(torch.ops.moekit.int4_expert_gemv(x, q, s, z, ids), as_int8)
+    monkeypatch.setenv("MOEKIT_INT4_ACTIVATIONS", "float")  # int4 only: int8 weights keep int8 activations
+    assert cpu_kernels_int4.int4_activations() == "float" and cpu_kernels.int8_activations() == "int8"
+    assert torch.equal(cpu_kernels_int4.expert_gemv_int4(x, q, s, z, ids), as_float)
+    monkeypatch.setenv("MOEKIT_INT8_ACTIVATIONS", "float")
+    monkeypatch.setenv("MOEKIT_INT4_ACTIVATIONS", "int8")  # int4's own setting wins
+    assert torch.equal(cpu_kernels_int4.expert_gemv_int4(x, q, s, z, ids), as_int8)
 
 
 def test_int4_ops_pass_opcheck() -> None:

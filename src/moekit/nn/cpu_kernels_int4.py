@@ -21,6 +21,7 @@ Its own source and library (``moekit_gemv_int4_*.so``), built and cached by ``cp
 from __future__ import annotations
 
 import ctypes
+import os
 
 import torch
 
@@ -397,13 +398,28 @@ _DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: 
 STEM = "moekit_gemv_int4"
 
 
+_FNS: dict = {}  # (library, name) → entry point: the per-call lookup is one dict access
+
+
 def _fn(name: str):
     """The int4 library's entry point ``name``, or None when the library (or that dtype's variant) is missing."""
     lib = cpu_kernels.load_library(SOURCE, STEM)
-    fn = getattr(lib, name, None) if lib is not None else None
-    if fn is not None:
-        fn.restype = ctypes.c_int
-    return fn
+    key = (id(lib), name)
+    if key not in _FNS:
+        fn = getattr(lib, name, None) if lib is not None else None
+        if fn is not None:
+            fn.restype = ctypes.c_int
+        _FNS[key] = fn
+    return _FNS[key]
+
+
+def int4_activations() -> str:
+    """How int4 weights meet their input: ``$MOEKIT_INT4_ACTIVATIONS`` (``int8`` or ``float``) when set, else what
+    int8 weights do (``cpu_kernels.int8_activations()``, ``$MOEKIT_INT8_ACTIVATIONS``; ``"int8"`` by default)."""
+    mode = os.environ.get("MOEKIT_INT4_ACTIVATIONS", "").strip().lower()
+    if not mode:
+        return cpu_kernels.int8_activations()
+    return "float" if mode in ("float", "fp32", "0", "no") else "int8"
 
 
 def available() -> bool:
@@ -416,11 +432,11 @@ PATHS = ("scalar", "avx512-fp32", "avx512-bf16-dot-64", "avx512-bf16-dot-128", "
 
 def kernel_path(group_size: int, dtype: torch.dtype, activations: str | None = None) -> str | None:
     """Which loop the kernel runs for this group size, input dtype and ``activations`` (default
-    ``cpu_kernels.int8_activations()``) (``PATHS``), None without the kernel."""
+    ``int4_activations()``) (``PATHS``), None without the kernel."""
     fn = _fn("moekit_int4_path")
     if fn is None:
         return None
-    qx = (activations or cpu_kernels.int8_activations()) == "int8"
+    qx = (activations or int4_activations()) == "int8"
     return PATHS[fn(ctypes.c_int64(group_size), ctypes.c_int(dtype == torch.bfloat16), ctypes.c_int(qx))]
 
 
@@ -434,7 +450,7 @@ def expert_gemv_int4(
     ``q [E, out, in/2]`` uint8 packed codes (low nibble = even column) with contiguous rows, ``scale [E, out, G]``
     float16 and ``zero [E, out, G]`` uint8 with equal strides (group size in / G), ``x [T, in]`` or ``[T, k, in]``
     in bf16/fp16/fp32, ``ids [T, k]``; slots with ids outside [0, E) are zero. The result has ``x``'s dtype.
-    ``activations`` (default ``cpu_kernels.int8_activations()``): ``"int8"`` quantizes ``x`` per block of 64 for
+    ``activations`` (default ``int4_activations()``): ``"int8"`` quantizes ``x`` per block of 64 for
     AVX512-VNNI where the CPU has it and the group size is a multiple of 64 (``"float"``: ``x`` as it is).
     """
     tensors = (x, q, scale, zero, ids)
@@ -464,6 +480,6 @@ def expert_gemv_int4(
         i64(scale.stride(0)), i64(scale.stride(1)), ptr(ids64.data_ptr()), i64(ids64.numel()), i64(q.shape[0]),
         ptr(xs.data_ptr()), i64(xs.stride(0)), i64(1 if per_slot else top_k), i64(rows), i64(cols),
         i64(cols // groups), ptr(out.data_ptr()), ctypes.c_int(torch.get_num_threads()),
-        ctypes.c_int(int((activations or cpu_kernels.int8_activations()) == "int8")),
+        ctypes.c_int(int((activations or int4_activations()) == "int8")),
     )
     return out if rc == 0 else None

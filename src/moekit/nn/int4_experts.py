@@ -25,7 +25,7 @@ from moekit.formats.quantized import (
     stack_int4,
 )
 from moekit.nn import cpu_kernels_int4
-from moekit.nn.dispatch import expert_forward_codes, per_slot_products
+from moekit.nn.dispatch import eager_or_op, expert_forward_codes, per_slot_products
 
 # From this many rows an expert's group dequantizes the expert (to the activations' dtype) and runs one GEMM; fewer
 # rows run the int4 kernel, which reads the packed codes once per row.
@@ -40,13 +40,13 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dt
     return dequantize(QTensor(q, scale, zero, 4, in_dim // groups, (out_dim, in_dim)), dtype)
 
 
-@torch.library.custom_op("moekit::int4_expert_gemv", mutates_args=())
-def _int4_expert_gemv(
+def int4_expert_gemv_impl(
     x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, ids: torch.Tensor
 ) -> torch.Tensor:
-    """The int4 decode kernel: ``out[t, j] = x[t] (or x[t, j]) @ W[ids[t, j]].T`` (``[T, k, out]``, ``x``'s dtype);
+    """The int4 decode kernel: ``out[t, j] = x[t] (or x[t, j]) @ W[ids[t, j]].T`` (``[T, k, out]``, ``x``'s dtype),
+    the input quantized per 64-block where the kernel takes int8 activations (``cpu_kernels_int4.int4_activations``);
     without the compiled kernel, each slot's expert is dequantized to fp32 and multiplied in fp32 (same codes,
-    same fp32 accumulation, so the two agree to fp32 rounding)."""
+    same fp32 accumulation, so the two agree to fp32 rounding with float activations)."""
     fast = cpu_kernels_int4.expert_gemv_int4(x, q, scale, zero, ids)
     if fast is not None:
         return fast
@@ -54,6 +54,14 @@ def _int4_expert_gemv(
         x, ids, q.shape[0], q.shape[1],
         lambda xv, e: (dequantize_int4(q[e], scale[e], zero[e], torch.float32) @ xv[0].float()).to(x.dtype),
     )
+
+
+@torch.library.custom_op("moekit::int4_expert_gemv", mutates_args=())
+def _int4_expert_gemv(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, ids: torch.Tensor
+) -> torch.Tensor:
+    """``int4_expert_gemv_impl`` as a custom op (compiled graphs call it; eager mode calls the function)."""
+    return int4_expert_gemv_impl(x, q, scale, zero, ids)
 
 
 @_int4_expert_gemv.register_fake
@@ -146,7 +154,7 @@ def expert_forward_int4(
     banks = (int4_banks[:3], int4_banks[3:])  # (codes, scales, zero points) of gate/up and of down
     return expert_forward_codes(
         x, ids, weights, int4_banks[0].shape[0],
-        lambda v, p, slot_ids: torch.ops.moekit.int4_expert_gemv(v, *banks[p], slot_ids),
+        lambda v, p, slot_ids: eager_or_op("int4_expert_gemv", int4_expert_gemv_impl, v, *banks[p], slot_ids),
         lambda v, p, offsets: torch.ops.moekit.int4_grouped_mm(v, *banks[p], offsets),
         act, b_gate_up=b_gate_up, b_down=b_down, has_gate=has_gate, gate_fn=gate_fn, post_fn=post_fn,
     )
