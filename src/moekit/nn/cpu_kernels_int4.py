@@ -245,23 +245,25 @@ static int gemv4(const uint8_t* q, int64_t es, int64_t rs, const uint16_t* sc, c
     if (!xp) { free(xf); return 1; }
     dv = (float*)(xp + ((nx * cols + 63) & ~(int64_t)63));
     int8_t qb[64];
+    float vb[64];
     for (int64_t s = 0; s < nx; s++) {
       const typename X::T* xi = x + s * xs;
-      float* xr = xf + s * cols;
-      for (int64_t c = 0; c < cols; c++) xr[c] = X::get(xi[c]);
-      for (int64_t g = 0; g < groups; g++) xsum[s * groups + g] = 0.f;
-      for (int64_t k = 0; k < nch * 16; k++) dv[s * nch * 16 + k] = 0.f;
-      for (int64_t bl = 0; bl < cols / 64; bl++) {
-        const int64_t c0 = bl * 64, ch = c0 / 128, n = cols - ch * 128 < 128 ? cols - ch * 128 : 128;
-        const float d = quantize_q8(xr + c0, 64, qb);
+      float* xg = xsum + s * groups;
+      float* dvs = dv + s * nch * 16;
+      for (int64_t g = 0; g < groups; g++) xg[g] = 0.f;
+      for (int64_t k = 0; k < nch * 16; k++) dvs[k] = 0.f;
+      for (int64_t c0 = 0; c0 < cols; c0 += 64) {
+        /* block c0 is half h of chunk ch (n columns): its even columns go to the chunk's first n/2 bytes, its odd
+           ones to the last n/2, 32 each from offset 32·h */
+        const int64_t ch = c0 / 128, h = (c0 / 64) % 2, n = cols - ch * 128 < 128 ? cols - ch * 128 : 128;
+        for (int j = 0; j < 64; j++) vb[j] = X::get(xi[c0 + j]);
+        const float d = quantize_q8(vb, 64, qb);
+        int8_t* lo = xp + s * cols + ch * 128 + 32 * h;
+        int8_t* hi = lo + n / 2;
         int32_t t = 0;
-        for (int j = 0; j < 64; j++) {
-          t += qb[j];
-          const int64_t in = c0 + j - ch * 128;  /* position in the chunk: even columns first, then odd */
-          xp[s * cols + ch * 128 + (in % 2) * (n / 2) + in / 2] = qb[j];
-        }
-        for (int l = 0; l < 8; l++) dv[s * nch * 16 + ch * 16 + (c0 % 128) / 8 + l] = d;
-        xsum[s * groups + c0 / gs] += d * (float)t;
+        for (int j = 0; j < 32; j++) { lo[j] = qb[2 * j]; hi[j] = qb[2 * j + 1]; t += qb[2 * j] + qb[2 * j + 1]; }
+        for (int l = 0; l < 8; l++) dvs[ch * 16 + 8 * h + l] = d;
+        xg[c0 / gs] += d * (float)t;
       }
     }
   }
