@@ -201,6 +201,10 @@ def test_int4_activations_switch(monkeypatch) -> None:
     monkeypatch.delenv("MOEKIT_INT8_ACTIVATIONS")
     assert torch.equal(cpu_kernels_int4.expert_gemv_int4(x, q, s, z, ids), as_int8)
     assert torch.equal(torch.ops.moekit.int4_expert_gemv(x, q, s, z, ids), as_int8)
+    rows = torch.cat([x, x])  # a prefill's small group (two rows of expert 1): float activations, whatever the setting
+    offsets = torch.tensor([0, 2, 2, 2, 2], dtype=torch.int32)
+    grouped = torch.ops.moekit.int4_grouped_mm(rows, q, s, z, offsets)
+    assert torch.equal(grouped, torch.cat([as_float[:, 0], as_float[:, 0]]))
     monkeypatch.setenv("MOEKIT_INT4_ACTIVATIONS", "float")  # int4 only: int8 weights keep int8 activations
     assert cpu_kernels_int4.int4_activations() == "float" and cpu_kernels.int8_activations() == "int8"
     assert torch.equal(cpu_kernels_int4.expert_gemv_int4(x, q, s, z, ids), as_float)

@@ -41,13 +41,15 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dt
 
 
 def int4_expert_gemv_impl(
-    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, ids: torch.Tensor
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, ids: torch.Tensor,
+    activations: str | None = None,
 ) -> torch.Tensor:
     """The int4 decode kernel: ``out[t, j] = x[t] (or x[t, j]) @ W[ids[t, j]].T`` (``[T, k, out]``, ``x``'s dtype),
-    the input quantized per 64-block where the kernel takes int8 activations (``cpu_kernels_int4.int4_activations``);
-    without the compiled kernel, each slot's expert is dequantized to fp32 and multiplied in fp32 (same codes,
-    same fp32 accumulation, so the two agree to fp32 rounding with float activations)."""
-    fast = cpu_kernels_int4.expert_gemv_int4(x, q, scale, zero, ids)
+    the input quantized per 64-block where the kernel takes int8 activations (``activations``, default
+    ``cpu_kernels_int4.int4_activations()``); without the compiled kernel, each slot's expert is dequantized to fp32
+    and multiplied in fp32 (same codes, same fp32 accumulation, so the two agree to fp32 rounding with float
+    activations)."""
+    fast = cpu_kernels_int4.expert_gemv_int4(x, q, scale, zero, ids, activations)
     if fast is not None:
         return fast
     return per_slot_products(
@@ -75,7 +77,8 @@ def _int4_grouped_mm(
 ) -> torch.Tensor:
     """Sorted rows ``x [S, in]`` times int4 experts over int ``offsets [E]``: a group of at least
     ``INT4_DEQUANT_MIN_ROWS`` rows dequantizes its expert to ``x``'s dtype and runs one GEMM, a smaller one runs the
-    int4 kernel on its rows; rows past the last group are zero."""
+    int4 kernel on its rows with float activations (a prefill's numbers do not depend on how its rows group, as with
+    int8 experts: int8 activations are for decode steps); rows past the last group are zero."""
     out = x.new_empty(x.shape[0], q.shape[1])
     start = 0
     for e, end in enumerate(offsets.tolist()):
@@ -83,7 +86,7 @@ def _int4_grouped_mm(
             torch.mm(x[start:end], dequantize_int4(q[e], scale[e], zero[e], x.dtype).t(), out=out[start:end])
         elif end > start:
             ids = torch.full((end - start, 1), e, dtype=torch.int64)
-            out[start:end] = torch.ops.moekit.int4_expert_gemv(x[start:end].unsqueeze(1), q, scale, zero, ids)[:, 0]
+            out[start:end] = int4_expert_gemv_impl(x[start:end].unsqueeze(1), q, scale, zero, ids, "float")[:, 0]
         start = end
     out[start:].zero_()
     return out
