@@ -45,13 +45,14 @@ def int4_bank(experts: int, rows: int, cols: int, group_size: int, seed: int) ->
 
 
 def timed(call, passes: int, repeats: int) -> float:
-    """Median wall seconds of one pass (``passes`` calls, one per bank)."""
-    call(0)
+    """Median wall seconds of one pass (``passes`` calls, one per bank; ``call(bank, rep)``: each repeat takes the
+    next k experts of every bank, so a call's weights were last read ``E / k`` passes ago, not in the L3)."""
+    call(0, 0)
     times = []
-    for _ in range(repeats):
+    for rep in range(1, repeats + 1):
         t0 = time.perf_counter()
         for b in range(passes):
-            call(b)
+            call(b, rep)
         times.append((time.perf_counter() - t0) / passes)
     return statistics.median(times)
 
@@ -65,14 +66,18 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--banks", type=int, default=6, help="int4 banks cycled (each experts x rows x cols / 2 bytes)")
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=7, help="passes; the median is reported (each on other experts)")
     ap.add_argument("--no-float", action="store_true", help="skip the int8 and bf16 kernels")
     args = ap.parse_args()
     e, r, c, k = args.experts, args.rows, args.cols, args.top_k
     banks4 = [int4_bank(e, r, c, args.group_size, seed) for seed in range(args.banks)]
     g = torch.Generator().manual_seed(7)
     x = torch.randn(1, c, generator=g).bfloat16()
-    ids = [torch.randperm(e, generator=g)[:k].reshape(1, k) for _ in range(args.banks)]
+    perms = [torch.randperm(e, generator=g) for _ in range(args.banks)]
+
+    def ids(b: int, rep: int) -> torch.Tensor:  # repeat rep: the rep-th k experts of bank b's permutation
+        return perms[b].roll(-k * rep)[:k].reshape(1, k)
+
     bytes4 = k * (r * c // 2 + 3 * r * (c // args.group_size))
     rows_out = []
     for threads in [int(t) for t in args.threads.split(",")]:
@@ -81,7 +86,7 @@ def main() -> None:
         row = {"threads": threads, "stream_read_GBps": round(gbps, 2)}
         for name, acts in (("int4_vnni", "int8"), ("int4_float", "float")):
             path = cpu_kernels_int4.kernel_path(args.group_size, x.dtype, acts)
-            sec = timed(lambda b, acts=acts: cpu_kernels_int4.expert_gemv_int4(x, *banks4[b], ids[b], acts),
+            sec = timed(lambda b, rep, acts=acts: cpu_kernels_int4.expert_gemv_int4(x, *banks4[b], ids(b, rep), acts),
                         args.banks, args.repeats)
             rate = bytes4 / sec / 1e9
             print(json.dumps({"kind": "kernel", "kernel": name, "path": path, "threads": threads,
@@ -94,11 +99,11 @@ def main() -> None:
             for name in ("int8_vnni", "bf16"):
                 if name == "int8_vnni":
                     w8 = [quantize_rows_int8(torch.randn(e, r, c, generator=g).bfloat16()) for _ in range(nb)]
-                    call = lambda b, w8=w8: cpu_kernels.expert_gemv(x, w8[b][0], ids[b], w8[b][1], "int8")  # noqa: E731
+                    call = lambda b, rep, w8=w8: cpu_kernels.expert_gemv(x, w8[b][0], ids(b, rep), w8[b][1], "int8")  # noqa: E731
                     nbytes = k * r * c * 1
                 else:
                     wb = [torch.randn(e, r, c, generator=g).bfloat16() for _ in range(nb)]
-                    call = lambda b, wb=wb: cpu_kernels.expert_gemv(x, wb[b], ids[b])  # noqa: E731
+                    call = lambda b, rep, wb=wb: cpu_kernels.expert_gemv(x, wb[b], ids(b, rep))  # noqa: E731
                     nbytes = k * r * c * 2
                 sec = timed(call, nb, args.repeats)
                 rate = nbytes / sec / 1e9
