@@ -6,10 +6,15 @@ per group of ``gs`` columns one float16 scale ``s`` and one uint8 zero point ``z
 step is bound by the bytes it reads, and int4 reads 0.5 + 3/gs bytes per weight against bf16's 2.
 
 Per row and group the kernel forms d = Σ q·x over the group's columns, adds s·d to the row's fp32 accumulator, and
-subtracts Σ_g s·z·Σx_g once per row (the per-group input sums are computed once per call): the codes are exact, so
-results differ from dequantize-then-matmul in fp32 only by the accumulation order. Rows are split across torch's
-OpenMP threads four at a time with a prefetch two blocks ahead, like ``cpu_kernels``' ``gemv``. Three loops
-(``kernel_path``): bf16 inputs on a CPU with AVX512-BF16 and groups of 64k: each code becomes the bf16 number
+subtracts Σ_g s·z·Σx_g once per row (the per-group input sums are computed once per call). Rows are split across
+torch's OpenMP threads four at a time with a prefetch two blocks ahead, like ``cpu_kernels``' ``gemv``.
+
+With int8 activations (``int4_activations()``, the default) on a CPU with AVX512-VNNI and groups of 64k, the input
+is quantized per block of 64 values like the int8 kernel's (llama.cpp's Q4 × Q8 scheme): AND / shift unpack 128
+codes from a 64-byte load and ``vpdpbusd`` sums their products with the int8 input exactly in int32, so the result
+is the dequantized weights times the block-quantized input up to fp32 rounding. Otherwise (float activations) the
+codes meet the input as it is and results differ from dequantize-then-matmul in fp32 only by the accumulation
+order, in three loops (``kernel_path``): bf16 inputs on a CPU with AVX512-BF16 and groups of 64k: each code becomes the bf16 number
 128 + q (OR into 0x4300; 128 comes off with the zero point) and ``vdpbf16ps`` multiplies it with the bf16 input;
 other inputs with AVX-512 and groups of 32k: 16 bytes → 16 lanes (``vpmovzxbd``), and/shift, ``vcvtdq2ps``, FMA;
 otherwise a scalar loop. The vector loops read an input copy permuted once per call into the order the codes
