@@ -1,0 +1,421 @@
+"""Fused decode ops: a one-token step's RMSNorms, attention (norms, rotary, cache write, single-query attention)
+and router each in one native call instead of tens of small torch ops.
+
+At 2 threads an eager decode step of OLMoE spends ~13 ms outside the weight-streaming kernels, ~1 400 small aten ops
+that run cold after every kernel call has flushed the caches (docs/nn.md "Where a decode step goes"). Per decoder
+layer these calls replace: the input/post-attention RMSNorm (~27 aten ops each), the attention between its
+projections (q/k norms, views, rotary, the static-cache write, mask, SDPA: ~90 ops) and the router's linear,
+softmax, top-k and renormalisation (~20 ops). Modules change by a forward swap, like ``cpu_kernels.use_for_linears``:
+transformers' model code is not forked, and every call that is not a plain one-token CPU inference step (prefill,
+batches, grads, masks that are not boolean, caches other than transformers' static and dynamic layers, options
+such as ``output_attentions`` or ``clip_qkv``) runs the module's own forward.
+
+Numerics follow transformers' modules: RMSNorm in fp32, rounded to the input dtype, then times the weight and
+rounded again; rotary with each product and the sum rounded to the dtype as torch does (bit-identical); attention
+scores, softmax and the weighted sum of values in fp32, rounded once (SDPA's CPU kernel rounds its probabilities to
+bf16 before the value product, so outputs differ in the last bit of bf16 now and then); the router's logits
+rounded to the dtype like ``F.linear``, softmax and renormalisation in fp32, ties in top-k to the lower expert id.
+
+The C++ is built at first use by ``cpu_kernels.load_library`` (same compiler, flags, cache and ``MOEKIT_CPU_KERNELS=0``
+switch); ``MOEKIT_FUSED_DECODE=0`` keeps every module's own forward (bench_decode's ``moekit-linears-unfused`` row).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import types
+from collections.abc import Callable
+
+import torch
+
+from moekit.nn import cpu_kernels
+
+SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+#include <stdlib.h>
+#include <math.h>
+
+__CONVERSIONS__
+struct BF16 { typedef uint16_t T; static inline float get(T v) { return bf16f(v); } static inline T put(float f) { return f2bf(f); } };
+struct F32 { typedef float T; static inline float get(T v) { return v; } static inline T put(float f) { return f; } };
+#ifdef __FLT16_MAX__
+struct F16 { typedef _Float16 T; static inline float get(T v) { uint16_t h; memcpy(&h, &v, 2); return f16f(h); }
+             static inline T put(float f) { return (T)f; } };
+#endif
+template <class X> static inline float rnd(float f) { return X::get(X::put(f)); }  /* round to X's precision */
+
+/* transformers' RMSNorm over groups of n values: h = x * rsqrt(mean(x^2) + eps) in fp32, rounded to the dtype,
+   then w * h rounded again. In place is fine (out == x). */
+template <class X>
+static void rmsnorm(const typename X::T* x, const typename X::T* w, typename X::T* out, int64_t groups, int64_t n,
+                    float eps) {
+  for (int64_t g = 0; g < groups; g++) {
+    const typename X::T* xg = x + g * n; typename X::T* og = out + g * n;
+    float ss = 0.f;
+    #pragma omp simd reduction(+ : ss)
+    for (int64_t c = 0; c < n; c++) { const float v = X::get(xg[c]); ss += v * v; }
+    const float inv = 1.f / sqrtf(ss / (float)n + eps);
+    for (int64_t c = 0; c < n; c++) og[c] = X::put(X::get(w[c]) * rnd<X>(X::get(xg[c]) * inv));
+  }
+}
+
+/* rotate_half rotary on nh heads of D values in place, each product and the sum rounded like torch's ops. */
+template <class X>
+static void rotary(typename X::T* v, int64_t nh, int64_t D, const typename X::T* cs, const typename X::T* sn) {
+  const int64_t h2 = D / 2;
+  for (int64_t h = 0; h < nh; h++) {
+    typename X::T* p = v + h * D;
+    for (int64_t d = 0; d < h2; d++) {
+      const float x1 = X::get(p[d]), x2 = X::get(p[d + h2]);
+      const float c1 = X::get(cs[d]), c2 = X::get(cs[d + h2]), s1 = X::get(sn[d]), s2 = X::get(sn[d + h2]);
+      p[d] = X::put(rnd<X>(x1 * c1) + rnd<X>(-x2 * s1));
+      p[d + h2] = X::put(rnd<X>(x2 * c2) + rnd<X>(x1 * s2));
+    }
+  }
+}
+
+/* Single-query attention for H heads over L cached positions (GQA: head h reads kv head h / (H / Hkv)), the
+   positions where mask[j] is true (all when mask is null): scores, softmax and the value sum in fp32, rounded
+   once into out [H * D]. 1 when no position is attended. */
+template <class X>
+static int attend(const typename X::T* q, const typename X::T* kc, const typename X::T* vc, int64_t khs, int64_t kps,
+                  int64_t vhs, int64_t vps, int64_t L, const uint8_t* mask, int64_t H, int64_t Hkv, int64_t D,
+                  float scale, typename X::T* out, int nt) {
+  int64_t first = -1;
+  for (int64_t j = 0; j < L; j++) if (!mask || mask[j]) { first = j; break; }
+  if (first < 0) return 1;
+  const int64_t rep = H / Hkv;
+  const int par = nt > 1 && L * H * D > (int64_t)1 << 18;
+  #pragma omp parallel for num_threads(nt) schedule(static) if (par)
+  for (int64_t h = 0; h < H; h++) {
+    const int64_t g = h / rep;
+    float* s = (float*)malloc((size_t)L * sizeof(float));
+    float* acc = (float*)calloc((size_t)D, sizeof(float));
+    float* qf = (float*)malloc((size_t)D * sizeof(float));
+    for (int64_t d = 0; d < D; d++) qf[d] = X::get(q[h * D + d]);
+    float mx = -INFINITY;
+    for (int64_t j = first; j < L; j++) {
+      if (mask && !mask[j]) continue;
+      const typename X::T* kj = kc + g * khs + j * kps;
+      float a = 0.f;
+      #pragma omp simd reduction(+ : a)
+      for (int64_t d = 0; d < D; d++) a += qf[d] * X::get(kj[d]);
+      s[j] = a * scale; mx = s[j] > mx ? s[j] : mx;
+    }
+    float sum = 0.f;
+    for (int64_t j = first; j < L; j++) {
+      if (mask && !mask[j]) continue;
+      const float e = expf(s[j] - mx); sum += e;
+      const typename X::T* vj = vc + g * vhs + j * vps;
+      #pragma omp simd
+      for (int64_t d = 0; d < D; d++) acc[d] += e * X::get(vj[d]);
+    }
+    const float inv = 1.f / sum;
+    for (int64_t d = 0; d < D; d++) out[h * D + d] = X::put(acc[d] * inv);
+    free(s); free(acc); free(qf);
+  }
+  return 0;
+}
+
+/* One decode step's attention between the projections. q [H*D], k [Hkv*D] are normed (qn/kn weights over groups
+   of qg/kg values; null: none) and rotated in place. Static cache (cum != null): k and v are written at position
+   p = *cum of the cache, *cum += 1, then attention over the L positions the mask allows. Without cum the caller
+   has written the cache (transformers' dynamic layer) and ``attend`` runs alone (``moekit_attend``). Return codes:
+   0 done; 2 p >= L (nothing written: the caller's fallback raises transformers' own error); 1 nothing attended. */
+template <class X>
+static int attn_static(typename X::T* q, typename X::T* k, const typename X::T* v, const typename X::T* qn,
+                       const typename X::T* kn, int64_t qg, int64_t kg, float eps, const typename X::T* cs,
+                       const typename X::T* sn, typename X::T* kc, typename X::T* vc, int64_t khs, int64_t kps,
+                       int64_t vhs, int64_t vps, int64_t* cum, int64_t L, const uint8_t* mask, int64_t H,
+                       int64_t Hkv, int64_t D, float scale, typename X::T* out, int nt) {
+  if (cum && (*cum < 0 || *cum >= L)) return 2;
+  if (qn) rmsnorm<X>(q, qn, q, H * D / qg, qg, eps);
+  if (kn) rmsnorm<X>(k, kn, k, Hkv * D / kg, kg, eps);
+  if (cs) { rotary<X>(q, H, D, cs, sn); rotary<X>(k, Hkv, D, cs, sn); }
+  if (!cum) return 0;
+  const int64_t p = *cum;
+  for (int64_t g = 0; g < Hkv; g++) {
+    memcpy(kc + g * khs + p * kps, k + g * D, (size_t)D * sizeof(typename X::T));
+    memcpy(vc + g * vhs + p * vps, v + g * D, (size_t)D * sizeof(typename X::T));
+  }
+  *cum = p + 1;
+  return attend<X>(q, kc, vc, khs, kps, vhs, vps, L, mask, H, Hkv, D, scale, out, nt);
+}
+
+/* A router's one-token step: logits = W x (fp32 sums rounded to the dtype, like F.linear), softmax in fp32, top-k
+   (ties: the lower id), optionally renormalised; scores in the dtype (sf32: fp32, Mixtral's router). */
+template <class X>
+static void router(const typename X::T* x, const typename X::T* w, int64_t E, int64_t n, int64_t k, int norm, int sf32,
+                   typename X::T* logits, void* scores, int64_t* idx) {
+  float* p = (float*)malloc((size_t)E * sizeof(float));
+  float mx = -INFINITY;
+  for (int64_t e = 0; e < E; e++) {
+    const typename X::T* we = w + e * n;
+    float a = 0.f;
+    #pragma omp simd reduction(+ : a)
+    for (int64_t c = 0; c < n; c++) a += X::get(we[c]) * X::get(x[c]);
+    logits[e] = X::put(a); p[e] = X::get(logits[e]); mx = p[e] > mx ? p[e] : mx;
+  }
+  float sum = 0.f;
+  for (int64_t e = 0; e < E; e++) { p[e] = expf(p[e] - mx); sum += p[e]; }
+  for (int64_t e = 0; e < E; e++) p[e] /= sum;
+  float top[256]; float tsum = 0.f;
+  for (int64_t i = 0; i < k; i++) {
+    int64_t best = -1;
+    for (int64_t e = 0; e < E; e++) {
+      bool taken = false;
+      for (int64_t j = 0; j < i; j++) taken |= idx[j] == e;
+      if (!taken && (best < 0 || p[e] > p[best])) best = e;
+    }
+    idx[i] = best; top[i] = p[best]; tsum += p[best];
+  }
+  for (int64_t i = 0; i < k; i++) {
+    const float v = norm ? top[i] / tsum : top[i];
+    if (sf32) ((float*)scores)[i] = v; else ((typename X::T*)scores)[i] = X::put(v);
+  }
+  free(p);
+}
+
+#define ATTN_ARGS(T) T* q, T* k, const T* v, const T* qn, const T* kn, int64_t qg, int64_t kg, float eps, const T* cs, \
+  const T* sn, T* kc, T* vc, int64_t khs, int64_t kps, int64_t vhs, int64_t vps, int64_t* cum, int64_t L, \
+  const uint8_t* mask, int64_t H, int64_t Hkv, int64_t D, float scale, T* out, int nt
+#define ATTN_PASS q, k, v, qn, kn, qg, kg, eps, cs, sn, kc, vc, khs, kps, vhs, vps, cum, L, mask, H, Hkv, D, scale, out, nt
+#define ATT_ARGS(T) const T* q, const T* kc, const T* vc, int64_t khs, int64_t kps, int64_t vhs, int64_t vps, int64_t L, \
+  const uint8_t* mask, int64_t H, int64_t Hkv, int64_t D, float scale, T* out, int nt
+#define ATT_PASS q, kc, vc, khs, kps, vhs, vps, L, mask, H, Hkv, D, scale, out, nt
+#define DEFINE(NAME, X) \
+  void moekit_rmsnorm_##NAME(const X::T* x, const X::T* w, X::T* out, int64_t groups, int64_t n, float eps) { \
+    rmsnorm<X>(x, w, out, groups, n, eps); } \
+  int moekit_attn_##NAME(ATTN_ARGS(X::T)) { return attn_static<X>(ATTN_PASS); } \
+  int moekit_attend_##NAME(ATT_ARGS(X::T)) { return attend<X>(ATT_PASS); } \
+  void moekit_router_##NAME(const X::T* x, const X::T* w, int64_t E, int64_t n, int64_t k, int norm, int sf32, \
+                            X::T* logits, void* scores, int64_t* idx) { router<X>(x, w, E, n, k, norm, sf32, logits, scores, idx); }
+extern "C" {
+DEFINE(bfloat16, BF16)
+DEFINE(float32, F32)
+#ifdef __FLT16_MAX__
+DEFINE(float16, F16)
+#endif
+}
+""".replace("__CONVERSIONS__\n", cpu_kernels.CONVERSIONS)
+
+_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+_P, _I, _F, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+_SIGNATURES = {
+    "rmsnorm": (None, [_P, _P, _P, _I, _I, _F]),
+    "attn": (_C, [_P, _P, _P, _P, _P, _I, _I, _F, _P, _P, _P, _P, _I, _I, _I, _I, _P, _I, _P, _I, _I, _I, _F, _P, _C]),
+    "attend": (_C, [_P, _P, _P, _I, _I, _I, _I, _I, _P, _I, _I, _I, _F, _P, _C]),
+    "router": (None, [_P, _P, _I, _I, _I, _C, _C, _P, _P, _P]),
+}
+_fns: dict[str, Callable | None] = {}
+
+
+def enabled() -> bool:
+    """Whether fused decode ops may be used (``MOEKIT_FUSED_DECODE`` is not 0 and the library builds here)."""
+    if os.environ.get("MOEKIT_FUSED_DECODE", "1").strip().lower() in ("0", "false", "no"):
+        return False
+    return cpu_kernels.load_library(SOURCE, "moekit_fused") is not None
+
+
+def _fn(op: str, dtype: torch.dtype) -> Callable | None:
+    """The entry ``moekit_<op>_<dtype>`` with its argument types set, or None (no library, no such dtype)."""
+    key = f"{op}_{_DTYPES.get(dtype)}"
+    if key not in _fns:
+        lib = cpu_kernels.load_library(SOURCE, "moekit_fused")
+        fn = getattr(lib, f"moekit_{key}", None) if lib is not None and dtype in _DTYPES else None
+        if fn is not None:
+            fn.restype, fn.argtypes = _SIGNATURES[op]
+        _fns[key] = fn
+    return _fns[key]
+
+
+def _step_ok(x: torch.Tensor) -> bool:
+    """A one-token CPU inference step: one row, contiguous, no autograd."""
+    return (
+        x.device.type == "cpu" and x.numel() == x.shape[-1] and x.is_contiguous()
+        and not (torch.is_grad_enabled() and x.requires_grad) and not torch.compiler.is_compiling()
+    )
+
+
+# ----- RMSNorm -----
+RMSNORM_CLASSES = ("OlmoeRMSNorm", "Qwen3MoeRMSNorm", "Qwen2MoeRMSNorm", "MixtralRMSNorm", "LlamaRMSNorm",
+                   "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+"""transformers' RMSNorms that compute ``weight * (x.float() * rsqrt(mean(x²) + eps)).to(dtype)``."""
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """transformers' RMSNorm of the rows of ``x`` (last dim = ``weight``'s length) in one call, or None when the
+    kernel cannot run it (other device or dtypes, non-contiguous input)."""
+    fn = _fn("rmsnorm", x.dtype)
+    n = weight.shape[-1]
+    if fn is None or weight.dtype != x.dtype or x.device.type != "cpu" or not x.is_contiguous() or x.shape[-1] != n \
+            or not weight.is_contiguous():
+        return None
+    out = torch.empty_like(x) if out is None else out
+    fn(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // n, n, eps)
+    return out
+
+
+def _rmsnorm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """An RMSNorm's forward with a one-token CPU inference step in one call; the class's forward otherwise."""
+    if _step_ok(hidden_states):
+        y = rmsnorm(hidden_states, self.weight, self.variance_epsilon)
+        if y is not None:
+            return y
+    return type(self).forward(self, hidden_states)
+
+
+# ----- attention -----
+ATTENTION_CLASSES = ("OlmoeAttention", "Qwen3MoeAttention", "Qwen2MoeAttention", "MixtralAttention")
+"""Attention modules with the standard q/k/v/o layout whose decode step the fused op runs (others keep theirs)."""
+
+
+def _cache_layer(cache, idx: int):
+    """Layer ``idx`` of a transformers cache with a ``layers`` list, or None."""
+    layers = getattr(cache, "layers", None)
+    return layers[idx] if layers is not None and 0 <= idx < len(layers) else None
+
+
+def _attention_forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
+                       cache=None, past_key_values=None, **kwargs):
+    """The attention module's decode step fused (see module docstring); its own forward for anything else."""
+    cache = cache if cache is not None else past_key_values
+    out = _fused_attention(self, hidden_states, position_embeddings, attention_mask, cache, kwargs)
+    if out is not None:
+        return out, None
+    if past_key_values is not None:
+        kwargs["past_key_values"] = past_key_values
+    elif cache is not None:
+        kwargs["cache"] = cache
+    return type(self).forward(self, hidden_states, position_embeddings, attention_mask, **kwargs)
+
+
+def _fused_attention(self, h: torch.Tensor, pos_emb, mask, cache, kwargs) -> torch.Tensor | None:
+    """The fused decode step's output (after o_proj), or None when this call must take the module's own forward;
+    nothing is changed before it is sure to run."""
+    if (
+        not _step_ok(h) or h.dim() != 3 or pos_emb is None or cache is None or self.training
+        or kwargs.get("output_attentions") or getattr(self.config, "clip_qkv", None) is not None
+        or self.config._attn_implementation not in ("sdpa", "eager")
+    ):
+        return None
+    layer = _cache_layer(cache, self.layer_idx)
+    kind = type(layer).__name__
+    if kind not in ("StaticLayer", "DynamicLayer") or not getattr(layer, "is_initialized", False):
+        return None
+    if mask is not None and (mask.dtype != torch.bool or mask.device.type != "cpu" or mask.numel() != mask.shape[-1]
+                             or mask.stride(-1) != 1):
+        return None
+    if kind == "StaticLayer" and mask is None:  # transformers always masks a static cache's unused tail
+        return None
+    cos, sin = pos_emb
+    D = self.head_dim
+    if cos.dtype != h.dtype or cos.shape[-1] != D or cos.numel() != D or not (cos.is_contiguous() and sin.is_contiguous()):
+        return None
+    fn = _fn("attn", h.dtype)
+    if fn is None:
+        return None
+    norms = []
+    for name in ("q_norm", "k_norm"):
+        norm = getattr(self, name, None)
+        if norm is None:
+            norms.append((None, 0))
+        elif type(norm).__name__ in RMSNORM_CLASSES and norm.weight.dtype == h.dtype:
+            norms.append((norm.weight, norm.weight.shape[-1]))
+        else:
+            return None
+    eps = float(self.q_norm.variance_epsilon) if norms[0][0] is not None else 0.0
+    if norms[1][0] is not None and float(self.k_norm.variance_epsilon) != eps:
+        return None
+    q = self.q_proj(h)
+    k = self.k_proj(h)
+    v = self.v_proj(h)
+    H, Hkv = q.shape[-1] // D, k.shape[-1] // D
+    if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()) or v.shape[-1] != Hkv * D \
+            or H % Hkv or any(w is not None and (H * D if i == 0 else Hkv * D) % g for i, (w, g) in enumerate(norms)):
+        return None
+    (qn, qg), (kn, kg) = norms
+    out = torch.empty_like(q)
+    nt = torch.get_num_threads()
+    ptr = (lambda t: t.data_ptr() if t is not None else None)
+    scale = float(self.scaling)
+    if kind == "StaticLayer":
+        kc, vc = layer.keys, layer.values
+        L = kc.shape[2]
+        if kc.shape[0] != 1 or kc.dtype != h.dtype or vc.dtype != h.dtype or kc.stride(-1) != 1 or vc.stride(-1) != 1 \
+                or mask.shape[-1] != L or layer.cumulative_length.dtype != torch.int64 or kc.shape[-1] != D:
+            return None
+        rc = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), ptr(qn), ptr(kn), qg, kg, eps, cos.data_ptr(), sin.data_ptr(),
+                kc.data_ptr(), vc.data_ptr(), kc.stride(1), kc.stride(2), vc.stride(1), vc.stride(2),
+                layer.cumulative_length.data_ptr(), L, mask.data_ptr(), H, Hkv, D, scale, out.data_ptr(), nt)
+        if rc == 2:
+            return None  # position past the cache: transformers' own forward raises its error
+        if rc:
+            raise RuntimeError("fused attention attended no position")  # a mask with no True: SDPA would give NaN
+    else:
+        if layer.keys.dtype != h.dtype:
+            return None
+        fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), ptr(qn), ptr(kn), qg, kg, eps, cos.data_ptr(), sin.data_ptr(),
+           None, None, 0, 0, 0, 0, None, 0, None, H, Hkv, D, scale, None, nt)
+        keys, values = layer.update(k.view(1, 1, Hkv, D).transpose(1, 2), v.view(1, 1, Hkv, D).transpose(1, 2))
+        L = keys.shape[2]
+        if (mask is not None and mask.shape[-1] != L) or keys.stride(-1) != 1 or values.stride(-1) != 1:
+            qh = q.view(1, 1, H, D).transpose(1, 2)  # (the cache is updated already: finish with torch's attention)
+            o = torch.nn.functional.scaled_dot_product_attention(
+                qh, keys, values, attn_mask=mask, scale=scale, enable_gqa=H != Hkv)
+            out = o.transpose(1, 2).reshape(q.shape)
+        elif _fn("attend", h.dtype)(q.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(1), keys.stride(2),
+                                    values.stride(1), values.stride(2), L, ptr(mask), H, Hkv, D, scale,
+                                    out.data_ptr(), nt):
+            raise RuntimeError("fused attention attended no position")
+    return self.o_proj(out)
+
+
+# ----- router -----
+ROUTER_CLASSES = {"OlmoeTopKRouter": "norm_topk_prob", "Qwen3MoeTopKRouter": "norm_topk_prob",
+                  "Qwen2MoeTopKRouter": "norm_topk_prob", "MixtralTopKRouter": "mixtral"}
+"""Routers computing softmax → top-k (→ renormalise) over ``F.linear(x, weight)``, and where their renorm flag is."""
+
+
+def _router_forward(self, hidden_states: torch.Tensor):
+    """A top-k router's one-token step in one call (logits, scores, ids as the class returns them); its own forward
+    otherwise."""
+    w = self.weight
+    if _step_ok(hidden_states) and w.dtype == hidden_states.dtype and w.is_contiguous() and self.top_k <= 256 \
+            and getattr(self, "bias", None) is None:
+        fn = _fn("router", w.dtype)
+        if fn is not None:
+            mixtral = ROUTER_CLASSES[type(self).__name__] == "mixtral"
+            logits = hidden_states.new_empty(1, w.shape[0])
+            scores = torch.empty(1, self.top_k, dtype=torch.float32 if mixtral else w.dtype)
+            ids = torch.empty(1, self.top_k, dtype=torch.int64)
+            fn(hidden_states.data_ptr(), w.data_ptr(), w.shape[0], w.shape[1], self.top_k,
+               int(mixtral or bool(self.norm_topk_prob)), int(mixtral), logits.data_ptr(), scores.data_ptr(),
+               ids.data_ptr())
+            return logits, scores, ids
+    return type(self).forward(self, hidden_states)
+
+
+def use_fused_decode(model: torch.nn.Module, enable: bool = True) -> int:
+    """Swap the forwards of ``model``'s RMSNorms, attention modules and top-k routers of the supported classes
+    (``RMSNORM_CLASSES``, ``ATTENTION_CLASSES``, ``ROUTER_CLASSES``) for their fused decode step; returns how many
+    modules changed (0 when ``MOEKIT_FUSED_DECODE=0`` or no compiler). ``enable=False`` restores their own forwards.
+    Each swapped forward runs the module's own for anything but a one-token CPU inference step."""
+    if enable and not enabled():
+        return 0
+    forwards = {**dict.fromkeys(RMSNORM_CLASSES, _rmsnorm_forward), **dict.fromkeys(ATTENTION_CLASSES, _attention_forward),
+                **dict.fromkeys(ROUTER_CLASSES, _router_forward)}
+    changed = 0
+    for module in model.modules():
+        fwd = forwards.get(type(module).__name__)
+        if fwd is None:
+            continue
+        if enable and "forward" not in module.__dict__:
+            module.forward = types.MethodType(fwd, module)
+            changed += 1
+        elif not enable and getattr(module.__dict__.get("forward"), "__func__", None) is fwd:
+            del module.forward
+            changed += 1
+    return changed
