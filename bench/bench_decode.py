@@ -15,6 +15,10 @@ holds every expert, filled before timing (hit rate 1.0: what #14 calls "offloade
 the in-memory one, the bytes read per token being the same) and ``moekit-offload-half`` with half of each layer's
 experts (misses read from storage, page cache bypassed: its hit rate is printed).
 
+``moekit-linears`` (and the int8, int4, offloaded and huge-pages rows) run what ``moekit generate`` runs: the
+experts, the linears and ``moekit.nn.fused_decode`` (RMSNorms, attention, router and the experts' glue of a
+one-token step in one native call each); ``moekit-linears-unfused`` is the same without ``fused_decode``.
+
 Every implementation generates greedily with a static cache from the same prompt. Decode tokens/s is
 new tokens ÷ (time of a generate with ``--new-tokens`` + 1 tokens − time of one with 1 token), the median of
 ``--rounds`` interleaved rounds (every implementation once per round, so load from other processes hits all
@@ -60,7 +64,10 @@ OLMOE_1B_7B = dict(
     tie_word_embeddings=False,
 )
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
-IMPLS = ("eager", "grouped_mm", "moekit", "moekit-linears", "moekit-compiled")
+IMPLS = ("eager", "grouped_mm", "moekit", "moekit-linears", "moekit-linears-unfused", "moekit-compiled")
+# rows that also run moekit.nn.fused_decode (norms, attention, router and the experts' glue in one call each), as
+# moekit generate / serve do; moekit-linears-unfused is moekit-linears without them, side by side
+FUSED_IMPLS = ("moekit-linears", "moekit-int8", "moekit-int4", "moekit-int4-float-acts")
 OFFLOAD_IMPLS = ("moekit-offload-warm", "moekit-offload-half")
 INT4_OFFLOAD = "moekit-int4-offload-warm"  # a `moekit quantize --bits 4` checkpoint, its experts packed in the slots
 OFFLOADED: dict = {}  # offload row → (LoadedModel, OffloadEngine), built by prepare_offloaded
@@ -196,6 +203,7 @@ def set_impl(model, impl: str) -> bool:
     """Switch the experts implementation (and the int8 / int4 experts on or off); returns whether this run is
     compiled."""
     import moekit.nn
+    import moekit.nn.fused_decode
     from moekit.formats.quantized import INT4_BUFFERS
     from moekit.nn.int8_experts import INT8_BUFFERS
 
@@ -218,9 +226,12 @@ def set_impl(model, impl: str) -> bool:
     # (cpu_kernels.use_for_linears, a custom op under compile); moekit-int8 and moekit-int4: the linears int8 like
     # llama.cpp's quantized types (quantize_linears_int8's codes)
     moekit.nn.cpu_kernels.use_for_linears(model, enable=False)
+    moekit.nn.fused_decode.use_fused_decode(model, enable=False)
     moekit.nn.dequantize_linears_int8(model)
-    if base in ("moekit-linears", "moekit"):
-        if base == "moekit-linears" or compiled:
+    if base in FUSED_IMPLS and not compiled:
+        moekit.nn.fused_decode.use_fused_decode(model)
+    if base in ("moekit-linears", "moekit-linears-unfused", "moekit"):
+        if base != "moekit" or compiled:
             moekit.nn.cpu_kernels.use_for_linears(model)
     elif base in ("moekit-int8", "moekit-int4", INT4_FLOAT_ACTS):
         import types
@@ -263,6 +274,7 @@ def prepare_offloaded(model, checkpoint: str) -> None:
     with half of each layer's experts."""
     from moekit.nn.cpu_kernels import use_for_linears
     from moekit.nn.dispatch import use_moekit_experts
+    from moekit.nn.fused_decode import use_fused_decode
     from moekit.serve.engine import OffloadEngine
     from moekit.serve.store import load_offloaded, store_for
 
@@ -274,6 +286,7 @@ def prepare_offloaded(model, checkpoint: str) -> None:
         lm.model.generation_config.pad_token_id = 0
         use_moekit_experts(lm.model)
         use_for_linears(lm.model)
+        use_fused_decode(lm.model)  # as moekit serve (use_fast_decode)
         engine = OffloadEngine(lm, store_for(lm), slots=slots).start()
         if impl.endswith("-warm"):
             for v in lm.moe:
@@ -355,7 +368,7 @@ def bench_threads(model, threads: int, dtype: str, args, emit) -> dict:
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(3, model.config.vocab_size, (1, args.prompt), generator=g).to(DEVICE)
     impls = [i for i in IMPLS if not (args.no_compile and i.endswith("-compiled"))]
-    impls = [i for i in impls if i != "moekit-linears" or DEVICE.type == "cpu"]
+    impls = [i for i in impls if not i.startswith("moekit-linears") or DEVICE.type == "cpu"]
     for quantized, name in ((INT8, "moekit-int8"), (INT4, "moekit-int4")):
         if quantized:  # and compiled (transformers' compiled decode step over the int8 / int4 kernels' custom ops)
             impls += [name] + ([f"{name}-compiled"] if not args.no_compile and DEVICE.type == "cpu" else [])
@@ -400,6 +413,9 @@ def bench_threads(model, threads: int, dtype: str, args, emit) -> dict:
     summary["moekit_vs_grouped_mm"] = round(decode["moekit"] / decode["grouped_mm"], 3)
     if "moekit-linears" in decode:
         summary["moekit_linears_of_bound"] = round(decode["moekit-linears"] / bound, 3)
+    if "moekit-linears-unfused" in decode:
+        summary["moekit_linears_unfused_of_bound"] = round(decode["moekit-linears-unfused"] / bound, 3)
+        summary["moekit_linears_vs_unfused"] = round(decode["moekit-linears"] / decode["moekit-linears-unfused"], 3)
     if "moekit-linears-hugepages" in decode:
         summary["moekit_linears_hugepages_of_bound"] = round(decode["moekit-linears-hugepages"] / bound, 3)
         summary["moekit_linears_hugepages_vs_4k"] = round(decode["moekit-linears-hugepages"] / decode["moekit-linears"], 3)
@@ -647,8 +663,9 @@ def main(argv: list[str] | None = None) -> int:
             if t is not None:
                 t.cleanup()
         del model
-    keys = ("moekit", "moekit-linears", "moekit-linears-hugepages", "eager", "grouped_mm", "moekit-compiled", "moekit-int8", "moekit-int4",
-            "moekit-int8-compiled", "moekit-int4-compiled", INT4_FLOAT_ACTS, *OFFLOAD_IMPLS, INT4_OFFLOAD)
+    keys = ("moekit", "moekit-linears", "moekit-linears-unfused", "moekit-linears-hugepages", "eager", "grouped_mm",
+            "moekit-compiled", "moekit-int8", "moekit-int4", "moekit-int8-compiled", "moekit-int4-compiled", INT4_FLOAT_ACTS,
+            *OFFLOAD_IMPLS, INT4_OFFLOAD)
     rows = []
     for s in summaries:
         row = {k: s[k] for k in ("dtype", "threads", "bound_tok_s", "int8_bound_tok_s", "int4_bound_tok_s") if k in s}

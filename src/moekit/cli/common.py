@@ -139,11 +139,13 @@ def load_model(spec: str | None, dtype: str | None = "auto", max_memory: str | N
 
 def use_fast_decode(lm) -> None:
     """moekit's dispatch and CPU decode kernel for the experts, on the expert cache's slots when they are offloaded
-    (``lm.engine``, or an engine started later), and for the attention and lm_head linears (docs/nn.md, serving.md).
+    (``lm.engine``, or an engine started later), and for the attention and lm_head linears (docs/nn.md, serving.md);
+    a one-token step's RMSNorms, attention, router and experts' glue in one native call each (``fused_decode``).
     Without a memory budget's engine the resident CPU weights also move onto 2 MiB pages (``to_huge_pages``: 1.08-1.14x
     decode in bench_decode, docs/nn.md "Where a decode step goes")."""
     from moekit.nn.cpu_kernels import use_for_linears
     from moekit.nn.dispatch import use_moekit_experts
+    from moekit.nn.fused_decode import use_fused_decode
     from moekit.nn.huge_pages import to_huge_pages
 
     if lm.engine is not None:
@@ -152,6 +154,7 @@ def use_fast_decode(lm) -> None:
         use_moekit_experts(lm.model)
         to_huge_pages(lm.model)  # CPU tensors of >= 2 MiB (meta/offloaded banks and GPU tensors are skipped)
     use_for_linears(lm.model)
+    use_fused_decode(lm.model)
 
 
 def join_ranks():

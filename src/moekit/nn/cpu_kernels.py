@@ -566,6 +566,32 @@ def combine_banks(
 
 
 _ONE_SLOT = torch.zeros(1, 1, dtype=torch.int64)
+_LINEAR_FNS: dict = {}
+_GEMV_ARGTYPES = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                  ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                  ctypes.c_int]
+
+
+def _linear_step(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+    """``x @ w.T`` for one row as one kernel call with plain-int arguments and one allocation (a decode step makes
+    ~25 of these: ``expert_gemv``'s general checks and views cost ~7 small ops per call); None when the kernel
+    cannot run it (then ``expert_gemv`` or F.linear)."""
+    fn = _LINEAR_FNS.get(x.dtype, False)
+    if fn is False:
+        lib, name = _load(), _DTYPES.get(x.dtype)
+        fn = None
+        if lib is not None and name is not None and hasattr(lib, f"moekit_gemv_{name}"):
+            fn = lib[f"moekit_gemv_{name}"]  # a fresh function object: argtypes for plain ints, this use only
+            fn.restype, fn.argtypes = ctypes.c_int, _GEMV_ARGTYPES
+        _LINEAR_FNS[x.dtype] = fn
+    rows, cols = w.shape
+    if fn is None or not x.is_contiguous() or w.stride(1) != 1 or w.device.type != "cpu":
+        return expert_gemv(x.reshape(1, -1), w.unsqueeze(0), _ONE_SLOT)
+    out = x.new_empty(*x.shape[:-1], rows)
+    if fn(w.data_ptr(), rows * w.stride(0), w.stride(0), _ONE_SLOT.data_ptr(), 1, 1, x.data_ptr(), cols, 1, rows,
+          cols, out.data_ptr(), torch.get_num_threads()):
+        return None
+    return out
 
 
 def _gemv_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -581,9 +607,9 @@ def _gemv_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor
         if torch.compiler.is_compiling():  # the custom op (moekit.nn.dispatch) keeps the kernel in the graph
             y = torch.ops.moekit.expert_gemv(x.reshape(1, -1), w.unsqueeze(0), _ONE_SLOT, True)
         else:
-            y = expert_gemv(x.reshape(1, -1), w.unsqueeze(0), _ONE_SLOT)
+            y = _linear_step(x, w)
         if y is not None:
-            y = y.reshape(*x.shape[:-1], w.shape[0])
+            y = y if y.dim() == x.dim() else y.reshape(*x.shape[:-1], w.shape[0])
             return y if self.bias is None else y + self.bias
     return torch.nn.functional.linear(x, w, self.bias)
 

@@ -22,6 +22,7 @@ switch); ``MOEKIT_FUSED_DECODE=0`` keeps every module's own forward (bench_decod
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import os
 import types
@@ -178,6 +179,23 @@ static void router(const typename X::T* x, const typename X::T* w, int64_t E, in
   free(p);
 }
 
+/* Between a decode step's two expert kernel calls: act = silu(gate) * up for the k slots of h [k, 2I] (silu in fp32
+   rounded, the product rounded, as torch), each slot's down-projection address base + id * stride (0 for ids
+   outside [0, E): the slot adds nothing) and its routing weight in fp32 (wf32: the weights are fp32 already). */
+template <class X>
+static void moe_mid(const typename X::T* h, int64_t k, int64_t I, typename X::T* act, const int64_t* ids,
+                    const void* wts, int wf32, int64_t E, int64_t base, int64_t stride, int64_t* wp, float* g) {
+  for (int64_t s = 0; s < k; s++) {
+    const typename X::T* hs = h + s * 2 * I; typename X::T* as = act + s * I;
+    for (int64_t c = 0; c < I; c++) {
+      const float x = X::get(hs[c]);
+      as[c] = X::put(rnd<X>(x / (1.f + expf(-x))) * X::get(hs[I + c]));
+    }
+    wp[s] = ids[s] >= 0 && ids[s] < E ? base + ids[s] * stride : 0;
+    g[s] = wf32 ? ((const float*)wts)[s] : X::get(((const typename X::T*)wts)[s]);
+  }
+}
+
 #define ATTN_ARGS(T) T* q, T* k, const T* v, const T* qn, const T* kn, int64_t qg, int64_t kg, float eps, const T* cs, \
   const T* sn, T* kc, T* vc, int64_t khs, int64_t kps, int64_t vhs, int64_t vps, int64_t* cum, int64_t L, \
   const uint8_t* mask, int64_t H, int64_t Hkv, int64_t D, float scale, T* out, int nt
@@ -191,7 +209,10 @@ static void router(const typename X::T* x, const typename X::T* w, int64_t E, in
   int moekit_attn_##NAME(ATTN_ARGS(X::T)) { return attn_static<X>(ATTN_PASS); } \
   int moekit_attend_##NAME(ATT_ARGS(X::T)) { return attend<X>(ATT_PASS); } \
   void moekit_router_##NAME(const X::T* x, const X::T* w, int64_t E, int64_t n, int64_t k, int norm, int sf32, \
-                            X::T* logits, void* scores, int64_t* idx) { router<X>(x, w, E, n, k, norm, sf32, logits, scores, idx); }
+                            X::T* logits, void* scores, int64_t* idx) { router<X>(x, w, E, n, k, norm, sf32, logits, scores, idx); } \
+  void moekit_moe_mid_##NAME(const X::T* h, int64_t k, int64_t I, X::T* act, const int64_t* ids, const void* wts, \
+                             int wf32, int64_t E, int64_t base, int64_t stride, int64_t* wp, float* g) { \
+    moe_mid<X>(h, k, I, act, ids, wts, wf32, E, base, stride, wp, g); }
 extern "C" {
 DEFINE(bfloat16, BF16)
 DEFINE(float32, F32)
@@ -208,8 +229,15 @@ _SIGNATURES = {
     "attn": (_C, [_P, _P, _P, _P, _P, _I, _I, _F, _P, _P, _P, _P, _I, _I, _I, _I, _P, _I, _P, _I, _I, _I, _F, _P, _C]),
     "attend": (_C, [_P, _P, _P, _I, _I, _I, _I, _I, _P, _I, _I, _I, _F, _P, _C]),
     "router": (None, [_P, _P, _I, _I, _I, _C, _C, _P, _P, _P]),
+    "moe_mid": (None, [_P, _I, _I, _P, _P, _P, _C, _I, _I, _I, _P, _P]),
+    # cpu_kernels' decode kernel entries (its library), typed here for plain-int arguments
+    "gemv": (_C, [_P, _I, _I, _P, _I, _I, _P, _I, _I, _I, _I, _P, _C]),
+    "combine": (_C, [_P, _I, _I, _I, _P, _I, _I, _I, _P, _P, _P, _C]),
 }
 _fns: dict[str, Callable | None] = {}
+calls: collections.Counter = collections.Counter()
+"""How many one-token steps each fused op ran in this process ("rmsnorm", "attention", "router", "experts"): which
+path a model takes (tests, diagnostics)."""
 
 
 def enabled() -> bool:
@@ -223,8 +251,14 @@ def _fn(op: str, dtype: torch.dtype) -> Callable | None:
     """The entry ``moekit_<op>_<dtype>`` with its argument types set, or None (no library, no such dtype)."""
     key = f"{op}_{_DTYPES.get(dtype)}"
     if key not in _fns:
-        lib = cpu_kernels.load_library(SOURCE, "moekit_fused")
-        fn = getattr(lib, f"moekit_{key}", None) if lib is not None and dtype in _DTYPES else None
+        lib = (cpu_kernels.load_library() if op in ("gemv", "combine")
+               else cpu_kernels.load_library(SOURCE, "moekit_fused"))
+        fn = None
+        if lib is not None and dtype in _DTYPES:
+            try:
+                fn = lib[f"moekit_{key}"]  # a fresh function object: its argtypes are this module's alone
+            except AttributeError:
+                fn = None
         if fn is not None:
             fn.restype, fn.argtypes = _SIGNATURES[op]
         _fns[key] = fn
@@ -263,6 +297,7 @@ def _rmsnorm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     if _step_ok(hidden_states):
         y = rmsnorm(hidden_states, self.weight, self.variance_epsilon)
         if y is not None:
+            calls["rmsnorm"] += 1
             return y
     return type(self).forward(self, hidden_states)
 
@@ -284,6 +319,7 @@ def _attention_forward(self, hidden_states: torch.Tensor, position_embeddings=No
     cache = cache if cache is not None else past_key_values
     out = _fused_attention(self, hidden_states, position_embeddings, attention_mask, cache, kwargs)
     if out is not None:
+        calls["attention"] += 1
         return out, None
     if past_key_values is not None:
         kwargs["past_key_values"] = past_key_values
@@ -394,8 +430,67 @@ def _router_forward(self, hidden_states: torch.Tensor):
             fn(hidden_states.data_ptr(), w.data_ptr(), w.shape[0], w.shape[1], self.top_k,
                int(mixtral or bool(self.norm_topk_prob)), int(mixtral), logits.data_ptr(), scores.data_ptr(),
                ids.data_ptr())
+            calls["router"] += 1
             return logits, scores, ids
     return type(self).forward(self, hidden_states)
+
+
+# ----- experts (moekit's implementation) -----
+EXPERTS_CLASSES = ("OlmoeExperts", "Qwen3MoeExperts", "Qwen2MoeExperts", "MixtralExperts")
+"""transformers' experts modules (experts interface, gate;up + SiLU) whose one-token step under moekit's
+implementation takes the lean path."""
+
+def _experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+    """transformers' experts module with moekit's implementation: a plain one-token step (gate;up, SiLU, no biases,
+    float weights) as two kernel calls and one call between them, without moekit's general dispatch (~40 small ops);
+    the class's forward (the configured implementation) otherwise. Same kernels, so the same numbers."""
+    out = _lean_experts(self, hidden_states, top_k_index, top_k_weights)
+    if out is not None:
+        calls["experts"] += 1
+    return out if out is not None else type(self).forward(self, hidden_states, top_k_index, top_k_weights)
+
+
+def _lean_experts(self, x: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor) -> torch.Tensor | None:
+    from transformers.integrations.moe import _default_apply_gate
+
+    w1, w2 = getattr(self, "gate_up_proj", None), getattr(self, "down_proj", None)
+    if (
+        getattr(self.config, "_experts_implementation", None) != "moekit" or not _step_ok(x) or x.dim() != 2
+        or not isinstance(w1, torch.Tensor) or not isinstance(w2, torch.Tensor) or w1.dim() != 3
+        or getattr(self, "has_bias", False) or not getattr(self, "has_gate", True)
+        or getattr(self, "is_transposed", False) or not getattr(self, "is_concatenated", True)
+        or getattr(self, "has_post_expert_norm", False) or getattr(self, "_is_expert_parallel", False)
+        or getattr(type(self), "_apply_gate", _default_apply_gate) is not _default_apply_gate
+        or type(getattr(self, "act_fn", None)).__name__ != "SiLUActivation"
+        or any(name.startswith("moekit_") for name in self._buffers)  # quantized experts (int8, int4)
+        or w1.device.type != "cpu" or w2.device.type != "cpu"
+        or w1.dtype != x.dtype or w2.dtype != x.dtype or w1.requires_grad and torch.is_grad_enabled()
+        or not (w1.is_contiguous() and w2.is_contiguous()) or ids.dtype != torch.int64 or not ids.is_contiguous()
+        or ids.shape[0] != 1 or wts.shape != ids.shape or not wts.is_contiguous()
+        or wts.dtype not in (torch.float32, x.dtype) or w1.shape[2] != x.shape[-1] or w2.shape[2] * 2 != w1.shape[1]
+    ):
+        return None
+    gemv, mid, combine = _fn("gemv", x.dtype), _fn("moe_mid", x.dtype), _fn("combine", x.dtype)
+    if gemv is None or mid is None or combine is None:
+        return None
+    k = ids.shape[1]
+    E, R1, H = w1.shape
+    inner = R1 // 2
+    nt = torch.get_num_threads()
+    h = x.new_empty(k, R1)
+    if gemv(w1.data_ptr(), w1.stride(0), w1.stride(1), ids.data_ptr(), k, E, x.data_ptr(), H, k, R1, H,
+            h.data_ptr(), nt):
+        return None
+    act = x.new_empty(k, inner)
+    wp = torch.empty(k, dtype=torch.int64)
+    g = torch.empty(k, dtype=torch.float32)
+    mid(h.data_ptr(), k, inner, act.data_ptr(), ids.data_ptr(), wts.data_ptr(), int(wts.dtype == torch.float32), E,
+        w2.data_ptr(), w2.stride(0) * w2.element_size(), wp.data_ptr(), g.data_ptr())
+    out = x.new_empty(1, w2.shape[1])
+    if combine(wp.data_ptr(), w2.stride(1), 1, k, act.data_ptr(), inner, w2.shape[1], inner, None, g.data_ptr(),
+               out.data_ptr(), nt):
+        return None
+    return out
 
 
 def use_fused_decode(model: torch.nn.Module, enable: bool = True) -> int:
@@ -406,7 +501,7 @@ def use_fused_decode(model: torch.nn.Module, enable: bool = True) -> int:
     if enable and not enabled():
         return 0
     forwards = {**dict.fromkeys(RMSNORM_CLASSES, _rmsnorm_forward), **dict.fromkeys(ATTENTION_CLASSES, _attention_forward),
-                **dict.fromkeys(ROUTER_CLASSES, _router_forward)}
+                **dict.fromkeys(ROUTER_CLASSES, _router_forward), **dict.fromkeys(EXPERTS_CLASSES, _experts_forward)}
     changed = 0
     for module in model.modules():
         fwd = forwards.get(type(module).__name__)
