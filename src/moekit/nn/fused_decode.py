@@ -328,6 +328,11 @@ def _attention_forward(self, hidden_states: torch.Tensor, position_embeddings=No
     return type(self).forward(self, hidden_states, position_embeddings, attention_mask, **kwargs)
 
 
+def _ptr(t: torch.Tensor | None) -> int | None:
+    """A tensor's data address, None for no tensor (a null pointer)."""
+    return t.data_ptr() if t is not None else None
+
+
 def _fused_attention(self, h: torch.Tensor, pos_emb, mask, cache, kwargs) -> torch.Tensor | None:
     """The fused decode step's output (after o_proj), or None when this call must take the module's own forward;
     nothing is changed before it is sure to run."""
@@ -375,7 +380,6 @@ def _fused_attention(self, h: torch.Tensor, pos_emb, mask, cache, kwargs) -> tor
     (qn, qg), (kn, kg) = norms
     out = torch.empty_like(q)
     nt = torch.get_num_threads()
-    ptr = (lambda t: t.data_ptr() if t is not None else None)
     scale = float(self.scaling)
     if kind == "StaticLayer":
         kc, vc = layer.keys, layer.values
@@ -383,7 +387,7 @@ def _fused_attention(self, h: torch.Tensor, pos_emb, mask, cache, kwargs) -> tor
         if kc.shape[0] != 1 or kc.dtype != h.dtype or vc.dtype != h.dtype or kc.stride(-1) != 1 or vc.stride(-1) != 1 \
                 or mask.shape[-1] != L or layer.cumulative_length.dtype != torch.int64 or kc.shape[-1] != D:
             return None
-        rc = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), ptr(qn), ptr(kn), qg, kg, eps, cos.data_ptr(), sin.data_ptr(),
+        rc = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(qn), _ptr(kn), qg, kg, eps, cos.data_ptr(), sin.data_ptr(),
                 kc.data_ptr(), vc.data_ptr(), kc.stride(1), kc.stride(2), vc.stride(1), vc.stride(2),
                 layer.cumulative_length.data_ptr(), L, mask.data_ptr(), H, Hkv, D, scale, out.data_ptr(), nt)
         if rc == 2:
@@ -393,17 +397,17 @@ def _fused_attention(self, h: torch.Tensor, pos_emb, mask, cache, kwargs) -> tor
     else:
         if layer.keys.dtype != h.dtype:
             return None
-        fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), ptr(qn), ptr(kn), qg, kg, eps, cos.data_ptr(), sin.data_ptr(),
+        fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(qn), _ptr(kn), qg, kg, eps, cos.data_ptr(), sin.data_ptr(),
            None, None, 0, 0, 0, 0, None, 0, None, H, Hkv, D, scale, None, nt)
         keys, values = layer.update(k.view(1, 1, Hkv, D).transpose(1, 2), v.view(1, 1, Hkv, D).transpose(1, 2))
         L = keys.shape[2]
         if (mask is not None and mask.shape[-1] != L) or keys.stride(-1) != 1 or values.stride(-1) != 1:
             qh = q.view(1, 1, H, D).transpose(1, 2)  # (the cache is updated already: finish with torch's attention)
             o = torch.nn.functional.scaled_dot_product_attention(
-                qh, keys, values, attn_mask=mask, scale=scale, enable_gqa=H != Hkv)
+                qh, keys, values, attn_mask=mask, scale=scale, enable_gqa=Hkv != H)
             out = o.transpose(1, 2).reshape(q.shape)
         elif _fn("attend", h.dtype)(q.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(1), keys.stride(2),
-                                    values.stride(1), values.stride(2), L, ptr(mask), H, Hkv, D, scale,
+                                    values.stride(1), values.stride(2), L, _ptr(mask), H, Hkv, D, scale,
                                     out.data_ptr(), nt):
             raise RuntimeError("fused attention attended no position")
     return self.o_proj(out)
