@@ -1,0 +1,188 @@
+"""moekit.nn.fused_decode: a one-token step's RMSNorms, attention, router and experts' glue in one native call each
+equal transformers' own modules (logits of decode steps, greedy tokens) on tiny models of every supported family,
+and every other call (prefill, grads, float masks, quantized experts, switched off) takes the module's own forward."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from transformers import DynamicCache, StaticCache
+
+from moekit.nn import fused_decode
+from moekit.nn.cpu_kernels import use_for_linears
+from moekit.nn.dispatch import use_moekit_experts
+from moekit.testing import tiny_model
+
+HAS_COMPILER = any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+pytestmark = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the fused ops are off")
+
+ARCHS = ("olmoe", "qwen3_moe", "qwen2_moe", "mixtral")
+# bf16: SDPA's CPU kernel rounds its probabilities to bf16 before the value product, the fused op keeps them in
+# fp32; with the sums' order that moves a logit by a few bf16 ulps (|logit| < 0.5 here: ulp 2^-9)
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def _model(arch: str, dtype: torch.dtype):
+    m = tiny_model(arch, dtype=dtype)
+    m.generation_config.eos_token_id = None
+    m.generation_config.pad_token_id = 0
+    use_moekit_experts(m)
+    use_for_linears(m)
+    return m
+
+
+def _decode(m, fused: bool, cache_kind: str, steps: int = 5, prompt_len: int = 7) -> torch.Tensor:
+    """Logits of ``steps`` greedy one-token steps after a prompt, fused ops on or off."""
+    fused_decode.use_fused_decode(m, enable=fused)
+    ids = torch.randint(3, 100, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    cache = StaticCache(config=m.config, max_cache_len=32) if cache_kind == "static" else DynamicCache(config=m.config)
+    out = []
+    with torch.no_grad():
+        o = m(ids, cache=cache, use_cache=True)
+        for _ in range(steps):
+            o = m(o.logits[:, -1:].argmax(-1), cache=cache, use_cache=True)
+            out.append(o.logits[0, -1].float())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cache_kind", ["static", "dynamic"])
+def test_decode_logits_equal_transformers_modules(arch: str, dtype: torch.dtype, cache_kind: str) -> None:
+    m = _model(arch, dtype)
+    reference = _decode(m, False, cache_kind)
+    fused_decode.calls.clear()
+    fused = _decode(m, True, cache_kind)
+    torch.testing.assert_close(fused, reference, rtol=0, atol=ATOL[dtype])
+    layers = m.config.num_hidden_layers
+    assert fused_decode.calls["attention"] == 5 * layers  # every decode step of every layer, none of the prefill
+    assert fused_decode.calls["rmsnorm"] == 5 * (2 * layers + 1)  # input, post-attention and the final norm
+    moe_layers = sum(type(mod).__name__ in fused_decode.ROUTER_CLASSES for mod in m.modules())
+    assert fused_decode.calls["router"] == fused_decode.calls["experts"] == 5 * moe_layers > 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_generate_tokens_identical(arch: str) -> None:
+    """transformers' generate (static cache, as bench_decode; and its default dynamic cache, as moekit generate's
+    loop uses): the same greedy tokens with and without the fused ops."""
+    m = _model(arch, torch.bfloat16)
+    ids = torch.randint(3, 100, (1, 7), generator=torch.Generator().manual_seed(1))
+    tokens = {}
+    for fused in (False, True):
+        fused_decode.use_fused_decode(m, enable=fused)
+        for cache in ("static", "dynamic"):
+            kwargs = {"cache_implementation": "static"} if cache == "static" else {}
+            with torch.no_grad():
+                out = m.generate(ids, max_new_tokens=12, do_sample=False, disable_compile=True, **kwargs)
+            tokens[fused, cache] = out[0, 7:].tolist()
+    assert tokens[True, "static"] == tokens[False, "static"] == tokens[True, "dynamic"] == tokens[False, "dynamic"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rmsnorm_equals_the_module(dtype: torch.dtype) -> None:
+    from transformers.models.olmoe.modeling_olmoe import OlmoeRMSNorm
+
+    norm = OlmoeRMSNorm(300, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(300, generator=torch.Generator().manual_seed(0)).to(dtype))
+    x = (torch.randn(1, 1, 300, generator=torch.Generator().manual_seed(1)) * 3).to(dtype)
+    reference = norm(x)
+    out = fused_decode.rmsnorm(x, norm.weight, norm.variance_epsilon)
+    # one rounding of the normalised value and one of the product, as the module; the fp32 sum of squares in
+    # another order (and 1/sqrt against torch's rsqrt) moves at most the last bits
+    torch.testing.assert_close(out, reference, rtol=2 * torch.finfo(dtype).eps, atol=torch.finfo(dtype).eps)
+    if dtype != torch.float32:  # in half precision the two roundings hide that: almost every value is identical
+        assert (out != reference).float().mean() < 0.05
+    assert fused_decode.rmsnorm(x.float(), norm.weight, norm.variance_epsilon) is None or dtype == torch.float32
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "mixtral"])
+def test_router_step_equals_the_module(arch: str) -> None:
+    m = tiny_model(arch, dtype=torch.bfloat16)
+    router = next(mod for mod in m.modules() if type(mod).__name__ in fused_decode.ROUTER_CLASSES)
+    x = torch.randn(1, 1, m.config.hidden_size, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    logits, scores, ids = type(router).forward(router, x)
+    fused_decode.use_fused_decode(m)
+    fused_decode.calls.clear()
+    f_logits, f_scores, f_ids = router(x)
+    assert fused_decode.calls["router"] == 1
+    assert f_scores.dtype == scores.dtype  # Mixtral keeps fp32 scores, the others the model's dtype
+    assert torch.equal(f_ids, ids)
+    torch.testing.assert_close(f_logits, logits, rtol=2**-7, atol=0)
+    torch.testing.assert_close(f_scores, scores, rtol=2**-7, atol=0)
+
+
+def test_prefill_grads_and_float_masks_take_the_modules_own_forward() -> None:
+    m = _model("olmoe", torch.float32)
+    fused_decode.use_fused_decode(m)
+    ids = torch.randint(3, 100, (1, 6), generator=torch.Generator().manual_seed(3))
+    fused_decode.calls.clear()
+    with torch.no_grad():
+        m(ids)  # prefill: several tokens
+    assert sum(fused_decode.calls.values()) == 0
+    one = ids[:, :1]
+    m(one).logits.sum().backward()  # a one-token step with gradients: the modules' own forwards
+    assert sum(fused_decode.calls.values()) == 0
+    assert m.model.layers[0].self_attn.q_norm.weight.grad is not None
+    m.zero_grad()
+    m.set_attn_implementation("eager")  # additive float masks: the attention's own forward
+    reference = _decode(m, False, "static")
+    fused_decode.calls.clear()
+    fused = _decode(m, True, "static")
+    assert fused_decode.calls["attention"] == 0 and fused_decode.calls["rmsnorm"] > 0
+    torch.testing.assert_close(fused, reference, rtol=0, atol=1e-5)
+
+
+def test_padded_prompt_masks_the_same_positions() -> None:
+    """A left-padded prompt: the boolean mask has False at the padding, which the fused attention skips as SDPA does."""
+    m = _model("qwen3_moe", torch.float32)
+    ids = torch.randint(3, 100, (1, 8), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    out = {}
+    for fused in (False, True):
+        fused_decode.use_fused_decode(m, enable=fused)
+        fused_decode.calls.clear()
+        with torch.no_grad():
+            out[fused] = m.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, disable_compile=True,
+                                    cache_implementation="static", output_logits=True, return_dict_in_generate=True)
+    assert fused_decode.calls["attention"] == 5 * m.config.num_hidden_layers
+    assert out[True].sequences.tolist() == out[False].sequences.tolist()
+    torch.testing.assert_close(torch.stack(out[True].logits), torch.stack(out[False].logits), rtol=0, atol=1e-5)
+
+
+def test_quantized_experts_keep_their_path() -> None:
+    from moekit.nn import quantize_experts_int8
+
+    m = _model("olmoe", torch.float32)
+    quantize_experts_int8(m)
+    reference = _decode(m, False, "static")
+    fused_decode.calls.clear()
+    fused = _decode(m, True, "static")
+    assert fused_decode.calls["experts"] == 0 and fused_decode.calls["attention"] > 0
+    torch.testing.assert_close(fused, reference, rtol=0, atol=1e-5)
+
+
+def test_switch_off_and_restore(monkeypatch) -> None:
+    m = _model("mixtral", torch.float32)
+    swapped = fused_decode.use_fused_decode(m)
+    assert swapped == sum(type(mod).__name__ in (*fused_decode.RMSNORM_CLASSES, *fused_decode.ATTENTION_CLASSES,
+                                                 *fused_decode.ROUTER_CLASSES, *fused_decode.EXPERTS_CLASSES)
+                          for mod in m.modules())
+    assert fused_decode.use_fused_decode(m, enable=False) == swapped
+    assert not any("forward" in mod.__dict__ for mod in m.modules() if type(mod).__name__ != "Linear")
+    monkeypatch.setenv("MOEKIT_FUSED_DECODE", "0")
+    assert fused_decode.use_fused_decode(m) == 0
+
+
+def test_use_fast_decode_switches_them_on(tmp_path) -> None:
+    from moekit.cli.common import load_model, use_fast_decode
+    from moekit.testing import save_tiny_checkpoint
+
+    path = save_tiny_checkpoint("olmoe", tmp_path / "m", with_tokenizer=False)
+    lm = load_model(str(path), "float32")
+    use_fast_decode(lm)
+    attn = lm.model.model.layers[0].self_attn
+    assert attn.forward.__func__ is fused_decode._attention_forward
