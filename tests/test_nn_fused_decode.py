@@ -59,6 +59,9 @@ def test_decode_logits_equal_transformers_modules(arch: str, dtype: torch.dtype,
     layers = m.config.num_hidden_layers
     assert fused_decode.calls["attention"] == 5 * layers  # every decode step of every layer, none of the prefill
     assert fused_decode.calls["rmsnorm"] == 5 * (2 * layers + 1)  # input, post-attention and the final norm
+    assert fused_decode.calls["rope"] == 5
+    # q, k, v in one kernel call, except where the projections have biases (Qwen2-MoE): there their own forwards
+    assert fused_decode.calls["qkv"] == (0 if arch == "qwen2_moe" else 5 * layers)
     moe_layers = sum(type(mod).__name__ in fused_decode.ROUTER_CLASSES for mod in m.modules())
     assert fused_decode.calls["router"] == fused_decode.calls["experts"] == 5 * moe_layers > 0
 
@@ -169,7 +172,8 @@ def test_switch_off_and_restore(monkeypatch) -> None:
     m = _model("mixtral", torch.float32)
     swapped = fused_decode.use_fused_decode(m)
     assert swapped == sum(type(mod).__name__ in (*fused_decode.RMSNORM_CLASSES, *fused_decode.ATTENTION_CLASSES,
-                                                 *fused_decode.ROUTER_CLASSES, *fused_decode.EXPERTS_CLASSES)
+                                                 *fused_decode.ROUTER_CLASSES, *fused_decode.EXPERTS_CLASSES,
+                                                 *fused_decode.ROTARY_CLASSES)
                           for mod in m.modules())
     assert fused_decode.use_fused_decode(m, enable=False) == swapped
     assert not any("forward" in mod.__dict__ for mod in m.modules() if type(mod).__name__ != "Linear")

@@ -32,19 +32,8 @@ import torch
 
 from moekit.nn import cpu_kernels
 
-SOURCE = r"""
-#include <stdint.h>
-#include <string.h>
-#include <stdlib.h>
-#include <math.h>
-
-__CONVERSIONS__
-struct BF16 { typedef uint16_t T; static inline float get(T v) { return bf16f(v); } static inline T put(float f) { return f2bf(f); } };
-struct F32 { typedef float T; static inline float get(T v) { return v; } static inline T put(float f) { return f; } };
-#ifdef __FLT16_MAX__
-struct F16 { typedef _Float16 T; static inline float get(T v) { uint16_t h; memcpy(&h, &v, 2); return f16f(h); }
-             static inline T put(float f) { return (T)f; } };
-#endif
+SOURCE = cpu_kernels.SOURCE + r"""
+/* ---- fused decode ops (cpu_kernels' source above: its conversions, BF16/F16/F32 types and dot_rows) ---- */
 template <class X> static inline float rnd(float f) { return X::get(X::put(f)); }  /* round to X's precision */
 
 /* transformers' RMSNorm over groups of n values: h = x * rsqrt(mean(x^2) + eps) in fp32, rounded to the dtype,
@@ -196,6 +185,47 @@ static void moe_mid(const typename X::T* h, int64_t k, int64_t I, typename X::T*
   }
 }
 
+/* Up to 8 matrices (addresses wp, rows[i] rows each, row stride rs, cols columns) times one input row x, into one
+   output [sum rows]: an attention's q, k and v projections in one parallel region (one fork/join, one pass). */
+template <class X>
+static int gemv_multi(const int64_t* wp, const int64_t* rows, int64_t m, int64_t rs, const typename X::T* x,
+                      int64_t cols, typename X::T* out, int nt) {
+  if (m < 1 || m > 8) return 1;
+  Input<X, X> in;
+  if (in.init(x, 1, cols, cols, 0)) return 1;
+  int64_t start[9], off[9]; start[0] = 0; off[0] = 0;
+  for (int64_t i = 0; i < m; i++) { start[i + 1] = start[i] + (rows[i] + 3) / 4; off[i + 1] = off[i] + rows[i]; }
+  const int64_t total = start[m];
+  #pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t b = 0; b < total; b++) {
+    int64_t i = 0; while (b >= start[i + 1]) i++;
+    const int64_t r0 = (b - start[i]) * 4, nr = rows[i] - r0 < 4 ? rows[i] - r0 : 4;
+    const int64_t nxt = b + PF_AHEAD;
+    if (nxt < total) {
+      int64_t i2 = i; while (nxt >= start[i2 + 1]) i2++;
+      const int64_t n0 = (nxt - start[i2]) * 4;
+      prefetch_rows<X>((const typename X::T*)(intptr_t)wp[i2] + n0 * rs, rows[i2] - n0 < 4 ? rows[i2] - n0 : 4, rs, cols);
+    }
+    float acc[4];
+    dot_rows<X, X>((const typename X::T*)(intptr_t)wp[i] + r0 * rs, rs, nr, in, 0, acc);
+    for (int64_t j = 0; j < nr; j++) out[off[i] + r0 + j] = X::put(acc[j]);
+  }
+  return 0;
+}
+
+/* Default rotary embedding at one position: cos/sin [2 * half] = cos/sin(pos * inv_freq) (twice) * scaling in fp32,
+   rounded to the dtype, as transformers' rotary modules compute them. */
+template <class X>
+static void rope(const int64_t* pos, const float* inv_freq, int64_t half, float scaling, typename X::T* cs,
+                 typename X::T* sn) {
+  const float p = (float)*pos;
+  for (int64_t d = 0; d < half; d++) {
+    const float f = p * inv_freq[d];
+    cs[d] = cs[d + half] = X::put(cosf(f) * scaling);
+    sn[d] = sn[d + half] = X::put(sinf(f) * scaling);
+  }
+}
+
 #define ATTN_ARGS(T) T* q, T* k, const T* v, const T* qn, const T* kn, int64_t qg, int64_t kg, float eps, const T* cs, \
   const T* sn, T* kc, T* vc, int64_t khs, int64_t kps, int64_t vhs, int64_t vps, int64_t* cum, int64_t L, \
   const uint8_t* mask, int64_t H, int64_t Hkv, int64_t D, float scale, T* out, int nt
@@ -212,7 +242,11 @@ static void moe_mid(const typename X::T* h, int64_t k, int64_t I, typename X::T*
                             X::T* logits, void* scores, int64_t* idx) { router<X>(x, w, E, n, k, norm, sf32, logits, scores, idx); } \
   void moekit_moe_mid_##NAME(const X::T* h, int64_t k, int64_t I, X::T* act, const int64_t* ids, const void* wts, \
                              int wf32, int64_t E, int64_t base, int64_t stride, int64_t* wp, float* g) { \
-    moe_mid<X>(h, k, I, act, ids, wts, wf32, E, base, stride, wp, g); }
+    moe_mid<X>(h, k, I, act, ids, wts, wf32, E, base, stride, wp, g); } \
+  int moekit_qkv_##NAME(const int64_t* wp, const int64_t* rows, int64_t m, int64_t rs, const X::T* x, int64_t cols, \
+                        X::T* out, int nt) { return gemv_multi<X>(wp, rows, m, rs, x, cols, out, nt); } \
+  void moekit_rope_##NAME(const int64_t* pos, const float* inv_freq, int64_t half, float scaling, X::T* cs, X::T* sn) { \
+    rope<X>(pos, inv_freq, half, scaling, cs, sn); }
 extern "C" {
 DEFINE(bfloat16, BF16)
 DEFINE(float32, F32)
@@ -220,7 +254,7 @@ DEFINE(float32, F32)
 DEFINE(float16, F16)
 #endif
 }
-""".replace("__CONVERSIONS__\n", cpu_kernels.CONVERSIONS)
+"""
 
 _DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 _P, _I, _F, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
@@ -229,6 +263,8 @@ _SIGNATURES = {
     "attn": (_C, [_P, _P, _P, _P, _P, _I, _I, _F, _P, _P, _P, _P, _I, _I, _I, _I, _P, _I, _P, _I, _I, _I, _F, _P, _C]),
     "attend": (_C, [_P, _P, _P, _I, _I, _I, _I, _I, _P, _I, _I, _I, _F, _P, _C]),
     "router": (None, [_P, _P, _I, _I, _I, _C, _C, _P, _P, _P]),
+    "qkv": (_C, [ctypes.POINTER(_I), ctypes.POINTER(_I), _I, _I, _P, _I, _P, _C]),
+    "rope": (None, [_P, _P, _I, _F, _P, _P]),
     "moe_mid": (None, [_P, _I, _I, _P, _P, _P, _C, _I, _I, _I, _P, _P]),
     # cpu_kernels' decode kernel entries (its library), typed here for plain-int arguments
     "gemv": (_C, [_P, _I, _I, _P, _I, _I, _P, _I, _I, _I, _I, _P, _C]),
@@ -236,7 +272,8 @@ _SIGNATURES = {
 }
 _fns: dict[str, Callable | None] = {}
 calls: collections.Counter = collections.Counter()
-"""How many one-token steps each fused op ran in this process ("rmsnorm", "attention", "router", "experts"): which
+"""How many one-token steps each fused op ran in this process ("rmsnorm", "rope", "attention", "qkv", "router",
+"experts"): which
 path a model takes (tests, diagnostics)."""
 
 
@@ -328,6 +365,33 @@ def _attention_forward(self, hidden_states: torch.Tensor, position_embeddings=No
     return type(self).forward(self, hidden_states, position_embeddings, attention_mask, **kwargs)
 
 
+_I64x8 = ctypes.c_int64 * 8
+
+
+def _qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """q, k and v of a one-token step in one kernel call (views of one buffer) when the three projections are plain
+    bias-free linears on moekit's kernel (``use_for_linears``); None otherwise (then each projection's forward)."""
+    projs = (self.q_proj, self.k_proj, self.v_proj)
+    for proj in projs:
+        w = proj.weight
+        if (type(proj) is not torch.nn.Linear or proj.bias is not None
+                or getattr(proj.__dict__.get("forward"), "__func__", None) is not cpu_kernels._gemv_linear_forward
+                or w.dtype != h.dtype or w.device.type != "cpu" or w.stride(1) != 1
+                or w.stride(0) != projs[0].weight.stride(0) or w.shape[1] != h.shape[-1]):
+            return None
+    fn = _fn("qkv", h.dtype)
+    if fn is None:
+        return None
+    rows = [p.weight.shape[0] for p in projs]
+    buf = h.new_empty(sum(rows))
+    if fn(_I64x8(*(p.weight.data_ptr() for p in projs)), _I64x8(*rows), 3, projs[0].weight.stride(0), h.data_ptr(),
+          h.shape[-1], buf.data_ptr(), torch.get_num_threads()):
+        return None
+    q, k, v = buf.split(rows)
+    calls["qkv"] += 1
+    return q, k, v
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     """A tensor's data address, None for no tensor (a null pointer)."""
     return t.data_ptr() if t is not None else None
@@ -370,9 +434,8 @@ def _fused_attention(self, h: torch.Tensor, pos_emb, mask, cache, kwargs) -> tor
     eps = float(self.q_norm.variance_epsilon) if norms[0][0] is not None else 0.0
     if norms[1][0] is not None and float(self.k_norm.variance_epsilon) != eps:
         return None
-    q = self.q_proj(h)
-    k = self.k_proj(h)
-    v = self.v_proj(h)
+    qkv = _qkv(self, h)
+    q, k, v = qkv if qkv is not None else (self.q_proj(h), self.k_proj(h), self.v_proj(h))
     H, Hkv = q.shape[-1] // D, k.shape[-1] // D
     if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()) or v.shape[-1] != Hkv * D \
             or H % Hkv or any(w is not None and (H * D if i == 0 else Hkv * D) % g for i, (w, g) in enumerate(norms)):
@@ -411,6 +474,30 @@ def _fused_attention(self, h: torch.Tensor, pos_emb, mask, cache, kwargs) -> tor
                                     out.data_ptr(), nt):
             raise RuntimeError("fused attention attended no position")
     return self.o_proj(out)
+
+
+# ----- rotary embedding -----
+ROTARY_CLASSES = ("OlmoeRotaryEmbedding", "Qwen3MoeRotaryEmbedding", "Qwen2MoeRotaryEmbedding", "MixtralRotaryEmbedding")
+"""transformers' rotary modules whose default rope (``rope_type == "default"``) at one position the fused op computes."""
+
+
+def _rotary_forward(self, x: torch.Tensor, position_ids: torch.Tensor):
+    """cos and sin of one position (default rope) in one call; the class's forward otherwise (other rope types,
+    several positions)."""
+    inv = self.inv_freq
+    if (getattr(self, "rope_type", None) == "default" and position_ids.numel() == 1
+            and position_ids.dtype == torch.int64 and position_ids.device.type == "cpu" and inv.device.type == "cpu"
+            and inv.dtype == torch.float32 and inv.is_contiguous() and x.device.type == "cpu"
+            and not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and x.requires_grad)):
+        fn = _fn("rope", x.dtype)
+        if fn is not None:
+            half = inv.shape[0]
+            cos, sin = x.new_empty(1, 1, 2 * half), x.new_empty(1, 1, 2 * half)
+            fn(position_ids.data_ptr(), inv.data_ptr(), half, float(self.attention_scaling), cos.data_ptr(),
+               sin.data_ptr())
+            calls["rope"] += 1
+            return cos, sin
+    return type(self).forward(self, x, position_ids)
 
 
 # ----- router -----
@@ -498,14 +585,16 @@ def _lean_experts(self, x: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor) -
 
 
 def use_fused_decode(model: torch.nn.Module, enable: bool = True) -> int:
-    """Swap the forwards of ``model``'s RMSNorms, attention modules and top-k routers of the supported classes
-    (``RMSNORM_CLASSES``, ``ATTENTION_CLASSES``, ``ROUTER_CLASSES``) for their fused decode step; returns how many
+    """Swap the forwards of ``model``'s RMSNorms, rotary embeddings, attention modules, top-k routers and experts of
+    the supported classes (``RMSNORM_CLASSES``, ``ROTARY_CLASSES``, ``ATTENTION_CLASSES``, ``ROUTER_CLASSES``,
+    ``EXPERTS_CLASSES``) for their fused decode step; returns how many
     modules changed (0 when ``MOEKIT_FUSED_DECODE=0`` or no compiler). ``enable=False`` restores their own forwards.
     Each swapped forward runs the module's own for anything but a one-token CPU inference step."""
     if enable and not enabled():
         return 0
     forwards = {**dict.fromkeys(RMSNORM_CLASSES, _rmsnorm_forward), **dict.fromkeys(ATTENTION_CLASSES, _attention_forward),
-                **dict.fromkeys(ROUTER_CLASSES, _router_forward), **dict.fromkeys(EXPERTS_CLASSES, _experts_forward)}
+                **dict.fromkeys(ROUTER_CLASSES, _router_forward), **dict.fromkeys(EXPERTS_CLASSES, _experts_forward),
+                **dict.fromkeys(ROTARY_CLASSES, _rotary_forward)}
     changed = 0
     for module in model.modules():
         fwd = forwards.get(type(module).__name__)
