@@ -57,13 +57,21 @@ def test_decode_logits_equal_transformers_modules(arch: str, dtype: torch.dtype,
     fused = _decode(m, True, cache_kind)
     torch.testing.assert_close(fused, reference, rtol=0, atol=ATOL[dtype])
     layers = m.config.num_hidden_layers
-    assert fused_decode.calls["attention"] == 5 * layers  # every decode step of every layer, none of the prefill
-    assert fused_decode.calls["rmsnorm"] == 5 * (2 * layers + 1)  # input, post-attention and the final norm
+    moe_layers = sum(type(mod).__name__ in fused_decode.ROUTER_CLASSES for mod in m.modules())
+    # a static cache: whole decoder layers in one call, except where a piece does not qualify (Qwen2-MoE's shared
+    # expert and projection biases, Qwen3-MoE's dense layers); those run the modules' fused ops
+    whole = {"olmoe": layers, "mixtral": layers, "qwen3_moe": moe_layers, "qwen2_moe": 0}[arch]
+    if cache_kind == "dynamic":
+        whole = 0
+    assert fused_decode.calls["layer"] == 5 * whole
+    assert fused_decode.calls["attention"] == 5 * (layers - whole)  # every other decode step, none of the prefill
+    # input and post-attention norms of the other layers, and the final norm
+    assert fused_decode.calls["rmsnorm"] == 5 * (2 * (layers - whole) + 1)
     assert fused_decode.calls["rope"] == 5
     # q, k, v in one kernel call, except where the projections have biases (Qwen2-MoE): there their own forwards
-    assert fused_decode.calls["qkv"] == (0 if arch == "qwen2_moe" else 5 * layers)
-    moe_layers = sum(type(mod).__name__ in fused_decode.ROUTER_CLASSES for mod in m.modules())
-    assert fused_decode.calls["router"] == fused_decode.calls["experts"] == 5 * moe_layers > 0
+    assert fused_decode.calls["qkv"] == (0 if arch == "qwen2_moe" else 5 * (layers - whole))
+    assert fused_decode.calls["router"] == fused_decode.calls["experts"] == 5 * (moe_layers - whole)
+    assert moe_layers > 0
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -134,7 +142,7 @@ def test_prefill_grads_and_float_masks_take_the_modules_own_forward() -> None:
     reference = _decode(m, False, "static")
     fused_decode.calls.clear()
     fused = _decode(m, True, "static")
-    assert fused_decode.calls["attention"] == 0 and fused_decode.calls["rmsnorm"] > 0
+    assert fused_decode.calls["attention"] == fused_decode.calls["layer"] == 0 and fused_decode.calls["rmsnorm"] > 0
     torch.testing.assert_close(fused, reference, rtol=0, atol=1e-5)
 
 
@@ -151,9 +159,26 @@ def test_padded_prompt_masks_the_same_positions() -> None:
         with torch.no_grad():
             out[fused] = m.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, disable_compile=True,
                                     cache_implementation="static", output_logits=True, return_dict_in_generate=True)
-    assert fused_decode.calls["attention"] == 5 * m.config.num_hidden_layers
+    assert fused_decode.calls["attention"] + fused_decode.calls["layer"] == 5 * m.config.num_hidden_layers
+    assert fused_decode.calls["layer"] > 0
     assert out[True].sequences.tolist() == out[False].sequences.tolist()
     torch.testing.assert_close(torch.stack(out[True].logits), torch.stack(out[False].logits), rtol=0, atol=1e-5)
+
+
+def test_a_hook_on_a_router_sees_its_call() -> None:
+    """Forward hooks (routing controls, transformers' output recorders) see the modules' calls: a hooked layer
+    takes the per-module path."""
+    m = _model("olmoe", torch.float32)
+    seen = []
+    handle = m.model.layers[1].mlp.gate.register_forward_hook(lambda mod, args, out: seen.append(out[2].clone()))
+    reference = _decode(m, False, "static")
+    seen.clear()
+    fused_decode.calls.clear()
+    fused = _decode(m, True, "static")
+    handle.remove()
+    assert len(seen) == 5 + 1  # prefill and every decode step
+    assert fused_decode.calls["layer"] == 5 * (m.config.num_hidden_layers - 1) and fused_decode.calls["router"] == 5
+    torch.testing.assert_close(fused, reference, rtol=0, atol=1e-5)
 
 
 def test_quantized_experts_keep_their_path() -> None:
@@ -164,7 +189,7 @@ def test_quantized_experts_keep_their_path() -> None:
     reference = _decode(m, False, "static")
     fused_decode.calls.clear()
     fused = _decode(m, True, "static")
-    assert fused_decode.calls["experts"] == 0 and fused_decode.calls["attention"] > 0
+    assert fused_decode.calls["experts"] == fused_decode.calls["layer"] == 0 and fused_decode.calls["attention"] > 0
     torch.testing.assert_close(fused, reference, rtol=0, atol=1e-5)
 
 
@@ -173,7 +198,7 @@ def test_switch_off_and_restore(monkeypatch) -> None:
     swapped = fused_decode.use_fused_decode(m)
     assert swapped == sum(type(mod).__name__ in (*fused_decode.RMSNORM_CLASSES, *fused_decode.ATTENTION_CLASSES,
                                                  *fused_decode.ROUTER_CLASSES, *fused_decode.EXPERTS_CLASSES,
-                                                 *fused_decode.ROTARY_CLASSES)
+                                                 *fused_decode.ROTARY_CLASSES, *fused_decode.LAYER_CLASSES)
                           for mod in m.modules())
     assert fused_decode.use_fused_decode(m, enable=False) == swapped
     assert not any("forward" in mod.__dict__ for mod in m.modules() if type(mod).__name__ != "Linear")

@@ -226,6 +226,55 @@ static void rope(const int64_t* pos, const float* inv_freq, int64_t half, float 
   }
 }
 
+/* A whole decoder layer's one-token step with a static cache (OLMoE / Qwen3-MoE / Mixtral layout): input norm, q/k/v,
+   attention (q/k norms, rotary, cache write, single-query attention), o_proj, residual, post-attention norm,
+   router, the k experts (gate;up, SiLU, down and weighted sum) and the residual, in one call: between the weight
+   kernels' parallel regions no interpreter work runs on the caches they flushed. a: the pointers and sizes (see
+   fused_decode._layer_args), f: eps of the layer norms, eps of q/k norms, attention scale. Returns attn_static's
+   codes (2: the position is past the cache, nothing changed). */
+template <class X>
+static int layer_step(const int64_t* a, const float* f) {
+  typedef typename X::T T;
+  const T* h = (const T*)a[0]; T* out = (T*)a[1];
+  const int64_t H = a[24], Hkv = a[25], D = a[26], Hd = a[27], E = a[29], k = a[30], I = a[37];
+  const int nt = (int)a[38];
+  const int64_t rq = H * D, rk = Hkv * D;
+  if (k < 1 || k > 256) return 3;
+  T* sc = (T*)malloc(sizeof(T) * (size_t)(4 * Hd + rq + 2 * rk + rq + E + 3 * k * I) + 64);
+  float* fs = (float*)malloc(sizeof(float) * (size_t)(2 * k) + 64);
+  int64_t* is = (int64_t*)malloc(sizeof(int64_t) * (size_t)(2 * k) + 64);
+  if (!sc || !fs || !is) { free(sc); free(fs); free(is); return 3; }
+  T *x1 = sc, *o = x1 + Hd, *h2 = o + Hd, *x2 = h2 + Hd, *qkv = x2 + Hd, *att = qkv + rq + 2 * rk, *lg = att + rq,
+    *h1 = lg + E, *act = h1 + 2 * k * I;
+  float *g = fs, *g2 = fs + k;
+  int64_t *idx = is, *wp = is + k;
+  int rc = 0;
+  rmsnorm<X>(h, (const T*)a[2], x1, 1, Hd, f[0]);
+  const int64_t wqkv[3] = {a[5], a[6], a[7]}, rqkv[3] = {rq, rk, rk};
+  rc = gemv_multi<X>(wqkv, rqkv, 3, a[39], x1, Hd, qkv, nt);
+  if (!rc) rc = attn_static<X>(qkv, qkv + rq, qkv + rq + rk, (const T*)a[9], (const T*)a[10], a[11], a[12], f[1],
+                               (const T*)a[13], (const T*)a[14], (T*)a[15], (T*)a[16], a[17], a[18], a[19], a[20],
+                               (int64_t*)a[21], a[22], (const uint8_t*)a[23], H, Hkv, D, f[2], att, nt);
+  if (!rc) {
+    const int64_t wo[1] = {a[8]}, ro[1] = {Hd};
+    rc = gemv_multi<X>(wo, ro, 1, a[40], att, rq, o, nt);
+  }
+  if (!rc) {
+    for (int64_t i = 0; i < Hd; i++) h2[i] = X::put(X::get(h[i]) + X::get(o[i]));
+    rmsnorm<X>(h2, (const T*)a[3], x2, 1, Hd, f[0]);
+    router<X>(x2, (const T*)a[28], E, Hd, k, (int)a[31], 1, lg, g, idx);
+    if (!a[32]) for (int64_t j = 0; j < k; j++) g[j] = rnd<X>(g[j]);  /* scores in the dtype (not Mixtral's fp32) */
+    rc = gemv<X, X>((const T*)a[33], a[34], a[41], idx, k, E, x2, Hd, k, 2 * I, Hd, nullptr, 0, h1, nt);
+  }
+  if (!rc) {
+    moe_mid<X>(h1, k, I, act, idx, g, 1, E, a[35], a[36] * (int64_t)sizeof(T), wp, g2);
+    rc = gemv_combine<X, X>(wp, a[42], 1, k, act, I, Hd, I, nullptr, g2, o, nt);
+  }
+  if (!rc) for (int64_t i = 0; i < Hd; i++) out[i] = X::put(X::get(h2[i]) + X::get(o[i]));
+  free(sc); free(fs); free(is);
+  return rc;
+}
+
 #define ATTN_ARGS(T) T* q, T* k, const T* v, const T* qn, const T* kn, int64_t qg, int64_t kg, float eps, const T* cs, \
   const T* sn, T* kc, T* vc, int64_t khs, int64_t kps, int64_t vhs, int64_t vps, int64_t* cum, int64_t L, \
   const uint8_t* mask, int64_t H, int64_t Hkv, int64_t D, float scale, T* out, int nt
@@ -246,7 +295,8 @@ static void rope(const int64_t* pos, const float* inv_freq, int64_t half, float 
   int moekit_qkv_##NAME(const int64_t* wp, const int64_t* rows, int64_t m, int64_t rs, const X::T* x, int64_t cols, \
                         X::T* out, int nt) { return gemv_multi<X>(wp, rows, m, rs, x, cols, out, nt); } \
   void moekit_rope_##NAME(const int64_t* pos, const float* inv_freq, int64_t half, float scaling, X::T* cs, X::T* sn) { \
-    rope<X>(pos, inv_freq, half, scaling, cs, sn); }
+    rope<X>(pos, inv_freq, half, scaling, cs, sn); } \
+  int moekit_layer_##NAME(const int64_t* a, const float* f) { return layer_step<X>(a, f); }
 extern "C" {
 DEFINE(bfloat16, BF16)
 DEFINE(float32, F32)
@@ -265,6 +315,7 @@ _SIGNATURES = {
     "router": (None, [_P, _P, _I, _I, _I, _C, _C, _P, _P, _P]),
     "qkv": (_C, [ctypes.POINTER(_I), ctypes.POINTER(_I), _I, _I, _P, _I, _P, _C]),
     "rope": (None, [_P, _P, _I, _F, _P, _P]),
+    "layer": (_C, [ctypes.POINTER(_I), ctypes.POINTER(_F)]),
     "moe_mid": (None, [_P, _I, _I, _P, _P, _P, _C, _I, _I, _I, _P, _P]),
     # cpu_kernels' decode kernel entries (its library), typed here for plain-int arguments
     "gemv": (_C, [_P, _I, _I, _P, _I, _I, _P, _I, _I, _I, _I, _P, _C]),
@@ -541,11 +592,12 @@ def _experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tenso
     return out if out is not None else type(self).forward(self, hidden_states, top_k_index, top_k_weights)
 
 
-def _lean_experts(self, x: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor) -> torch.Tensor | None:
+def _lean_experts_check(self, x: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor) -> bool:
+    """True when the lean path cannot run this call (another layout, quantized, offloaded, not moekit's...)."""
     from transformers.integrations.moe import _default_apply_gate
 
     w1, w2 = getattr(self, "gate_up_proj", None), getattr(self, "down_proj", None)
-    if (
+    return bool(
         getattr(self.config, "_experts_implementation", None) != "moekit" or not _step_ok(x) or x.dim() != 2
         or not isinstance(w1, torch.Tensor) or not isinstance(w2, torch.Tensor) or w1.dim() != 3
         or getattr(self, "has_bias", False) or not getattr(self, "has_gate", True)
@@ -559,8 +611,13 @@ def _lean_experts(self, x: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor) -
         or not (w1.is_contiguous() and w2.is_contiguous()) or ids.dtype != torch.int64 or not ids.is_contiguous()
         or ids.shape[0] != 1 or wts.shape != ids.shape or not wts.is_contiguous()
         or wts.dtype not in (torch.float32, x.dtype) or w1.shape[2] != x.shape[-1] or w2.shape[2] * 2 != w1.shape[1]
-    ):
+    )
+
+
+def _lean_experts(self, x: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor) -> torch.Tensor | None:
+    if _lean_experts_check(self, x, ids, wts):
         return None
+    w1, w2 = self.gate_up_proj, self.down_proj
     gemv, mid, combine = _fn("gemv", x.dtype), _fn("moe_mid", x.dtype), _fn("combine", x.dtype)
     if gemv is None or mid is None or combine is None:
         return None
@@ -584,6 +641,121 @@ def _lean_experts(self, x: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor) -
     return out
 
 
+# ----- a whole decoder layer -----
+LAYER_CLASSES = ("OlmoeDecoderLayer", "Qwen3MoeDecoderLayer", "MixtralDecoderLayer")
+"""Decoder layers (norm → attention → residual → norm → sparse MoE block → residual) whose one-token step with a
+static cache runs as one native call when every piece qualifies for its own fused op."""
+_I64x43, _F32x3 = ctypes.c_int64 * 43, ctypes.c_float * 3
+_SLOTS: dict = {}
+
+
+def _kernel_linear(proj: torch.nn.Module, dtype: torch.dtype, cols: int) -> bool:
+    """A bias-free nn.Linear on moekit's kernel (``use_for_linears``) with contiguous rows of ``cols`` in ``dtype``."""
+    w = getattr(proj, "weight", None)
+    return (type(proj) is torch.nn.Linear and proj.bias is None and w.dtype == dtype and w.device.type == "cpu"
+            and w.stride(1) == 1 and w.shape[1] == cols
+            and getattr(proj.__dict__.get("forward"), "__func__", None) is cpu_kernels._gemv_linear_forward)
+
+
+def _hooked(modules: list[torch.nn.Module]) -> bool:
+    """Whether a forward hook may need to see a submodule's call (routing controls, output recorders)."""
+    from torch.nn.modules import module as nn_module
+
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def _layer_args(self, h: torch.Tensor, mask, cache, pos_emb) -> tuple | None:
+    """The arguments of ``layer_step`` for this call, or None when any piece would take another path."""
+    attn, mlp = self.self_attn, self.mlp
+    router, experts = getattr(mlp, "gate", None), getattr(mlp, "experts", None)
+    ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
+    if (type(router).__name__ not in ROUTER_CLASSES or type(experts).__name__ not in EXPERTS_CLASSES
+            or type(mlp).__name__ not in ("OlmoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "MixtralSparseMoeBlock")
+            or self.training or mlp.training or pos_emb is None or mask is None or mask.dtype != torch.bool
+            or mask.numel() != mask.shape[-1] or mask.stride(-1) != 1 or mask.device.type != "cpu"
+            or _hooked([attn, mlp, router, experts, ln1, ln2, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj])):
+        return None
+    layer = _cache_layer(cache, attn.layer_idx)
+    if type(layer).__name__ != "StaticLayer" or not getattr(layer, "is_initialized", False):
+        return None
+    dt, Hd = h.dtype, h.shape[-1]
+    D = attn.head_dim
+    norms = [getattr(attn, n, None) for n in ("q_norm", "k_norm")]
+    if any(type(n).__name__ not in RMSNORM_CLASSES or n.weight.dtype != dt or not n.weight.is_contiguous()
+           for n in (ln1, ln2, *[n for n in norms if n is not None])) or ln1.variance_epsilon != ln2.variance_epsilon:
+        return None
+    if (norms[0] is None) != (norms[1] is None) or (norms[0] is not None
+                                                      and norms[0].variance_epsilon != norms[1].variance_epsilon):
+        return None
+    if getattr(attn.config, "clip_qkv", None) is not None or attn.config._attn_implementation not in ("sdpa", "eager"):
+        return None
+    q, k, v, o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+    if not (_kernel_linear(q, dt, Hd) and _kernel_linear(k, dt, Hd) and _kernel_linear(v, dt, Hd)
+            and _kernel_linear(o, dt, q.weight.shape[0])) or k.weight.stride(0) != q.weight.stride(0) \
+            or v.weight.stride(0) != q.weight.stride(0) or o.weight.shape[0] != Hd:
+        return None
+    H, Hkv = q.weight.shape[0] // D, k.weight.shape[0] // D
+    if q.weight.shape[0] != H * D or k.weight.shape[0] != Hkv * D or v.weight.shape[0] != Hkv * D or H % Hkv:
+        return None
+    qg, kg = (norms[0].weight.shape[-1], norms[1].weight.shape[-1]) if norms[0] is not None else (0, 0)
+    if qg and ((H * D) % qg or (Hkv * D) % kg):
+        return None
+    cos, sin = pos_emb
+    kc, vc = layer.keys, layer.values
+    if (cos.dtype != dt or cos.numel() != D or not (cos.is_contiguous() and sin.is_contiguous()) or kc.shape[0] != 1
+            or kc.dtype != dt or vc.dtype != dt or kc.shape[-1] != D or kc.stride(-1) != 1 or vc.stride(-1) != 1
+            or mask.shape[-1] != kc.shape[2] or layer.cumulative_length.dtype != torch.int64):
+        return None
+    rw = router.weight
+    mixtral = ROUTER_CLASSES[type(router).__name__] == "mixtral"
+    if rw.dtype != dt or not rw.is_contiguous() or getattr(router, "bias", None) is not None or rw.shape[1] != Hd:
+        return None
+    key = (router.top_k, torch.float32 if mixtral else dt)
+    if key not in _SLOTS:  # stand-ins with the shapes and dtypes the router would hand the experts
+        _SLOTS[key] = (torch.zeros(1, key[0], dtype=torch.int64), torch.zeros(1, key[0], dtype=key[1]))
+    if _lean_experts_check(experts, h.view(1, Hd), *_SLOTS[key]):
+        return None
+    w1, w2 = experts.gate_up_proj, experts.down_proj
+    a = _I64x43(
+        h.data_ptr(), 0, ln1.weight.data_ptr(), ln2.weight.data_ptr(), 0,
+        q.weight.data_ptr(), k.weight.data_ptr(), v.weight.data_ptr(), o.weight.data_ptr(),
+        norms[0].weight.data_ptr() if qg else 0, norms[1].weight.data_ptr() if qg else 0,
+        qg, kg, cos.data_ptr(), sin.data_ptr(), kc.data_ptr(), vc.data_ptr(), kc.stride(1), kc.stride(2),
+        vc.stride(1), vc.stride(2), layer.cumulative_length.data_ptr(), kc.shape[2], mask.data_ptr(),
+        H, Hkv, D, Hd, rw.data_ptr(), rw.shape[0], router.top_k, int(mixtral or bool(router.norm_topk_prob)),
+        int(mixtral), w1.data_ptr(), w1.stride(0), w2.data_ptr(), w2.stride(0), w2.shape[2],
+        torch.get_num_threads(), q.weight.stride(0), o.weight.stride(0), w1.stride(1), w2.stride(1),
+    )
+    f = _F32x3(ln1.variance_epsilon, norms[0].variance_epsilon if norms[0] is not None else 0.0, attn.scaling)
+    return a, f
+
+
+def _layer_forward(self, hidden_states: torch.Tensor, attention_mask=None, position_ids=None, cache=None,
+                   use_cache=False, position_embeddings=None, past_key_values=None, **kwargs):
+    """A decoder layer's one-token static-cache step in one native call (``layer_step``); the class's forward
+    (with the modules' own fused ops where they apply) for anything else."""
+    cache = cache if cache is not None else past_key_values
+    if _step_ok(hidden_states) and hidden_states.dim() == 3 and cache is not None \
+            and not kwargs.get("output_attentions") and not kwargs.get("output_router_logits"):
+        fn = _fn("layer", hidden_states.dtype)
+        args = _layer_args(self, hidden_states, attention_mask, cache, position_embeddings) if fn is not None else None
+        if args is not None:
+            a, f = args
+            out = torch.empty_like(hidden_states)
+            a[1] = out.data_ptr()
+            rc = fn(a, f)
+            if rc == 0:
+                calls["layer"] += 1
+                return out
+            if rc == 1:
+                raise RuntimeError("fused attention attended no position")
+            # 2 (position past the cache) or 3 (out of memory): nothing changed; the class's forward handles it
+    return type(self).forward(self, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                              cache=cache, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
+
+
 def use_fused_decode(model: torch.nn.Module, enable: bool = True) -> int:
     """Swap the forwards of ``model``'s RMSNorms, rotary embeddings, attention modules, top-k routers and experts of
     the supported classes (``RMSNORM_CLASSES``, ``ROTARY_CLASSES``, ``ATTENTION_CLASSES``, ``ROUTER_CLASSES``,
@@ -594,7 +766,7 @@ def use_fused_decode(model: torch.nn.Module, enable: bool = True) -> int:
         return 0
     forwards = {**dict.fromkeys(RMSNORM_CLASSES, _rmsnorm_forward), **dict.fromkeys(ATTENTION_CLASSES, _attention_forward),
                 **dict.fromkeys(ROUTER_CLASSES, _router_forward), **dict.fromkeys(EXPERTS_CLASSES, _experts_forward),
-                **dict.fromkeys(ROTARY_CLASSES, _rotary_forward)}
+                **dict.fromkeys(ROTARY_CLASSES, _rotary_forward), **dict.fromkeys(LAYER_CLASSES, _layer_forward)}
     changed = 0
     for module in model.modules():
         fwd = forwards.get(type(module).__name__)
