@@ -16,8 +16,8 @@ the in-memory one, the bytes read per token being the same) and ``moekit-offload
 experts (misses read from storage, page cache bypassed: its hit rate is printed).
 
 ``moekit-linears`` (and the int8, int4, offloaded and huge-pages rows) run what ``moekit generate`` runs: the
-experts, the linears and ``moekit.nn.fused_decode`` (RMSNorms, attention, router and the experts' glue of a
-one-token step in one native call each); ``moekit-linears-unfused`` is the same without ``fused_decode``.
+experts, the linears and ``moekit.nn.fused_decode`` (a whole decoder layer of a one-token static-cache step in
+one native call); ``moekit-linears-unfused`` is the same without ``fused_decode``.
 
 Every implementation generates greedily with a static cache from the same prompt. Decode tokens/s is
 new tokens ÷ (time of a generate with ``--new-tokens`` + 1 tokens − time of one with 1 token), the median of
