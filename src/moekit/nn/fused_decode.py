@@ -249,12 +249,21 @@ static int layer_step(const int64_t* a, const float* f) {
   float *g = fs, *g2 = fs + k;
   int64_t *idx = is, *wp = is + k;
   int rc = 0;
-  rmsnorm<X>(h, (const T*)a[2], x1, 1, Hd, f[0]);
-  const int64_t wqkv[3] = {a[5], a[6], a[7]}, rqkv[3] = {rq, rk, rk};
-  rc = gemv_multi<X>(wqkv, rqkv, 3, a[39], x1, Hd, qkv, nt);
-  if (!rc) rc = attn_static<X>(qkv, qkv + rq, qkv + rq + rk, (const T*)a[9], (const T*)a[10], a[11], a[12], f[1],
-                               (const T*)a[13], (const T*)a[14], (T*)a[15], (T*)a[16], a[17], a[18], a[19], a[20],
-                               (int64_t*)a[21], a[22], (const uint8_t*)a[23], H, Hkv, D, f[2], att, nt);
+  const int64_t phase = a[44];  /* 0: static cache; dynamic cache: 1 = up to rotary (the caller appends k, v), 2 = the rest */
+  if (a[43]) qkv = (T*)a[43];   /* the caller's q|k|v buffer (dynamic cache: it reads k and v between the phases) */
+  if (phase != 2) {
+    rmsnorm<X>(h, (const T*)a[2], x1, 1, Hd, f[0]);
+    const int64_t wqkv[3] = {a[5], a[6], a[7]}, rqkv[3] = {rq, rk, rk};
+    rc = gemv_multi<X>(wqkv, rqkv, 3, a[39], x1, Hd, qkv, nt);
+  }
+  if (!rc && phase == 2)
+    rc = attend<X>(qkv, (const T*)a[15], (const T*)a[16], a[17], a[18], a[19], a[20], a[22], (const uint8_t*)a[23],
+                   H, Hkv, D, f[2], att, nt);
+  else if (!rc)
+    rc = attn_static<X>(qkv, qkv + rq, qkv + rq + rk, (const T*)a[9], (const T*)a[10], a[11], a[12], f[1],
+                        (const T*)a[13], (const T*)a[14], (T*)a[15], (T*)a[16], a[17], a[18], a[19], a[20],
+                        phase == 1 ? nullptr : (int64_t*)a[21], a[22], (const uint8_t*)a[23], H, Hkv, D, f[2], att, nt);
+  if (phase == 1) { free(sc); free(fs); free(is); return rc; }
   if (!rc) {
     const int64_t wo[1] = {a[8]}, ro[1] = {Hd};
     rc = gemv_multi<X>(wo, ro, 1, a[40], att, rq, o, nt);
@@ -643,9 +652,9 @@ def _lean_experts(self, x: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor) -
 
 # ----- a whole decoder layer -----
 LAYER_CLASSES = ("OlmoeDecoderLayer", "Qwen3MoeDecoderLayer", "MixtralDecoderLayer")
-"""Decoder layers (norm → attention → residual → norm → sparse MoE block → residual) whose one-token step with a
-static cache runs as one native call when every piece qualifies for its own fused op."""
-_I64x43, _F32x3 = ctypes.c_int64 * 43, ctypes.c_float * 3
+"""Decoder layers (norm → attention → residual → norm → sparse MoE block → residual) whose one-token step runs as one
+native call (two with a dynamic cache) when every piece qualifies for its own fused op."""
+_I64x45, _F32x3 = ctypes.c_int64 * 45, ctypes.c_float * 3
 _SLOTS: dict = {}
 
 
@@ -673,12 +682,14 @@ def _layer_args(self, h: torch.Tensor, mask, cache, pos_emb) -> tuple | None:
     ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
     if (type(router).__name__ not in ROUTER_CLASSES or type(experts).__name__ not in EXPERTS_CLASSES
             or type(mlp).__name__ not in ("OlmoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "MixtralSparseMoeBlock")
-            or self.training or mlp.training or pos_emb is None or mask is None or mask.dtype != torch.bool
-            or mask.numel() != mask.shape[-1] or mask.stride(-1) != 1 or mask.device.type != "cpu"
+            or self.training or mlp.training or pos_emb is None
+            or (mask is not None and (mask.dtype != torch.bool or mask.numel() != mask.shape[-1]
+                                      or mask.stride(-1) != 1 or mask.device.type != "cpu"))
             or _hooked([attn, mlp, router, experts, ln1, ln2, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj])):
         return None
     layer = _cache_layer(cache, attn.layer_idx)
-    if type(layer).__name__ != "StaticLayer" or not getattr(layer, "is_initialized", False):
+    kind = type(layer).__name__
+    if kind not in ("StaticLayer", "DynamicLayer") or not getattr(layer, "is_initialized", False):
         return None
     dt, Hd = h.dtype, h.shape[-1]
     D = attn.head_dim
@@ -704,9 +715,13 @@ def _layer_args(self, h: torch.Tensor, mask, cache, pos_emb) -> tuple | None:
         return None
     cos, sin = pos_emb
     kc, vc = layer.keys, layer.values
+    static = kind == "StaticLayer"
+    # a static cache's mask covers its whole length; a dynamic one's the keys after this step's append (or is None)
+    mask_len = kc.shape[2] if static else kc.shape[2] + 1
     if (cos.dtype != dt or cos.numel() != D or not (cos.is_contiguous() and sin.is_contiguous()) or kc.shape[0] != 1
             or kc.dtype != dt or vc.dtype != dt or kc.shape[-1] != D or kc.stride(-1) != 1 or vc.stride(-1) != 1
-            or mask.shape[-1] != kc.shape[2] or layer.cumulative_length.dtype != torch.int64):
+            or (mask is None and static) or (mask is not None and mask.shape[-1] != mask_len)
+            or (static and layer.cumulative_length.dtype != torch.int64)):
         return None
     rw = router.weight
     mixtral = ROUTER_CLASSES[type(router).__name__] == "mixtral"
@@ -718,34 +733,51 @@ def _layer_args(self, h: torch.Tensor, mask, cache, pos_emb) -> tuple | None:
     if _lean_experts_check(experts, h.view(1, Hd), *_SLOTS[key]):
         return None
     w1, w2 = experts.gate_up_proj, experts.down_proj
-    a = _I64x43(
+    a = _I64x45(
         h.data_ptr(), 0, ln1.weight.data_ptr(), ln2.weight.data_ptr(), 0,
         q.weight.data_ptr(), k.weight.data_ptr(), v.weight.data_ptr(), o.weight.data_ptr(),
         norms[0].weight.data_ptr() if qg else 0, norms[1].weight.data_ptr() if qg else 0,
         qg, kg, cos.data_ptr(), sin.data_ptr(), kc.data_ptr(), vc.data_ptr(), kc.stride(1), kc.stride(2),
-        vc.stride(1), vc.stride(2), layer.cumulative_length.data_ptr(), kc.shape[2], mask.data_ptr(),
+        vc.stride(1), vc.stride(2), layer.cumulative_length.data_ptr() if static else 0, kc.shape[2],
+        mask.data_ptr() if mask is not None else 0,
         H, Hkv, D, Hd, rw.data_ptr(), rw.shape[0], router.top_k, int(mixtral or bool(router.norm_topk_prob)),
         int(mixtral), w1.data_ptr(), w1.stride(0), w2.data_ptr(), w2.stride(0), w2.shape[2],
-        torch.get_num_threads(), q.weight.stride(0), o.weight.stride(0), w1.stride(1), w2.stride(1),
+        torch.get_num_threads(), q.weight.stride(0), o.weight.stride(0), w1.stride(1), w2.stride(1), 0, 0,
     )
     f = _F32x3(ln1.variance_epsilon, norms[0].variance_epsilon if norms[0] is not None else 0.0, attn.scaling)
-    return a, f
+    return a, f, (None if static else (layer, H * D, Hkv, D))
 
 
 def _layer_forward(self, hidden_states: torch.Tensor, attention_mask=None, position_ids=None, cache=None,
                    use_cache=False, position_embeddings=None, past_key_values=None, **kwargs):
-    """A decoder layer's one-token static-cache step in one native call (``layer_step``); the class's forward
-    (with the modules' own fused ops where they apply) for anything else."""
+    """A decoder layer's one-token step in one native call (``layer_step``; a dynamic cache: two, around
+    transformers' append to the cache); the class's forward (with the modules' own fused ops where they apply) for
+    anything else."""
     cache = cache if cache is not None else past_key_values
     if _step_ok(hidden_states) and hidden_states.dim() == 3 and cache is not None \
             and not kwargs.get("output_attentions") and not kwargs.get("output_router_logits"):
         fn = _fn("layer", hidden_states.dtype)
         args = _layer_args(self, hidden_states, attention_mask, cache, position_embeddings) if fn is not None else None
         if args is not None:
-            a, f = args
+            a, f, dynamic = args
             out = torch.empty_like(hidden_states)
             a[1] = out.data_ptr()
-            rc = fn(a, f)
+            rc = 0
+            if dynamic is not None:  # up to rotary, transformers' append to the dynamic layer, then the rest
+                layer, rq, Hkv, D = dynamic
+                qkv = hidden_states.new_empty(rq + 2 * Hkv * D)
+                a[43], a[44] = qkv.data_ptr(), 1
+                rc = fn(a, f) and 3  # (nothing changed yet: the class's forward then)
+                if rc == 0:
+                    k = qkv[rq:rq + Hkv * D].view(1, 1, Hkv, D).transpose(1, 2)
+                    v = qkv[rq + Hkv * D:].view(1, 1, Hkv, D).transpose(1, 2)
+                    keys, values = layer.update(k, v)
+                    a[15], a[16], a[22], a[44] = keys.data_ptr(), values.data_ptr(), keys.shape[2], 2
+                    a[17], a[18], a[19], a[20] = keys.stride(1), keys.stride(2), values.stride(1), values.stride(2)
+                    if fn(a, f):
+                        raise RuntimeError("fused decoder layer failed after the cache update")
+            else:
+                rc = fn(a, f)
             if rc == 0:
                 calls["layer"] += 1
                 return out
