@@ -118,22 +118,13 @@ def test_decode_step_runs_gemv_and_equals_loop() -> None:
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.slow
-@pytest.mark.filterwarnings(_INDUCTOR_JIT_WARNING)
-def test_compiled_decode_keeps_the_linears_kernel() -> None:
-    """use_for_linears under transformers' compiled static-cache decoding: one graph without breaks, the linears'
-    one-row steps call the kernel op inside it (moekit::expert_gemv for every nn.Linear, not just the experts),
-    and the greedy tokens equal the eager run's."""
+def _compiled_decode_ops(model) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Greedy static-cache generation of ``model`` eager and with transformers' compiled decode step (fullgraph,
+    compiled once before): (eager tokens, compiled tokens, the op names the profiler saw in the compiled run). Fails
+    on a graph break."""
     from torch._dynamo.utils import counters
     from transformers import CompileConfig
 
-    from moekit.nn import cpu_kernels
-
-    torch._dynamo.reset()
-    counters.clear()
-    model = tiny_model("qwen3_moe", num_hidden_layers=1)
-    model.set_experts_implementation("moekit")
-    linears = cpu_kernels.use_for_linears(model)
     prompt = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(4))
     common = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static", max_length=16)
     eager = model.generate(prompt, **common, disable_compile=True)
@@ -143,7 +134,25 @@ def test_compiled_decode_keeps_the_linears_kernel() -> None:
     with torch.profiler.profile() as prof:
         compiled = model.generate(prompt, **common, compile_config=config)
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
-    names = [e.name for e in prof.events()]
+    return eager, compiled, [e.name for e in prof.events()]
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings(_INDUCTOR_JIT_WARNING)
+def test_compiled_decode_keeps_the_linears_kernel() -> None:
+    """use_for_linears under transformers' compiled static-cache decoding: one graph without breaks, the linears'
+    one-row steps call the kernel op inside it (moekit::expert_gemv for every nn.Linear, not just the experts),
+    and the greedy tokens equal the eager run's."""
+    from torch._dynamo.utils import counters
+
+    from moekit.nn import cpu_kernels
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model("qwen3_moe", num_hidden_layers=1)
+    model.set_experts_implementation("moekit")
+    linears = cpu_kernels.use_for_linears(model)
+    eager, compiled, names = _compiled_decode_ops(model)
     # 3 compiled decode steps, each: every linear and the experts' up projection, then their fused down + sum
     assert names.count("moekit::expert_gemv") >= 3 * (linears + 1) and names.count("moekit::expert_gemv_combine") >= 3
     assert torch.equal(compiled, eager)
@@ -156,7 +165,6 @@ def test_compiled_decode_keeps_the_int8_kernels() -> None:
     decoding: one graph without breaks, every linear's one-row step calls moekit::int8_expert_gemv inside it (not
     F.linear on the kept float weight), and the greedy tokens equal the eager int8 run's."""
     from torch._dynamo.utils import counters
-    from transformers import CompileConfig
 
     from moekit.nn import quantize_experts_int8, quantize_linears_int8
 
@@ -166,16 +174,7 @@ def test_compiled_decode_keeps_the_int8_kernels() -> None:
     model.set_experts_implementation("moekit")
     quantize_experts_int8(model, keep_float=False)
     linears = quantize_linears_int8(model, keep_float=True)
-    prompt = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(4))
-    common = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static", max_length=16)
-    eager = model.generate(prompt, **common, disable_compile=True)
-    config = CompileConfig(fullgraph=True, mode="default")
-    config._compile_all_devices = True
-    model.generate(prompt, **common, compile_config=config)  # compiles the decode step
-    with torch.profiler.profile() as prof:
-        compiled = model.generate(prompt, **common, compile_config=config)
-    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
-    names = [e.name for e in prof.events()]
+    eager, compiled, names = _compiled_decode_ops(model)
     # 3 compiled decode steps, each: every linear and the experts' up projection, then their fused down + sum
     assert names.count("moekit::int8_expert_gemv") >= 3 * (linears + 1)
     assert names.count("moekit::int8_expert_gemv_combine") >= 3 and "aten::linear" not in names[-50:]
