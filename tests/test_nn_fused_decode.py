@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from transformers import DynamicCache, StaticCache
@@ -213,3 +214,37 @@ def test_use_fast_decode_switches_them_on(tmp_path) -> None:
     use_fast_decode(lm)
     attn = lm.model.model.layers[0].self_attn
     assert attn.forward.__func__ is fused_decode._attention_forward
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "qwen3_moe", "mixtral"])
+def test_routing_controls_and_recorders_see_every_fused_step(tmp_path, arch: str) -> None:
+    """Under ``moekit.route`` (routing controls) and ``record`` (traces), which wrap the router, a fused decode gives
+    the unfused model's tokens and trace (the whole-layer step stands aside; the router's own fused op runs through
+    the wrapper), and once the context ends the fused forwards are back and the whole-layer step runs again."""
+    import moekit
+    from moekit.cli.common import use_fast_decode
+    from moekit.generation import generate
+    from moekit.routing import RoutingControl, record
+    from moekit.testing import save_tiny_checkpoint
+
+    path = save_tiny_checkpoint(arch, tmp_path / arch)
+    lm = moekit.load(path)
+    use_fast_decode(lm)
+    control = RoutingControl.make(disable=[(v.index, e) for v in lm.moe for e in range(4)])
+    routers = [v.router for v in lm.moe]
+
+    def run() -> tuple[list[int], list[int], np.ndarray]:
+        plain = generate(lm, "The river", max_new_tokens=6).token_ids
+        steered = generate(lm, "The river", max_new_tokens=6, control=control).token_ids
+        with record(lm) as rec:
+            generate(lm, "The river", max_new_tokens=6)
+        return plain, steered, rec.trace.ids
+
+    fused_decode.calls.clear()
+    fused = run()
+    assert fused_decode.calls["layer"] > 0  # the whole-layer step ran outside the contexts
+    assert all(r.forward.__func__ is fused_decode._router_forward for r in routers)  # restored after them
+    fused_decode.use_fused_decode(lm.model, enable=False)
+    plain = run()
+    assert fused[0] == plain[0] and fused[1] == plain[1] and fused[1] != fused[0]
+    assert np.array_equal(fused[2], plain[2])

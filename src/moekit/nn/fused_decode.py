@@ -675,6 +675,15 @@ def _hooked(modules: list[torch.nn.Module]) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
+def _runs_its_own_routing(router: torch.nn.Module, block: torch.nn.Module) -> bool:
+    """Whether the router and the MoE block run their own code: routing controls and recorders (``moekit.route``,
+    ``record``) wrap the router's forward or the block's ``route_tokens_to_experts``, and a whole-layer step would
+    bypass them (then each module's own forward runs, through the wrapper)."""
+    fwd = router.__dict__.get("forward")
+    return (fwd is None or getattr(fwd, "__func__", None) is _router_forward) and not any(
+        name in block.__dict__ for name in ("forward", "route_tokens_to_experts"))
+
+
 def _layer_args(self, h: torch.Tensor, mask, cache, pos_emb) -> tuple | None:
     """The arguments of ``layer_step`` for this call, or None when any piece would take another path."""
     attn, mlp = self.self_attn, self.mlp
@@ -685,7 +694,8 @@ def _layer_args(self, h: torch.Tensor, mask, cache, pos_emb) -> tuple | None:
             or self.training or mlp.training or pos_emb is None
             or (mask is not None and (mask.dtype != torch.bool or mask.numel() != mask.shape[-1]
                                       or mask.stride(-1) != 1 or mask.device.type != "cpu"))
-            or _hooked([attn, mlp, router, experts, ln1, ln2, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj])):
+            or _hooked([attn, mlp, router, experts, ln1, ln2, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj])
+            or not _runs_its_own_routing(router, mlp)):
         return None
     layer = _cache_layer(cache, attn.layer_idx)
     kind = type(layer).__name__

@@ -12,6 +12,8 @@ from moekit.models.loading import LoadedModel
 from moekit.models.moe_map import MoELayerView, require_rule
 from moekit.routing.control import LayerControl, RoutingControl, merge
 
+_ABSENT = object()  # "no instance attribute": the class's method applies
+
 
 class RouterHook:
     """Wraps each router's forward: applies the active controls, then feeds the active recorders."""
@@ -23,6 +25,8 @@ class RouterHook:
         self._resolved: dict[int, LayerControl | None] = {}
         self._inputs: dict = {}
         self._installed = False
+        # (module, attribute, what its instance held before: a forward another tool swapped in, or _ABSENT)
+        self._saved: list[tuple[torch.nn.Module, str, object]] = []
 
     # ----- lifecycle --------------------------------------------------------------------------------
     @classmethod
@@ -38,16 +42,19 @@ class RouterHook:
         if (self.controls or self.recorders) and not self._installed:
             for view in self.lm.moe:
                 module, name = view.hook_target
+                self._saved.append((module, name, module.__dict__.get(name, _ABSENT)))
                 setattr(module, name, self._wrap(view, getattr(module, name)))
                 if view.router_io == "logits":  # keep the router's input for recorders of "hidden"
+                    self._saved.append((view.router, "forward", view.router.__dict__.get("forward", _ABSENT)))
                     view.router.forward = self._keep_input(view, view.router.forward)
             self._installed = True
         elif not (self.controls or self.recorders) and self._installed:
-            for view in self.lm.moe:
-                module, name = view.hook_target
-                delattr(module, name)  # drop the instance attribute; the class method is back
-                if view.router_io == "logits":
-                    del view.router.forward
+            for module, name, before in reversed(self._saved):  # the class method, or the forward swapped in before
+                if before is _ABSENT:
+                    delattr(module, name)
+                else:
+                    setattr(module, name, before)
+            self._saved.clear()
             self._inputs.clear()  # drop the last router inputs kept for recorders
             self._installed = False
 
