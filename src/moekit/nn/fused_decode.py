@@ -666,22 +666,24 @@ def _kernel_linear(proj: torch.nn.Module, dtype: torch.dtype, cols: int) -> bool
             and getattr(proj.__dict__.get("forward"), "__func__", None) is cpu_kernels._gemv_linear_forward)
 
 
-def _hooked(modules: list[torch.nn.Module]) -> bool:
-    """Whether a forward hook may need to see a submodule's call (routing controls, output recorders)."""
+def _intercepted(modules: list[torch.nn.Module], block: torch.nn.Module) -> bool:
+    """Whether something may need to see a submodule's call, which a whole-layer step would bypass: a forward hook,
+    or a forward set on a module instance that is not one of this module's swaps or the linears' kernel (routing
+    controls and recorders, ``moekit.route`` / ``record``, wrap the router's forward or the MoE block's
+    ``route_tokens_to_experts``). Then each module's own forward runs, through the hook or the wrapper."""
     from torch.nn.modules import module as nn_module
 
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    if "route_tokens_to_experts" in block.__dict__:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or not _own_forward(m) for m in modules)
 
 
-def _runs_its_own_routing(router: torch.nn.Module, block: torch.nn.Module) -> bool:
-    """Whether the router and the MoE block run their own code: routing controls and recorders (``moekit.route``,
-    ``record``) wrap the router's forward or the block's ``route_tokens_to_experts``, and a whole-layer step would
-    bypass them (then each module's own forward runs, through the wrapper)."""
-    fwd = router.__dict__.get("forward")
-    return (fwd is None or getattr(fwd, "__func__", None) is _router_forward) and not any(
-        name in block.__dict__ for name in ("forward", "route_tokens_to_experts"))
+def _own_forward(module: torch.nn.Module) -> bool:
+    """The module runs its class's forward or one moekit swapped in (this module's, the linears' kernel)."""
+    fwd = module.__dict__.get("forward")
+    return fwd is None or getattr(fwd, "__func__", None) in _SWAPPED
 
 
 def _layer_args(self, h: torch.Tensor, mask, cache, pos_emb) -> tuple | None:
@@ -694,8 +696,8 @@ def _layer_args(self, h: torch.Tensor, mask, cache, pos_emb) -> tuple | None:
             or self.training or mlp.training or pos_emb is None
             or (mask is not None and (mask.dtype != torch.bool or mask.numel() != mask.shape[-1]
                                       or mask.stride(-1) != 1 or mask.device.type != "cpu"))
-            or _hooked([attn, mlp, router, experts, ln1, ln2, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj])
-            or not _runs_its_own_routing(router, mlp)):
+            or _intercepted([attn, mlp, router, experts, ln1, ln2, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj],
+                            mlp)):
         return None
     layer = _cache_layer(cache, attn.layer_idx)
     kind = type(layer).__name__
@@ -796,6 +798,11 @@ def _layer_forward(self, hidden_states: torch.Tensor, attention_mask=None, posit
             # 2 (position past the cache) or 3 (out of memory): nothing changed; the class's forward handles it
     return type(self).forward(self, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
                               cache=cache, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
+
+
+_SWAPPED = frozenset((_rmsnorm_forward, _attention_forward, _router_forward, _experts_forward, _rotary_forward,
+                      _layer_forward, cpu_kernels._gemv_linear_forward))
+"""The forwards moekit sets on module instances for decode (a whole-layer step may stand in for them)."""
 
 
 def use_fused_decode(model: torch.nn.Module, enable: bool = True) -> int:
