@@ -415,20 +415,22 @@ def test_serve_with_packed_experts_answers_the_dequantized_greedy_text(tmp_path)
     one_error(*run_cli(["serve", src, "--packed-experts", "--offload"])[::2], "packed experts need")
 
 
-def test_read_int4_bank_equals_the_stacked_per_expert_codes(tmp_path) -> None:
-    """read_int4_bank (pread into the stacked bank, what a packed load uses) gives stack_int4 of the per-expert
+def test_read_int4_banks_equals_the_stacked_per_expert_codes(tmp_path) -> None:
+    """read_int4_banks (pread into the stacked banks, what a packed load uses) gives stack_int4 of the per-expert
     QTensors bit for bit; a bank that is not all-int4 is refused."""
-    from moekit.formats.quantized import read_int4_bank, read_quant_meta, read_quantized, stack_int4
+    from moekit.formats.quantized import read_int4_banks, read_quant_meta, read_quantized, stack_int4
 
     src = save_tiny_checkpoint("qwen3_moe", tmp_path / "src", with_tokenizer=False, hidden_size=128,
                                moe_intermediate_size=128)
     quantize(moekit.load(src, with_tokenizer=False), bits=4, group_size=128, out=tmp_path / "q4")
     _, _, packed = read_quantized(tmp_path / "q4", torch.float32, keep_packed=True)
     assert packed
+    banks = read_int4_banks(tmp_path / "q4", sorted(packed))
+    assert sorted(banks) == sorted(packed)
     for name, qts in packed.items():
-        for a, b in zip(read_int4_bank(tmp_path / "q4", name), stack_int4(qts), strict=True):
+        for a, b in zip(banks[name], stack_int4(qts), strict=True):
             assert a.dtype == b.dtype and torch.equal(a, b)
     quantize(moekit.load(src, with_tokenizer=False), bits=8, group_size=32, out=tmp_path / "q8")
     name = next(iter(read_quant_meta(tmp_path / "q8")["tensors"]))
     with pytest.raises(MoekitError, match="not an all-int4 bank"):
-        read_int4_bank(tmp_path / "q8", name)
+        read_int4_banks(tmp_path / "q8", [name])

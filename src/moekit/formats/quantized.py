@@ -130,41 +130,56 @@ def stack_int4(qts: list[QTensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Te
             torch.stack([qt.zeros for qt in qts]))
 
 
-def read_int4_bank(path: str | Path, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Expert bank ``name`` of a quantized checkpoint as the in-memory int4 layout (``stack_int4``'s: codes, scales,
-    zero points stacked over experts), each expert's parts read with ``pread`` straight into their slices: no
-    per-expert copies and no mapping of the file, so loading costs the bank's own bytes (all-int4 banks only)."""
+PACKED_PARTS = ("qweight", "scales", "zeros")
+"""The tensors stored per quantized expert matrix (``{name}.{expert}.{part}``), in ``QTensor``'s order."""
+
+
+def int4_buffer_names(param: str) -> tuple[str, str, str]:
+    """The packed int4 tensors (codes, scales, zero points) that stand for expert parameter ``param`` in memory or in
+    a cache slot: ``INT4_BUFFERS``' down-projection names for ``down_proj``, its gate/up names otherwise."""
+    return INT4_BUFFERS[3:] if param.endswith("down_proj") else INT4_BUFFERS[:3]  # type: ignore[return-value]
+
+
+def read_int4_banks(path: str | Path, names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Expert banks ``names`` of a quantized checkpoint as the in-memory int4 layout (``stack_int4``'s: codes,
+    scales, zero points stacked over experts), each expert's parts read with ``pread`` straight into their slices:
+    no per-expert copies and no mapping of the file, so loading costs the banks' own bytes (all-int4 banks only)."""
     import os
 
     from moekit.formats.safetensors import ST_DTYPES, bytes_of, pread_into, read_header
 
     file = Path(path) / QUANT_WEIGHTS
     meta = read_quant_meta(Path(path))
-    info = meta["tensors"][name]
-    if not int4_packable(tuple(info["shape"][1:]), info["bits"], int(meta["group_size"])):
-        raise MoekitError(f"{file}: {name} is not an all-int4 bank of whole groups")
     header, data_start = read_header(file)
-    num = info["shape"][0]
-    bank = []
-    for part in ("qweight", "scales", "zeros"):
-        first = header[f"{name}.0.{part}"]
-        bank.append(torch.empty((num, *first["shape"]), dtype=ST_DTYPES[first["dtype"]]))
+    banks = {}
     fd = os.open(file, os.O_RDONLY)
     try:
-        for e in range(num):
-            for t, part in zip(bank, ("qweight", "scales", "zeros"), strict=True):
-                key = f"{name}.{e}.{part}"
-                entry = header.get(key)
-                if entry is None or tuple(entry["shape"]) != tuple(t.shape[1:]) or ST_DTYPES[entry["dtype"]] != t.dtype:
-                    raise MoekitError(f"{file}: {key} is missing or differs from expert 0's; the checkpoint is damaged")
-                start, end = entry["data_offsets"]
-                view = bytes_of(t[e])
-                if len(view) != end - start:
-                    raise MoekitError(f"{file}: {key} holds {end - start} bytes, not {len(view)}")
-                pread_into(fd, view, data_start + start, f"{file} ({key})")
+        for name in names:
+            info = meta["tensors"][name]
+            if not int4_packable(tuple(info["shape"][1:]), info["bits"], int(meta["group_size"])):
+                raise MoekitError(f"{file}: {name} is not an all-int4 bank of whole groups")
+            num = info["shape"][0]
+            bank = []
+            for part in PACKED_PARTS:
+                first = header[f"{name}.0.{part}"]
+                bank.append(torch.empty((num, *first["shape"]), dtype=ST_DTYPES[first["dtype"]]))
+            for e in range(num):
+                for t, part in zip(bank, PACKED_PARTS, strict=True):
+                    key = f"{name}.{e}.{part}"
+                    entry = header.get(key)
+                    if (entry is None or tuple(entry["shape"]) != tuple(t.shape[1:])
+                            or ST_DTYPES[entry["dtype"]] != t.dtype):
+                        raise MoekitError(f"{file}: {key} is missing or differs from expert 0's; the checkpoint is "
+                                          "damaged")
+                    start, end = entry["data_offsets"]
+                    view = bytes_of(t[e])
+                    if len(view) != end - start:
+                        raise MoekitError(f"{file}: {key} holds {end - start} bytes, not {len(view)}")
+                    pread_into(fd, view, data_start + start, f"{file} ({key})")
+            banks[name] = (bank[0], bank[1], bank[2])
     finally:
         os.close(fd)
-    return bank[0], bank[1], bank[2]
+    return banks
 
 
 def is_quantized_checkpoint(path: str | Path) -> bool:
@@ -192,7 +207,7 @@ def read_quantized(path: str | Path, dtype: torch.dtype, keep_packed: bool = Fal
     matrix dequantized to ``dtype`` (tied weights filled in), and, with ``keep_packed``, the packed codes
     (``{expert parameter name: [QTensor per expert]}``). Expert parameters named in ``packed_only`` are not
     dequantized (absent from the state dict) and come back packed only with ``keep_packed`` (else read them with
-    ``read_int4_bank``)."""
+    ``read_int4_banks``)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -206,7 +221,7 @@ def read_quantized(path: str | Path, dtype: torch.dtype, keep_packed: bool = Fal
                 sd[k] = f.get_tensor(k)
         for name, info in meta["tensors"].items():
             E, o, i = info["shape"]
-            if name in packed_only and not keep_packed:  # read later as a stacked bank (read_int4_bank)
+            if name in packed_only and not keep_packed:  # read later as a stacked bank (read_int4_banks)
                 continue
             qts = [QTensor(f.get_tensor(f"{name}.{e}.qweight"), f.get_tensor(f"{name}.{e}.scales"),
                            f.get_tensor(f"{name}.{e}.zeros"), int(info["bits"][e]), gs, (o, i)) for e in range(E)]

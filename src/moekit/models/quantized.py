@@ -11,10 +11,10 @@ import torch
 
 from moekit.errors import MoekitError
 from moekit.formats.quantized import (
-    INT4_BUFFERS,
+    int4_buffer_names,
     int4_packable,
     is_quantized_checkpoint,
-    read_int4_bank,
+    read_int4_banks,
     read_quant_meta,
     read_quantized,
     stack_int4,
@@ -75,14 +75,14 @@ def load_quantized(path: str | Path, dtype: torch.dtype | str | None = None, kee
         model.tie_weights()
     with contextlib.suppress(OSError):  # a checkpoint without generation_config.json keeps the default
         model.generation_config = GenerationConfig.from_pretrained(path)
+    read_banks = {} if keep_packed else read_int4_banks(path, sorted(packed_only))
     for module_name, names in banks.items():
         module = model.get_submodule(module_name)
         if not (hasattr(module, "has_gate") and hasattr(module, "down_proj")):
             raise MoekitError(f"{path}: {module_name} is not an experts module; load without packed experts")
-        order = sorted(names, key=lambda n: n.endswith("down_proj"))  # gate_up (or up) first, then down
-        for name, buffers in zip(order, (INT4_BUFFERS[:3], INT4_BUFFERS[3:]), strict=True):
-            bank = stack_int4(packed[name]) if keep_packed else read_int4_bank(path, name)
-            for buf, t in zip(buffers, bank, strict=True):
+        for name in names:
+            bank = stack_int4(packed[name]) if keep_packed else read_banks.pop(name)
+            for buf, t in zip(int4_buffer_names(name), bank, strict=True):
                 module.register_buffer(buf, t, persistent=False)
             pname = name.rsplit(".", 1)[1]
             w = getattr(module, pname)  # an empty [E, 0, 0] placeholder: still a bank of E experts to moekit's map

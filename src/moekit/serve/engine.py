@@ -203,7 +203,6 @@ class OffloadEngine:
         up = "gate_up_proj" if has_gate else "up_proj"
         names = (up, "down_proj", up + "_bias", "down_proj_bias")
         used: list[int] = []
-        transposed = bool(getattr(mod, "is_transposed", False))
         int4 = INT4_BUFFERS[0] in lc.bank  # packed int4 slots (QuantizedFileStore's packed_int4)
 
         def provide(experts: list[int]) -> Iterator[tuple[int, ExpertWeights]]:
@@ -219,6 +218,7 @@ class OffloadEngine:
         gate_fn = mod._apply_gate if has_gate and hasattr(mod, "_apply_gate") else None
         post_fn = mod.post_expert_norm if getattr(mod, "has_post_expert_norm", False) else None
         act = getattr(mod, "act_fn", torch.nn.functional.silu)
+        transposed = bool(getattr(mod, "is_transposed", False))
         if int4:
             return self._forward_int4(lc, hidden, top_k_index, top_k_weights, names, act, has_gate, gate_fn, post_fn)
         if decode and self._prev_impl == "moekit" and lc.slots:

@@ -30,6 +30,7 @@ from moekit.errors import MoekitError
 from moekit.formats import Checkpoint, Piece, Target, bytes_of, drop_cache, pread_into, read_header
 from moekit.formats.mapped import MappedFiles
 from moekit.formats.mapped import available as mapping_available
+from moekit.formats.quantized import PACKED_PARTS, int4_buffer_names
 from moekit.formats.safetensors import ST_DTYPES
 from moekit.formats.tokenizer import load_tokenizer_from
 from moekit.models.loading import (
@@ -201,24 +202,13 @@ class PackedSlab:
         return (in_dim, out_dim) if self.transposed else (out_dim, in_dim)
 
 
-_PACKED_PARTS = ("qweight", "scales", "zeros")
-
-
-def int4_slot_names(param: str) -> tuple[str, str, str]:
-    """The packed int4 tensors (codes, scales, zero points) that stand for expert parameter ``param`` in a cache slot:
-    ``formats.quantized.INT4_BUFFERS``' down-projection names for ``down_proj``, its gate/up names otherwise."""
-    from moekit.formats.quantized import INT4_BUFFERS
-
-    return INT4_BUFFERS[3:] if param.endswith("down_proj") else INT4_BUFFERS[:3]  # type: ignore[return-value]
-
-
 class QuantizedFileStore(FileStore):
     """Experts of a moekit quantized checkpoint: each expert's packed codes are read with ``pread`` and
     dequantized into the cache slot, so the disk read is the quantized size (4 or 8 bits per weight) and the
     cache holds ready-to-use weights. Unquantized per-expert tensors (biases) are read as ``FileStore`` does.
 
     ``packed_int4=True``: the MoE layers whose experts are all int4 with whole groups (``int4_layers``) keep them
-    packed in the slots too (codes, fp16 group scales and zero points under ``int4_slot_names``): 0.5 + 3/group
+    packed in the slots too (codes, fp16 group scales and zero points under ``int4_buffer_names``): 0.5 + 3/group
     bytes per weight, so a budget holds ~3.8x the experts of bf16, and moekit's int4 kernel runs decode on them."""
 
     def __init__(self, file: Path, ckpt: Checkpoint, targets: dict[int, dict[str, Target]],
@@ -248,7 +238,7 @@ class QuantizedFileStore(FileStore):
         if layer in self.int4_layers:
             return plain | {slot_name: self.packed[layer][n].parts[0][part][2:]
                             for n in self.packed[layer]
-                            for slot_name, part in zip(int4_slot_names(n), _PACKED_PARTS, strict=True)}
+                            for slot_name, part in zip(int4_buffer_names(n), PACKED_PARTS, strict=True)}
         return plain | {n: (p.model_shape, self.dtype) for n, p in self.packed[layer].items()}
 
     def read(self, layer: int, expert: int, out: dict[str, torch.Tensor]) -> int:
@@ -262,7 +252,7 @@ class QuantizedFileStore(FileStore):
             parts = {}
             for part, (offset, nbytes, shape, dt) in slab.parts[expert].items():
                 # packed int4 slots: the codes, scales and zero points go straight into the slot's tensors
-                buf = out[int4_slot_names(name)[_PACKED_PARTS.index(part)]] if int4 else torch.empty(shape, dtype=dt)
+                buf = out[int4_buffer_names(name)[PACKED_PARTS.index(part)]] if int4 else torch.empty(shape, dtype=dt)
                 if int4 and (tuple(buf.shape) != tuple(shape) or buf.dtype != dt or not buf.is_contiguous()):
                     raise MoekitError(f"{self.path}: {name} of expert {layer}:{expert} ({part}) does not fit its slot")
                 pread_into(fd, bytes_of(buf), offset, f"{self.path} ({name} of expert {layer}:{expert})")
@@ -308,7 +298,7 @@ class QuantizedFileStore(FileStore):
                     targets.setdefault(li, {})[pname] = Target(key, t.shape, [Piece(t)])
                     continue
                 num, out_dim, in_dim = info["shape"]
-                parts = tuple({p: where(f"{key}.{e}.{p}") for p in ("qweight", "scales", "zeros")}
+                parts = tuple({p: where(f"{key}.{e}.{p}") for p in PACKED_PARTS}
                               for e in range(num))
                 packed[li][pname] = PackedSlab(parts, tuple(int(b) for b in info["bits"]), gs, (out_dim, in_dim),
                                                bool(info["transposed"]))
