@@ -156,13 +156,10 @@ def _files(paths: list[Path]) -> list[Path]:
 
 def evict(paths: list[Path]) -> None:
     """Drop every file under ``paths`` from the page cache (written data is flushed first: dirty pages stay)."""
+    from moekit.formats import drop_file_cache
+
     for f in _files(paths):
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        drop_file_cache(f)
 
 
 _LIBC = ctypes.CDLL(None, use_errno=True)

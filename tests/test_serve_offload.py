@@ -361,15 +361,10 @@ def test_exact_greedy_under_moekit_dispatch_every_policy(arch, checkpoints):
 
 def _drop_page_cache(path) -> None:
     """Evict a checkpoint's files from the OS page cache (written back first, so that the kernel can drop them)."""
-    import os
+    from moekit.formats import drop_file_cache
 
     for f in sorted(path.glob("*.safetensors")):
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        drop_file_cache(f)
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss", "deepseek_v3", "mixtral"])

@@ -10,6 +10,7 @@ from moekit.formats.safetensors import (
     TensorInfo,
     bytes_of,
     drop_cache,
+    drop_file_cache,
     pread_into,
     read_header,
     read_range,
@@ -19,5 +20,5 @@ from moekit.formats.safetensors import (
 
 __all__ = [
     "ST_DTYPES", "Checkpoint", "FileHandles", "MappedFiles", "SpooledWriter", "StreamWriter", "Piece", "Target", "TensorInfo", "bytes_of", "checkpoint_dtype",
-    "config_dtype", "drop_cache", "pread_into", "read_header", "read_range", "read_tensor", "tensor_infos",
+    "config_dtype", "drop_cache", "drop_file_cache", "pread_into", "read_header", "read_range", "read_tensor", "tensor_infos",
 ]

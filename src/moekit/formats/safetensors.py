@@ -98,6 +98,16 @@ def drop_cache(fd: int, offset: int = 0, nbytes: int = 0) -> None:
         os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
 
 
+def drop_file_cache(path: str | os.PathLike) -> None:
+    """Drop a whole file from the page cache, its written data flushed first (dirty pages cannot be dropped)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        drop_cache(fd)
+    finally:
+        os.close(fd)
+
+
 class FileHandles:
     """Open file descriptors by path, opened once (thread-safe enough for dict get/set under the GIL)."""
 
