@@ -110,7 +110,12 @@ def test_cli_generate_offloaded_with_packed_experts(q4) -> None:
     assert code == 0, err
     code2, out2, err2 = run_cli([*args, "--offload", "--cache-mb", "1", "--stats"])
     assert code2 == 0, err2
-    memory, offloaded = json.loads(out), json.loads(out2)
+    code3, out3, err3 = run_cli([a for a in args if a != "--packed-experts"] + ["--offload", "--cache-mb", "1", "--stats"])
+    assert code3 == 0, err3
+    memory, offloaded, dequantized = json.loads(out), json.loads(out2), json.loads(out3)
     assert len(memory["token_ids"]) == 6 and offloaded["token_ids"] == memory["token_ids"]
-    assert offloaded["offload"]["decode_hit_rate"] > 0
+    # a packed slot holds 0.5 + 3/128 bytes per weight against 4 (fp32) in a dequantized one: 7.6x the slots in 1 MB
+    ratio = dequantized["offload"]["expert_bytes"] / offloaded["offload"]["expert_bytes"]
+    assert ratio == pytest.approx(4 / (0.5 + 3 / 128))
+    assert offloaded["offload"]["slots_per_layer"] > dequantized["offload"]["slots_per_layer"]
     one_error(*run_cli([*args, "--rewire"])[::2], "--rewire")
