@@ -119,3 +119,35 @@ def test_cli_generate_offloaded_with_packed_experts(q4) -> None:
     assert ratio == pytest.approx(4 / (0.5 + 3 / 128))
     assert offloaded["offload"]["slots_per_layer"] > dequantized["offload"]["slots_per_layer"]
     one_error(*run_cli([*args, "--rewire"])[::2], "--rewire")
+
+
+def test_budget_plan_sizes_packed_experts_as_packed(q4) -> None:
+    """``max_memory`` with ``packed_experts`` sizes the int4 banks by their packed bytes (the header's codes, scales and
+    zero points), not by their float weights: a budget between the two totals keeps the packed model resident (no
+    engine), with the in-memory packed model's logits, while the float plan offloads."""
+    from moekit.formats.quantized import QUANT_WEIGHTS
+    from moekit.formats.safetensors import read_header
+    from moekit.models.loading import load_structure
+    from moekit.serve.placement import ACTIVATION_SHARE, RESERVE, _packed_banks, plan_budget
+
+    meta = load_structure(q4)
+    packed = _packed_banks(q4)
+    header = read_header(q4 / QUANT_WEIGHTS)[0]
+    stored = sum(e["data_offsets"][1] - e["data_offsets"][0] for k, e in header.items()
+                 if k.rpartition(".")[2] in ("qweight", "scales", "zeros"))
+    assert sum(packed.values()) == stored and len(packed) == 2 * len(meta.moe)
+    float_plan, packed_plan = plan_budget(meta, 10**12), plan_budget(meta, 10**12, packed)
+    assert packed_plan["resident"] == float_plan["resident"]
+    assert packed_plan["experts"] == stored < float_plan["experts"] / 3
+    view = next(iter(meta.moe))
+    E, k = view.num_experts, view.top_k
+    assert packed_plan["min_cache_bytes"] == stored // E * k  # k slots in every layer
+    usable = (packed_plan["total"] + float_plan["total"]) // 2
+    budget = int((usable + RESERVE) / (1 - ACTIVATION_SHARE)) + 1
+    assert not plan_budget(meta, budget)["resident_all"] and plan_budget(meta, budget, packed)["resident_all"]
+    lm = moekit.load(q4, with_tokenizer=False, packed_experts=True, max_memory=budget)
+    assert getattr(lm, "engine", None) is None and any(hasattr(m, INT4_BUFFERS[0]) for m in lm.model.modules())
+    ref = moekit.load(q4, with_tokenizer=False, packed_experts=True).model
+    ids = torch.tensor([[3, 9, 27, 81]])
+    with torch.no_grad():
+        assert torch.equal(lm.model(ids).logits, ref(ids).logits)

@@ -140,6 +140,22 @@ def int4_buffer_names(param: str) -> tuple[str, str, str]:
     return INT4_BUFFERS[3:] if param.endswith("down_proj") else INT4_BUFFERS[:3]  # type: ignore[return-value]
 
 
+def packed_bank_bytes(path: str | Path, names: list[str]) -> dict[str, int]:
+    """Bytes each expert bank ``names`` of a quantized checkpoint takes packed (every expert's codes, scales and zero
+    points), from the safetensors header alone: what the bank costs in memory or in cache slots when it stays packed."""
+    from moekit.formats.safetensors import tensor_infos
+
+    infos = tensor_infos(Path(path) / QUANT_WEIGHTS)
+    wanted = set(names)
+    out = dict.fromkeys(names, 0)
+    for key, info in infos.items():
+        bank, _, part = key.rpartition(".")
+        name = bank.rpartition(".")[0]
+        if part in PACKED_PARTS and name in wanted:
+            out[name] += info.nbytes
+    return out
+
+
 def read_int4_banks(path: str | Path, names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Expert banks ``names`` of a quantized checkpoint as the in-memory int4 layout (``stack_int4``'s: codes,
     scales, zero points stacked over experts), each expert's parts read with ``pread`` straight into their slices:

@@ -22,6 +22,7 @@ from moekit.formats.tokenizer import load_tokenizer_from
 from moekit.models.loading import (
     DEFAULT_MODEL,
     LoadedModel,
+    bank_keys,
     footprint,
     load_structure,
     read_weights,
@@ -52,17 +53,28 @@ def parse_size(text: str | int | float) -> int:
     return int(n)
 
 
-def plan_budget(lm_meta: LoadedModel, budget: int) -> dict:
+def plan_budget(lm_meta: LoadedModel, budget: int, packed: dict[str, int] | None = None) -> dict:
     """How ``lm_meta`` (structure only) fits ``budget`` bytes: ``resident`` (all weights in memory) or the
-    expert cache bytes left when only the non-expert weights are resident."""
+    expert cache bytes left when only the non-expert weights are resident. ``packed``: expert banks (state-dict
+    key → bytes) that stay packed int4 in memory and in the cache slots (``packed_experts``), sized as such instead
+    of as their float weights."""
+    packed = packed or {}
     fp = footprint(lm_meta)
+    keys = bank_keys(lm_meta.model, lm_meta.moe)
+    saved = 0
+    for v in lm_meta.moe:
+        for p, key in keys[v.index].items():
+            if key in packed:
+                saved += getattr(v.experts, p).numel() * getattr(v.experts, p).element_size() - packed[key]
+    fp = {"total": fp["total"] - saved, "experts": fp["experts"] - saved, "resident": fp["resident"]}
     usable = budget - RESERVE - int(ACTIVATION_SHARE * budget)
     views = list(lm_meta.moe)
     per_slot = 0
     for v in views:
-        for p in v.experts.parameters():
-            if p.dim() >= 1 and p.shape[0] == v.num_experts:
-                per_slot += p[0].numel() * p.element_size()
+        for p, key in keys[v.index].items():
+            t = getattr(v.experts, p)
+            if t.dim() >= 1 and t.shape[0] == v.num_experts:
+                per_slot += packed[key] // v.num_experts if key in packed else t[0].numel() * t.element_size()
     min_cache = per_slot * max(v.top_k for v in views) if views else 0
     return {"budget": budget, "usable": usable, **fp, "resident_all": fp["total"] <= usable,
             "cache_bytes": usable - fp["resident"], "min_cache_bytes": min_cache,
@@ -96,7 +108,7 @@ def load(spec: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype | str | Non
     meta = load_structure(spec, dtype)
     if packed_experts and not (meta.path is not None and is_quantized_checkpoint(meta.path)):
         raise MoekitError(f"{meta.name}: packed experts need a moekit quantized checkpoint (moekit quantize --bits 4)")
-    plan = plan_budget(meta, budget)
+    plan = plan_budget(meta, budget, _packed_banks(meta.path) if packed_experts else None)
     if meta.path is not None and is_quantized_checkpoint(meta.path):
         # quantized experts are dequantized when loaded whole: offload them whenever they do not fit
         if plan["resident_all"]:
@@ -131,6 +143,15 @@ def load(spec: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype | str | Non
     lm.engine = engine.start()
     lm.activation_bytes = int(ACTIVATION_SHARE * budget)
     return lm
+
+
+def _packed_banks(path) -> dict[str, int]:
+    """Bytes of the expert banks of quantized checkpoint ``path`` that ``packed_experts`` keeps packed int4."""
+    from moekit.formats.quantized import packed_bank_bytes, read_quant_meta
+    from moekit.models.quantized import packed_int4_banks
+
+    names = [n for bank in packed_int4_banks(read_quant_meta(path)).values() for n in bank]
+    return packed_bank_bytes(path, names)
 
 
 def _gb(n: float) -> str:
