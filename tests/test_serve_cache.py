@@ -57,6 +57,33 @@ def test_slot_state_machine_sequence():
     assert (s.requests, s.hits, s.misses, s.decode_requests) == (2, 1, 1, 2)
 
 
+def test_slot_table_maps_resident_experts_only():
+    """``table`` (what a native decode step reads): expert → slot once resident; -1 while loading, after an eviction,
+    a failed read and when the bank is released."""
+    lc = _cache("lru", 2, num_experts=4)
+
+    def table() -> list[int]:
+        return lc.table.tolist()
+
+    assert table() == [-1] * 4
+    lc.claim(1)
+    assert table() == [-1] * 4  # loading
+    lc.finish(1)
+    lc.claim(3)
+    lc.finish(3)
+    lc.release([1, 3], [1, 3])
+    assert table() == [-1, 0, -1, 1]
+    lc.claim(2)  # evicts 1 (least recent), loads into its slot
+    assert table() == [-1, -1, -1, 1]
+    lc.finish(2, ok=False)
+    assert table() == [-1, -1, -1, 1] and lc.free == [0]
+    lc.claim(0)
+    lc.finish(0)
+    assert table() == [0, -1, -1, 1] == [lc.slot_of.get(e, -1) for e in range(4)]
+    lc.release_memory()
+    assert table() == [-1] * 4
+
+
 def test_prefetch_claims_keep_predictions_and_count_waste():
     lc = _cache("lru+prefetch", 2)
     _run(lc, [[0], [1]])

@@ -23,10 +23,12 @@ switch); ``MOEKIT_FUSED_DECODE=0`` keeps every module's own forward (bench_decod
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import os
 import types
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 
@@ -231,7 +233,7 @@ static void rope(const int64_t* pos, const float* inv_freq, int64_t half, float 
    router, the k experts (gate;up, SiLU, down and weighted sum) and the residual, in one call: between the weight
    kernels' parallel regions no interpreter work runs on the caches they flushed. a: the pointers and sizes (see
    fused_decode._layer_args), f: eps of the layer norms, eps of q/k norms, attention scale. Returns attn_static's
-   codes (2: the position is past the cache, nothing changed). */
+   codes (2: the position is past the cache, nothing changed), 4: stopped after the router (a[45]'s experts). */
 template <class X>
 static int layer_step(const int64_t* a, const float* f) {
   typedef typename X::T T;
@@ -242,12 +244,15 @@ static int layer_step(const int64_t* a, const float* f) {
   if (k < 1 || k > 256) return 3;
   T* sc = (T*)malloc(sizeof(T) * (size_t)(4 * Hd + rq + 2 * rk + rq + E + 3 * k * I) + 64);
   float* fs = (float*)malloc(sizeof(float) * (size_t)(2 * k) + 64);
-  int64_t* is = (int64_t*)malloc(sizeof(int64_t) * (size_t)(2 * k) + 64);
+  int64_t* is = (int64_t*)malloc(sizeof(int64_t) * (size_t)(3 * k) + 64);
   if (!sc || !fs || !is) { free(sc); free(fs); free(is); return 3; }
   T *x1 = sc, *o = x1 + Hd, *h2 = o + Hd, *x2 = h2 + Hd, *qkv = x2 + Hd, *att = qkv + rq + 2 * rk, *lg = att + rq,
     *h1 = lg + E, *act = h1 + 2 * k * I;
   float *g = fs, *g2 = fs + k;
-  int64_t *idx = is, *wp = is + k;
+  int64_t *idx = is, *wp = is + k, *sidx = is + 2 * k;
+  const int64_t* ext = (const int64_t*)a[45];  /* experts the caller owns (an offload engine): see below */
+  const int64_t* eidx = idx;  /* the experts' rows in the bank a[33]/a[35]: expert ids, or slots of ext's table */
+  int64_t Eb = E;
   int rc = 0;
   const int64_t phase = a[44];  /* 0: static cache; dynamic cache: 1 = up to rotary (the caller appends k, v), 2 = the rest */
   if (a[43]) qkv = (T*)a[43];   /* the caller's q|k|v buffer (dynamic cache: it reads k and v between the phases) */
@@ -273,10 +278,27 @@ static int layer_step(const int64_t* a, const float* f) {
     rmsnorm<X>(h2, (const T*)a[3], x2, 1, Hd, f[0]);
     router<X>(x2, (const T*)a[28], E, Hd, k, (int)a[31], 1, lg, g, idx);
     if (!a[32]) for (int64_t j = 0; j < k; j++) g[j] = rnd<X>(g[j]);  /* scores in the dtype (not Mixtral's fp32) */
-    rc = gemv<X, X>((const T*)a[33], a[34], a[41], idx, k, E, x2, Hd, k, 2 * I, Hd, nullptr, 0, h1, nt);
+    if (ext) {
+      /* ext = {table, x2, h2, ids, weights, slots}: the MoE input, the residual, the top-k ids and weights (the
+         router's scores: fp32 for Mixtral, else the dtype) to the caller; then the experts on the bank a[33]/a[35]
+         of ext[5] slots when table (expert -> slot, -1: absent) maps every chosen expert to a slot, else return 4:
+         the caller computes the experts and the residual add */
+      memcpy((T*)ext[1], x2, sizeof(T) * (size_t)Hd);
+      memcpy((T*)ext[2], h2, sizeof(T) * (size_t)Hd);
+      memcpy((int64_t*)ext[3], idx, sizeof(int64_t) * (size_t)k);
+      for (int64_t j = 0; j < k; j++)
+        if (a[32]) ((float*)ext[4])[j] = g[j]; else ((T*)ext[4])[j] = X::put(g[j]);
+      const int64_t* table = (const int64_t*)ext[0];
+      for (int64_t j = 0; j < k && !rc; j++) {
+        sidx[j] = table && idx[j] >= 0 && idx[j] < E ? table[idx[j]] : -1;
+        if (sidx[j] < 0 || sidx[j] >= ext[5]) rc = 4;
+      }
+      eidx = sidx; Eb = ext[5];
+    }
   }
+  if (!rc) rc = gemv<X, X>((const T*)a[33], a[34], a[41], eidx, k, Eb, x2, Hd, k, 2 * I, Hd, nullptr, 0, h1, nt);
   if (!rc) {
-    moe_mid<X>(h1, k, I, act, idx, g, 1, E, a[35], a[36] * (int64_t)sizeof(T), wp, g2);
+    moe_mid<X>(h1, k, I, act, eidx, g, 1, Eb, a[35], a[36] * (int64_t)sizeof(T), wp, g2);
     rc = gemv_combine<X, X>(wp, a[42], 1, k, act, I, Hd, I, nullptr, g2, o, nt);
   }
   if (!rc) for (int64_t i = 0; i < Hd; i++) out[i] = X::put(X::get(h2[i]) + X::get(o[i]));
@@ -333,8 +355,8 @@ _SIGNATURES = {
 _fns: dict[str, Callable | None] = {}
 calls: collections.Counter = collections.Counter()
 """How many one-token steps each fused op ran in this process ("rmsnorm", "rope", "attention", "qkv", "router",
-"experts"): which
-path a model takes (tests, diagnostics)."""
+"experts", "layer"; of the layers with offloaded experts, "layer_slots" ran them on the cache's slots in the native
+call and "layer_split" handed them to the engine): which path a model takes (tests, diagnostics)."""
 
 
 def enabled() -> bool:
@@ -601,25 +623,41 @@ def _experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tenso
     return out if out is not None else type(self).forward(self, hidden_states, top_k_index, top_k_weights)
 
 
-def _lean_experts_check(self, x: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor) -> bool:
-    """True when the lean path cannot run this call (another layout, quantized, offloaded, not moekit's...)."""
+def _lean_module_check(self) -> bool:
+    """True when the experts module computes something else than gate;up, SiLU, down and the weighted sum without
+    biases (another layout, activation or gate, a post-expert norm, expert parallelism)."""
     from transformers.integrations.moe import _default_apply_gate
 
-    w1, w2 = getattr(self, "gate_up_proj", None), getattr(self, "down_proj", None)
     return bool(
-        getattr(self.config, "_experts_implementation", None) != "moekit" or not _step_ok(x) or x.dim() != 2
-        or not isinstance(w1, torch.Tensor) or not isinstance(w2, torch.Tensor) or w1.dim() != 3
-        or getattr(self, "has_bias", False) or not getattr(self, "has_gate", True)
+        getattr(self, "has_bias", False) or not getattr(self, "has_gate", True)
         or getattr(self, "is_transposed", False) or not getattr(self, "is_concatenated", True)
         or getattr(self, "has_post_expert_norm", False) or getattr(self, "_is_expert_parallel", False)
         or getattr(type(self), "_apply_gate", _default_apply_gate) is not _default_apply_gate
         or type(getattr(self, "act_fn", None)).__name__ != "SiLUActivation"
-        or any(name.startswith("moekit_") for name in self._buffers)  # quantized experts (int8, int4)
+    )
+
+
+def _lean_banks_check(w1, w2, x: torch.Tensor) -> bool:
+    """True when ``w1`` [E, 2I, H] and ``w2`` [E, H, I] are not the kernel's contiguous CPU banks of ``x``'s dtype."""
+    return bool(
+        not isinstance(w1, torch.Tensor) or not isinstance(w2, torch.Tensor) or w1.dim() != 3 or w2.dim() != 3
         or w1.device.type != "cpu" or w2.device.type != "cpu"
         or w1.dtype != x.dtype or w2.dtype != x.dtype or w1.requires_grad and torch.is_grad_enabled()
-        or not (w1.is_contiguous() and w2.is_contiguous()) or ids.dtype != torch.int64 or not ids.is_contiguous()
+        or not (w1.is_contiguous() and w2.is_contiguous()) or w1.shape[0] != w2.shape[0]
+        or w1.shape[2] != x.shape[-1] or w2.shape[2] * 2 != w1.shape[1] or w2.shape[1] != x.shape[-1]
+    )
+
+
+def _lean_experts_check(self, x: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor) -> bool:
+    """True when the lean path cannot run this call (another layout, quantized, offloaded, not moekit's...)."""
+    return bool(
+        getattr(self.config, "_experts_implementation", None) != "moekit" or not _step_ok(x) or x.dim() != 2
+        or _lean_module_check(self)
+        or any(name.startswith("moekit_") for name in self._buffers)  # quantized experts (int8, int4)
+        or _lean_banks_check(getattr(self, "gate_up_proj", None), getattr(self, "down_proj", None), x)
+        or ids.dtype != torch.int64 or not ids.is_contiguous()
         or ids.shape[0] != 1 or wts.shape != ids.shape or not wts.is_contiguous()
-        or wts.dtype not in (torch.float32, x.dtype) or w1.shape[2] != x.shape[-1] or w2.shape[2] * 2 != w1.shape[1]
+        or wts.dtype not in (torch.float32, x.dtype)
     )
 
 
@@ -654,8 +692,30 @@ def _lean_experts(self, x: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor) -
 LAYER_CLASSES = ("OlmoeDecoderLayer", "Qwen3MoeDecoderLayer", "MixtralDecoderLayer")
 """Decoder layers (norm → attention → residual → norm → sparse MoE block → residual) whose one-token step runs as one
 native call (two with a dynamic cache) when every piece qualifies for its own fused op."""
-_I64x45, _F32x3 = ctypes.c_int64 * 45, ctypes.c_float * 3
+_I64x46, _F32x3, _I64x6 = ctypes.c_int64 * 46, ctypes.c_float * 3, ctypes.c_int64 * 6
 _SLOTS: dict = {}
+
+EXPERTS_PROVIDER = "moekit_experts_provider"
+"""An experts module whose weights someone else holds (the offload engine: ``moekit.serve``) carries an object under
+this attribute, and a whole-layer step then runs up to the router in the native call and hands the experts to it:
+
+- ``forward(module, x, ids, weights) -> Tensor``: the experts' output for the MoE input ``x`` [1, H] and the router's
+  top-k ``ids`` and ``weights`` [1, k] (what the experts module's forward would return);
+- ``slot_bank() -> SlotBank | None``: banks the native call may run the experts on itself (same kernels), with
+  their expert → slot table and the lock that keeps the table true during the call; None: ``forward`` always;
+- ``slot_hits(ids)``: the lock held, right after a call that ran every expert of ``ids`` [1, k] on the slot bank:
+  the bookkeeping of a lookup that found them all (counts, recency);
+- ``after_hits(x)``: after that, the lock released (prediction, prefetch)."""
+
+
+class SlotBank(NamedTuple):
+    """Banks of ``slots`` experts (``gate_up`` [slots, 2I, H], ``down`` [slots, H, I]) with ``table`` (int64 [E]:
+    expert → slot, -1 for experts not usable now) and the ``lock`` under which the table does not change."""
+
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    table: torch.Tensor
+    lock: Any
 
 
 def _kernel_linear(proj: torch.nn.Module, dtype: torch.dtype, cols: int) -> bool:
@@ -742,10 +802,21 @@ def _layer_args(self, h: torch.Tensor, mask, cache, pos_emb) -> tuple | None:
     key = (router.top_k, torch.float32 if mixtral else dt)
     if key not in _SLOTS:  # stand-ins with the shapes and dtypes the router would hand the experts
         _SLOTS[key] = (torch.zeros(1, key[0], dtype=torch.int64), torch.zeros(1, key[0], dtype=key[1]))
+    provider, bank = None, None
     if _lean_experts_check(experts, h.view(1, Hd), *_SLOTS[key]):
-        return None
-    w1, w2 = experts.gate_up_proj, experts.down_proj
-    a = _I64x45(
+        provider = getattr(experts, EXPERTS_PROVIDER, None)  # offloaded: the experts are the provider's
+        if provider is None:
+            return None
+        bank = provider.slot_bank()
+        if bank is not None and (_lean_module_check(experts) or _lean_banks_check(bank.gate_up, bank.down, h)
+                                 or bank.table.dtype != torch.int64 or not bank.table.is_contiguous()
+                                 or bank.table.numel() != rw.shape[0]):
+            bank = None
+    w1, w2 = (experts.gate_up_proj, experts.down_proj) if provider is None else \
+        (bank.gate_up, bank.down) if bank is not None else (None, None)
+    if w1 is None:
+        w1 = w2 = torch.empty(0, 0, 0, dtype=dt)  # (the native call stops after the router)
+    a = _I64x46(
         h.data_ptr(), 0, ln1.weight.data_ptr(), ln2.weight.data_ptr(), 0,
         q.weight.data_ptr(), k.weight.data_ptr(), v.weight.data_ptr(), o.weight.data_ptr(),
         norms[0].weight.data_ptr() if qg else 0, norms[1].weight.data_ptr() if qg else 0,
@@ -754,10 +825,18 @@ def _layer_args(self, h: torch.Tensor, mask, cache, pos_emb) -> tuple | None:
         mask.data_ptr() if mask is not None else 0,
         H, Hkv, D, Hd, rw.data_ptr(), rw.shape[0], router.top_k, int(mixtral or bool(router.norm_topk_prob)),
         int(mixtral), w1.data_ptr(), w1.stride(0), w2.data_ptr(), w2.stride(0), w2.shape[2],
-        torch.get_num_threads(), q.weight.stride(0), o.weight.stride(0), w1.stride(1), w2.stride(1), 0, 0,
+        torch.get_num_threads(), q.weight.stride(0), o.weight.stride(0), w1.stride(1), w2.stride(1), 0, 0, 0,
     )
     f = _F32x3(ln1.variance_epsilon, norms[0].variance_epsilon if norms[0] is not None else 0.0, attn.scaling)
-    return a, f, (None if static else (layer, H * D, Hkv, D))
+    ext = None
+    if provider is not None:  # the router's output to these buffers (see EXPERTS_PROVIDER)
+        k = router.top_k
+        x2, h2 = h.new_empty(1, Hd), h.new_empty(h.shape)
+        ids, wts = torch.empty(1, k, dtype=torch.int64), torch.empty(1, k, dtype=key[1])
+        a[45] = ctypes.addressof(e := _I64x6(bank.table.data_ptr() if bank is not None else 0, x2.data_ptr(),
+                                             h2.data_ptr(), ids.data_ptr(), wts.data_ptr(), w1.shape[0]))
+        ext = (e, provider, bank, experts, x2, h2, ids, wts)
+    return a, f, (None if static else (layer, H * D, Hkv, D)), ext
 
 
 def _layer_forward(self, hidden_states: torch.Tensor, attention_mask=None, position_ids=None, cache=None,
@@ -771,10 +850,11 @@ def _layer_forward(self, hidden_states: torch.Tensor, attention_mask=None, posit
         fn = _fn("layer", hidden_states.dtype)
         args = _layer_args(self, hidden_states, attention_mask, cache, position_embeddings) if fn is not None else None
         if args is not None:
-            a, f, dynamic = args
+            a, f, dynamic, ext = args
             out = torch.empty_like(hidden_states)
             a[1] = out.data_ptr()
             rc = 0
+            bank = ext[2] if ext is not None else None
             if dynamic is not None:  # up to rotary, transformers' append to the dynamic layer, then the rest
                 layer, rq, Hkv, D = dynamic
                 qkv = hidden_states.new_empty(rq + 2 * Hkv * D)
@@ -786,10 +866,26 @@ def _layer_forward(self, hidden_states: torch.Tensor, attention_mask=None, posit
                     keys, values = layer.update(k, v)
                     a[15], a[16], a[22], a[44] = keys.data_ptr(), values.data_ptr(), keys.shape[2], 2
                     a[17], a[18], a[19], a[20] = keys.stride(1), keys.stride(2), values.stride(1), values.stride(2)
-                    if fn(a, f):
+                    with bank.lock if bank is not None else contextlib.nullcontext():
+                        rc = fn(a, f)
+                        if rc == 0 and bank is not None:
+                            ext[1].slot_hits(ext[6])
+                    if rc not in (0, 4):
                         raise RuntimeError("fused decoder layer failed after the cache update")
             else:
-                rc = fn(a, f)
+                with bank.lock if bank is not None else contextlib.nullcontext():
+                    rc = fn(a, f)
+                    if rc == 0 and bank is not None:
+                        ext[1].slot_hits(ext[6])
+            if rc == 0 and bank is not None:
+                calls["layer_slots"] += 1
+                ext[1].after_hits(ext[4])
+            if rc == 4:  # the experts are the provider's (a miss, or no slot bank): then the residual add
+                _e, provider, _bank, experts, x2, h2, ids, wts = ext
+                moe = provider.forward(experts, x2, ids, wts)
+                torch.add(h2, moe.view(h2.shape), out=out)
+                calls["layer_split"] += 1
+                rc = 0
             if rc == 0:
                 calls["layer"] += 1
                 return out

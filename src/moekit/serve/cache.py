@@ -280,6 +280,9 @@ class LayerCache:
         self.bank = {n: _bank_tensor((slots, *shape), dt, device) for n, (shape, dt) in shapes.items()}
         self._views = [{n: t[i] for n, t in self.bank.items()} for i in range(slots)]  # made once, not per step
         self.slot_of: dict[int, int] = {}        # resident or loading expert → slot
+        #: expert → slot for the resident experts, -1 for the others (loading or absent): what a native decode step
+        #: reads under the engine's lock to run the hits on the slot bank (``moekit.nn.fused_decode.SlotBank``)
+        self.table = torch.full((policy.num_experts,), -1, dtype=torch.int64)
         self.loading: dict[int, Any] = {}        # expert → the token its readers wait on, while it loads
         self.free = list(range(slots - 1, -1, -1))
         self.pins: dict[int, int] = {}
@@ -313,6 +316,7 @@ class LayerCache:
             if victim is None:
                 return None
             slot = self.slot_of.pop(victim)
+            self.table[victim] = -1
             self.policy.evict(victim)
             if victim in self.prefetched:
                 self.prefetched.discard(victim)
@@ -332,6 +336,7 @@ class LayerCache:
         token = self.loading.pop(expert)
         if ok:
             self.policy.insert(expert)
+            self.table[expert] = self.slot_of[expert]
         else:
             self.free.append(self.slot_of.pop(expert))
             self.pins.pop(expert, None)
@@ -399,6 +404,7 @@ class LayerCache:
         self._views = []
         self.slot_of.clear()
         self.loading.clear()
+        self.table.fill_(-1)
         self.free = []
 
     def evictable(self) -> list[int]:

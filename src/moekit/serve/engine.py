@@ -29,6 +29,7 @@ from moekit.errors import MoekitError
 from moekit.formats.quantized import INT4_BUFFERS
 from moekit.models.loading import LoadedModel
 from moekit.nn.dispatch import expert_forward
+from moekit.nn.fused_decode import EXPERTS_PROVIDER, SlotBank
 from moekit.nn.int4_experts import expert_forward_int4
 from moekit.nn.provided import ExpertWeights, decodes_by_gemv, expert_forward_parts, expert_forward_provided
 from moekit.serve.cache import POLICIES, LayerCache, Policy
@@ -135,6 +136,7 @@ class OffloadEngine:
         for v in self.views:
             v.experts._moekit_offload_engine = self
             v.experts._moekit_layer = v.index
+            setattr(v.experts, EXPERTS_PROVIDER, _LayerExperts(self, self.layers[v.index]))
         model.set_experts_implementation(IMPL_NAME)
         self._hooks = [model.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
                        model.register_forward_hook(self._post_forward)]
@@ -164,7 +166,7 @@ class OffloadEngine:
         self._hooks = []
         model = self.lm.model
         for v in self.views:
-            for attr in ("_moekit_offload_engine", "_moekit_layer"):
+            for attr in ("_moekit_offload_engine", "_moekit_layer", EXPERTS_PROVIDER):
                 if hasattr(v.experts, attr):
                     delattr(v.experts, attr)
         if self._prev_impl is not None:
@@ -581,6 +583,41 @@ class OffloadEngine:
         (``belady``) the decode misses relative to Belady's MIN on the same routing requests."""
         with self.lock:
             return summary(self, belady)
+
+
+class _LayerExperts:
+    """One offloaded layer as the whole-layer decode step sees it (``moekit.nn.fused_decode.EXPERTS_PROVIDER``): the
+    engine's experts forward for a step it hands over (a miss), and, under moekit's dispatch on float slots, the slot
+    bank with the cache's expert → slot table, on which the native step runs a step whose experts are all resident
+    (the kernel ``_decode_in_parts`` runs on the same slots), then the bookkeeping that path's lookup does."""
+
+    def __init__(self, engine: OffloadEngine, lc: LayerCache) -> None:
+        self.engine, self.lc = engine, lc
+
+    def forward(self, mod: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self.engine.experts_forward(mod, hidden, ids, weights)
+
+    def slot_bank(self) -> SlotBank | None:
+        lc, bank = self.lc, self.lc.bank
+        w1, w2 = bank.get("gate_up_proj"), bank.get("down_proj")
+        if (self.engine._prev_impl != "moekit" or not lc.slots or w1 is None or w2 is None or len(bank) != 2
+                or not decodes_by_gemv(w1)):
+            return None  # packed int4 slots, biases, another layout or implementation: the engine's forward
+        return SlotBank(w1, w2, lc.table, self.engine.lock)
+
+    def slot_hits(self, ids: torch.Tensor) -> None:
+        """(The engine's lock held.) The step's experts were all resident and ran on their slots: the counts and
+        recency of ``_decode_in_parts``'s lookup of an all-hit step, pinned and released at once."""
+        row = ids[0].tolist()
+        num_experts = self.lc.policy.num_experts
+        experts = [e for e in dict.fromkeys(row) if 0 <= e < num_experts]
+        self.engine._lookup(self.lc, sorted(experts), True, experts)
+        self.lc.release(experts, row)
+
+    def after_hits(self, hidden: torch.Tensor) -> None:
+        """The prediction ``experts_forward`` makes before a decode step (prefetch of the next layer's experts)."""
+        if self.engine.prefetch:
+            self.engine._predict(self.lc.layer, hidden)
 
 
 def _profile_counts(profile: Any, views: list) -> dict[int, np.ndarray]:

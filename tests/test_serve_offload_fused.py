@@ -1,0 +1,202 @@
+"""Offloaded experts in the whole-layer fused decode step (``fused_decode.EXPERTS_PROVIDER``): the native call runs
+attention and router and, when every chosen expert is resident, the experts on the cache's slot bank; a miss hands
+the experts to the engine. Decode logits and greedy tokens equal the in-memory fused model's, and the engine's
+statistics and LRU state equal those of the per-module path (``use_fused_decode(enable=False)``) on the same steps;
+packed int4 slots take the split path and equal the in-memory packed model."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import pytest
+import torch
+from transformers import DynamicCache, StaticCache
+
+import moekit
+from moekit.compress.quantize import quantize
+from moekit.nn import fused_decode
+from moekit.nn.cpu_kernels import use_for_linears
+from moekit.nn.dispatch import use_moekit_experts
+from moekit.serve.engine import OffloadEngine
+from moekit.serve.store import load_offloaded, store_for
+from moekit.testing import save_tiny_checkpoint
+
+HAS_COMPILER = any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+pytestmark = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the fused ops are off")
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # as tests/test_nn_fused_decode.py
+STEPS = 6
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("MOEKIT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "moekit-cache"))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fused-ckpts")
+    return {a: save_tiny_checkpoint(a, root / a, with_tokenizer=False) for a in ("olmoe", "qwen3_moe")}
+
+
+def _fast(model) -> None:
+    """What ``moekit generate`` sets up (``use_fast_decode`` without huge pages)."""
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    use_moekit_experts(model)
+    use_for_linears(model)
+    fused_decode.use_fused_decode(model)
+
+
+MODES = ("fused", "modules", "unfused")
+"""fused: whole layers with the engine's experts; modules: the per-module fused ops (the engine's experts forward
+from the experts module, as before whole layers took offloaded experts); unfused: the modules' own forwards."""
+
+
+def _offloaded(path, dtype, slots: int, policy: str, mode: str, warm: bool) -> OffloadEngine:
+    lm = load_offloaded(path, dtype=dtype, with_tokenizer=False)
+    _fast(lm.model)
+    if mode == "unfused":
+        fused_decode.use_fused_decode(lm.model, enable=False)
+    engine = OffloadEngine(lm, store_for(lm), slots=slots, policy=policy).start()
+    if mode == "modules":
+        for v in lm.moe:
+            delattr(v.experts, fused_decode.EXPERTS_PROVIDER)
+    if warm:
+        for v in lm.moe:
+            engine.access(v.index, list(range(v.num_experts)), decode=False)
+    return engine
+
+
+def _decode(model, cache_kind: str, steps: int = STEPS) -> torch.Tensor:
+    """Logits of ``steps`` greedy one-token steps after a 7-token prompt."""
+    ids = torch.randint(3, 100, (1, 7), generator=torch.Generator().manual_seed(0))
+    cache = StaticCache(config=model.config, max_cache_len=32) if cache_kind == "static" else DynamicCache(config=model.config)
+    out = []
+    with torch.no_grad():
+        o = model(ids, cache=cache, use_cache=True)
+        for _ in range(steps):
+            o = model(o.logits[:, -1:].argmax(-1), cache=cache, use_cache=True)
+            out.append(o.logits[0, -1].float())
+    return torch.stack(out)
+
+
+def _state(engine: OffloadEngine) -> tuple:
+    """The engine's counts and every layer's cache contents and recency order, once the copies of page-cache misses
+    into their slots (in the background) have finished."""
+    for _ in range(1000):
+        with engine.lock:
+            if not any(lc.loading for lc in engine.layers.values()):
+                break
+        time.sleep(0.01)
+    s = engine.stats(belady=False)
+    keys = ("requests", "hits", "misses", "decode_requests", "decode_hits", "decode_misses", "prefetch_issued")
+    with engine.lock:
+        layers = {i: (dict(lc.slot_of), list(lc.policy.recency), lc.forwards) for i, lc in engine.layers.items()}
+    return {k: s.get(k) for k in keys}, layers
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "qwen3_moe"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cache_kind", ["static", "dynamic"])
+@pytest.mark.parametrize("cached", ["all", "half"])
+def test_offloaded_whole_layer_steps_equal_in_memory_and_the_per_module_path(checkpoints, arch, dtype, cache_kind,
+                                                                              cached) -> None:
+    """Every expert cached (warm): each MoE layer's decode step is one native call on the slot bank; bf16 logits are
+    the in-memory fused model's bit for bit (the same kernels on the same weights; fp32: the offloaded prefill's
+    experts sum in another order, 1e-7). Half of each layer's experts (cold, LRU): the hits run in the native call,
+    the steps with a miss go to the engine (its reads, claims and evictions), logits within the fused ops' tolerance.
+    Either way the engine counts the same hits and misses and ends with the same slots and recency as the per-module
+    fused ops (and, fp32, the modules' own forwards: bf16 rounding there changes greedy tokens) on the same steps."""
+    path = checkpoints[arch]
+    memory = moekit.load(path, dtype=dtype, with_tokenizer=False).model
+    _fast(memory)
+    reference = _decode(memory, cache_kind)
+    num_experts = memory.config.num_experts
+    slots, warm = (num_experts, True) if cached == "all" else (num_experts // 2, False)
+    states, logits = {}, {}
+    for mode in MODES if dtype == torch.float32 else MODES[:2]:
+        engine = _offloaded(path, dtype, slots, "lru", mode, warm)
+        try:
+            fused_decode.calls.clear()
+            logits[mode] = _decode(engine.lm.model, cache_kind)
+            states[mode] = _state(engine)
+            if mode == "fused":
+                calls = fused_decode.calls.copy()
+                moe_layers = len(engine.layers)
+        finally:
+            engine.stop()
+    exact = cached == "all" and dtype == torch.bfloat16
+    for mode, got in logits.items():
+        torch.testing.assert_close(got, reference, rtol=0, atol=0 if exact and mode == "fused" else ATOL[dtype])
+        assert states[mode] == states["fused"], mode
+    counts, _ = states["fused"]
+    assert counts["decode_requests"] > 0 and (counts["decode_misses"] > 0) == (cached == "half")
+    assert calls["layer"] == STEPS * moe_layers  # every MoE layer's decode step in the native call (or two)
+    assert calls["layer_slots"] + calls["layer_split"] == STEPS * moe_layers
+    if cached == "all":
+        assert calls["layer_split"] == 0
+    else:  # a step with a miss goes to the engine; the others ran on the slots
+        assert 0 < calls["layer_split"] < STEPS * moe_layers and calls["layer_slots"] > 0
+    assert calls["experts"] == calls["router"] == 0
+
+
+def test_prefetch_predictions_and_greedy_tokens_match_the_per_module_path(checkpoints) -> None:
+    """lru+prefetch with every expert cached: the cross-layer predictions (made after the native step, from its MoE
+    input) count the same as the per-module path's, and generate's greedy tokens are the in-memory model's."""
+    path = checkpoints["olmoe"]
+    memory = moekit.load(path, dtype=torch.bfloat16, with_tokenizer=False).model
+    _fast(memory)
+    ids = torch.randint(3, 100, (1, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = memory.generate(ids, max_new_tokens=10, do_sample=False, disable_compile=True)[0, 7:].tolist()
+    got, pred = {}, {}
+    for mode in MODES[:2]:
+        engine = _offloaded(path, torch.bfloat16, memory.config.num_experts, "lru+prefetch", mode, True)
+        try:
+            fused_decode.calls.clear()
+            with torch.no_grad():
+                out = engine.lm.model.generate(ids, max_new_tokens=10, do_sample=False, disable_compile=True)
+            got[mode] = out[0, 7:].tolist()
+            c = engine.counters
+            pred[mode] = (c.pred_hits, c.pred_requests, c.pred_total, _state(engine))
+            if mode == "fused":
+                layers = fused_decode.calls["layer_slots"]
+        finally:
+            engine.stop()
+    assert got["fused"] == got["modules"] == ref
+    assert pred["fused"] == pred["modules"] and pred["fused"][1] > 0
+    assert layers == 9 * memory.config.num_hidden_layers  # 9 decode steps after the prefill
+
+
+@pytest.fixture(scope="module")
+def q4(tmp_path_factory):
+    """A tiny qwen3_moe (8 experts, top-2, expert inputs 128) quantized to int4 in groups of 128."""
+    root = tmp_path_factory.mktemp("q4-fused")
+    src = save_tiny_checkpoint("qwen3_moe", root / "src", with_tokenizer=False, hidden_size=128,
+                               moe_intermediate_size=128)
+    quantize(moekit.load(src, with_tokenizer=False), bits=4, group_size=128, out=root / "q4")
+    return root / "q4"
+
+
+@pytest.mark.parametrize("cache_kind", ["static", "dynamic"])
+def test_packed_int4_slots_take_the_split_step(q4, cache_kind) -> None:
+    """Packed int4 slots, every expert cached: attention and router in the native call, the experts by the engine's
+    int4 forward on the slots: logits equal the in-memory packed model's (fp32, the fused ops' tolerance)."""
+    memory = moekit.load(q4, with_tokenizer=False, packed_experts=True).model
+    _fast(memory)
+    reference = _decode(memory, cache_kind)
+    lm = load_offloaded(q4, with_tokenizer=False, packed_experts=True)
+    _fast(lm.model)
+    engine = OffloadEngine(lm, store_for(lm), slots=lm.model.config.num_experts).start()
+    try:
+        for v in lm.moe:
+            engine.access(v.index, list(range(v.num_experts)), decode=False)
+        fused_decode.calls.clear()
+        got = _decode(lm.model, cache_kind)
+        moe_layers = len(engine.layers)
+        assert engine.stats(belady=False)["decode_hit_rate"] == 1.0
+    finally:
+        engine.stop()
+    torch.testing.assert_close(got, reference, rtol=0, atol=1e-5)
+    assert fused_decode.calls["layer"] == fused_decode.calls["layer_split"] == STEPS * moe_layers
