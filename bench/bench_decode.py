@@ -13,7 +13,10 @@ Offloaded rows (CPU): the same checkpoint saved to disk and loaded with its expe
 with moekit's decode kernels (experts on the slots, ``use_for_linears``): ``moekit-offload-warm`` with a cache that
 holds every expert, filled before timing (hit rate 1.0: what #14 calls "offloaded with a warm cache"; the bound is
 the in-memory one, the bytes read per token being the same) and ``moekit-offload-half`` with half of each layer's
-experts (misses read from storage, page cache bypassed: its hit rate is printed).
+experts (misses read from storage, page cache bypassed: its hit rate is printed). Their decode steps run whole
+decoder layers natively with the engine's experts (on the slots in the native call when all are cached);
+``moekit-offload-warm-modules`` is the warm row's model with the per-module fused ops instead (the experts module
+calling the engine: the path before whole layers took offloaded experts), side by side.
 
 ``moekit-linears`` (and the int8, int4, offloaded and huge-pages rows) run what ``moekit generate`` runs: the
 experts, the linears and ``moekit.nn.fused_decode`` (a whole decoder layer of a one-token static-cache step in
@@ -70,7 +73,9 @@ IMPLS = ("eager", "grouped_mm", "moekit", "moekit-linears", "moekit-linears-unfu
 FUSED_IMPLS = ("moekit-linears", "moekit-int8", "moekit-int4", "moekit-int4-float-acts")
 OFFLOAD_IMPLS = ("moekit-offload-warm", "moekit-offload-half")
 INT4_OFFLOAD = "moekit-int4-offload-warm"  # a `moekit quantize --bits 4` checkpoint, its experts packed in the slots
+OFFLOAD_MODULES = "moekit-offload-warm-modules"  # the warm row's model without whole-layer steps for its experts
 OFFLOADED: dict = {}  # offload row → (LoadedModel, OffloadEngine), built by prepare_offloaded
+PROVIDERS: dict = {}  # experts module of the warm row → its engine's provider (fused_decode.EXPERTS_PROVIDER)
 HUGE: dict = {}  # "moekit-linears-hugepages" → a copy of the model on huge pages (--huge-pages)
 COMPILED: dict = {}  # "moekit-compiled", "moekit-int8-compiled", ... → a copy of the model switched once (so that the
 # interleaved rounds' switching of the other rows never invalidates a compiled step's guards)
@@ -274,7 +279,7 @@ def prepare_offloaded(model, checkpoint: str) -> None:
     with half of each layer's experts."""
     from moekit.nn.cpu_kernels import use_for_linears
     from moekit.nn.dispatch import use_moekit_experts
-    from moekit.nn.fused_decode import use_fused_decode
+    from moekit.nn.fused_decode import EXPERTS_PROVIDER, use_fused_decode
     from moekit.serve.engine import OffloadEngine
     from moekit.serve.store import load_offloaded, store_for
 
@@ -291,6 +296,7 @@ def prepare_offloaded(model, checkpoint: str) -> None:
         if impl.endswith("-warm"):
             for v in lm.moe:
                 engine.access(v.index, list(range(v.num_experts)), decode=False)
+                PROVIDERS[v.experts] = getattr(v.experts, EXPERTS_PROVIDER)
         OFFLOADED[impl] = (lm, engine)
 
 
@@ -322,12 +328,22 @@ def release_offloaded() -> None:
     for _lm, engine in OFFLOADED.values():
         engine.stop()
     OFFLOADED.clear()
+    PROVIDERS.clear()
 
 
 def model_for(model, impl: str):
     """The model an implementation runs: an offloaded copy for the offload rows (set up once), else ``model``
     switched to ``impl``; returns (model, compiled)."""
+    from moekit.nn.fused_decode import EXPERTS_PROVIDER
+
     os.environ.pop("MOEKIT_INT4_ACTIVATIONS", None)  # int8 activations unless the row is moekit-int4-float-acts
+    for experts, provider in PROVIDERS.items():  # the warm row's whole-layer steps: with its experts, or not
+        if impl == OFFLOAD_MODULES:
+            experts.__dict__.pop(EXPERTS_PROVIDER, None)
+        else:
+            setattr(experts, EXPERTS_PROVIDER, provider)
+    if impl == OFFLOAD_MODULES:
+        return OFFLOADED[OFFLOAD_IMPLS[0]][0].model, False
     if impl in OFFLOADED:
         return OFFLOADED[impl][0].model, False
     if impl in HUGE:
@@ -375,6 +391,7 @@ def bench_threads(model, threads: int, dtype: str, args, emit) -> dict:
     if INT4 and moekit.nn.cpu_kernels_int4.kernel_path(args.int4_group_size, model.dtype, "int8") == "avx512-vnni-int8":
         impls.append(INT4_FLOAT_ACTS)  # side by side: the same experts without int8 activations
     impls += [i for i in (*OFFLOAD_IMPLS, INT4_OFFLOAD) if i in OFFLOADED]
+    impls += [OFFLOAD_MODULES] if PROVIDERS else []
     impls += list(HUGE)
     for impl in impls:  # warm-up: first calls, and compilation of the decode step
         m, compiled = model_for(model, impl)
@@ -428,6 +445,9 @@ def bench_threads(model, threads: int, dtype: str, args, emit) -> dict:
             if "moekit-linears" in decode:
                 summary[f"{key}_vs_in_memory"] = round(decode[impl] / decode["moekit-linears"], 3)
             summary[f"{key}_decode_hit_rate"] = round(hit_rates[impl], 3)
+    if OFFLOAD_MODULES in decode:
+        summary["moekit_offload_warm_modules_of_bound"] = round(decode[OFFLOAD_MODULES] / bound, 3)
+        summary["moekit_offload_warm_vs_modules"] = round(decode[OFFLOAD_IMPLS[0]] / decode[OFFLOAD_MODULES], 3)
     if bound_int8:
         summary["int8_bound_tok_s"] = round(bound_int8, 2)
         summary["moekit_int8_of_int8_bound"] = round(decode["moekit-int8"] / bound_int8, 3)
@@ -665,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
         del model
     keys = ("moekit", "moekit-linears", "moekit-linears-unfused", "moekit-linears-hugepages", "eager", "grouped_mm",
             "moekit-compiled", "moekit-int8", "moekit-int4", "moekit-int8-compiled", "moekit-int4-compiled", INT4_FLOAT_ACTS,
-            *OFFLOAD_IMPLS, INT4_OFFLOAD)
+            *OFFLOAD_IMPLS, INT4_OFFLOAD, OFFLOAD_MODULES)
     rows = []
     for s in summaries:
         row = {k: s[k] for k in ("dtype", "threads", "bound_tok_s", "int8_bound_tok_s", "int4_bound_tok_s") if k in s}
