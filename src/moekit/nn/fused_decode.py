@@ -901,6 +901,15 @@ _SWAPPED = frozenset((_rmsnorm_forward, _attention_forward, _router_forward, _ex
 """The forwards moekit sets on module instances for decode (a whole-layer step may stand in for them)."""
 
 
+def swapped_forward(module: torch.nn.Module) -> Callable | None:
+    """The module's forward when it is one of this module's swaps (``use_fused_decode``), else None: for callers that
+    run a module without its hooks or wrappers (the offload engine's cross-layer prediction runs the next router)
+    and want its one-token step in one call; the swap runs the class's forward for anything else."""
+    fwd = module.__dict__.get("forward")
+    return fwd if getattr(fwd, "__func__", None) in _SWAPPED and fwd.__func__ is not cpu_kernels._gemv_linear_forward \
+        else None
+
+
 def use_fused_decode(model: torch.nn.Module, enable: bool = True) -> int:
     """Swap the forwards of ``model``'s RMSNorms, rotary embeddings, attention modules, top-k routers and experts of
     the supported classes (``RMSNORM_CLASSES``, ``ROTARY_CLASSES``, ``ATTENTION_CLASSES``, ``ROUTER_CLASSES``,

@@ -29,7 +29,7 @@ from moekit.errors import MoekitError
 from moekit.formats.quantized import INT4_BUFFERS
 from moekit.models.loading import LoadedModel
 from moekit.nn.dispatch import expert_forward
-from moekit.nn.fused_decode import EXPERTS_PROVIDER, SlotBank
+from moekit.nn.fused_decode import EXPERTS_PROVIDER, SlotBank, swapped_forward
 from moekit.nn.int4_experts import expert_forward_int4
 from moekit.nn.provided import ExpertWeights, decodes_by_gemv, expert_forward_parts, expert_forward_provided
 from moekit.serve.cache import POLICIES, LayerCache, Policy
@@ -545,12 +545,15 @@ class OffloadEngine:
         if nv is None:
             return
         router = nv.router
-        out = type(router).forward(router, hidden.to(router.weight.dtype))
+        # the router's class forward, without hooks or wrappers (routing controls); its fused one-token step when
+        # moekit swapped it in for decode (the same numbers in one native call)
+        fwd = swapped_forward(router) or type(router).forward.__get__(router)
+        out = fwd(hidden.to(router.weight.dtype))
         ids = out[2] if isinstance(out, tuple) else out
         if isinstance(out, tuple) and self.prefetch_top is not None:  # the most confident predictions only
             order = out[1].float().argsort(dim=-1, descending=True)[:, : self.prefetch_top]
             ids = ids.gather(1, order)
-        pred = set(torch.unique(ids).tolist())
+        pred = set(ids.reshape(-1).tolist())
         nlc = self.layers[nv.index]
         tasks = []
         with self.lock:
