@@ -6,6 +6,7 @@ packed int4 slots take the split path and equal the in-memory packed model."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 
@@ -14,6 +15,7 @@ import torch
 from transformers import DynamicCache, StaticCache
 
 import moekit
+from cli_helpers import run_cli
 from moekit.compress.quantize import quantize
 from moekit.nn import fused_decode
 from moekit.nn.cpu_kernels import use_for_linears
@@ -200,3 +202,23 @@ def test_packed_int4_slots_take_the_split_step(q4, cache_kind) -> None:
         engine.stop()
     torch.testing.assert_close(got, reference, rtol=0, atol=1e-5)
     assert fused_decode.calls["layer"] == fused_decode.calls["layer_split"] == STEPS * moe_layers
+
+
+def test_cli_generate_offloaded_runs_whole_layer_steps(tmp_path) -> None:
+    """``moekit generate --offload --stats`` (its default cache: 2·k experts per layer, lru+prefetch; transformers'
+    dynamic cache): every decode step of every layer is a whole-layer native step (the hits on the slots, the steps
+    with a miss through the engine), and the tokens are the in-memory model's."""
+    ckpt = save_tiny_checkpoint("olmoe", tmp_path / "olmoe")
+    argv = ["generate", ckpt, "--prompt", "The river", "--max-tokens", "10", "--json"]
+    code, out, err = run_cli(argv)
+    assert code == 0, err
+    fused_decode.calls.clear()
+    code, got, err = run_cli([*argv, "--offload", "--stats"])
+    assert code == 0, err
+    ref, got = json.loads(out), json.loads(got)
+    assert got["token_ids"] == ref["token_ids"] and len(ref["token_ids"]) > 1
+    steps = len(got["token_ids"]) - 1  # (the first token comes from the prefill)
+    layers = moekit.load(ckpt, with_tokenizer=False).model.config.num_hidden_layers
+    assert fused_decode.calls["layer"] == steps * layers
+    assert fused_decode.calls["layer_slots"] + fused_decode.calls["layer_split"] == steps * layers
+    assert got["offload"]["decode_requests"] > 0 and got["offload"]["decode_misses"] > 0
