@@ -9,12 +9,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from transformers import DynamicCache, StaticCache
 
 from moekit.nn import fused_decode
 from moekit.nn.cpu_kernels import use_for_linears
 from moekit.nn.dispatch import use_moekit_experts
-from moekit.testing import tiny_model
+from moekit.testing import decode_logits, tiny_model
 
 HAS_COMPILER = any(shutil.which(c) for c in ("c++", "g++", "clang++"))
 pytestmark = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the fused ops are off")
@@ -37,15 +36,7 @@ def _model(arch: str, dtype: torch.dtype):
 def _decode(m, fused: bool, cache_kind: str, steps: int = 5, prompt_len: int = 7) -> torch.Tensor:
     """Logits of ``steps`` greedy one-token steps after a prompt, fused ops on or off."""
     fused_decode.use_fused_decode(m, enable=fused)
-    ids = torch.randint(3, 100, (1, prompt_len), generator=torch.Generator().manual_seed(0))
-    cache = StaticCache(config=m.config, max_cache_len=32) if cache_kind == "static" else DynamicCache(config=m.config)
-    out = []
-    with torch.no_grad():
-        o = m(ids, cache=cache, use_cache=True)
-        for _ in range(steps):
-            o = m(o.logits[:, -1:].argmax(-1), cache=cache, use_cache=True)
-            out.append(o.logits[0, -1].float())
-    return torch.stack(out)
+    return decode_logits(m, cache_kind, steps, prompt_len)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -12,7 +12,6 @@ import time
 
 import pytest
 import torch
-from transformers import DynamicCache, StaticCache
 
 import moekit
 from cli_helpers import run_cli
@@ -22,7 +21,7 @@ from moekit.nn.cpu_kernels import use_for_linears
 from moekit.nn.dispatch import use_moekit_experts
 from moekit.serve.engine import OffloadEngine
 from moekit.serve.store import load_offloaded, store_for
-from moekit.testing import save_tiny_checkpoint
+from moekit.testing import decode_logits, save_tiny_checkpoint
 
 HAS_COMPILER = any(shutil.which(c) for c in ("c++", "g++", "clang++"))
 pytestmark = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the fused ops are off")
@@ -70,19 +69,6 @@ def _offloaded(path, dtype, slots: int, policy: str, mode: str, warm: bool) -> O
     return engine
 
 
-def _decode(model, cache_kind: str, steps: int = STEPS) -> torch.Tensor:
-    """Logits of ``steps`` greedy one-token steps after a 7-token prompt."""
-    ids = torch.randint(3, 100, (1, 7), generator=torch.Generator().manual_seed(0))
-    cache = StaticCache(config=model.config, max_cache_len=32) if cache_kind == "static" else DynamicCache(config=model.config)
-    out = []
-    with torch.no_grad():
-        o = model(ids, cache=cache, use_cache=True)
-        for _ in range(steps):
-            o = model(o.logits[:, -1:].argmax(-1), cache=cache, use_cache=True)
-            out.append(o.logits[0, -1].float())
-    return torch.stack(out)
-
-
 def _state(engine: OffloadEngine) -> tuple:
     """The engine's counts and every layer's cache contents and recency order, once the copies of page-cache misses
     into their slots (in the background) have finished."""
@@ -113,7 +99,7 @@ def test_offloaded_whole_layer_steps_equal_in_memory_and_the_per_module_path(che
     path = checkpoints[arch]
     memory = moekit.load(path, dtype=dtype, with_tokenizer=False).model
     _fast(memory)
-    reference = _decode(memory, cache_kind)
+    reference = decode_logits(memory, cache_kind, STEPS)
     num_experts = memory.config.num_experts
     slots, warm = (num_experts, True) if cached == "all" else (num_experts // 2, False)
     states, logits = {}, {}
@@ -121,7 +107,7 @@ def test_offloaded_whole_layer_steps_equal_in_memory_and_the_per_module_path(che
         engine = _offloaded(path, dtype, slots, "lru", mode, warm)
         try:
             fused_decode.calls.clear()
-            logits[mode] = _decode(engine.lm.model, cache_kind)
+            logits[mode] = decode_logits(engine.lm.model, cache_kind, STEPS)
             states[mode] = _state(engine)
             if mode == "fused":
                 calls = fused_decode.calls.copy()
@@ -187,7 +173,7 @@ def test_packed_int4_slots_take_the_split_step(q4, cache_kind) -> None:
     int4 forward on the slots: logits equal the in-memory packed model's (fp32, the fused ops' tolerance)."""
     memory = moekit.load(q4, with_tokenizer=False, packed_experts=True).model
     _fast(memory)
-    reference = _decode(memory, cache_kind)
+    reference = decode_logits(memory, cache_kind, STEPS)
     lm = load_offloaded(q4, with_tokenizer=False, packed_experts=True)
     _fast(lm.model)
     engine = OffloadEngine(lm, store_for(lm), slots=lm.model.config.num_experts).start()
@@ -195,7 +181,7 @@ def test_packed_int4_slots_take_the_split_step(q4, cache_kind) -> None:
         for v in lm.moe:
             engine.access(v.index, list(range(v.num_experts)), decode=False)
         fused_decode.calls.clear()
-        got = _decode(lm.model, cache_kind)
+        got = decode_logits(lm.model, cache_kind, STEPS)
         moe_layers = len(engine.layers)
         assert engine.stats(belady=False)["decode_hit_rate"] == 1.0
     finally:

@@ -264,6 +264,25 @@ def random_batch(vocab: int = 128, batch: int = 2, seq: int = 12, seed: int = 0,
     return {"input_ids": ids, "attention_mask": mask}
 
 
+def decode_logits(model, cache_kind: str = "static", steps: int = 5, prompt_len: int = 7, seed: int = 0,
+                  max_cache_len: int = 32) -> torch.Tensor:
+    """Logits [steps, vocab] of ``steps`` greedy one-token steps after a random ``prompt_len``-token prompt, with a
+    transformers ``StaticCache`` or ``DynamicCache`` (``cache_kind``): the decode path of a model, for comparing
+    implementations step by step."""
+    from transformers import DynamicCache, StaticCache
+
+    ids = torch.randint(3, 100, (1, prompt_len), generator=torch.Generator().manual_seed(seed))
+    cache = (StaticCache(config=model.config, max_cache_len=max_cache_len) if cache_kind == "static"
+             else DynamicCache(config=model.config))
+    out = []
+    with torch.no_grad():
+        o = model(ids, cache=cache, use_cache=True)
+        for _ in range(steps):
+            o = model(o.logits[:, -1:].argmax(-1), cache=cache, use_cache=True)
+            out.append(o.logits[0, -1].float())
+    return torch.stack(out)
+
+
 def save_tiny_checkpoint(arch: str, path, seed: int = 0, with_tokenizer: bool = True, **overrides):
     """Write a tiny random ``arch`` model as a normal HF checkpoint directory (with the bundled
     tokenizer, so text commands work on it); returns the path."""

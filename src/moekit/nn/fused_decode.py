@@ -16,6 +16,10 @@ scores, softmax and the weighted sum of values in fp32, rounded once (SDPA's CPU
 bf16 before the value product, so outputs differ in the last bit of bf16 now and then); the router's logits
 rounded to the dtype like ``F.linear``, softmax and renormalisation in fp32, ties in top-k to the lower expert id.
 
+Experts that the offload engine serves (``moekit.serve``) take the whole-layer step too (``EXPERTS_PROVIDER``): the
+native call runs them on the cache's slot bank when every chosen expert is resident, else stops after the router
+and hands them to the engine.
+
 The C++ is built at first use by ``cpu_kernels.load_library`` (same compiler, flags, cache and ``MOEKIT_CPU_KERNELS=0``
 switch); ``MOEKIT_FUSED_DECODE=0`` keeps every module's own forward (bench_decode's ``moekit-linears-unfused`` row).
 """
