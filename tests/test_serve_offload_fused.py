@@ -37,7 +37,7 @@ def _cache_dir(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("fused-ckpts")
-    return {a: save_tiny_checkpoint(a, root / a, with_tokenizer=False) for a in ("olmoe", "qwen3_moe")}
+    return {a: save_tiny_checkpoint(a, root / a, with_tokenizer=False) for a in ("olmoe", "qwen3_moe", "mixtral")}
 
 
 def _fast(model) -> None:
@@ -84,7 +84,7 @@ def _state(engine: OffloadEngine) -> tuple:
     return {k: s.get(k) for k in keys}, layers
 
 
-@pytest.mark.parametrize("arch", ["olmoe", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["olmoe", "qwen3_moe", "mixtral"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("cache_kind", ["static", "dynamic"])
 @pytest.mark.parametrize("cached", ["all", "half"])
