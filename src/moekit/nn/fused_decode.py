@@ -36,7 +36,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from moekit.nn import cpu_kernels
+from moekit.formats.quantized import INT4_BUFFERS
+from moekit.nn import cpu_kernels, cpu_kernels_int4
+from moekit.nn.int8_experts import INT8_BUFFERS, INT8_LINEAR_BUFFERS, int8_linear_forward
 
 SOURCE = cpu_kernels.SOURCE + r"""
 /* ---- fused decode ops (cpu_kernels' source above: its conversions, BF16/F16/F32 types and dot_rows) ---- */
@@ -192,13 +194,15 @@ static void moe_mid(const typename X::T* h, int64_t k, int64_t I, typename X::T*
 }
 
 /* Up to 8 matrices (addresses wp, rows[i] rows each, row stride rs, cols columns) times one input row x, into one
-   output [sum rows]: an attention's q, k and v projections in one parallel region (one fork/join, one pass). */
-template <class X>
+   output [sum rows]: an attention's q, k and v projections in one parallel region (one fork/join, one pass). W: the
+   weights' format (X itself, or I8: int8 codes with per-row scales at sp[i], the input quantized per block when qx
+   is set, as ``cpu_kernels``' gemv does for an int8 linear: the same blocks, so the same numbers). */
+template <class W, class X>
 static int gemv_multi(const int64_t* wp, const int64_t* rows, int64_t m, int64_t rs, const typename X::T* x,
-                      int64_t cols, typename X::T* out, int nt) {
+                      int64_t cols, typename X::T* out, int nt, const int64_t* sp = nullptr, int qx = 0) {
   if (m < 1 || m > 8) return 1;
-  Input<X, X> in;
-  if (in.init(x, 1, cols, cols, 0)) return 1;
+  Input<W, X> in;
+  if (in.init(x, 1, cols, cols, qx)) return 1;
   int64_t start[9], off[9]; start[0] = 0; off[0] = 0;
   for (int64_t i = 0; i < m; i++) { start[i + 1] = start[i] + (rows[i] + 3) / 4; off[i + 1] = off[i] + rows[i]; }
   const int64_t total = start[m];
@@ -210,11 +214,12 @@ static int gemv_multi(const int64_t* wp, const int64_t* rows, int64_t m, int64_t
     if (nxt < total) {
       int64_t i2 = i; while (nxt >= start[i2 + 1]) i2++;
       const int64_t n0 = (nxt - start[i2]) * 4;
-      prefetch_rows<X>((const typename X::T*)(intptr_t)wp[i2] + n0 * rs, rows[i2] - n0 < 4 ? rows[i2] - n0 : 4, rs, cols);
+      prefetch_rows<W>((const typename W::T*)(intptr_t)wp[i2] + n0 * rs, rows[i2] - n0 < 4 ? rows[i2] - n0 : 4, rs, cols);
     }
     float acc[4];
-    dot_rows<X, X>((const typename X::T*)(intptr_t)wp[i] + r0 * rs, rs, nr, in, 0, acc);
-    for (int64_t j = 0; j < nr; j++) out[off[i] + r0 + j] = X::put(acc[j]);
+    dot_rows<W, X>((const typename W::T*)(intptr_t)wp[i] + r0 * rs, rs, nr, in, 0, acc);
+    const typename X::T* sc = sp ? (const typename X::T*)(intptr_t)sp[i] + r0 : nullptr;
+    for (int64_t j = 0; j < nr; j++) out[off[i] + r0 + j] = X::put(sc ? acc[j] * X::get(sc[j]) : acc[j]);
   }
   return 0;
 }
@@ -232,28 +237,50 @@ static void rope(const int64_t* pos, const float* inv_freq, int64_t half, float 
   }
 }
 
+/* A decode step's projections of one input row through up to 3 matrices in one region: weights in the dtype
+   (lf = 0) or int8 codes with per-row scales at sp (lf = 1; qx: q8_0-style input blocks). */
+template <class X>
+static int proj(int64_t lf, const int64_t* wp, const int64_t* rows, int64_t m, int64_t rs, const typename X::T* x,
+                int64_t cols, typename X::T* out, int nt, const int64_t* sp, int qx) {
+  return lf ? gemv_multi<I8, X>(wp, rows, m, rs, x, cols, out, nt, sp, qx)
+            : gemv_multi<X, X>(wp, rows, m, rs, x, cols, out, nt);
+}
+
+/* The int4 experts kernel's entry (cpu_kernels_int4's moekit_gemv_int4_<dtype>, its own library: the caller passes
+   its address). */
+template <class T>
+using Int4Fn = int (*)(const uint8_t*, int64_t, int64_t, const uint16_t*, const uint8_t*, int64_t, int64_t,
+                       const int64_t*, int64_t, int64_t, const T*, int64_t, int64_t, int64_t, int64_t, int64_t, T*, int,
+                       int);
+
 /* A whole decoder layer's one-token step with a static cache (OLMoE / Qwen3-MoE / Mixtral layout): input norm, q/k/v,
    attention (q/k norms, rotary, cache write, single-query attention), o_proj, residual, post-attention norm,
    router, the k experts (gate;up, SiLU, down and weighted sum) and the residual, in one call: between the weight
    kernels' parallel regions no interpreter work runs on the caches they flushed. a: the pointers and sizes (see
-   fused_decode._layer_args), f: eps of the layer norms, eps of q/k norms, attention scale. Returns attn_static's
-   codes (2: the position is past the cache, nothing changed), 4: stopped after the router (a[45]'s experts). */
+   fused_decode._layer_args), f: eps of the layer norms, eps of q/k norms, attention scale. Weight formats, each
+   with the kernel and the numbers of its per-module forward: a[46] the attention's projections (0: the dtype;
+   1: int8 linears, scales a[47..50], int8 activations a[51]); a[52] the experts (0: the dtype; 1: int8, scales
+   a[53] / a[55] with expert strides a[54] / a[56]; 2: packed int4 through the kernel at a[66], scales a[53] / a[55],
+   zero points a[58] / a[59], expert and row strides a[60..63], group sizes a[64] / a[65]; int8 activations a[57]).
+   Returns attn_static's codes (2: the position is past the cache, nothing changed; 1: nothing attended), 3 when
+   nothing ran (out of memory, bad formats), 4: stopped after the router (a[45]'s experts), 5 when a kernel failed
+   after the cache write. */
 template <class X>
 static int layer_step(const int64_t* a, const float* f) {
   typedef typename X::T T;
   const T* h = (const T*)a[0]; T* out = (T*)a[1];
   const int64_t H = a[24], Hkv = a[25], D = a[26], Hd = a[27], E = a[29], k = a[30], I = a[37];
   const int nt = (int)a[38];
-  const int64_t rq = H * D, rk = Hkv * D;
-  if (k < 1 || k > 256) return 3;
-  T* sc = (T*)malloc(sizeof(T) * (size_t)(4 * Hd + rq + 2 * rk + rq + E + 3 * k * I) + 64);
+  const int64_t rq = H * D, rk = Hkv * D, lf = a[46], ef = a[52];
+  if (k < 1 || k > 256 || lf < 0 || lf > 1 || ef < 0 || ef > 2) return 3;
+  T* sc = (T*)malloc(sizeof(T) * (size_t)(4 * Hd + rq + 2 * rk + rq + E + 3 * k * I + (ef == 2 ? k * Hd : 0)) + 64);
   float* fs = (float*)malloc(sizeof(float) * (size_t)(2 * k) + 64);
-  int64_t* is = (int64_t*)malloc(sizeof(int64_t) * (size_t)(3 * k) + 64);
+  int64_t* is = (int64_t*)malloc(sizeof(int64_t) * (size_t)(4 * k) + 64);
   if (!sc || !fs || !is) { free(sc); free(fs); free(is); return 3; }
   T *x1 = sc, *o = x1 + Hd, *h2 = o + Hd, *x2 = h2 + Hd, *qkv = x2 + Hd, *att = qkv + rq + 2 * rk, *lg = att + rq,
-    *h1 = lg + E, *act = h1 + 2 * k * I;
+    *h1 = lg + E, *act = h1 + 2 * k * I, *y = act + k * I;
   float *g = fs, *g2 = fs + k;
-  int64_t *idx = is, *wp = is + k, *sidx = is + 2 * k;
+  int64_t *idx = is, *wp = is + k, *sidx = is + 2 * k, *sp = is + 3 * k;
   const int64_t* ext = (const int64_t*)a[45];  /* experts the caller owns (an offload engine): see below */
   const int64_t* eidx = idx;  /* the experts' rows in the bank a[33]/a[35]: expert ids, or slots of ext's table */
   int64_t Eb = E;
@@ -262,8 +289,8 @@ static int layer_step(const int64_t* a, const float* f) {
   if (a[43]) qkv = (T*)a[43];   /* the caller's q|k|v buffer (dynamic cache: it reads k and v between the phases) */
   if (phase != 2) {
     rmsnorm<X>(h, (const T*)a[2], x1, 1, Hd, f[0]);
-    const int64_t wqkv[3] = {a[5], a[6], a[7]}, rqkv[3] = {rq, rk, rk};
-    rc = gemv_multi<X>(wqkv, rqkv, 3, a[39], x1, Hd, qkv, nt);
+    const int64_t wqkv[3] = {a[5], a[6], a[7]}, rqkv[3] = {rq, rk, rk}, sqkv[3] = {a[47], a[48], a[49]};
+    rc = proj<X>(lf, wqkv, rqkv, 3, a[39], x1, Hd, qkv, nt, sqkv, (int)a[51]) ? 3 : 0;
   }
   if (!rc && phase == 2)
     rc = attend<X>(qkv, (const T*)a[15], (const T*)a[16], a[17], a[18], a[19], a[20], a[22], (const uint8_t*)a[23],
@@ -273,9 +300,10 @@ static int layer_step(const int64_t* a, const float* f) {
                         (const T*)a[13], (const T*)a[14], (T*)a[15], (T*)a[16], a[17], a[18], a[19], a[20],
                         phase == 1 ? nullptr : (int64_t*)a[21], a[22], (const uint8_t*)a[23], H, Hkv, D, f[2], att, nt);
   if (phase == 1) { free(sc); free(fs); free(is); return rc; }
+  const bool attended = !rc;
   if (!rc) {
-    const int64_t wo[1] = {a[8]}, ro[1] = {Hd};
-    rc = gemv_multi<X>(wo, ro, 1, a[40], att, rq, o, nt);
+    const int64_t wo[1] = {a[8]}, ro[1] = {Hd}, so[1] = {a[50]};
+    rc = proj<X>(lf, wo, ro, 1, a[40], att, rq, o, nt, so, (int)a[51]);
   }
   if (!rc) {
     for (int64_t i = 0; i < Hd; i++) h2[i] = X::put(X::get(h[i]) + X::get(o[i]));
@@ -300,12 +328,40 @@ static int layer_step(const int64_t* a, const float* f) {
       eidx = sidx; Eb = ext[5];
     }
   }
-  if (!rc) rc = gemv<X, X>((const T*)a[33], a[34], a[41], eidx, k, Eb, x2, Hd, k, 2 * I, Hd, nullptr, 0, h1, nt);
+  const int qe = (int)a[57];
   if (!rc) {
-    moe_mid<X>(h1, k, I, act, eidx, g, 1, Eb, a[35], a[36] * (int64_t)sizeof(T), wp, g2);
-    rc = gemv_combine<X, X>(wp, a[42], 1, k, act, I, Hd, I, nullptr, g2, o, nt);
+    if (ef == 0) rc = gemv<X, X>((const T*)a[33], a[34], a[41], eidx, k, Eb, x2, Hd, k, 2 * I, Hd, nullptr, 0, h1, nt);
+    else if (ef == 1)
+      rc = gemv<I8, X>((const int8_t*)a[33], a[34], a[41], eidx, k, Eb, x2, Hd, k, 2 * I, Hd, (const T*)a[53], a[54],
+                       h1, nt, qe);
+    else
+      rc = ((Int4Fn<T>)(intptr_t)a[66])((const uint8_t*)a[33], a[34], a[41], (const uint16_t*)a[53],
+                                        (const uint8_t*)a[58], a[60], a[61], eidx, k, Eb, x2, Hd, k, 2 * I, Hd, a[64],
+                                        h1, nt, qe);
+  }
+  if (!rc) {
+    const int64_t esz = ef == 0 ? (int64_t)sizeof(T) : 1;  /* bytes per code of the down projection's bank */
+    moe_mid<X>(h1, k, I, act, eidx, g, 1, Eb, a[35], a[36] * esz, wp, g2);
+    if (ef == 0) rc = gemv_combine<X, X>(wp, a[42], 1, k, act, I, Hd, I, nullptr, g2, o, nt);
+    else if (ef == 1) {
+      for (int64_t s = 0; s < k; s++) sp[s] = wp[s] ? a[55] + eidx[s] * a[56] * (int64_t)sizeof(T) : 0;
+      rc = gemv_combine<I8, X>(wp, a[42], 1, k, act, I, Hd, I, sp, g2, o, nt, qe);
+    } else {
+      /* as expert_forward_int4: each slot's down projection rounded to the dtype, then their weighted sum (fp32,
+         rounded once; a slot outside [0, E) adds nothing) */
+      rc = ((Int4Fn<T>)(intptr_t)a[66])((const uint8_t*)a[35], a[36], a[42], (const uint16_t*)a[55],
+                                        (const uint8_t*)a[59], a[62], a[63], eidx, k, Eb, act, I, 1, Hd, I, a[65], y,
+                                        nt, qe);
+      if (!rc)
+        for (int64_t i = 0; i < Hd; i++) {
+          float acc = 0.f;
+          for (int64_t s = 0; s < k; s++) if (wp[s]) acc += g2[s] * X::get(y[s * Hd + i]);
+          o[i] = X::put(acc);
+        }
+    }
   }
   if (!rc) for (int64_t i = 0; i < Hd; i++) out[i] = X::put(X::get(h2[i]) + X::get(o[i]));
+  else if (attended && rc != 4) rc = 5;  /* a kernel failed after the cache write: the caller cannot fall back */
   free(sc); free(fs); free(is);
   return rc;
 }
@@ -328,7 +384,7 @@ static int layer_step(const int64_t* a, const float* f) {
                              int wf32, int64_t E, int64_t base, int64_t stride, int64_t* wp, float* g) { \
     moe_mid<X>(h, k, I, act, ids, wts, wf32, E, base, stride, wp, g); } \
   int moekit_qkv_##NAME(const int64_t* wp, const int64_t* rows, int64_t m, int64_t rs, const X::T* x, int64_t cols, \
-                        X::T* out, int nt) { return gemv_multi<X>(wp, rows, m, rs, x, cols, out, nt); } \
+                        X::T* out, int nt) { return gemv_multi<X, X>(wp, rows, m, rs, x, cols, out, nt); } \
   void moekit_rope_##NAME(const int64_t* pos, const float* inv_freq, int64_t half, float scaling, X::T* cs, X::T* sn) { \
     rope<X>(pos, inv_freq, half, scaling, cs, sn); } \
   int moekit_layer_##NAME(const int64_t* a, const float* f) { return layer_step<X>(a, f); }
@@ -652,16 +708,24 @@ def _lean_banks_check(w1, w2, x: torch.Tensor) -> bool:
     )
 
 
-def _lean_experts_check(self, x: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor) -> bool:
-    """True when the lean path cannot run this call (another layout, quantized, offloaded, not moekit's...)."""
+def _experts_layout_refused(self, x: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor) -> bool:
+    """True when this call of the experts module is not moekit's one-token gate;up, SiLU, down and weighted sum over
+    the router's top-k (whatever format its weights are in)."""
     return bool(
         getattr(self.config, "_experts_implementation", None) != "moekit" or not _step_ok(x) or x.dim() != 2
         or _lean_module_check(self)
-        or any(name.startswith("moekit_") for name in self._buffers)  # quantized experts (int8, int4)
-        or _lean_banks_check(getattr(self, "gate_up_proj", None), getattr(self, "down_proj", None), x)
         or ids.dtype != torch.int64 or not ids.is_contiguous()
         or ids.shape[0] != 1 or wts.shape != ids.shape or not wts.is_contiguous()
         or wts.dtype not in (torch.float32, x.dtype)
+    )
+
+
+def _lean_experts_check(self, x: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor) -> bool:
+    """True when the lean path cannot run this call (another layout, quantized, offloaded, not moekit's...)."""
+    return bool(
+        _experts_layout_refused(self, x, ids, wts)
+        or any(name.startswith("moekit_") for name in self._buffers)  # quantized experts (int8, int4)
+        or _lean_banks_check(getattr(self, "gate_up_proj", None), getattr(self, "down_proj", None), x)
     )
 
 
@@ -696,7 +760,7 @@ def _lean_experts(self, x: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor) -
 LAYER_CLASSES = ("OlmoeDecoderLayer", "Qwen3MoeDecoderLayer", "MixtralDecoderLayer")
 """Decoder layers (norm → attention → residual → norm → sparse MoE block → residual) whose one-token step runs as one
 native call (two with a dynamic cache) when every piece qualifies for its own fused op."""
-_I64x46, _F32x3, _I64x6 = ctypes.c_int64 * 46, ctypes.c_float * 3, ctypes.c_int64 * 6
+_I64xN, _F32x3, _I64x6 = ctypes.c_int64 * 67, ctypes.c_float * 3, ctypes.c_int64 * 6
 _SLOTS: dict = {}
 
 EXPERTS_PROVIDER = "moekit_experts_provider"
@@ -722,12 +786,90 @@ class SlotBank(NamedTuple):
     lock: Any
 
 
-def _kernel_linear(proj: torch.nn.Module, dtype: torch.dtype, cols: int) -> bool:
-    """A bias-free nn.Linear on moekit's kernel (``use_for_linears``) with contiguous rows of ``cols`` in ``dtype``."""
-    w = getattr(proj, "weight", None)
-    return (type(proj) is torch.nn.Linear and proj.bias is None and w.dtype == dtype and w.device.type == "cpu"
-            and w.stride(1) == 1 and w.shape[1] == cols
-            and getattr(proj.__dict__.get("forward"), "__func__", None) is cpu_kernels._gemv_linear_forward)
+def _linear_weights(proj: torch.nn.Module, dtype: torch.dtype, cols: int) -> tuple[int, torch.Tensor, int] | None:
+    """A bias-free nn.Linear whose one-row forward is one of moekit's decode kernels, as (format, weight rows, scale
+    address): 0 = its weight in ``dtype`` on the kernel (``use_for_linears``); 1 = int8 codes with per-row scales in
+    ``dtype`` (``quantize_linears_int8``). Rows contiguous, ``cols`` of them; None for anything else."""
+    if type(proj) is not torch.nn.Linear or proj.bias is not None:
+        return None
+    fwd = getattr(proj.__dict__.get("forward"), "__func__", None)
+    if fwd is cpu_kernels._gemv_linear_forward:
+        w, fmt, scale = proj.weight, 0, None
+    elif fwd is int8_linear_forward:
+        w, scale = getattr(proj, INT8_LINEAR_BUFFERS[0], None), getattr(proj, INT8_LINEAR_BUFFERS[1], None)
+        if (not isinstance(w, torch.Tensor) or not isinstance(scale, torch.Tensor) or w.dtype != torch.int8
+                or w.dim() != 2 or scale.dtype != dtype or scale.shape != w.shape[:1] or scale.device.type != "cpu"
+                or not scale.is_contiguous()):
+            return None
+        fmt = 1
+    else:
+        return None
+    if w.dtype != (dtype if fmt == 0 else torch.int8) or w.device.type != "cpu" or w.stride(1) != 1 \
+            or w.shape[1] != cols:
+        return None
+    return fmt, w, scale.data_ptr() if scale is not None else 0
+
+
+_INT4_ENTRIES: dict = {}
+
+
+def _int4_entry(dtype: torch.dtype) -> int | None:
+    """The address of the int4 experts kernel for ``dtype`` (its own library, ``cpu_kernels_int4``), which
+    ``layer_step`` calls through a pointer; None without it."""
+    if dtype not in _INT4_ENTRIES:
+        name = _DTYPES.get(dtype)
+        fn = cpu_kernels_int4._fn(f"moekit_gemv_int4_{name}") if name else None
+        _INT4_ENTRIES[dtype] = ctypes.cast(fn, ctypes.c_void_p).value if fn is not None else None
+    return _INT4_ENTRIES[dtype]
+
+
+def _expert_banks(experts: torch.nn.Module, x: torch.Tensor, num_experts: int) -> list[int] | None:
+    """The experts' weights as ``layer_step`` reads them for the MoE input ``x`` [1, H]: [gate;up address, expert
+    stride, row stride, down address, expert stride, row stride, I] and the format's 15 values a[52..66] (see
+    layer_step), or None when the
+    decode kernels of their per-module forward would not run them. Formats as moekit's experts forward picks them:
+    packed int4 (``quantize_experts_int4``, a packed load), else int8 (``quantize_experts_int8``), else float."""
+    zeros, dtype, hidden = [0] * 15, x.dtype, x.shape[-1]
+    if hasattr(experts, INT4_BUFFERS[0]):
+        q1, s1, z1, q2, s2, z2 = (getattr(experts, n) for n in INT4_BUFFERS)
+        fn = _int4_entry(dtype)
+        if fn is None or q2.dim() != 3:
+            return None
+        inner = 2 * q2.shape[2]
+        groups = []
+        for q, sc, z, rows, cols in ((q1, s1, z1, 2 * inner, hidden), (q2, s2, z2, hidden, inner)):
+            if (q.dtype != torch.uint8 or sc.dtype != torch.float16 or z.dtype != torch.uint8 or q.dim() != 3
+                    or sc.dim() != 3 or q.shape != (num_experts, rows, cols // 2) or q.stride(-1) != 1
+                    or sc.shape != z.shape or sc.shape[:2] != q.shape[:2] or sc.stride() != z.stride()
+                    or sc.stride(-1) != 1 or any(t.device.type != "cpu" for t in (q, sc, z))):
+                return None
+            g = sc.shape[2]
+            if g < 1 or cols % g or (cols // g) % 2:  # the int4 kernel's group sizes: even, whole groups per row
+                return None
+            groups.append(cols // g)
+        qx = int(cpu_kernels_int4.int4_activations() == "int8")
+        return [q1.data_ptr(), q1.stride(0), q1.stride(1), q2.data_ptr(), q2.stride(0), q2.stride(1), inner,
+                2, s1.data_ptr(), 0, s2.data_ptr(), 0, qx, z1.data_ptr(), z2.data_ptr(), s1.stride(0), s1.stride(1),
+                s2.stride(0), s2.stride(1), groups[0], groups[1], fn]
+    if hasattr(experts, INT8_BUFFERS[0]):
+        q1, s1, q2, s2 = (getattr(experts, n) for n in INT8_BUFFERS)
+        if q2.dim() != 3:
+            return None
+        inner = q2.shape[2]
+        for q, sc, rows, cols in ((q1, s1, 2 * inner, hidden), (q2, s2, hidden, inner)):
+            if (q.dtype != torch.int8 or q.shape != (num_experts, rows, cols) or q.stride(-1) != 1
+                    or sc.dtype != dtype or sc.shape != q.shape[:2] or sc.stride(-1) != 1
+                    or q.device.type != "cpu" or sc.device.type != "cpu"):
+                return None
+        qx = int(cpu_kernels.int8_activations() == "int8")
+        return [q1.data_ptr(), q1.stride(0), q1.stride(1), q2.data_ptr(), q2.stride(0), q2.stride(1), inner,
+                1, s1.data_ptr(), s1.stride(0), s2.data_ptr(), s2.stride(0), qx, *zeros[:9]]
+    if any(name.startswith("moekit_") for name in experts._buffers):  # another moekit format
+        return None
+    w1, w2 = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    if _lean_banks_check(w1, w2, x) or w1.shape[0] != num_experts:
+        return None
+    return [w1.data_ptr(), w1.stride(0), w1.stride(1), w2.data_ptr(), w2.stride(0), w2.stride(1), w2.shape[2], *zeros]
 
 
 def _intercepted(modules: list[torch.nn.Module], block: torch.nn.Module) -> bool:
@@ -778,13 +920,15 @@ def _layer_args(self, h: torch.Tensor, mask, cache, pos_emb) -> tuple | None:
         return None
     if getattr(attn.config, "clip_qkv", None) is not None or attn.config._attn_implementation not in ("sdpa", "eager"):
         return None
-    q, k, v, o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
-    if not (_kernel_linear(q, dt, Hd) and _kernel_linear(k, dt, Hd) and _kernel_linear(v, dt, Hd)
-            and _kernel_linear(o, dt, q.weight.shape[0])) or k.weight.stride(0) != q.weight.stride(0) \
-            or v.weight.stride(0) != q.weight.stride(0) or o.weight.shape[0] != Hd:
+    lq, lk, lv = (_linear_weights(p, dt, Hd) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    lo = _linear_weights(attn.o_proj, dt, lq[1].shape[0]) if lq is not None else None
+    if lq is None or lk is None or lv is None or lo is None or not lq[0] == lk[0] == lv[0] == lo[0]:
+        return None  # (one format for the four projections: the kernel takes q, k and v in one region)
+    q, k, v, o = lq[1], lk[1], lv[1], lo[1]
+    if k.stride(0) != q.stride(0) or v.stride(0) != q.stride(0) or o.shape[0] != Hd:
         return None
-    H, Hkv = q.weight.shape[0] // D, k.weight.shape[0] // D
-    if q.weight.shape[0] != H * D or k.weight.shape[0] != Hkv * D or v.weight.shape[0] != Hkv * D or H % Hkv:
+    H, Hkv = q.shape[0] // D, k.shape[0] // D
+    if q.shape[0] != H * D or k.shape[0] != Hkv * D or v.shape[0] != Hkv * D or H % Hkv:
         return None
     qg, kg = (norms[0].weight.shape[-1], norms[1].weight.shape[-1]) if norms[0] is not None else (0, 0)
     if qg and ((H * D) % qg or (Hkv * D) % kg):
@@ -807,7 +951,9 @@ def _layer_args(self, h: torch.Tensor, mask, cache, pos_emb) -> tuple | None:
     if key not in _SLOTS:  # stand-ins with the shapes and dtypes the router would hand the experts
         _SLOTS[key] = (torch.zeros(1, key[0], dtype=torch.int64), torch.zeros(1, key[0], dtype=key[1]))
     provider, bank = None, None
-    if _lean_experts_check(experts, h.view(1, Hd), *_SLOTS[key]):
+    x2 = h.view(1, Hd)
+    banks = None if _experts_layout_refused(experts, x2, *_SLOTS[key]) else _expert_banks(experts, x2, rw.shape[0])
+    if banks is None:
         provider = getattr(experts, EXPERTS_PROVIDER, None)  # offloaded: the experts are the provider's
         if provider is None:
             return None
@@ -816,20 +962,21 @@ def _layer_args(self, h: torch.Tensor, mask, cache, pos_emb) -> tuple | None:
                                  or bank.table.dtype != torch.int64 or not bank.table.is_contiguous()
                                  or bank.table.numel() != rw.shape[0]):
             bank = None
-    w1, w2 = (experts.gate_up_proj, experts.down_proj) if provider is None else \
-        (bank.gate_up, bank.down) if bank is not None else (None, None)
-    if w1 is None:
-        w1 = w2 = torch.empty(0, 0, 0, dtype=dt)  # (the native call stops after the router)
-    a = _I64x46(
+        w1, w2 = (bank.gate_up, bank.down) if bank is not None else (torch.empty(0, 0, 0, dtype=dt),) * 2
+        # (no slot bank: the native call stops after the router)
+        banks = [w1.data_ptr(), w1.stride(0), w1.stride(1), w2.data_ptr(), w2.stride(0), w2.stride(1), w2.shape[2],
+                 *[0] * 15]
+    p1, es1, rs1, p2, es2, rs2, inner = banks[:7]
+    a = _I64xN(
         h.data_ptr(), 0, ln1.weight.data_ptr(), ln2.weight.data_ptr(), 0,
-        q.weight.data_ptr(), k.weight.data_ptr(), v.weight.data_ptr(), o.weight.data_ptr(),
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(),
         norms[0].weight.data_ptr() if qg else 0, norms[1].weight.data_ptr() if qg else 0,
         qg, kg, cos.data_ptr(), sin.data_ptr(), kc.data_ptr(), vc.data_ptr(), kc.stride(1), kc.stride(2),
         vc.stride(1), vc.stride(2), layer.cumulative_length.data_ptr() if static else 0, kc.shape[2],
         mask.data_ptr() if mask is not None else 0,
         H, Hkv, D, Hd, rw.data_ptr(), rw.shape[0], router.top_k, int(mixtral or bool(router.norm_topk_prob)),
-        int(mixtral), w1.data_ptr(), w1.stride(0), w2.data_ptr(), w2.stride(0), w2.shape[2],
-        torch.get_num_threads(), q.weight.stride(0), o.weight.stride(0), w1.stride(1), w2.stride(1), 0, 0, 0,
+        int(mixtral), p1, es1, p2, es2, inner, torch.get_num_threads(), q.stride(0), o.stride(0), rs1, rs2, 0, 0, 0,
+        lq[0], lq[2], lk[2], lv[2], lo[2], int(lq[0] == 1 and cpu_kernels.int8_activations() == "int8"), *banks[7:],
     )
     f = _F32x3(ln1.variance_epsilon, norms[0].variance_epsilon if norms[0] is not None else 0.0, attn.scaling)
     ext = None
@@ -838,7 +985,8 @@ def _layer_args(self, h: torch.Tensor, mask, cache, pos_emb) -> tuple | None:
         x2, h2 = h.new_empty(1, Hd), h.new_empty(h.shape)
         ids, wts = torch.empty(1, k, dtype=torch.int64), torch.empty(1, k, dtype=key[1])
         a[45] = ctypes.addressof(e := _I64x6(bank.table.data_ptr() if bank is not None else 0, x2.data_ptr(),
-                                             h2.data_ptr(), ids.data_ptr(), wts.data_ptr(), w1.shape[0]))
+                                             h2.data_ptr(), ids.data_ptr(), wts.data_ptr(), bank.gate_up.shape[0]
+                                             if bank is not None else 0))
         ext = (e, provider, bank, experts, x2, h2, ids, wts)
     return a, f, (None if static else (layer, H * D, Hkv, D)), ext
 
@@ -895,13 +1043,15 @@ def _layer_forward(self, hidden_states: torch.Tensor, attention_mask=None, posit
                 return out
             if rc == 1:
                 raise RuntimeError("fused attention attended no position")
+            if rc == 5:
+                raise RuntimeError("fused decoder layer failed after the cache update")
             # 2 (position past the cache) or 3 (out of memory): nothing changed; the class's forward handles it
     return type(self).forward(self, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
                               cache=cache, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
 
 
 _SWAPPED = frozenset((_rmsnorm_forward, _attention_forward, _router_forward, _experts_forward, _rotary_forward,
-                      _layer_forward, cpu_kernels._gemv_linear_forward))
+                      _layer_forward, cpu_kernels._gemv_linear_forward, int8_linear_forward))
 """The forwards moekit sets on module instances for decode (a whole-layer step may stand in for them)."""
 
 
