@@ -1,6 +1,6 @@
 """moekit.nn.fused_decode: a one-token step's RMSNorms, attention, router and experts' glue in one native call each
 equal transformers' own modules (logits of decode steps, greedy tokens) on tiny models of every supported family,
-and every other call (prefill, grads, float masks, quantized experts, switched off) takes the module's own forward."""
+and every other call (prefill, grads, float masks, hooks, switched off) takes the module's own forward."""
 
 from __future__ import annotations
 
@@ -171,7 +171,10 @@ def test_a_hook_on_a_router_sees_its_call() -> None:
     torch.testing.assert_close(fused, reference, rtol=0, atol=1e-5)
 
 
-def test_quantized_experts_keep_their_path() -> None:
+def test_quantized_experts_run_in_the_whole_layer_step() -> None:
+    """int8 experts: the whole-layer step runs them with the int8 kernel (tests/test_nn_fused_decode_quantized.py);
+    the experts' own fused op is for float weights only, so a layer whose router is hooked runs them through
+    moekit's dispatch."""
     from moekit.nn import quantize_experts_int8
 
     m = _model("olmoe", torch.float32)
@@ -179,8 +182,15 @@ def test_quantized_experts_keep_their_path() -> None:
     reference = _decode(m, False, "static")
     fused_decode.calls.clear()
     fused = _decode(m, True, "static")
-    assert fused_decode.calls["experts"] == fused_decode.calls["layer"] == 0 and fused_decode.calls["attention"] > 0
+    assert fused_decode.calls["layer"] == 5 * m.config.num_hidden_layers and fused_decode.calls["experts"] == 0
     torch.testing.assert_close(fused, reference, rtol=0, atol=1e-5)
+    handle = m.model.layers[0].mlp.gate.register_forward_hook(lambda *args: None)
+    fused_decode.calls.clear()
+    hooked = _decode(m, True, "static")
+    handle.remove()
+    assert fused_decode.calls["layer"] == 5 * (m.config.num_hidden_layers - 1) and fused_decode.calls["experts"] == 0
+    assert fused_decode.calls["router"] == fused_decode.calls["attention"] == 5
+    torch.testing.assert_close(hooked, reference, rtol=0, atol=1e-5)
 
 
 def test_switch_off_and_restore(monkeypatch) -> None:
