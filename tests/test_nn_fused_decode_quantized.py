@@ -9,7 +9,6 @@ import shutil
 
 import pytest
 import torch
-from transformers import DynamicCache, StaticCache
 
 import moekit
 from moekit.nn import (
@@ -21,7 +20,7 @@ from moekit.nn import (
 )
 from moekit.nn.cpu_kernels import use_for_linears
 from moekit.nn.dispatch import use_moekit_experts
-from moekit.testing import save_tiny_checkpoint, tiny_model
+from moekit.testing import decode_logits, save_tiny_checkpoint, tiny_model
 
 HAS_COMPILER = any(shutil.which(c) for c in ("c++", "g++", "clang++"))
 pytestmark = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the fused ops are off")
@@ -53,19 +52,10 @@ def _whole_layers(m) -> int:
     return sum(type(mod).__name__ in fused_decode.ROUTER_CLASSES for mod in m.modules())
 
 
-def _decode(m, fused: bool, cache_kind: str, tokens: list[int] | None = None, steps: int = 5) -> torch.Tensor:
-    """Logits of ``steps`` one-token steps after a 7-token prompt: greedy, or the given ``tokens`` fed in turn."""
+def _decode(m, fused: bool, cache_kind: str, tokens: list[int] | None = None) -> torch.Tensor:
+    """Logits of 5 greedy one-token steps after a 7-token prompt (or of the given ``tokens`` fed in turn)."""
     fused_decode.use_fused_decode(m, enable=fused)
-    ids = torch.randint(3, 100, (1, 7), generator=torch.Generator().manual_seed(0))
-    cache = StaticCache(config=m.config, max_cache_len=32) if cache_kind == "static" else DynamicCache(config=m.config)
-    out = []
-    with torch.no_grad():
-        o = m(ids, cache=cache, use_cache=True)
-        for i in range(len(tokens) if tokens else steps):
-            nxt = torch.tensor([[tokens[i]]]) if tokens else o.logits[:, -1:].argmax(-1)
-            o = m(nxt, cache=cache, use_cache=True)
-            out.append(o.logits[0, -1].float())
-    return torch.stack(out)
+    return decode_logits(m, cache_kind, tokens=tokens)
 
 
 @pytest.mark.parametrize("arch", ["olmoe", "qwen3_moe", "mixtral"])

@@ -265,10 +265,11 @@ def random_batch(vocab: int = 128, batch: int = 2, seq: int = 12, seed: int = 0,
 
 
 def decode_logits(model, cache_kind: str = "static", steps: int = 5, prompt_len: int = 7, seed: int = 0,
-                  max_cache_len: int = 32) -> torch.Tensor:
+                  max_cache_len: int = 32, tokens: list[int] | None = None) -> torch.Tensor:
     """Logits [steps, vocab] of ``steps`` greedy one-token steps after a random ``prompt_len``-token prompt, with a
     transformers ``StaticCache`` or ``DynamicCache`` (``cache_kind``): the decode path of a model, for comparing
-    implementations step by step."""
+    implementations step by step. ``tokens``: feed these instead of the greedy ones (one step each), so that two
+    implementations whose argmax differs somewhere still see the same inputs."""
     from transformers import DynamicCache, StaticCache
 
     ids = torch.randint(3, 100, (1, prompt_len), generator=torch.Generator().manual_seed(seed))
@@ -277,8 +278,9 @@ def decode_logits(model, cache_kind: str = "static", steps: int = 5, prompt_len:
     out = []
     with torch.no_grad():
         o = model(ids, cache=cache, use_cache=True)
-        for _ in range(steps):
-            o = model(o.logits[:, -1:].argmax(-1), cache=cache, use_cache=True)
+        for i in range(len(tokens) if tokens is not None else steps):
+            nxt = torch.tensor([[tokens[i]]]) if tokens is not None else o.logits[:, -1:].argmax(-1)
+            o = model(nxt, cache=cache, use_cache=True)
             out.append(o.logits[0, -1].float())
     return torch.stack(out)
 
