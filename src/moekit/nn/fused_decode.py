@@ -790,13 +790,16 @@ def _linear_weights(proj: torch.nn.Module, dtype: torch.dtype, cols: int) -> tup
     """A bias-free nn.Linear whose one-row forward is one of moekit's decode kernels, as (format, weight rows, scale
     address): 0 = its weight in ``dtype`` on the kernel (``use_for_linears``); 1 = int8 codes with per-row scales in
     ``dtype`` (``quantize_linears_int8``). Rows contiguous, ``cols`` of them; None for anything else."""
-    if type(proj) is not torch.nn.Linear or proj.bias is not None:
+    # (a decode step checks this for 4 projections per layer: the modules' dicts directly, not nn.Module's getattr)
+    if type(proj) is not torch.nn.Linear or proj._parameters.get("bias") is not None:
         return None
     fwd = getattr(proj.__dict__.get("forward"), "__func__", None)
     if fwd is cpu_kernels._gemv_linear_forward:
-        w, fmt, scale = proj.weight, 0, None
+        w, fmt, scale = proj._parameters.get("weight"), 0, None
+        if w is None:
+            return None
     elif fwd is int8_linear_forward:
-        w, scale = getattr(proj, INT8_LINEAR_BUFFERS[0], None), getattr(proj, INT8_LINEAR_BUFFERS[1], None)
+        w, scale = proj._buffers.get(INT8_LINEAR_BUFFERS[0]), proj._buffers.get(INT8_LINEAR_BUFFERS[1])
         if (not isinstance(w, torch.Tensor) or not isinstance(scale, torch.Tensor) or w.dtype != torch.int8
                 or w.dim() != 2 or scale.dtype != dtype or scale.shape != w.shape[:1] or scale.device.type != "cpu"
                 or not scale.is_contiguous()):
@@ -830,8 +833,11 @@ def _expert_banks(experts: torch.nn.Module, x: torch.Tensor, num_experts: int) -
     decode kernels of their per-module forward would not run them. Formats as moekit's experts forward picks them:
     packed int4 (``quantize_experts_int4``, a packed load), else int8 (``quantize_experts_int8``), else float."""
     zeros, dtype, hidden = [0] * 15, x.dtype, x.shape[-1]
-    if hasattr(experts, INT4_BUFFERS[0]):
-        q1, s1, z1, q2, s2, z2 = (getattr(experts, n) for n in INT4_BUFFERS)
+    buffers = experts._buffers
+    if INT4_BUFFERS[0] in buffers:
+        q1, s1, z1, q2, s2, z2 = (buffers.get(n) for n in INT4_BUFFERS)
+        if any(t is None for t in (s1, z1, q2, s2, z2)):
+            return None
         fn = _int4_entry(dtype)
         if fn is None or q2.dim() != 3:
             return None
@@ -851,9 +857,9 @@ def _expert_banks(experts: torch.nn.Module, x: torch.Tensor, num_experts: int) -
         return [q1.data_ptr(), q1.stride(0), q1.stride(1), q2.data_ptr(), q2.stride(0), q2.stride(1), inner,
                 2, s1.data_ptr(), 0, s2.data_ptr(), 0, qx, z1.data_ptr(), z2.data_ptr(), s1.stride(0), s1.stride(1),
                 s2.stride(0), s2.stride(1), groups[0], groups[1], fn]
-    if hasattr(experts, INT8_BUFFERS[0]):
-        q1, s1, q2, s2 = (getattr(experts, n) for n in INT8_BUFFERS)
-        if q2.dim() != 3:
+    if INT8_BUFFERS[0] in buffers:
+        q1, s1, q2, s2 = (buffers.get(n) for n in INT8_BUFFERS)
+        if any(t is None for t in (s1, q2, s2)) or q2.dim() != 3:
             return None
         inner = q2.shape[2]
         for q, sc, rows, cols in ((q1, s1, 2 * inner, hidden), (q2, s2, hidden, inner)):
@@ -864,7 +870,7 @@ def _expert_banks(experts: torch.nn.Module, x: torch.Tensor, num_experts: int) -
         qx = int(cpu_kernels.int8_activations() == "int8")
         return [q1.data_ptr(), q1.stride(0), q1.stride(1), q2.data_ptr(), q2.stride(0), q2.stride(1), inner,
                 1, s1.data_ptr(), s1.stride(0), s2.data_ptr(), s2.stride(0), qx, *zeros[:9]]
-    if any(name.startswith("moekit_") for name in experts._buffers):  # another moekit format
+    if any(name.startswith("moekit_") for name in buffers):  # another moekit format
         return None
     w1, w2 = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
     if _lean_banks_check(w1, w2, x) or w1.shape[0] != num_experts:
