@@ -148,3 +148,37 @@ def test_packed_int4_checkpoint_decodes_through_whole_layers(tmp_path, monkeypat
         fused = _decode(lm.model, True, "dynamic")
         torch.testing.assert_close(fused, reference, rtol=0, atol=1e-5)
         assert fused_decode.calls["layer"] == 5 * _whole_layers(lm.model) > 0
+
+
+def test_offloaded_packed_int4_with_int8_linears_takes_the_split_step(tmp_path, monkeypatch) -> None:
+    """Offloaded packed int4 experts (every expert in the cache's slots) with int8 attention linears: the native
+    call runs the int8 attention and the router, the engine its int4 experts; logits equal the in-memory packed
+    model's whole int4 layers (fp32, float activations: the fused ops' tolerance)."""
+    from moekit.compress.quantize import quantize
+    from moekit.serve.engine import OffloadEngine
+    from moekit.serve.store import load_offloaded, store_for
+
+    monkeypatch.setenv("MOEKIT_INT8_ACTIVATIONS", "float")
+    monkeypatch.setenv("MOEKIT_CACHE_DIR", str(tmp_path / "moekit-cache"))
+    src = save_tiny_checkpoint("qwen3_moe", tmp_path / "src", with_tokenizer=False, hidden_size=128,
+                               moe_intermediate_size=128)
+    quantize(moekit.load(src, with_tokenizer=False), bits=4, group_size=128, out=tmp_path / "q4")
+    memory = moekit.load(tmp_path / "q4", with_tokenizer=False, packed_experts=True).model
+    lm = load_offloaded(tmp_path / "q4", with_tokenizer=False, packed_experts=True)
+    for m in (memory, lm.model):
+        use_moekit_experts(m)
+        quantize_linears_int8(m)
+        fused_decode.use_fused_decode(m)
+    fused_decode.calls.clear()
+    reference = decode_logits(memory, "static")
+    assert fused_decode.calls["layer"] == 5 * _whole_layers(memory) > 0 and not fused_decode.calls["layer_split"]
+    engine = OffloadEngine(lm, store_for(lm), slots=lm.model.config.num_experts).start()
+    try:
+        for v in lm.moe:
+            engine.access(v.index, list(range(v.num_experts)), decode=False)
+        fused_decode.calls.clear()
+        got = decode_logits(lm.model, "static")
+    finally:
+        engine.stop()
+    torch.testing.assert_close(got, reference, rtol=0, atol=1e-5)
+    assert fused_decode.calls["layer"] == fused_decode.calls["layer_split"] == 5 * _whole_layers(lm.model)
