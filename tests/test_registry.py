@@ -106,7 +106,7 @@ def test_every_registered_method_has_help_and_known_needs():
     assert DETECTORS.needs("risk_diff") == DETECTORS.needs("contrast") == {"negative"}
     assert DETECTORS.needs("npmi") == {"markers"}
     assert MERGERS.names() == ["m-smoe"] and MERGERS.needs("m-smoe") == {"calibration"}
-    assert BACKENDS.names() == ["auto", "grouped_mm", "loop", "padded", "gemv"]
+    assert BACKENDS.names() == ["auto", "grouped_mm", "loop", "padded", "gemv", "amx"]
 
 
 # ----- one meaning per name ----------------------------------------------------------------------------

@@ -27,10 +27,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from moekit.nn import cpu_kernels
+from moekit.nn import cpu_kernels, cpu_kernels_amx
 from moekit.registry import Registry
 
-Backend = Literal["auto", "grouped_mm", "loop", "padded", "gemv"]
+Backend = Literal["auto", "grouped_mm", "loop", "padded", "gemv", "amx"]
 BACKENDS: Registry[str] = Registry("experts backend")
 for _name, _help in (
     ("auto", "picks per call: gemv for a one-token CPU step, padded for small CPU groups, else grouped_mm "
@@ -39,6 +39,8 @@ for _name, _help in (
     ("loop", "one matmul per expert, one host sync (runs everywhere)"),
     ("padded", "one bmm over zero-padded per-expert blocks (CPU, small groups)"),
     ("gemv", "one matrix-vector product per active expert on the weights' storage (decode, inference only)"),
+    ("amx", "float16 experts on AMX-BF16 (CPU, inference): each fp16 value split exactly into two bf16, three "
+            "bf16 products summed in fp32; auto picks it for fp16 prefill where the CPU has AMX"),
 ):
     BACKENDS.add(_name, _name, help=_help)
 _default_backend: Backend = os.environ.get("MOEKIT_EXPERTS_BACKEND", "auto")  # type: ignore[assignment]
@@ -354,6 +356,11 @@ def _grouped(
     """
     if path == "grouped_mm":
         return F.grouped_mm(x, w, offs=offsets)
+    if path == "amx":
+        out = cpu_kernels_amx.f16_grouped_mm(x, w_storage, offsets)
+        if out is not None:
+            return out
+        bounds = offsets.tolist()  # (the kernel refused: _choose_path checked what it needs, so not expected)
     if path == "padded":
         num_experts = w.shape[0]
         return _PaddedBmm.apply(x.view(num_experts, -1, x.shape[1]), w).view(x.shape[0], w.shape[2])
@@ -375,6 +382,11 @@ PADDED_MAX_ROWS_TRAINING = 32
 # per expert (grouped_mm, or the loop) runs each expert's rows fast enough that padding only costs (measured in
 # docs/nn.md, "Prefill at OLMoE's published shape": bench_experts.py --shape olmoe-1b-7b --paths ...).
 PADDED_MAX_EXPERT_WEIGHTS = 2**20
+# float16 on a CPU with AMX-BF16: torch's fp16 GEMM runs on AVX-512 FMA at fp32 speed; ``cpu_kernels_amx`` runs the
+# same products (each fp16 split exactly into bf16 hi + lo, three bf16 products, fp32 sums) on AMX tiles. It pads
+# each expert's rows to 16 and converts its weights per call, so it pays from about 32 rows per used expert
+# (measured in docs/nn.md, "float16 prefill on AMX": 0.9-1.1x of grouped_mm at 16 rows, 1.3-1.8x at 64-256).
+AMX_MIN_ROWS_PER_EXPERT = 32
 
 
 def _use_gemv(backend: Backend, w1: torch.Tensor, num_tokens: int, needs_grad: bool) -> bool:
@@ -408,7 +420,17 @@ def _choose_path(
     """
     if backend == "gemv":  # reached only with gradients (see _use_gemv)
         return "loop"
-    if backend != "auto":
+    amx = (
+        not compiling and not needs_grad and backend in ("auto", "amx")
+        and cpu_kernels_amx.fits(x, w1.transpose(-2, -1)) and cpu_kernels_amx.fits(x.new_empty(0, w2.shape[1]),
+                                                                                   w2.transpose(-2, -1))
+        and cpu_kernels_amx.available()
+    )
+    if backend == "amx":  # forced: where the kernel cannot run (grad, dtype, layout, CPU), auto's other choice
+        if amx:
+            return "amx"
+        backend = "auto"
+    elif backend != "auto":
         return "loop" if compiling and backend == "padded" else backend
     num_experts = w1.shape[0]
     # (fewer slots than PADDED_MIN_USED × E cannot use enough experts: decode skips the check entirely)
@@ -428,6 +450,8 @@ def _choose_path(
             and sum(per_expert) <= max_rows * used
         ):
             return "padded"
+    if amx and num_slots >= AMX_MIN_ROWS_PER_EXPERT * int((counts > 0).sum()):
+        return "amx"
     ok = _can_grouped_mm(x, w1, compiling) and _can_grouped_mm(x, w2, compiling)
     return "grouped_mm" if ok else "loop"
 
