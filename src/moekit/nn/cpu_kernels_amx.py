@@ -1,18 +1,19 @@
-"""float16 expert GEMMs on AMX-BF16 (prefill): each fp16 value split exactly into two bf16, three bf16 products.
+"""float16 expert GEMMs on AMX-BF16 (prefill): each fp16 value split exactly into two bf16, four bf16 products.
 
 On CPUs without a float16 matrix unit (AMX-FP16), torch's fp16 GEMM runs on AVX-512 FMA (fp32 arithmetic, the
 same speed as an fp32 GEMM), while bf16 GEMMs run on AMX tiles several times faster. A float16 value has an
-11-bit significand, bf16 an 8-bit one, so ``v = hi + lo`` with ``hi = bf16(v)`` and ``lo = bf16(v - hi)`` holds
-**exactly** for every finite fp16 value. Then ``x·w = xh·wh + xh·wl + xl·wh + xl·wl``; this kernel sums the first
-three on AMX (``tdpbf16ps``: exact products, fp32 accumulation) and drops ``xl·wl``, whose size is at most 2^-18 of
-the product (the fp16 result is rounded at 2^-11). Result: fp32-accumulated fp16 GEMM numerics, like torch's, from
-bf16 tiles.
+11-bit significand, bf16 an 8-bit one, so ``v = hi + lo`` with ``hi`` = the top 8 significant bits and ``lo`` = the
+rest (at most 3 bits) holds **exactly** in bf16 for every finite fp16 value. Then ``x·w = xh·wh + xh·wl + xl·wh +
+xl·wl``, four products that AMX (``tdpbf16ps``) computes exactly and sums in fp32: the numerics of torch's fp16 GEMM
+(exact products, fp32 sums, one rounding to fp16), from bf16 tiles. (Dropping ``xl·wl`` saves a quarter of the tile
+products but not time here: the kernel is bound by reading and splitting the weights and by tile loads.)
 
 Layout: expert weights in nn.Linear's ``[E, out, in]`` (``in`` contiguous), the input's rows sorted by expert with
-cumulative ``offsets``. Each thread converts a block of 16 weight rows to hi/lo bf16 into its own buffer (no copy of
-the weights is kept) and multiplies it by the expert's rows, packed once per call in the tiles' pair layout.
-Built like ``cpu_kernels`` (``load_library``, ``-march=native``); where the compiler or the CPU has no AMX-BF16,
-or the OS refuses the tile state, ``available()`` is False and callers use torch's ops.
+cumulative ``offsets``. Each thread splits blocks of 16 weight rows into hi/lo bf16 in its own buffer (no copy of
+the weights is kept; the next block is fetched into L2 while the current one's tile products run) and multiplies them by the
+expert's rows, packed once per call in the tiles' pair layout. Built like ``cpu_kernels`` (``load_library``,
+``-march=native``); where the compiler or the CPU has no AMX-BF16, or the OS refuses the tile state,
+``available()`` is False and callers use torch's ops.
 """
 
 from __future__ import annotations
@@ -61,15 +62,15 @@ static void configure_tiles() {
   _tile_loadconfig(&cfg);
 }
 
-/* 16 fp16 values → their exact split into bf16 hi (nearest) and lo (the remainder; 0 where hi is not finite). */
+/* 16 fp16 values → their exact split into bf16 hi (the fp32 value's top 16 bits: 8 significant bits) and lo (the
+   remainder, at most 3 significant bits, so exact in bf16; 0 for inf/NaN, which hi carries). */
 static inline void split16(const uint16_t* src, uint16_t* hi, uint16_t* lo) {
   const __m512 f = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)src));
-  const __m256bh h = _mm512_cvtneps_pbh(f);
-  const __m512 hf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16));
-  const __mmask16 finite = _mm512_cmp_ps_mask(_mm512_abs_ps(hf), _mm512_set1_ps(__builtin_inff()), _CMP_LT_OQ);
-  const __m256bh l = _mm512_cvtneps_pbh(_mm512_maskz_sub_ps(finite, f, hf));
-  _mm256_storeu_si256((__m256i*)hi, (__m256i)h);
-  _mm256_storeu_si256((__m256i*)lo, (__m256i)l);
+  const __m512 hf = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(f), _mm512_set1_epi32((int)0xffff0000u)));
+  const __mmask16 special = _mm512_fpclass_ps_mask(f, 0x01 | 0x80 | 0x08 | 0x10);  /* NaN, +inf, -inf */
+  const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(_mm512_maskz_sub_ps(~special, f, hf), hf);  /* [hi | lo] */
+  _mm256_storeu_si256((__m256i*)hi, _mm512_castsi512_si256(both));
+  _mm256_storeu_si256((__m256i*)lo, _mm512_extracti64x4_epi64(both, 1));
 }
 #endif
 
@@ -93,24 +94,28 @@ extern "C" int moekit_amx_f16_grouped(const uint16_t* x, int64_t ldx, const uint
   /* per expert: first row, row count, and where its packed rows start (in 16-row tiles) */
   int64_t* start = (int64_t*)malloc(sizeof(int64_t) * 3 * (ne + 1));
   int64_t *count = start + ne + 1, *pstart = count + ne + 1;
+  /* a unit: 16 weight rows of one expert against a chunk of its row tiles; a chunk's packed rows (16 · k · 4 bytes
+     per tile) stay within ~1 MB so that they stay in L2 while a thread runs the chunk's units one after another */
+  const int64_t chunk = (1 << 20) / (64 * k) > 2 ? ((1 << 20) / (64 * k)) & ~(int64_t)1 : 2;
   int64_t prev = 0, ptiles = 0, units = 0;
   for (int64_t e = 0; e < ne; e++) {
     const int64_t end = offsets[e];
     start[e] = prev; count[e] = end - prev; pstart[e] = ptiles;
     ptiles += (count[e] + 15) / 16;
-    if (count[e] > 0) units += n / 16;
+    units += (count[e] + 16 * chunk - 1) / (16 * chunk) * (n / 16);
     prev = end;
   }
   const int64_t kp = k / 2;
   uint16_t* xph = xp;                       /* [tile][k/2][16][2]: hi parts */
   uint16_t* xpl = xp + ptiles * 16 * k;     /* lo parts, same layout */
-  /* the list of (expert, 16-row weight block) units */
-  int64_t* unit_e = (int64_t*)malloc(sizeof(int64_t) * (units + ptiles + 1));
-  int64_t* tile_e = unit_e + units;  /* the expert of each packed tile */
+  struct Unit { int64_t e, t0, t1, n0; };
+  Unit* unit = (Unit*)malloc(sizeof(Unit) * (units + 1));
+  int64_t* tile_e = (int64_t*)malloc(sizeof(int64_t) * (ptiles + 1));  /* the expert of each packed tile */
   for (int64_t e = 0, u = 0, t = 0; e < ne; e++) {
-    if (count[e] > 0)
-      for (int64_t b = 0; b < n / 16; b++) unit_e[u++] = e;
-    for (int64_t i = 0; i < (count[e] + 15) / 16; i++) tile_e[t++] = e;
+    const int64_t tiles = (count[e] + 15) / 16;
+    for (int64_t t0 = 0; t0 < tiles; t0 += chunk)
+      for (int64_t b = 0; b < n / 16; b++) unit[u++] = Unit{e, t0, t0 + chunk < tiles ? t0 + chunk : tiles, b * 16};
+    for (int64_t i = 0; i < tiles; i++) tile_e[t++] = e;
   }
   #pragma omp parallel num_threads(nthreads)
   {
@@ -149,22 +154,29 @@ extern "C" int moekit_amx_f16_grouped(const uint16_t* x, int64_t ldx, const uint
     uint16_t* wl = wb + 16 * k;
     float cbuf[2][16 * 16] __attribute__((aligned(64)));
     configure_tiles();
-    #pragma omp for schedule(dynamic, 2)
+    #pragma omp for schedule(static)
     for (int64_t v = 0; v < units; v++) {
-      int64_t e = unit_e[v], first = v;
-      while (first > 0 && unit_e[first - 1] == e) first--;
-      const int64_t n0 = (v - first) * 16;
+      const int64_t e = unit[v].e, n0 = unit[v].n0, tiles = unit[v].t1;
       const uint16_t* wr = w + e * sw_e + n0 * sw_n;
+      /* the next unit's 16 weight rows (the same thread's, with static scheduling), fetched into L2 while this
+         unit's tiles run: 16 · k · 2 bytes in k / 32 steps, so that reading weights overlaps the tile products */
+      const char* nextw = v + 1 < units ? (const char*)(w + unit[v + 1].e * sw_e + unit[v + 1].n0 * sw_n) : nullptr;
+      const int64_t row_lines = k * 2 / 64, lines = 16 * row_lines, steps = k / 32;
+      int64_t fetched = 0;
       for (int64_t i = 0; i < 16; i++)
         for (int64_t c = 0; c < k; c += 16) split16(wr + i * sw_n + c, wh + i * k + c, wl + i * k + c);
-      const int64_t tiles = (count[e] + 15) / 16;
-      for (int64_t t = 0; t < tiles; t += 2) {
+      for (int64_t t = unit[v].t0; t < tiles; t += 2) {
         const int two = t + 1 < tiles;
         const uint16_t* b0h = xph + (pstart[e] + t) * 16 * k;
         const uint16_t* b0l = xpl + (pstart[e] + t) * 16 * k;
         _tile_zero(0);
         _tile_zero(1);
         for (int64_t c = 0; c < k; c += 32) {
+          if (nextw && fetched < lines) {
+            const int64_t upto = fetched + (lines + steps - 1) / steps;
+            for (; fetched < upto && fetched < lines; fetched++)
+              _mm_prefetch(nextw + (fetched / row_lines) * sw_n * 2 + (fetched % row_lines) * 64, _MM_HINT_T1);
+          }
           _tile_loadd(2, wh + c, 2 * k);
           _tile_loadd(3, wl + c, 2 * k);
           _tile_loadd(4, b0h + c * 16, 64);
@@ -172,12 +184,14 @@ extern "C" int moekit_amx_f16_grouped(const uint16_t* x, int64_t ldx, const uint
           _tile_dpbf16ps(0, 2, 4);
           _tile_dpbf16ps(0, 2, 5);
           _tile_dpbf16ps(0, 3, 4);
+          _tile_dpbf16ps(0, 3, 5);
           if (two) {
             _tile_loadd(6, b0h + 16 * k + c * 16, 64);
             _tile_loadd(7, b0l + 16 * k + c * 16, 64);
             _tile_dpbf16ps(1, 2, 6);
             _tile_dpbf16ps(1, 2, 7);
             _tile_dpbf16ps(1, 3, 6);
+            _tile_dpbf16ps(1, 3, 7);
           }
         }
         _tile_stored(0, cbuf[0], 64);
@@ -198,7 +212,8 @@ extern "C" int moekit_amx_f16_grouped(const uint16_t* x, int64_t ldx, const uint
     _tile_release();
     free(wb);
   }
-  free(unit_e);
+  free(unit);
+  free(tile_e);
   free(start);
   return 0;
 #else
@@ -248,7 +263,7 @@ def fits(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 def f16_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor | None:
     """``out[r] = x[r] @ w[e(r)].T`` for rows sorted by expert (``offsets``: cumulative row counts, int ``[E]``),
-    fp16 in and out, computed as three exact bf16 products per pair on AMX with fp32 sums; rows past the last
+    fp16 in and out, computed as four exact bf16 products per pair on AMX with fp32 sums; rows past the last
     offset are zero. None when the kernel cannot run (callers use torch's ``grouped_mm``)."""
     if not fits(x, w) or not available():
         return None

@@ -4,7 +4,8 @@ The pipeline is the one transformers' ``grouped_mm`` experts use, written for mo
 flatten ids → ``torch.sort`` → gather rows → per-expert counts (no host sync) → two grouped matmuls →
 un-permute, weight and sum over k in one GEMM (``combine_slots``). The grouped matmuls run as ``F.grouped_mm``
 (GPU), one ``bmm`` over zero-padded per-expert blocks (CPU, small groups), or a per-expert ``mm`` loop with one
-host sync (where ``grouped_mm`` is missing); ``_choose_path`` picks per call. A one-token step (decode) skips the
+host sync (where ``grouped_mm`` is missing), or for float16 on a CPU with AMX-BF16 ``cpu_kernels_amx`` (exact
+bf16 hi/lo split, four exact bf16 products, fp32 sums); ``_choose_path`` picks per call. A one-token step (decode) skips the
 sort and runs one matrix-vector product per active expert straight on the weights' storage (``gemv``).
 Ids ≥ E mean "no expert" (null experts, dropped tokens, expert-parallel sentinels) and contribute zero.
 
@@ -33,14 +34,14 @@ from moekit.registry import Registry
 Backend = Literal["auto", "grouped_mm", "loop", "padded", "gemv", "amx"]
 BACKENDS: Registry[str] = Registry("experts backend")
 for _name, _help in (
-    ("auto", "picks per call: gemv for a one-token CPU step, padded for small CPU groups, else grouped_mm "
-             "where it runs, else loop"),
+    ("auto", "picks per call: gemv for a one-token CPU step, amx for float16 prefill on a CPU with AMX-BF16, "
+             "padded for small CPU groups, else grouped_mm where it runs, else loop"),
     ("grouped_mm", "torch's F.grouped_mm over the expert-sorted rows (GPU; bf16 under torch.compile)"),
     ("loop", "one matmul per expert, one host sync (runs everywhere)"),
     ("padded", "one bmm over zero-padded per-expert blocks (CPU, small groups)"),
     ("gemv", "one matrix-vector product per active expert on the weights' storage (decode, inference only)"),
-    ("amx", "float16 experts on AMX-BF16 (CPU, inference): each fp16 value split exactly into two bf16, three "
-            "bf16 products summed in fp32; auto picks it for fp16 prefill where the CPU has AMX"),
+    ("amx", "float16 experts on AMX-BF16 (CPU, inference): each fp16 value split exactly into two bf16, four "
+            "exact bf16 products summed in fp32; auto picks it for fp16 prefill where the CPU has AMX"),
 ):
     BACKENDS.add(_name, _name, help=_help)
 _default_backend: Backend = os.environ.get("MOEKIT_EXPERTS_BACKEND", "auto")  # type: ignore[assignment]
@@ -383,9 +384,10 @@ PADDED_MAX_ROWS_TRAINING = 32
 # docs/nn.md, "Prefill at OLMoE's published shape": bench_experts.py --shape olmoe-1b-7b --paths ...).
 PADDED_MAX_EXPERT_WEIGHTS = 2**20
 # float16 on a CPU with AMX-BF16: torch's fp16 GEMM runs on AVX-512 FMA at fp32 speed; ``cpu_kernels_amx`` runs the
-# same products (each fp16 split exactly into bf16 hi + lo, three bf16 products, fp32 sums) on AMX tiles. It pads
+# same products (each fp16 split exactly into bf16 hi + lo, four exact bf16 products, fp32 sums) on AMX tiles. It pads
 # each expert's rows to 16 and converts its weights per call, so it pays from about 32 rows per used expert
-# (measured in docs/nn.md, "float16 prefill on AMX": 0.9-1.1x of grouped_mm at 16 rows, 1.3-1.8x at 64-256).
+# (measured in docs/nn.md, "float16 prefill on AMX": 0.9-1.1x of grouped_mm at 16 rows, 1.3-1.8x at 64-256; faster
+# than the padded bmm at the small shapes that take it, so it is checked first).
 AMX_MIN_ROWS_PER_EXPERT = 32
 
 
@@ -433,6 +435,8 @@ def _choose_path(
     elif backend != "auto":
         return "loop" if compiling and backend == "padded" else backend
     num_experts = w1.shape[0]
+    if amx and num_slots >= AMX_MIN_ROWS_PER_EXPERT * int((counts > 0).sum()):  # (before padded: faster there too)
+        return "amx"
     # (fewer slots than PADDED_MIN_USED × E cannot use enough experts: decode skips the check entirely)
     if (
         not compiling
@@ -450,8 +454,6 @@ def _choose_path(
             and sum(per_expert) <= max_rows * used
         ):
             return "padded"
-    if amx and num_slots >= AMX_MIN_ROWS_PER_EXPERT * int((counts > 0).sum()):
-        return "amx"
     ok = _can_grouped_mm(x, w1, compiling) and _can_grouped_mm(x, w2, compiling)
     return "grouped_mm" if ok else "loop"
 
