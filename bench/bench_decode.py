@@ -472,6 +472,9 @@ def bench_threads(model, threads: int, dtype: str, args, emit) -> dict:
             summary["moekit_int4_vs_float_acts"] = round(decode["moekit-int4"] / decode[INT4_FLOAT_ACTS], 3)
     summary["prefill_tok_s"] = {i: round(t, 1) for i, t in prefill.items()}
     summary["prefill_moekit_vs_fastest_hf"] = round(prefill["moekit"] / max(prefill["eager"], prefill["grouped_mm"]), 3)
+    if "moekit-linears" in prefill:
+        summary["prefill_moekit_linears_vs_fastest_hf"] = round(
+            prefill["moekit-linears"] / max(prefill["eager"], prefill["grouped_mm"]), 3)
     if args.llama_bench and dtype == "bfloat16":  # equal bits: bf16 GGUF against bf16, q8_0 against int8 experts
         best = "moekit-linears" if "moekit-linears" in decode else "moekit"
         runs = [("", args.gguf, best)] + ([("_q8_0", args.gguf_q8, "moekit-int8")] if args.gguf_q8 else [])
@@ -493,10 +496,11 @@ def bench_threads(model, threads: int, dtype: str, args, emit) -> dict:
 
 
 def bench_prefill(model, tokens: int, rounds: int) -> dict[str, float]:
-    """Prefill tokens/s (one forward without a cache) of eager, grouped_mm and moekit, interleaved rounds."""
+    """Prefill tokens/s (one forward without a cache) of eager, grouped_mm, moekit, and moekit-linears (on CPU: the
+    linears through moekit's kernels too, which a float16 prefill runs on AMX where the CPU has it), interleaved."""
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(3, model.config.vocab_size, (1, tokens), generator=g).to(DEVICE)
-    impls = ("eager", "grouped_mm", "moekit")
+    impls = ("eager", "grouped_mm", "moekit") + (("moekit-linears",) if DEVICE.type == "cpu" else ())
     times: dict[str, list[float]] = {i: [] for i in impls}
     with torch.no_grad():
         for impl in impls:
@@ -692,7 +696,8 @@ def main(argv: list[str] | None = None) -> int:
         row |= {k.replace("-", "_"): s[f"{k}_tok_s"] for k in keys if f"{k}_tok_s" in s}
         row |= {k: v for k, v in s.items() if k.startswith(("llama_cpp", "moekit_of", "moekit_int8_of", "moekit_compiled_of", "moekit_linears_of",
                                                             "moekit_vs_llama", "moekit_int8_vs_llama", "moekit_int4_of", "moekit_int8_compiled", "moekit_int4_compiled",
-                                                            "moekit_int4_vs", "moekit_int4_float_acts", "moekit_offload", "moekit_linears_hugepages"))}
+                                                            "moekit_int4_vs", "moekit_int4_float_acts", "moekit_offload", "moekit_linears_hugepages",
+                                                            "prefill_moekit"))}
         rows.append(row)
     emit({"kind": "final", "clock": CLOCK, "rows": rows,
           "best_moekit_of_bound": max(s["moekit_of_bound"] for s in summaries),

@@ -1,6 +1,7 @@
 """The int4 decode kernel alone, against the streaming-read rate: bytes of expert weights it streams per second for
 one decode step's products (k active experts of an OLMoE-shaped bank), with int8 activations (AVX512-VNNI) and with
-float activations (the bf16 / fp32 loops), beside the int8 and bf16 kernels on the same shape.
+float activations (the bf16 / fp32 loops), beside the int8, bf16 and fp16 kernels on the same shape (fp16 has no dot
+instruction here: ``vcvtph2ps`` + FMA, so its row shows what that conversion costs against the bandwidth).
 
 Several banks are cycled so that no call finds its weights in the (large, shared) L3. One JSON line per
 measurement, then a summary line. Time is wall clock, the median of ``--repeats`` passes over the banks.
@@ -67,7 +68,7 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--banks", type=int, default=6, help="int4 banks cycled (each experts x rows x cols / 2 bytes)")
     ap.add_argument("--repeats", type=int, default=7, help="passes; the median is reported (each on other experts)")
-    ap.add_argument("--no-float", action="store_true", help="skip the int8 and bf16 kernels")
+    ap.add_argument("--no-float", action="store_true", help="skip the int8, bf16 and fp16 kernels")
     args = ap.parse_args()
     e, r, c, k = args.experts, args.rows, args.cols, args.top_k
     banks4 = [int4_bank(e, r, c, args.group_size, seed) for seed in range(args.banks)]
@@ -96,14 +97,16 @@ def main() -> None:
             row[name + "_us"] = round(sec * 1e6, 1)
         if not args.no_float:
             nb = max(2, args.banks // 3)
-            for name in ("int8_vnni", "bf16"):
+            for name in ("int8_vnni", "bf16", "fp16"):
                 if name == "int8_vnni":
                     w8 = [quantize_rows_int8(torch.randn(e, r, c, generator=g).bfloat16()) for _ in range(nb)]
                     call = lambda b, rep, w8=w8: cpu_kernels.expert_gemv(x, w8[b][0], ids(b, rep), w8[b][1], "int8")  # noqa: E731
                     nbytes = k * r * c * 1
                 else:
-                    wb = [torch.randn(e, r, c, generator=g).bfloat16() for _ in range(nb)]
-                    call = lambda b, rep, wb=wb: cpu_kernels.expert_gemv(x, wb[b], ids(b, rep))  # noqa: E731
+                    dtype = torch.bfloat16 if name == "bf16" else torch.float16
+                    wb = [torch.randn(e, r, c, generator=g).to(dtype) for _ in range(nb)]
+                    xf = x.to(dtype)
+                    call = lambda b, rep, wb=wb, xf=xf: cpu_kernels.expert_gemv(xf, wb[b], ids(b, rep))  # noqa: E731
                     nbytes = k * r * c * 2
                 sec = timed(call, nb, args.repeats)
                 rate = nbytes / sec / 1e9

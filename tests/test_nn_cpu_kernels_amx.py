@@ -155,3 +155,25 @@ def test_fp16_model_logits_equal_eager() -> None:
     assert eager.abs().max() > 0.1
     torch.testing.assert_close(ours, eager, atol=2e-2, rtol=2e-2)
     assert (ours - fp32).abs().mean() <= 1.1 * (eager - fp32).abs().mean()
+
+
+def test_linears_fp16_prefill_runs_on_amx() -> None:
+    """``use_for_linears``: a float16 prefill of at least AMX_MIN_ROWS rows takes the AMX kernel (within one ulp of
+    the correctly rounded product); fewer rows, bf16 and gradients keep F.linear exactly."""
+    from moekit.nn import cpu_kernels
+
+    g = torch.Generator().manual_seed(8)
+    lin = torch.nn.Linear(64, 48, bias=True).half()
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(48, 64, generator=g) / 8)
+    assert cpu_kernels.use_for_linears(lin) == 1
+    x = torch.randn(2, cpu_kernels_amx.AMX_MIN_ROWS, 64, generator=g).half()
+    with torch.no_grad():
+        y = lin(x)
+        raw = cpu_kernels_amx.f16_grouped_mm(x.reshape(-1, 64), lin.weight.unsqueeze(0),
+                                             torch.tensor([x.shape[0] * x.shape[1]], dtype=torch.int32))
+        assert torch.equal(y, raw.reshape(2, -1, 48) + lin.bias)
+        assert _ulps_off(raw, x.reshape(-1, 64).double() @ lin.weight.double().t()).max() <= 1.0
+        few = x[:, :3]
+        assert torch.equal(lin(few), F.linear(few, lin.weight, lin.bias))
+    assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))  # gradients on: F.linear

@@ -611,7 +611,26 @@ def _gemv_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor
         if y is not None:
             y = y if y.dim() == x.dim() else y.reshape(*x.shape[:-1], w.shape[0])
             return y if self.bias is None else y + self.bias
+    elif x.dtype == torch.float16 and w.dtype == torch.float16 and not torch.is_grad_enabled() and (
+        not torch.compiler.is_compiling()
+    ):
+        y = _f16_prefill(x, w)
+        if y is not None:
+            return y if self.bias is None else y + self.bias
     return torch.nn.functional.linear(x, w, self.bias)
+
+
+def _f16_prefill(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+    """A float16 prefill's ``x @ w.T`` (at least ``AMX_MIN_ROWS`` rows) on AMX-BF16 (``cpu_kernels_amx``: the
+    exact hi/lo bf16 split, fp32 sums), where torch's fp16 GEMM runs at fp32-FMA speed; None elsewhere."""
+    from moekit.nn import cpu_kernels_amx  # (it builds its library through this module)
+
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if rows < cpu_kernels_amx.AMX_MIN_ROWS or x.device.type != "cpu":
+        return None
+    y = cpu_kernels_amx.f16_grouped_mm(x.reshape(rows, x.shape[-1]), w.unsqueeze(0),
+                                       torch.tensor([rows], dtype=torch.int32))
+    return None if y is None else y.reshape(*x.shape[:-1], w.shape[0])
 
 
 def use_for_linears(model: torch.nn.Module, enable: bool = True) -> int:
@@ -620,7 +639,8 @@ def use_for_linears(model: torch.nn.Module, enable: bool = True) -> int:
 
     Decode reads the non-expert weights once per token too (attention and ``lm_head`` are a third of the bytes of
     OLMoE-1B-7B), and ``F.linear`` with one row streams them at ~65% of the read bandwidth against ~85% here.
-    Nothing changes for prefill or training (they keep ``F.linear``); under ``torch.compile`` a one-row step calls
+    A float16 prefill (inference, at least ``cpu_kernels_amx.AMX_MIN_ROWS`` rows) runs on AMX-BF16 where the CPU has
+    it (``cpu_kernels_amx``, torch's fp16 numerics); other prefills and training keep ``F.linear``; under ``torch.compile`` a one-row step calls
     the kernel through the ``moekit::expert_gemv`` custom op, so compiled decode keeps it too.
     """
     import types

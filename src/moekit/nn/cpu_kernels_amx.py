@@ -225,6 +225,9 @@ extern "C" int moekit_amx_f16_grouped(const uint16_t* x, int64_t ldx, const uint
 """
 
 STEM = "moekit_amx"
+# Below about 32 rows per weight matrix (per used expert, or of a linear's input) torch's fp16 GEMM is as fast: the
+# kernel pads rows to 16-row tiles and splits every weight once per call (measured in docs/nn.md).
+AMX_MIN_ROWS = 32
 _FNS: dict = {}
 
 

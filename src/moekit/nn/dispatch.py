@@ -388,7 +388,7 @@ PADDED_MAX_EXPERT_WEIGHTS = 2**20
 # each expert's rows to 16 and converts its weights per call, so it pays from about 32 rows per used expert
 # (measured in docs/nn.md, "float16 prefill on AMX": 0.9-1.1x of grouped_mm at 16 rows, 1.3-1.8x at 64-256; faster
 # than the padded bmm at the small shapes that take it, so it is checked first).
-AMX_MIN_ROWS_PER_EXPERT = 32
+AMX_MIN_ROWS_PER_EXPERT = cpu_kernels_amx.AMX_MIN_ROWS
 
 
 def _use_gemv(backend: Backend, w1: torch.Tensor, num_tokens: int, needs_grad: bool) -> bool:
