@@ -105,7 +105,6 @@ extern "C" int moekit_amx_f16_grouped(const uint16_t* x, int64_t ldx, const uint
     units += (count[e] + 16 * chunk - 1) / (16 * chunk) * (n / 16);
     prev = end;
   }
-  const int64_t kp = k / 2;
   uint16_t* xph = xp;                       /* [tile][k/2][16][2]: hi parts */
   uint16_t* xpl = xp + ptiles * 16 * k;     /* lo parts, same layout */
   struct Unit { int64_t e, t0, t1, n0; };
@@ -119,32 +118,28 @@ extern "C" int moekit_amx_f16_grouped(const uint16_t* x, int64_t ldx, const uint
   }
   #pragma omp parallel num_threads(nthreads)
   {
-    /* 1. pack every expert's rows: tile t, pair row p, column m holds x[row, 2p], x[row, 2p + 1] (zero padding) */
-    uint16_t hi[32], lo[32];
+    /* 1. pack every expert's rows: tile t, pair row p, column m holds x[row, 2p], x[row, 2p + 1] (zero padding).
+       Per 32 columns: the 16 rows' hi and lo pairs as 16 × 16 dwords, transposed by gathers (pair q of every row). */
+    uint32_t hs[16 * 16] __attribute__((aligned(64))), ls[16 * 16] __attribute__((aligned(64)));
+    const __m512i rows16 = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                              _mm512_set1_epi32(16));
     #pragma omp for schedule(static)
     for (int64_t t = 0; t < ptiles; t++) {
       const int64_t e = tile_e[t], m0 = (t - pstart[e]) * 16;
+      const int64_t valid = count[e] - m0 < 16 ? count[e] - m0 : 16;
       uint16_t* th = xph + t * 16 * k;
       uint16_t* tl = xpl + t * 16 * k;
-      for (int64_t m = 0; m < 16; m++) {
-        if (m0 + m < count[e]) {
-          const uint16_t* row = x + (start[e] + m0 + m) * ldx;
-          for (int64_t c = 0; c < k; c += 32) {
-            split16(row + c, hi, lo);
-            split16(row + c + 16, hi + 16, lo + 16);
-            for (int64_t q = 0; q < 16; q++) {  /* pair q of this 32-column block: pair row c/2 + q */
-              uint16_t* dh = th + ((c / 2 + q) * 16 + m) * 2;
-              uint16_t* dl = tl + ((c / 2 + q) * 16 + m) * 2;
-              dh[0] = hi[2 * q]; dh[1] = hi[2 * q + 1];
-              dl[0] = lo[2 * q]; dl[1] = lo[2 * q + 1];
-            }
-          }
-        } else {
-          for (int64_t p = 0; p < kp; p++) {
-            uint16_t* dh = th + (p * 16 + m) * 2;
-            uint16_t* dl = tl + (p * 16 + m) * 2;
-            dh[0] = dh[1] = dl[0] = dl[1] = 0;
-          }
+      memset(hs, 0, sizeof hs);
+      memset(ls, 0, sizeof ls);
+      for (int64_t c = 0; c < k; c += 32) {
+        for (int64_t m = 0; m < valid; m++) {
+          const uint16_t* row = x + (start[e] + m0 + m) * ldx + c;
+          split16(row, (uint16_t*)(hs + m * 16), (uint16_t*)(ls + m * 16));
+          split16(row + 16, (uint16_t*)(hs + m * 16) + 16, (uint16_t*)(ls + m * 16) + 16);
+        }
+        for (int64_t q = 0; q < 16; q++) {
+          _mm512_storeu_si512(th + (c / 2 + q) * 32, _mm512_i32gather_epi32(rows16, hs + q, 4));
+          _mm512_storeu_si512(tl + (c / 2 + q) * 32, _mm512_i32gather_epi32(rows16, ls + q, 4));
         }
       }
     }
