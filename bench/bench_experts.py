@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", default=None, choices=sorted(PUBLISHED_SHAPES), help="one published shape only")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated dtypes")
     parser.add_argument("--modes", default="fwd,fwd+bwd", help="comma-separated: fwd, fwd+bwd")
-    parser.add_argument("--paths", default="", help="also time moekit with these paths forced (padded,grouped_mm,loop)")
+    parser.add_argument("--paths", default="", help="also time moekit with these paths forced (padded,grouped_mm,loop,amx)")
     args = parser.parse_args(argv)
     global PATHS
     PATHS = tuple(p for p in args.paths.split(",") if p)

@@ -29,6 +29,7 @@ SOURCE = r"""
 #include <string.h>
 #include <stdlib.h>
 #include <immintrin.h>
+#include <omp.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -110,10 +111,18 @@ extern "C" int moekit_amx_f16_grouped(const uint16_t* x, int64_t ldx, const uint
   struct Unit { int64_t e, t0, t1, n0; };
   Unit* unit = (Unit*)malloc(sizeof(Unit) * (units + 1));
   int64_t* tile_e = (int64_t*)malloc(sizeof(int64_t) * (ptiles + 1));  /* the expert of each packed tile */
+  /* work before each unit (its tiles, + 2 for splitting its weight rows): threads take equal shares of it */
+  int64_t* work = (int64_t*)malloc(sizeof(int64_t) * (units + 1));
+  work[0] = 0;
   for (int64_t e = 0, u = 0, t = 0; e < ne; e++) {
-    const int64_t tiles = (count[e] + 15) / 16;
-    for (int64_t t0 = 0; t0 < tiles; t0 += chunk)
-      for (int64_t b = 0; b < n / 16; b++) unit[u++] = Unit{e, t0, t0 + chunk < tiles ? t0 + chunk : tiles, b * 16};
+    const int64_t tiles = (count[e] + 15) / 16, parts = (tiles + chunk - 1) / chunk;
+    for (int64_t p = 0; p < parts; p++) {  /* the expert's tiles in near-equal chunks */
+      const int64_t t0 = tiles * p / parts, t1 = tiles * (p + 1) / parts;
+      for (int64_t b = 0; b < n / 16; b++, u++) {
+        unit[u] = Unit{e, t0, t1, b * 16};
+        work[u + 1] = work[u] + (t1 - t0) + 2;
+      }
+    }
     for (int64_t i = 0; i < tiles; i++) tile_e[t++] = e;
   }
   #pragma omp parallel num_threads(nthreads)
@@ -149,13 +158,17 @@ extern "C" int moekit_amx_f16_grouped(const uint16_t* x, int64_t ldx, const uint
     uint16_t* wl = wb + 16 * k;
     float cbuf[2][16 * 16] __attribute__((aligned(64)));
     configure_tiles();
-    #pragma omp for schedule(static)
-    for (int64_t v = 0; v < units; v++) {
+    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+    int64_t v0 = 0, v1 = 0;
+    while (v0 < units && work[v0] * nt < work[units] * tid) v0++;
+    v1 = v0;
+    while (v1 < units && work[v1] * nt < work[units] * (tid + 1)) v1++;
+    for (int64_t v = v0; v < v1; v++) {
       const int64_t e = unit[v].e, n0 = unit[v].n0, tiles = unit[v].t1;
       const uint16_t* wr = w + e * sw_e + n0 * sw_n;
-      /* the next unit's 16 weight rows (the same thread's, with static scheduling), fetched into L2 while this
+      /* the next unit's 16 weight rows (this thread's next), fetched into L2 while this
          unit's tiles run: 16 · k · 2 bytes in k / 32 steps, so that reading weights overlaps the tile products */
-      const char* nextw = v + 1 < units ? (const char*)(w + unit[v + 1].e * sw_e + unit[v + 1].n0 * sw_n) : nullptr;
+      const char* nextw = v + 1 < v1 ? (const char*)(w + unit[v + 1].e * sw_e + unit[v + 1].n0 * sw_n) : nullptr;
       const int64_t row_lines = k * 2 / 64, lines = 16 * row_lines, steps = k / 32;
       int64_t fetched = 0;
       for (int64_t i = 0; i < 16; i++)
@@ -208,6 +221,7 @@ extern "C" int moekit_amx_f16_grouped(const uint16_t* x, int64_t ldx, const uint
     free(wb);
   }
   free(unit);
+  free(work);
   free(tile_e);
   free(start);
   return 0;
