@@ -169,7 +169,9 @@ extern "C" int moekit_amx_f16_grouped(const uint16_t* x, int64_t ldx, const uint
       /* the next unit's 16 weight rows (this thread's next), fetched into L2 while this
          unit's tiles run: 16 · k · 2 bytes in k / 32 steps, so that reading weights overlaps the tile products */
       const char* nextw = v + 1 < v1 ? (const char*)(w + unit[v + 1].e * sw_e + unit[v + 1].n0 * sw_n) : nullptr;
-      const int64_t row_lines = k * 2 / 64, lines = 16 * row_lines, steps = k / 32;
+      const int64_t row_lines = k * 2 / 64, lines = 16 * row_lines;
+      const int64_t steps = k / 32 * ((tiles - unit[v].t0 + 1) / 2);  /* spread over every pair's loop: few misses
+                                                                          in flight at a time, none dropped */
       int64_t fetched = 0;
       for (int64_t i = 0; i < 16; i++)
         for (int64_t c = 0; c < k; c += 16) split16(wr + i * sw_n + c, wh + i * k + c, wl + i * k + c);
