@@ -176,18 +176,23 @@ static void router(const typename X::T* x, const typename X::T* w, int64_t E, in
   free(p);
 }
 
-/* Between a decode step's two expert kernel calls: act = silu(gate) * up for the k slots of h [k, 2I] (silu in fp32
-   rounded, the product rounded, as torch), each slot's down-projection address base + id * stride (0 for ids
-   outside [0, E): the slot adds nothing) and its routing weight in fp32 (wf32: the weights are fp32 already). */
+/* act = silu(gate) * up for gate = h[0:I], up = h[I:2I] (silu in fp32 rounded, the product rounded, as torch). */
+template <class X>
+static void silu_mul(const typename X::T* h, int64_t I, typename X::T* act) {
+  for (int64_t c = 0; c < I; c++) {
+    const float x = X::get(h[c]);
+    act[c] = X::put(rnd<X>(x / (1.f + expf(-x))) * X::get(h[I + c]));
+  }
+}
+
+/* Between a decode step's two expert kernel calls: silu_mul for the k slots of h [k, 2I], each slot's
+   down-projection address base + id * stride (0 for ids outside [0, E): the slot adds nothing) and its routing
+   weight in fp32 (wf32: the weights are fp32 already). */
 template <class X>
 static void moe_mid(const typename X::T* h, int64_t k, int64_t I, typename X::T* act, const int64_t* ids,
                     const void* wts, int wf32, int64_t E, int64_t base, int64_t stride, int64_t* wp, float* g) {
   for (int64_t s = 0; s < k; s++) {
-    const typename X::T* hs = h + s * 2 * I; typename X::T* as = act + s * I;
-    for (int64_t c = 0; c < I; c++) {
-      const float x = X::get(hs[c]);
-      as[c] = X::put(rnd<X>(x / (1.f + expf(-x))) * X::get(hs[I + c]));
-    }
+    silu_mul<X>(h + s * 2 * I, I, act + s * I);
     wp[s] = ids[s] >= 0 && ids[s] < E ? base + ids[s] * stride : 0;
     g[s] = wf32 ? ((const float*)wts)[s] : X::get(((const typename X::T*)wts)[s]);
   }
@@ -196,10 +201,12 @@ static void moe_mid(const typename X::T* h, int64_t k, int64_t I, typename X::T*
 /* Up to 8 matrices (addresses wp, rows[i] rows each, row stride rs, cols columns) times one input row x, into one
    output [sum rows]: an attention's q, k and v projections in one parallel region (one fork/join, one pass). W: the
    weights' format (X itself, or I8: int8 codes with per-row scales at sp[i], the input quantized per block when qx
-   is set, as ``cpu_kernels``' gemv does for an int8 linear: the same blocks, so the same numbers). */
+   is set, as ``cpu_kernels``' gemv does for an int8 linear: the same blocks, so the same numbers). bp: null, or each
+   matrix's bias address (0: none), added to the fp32 sum before the one rounding, as F.linear. */
 template <class W, class X>
 static int gemv_multi(const int64_t* wp, const int64_t* rows, int64_t m, int64_t rs, const typename X::T* x,
-                      int64_t cols, typename X::T* out, int nt, const int64_t* sp = nullptr, int qx = 0) {
+                      int64_t cols, typename X::T* out, int nt, const int64_t* sp = nullptr, int qx = 0,
+                      const int64_t* bp = nullptr) {
   if (m < 1 || m > 8) return 1;
   Input<W, X> in;
   if (in.init(x, 1, cols, cols, qx)) return 1;
@@ -219,7 +226,11 @@ static int gemv_multi(const int64_t* wp, const int64_t* rows, int64_t m, int64_t
     float acc[4];
     dot_rows<W, X>((const typename W::T*)(intptr_t)wp[i] + r0 * rs, rs, nr, in, 0, acc);
     const typename X::T* sc = sp ? (const typename X::T*)(intptr_t)sp[i] + r0 : nullptr;
-    for (int64_t j = 0; j < nr; j++) out[off[i] + r0 + j] = X::put(sc ? acc[j] * X::get(sc[j]) : acc[j]);
+    const typename X::T* bias = bp && bp[i] ? (const typename X::T*)(intptr_t)bp[i] + r0 : nullptr;
+    for (int64_t j = 0; j < nr; j++) {
+      const float v = sc ? acc[j] * X::get(sc[j]) : acc[j];
+      out[off[i] + r0 + j] = X::put(bias ? v + X::get(bias[j]) : v);
+    }
   }
   return 0;
 }
@@ -238,12 +249,13 @@ static void rope(const int64_t* pos, const float* inv_freq, int64_t half, float 
 }
 
 /* A decode step's projections of one input row through up to 3 matrices in one region: weights in the dtype
-   (lf = 0) or int8 codes with per-row scales at sp (lf = 1; qx: q8_0-style input blocks). */
+   (lf = 0; bp: their biases, as gemv_multi) or int8 codes with per-row scales at sp (lf = 1; qx: q8_0-style input
+   blocks). */
 template <class X>
 static int proj(int64_t lf, const int64_t* wp, const int64_t* rows, int64_t m, int64_t rs, const typename X::T* x,
-                int64_t cols, typename X::T* out, int nt, const int64_t* sp, int qx) {
+                int64_t cols, typename X::T* out, int nt, const int64_t* sp, int qx, const int64_t* bp = nullptr) {
   return lf ? gemv_multi<I8, X>(wp, rows, m, rs, x, cols, out, nt, sp, qx)
-            : gemv_multi<X, X>(wp, rows, m, rs, x, cols, out, nt);
+            : gemv_multi<X, X>(wp, rows, m, rs, x, cols, out, nt, nullptr, 0, bp);
 }
 
 /* The int4 experts kernel's entry (cpu_kernels_int4's moekit_gemv_int4_<dtype>, its own library: the caller passes
@@ -262,6 +274,11 @@ using Int4Fn = int (*)(const uint8_t*, int64_t, int64_t, const uint16_t*, const 
    1: int8 linears, scales a[47..50], int8 activations a[51]); a[52] the experts (0: the dtype; 1: int8, scales
    a[53] / a[55] with expert strides a[54] / a[56]; 2: packed int4 through the kernel at a[66], scales a[53] / a[55],
    zero points a[58] / a[59], expert and row strides a[60..63], group sizes a[64] / a[65]; int8 activations a[57]).
+   a[67]: null, or the Qwen2-MoE extras xa = {q, k, v biases (0: none; float projections only), the shared expert's
+   gate, up, gate-scalar (shared_expert_gate) and down weights (0: no shared expert), its inner size, row strides of
+   the first three and of down, where its output goes (0: scratch)}: the biases are added as F.linear does, and
+   sigmoid(gate-scalar . x) * down(silu(gate x) * up x), each step rounded as transformers' modules, is added to the
+   routed experts' sum before the residual (on code 4 the shared expert's output is at xa[10]).
    Returns attn_static's codes (2: the position is past the cache, nothing changed; 1: nothing attended), 3 when
    nothing ran (out of memory, bad formats), 4: stopped after the router (a[45]'s experts), 5 when a kernel failed
    after the cache write. */
@@ -272,13 +289,17 @@ static int layer_step(const int64_t* a, const float* f) {
   const int64_t H = a[24], Hkv = a[25], D = a[26], Hd = a[27], E = a[29], k = a[30], I = a[37];
   const int nt = (int)a[38];
   const int64_t rq = H * D, rk = Hkv * D, lf = a[46], ef = a[52];
-  if (k < 1 || k > 256 || lf < 0 || lf > 1 || ef < 0 || ef > 2) return 3;
-  T* sc = (T*)malloc(sizeof(T) * (size_t)(4 * Hd + rq + 2 * rk + rq + E + 3 * k * I + (ef == 2 ? k * Hd : 0)) + 64);
+  const int64_t* xa = (const int64_t*)a[67];  /* Qwen2-MoE: q/k/v biases, the shared expert (see above) */
+  const int64_t Is = xa && xa[6] ? xa[7] : 0;
+  if (k < 1 || k > 256 || lf < 0 || lf > 1 || ef < 0 || ef > 2 || Is < 0) return 3;
+  T* sc = (T*)malloc(sizeof(T) * (size_t)(4 * Hd + rq + 2 * rk + rq + E + 3 * k * I + (ef == 2 ? k * Hd : 0)
+                                          + (Is ? 3 * Is + 1 + Hd : 0)) + 64);
   float* fs = (float*)malloc(sizeof(float) * (size_t)(2 * k) + 64);
   int64_t* is = (int64_t*)malloc(sizeof(int64_t) * (size_t)(4 * k) + 64);
   if (!sc || !fs || !is) { free(sc); free(fs); free(is); return 3; }
   T *x1 = sc, *o = x1 + Hd, *h2 = o + Hd, *x2 = h2 + Hd, *qkv = x2 + Hd, *att = qkv + rq + 2 * rk, *lg = att + rq,
-    *h1 = lg + E, *act = h1 + 2 * k * I, *y = act + k * I;
+    *h1 = lg + E, *act = h1 + 2 * k * I, *y = act + k * I, *sh = y + (ef == 2 ? k * Hd : 0), *sa = sh + 2 * Is + 1,
+    *sxo = Is && xa[10] ? (T*)xa[10] : sa + Is;  /* shared expert: gate|up|gate-scalar, act, output */
   float *g = fs, *g2 = fs + k;
   int64_t *idx = is, *wp = is + k, *sidx = is + 2 * k, *sp = is + 3 * k;
   const int64_t* ext = (const int64_t*)a[45];  /* experts the caller owns (an offload engine): see below */
@@ -290,7 +311,7 @@ static int layer_step(const int64_t* a, const float* f) {
   if (phase != 2) {
     rmsnorm<X>(h, (const T*)a[2], x1, 1, Hd, f[0]);
     const int64_t wqkv[3] = {a[5], a[6], a[7]}, rqkv[3] = {rq, rk, rk}, sqkv[3] = {a[47], a[48], a[49]};
-    rc = proj<X>(lf, wqkv, rqkv, 3, a[39], x1, Hd, qkv, nt, sqkv, (int)a[51]) ? 3 : 0;
+    rc = proj<X>(lf, wqkv, rqkv, 3, a[39], x1, Hd, qkv, nt, sqkv, (int)a[51], xa) ? 3 : 0;
   }
   if (!rc && phase == 2)
     rc = attend<X>(qkv, (const T*)a[15], (const T*)a[16], a[17], a[18], a[19], a[20], a[22], (const uint8_t*)a[23],
@@ -308,6 +329,17 @@ static int layer_step(const int64_t* a, const float* f) {
   if (!rc) {
     for (int64_t i = 0; i < Hd; i++) h2[i] = X::put(X::get(h[i]) + X::get(o[i]));
     rmsnorm<X>(h2, (const T*)a[3], x2, 1, Hd, f[0]);
+    if (Is) {  /* the shared expert: gate, up and the gate scalar in one region, SiLU, down, times the sigmoid */
+      const int64_t ws[3] = {xa[3], xa[4], xa[5]}, rs3[3] = {Is, Is, 1}, wd[1] = {xa[6]}, rd[1] = {Hd};
+      rc = gemv_multi<X, X>(ws, rs3, 3, xa[8], x2, Hd, sh, nt);
+      if (!rc) { silu_mul<X>(sh, Is, sa); rc = gemv_multi<X, X>(wd, rd, 1, xa[9], sa, Is, sxo, nt); }
+      if (!rc) {
+        const float sg = rnd<X>(1.f / (1.f + expf(-X::get(sh[2 * Is]))));
+        for (int64_t i = 0; i < Hd; i++) sxo[i] = X::put(sg * X::get(sxo[i]));
+      }
+    }
+  }
+  if (!rc) {
     router<X>(x2, (const T*)a[28], E, Hd, k, (int)a[31], 1, lg, g, idx);
     if (!a[32]) for (int64_t j = 0; j < k; j++) g[j] = rnd<X>(g[j]);  /* scores in the dtype (not Mixtral's fp32) */
     if (ext) {
@@ -360,6 +392,7 @@ static int layer_step(const int64_t* a, const float* f) {
         }
     }
   }
+  if (!rc && Is) for (int64_t i = 0; i < Hd; i++) o[i] = X::put(X::get(o[i]) + X::get(sxo[i]));
   if (!rc) for (int64_t i = 0; i < Hd; i++) out[i] = X::put(X::get(h2[i]) + X::get(o[i]));
   else if (attended && rc != 4) rc = 5;  /* a kernel failed after the cache write: the caller cannot fall back */
   free(sc); free(fs); free(is);
@@ -384,7 +417,8 @@ static int layer_step(const int64_t* a, const float* f) {
                              int wf32, int64_t E, int64_t base, int64_t stride, int64_t* wp, float* g) { \
     moe_mid<X>(h, k, I, act, ids, wts, wf32, E, base, stride, wp, g); } \
   int moekit_qkv_##NAME(const int64_t* wp, const int64_t* rows, int64_t m, int64_t rs, const X::T* x, int64_t cols, \
-                        X::T* out, int nt) { return gemv_multi<X, X>(wp, rows, m, rs, x, cols, out, nt); } \
+                        X::T* out, int nt, const int64_t* bp) { \
+    return gemv_multi<X, X>(wp, rows, m, rs, x, cols, out, nt, nullptr, 0, bp); } \
   void moekit_rope_##NAME(const int64_t* pos, const float* inv_freq, int64_t half, float scaling, X::T* cs, X::T* sn) { \
     rope<X>(pos, inv_freq, half, scaling, cs, sn); } \
   int moekit_layer_##NAME(const int64_t* a, const float* f) { return layer_step<X>(a, f); }
@@ -404,7 +438,7 @@ _SIGNATURES = {
     "attn": (_C, [_P, _P, _P, _P, _P, _I, _I, _F, _P, _P, _P, _P, _I, _I, _I, _I, _P, _I, _P, _I, _I, _I, _F, _P, _C]),
     "attend": (_C, [_P, _P, _P, _I, _I, _I, _I, _I, _P, _I, _I, _I, _F, _P, _C]),
     "router": (None, [_P, _P, _I, _I, _I, _C, _C, _P, _P, _P]),
-    "qkv": (_C, [ctypes.POINTER(_I), ctypes.POINTER(_I), _I, _I, _P, _I, _P, _C]),
+    "qkv": (_C, [ctypes.POINTER(_I), ctypes.POINTER(_I), _I, _I, _P, _I, _P, _C, _P]),
     "rope": (None, [_P, _P, _I, _F, _P, _P]),
     "layer": (_C, [ctypes.POINTER(_I), ctypes.POINTER(_F)]),
     "moe_mid": (None, [_P, _I, _I, _P, _P, _P, _C, _I, _I, _I, _P, _P]),
@@ -512,22 +546,20 @@ _I64x8 = ctypes.c_int64 * 8
 
 def _qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """q, k and v of a one-token step in one kernel call (views of one buffer) when the three projections are plain
-    bias-free linears on moekit's kernel (``use_for_linears``); None otherwise (then each projection's forward)."""
+    linears on moekit's kernel (``use_for_linears``; biases, as Qwen2-MoE's, added to the fp32 sums before the one
+    rounding, as F.linear); None otherwise (then each projection's forward)."""
     projs = (self.q_proj, self.k_proj, self.v_proj)
-    for proj in projs:
-        w = proj.weight
-        if (type(proj) is not torch.nn.Linear or proj.bias is not None
-                or getattr(proj.__dict__.get("forward"), "__func__", None) is not cpu_kernels._gemv_linear_forward
-                or w.dtype != h.dtype or w.device.type != "cpu" or w.stride(1) != 1
-                or w.stride(0) != projs[0].weight.stride(0) or w.shape[1] != h.shape[-1]):
-            return None
+    if not all(_kernel_linear(p, h.dtype, h.shape[-1], bias=True) for p in projs) \
+            or any(p.weight.stride(0) != projs[0].weight.stride(0) for p in projs):
+        return None
     fn = _fn("qkv", h.dtype)
     if fn is None:
         return None
     rows = [p.weight.shape[0] for p in projs]
     buf = h.new_empty(sum(rows))
+    biases = _biases(projs)
     if fn(_I64x8(*(p.weight.data_ptr() for p in projs)), _I64x8(*rows), 3, projs[0].weight.stride(0), h.data_ptr(),
-          h.shape[-1], buf.data_ptr(), torch.get_num_threads()):
+          h.shape[-1], buf.data_ptr(), torch.get_num_threads(), biases):
         return None
     q, k, v = buf.split(rows)
     calls["qkv"] += 1
@@ -757,10 +789,17 @@ def _lean_experts(self, x: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor) -
 
 
 # ----- a whole decoder layer -----
-LAYER_CLASSES = ("OlmoeDecoderLayer", "Qwen3MoeDecoderLayer", "MixtralDecoderLayer")
+SHARED_EXPERT_CLASSES = ("Qwen2MoeMLP",)
+"""Shared-expert MLPs computing ``down(act(gate(x)) * up(x))`` with three bias-free linears."""
+LAYER_CLASSES = ("OlmoeDecoderLayer", "Qwen3MoeDecoderLayer", "MixtralDecoderLayer", "Qwen2MoeDecoderLayer")
 """Decoder layers (norm → attention → residual → norm → sparse MoE block → residual) whose one-token step runs as one
-native call (two with a dynamic cache) when every piece qualifies for its own fused op."""
-_I64xN, _F32x3, _I64x6 = ctypes.c_int64 * 67, ctypes.c_float * 3, ctypes.c_int64 * 6
+native call (two with a dynamic cache) when every piece qualifies for its own fused op. Qwen2-MoE's q/k/v biases and
+shared expert (``SHARED_EXPERT_BLOCKS``) are optional parts of the same step."""
+MOE_BLOCKS = ("OlmoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "MixtralSparseMoeBlock", "Qwen2MoeSparseMoeBlock")
+SHARED_EXPERT_BLOCKS = ("Qwen2MoeSparseMoeBlock",)
+"""MoE blocks that add ``sigmoid(shared_expert_gate(x)) * shared_expert(x)`` (a gate/up/down SiLU MLP) to the routed
+experts' sum; the others have no shared expert."""
+_I64xN, _F32x3, _I64x6, _I64x11 = ctypes.c_int64 * 68, ctypes.c_float * 3, ctypes.c_int64 * 6, ctypes.c_int64 * 11
 _SLOTS: dict = {}
 
 EXPERTS_PROVIDER = "moekit_experts_provider"
@@ -786,12 +825,16 @@ class SlotBank(NamedTuple):
     lock: Any
 
 
-def _linear_weights(proj: torch.nn.Module, dtype: torch.dtype, cols: int) -> tuple[int, torch.Tensor, int] | None:
+def _linear_weights(proj: torch.nn.Module, dtype: torch.dtype, cols: int,
+                    bias: bool = False) -> tuple[int, torch.Tensor, int] | None:
     """A bias-free nn.Linear whose one-row forward is one of moekit's decode kernels, as (format, weight rows, scale
     address): 0 = its weight in ``dtype`` on the kernel (``use_for_linears``); 1 = int8 codes with per-row scales in
-    ``dtype`` (``quantize_linears_int8``). Rows contiguous, ``cols`` of them; None for anything else."""
+    ``dtype`` (``quantize_linears_int8``). Rows contiguous, ``cols`` of them; None for anything else. ``bias``: a
+    format-0 linear may have a bias in ``dtype`` (``layer_step`` adds it as F.linear does; int8 linears add theirs
+    after the kernel's rounding, which the native step does not do)."""
     # (a decode step checks this for 4 projections per layer: the modules' dicts directly, not nn.Module's getattr)
-    if type(proj) is not torch.nn.Linear or proj._parameters.get("bias") is not None:
+    b = proj._parameters.get("bias")
+    if type(proj) is not torch.nn.Linear or (b is not None and not bias):
         return None
     fwd = getattr(proj.__dict__.get("forward"), "__func__", None)
     if fwd is cpu_kernels._gemv_linear_forward:
@@ -809,6 +852,9 @@ def _linear_weights(proj: torch.nn.Module, dtype: torch.dtype, cols: int) -> tup
         return None
     if w.dtype != (dtype if fmt == 0 else torch.int8) or w.device.type != "cpu" or w.stride(1) != 1 \
             or w.shape[1] != cols:
+        return None
+    if b is not None and (fmt != 0 or b.dtype != dtype or b.device.type != "cpu" or not b.is_contiguous()
+                          or b.shape != w.shape[:1]):
         return None
     return fmt, w, scale.data_ptr() if scale is not None else 0
 
@@ -878,6 +924,25 @@ def _expert_banks(experts: torch.nn.Module, x: torch.Tensor, num_experts: int) -
     return [w1.data_ptr(), w1.stride(0), w1.stride(1), w2.data_ptr(), w2.stride(0), w2.stride(1), w2.shape[2], *zeros]
 
 
+def _kernel_linear(proj: torch.nn.Module, dtype: torch.dtype, cols: int, bias: bool = False) -> bool:
+    """An nn.Linear on moekit's kernel (``use_for_linears``) with contiguous rows of ``cols`` in ``dtype``; without a
+    bias, or (``bias``) with a contiguous one in ``dtype``, which the native calls add as F.linear does."""
+    w = getattr(proj, "weight", None)
+    b = getattr(proj, "bias", None)
+    return (type(proj) is torch.nn.Linear and w.dtype == dtype and w.device.type == "cpu"
+            and w.stride(1) == 1 and w.shape[1] == cols
+            and (b is None or (bias and b.dtype == dtype and b.device.type == "cpu" and b.is_contiguous()
+                               and b.shape == w.shape[:1]))
+            and getattr(proj.__dict__.get("forward"), "__func__", None) is cpu_kernels._gemv_linear_forward)
+
+
+def _biases(projs) -> ctypes.Array | None:
+    """The biases' addresses of ``projs`` for ``gemv_multi`` (0: none), or None (a null pointer) when none has one."""
+    if all(p.bias is None for p in projs):
+        return None
+    return _I64x8(*(p.bias.data_ptr() if p.bias is not None else 0 for p in projs))
+
+
 def _intercepted(modules: list[torch.nn.Module], block: torch.nn.Module) -> bool:
     """Whether something may need to see a submodule's call, which a whole-layer step would bypass: a forward hook,
     or a forward set on a module instance that is not one of this module's swaps or the linears' kernel (routing
@@ -903,13 +968,16 @@ def _layer_args(self, h: torch.Tensor, mask, cache, pos_emb) -> tuple | None:
     attn, mlp = self.self_attn, self.mlp
     router, experts = getattr(mlp, "gate", None), getattr(mlp, "experts", None)
     ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
+    shared = type(mlp).__name__ in SHARED_EXPERT_BLOCKS
+    sx, sg = (getattr(mlp, "shared_expert", None), getattr(mlp, "shared_expert_gate", None)) if shared else (None, None)
     if (type(router).__name__ not in ROUTER_CLASSES or type(experts).__name__ not in EXPERTS_CLASSES
-            or type(mlp).__name__ not in ("OlmoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "MixtralSparseMoeBlock")
+            or type(mlp).__name__ not in MOE_BLOCKS
             or self.training or mlp.training or pos_emb is None
             or (mask is not None and (mask.dtype != torch.bool or mask.numel() != mask.shape[-1]
                                       or mask.stride(-1) != 1 or mask.device.type != "cpu"))
-            or _intercepted([attn, mlp, router, experts, ln1, ln2, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj],
-                            mlp)):
+            or (shared and (sx is None or sg is None))
+            or _intercepted([attn, mlp, router, experts, ln1, ln2, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+                             *((sx, sg, *sx.children()) if shared else ())], mlp)):
         return None
     layer = _cache_layer(cache, attn.layer_idx)
     kind = type(layer).__name__
@@ -926,7 +994,7 @@ def _layer_args(self, h: torch.Tensor, mask, cache, pos_emb) -> tuple | None:
         return None
     if getattr(attn.config, "clip_qkv", None) is not None or attn.config._attn_implementation not in ("sdpa", "eager"):
         return None
-    lq, lk, lv = (_linear_weights(p, dt, Hd) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    lq, lk, lv = (_linear_weights(p, dt, Hd, bias=True) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
     lo = _linear_weights(attn.o_proj, dt, lq[1].shape[0]) if lq is not None else None
     if lq is None or lk is None or lv is None or lo is None or not lq[0] == lk[0] == lv[0] == lo[0]:
         return None  # (one format for the four projections: the kernel takes q, k and v in one region)
@@ -952,6 +1020,10 @@ def _layer_args(self, h: torch.Tensor, mask, cache, pos_emb) -> tuple | None:
     rw = router.weight
     mixtral = ROUTER_CLASSES[type(router).__name__] == "mixtral"
     if rw.dtype != dt or not rw.is_contiguous() or getattr(router, "bias", None) is not None or rw.shape[1] != Hd:
+        return None
+    xa = _qwen2_extras(attn, sx, sg, dt, Hd) if shared or any(
+        p.bias is not None for p in (attn.q_proj, attn.k_proj, attn.v_proj)) else None
+    if xa is False:
         return None
     key = (router.top_k, torch.float32 if mixtral else dt)
     if key not in _SLOTS:  # stand-ins with the shapes and dtypes the router would hand the experts
@@ -983,18 +1055,44 @@ def _layer_args(self, h: torch.Tensor, mask, cache, pos_emb) -> tuple | None:
         H, Hkv, D, Hd, rw.data_ptr(), rw.shape[0], router.top_k, int(mixtral or bool(router.norm_topk_prob)),
         int(mixtral), p1, es1, p2, es2, inner, torch.get_num_threads(), q.stride(0), o.stride(0), rs1, rs2, 0, 0, 0,
         lq[0], lq[2], lk[2], lv[2], lo[2], int(lq[0] == 1 and cpu_kernels.int8_activations() == "int8"), *banks[7:],
+        ctypes.addressof(xa) if xa is not None else 0,
     )
     f = _F32x3(ln1.variance_epsilon, norms[0].variance_epsilon if norms[0] is not None else 0.0, attn.scaling)
     ext = None
     if provider is not None:  # the router's output to these buffers (see EXPERTS_PROVIDER)
         k = router.top_k
         x2, h2 = h.new_empty(1, Hd), h.new_empty(h.shape)
+        so = None
+        if xa is not None and xa[6]:  # the shared expert's output too: the caller adds it to the engine's experts
+            so = h.new_empty(1, Hd)
+            xa[10] = so.data_ptr()
         ids, wts = torch.empty(1, k, dtype=torch.int64), torch.empty(1, k, dtype=key[1])
         a[45] = ctypes.addressof(e := _I64x6(bank.table.data_ptr() if bank is not None else 0, x2.data_ptr(),
                                              h2.data_ptr(), ids.data_ptr(), wts.data_ptr(), bank.gate_up.shape[0]
                                              if bank is not None else 0))
-        ext = (e, provider, bank, experts, x2, h2, ids, wts)
-    return a, f, (None if static else (layer, H * D, Hkv, D)), ext
+        ext = (e, provider, bank, experts, x2, h2, ids, wts, so)
+    return a, f, (None if static else (layer, H * D, Hkv, D)), ext, xa
+
+
+def _qwen2_extras(attn, sx, sg, dtype: torch.dtype, hidden: int) -> ctypes.Array | bool:
+    """``layer_step``'s a[67] array for Qwen2-MoE: the q/k/v biases and the shared expert (``sx``: gate/up/down SiLU
+    MLP on moekit's linear kernel; ``sg``: its one-row sigmoid gate), or False when the shared expert does not fit
+    the native step (then the per-module path)."""
+    xa = _I64x11(*(p.bias.data_ptr() if p.bias is not None else 0 for p in (attn.q_proj, attn.k_proj, attn.v_proj)))
+    if sx is None:
+        return xa
+    gp, up, dp = (getattr(sx, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
+    if (type(sx).__name__ not in SHARED_EXPERT_CLASSES or type(getattr(sx, "act_fn", None)).__name__ != "SiLUActivation"
+            or not all(_kernel_linear(p, dtype, hidden) for p in (gp, up, sg))):
+        return False
+    inner = gp.weight.shape[0]
+    if (up.weight.shape[0] != inner or sg.weight.shape[0] != 1 or not _kernel_linear(dp, dtype, inner)
+            or dp.weight.shape[0] != hidden or up.weight.stride(0) != gp.weight.stride(0)
+            or sg.weight.stride(0) != gp.weight.stride(0)):
+        return False
+    xa[3:10] = [gp.weight.data_ptr(), up.weight.data_ptr(), sg.weight.data_ptr(), dp.weight.data_ptr(), inner,
+                gp.weight.stride(0), dp.weight.stride(0)]
+    return xa
 
 
 def _layer_forward(self, hidden_states: torch.Tensor, attention_mask=None, position_ids=None, cache=None,
@@ -1008,7 +1106,7 @@ def _layer_forward(self, hidden_states: torch.Tensor, attention_mask=None, posit
         fn = _fn("layer", hidden_states.dtype)
         args = _layer_args(self, hidden_states, attention_mask, cache, position_embeddings) if fn is not None else None
         if args is not None:
-            a, f, dynamic, ext = args
+            a, f, dynamic, ext, _xa = args  # (_xa: a[67]'s array, alive until the calls are done)
             out = torch.empty_like(hidden_states)
             a[1] = out.data_ptr()
             rc = 0
@@ -1039,8 +1137,10 @@ def _layer_forward(self, hidden_states: torch.Tensor, attention_mask=None, posit
                 calls["layer_slots"] += 1
                 ext[1].after_hits(ext[4])
             if rc == 4:  # the experts are the provider's (a miss, or no slot bank): then the residual add
-                _e, provider, _bank, experts, x2, h2, ids, wts = ext
+                _e, provider, _bank, experts, x2, h2, ids, wts, so = ext
                 moe = provider.forward(experts, x2, ids, wts)
+                if so is not None:  # + the shared expert's output (the native call's), rounded as transformers' block
+                    moe = moe.view(so.shape) + so
                 torch.add(h2, moe.view(h2.shape), out=out)
                 calls["layer_split"] += 1
                 rc = 0
