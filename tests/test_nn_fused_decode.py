@@ -50,16 +50,16 @@ def test_decode_logits_equal_transformers_modules(arch: str, dtype: torch.dtype,
     torch.testing.assert_close(fused, reference, rtol=0, atol=ATOL[dtype])
     layers = m.config.num_hidden_layers
     moe_layers = sum(type(mod).__name__ in fused_decode.ROUTER_CLASSES for mod in m.modules())
-    # whole decoder layers in one call (two around a dynamic cache's append), except where a piece does not qualify (Qwen2-MoE's shared
-    # expert and projection biases, Qwen3-MoE's dense layers); those run the modules' fused ops
-    whole = {"olmoe": layers, "mixtral": layers, "qwen3_moe": moe_layers, "qwen2_moe": 0}[arch]
+    # whole decoder layers in one call (two around a dynamic cache's append), except where a piece does not qualify
+    # (Qwen3-MoE's dense layers); those run the modules' fused ops
+    whole = {"olmoe": layers, "mixtral": layers, "qwen3_moe": moe_layers, "qwen2_moe": layers}[arch]
     assert fused_decode.calls["layer"] == 5 * whole
     assert fused_decode.calls["attention"] == 5 * (layers - whole)  # every other decode step, none of the prefill
     # input and post-attention norms of the other layers, and the final norm
     assert fused_decode.calls["rmsnorm"] == 5 * (2 * (layers - whole) + 1)
     assert fused_decode.calls["rope"] == 5
-    # q, k, v in one kernel call, except where the projections have biases (Qwen2-MoE): there their own forwards
-    assert fused_decode.calls["qkv"] == (0 if arch == "qwen2_moe" else 5 * (layers - whole))
+    # q, k, v in one kernel call (with Qwen2-MoE's biases too)
+    assert fused_decode.calls["qkv"] == 5 * (layers - whole)
     assert fused_decode.calls["router"] == fused_decode.calls["experts"] == 5 * (moe_layers - whole)
     assert moe_layers > 0
 
@@ -249,3 +249,101 @@ def test_routing_controls_and_recorders_see_every_fused_step(tmp_path, arch: str
     plain = run()
     assert fused[0] == plain[0] and fused[1] == plain[1] and fused[1] != fused[0]
     assert np.array_equal(fused[2], plain[2])
+
+
+def _qwen2_with_biases(dtype: torch.dtype):
+    """The tiny Qwen2-MoE with random q/k/v biases (its init leaves them 0), on moekit's kernels."""
+    m = _model("qwen2_moe", dtype)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for layer in m.model.layers:
+            for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                p.bias.copy_((torch.randn(p.bias.shape, generator=g) * 0.5).to(dtype))
+    return m
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cache_kind", ["static", "dynamic"])
+def test_qwen2_moe_whole_layer_step_equals_the_per_module_path(dtype: torch.dtype, cache_kind: str) -> None:
+    """Qwen2-MoE (q/k/v biases, a shared expert behind a sigmoid gate) in the whole-layer step: decode logits equal
+    the per-module fused ops' (bf16 bit for bit: the same kernels and roundings; fp32 1e-5) and transformers' own
+    modules' (fp32 1e-5, bf16 the fused ops' tolerance), and every decode step of every layer is one native call."""
+    m = _qwen2_with_biases(dtype)
+    plain = _qwen2_with_biases(dtype)  # transformers' modules alone: eager experts, F.linear
+    use_for_linears(plain, enable=False)
+    plain.set_experts_implementation("eager")
+    transformers_own = decode_logits(plain, cache_kind)
+    reference = _decode(m, False, cache_kind)
+    fused_decode.calls.clear()
+    whole = _decode(m, True, cache_kind)
+    layers = m.config.num_hidden_layers
+    assert fused_decode.calls["layer"] == 5 * layers
+    assert fused_decode.calls["attention"] == fused_decode.calls["experts"] == fused_decode.calls["qkv"] == 0
+    for layer in m.model.layers:  # the per-module fused ops: the layers' own forwards
+        del layer.forward
+    fused_decode.calls.clear()
+    modules = decode_logits(m, cache_kind)
+    assert fused_decode.calls["layer"] == 0 and fused_decode.calls["qkv"] == fused_decode.calls["attention"] == 5 * layers
+    if dtype == torch.bfloat16:
+        assert torch.equal(whole, modules)
+    else:
+        torch.testing.assert_close(whole, modules, rtol=0, atol=1e-5)
+    torch.testing.assert_close(whole, reference, rtol=0, atol=ATOL[dtype])
+    torch.testing.assert_close(whole, transformers_own, rtol=0, atol=ATOL[dtype])
+    assert (whole - transformers_own).abs().max() < 0.2 * ATOL[dtype] or dtype == torch.bfloat16
+
+
+def test_qwen2_moe_greedy_tokens_and_the_shared_expert_matter() -> None:
+    """Greedy generate with the whole-layer step gives the per-module path's tokens (static and dynamic caches); the
+    shared expert's gate and the biases count: zeroing the gate changes the logits, and a hook on the shared expert
+    sees its call (that layer takes the per-module path)."""
+    m = _qwen2_with_biases(torch.bfloat16)
+    ids = torch.randint(3, 100, (1, 7), generator=torch.Generator().manual_seed(1))
+    tokens = {}
+    for fused in (False, True):
+        fused_decode.use_fused_decode(m, enable=fused)
+        for cache in ("static", "dynamic"):
+            kwargs = {"cache_implementation": "static"} if cache == "static" else {}
+            fused_decode.calls.clear()
+            with torch.no_grad():
+                out = m.generate(ids, max_new_tokens=12, do_sample=False, disable_compile=True, **kwargs)
+            tokens[fused, cache] = out[0, 7:].tolist()
+            assert fused_decode.calls["layer"] == (11 * m.config.num_hidden_layers if fused else 0)
+    assert len(set(map(tuple, tokens.values()))) == 1
+    m = _qwen2_with_biases(torch.float32)
+    fused_decode.use_fused_decode(m)
+    base = decode_logits(m)
+    seen = []
+    handle = m.model.layers[1].mlp.shared_expert.register_forward_hook(lambda mod, args, out: seen.append(out))
+    fused_decode.calls.clear()
+    hooked = decode_logits(m)
+    handle.remove()
+    assert len(seen) == 5 + 1 and fused_decode.calls["layer"] == 5 * (m.config.num_hidden_layers - 1)
+    torch.testing.assert_close(hooked, base, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        m.model.layers[1].mlp.shared_expert_gate.weight.fill_(-30.0)  # sigmoid ~ 0: the shared expert drops out
+        for layer in m.model.layers:
+            layer.self_attn.q_proj.bias.zero_()
+    assert not torch.allclose(decode_logits(m), base, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_qkv_biases_are_added_before_the_one_rounding(dtype: torch.dtype) -> None:
+    """q/k/v with biases in one kernel call: bias + the kernel's fp32 sum, rounded once (as F.linear), not the
+    kernel's rounded output plus the bias (two roundings)."""
+    from moekit.nn.cpu_kernels import _linear_step
+
+    m = _qwen2_with_biases(torch.float32)
+    attn = m.model.layers[0].self_attn
+    with torch.no_grad():
+        attn.q_proj.bias.mul_(8.0)
+    attn.to(dtype)
+    x = torch.randn(1, 1, m.config.hidden_size, generator=torch.Generator().manual_seed(3)).to(dtype)
+    got = fused_decode._qkv(attn, x)
+    assert got is not None
+    projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+    sums = [_linear_step(x.view(1, -1).float(), p.weight.float()).view(-1) for p in projs]
+    once = [(s + p.bias.float()).to(dtype) for s, p in zip(sums, projs, strict=True)]
+    twice = [s.to(dtype) + p.bias for s, p in zip(sums, projs, strict=True)]
+    assert all(torch.equal(g, o) for g, o in zip(got, once, strict=True))
+    assert not all(torch.equal(g, t) for g, t in zip(got, twice, strict=True))
