@@ -16,12 +16,13 @@ import torch
 import moekit
 from cli_helpers import run_cli
 from moekit.compress.quantize import quantize
+from moekit.formats.writer import write_checkpoint
 from moekit.nn import fused_decode
 from moekit.nn.cpu_kernels import use_for_linears
 from moekit.nn.dispatch import use_moekit_experts
 from moekit.serve.engine import OffloadEngine
 from moekit.serve.store import load_offloaded, store_for
-from moekit.testing import decode_logits, save_tiny_checkpoint
+from moekit.testing import decode_logits, save_tiny_checkpoint, tiny_model
 
 HAS_COMPILER = any(shutil.which(c) for c in ("c++", "g++", "clang++"))
 pytestmark = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the fused ops are off")
@@ -37,7 +38,15 @@ def _cache_dir(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("fused-ckpts")
-    return {a: save_tiny_checkpoint(a, root / a, with_tokenizer=False) for a in ("olmoe", "qwen3_moe", "mixtral")}
+    paths = {a: save_tiny_checkpoint(a, root / a, with_tokenizer=False) for a in ("olmoe", "qwen3_moe", "mixtral")}
+    qwen2 = tiny_model("qwen2_moe")  # with random q/k/v biases (its init leaves them 0) and its shared expert
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for layer in qwen2.model.layers:
+            for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                p.bias.copy_(torch.randn(p.bias.shape, generator=g) * 0.5)
+    paths["qwen2_moe"] = write_checkpoint(root / "qwen2_moe", model=qwen2)
+    return paths
 
 
 def _fast(model) -> None:
@@ -84,7 +93,7 @@ def _state(engine: OffloadEngine) -> tuple:
     return {k: s.get(k) for k in keys}, layers
 
 
-@pytest.mark.parametrize("arch", ["olmoe", "qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("arch", ["olmoe", "qwen3_moe", "mixtral", "qwen2_moe"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("cache_kind", ["static", "dynamic"])
 @pytest.mark.parametrize("cached", ["all", "half"])
