@@ -2,7 +2,8 @@
 and grouped_mm, compiled moekit, optionally llama.cpp, side by side in one run.
 
 The model is a random checkpoint with OLMoE-1B-7B's published config (H=2048, I=1024, 64 experts, top-8, vocab
-50304) cut to ``--experts`` experts and ``--layers`` layers, in bf16. Decode of one sequence reads every
+50304) cut to ``--experts`` experts and ``--layers`` layers, in bf16 (``--arch qwen2_moe``: Qwen1.5-MoE-A2.7B's, H=2048,
+60 experts of I=1408, top-4, a shared expert of 5632 behind a sigmoid gate, q/k/v biases, vocab 151936). Decode of one sequence reads every
 non-expert weight (attention, router, norms, lm_head) and the k active experts' weights once per token, so
 tokens/s cannot exceed bound = streaming-read bandwidth ÷ bytes of weights read per token. The bandwidth is the
 best of torch's streaming reads (``sum``, ``dot``) over a buffer far larger than the caches, measured in the same
@@ -29,6 +30,7 @@ alike). Prefill tokens/s is one forward of ``--prefill`` tokens without a cache.
 
     python bench/bench_decode.py                        # 16 experts, 4 layers, 1 and 2 threads
     python bench/bench_decode.py --threads 2 --no-compile
+    python bench/bench_decode.py --arch qwen2_moe --no-compile --no-int8 --no-int4 --no-offload
     python bench/bench_decode.py --save-checkpoint .work/olmoe-cut  # then convert it for llama.cpp
     python bench/bench_decode.py --llama-bench ~/llama.cpp/build/bin/llama-bench --gguf .work/olmoe-cut.gguf
     python bench/bench_decode.py --device cuda
@@ -66,11 +68,34 @@ OLMOE_1B_7B = dict(
     norm_topk_prob=False,
     tie_word_embeddings=False,
 )
+# Qwen1.5-MoE-A2.7B's published config.json (the same fields; --arch qwen2_moe): q/k/v biases, 60 experts of 1408
+# plus a shared expert of 5632 behind a sigmoid gate (the Qwen2-MoE layer; Qwen2-57B-A14B has the same one, larger)
+QWEN15_MOE_A27B = dict(
+    hidden_size=2048,
+    intermediate_size=5632,
+    moe_intermediate_size=1408,
+    shared_expert_intermediate_size=5632,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    num_experts=60,
+    num_experts_per_tok=4,
+    vocab_size=151936,
+    max_position_embeddings=8192,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+    norm_topk_prob=False,
+    qkv_bias=True,
+    tie_word_embeddings=False,
+)
+ARCHS = {"olmoe": ("olmoe-1b-7b", OLMOE_1B_7B), "qwen2_moe": ("qwen1.5-moe-a2.7b", QWEN15_MOE_A27B)}
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
-IMPLS = ("eager", "grouped_mm", "moekit", "moekit-linears", "moekit-linears-unfused", "moekit-compiled")
+IMPLS = ("eager", "grouped_mm", "moekit", "moekit-linears", "moekit-linears-modules", "moekit-linears-unfused",
+         "moekit-compiled")
 # rows that also run moekit.nn.fused_decode (norms, attention, router and the experts' glue in one call each), as
-# moekit generate / serve do; moekit-linears-unfused is moekit-linears without them, side by side
-FUSED_IMPLS = ("moekit-linears", "moekit-int8", "moekit-int4", "moekit-int4-float-acts")
+# moekit generate / serve do; moekit-linears-unfused is moekit-linears without them, side by side, and
+# moekit-linears-modules with each module's fused op but no whole-layer step (fused_decode.LAYER_CLASSES' own forwards)
+FUSED_IMPLS = ("moekit-linears", "moekit-linears-modules", "moekit-int8", "moekit-int4", "moekit-int4-float-acts")
 OFFLOAD_IMPLS = ("moekit-offload-warm", "moekit-offload-half")
 INT4_OFFLOAD = "moekit-int4-offload-warm"  # a `moekit quantize --bits 4` checkpoint, its experts packed in the slots
 OFFLOAD_MODULES = "moekit-offload-warm-modules"  # the warm row's model without whole-layer steps for its experts
@@ -102,13 +127,12 @@ def synchronize() -> None:
         torch.cuda.synchronize(DEVICE)
 
 
-def build_model(num_experts: int, num_layers: int, dtype: torch.dtype, seed: int = 0):
-    """A random OLMoE-1B-7B-shaped causal LM with ``num_experts`` experts and ``num_layers`` layers."""
+def build_model(num_experts: int, num_layers: int, dtype: torch.dtype, seed: int = 0, arch: str = "olmoe"):
+    """A random OLMoE-1B-7B-shaped (``arch="qwen2_moe"``: Qwen1.5-MoE-A2.7B-shaped) causal LM with ``num_experts``
+    experts and ``num_layers`` layers."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model(
-        "olmoe", **{**OLMOE_1B_7B, "num_experts": num_experts, "num_hidden_layers": num_layers}
-    )
+    cfg = AutoConfig.for_model(arch, **{**ARCHS[arch][1], "num_experts": num_experts, "num_hidden_layers": num_layers})
     torch.manual_seed(seed)
     with torch.device(DEVICE):  # random weights made where they run (a GPU initialises a 7B model in a second)
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
@@ -235,7 +259,11 @@ def set_impl(model, impl: str) -> bool:
     moekit.nn.dequantize_linears_int8(model)
     if base in FUSED_IMPLS and not compiled:
         moekit.nn.fused_decode.use_fused_decode(model)
-    if base in ("moekit-linears", "moekit-linears-unfused", "moekit"):
+        if base == "moekit-linears-modules":  # the decoder layers' own forwards: each module's fused op
+            for module in model.modules():
+                if type(module).__name__ in moekit.nn.fused_decode.LAYER_CLASSES:
+                    module.__dict__.pop("forward", None)
+    if base in ("moekit-linears", "moekit-linears-modules", "moekit-linears-unfused", "moekit"):
         if base != "moekit" or compiled:
             moekit.nn.cpu_kernels.use_for_linears(model)
     elif base in ("moekit-int8", "moekit-int4", INT4_FLOAT_ACTS):
@@ -433,6 +461,9 @@ def bench_threads(model, threads: int, dtype: str, args, emit) -> dict:
     if "moekit-linears-unfused" in decode:
         summary["moekit_linears_unfused_of_bound"] = round(decode["moekit-linears-unfused"] / bound, 3)
         summary["moekit_linears_vs_unfused"] = round(decode["moekit-linears"] / decode["moekit-linears-unfused"], 3)
+    if "moekit-linears-modules" in decode:  # whole-layer steps against the per-module fused ops
+        summary["moekit_linears_modules_of_bound"] = round(decode["moekit-linears-modules"] / bound, 3)
+        summary["moekit_linears_vs_modules"] = round(decode["moekit-linears"] / decode["moekit-linears-modules"], 3)
     if "moekit-linears-hugepages" in decode:
         summary["moekit_linears_hugepages_of_bound"] = round(decode["moekit-linears-hugepages"] / bound, 3)
         summary["moekit_linears_hugepages_vs_4k"] = round(decode["moekit-linears-hugepages"] / decode["moekit-linears"], 3)
@@ -569,8 +600,11 @@ def main(argv: list[str] | None = None) -> int:
             env.setdefault("GOMP_SPINCOUNT", SPIN_COUNT)
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--experts", type=int, default=16, help="experts per layer (OLMoE-1B-7B has 64)")
-    ap.add_argument("--layers", type=int, default=4, help="layers (OLMoE-1B-7B has 16)")
+    ap.add_argument("--arch", default="olmoe", choices=tuple(ARCHS),
+                    help="the published config to cut: olmoe (OLMoE-1B-7B) or qwen2_moe (Qwen1.5-MoE-A2.7B: q/k/v "
+                         "biases, a shared expert)")
+    ap.add_argument("--experts", type=int, default=16, help="experts per layer (OLMoE-1B-7B has 64, Qwen1.5-MoE 60)")
+    ap.add_argument("--layers", type=int, default=4, help="layers (OLMoE-1B-7B has 16, Qwen1.5-MoE 24)")
     ap.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
     ap.add_argument("--prompt", type=int, default=16, help="prompt tokens before decoding")
     ap.add_argument("--new-tokens", type=int, default=16, help="decode tokens timed per generate")
@@ -634,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     summaries = []
     for dtype_name in dtypes:
-        model = build_model(args.experts, args.layers, getattr(torch, dtype_name))
+        model = build_model(args.experts, args.layers, getattr(torch, dtype_name), arch=args.arch)
         if args.save_checkpoint:
             save_checkpoint(model, args.save_checkpoint)
         tmp = tmp_q4 = None
@@ -667,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
             prepare_quantized(model, 4, args.int4_group_size)
         emit({"kind": "env", "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
               "device": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu",
-              "model": f"olmoe-1b-7b cut to {args.experts} experts, {args.layers} layers", "params": params,
+              "model": f"{ARCHS[args.arch][0]} cut to {args.experts} experts, {args.layers} layers", "params": params,
               "dtype": dtype_name, "clock": CLOCK, "loadavg_1m": round(os.getloadavg()[0], 2),
               "omp_wait": os.environ.get("OMP_WAIT_POLICY") or f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}",
               "experts_backend": moekit.nn.get_backend(), "cpu_kernels": DEVICE.type == "cpu" and moekit.nn.cpu_kernels.available(),
@@ -687,14 +721,14 @@ def main(argv: list[str] | None = None) -> int:
             if t is not None:
                 t.cleanup()
         del model
-    keys = ("moekit", "moekit-linears", "moekit-linears-unfused", "moekit-linears-hugepages", "eager", "grouped_mm",
+    keys = ("moekit", "moekit-linears", "moekit-linears-modules", "moekit-linears-unfused", "moekit-linears-hugepages", "eager", "grouped_mm",
             "moekit-compiled", "moekit-int8", "moekit-int4", "moekit-int8-compiled", "moekit-int4-compiled", INT4_FLOAT_ACTS,
             *OFFLOAD_IMPLS, INT4_OFFLOAD, OFFLOAD_MODULES)
     rows = []
     for s in summaries:
         row = {k: s[k] for k in ("dtype", "threads", "bound_tok_s", "int8_bound_tok_s", "int4_bound_tok_s") if k in s}
         row |= {k.replace("-", "_"): s[f"{k}_tok_s"] for k in keys if f"{k}_tok_s" in s}
-        row |= {k: v for k, v in s.items() if k.startswith(("llama_cpp", "moekit_of", "moekit_int8_of", "moekit_compiled_of", "moekit_linears_of",
+        row |= {k: v for k, v in s.items() if k.startswith(("llama_cpp", "moekit_of", "moekit_int8_of", "moekit_compiled_of", "moekit_linears_of", "moekit_linears_vs",
                                                             "moekit_vs_llama", "moekit_int8_vs_llama", "moekit_int4_of", "moekit_int8_compiled", "moekit_int4_compiled",
                                                             "moekit_int4_vs", "moekit_int4_float_acts", "moekit_offload", "moekit_linears_hugepages",
                                                             "prefill_moekit"))}
