@@ -16,6 +16,8 @@ scores, softmax and the weighted sum of values in fp32, rounded once (SDPA's CPU
 bf16 before the value product, so outputs differ in the last bit of bf16 now and then); the router's logits
 rounded to the dtype like ``F.linear``, softmax and renormalisation in fp32, ties in top-k to the lower expert id.
 
+Qwen2-MoE's q/k/v biases and gated shared expert are optional parts of the whole-layer step (``layer_step``'s a[46]).
+
 Experts that the offload engine serves (``moekit.serve``) take the whole-layer step too (``EXPERTS_PROVIDER``): the
 native call runs them on the cache's slot bank when every chosen expert is resident, else stops after the router
 and hands them to the engine.
@@ -265,7 +267,7 @@ using Int4Fn = int (*)(const uint8_t*, int64_t, int64_t, const uint16_t*, const 
                        const int64_t*, int64_t, int64_t, const T*, int64_t, int64_t, int64_t, int64_t, int64_t, T*, int,
                        int);
 
-/* A whole decoder layer's one-token step with a static cache (OLMoE / Qwen3-MoE / Mixtral layout): input norm, q/k/v,
+/* A whole decoder layer's one-token step with a static cache (OLMoE / Qwen3-MoE / Mixtral / Qwen2-MoE layout): input norm, q/k/v,
    attention (q/k norms, rotary, cache write, single-query attention), o_proj, residual, post-attention norm,
    router, the k experts (gate;up, SiLU, down and weighted sum) and the residual, in one call: between the weight
    kernels' parallel regions no interpreter work runs on the caches they flushed. a: the pointers and sizes (see
