@@ -16,7 +16,7 @@ scores, softmax and the weighted sum of values in fp32, rounded once (SDPA's CPU
 bf16 before the value product, so outputs differ in the last bit of bf16 now and then); the router's logits
 rounded to the dtype like ``F.linear``, softmax and renormalisation in fp32, ties in top-k to the lower expert id.
 
-Qwen2-MoE's q/k/v biases and gated shared expert are optional parts of the whole-layer step (``layer_step``'s a[46]).
+Qwen2-MoE's q/k/v biases and gated shared expert are optional parts of the whole-layer step (``layer_step``'s a[67]).
 
 Experts that the offload engine serves (``moekit.serve``) take the whole-layer step too (``EXPERTS_PROVIDER``): the
 native call runs them on the cache's slot bank when every chosen expert is resident, else stops after the router
