@@ -347,3 +347,33 @@ def test_qkv_biases_are_added_before_the_one_rounding(dtype: torch.dtype) -> Non
     twice = [s.to(dtype) + p.bias for s, p in zip(sums, projs, strict=True)]
     assert all(torch.equal(g, o) for g, o in zip(got, once, strict=True))
     assert not all(torch.equal(g, t) for g, t in zip(got, twice, strict=True))
+
+
+def test_qwen2_moe_with_quantized_experts_and_int8_linears(monkeypatch) -> None:
+    """Qwen2-MoE with int8 experts and float linears (biases, shared expert): whole layers, logits of the per-module
+    path (fp32, float activations: 1e-5); with int8 linears too, its biased q/k/v projections (int8 linears add the
+    bias after the kernel's rounding, which the native step does not do) keep the per-module path, same logits."""
+    from moekit.nn import quantize_experts_int8, quantize_linears_int8
+
+    monkeypatch.setenv("MOEKIT_INT8_ACTIVATIONS", "float")
+    m = tiny_model("qwen2_moe", hidden_size=128, moe_intermediate_size=128)
+    m.generation_config.eos_token_id = None
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for layer in m.model.layers:
+            for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                p.bias.copy_(torch.randn(p.bias.shape, generator=g) * 0.5)
+    use_moekit_experts(m)
+    use_for_linears(m)
+    quantize_experts_int8(m, keep_float=False)
+    layers = m.config.num_hidden_layers
+    for int8_linears in (False, True):
+        if int8_linears:
+            use_for_linears(m, enable=False)
+            assert quantize_linears_int8(m) > 0 and hasattr(m.model.layers[0].self_attn.q_proj, "moekit_int8_weight")
+        reference = _decode(m, False, "static")
+        fused_decode.calls.clear()
+        fused = _decode(m, True, "static")
+        torch.testing.assert_close(fused, reference, rtol=0, atol=1e-5)
+        assert fused_decode.calls["layer"] == (0 if int8_linears else 5 * layers)
+        assert fused_decode.calls["attention"] == (5 * layers if int8_linears else 0)
