@@ -349,11 +349,12 @@ def test_qkv_biases_are_added_before_the_one_rounding(dtype: torch.dtype) -> Non
     assert not all(torch.equal(g, t) for g, t in zip(got, twice, strict=True))
 
 
-def test_qwen2_moe_with_quantized_experts_and_int8_linears(monkeypatch) -> None:
-    """Qwen2-MoE with int8 experts and float linears (biases, shared expert): whole layers, logits of the per-module
+@pytest.mark.parametrize("experts", ["int8", "int4"])
+def test_qwen2_moe_with_quantized_experts_and_int8_linears(monkeypatch, experts: str) -> None:
+    """Qwen2-MoE with int8 or packed int4 experts and float linears (biases, shared expert): whole layers, logits of the per-module
     path (fp32, float activations: 1e-5); with int8 linears too, its biased q/k/v projections (int8 linears add the
     bias after the kernel's rounding, which the native step does not do) keep the per-module path, same logits."""
-    from moekit.nn import quantize_experts_int8, quantize_linears_int8
+    from moekit.nn import quantize_experts_int4, quantize_experts_int8, quantize_linears_int8
 
     monkeypatch.setenv("MOEKIT_INT8_ACTIVATIONS", "float")
     m = tiny_model("qwen2_moe", hidden_size=128, moe_intermediate_size=128)
@@ -365,7 +366,10 @@ def test_qwen2_moe_with_quantized_experts_and_int8_linears(monkeypatch) -> None:
                 p.bias.copy_(torch.randn(p.bias.shape, generator=g) * 0.5)
     use_moekit_experts(m)
     use_for_linears(m)
-    quantize_experts_int8(m, keep_float=False)
+    if experts == "int8":
+        quantize_experts_int8(m, keep_float=False)
+    else:
+        quantize_experts_int4(m, group_size=128, keep_float=False)
     layers = m.config.num_hidden_layers
     for int8_linears in (False, True):
         if int8_linears:
