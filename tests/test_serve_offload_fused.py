@@ -63,12 +63,12 @@ MODES = ("fused", "modules", "unfused")
 from the experts module, as before whole layers took offloaded experts); unfused: the modules' own forwards."""
 
 
-def _offloaded(path, dtype, slots: int, policy: str, mode: str, warm: bool) -> OffloadEngine:
+def _offloaded(path, dtype, slots: int, policy: str, mode: str, warm: bool, zero_copy: bool = True) -> OffloadEngine:
     lm = load_offloaded(path, dtype=dtype, with_tokenizer=False)
     _fast(lm.model)
     if mode == "unfused":
         fused_decode.use_fused_decode(lm.model, enable=False)
-    engine = OffloadEngine(lm, store_for(lm), slots=slots, policy=policy).start()
+    engine = OffloadEngine(lm, store_for(lm), slots=slots, policy=policy, zero_copy=zero_copy).start()
     if mode == "modules":
         for v in lm.moe:
             delattr(v.experts, fused_decode.EXPERTS_PROVIDER)
@@ -113,7 +113,12 @@ def test_offloaded_whole_layer_steps_equal_in_memory_and_the_per_module_path(che
     slots, warm = (num_experts, True) if cached == "all" else (num_experts // 2, False)
     states, logits = {}, {}
     for mode in MODES if dtype == torch.float32 else MODES[:2]:
-        engine = _offloaded(path, dtype, slots, "lru", mode, warm)
+        # Qwen2-MoE half cached: misses read into their slots before the step goes on (no zero-copy misses). With
+        # zero-copy misses the slot copy ends in the background, and whether it ends before or after the step's
+        # release decides an expert's LRU position (LayerCache.finish inserts it as the most recent): at this
+        # model's step time the two orders alternate from run to run, in every mode alike
+        zero_copy = not (arch == "qwen2_moe" and cached == "half")
+        engine = _offloaded(path, dtype, slots, "lru", mode, warm, zero_copy)
         try:
             fused_decode.calls.clear()
             logits[mode] = decode_logits(engine.lm.model, cache_kind, STEPS)
