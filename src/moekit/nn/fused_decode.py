@@ -16,7 +16,7 @@ scores, softmax and the weighted sum of values in fp32, rounded once (SDPA's CPU
 bf16 before the value product, so outputs differ in the last bit of bf16 now and then); the router's logits
 rounded to the dtype like ``F.linear``, softmax and renormalisation in fp32, ties in top-k to the lower expert id.
 
-Qwen2-MoE's q/k/v biases and gated shared expert are optional parts of the whole-layer step (``layer_step``'s a[67]).
+Qwen2-MoE's q/k/v biases and gated shared expert are optional parts of the whole-layer step (``Qwen2Extras``).
 
 Experts that the offload engine serves (``moekit.serve``) take the whole-layer step too (``EXPERTS_PROVIDER``): the
 native call runs them on the cache's slot bank when every chosen expert is resident, else stops after the router
@@ -42,7 +42,134 @@ from moekit.formats.quantized import INT4_BUFFERS
 from moekit.nn import cpu_kernels, cpu_kernels_int4
 from moekit.nn.int8_experts import INT8_BUFFERS, INT8_LINEAR_BUFFERS, int8_linear_forward
 
-SOURCE = cpu_kernels.SOURCE + r"""
+# ``layer_step``'s arguments as named fields: one list per struct, from which both the C text (in SOURCE) and the
+# ctypes mirror are made, so the two cannot disagree. Addresses are int64 (0: none), like the other entries' arrays.
+_I64 = ctypes.c_int64
+_OFFLOAD_FIELDS = (
+    ("table", _I64, "int64 [E]: expert -> slot of the banks gate_up/down, -1: absent; 0: no slot bank"),
+    ("moe_in", _I64, "out: the MoE input (post-attention norm) [hidden]"),
+    ("residual", _I64, "out: the residual (h + attention) [hidden]"),
+    ("ids", _I64, "out: the router's top-k expert ids, int64 [k]"),
+    ("weights", _I64, "out: their weights [k] (fp32 when scores_f32, else the dtype)"),
+    ("slots", _I64, "slots in the banks gate_up/down"),
+)
+"""Experts an offload engine owns (``EXPERTS_PROVIDER``): the router's output goes to the caller's buffers, and the
+experts run on the engine's slot banks when every chosen one is resident (else ``layer_step`` returns 4)."""
+_QWEN2_FIELDS = (
+    ("qkv_bias", _I64 * 3, "q, k, v bias addresses (0: none; float projections only): gemv_multi's bias array"),
+    ("sx_gate", _I64, "shared expert: gate_proj weight"),
+    ("sx_up", _I64, "shared expert: up_proj weight"),
+    ("sx_gate_scalar", _I64, "shared_expert_gate weight [1, hidden]"),
+    ("sx_down", _I64, "shared expert: down_proj weight (0: no shared expert)"),
+    ("sx_inner", _I64, "shared expert: inner size"),
+    ("sx_rstride", _I64, "row stride of sx_gate, sx_up and sx_gate_scalar"),
+    ("sx_down_rstride", _I64, "row stride of sx_down"),
+    ("sx_out", _I64, "where the shared expert's output goes (0: scratch)"),
+)
+"""Qwen2-MoE's q/k/v biases and gated shared expert, optional parts of ``layer_step`` (``LayerArgs.extras``)."""
+_LAYER_FIELDS = (
+    ("h", _I64, "hidden state in [hidden]"),
+    ("out", _I64, "hidden state out [hidden]"),
+    ("ln1", _I64, "input_layernorm weight"),
+    ("ln2", _I64, "post_attention_layernorm weight"),
+    ("wq", _I64, "q_proj weight (or int8 codes)"),
+    ("wk", _I64, "k_proj weight (or int8 codes)"),
+    ("wv", _I64, "v_proj weight (or int8 codes)"),
+    ("wo", _I64, "o_proj weight (or int8 codes)"),
+    ("q_norm", _I64, "q_norm weight (0: none)"),
+    ("k_norm", _I64, "k_norm weight (0: none)"),
+    ("q_group", _I64, "values per q_norm group (0: no q/k norms)"),
+    ("k_group", _I64, "values per k_norm group"),
+    ("cos", _I64, "rotary cos [head_dim]"),
+    ("sin", _I64, "rotary sin [head_dim]"),
+    ("k_cache", _I64, "the layer's keys"),
+    ("v_cache", _I64, "the layer's values"),
+    ("k_head_stride", _I64, "keys' stride between heads"),
+    ("k_pos_stride", _I64, "keys' stride between positions"),
+    ("v_head_stride", _I64, "values' stride between heads"),
+    ("v_pos_stride", _I64, "values' stride between positions"),
+    ("cum_length", _I64, "a static layer's cumulative_length (int64), 0: dynamic cache"),
+    ("cache_len", _I64, "cached positions (a static cache's length; a dynamic one's after the append)"),
+    ("mask", _I64, "boolean mask [cache_len] (0: none)"),
+    ("heads", _I64, "attention heads"),
+    ("kv_heads", _I64, "key/value heads"),
+    ("head_dim", _I64, "head size"),
+    ("hidden", _I64, "hidden size"),
+    ("router", _I64, "router weight [experts, hidden]"),
+    ("experts", _I64, "routed experts"),
+    ("top_k", _I64, "experts per token"),
+    ("norm_topk", _I64, "renormalise the top-k scores"),
+    ("scores_f32", _I64, "the router's scores in fp32 (Mixtral), else rounded to the dtype"),
+    ("gate_up", _I64, "experts' gate;up bank (or codes; an offload engine's slot bank)"),
+    ("gate_up_estride", _I64, "gate_up's stride between experts"),
+    ("down", _I64, "experts' down bank (or codes)"),
+    ("down_estride", _I64, "down's stride between experts"),
+    ("inner", _I64, "experts' inner size"),
+    ("threads", _I64, "threads of the kernels' parallel regions"),
+    ("qkv_rstride", _I64, "row stride of wq, wk and wv"),
+    ("o_rstride", _I64, "row stride of wo"),
+    ("gate_up_rstride", _I64, "gate_up's stride between rows"),
+    ("down_rstride", _I64, "down's stride between rows"),
+    ("qkv", _I64, "the caller's q|k|v buffer, 0: scratch (a dynamic cache reads k and v between the phases)"),
+    ("phase", _I64, "0: static cache; dynamic cache: 1 = up to rotary (the caller appends k, v), 2 = the rest"),
+    ("offload", _I64, "OffloadExperts of an offload engine (0: none)"),
+    ("attn_format", _I64, "attention projections: 0 the dtype, 1 int8 linears"),
+    ("q_scale", _I64, "int8 q_proj's per-row scales"),
+    ("k_scale", _I64, "int8 k_proj's per-row scales"),
+    ("v_scale", _I64, "int8 v_proj's per-row scales"),
+    ("o_scale", _I64, "int8 o_proj's per-row scales"),
+    ("attn_act_int8", _I64, "int8 linears quantize their activations to int8"),
+    ("expert_format", _I64, "experts: 0 the dtype, 1 int8, 2 packed int4 (through int4_kernel)"),
+    ("gate_up_scale", _I64, "int8 / int4: gate_up's scales"),
+    ("gate_up_scale_estride", _I64, "int8: gate_up scales' stride between experts"),
+    ("down_scale", _I64, "int8 / int4: down's scales"),
+    ("down_scale_estride", _I64, "int8: down scales' stride between experts"),
+    ("expert_act_int8", _I64, "int8 / int4 experts quantize their activations to int8"),
+    ("gate_up_zeros", _I64, "int4: gate_up's zero points"),
+    ("down_zeros", _I64, "int4: down's zero points"),
+    ("gate_up_group_estride", _I64, "int4: gate_up scales' and zero points' stride between experts"),
+    ("gate_up_group_rstride", _I64, "int4: their stride between rows"),
+    ("down_group_estride", _I64, "int4: down scales' and zero points' stride between experts"),
+    ("down_group_rstride", _I64, "int4: their stride between rows"),
+    ("gate_up_group_size", _I64, "int4: gate_up's group size"),
+    ("down_group_size", _I64, "int4: down's group size"),
+    ("int4_kernel", _I64, "int4: the address of cpu_kernels_int4's moekit_gemv_int4_<dtype>"),
+    ("extras", _I64, "Qwen2Extras (0: none)"),
+    ("eps", ctypes.c_float, "eps of the layer norms"),
+    ("qk_eps", ctypes.c_float, "eps of the q/k norms"),
+    ("scale", ctypes.c_float, "attention scale"),
+)
+"""``layer_step``'s arguments (``_layer_args`` fills them in)."""
+
+
+def _c_struct(name: str, fields: tuple) -> str:
+    """The C declaration of struct ``name`` with ``fields`` ((name, ctypes type, comment) each), as ctypes lays it."""
+    c_types = {ctypes.c_int64: "int64_t", ctypes.c_float: "float"}
+    lines = []
+    for field, ctype, doc in fields:
+        if hasattr(ctype, "_length_"):
+            decl = f"{c_types[ctype._type_]} {field}[{ctype._length_}];"
+        else:
+            decl = f"{c_types[ctype]} {field};"
+        lines.append(f"  {decl:<32}/* {doc} */")
+    size = ctypes.sizeof(_structure(name, fields, ""))  # the layout both sides must agree on
+    return (f"struct {name} {{\n" + "\n".join(lines) + "\n};\n"
+            f"static_assert(sizeof({name}) == {size}, \"{name}: ctypes' layout\");\n")
+
+
+def _structure(name: str, fields: tuple, doc: str) -> type[ctypes.Structure]:
+    """The ctypes mirror of ``_c_struct(name, fields)``."""
+    return type(name, (ctypes.Structure,), {"_fields_": [(f, t) for f, t, _ in fields], "__doc__": doc})
+
+
+OffloadExperts = _structure("OffloadExperts", _OFFLOAD_FIELDS, "``layer_step``'s experts an offload engine owns.")
+Qwen2Extras = _structure("Qwen2Extras", _QWEN2_FIELDS, "``layer_step``'s Qwen2-MoE biases and shared expert.")
+LayerArgs = _structure("LayerArgs", _LAYER_FIELDS, "``layer_step``'s arguments.")
+_C_STRUCTS = "\n/* ---- layer_step's arguments (made from fused_decode's _LAYER_FIELDS and co.) ---- */\n" + "".join(
+    _c_struct(n, f) for n, f in (("OffloadExperts", _OFFLOAD_FIELDS), ("Qwen2Extras", _QWEN2_FIELDS),
+                                 ("LayerArgs", _LAYER_FIELDS)))
+
+SOURCE = cpu_kernels.SOURCE + _C_STRUCTS + r"""
 /* ---- fused decode ops (cpu_kernels' source above: its conversions, BF16/F16/F32 types and dot_rows) ---- */
 template <class X> static inline float rnd(float f) { return X::get(X::put(f)); }  /* round to X's precision */
 
@@ -270,29 +397,26 @@ using Int4Fn = int (*)(const uint8_t*, int64_t, int64_t, const uint16_t*, const 
 /* A whole decoder layer's one-token step with a static cache (OLMoE / Qwen3-MoE / Mixtral / Qwen2-MoE layout): input norm, q/k/v,
    attention (q/k norms, rotary, cache write, single-query attention), o_proj, residual, post-attention norm,
    router, the k experts (gate;up, SiLU, down and weighted sum) and the residual, in one call: between the weight
-   kernels' parallel regions no interpreter work runs on the caches they flushed. a: the pointers and sizes (see
-   fused_decode._layer_args), f: eps of the layer norms, eps of q/k norms, attention scale. Weight formats, each
-   with the kernel and the numbers of its per-module forward: a[46] the attention's projections (0: the dtype;
-   1: int8 linears, scales a[47..50], int8 activations a[51]); a[52] the experts (0: the dtype; 1: int8, scales
-   a[53] / a[55] with expert strides a[54] / a[56]; 2: packed int4 through the kernel at a[66], scales a[53] / a[55],
-   zero points a[58] / a[59], expert and row strides a[60..63], group sizes a[64] / a[65]; int8 activations a[57]).
-   a[67]: null, or the Qwen2-MoE extras xa = {q, k, v biases (0: none; float projections only), the shared expert's
-   gate, up, gate-scalar (shared_expert_gate) and down weights (0: no shared expert), its inner size, row strides of
-   the first three and of down, where its output goes (0: scratch)}: the biases are added as F.linear does, and
-   sigmoid(gate-scalar . x) * down(silu(gate x) * up x), each step rounded as transformers' modules, is added to the
-   routed experts' sum before the residual (on code 4 the shared expert's output is at xa[10]).
+   kernels' parallel regions no interpreter work runs on the caches they flushed. a: the pointers, sizes and eps
+   (struct LayerArgs above, built by fused_decode._layer_args; each field's meaning is next to it there). Weight
+   formats, each with the kernel and the numbers of its per-module forward: attn_format for the attention's
+   projections, expert_format for the experts. a->extras: null, or the Qwen2-MoE extras (struct Qwen2Extras): the
+   biases are added as F.linear does, and sigmoid(gate-scalar . x) * down(silu(gate x) * up x), each step rounded as
+   transformers' modules, is added to the routed experts' sum before the residual (on code 4 the shared expert's
+   output is at extras->sx_out).
    Returns attn_static's codes (2: the position is past the cache, nothing changed; 1: nothing attended), 3 when
-   nothing ran (out of memory, bad formats), 4: stopped after the router (a[45]'s experts), 5 when a kernel failed
-   after the cache write. */
+   nothing ran (out of memory, bad formats), 4: stopped after the router (a->offload's experts), 5 when a kernel
+   failed after the cache write. */
 template <class X>
-static int layer_step(const int64_t* a, const float* f) {
+static int layer_step(const LayerArgs* a) {
   typedef typename X::T T;
-  const T* h = (const T*)a[0]; T* out = (T*)a[1];
-  const int64_t H = a[24], Hkv = a[25], D = a[26], Hd = a[27], E = a[29], k = a[30], I = a[37];
-  const int nt = (int)a[38];
-  const int64_t rq = H * D, rk = Hkv * D, lf = a[46], ef = a[52];
-  const int64_t* xa = (const int64_t*)a[67];  /* Qwen2-MoE: q/k/v biases, the shared expert (see above) */
-  const int64_t Is = xa && xa[6] ? xa[7] : 0;
+  const T* h = (const T*)a->h; T* out = (T*)a->out;
+  const int64_t H = a->heads, Hkv = a->kv_heads, D = a->head_dim, Hd = a->hidden, E = a->experts, k = a->top_k,
+                I = a->inner;
+  const int nt = (int)a->threads;
+  const int64_t rq = H * D, rk = Hkv * D, lf = a->attn_format, ef = a->expert_format;
+  const Qwen2Extras* xa = (const Qwen2Extras*)a->extras;  /* Qwen2-MoE: q/k/v biases, the shared expert */
+  const int64_t Is = xa && xa->sx_down ? xa->sx_inner : 0;
   if (k < 1 || k > 256 || lf < 0 || lf > 1 || ef < 0 || ef > 2 || Is < 0) return 3;
   T* sc = (T*)malloc(sizeof(T) * (size_t)(4 * Hd + rq + 2 * rk + rq + E + 3 * k * I + (ef == 2 ? k * Hd : 0)
                                           + (Is ? 3 * Is + 1 + Hd : 0)) + 64);
@@ -301,40 +425,46 @@ static int layer_step(const int64_t* a, const float* f) {
   if (!sc || !fs || !is) { free(sc); free(fs); free(is); return 3; }
   T *x1 = sc, *o = x1 + Hd, *h2 = o + Hd, *x2 = h2 + Hd, *qkv = x2 + Hd, *att = qkv + rq + 2 * rk, *lg = att + rq,
     *h1 = lg + E, *act = h1 + 2 * k * I, *y = act + k * I, *sh = y + (ef == 2 ? k * Hd : 0), *sa = sh + 2 * Is + 1,
-    *sxo = Is && xa[10] ? (T*)xa[10] : sa + Is;  /* shared expert: gate|up|gate-scalar, act, output */
+    *sxo = Is && xa->sx_out ? (T*)xa->sx_out : sa + Is;  /* shared expert: gate|up|gate-scalar, act, output */
   float *g = fs, *g2 = fs + k;
   int64_t *idx = is, *wp = is + k, *sidx = is + 2 * k, *sp = is + 3 * k;
-  const int64_t* ext = (const int64_t*)a[45];  /* experts the caller owns (an offload engine): see below */
-  const int64_t* eidx = idx;  /* the experts' rows in the bank a[33]/a[35]: expert ids, or slots of ext's table */
+  const OffloadExperts* ext = (const OffloadExperts*)a->offload;  /* experts the caller owns: see below */
+  const int64_t* eidx = idx;  /* the experts' rows in the banks gate_up/down: expert ids, or slots of ext's table */
   int64_t Eb = E;
   int rc = 0;
-  const int64_t phase = a[44];  /* 0: static cache; dynamic cache: 1 = up to rotary (the caller appends k, v), 2 = the rest */
-  if (a[43]) qkv = (T*)a[43];   /* the caller's q|k|v buffer (dynamic cache: it reads k and v between the phases) */
+  const int64_t phase = a->phase;
+  if (a->qkv) qkv = (T*)a->qkv;
   if (phase != 2) {
-    rmsnorm<X>(h, (const T*)a[2], x1, 1, Hd, f[0]);
-    const int64_t wqkv[3] = {a[5], a[6], a[7]}, rqkv[3] = {rq, rk, rk}, sqkv[3] = {a[47], a[48], a[49]};
-    rc = proj<X>(lf, wqkv, rqkv, 3, a[39], x1, Hd, qkv, nt, sqkv, (int)a[51], xa) ? 3 : 0;
+    rmsnorm<X>(h, (const T*)a->ln1, x1, 1, Hd, a->eps);
+    const int64_t wqkv[3] = {a->wq, a->wk, a->wv}, rqkv[3] = {rq, rk, rk},
+                  sqkv[3] = {a->q_scale, a->k_scale, a->v_scale};
+    rc = proj<X>(lf, wqkv, rqkv, 3, a->qkv_rstride, x1, Hd, qkv, nt, sqkv, (int)a->attn_act_int8,
+                 xa ? xa->qkv_bias : nullptr) ? 3 : 0;
   }
   if (!rc && phase == 2)
-    rc = attend<X>(qkv, (const T*)a[15], (const T*)a[16], a[17], a[18], a[19], a[20], a[22], (const uint8_t*)a[23],
-                   H, Hkv, D, f[2], att, nt);
+    rc = attend<X>(qkv, (const T*)a->k_cache, (const T*)a->v_cache, a->k_head_stride, a->k_pos_stride,
+                   a->v_head_stride, a->v_pos_stride, a->cache_len, (const uint8_t*)a->mask, H, Hkv, D, a->scale,
+                   att, nt);
   else if (!rc)
-    rc = attn_static<X>(qkv, qkv + rq, qkv + rq + rk, (const T*)a[9], (const T*)a[10], a[11], a[12], f[1],
-                        (const T*)a[13], (const T*)a[14], (T*)a[15], (T*)a[16], a[17], a[18], a[19], a[20],
-                        phase == 1 ? nullptr : (int64_t*)a[21], a[22], (const uint8_t*)a[23], H, Hkv, D, f[2], att, nt);
+    rc = attn_static<X>(qkv, qkv + rq, qkv + rq + rk, (const T*)a->q_norm, (const T*)a->k_norm, a->q_group,
+                        a->k_group, a->qk_eps, (const T*)a->cos, (const T*)a->sin, (T*)a->k_cache, (T*)a->v_cache,
+                        a->k_head_stride, a->k_pos_stride, a->v_head_stride, a->v_pos_stride,
+                        phase == 1 ? nullptr : (int64_t*)a->cum_length, a->cache_len, (const uint8_t*)a->mask, H,
+                        Hkv, D, a->scale, att, nt);
   if (phase == 1) { free(sc); free(fs); free(is); return rc; }
   const bool attended = !rc;
   if (!rc) {
-    const int64_t wo[1] = {a[8]}, ro[1] = {Hd}, so[1] = {a[50]};
-    rc = proj<X>(lf, wo, ro, 1, a[40], att, rq, o, nt, so, (int)a[51]);
+    const int64_t wo[1] = {a->wo}, ro[1] = {Hd}, so[1] = {a->o_scale};
+    rc = proj<X>(lf, wo, ro, 1, a->o_rstride, att, rq, o, nt, so, (int)a->attn_act_int8);
   }
   if (!rc) {
     for (int64_t i = 0; i < Hd; i++) h2[i] = X::put(X::get(h[i]) + X::get(o[i]));
-    rmsnorm<X>(h2, (const T*)a[3], x2, 1, Hd, f[0]);
+    rmsnorm<X>(h2, (const T*)a->ln2, x2, 1, Hd, a->eps);
     if (Is) {  /* the shared expert: gate, up and the gate scalar in one region, SiLU, down, times the sigmoid */
-      const int64_t ws[3] = {xa[3], xa[4], xa[5]}, rs3[3] = {Is, Is, 1}, wd[1] = {xa[6]}, rd[1] = {Hd};
-      rc = gemv_multi<X, X>(ws, rs3, 3, xa[8], x2, Hd, sh, nt);
-      if (!rc) { silu_mul<X>(sh, Is, sa); rc = gemv_multi<X, X>(wd, rd, 1, xa[9], sa, Is, sxo, nt); }
+      const int64_t ws[3] = {xa->sx_gate, xa->sx_up, xa->sx_gate_scalar}, rs3[3] = {Is, Is, 1}, wd[1] = {xa->sx_down},
+                    rd[1] = {Hd};
+      rc = gemv_multi<X, X>(ws, rs3, 3, xa->sx_rstride, x2, Hd, sh, nt);
+      if (!rc) { silu_mul<X>(sh, Is, sa); rc = gemv_multi<X, X>(wd, rd, 1, xa->sx_down_rstride, sa, Is, sxo, nt); }
       if (!rc) {
         const float sg = rnd<X>(1.f / (1.f + expf(-X::get(sh[2 * Is]))));
         for (int64_t i = 0; i < Hd; i++) sxo[i] = X::put(sg * X::get(sxo[i]));
@@ -342,50 +472,54 @@ static int layer_step(const int64_t* a, const float* f) {
     }
   }
   if (!rc) {
-    router<X>(x2, (const T*)a[28], E, Hd, k, (int)a[31], 1, lg, g, idx);
-    if (!a[32]) for (int64_t j = 0; j < k; j++) g[j] = rnd<X>(g[j]);  /* scores in the dtype (not Mixtral's fp32) */
+    router<X>(x2, (const T*)a->router, E, Hd, k, (int)a->norm_topk, 1, lg, g, idx);
+    if (!a->scores_f32) for (int64_t j = 0; j < k; j++) g[j] = rnd<X>(g[j]);  /* scores in the dtype (not Mixtral's fp32) */
     if (ext) {
-      /* ext = {table, x2, h2, ids, weights, slots}: the MoE input, the residual, the top-k ids and weights (the
-         router's scores: fp32 for Mixtral, else the dtype) to the caller; then the experts on the bank a[33]/a[35]
-         of ext[5] slots when table (expert -> slot, -1: absent) maps every chosen expert to a slot, else return 4:
-         the caller computes the experts and the residual add */
-      memcpy((T*)ext[1], x2, sizeof(T) * (size_t)Hd);
-      memcpy((T*)ext[2], h2, sizeof(T) * (size_t)Hd);
-      memcpy((int64_t*)ext[3], idx, sizeof(int64_t) * (size_t)k);
+      /* the MoE input, the residual, the top-k ids and weights (the router's scores: fp32 for Mixtral, else the
+         dtype) to the caller; then the experts on the banks gate_up/down of ext->slots slots when ext->table maps
+         every chosen expert to a slot, else return 4: the caller computes the experts and the residual add */
+      memcpy((T*)ext->moe_in, x2, sizeof(T) * (size_t)Hd);
+      memcpy((T*)ext->residual, h2, sizeof(T) * (size_t)Hd);
+      memcpy((int64_t*)ext->ids, idx, sizeof(int64_t) * (size_t)k);
       for (int64_t j = 0; j < k; j++)
-        if (a[32]) ((float*)ext[4])[j] = g[j]; else ((T*)ext[4])[j] = X::put(g[j]);
-      const int64_t* table = (const int64_t*)ext[0];
+        if (a->scores_f32) ((float*)ext->weights)[j] = g[j]; else ((T*)ext->weights)[j] = X::put(g[j]);
+      const int64_t* table = (const int64_t*)ext->table;
       for (int64_t j = 0; j < k && !rc; j++) {
         sidx[j] = table && idx[j] >= 0 && idx[j] < E ? table[idx[j]] : -1;
-        if (sidx[j] < 0 || sidx[j] >= ext[5]) rc = 4;
+        if (sidx[j] < 0 || sidx[j] >= ext->slots) rc = 4;
       }
-      eidx = sidx; Eb = ext[5];
+      eidx = sidx; Eb = ext->slots;
     }
   }
-  const int qe = (int)a[57];
+  const int qe = (int)a->expert_act_int8;
   if (!rc) {
-    if (ef == 0) rc = gemv<X, X>((const T*)a[33], a[34], a[41], eidx, k, Eb, x2, Hd, k, 2 * I, Hd, nullptr, 0, h1, nt);
+    if (ef == 0)
+      rc = gemv<X, X>((const T*)a->gate_up, a->gate_up_estride, a->gate_up_rstride, eidx, k, Eb, x2, Hd, k, 2 * I,
+                      Hd, nullptr, 0, h1, nt);
     else if (ef == 1)
-      rc = gemv<I8, X>((const int8_t*)a[33], a[34], a[41], eidx, k, Eb, x2, Hd, k, 2 * I, Hd, (const T*)a[53], a[54],
-                       h1, nt, qe);
+      rc = gemv<I8, X>((const int8_t*)a->gate_up, a->gate_up_estride, a->gate_up_rstride, eidx, k, Eb, x2, Hd, k,
+                       2 * I, Hd, (const T*)a->gate_up_scale, a->gate_up_scale_estride, h1, nt, qe);
     else
-      rc = ((Int4Fn<T>)(intptr_t)a[66])((const uint8_t*)a[33], a[34], a[41], (const uint16_t*)a[53],
-                                        (const uint8_t*)a[58], a[60], a[61], eidx, k, Eb, x2, Hd, k, 2 * I, Hd, a[64],
-                                        h1, nt, qe);
+      rc = ((Int4Fn<T>)(intptr_t)a->int4_kernel)((const uint8_t*)a->gate_up, a->gate_up_estride, a->gate_up_rstride,
+                                                 (const uint16_t*)a->gate_up_scale, (const uint8_t*)a->gate_up_zeros,
+                                                 a->gate_up_group_estride, a->gate_up_group_rstride, eidx, k, Eb, x2,
+                                                 Hd, k, 2 * I, Hd, a->gate_up_group_size, h1, nt, qe);
   }
   if (!rc) {
     const int64_t esz = ef == 0 ? (int64_t)sizeof(T) : 1;  /* bytes per code of the down projection's bank */
-    moe_mid<X>(h1, k, I, act, eidx, g, 1, Eb, a[35], a[36] * esz, wp, g2);
-    if (ef == 0) rc = gemv_combine<X, X>(wp, a[42], 1, k, act, I, Hd, I, nullptr, g2, o, nt);
+    moe_mid<X>(h1, k, I, act, eidx, g, 1, Eb, a->down, a->down_estride * esz, wp, g2);
+    if (ef == 0) rc = gemv_combine<X, X>(wp, a->down_rstride, 1, k, act, I, Hd, I, nullptr, g2, o, nt);
     else if (ef == 1) {
-      for (int64_t s = 0; s < k; s++) sp[s] = wp[s] ? a[55] + eidx[s] * a[56] * (int64_t)sizeof(T) : 0;
-      rc = gemv_combine<I8, X>(wp, a[42], 1, k, act, I, Hd, I, sp, g2, o, nt, qe);
+      for (int64_t s = 0; s < k; s++)
+        sp[s] = wp[s] ? a->down_scale + eidx[s] * a->down_scale_estride * (int64_t)sizeof(T) : 0;
+      rc = gemv_combine<I8, X>(wp, a->down_rstride, 1, k, act, I, Hd, I, sp, g2, o, nt, qe);
     } else {
       /* as expert_forward_int4: each slot's down projection rounded to the dtype, then their weighted sum (fp32,
          rounded once; a slot outside [0, E) adds nothing) */
-      rc = ((Int4Fn<T>)(intptr_t)a[66])((const uint8_t*)a[35], a[36], a[42], (const uint16_t*)a[55],
-                                        (const uint8_t*)a[59], a[62], a[63], eidx, k, Eb, act, I, 1, Hd, I, a[65], y,
-                                        nt, qe);
+      rc = ((Int4Fn<T>)(intptr_t)a->int4_kernel)((const uint8_t*)a->down, a->down_estride, a->down_rstride,
+                                                 (const uint16_t*)a->down_scale, (const uint8_t*)a->down_zeros,
+                                                 a->down_group_estride, a->down_group_rstride, eidx, k, Eb, act, I, 1,
+                                                 Hd, I, a->down_group_size, y, nt, qe);
       if (!rc)
         for (int64_t i = 0; i < Hd; i++) {
           float acc = 0.f;
@@ -423,7 +557,7 @@ static int layer_step(const int64_t* a, const float* f) {
     return gemv_multi<X, X>(wp, rows, m, rs, x, cols, out, nt, nullptr, 0, bp); } \
   void moekit_rope_##NAME(const int64_t* pos, const float* inv_freq, int64_t half, float scaling, X::T* cs, X::T* sn) { \
     rope<X>(pos, inv_freq, half, scaling, cs, sn); } \
-  int moekit_layer_##NAME(const int64_t* a, const float* f) { return layer_step<X>(a, f); }
+  int moekit_layer_##NAME(const LayerArgs* a) { return layer_step<X>(a); }
 extern "C" {
 DEFINE(bfloat16, BF16)
 DEFINE(float32, F32)
@@ -442,7 +576,7 @@ _SIGNATURES = {
     "router": (None, [_P, _P, _I, _I, _I, _C, _C, _P, _P, _P]),
     "qkv": (_C, [ctypes.POINTER(_I), ctypes.POINTER(_I), _I, _I, _P, _I, _P, _C, _P]),
     "rope": (None, [_P, _P, _I, _F, _P, _P]),
-    "layer": (_C, [ctypes.POINTER(_I), ctypes.POINTER(_F)]),
+    "layer": (_C, [ctypes.POINTER(LayerArgs)]),
     "moe_mid": (None, [_P, _I, _I, _P, _P, _P, _C, _I, _I, _I, _P, _P]),
     # cpu_kernels' decode kernel entries (its library), typed here for plain-int arguments
     "gemv": (_C, [_P, _I, _I, _P, _I, _I, _P, _I, _I, _I, _I, _P, _C]),
@@ -801,7 +935,6 @@ MOE_BLOCKS = ("OlmoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "MixtralSparseMoe
 SHARED_EXPERT_BLOCKS = ("Qwen2MoeSparseMoeBlock",)
 """MoE blocks that add ``sigmoid(shared_expert_gate(x)) * shared_expert(x)`` (a gate/up/down SiLU MLP) to the routed
 experts' sum; the others have no shared expert."""
-_I64xN, _F32x3, _I64x6, _I64x11 = ctypes.c_int64 * 68, ctypes.c_float * 3, ctypes.c_int64 * 6, ctypes.c_int64 * 11
 _SLOTS: dict = {}
 
 EXPERTS_PROVIDER = "moekit_experts_provider"
@@ -874,13 +1007,19 @@ def _int4_entry(dtype: torch.dtype) -> int | None:
     return _INT4_ENTRIES[dtype]
 
 
-def _expert_banks(experts: torch.nn.Module, x: torch.Tensor, num_experts: int) -> list[int] | None:
-    """The experts' weights as ``layer_step`` reads them for the MoE input ``x`` [1, H]: [gate;up address, expert
-    stride, row stride, down address, expert stride, row stride, I] and the format's 15 values a[52..66] (see
-    layer_step), or None when the
-    decode kernels of their per-module forward would not run them. Formats as moekit's experts forward picks them:
-    packed int4 (``quantize_experts_int4``, a packed load), else int8 (``quantize_experts_int8``), else float."""
-    zeros, dtype, hidden = [0] * 15, x.dtype, x.shape[-1]
+def _bank_fields(w1: torch.Tensor, w2: torch.Tensor, inner: int) -> dict[str, int]:
+    """``LayerArgs``' fields of the gate;up bank ``w1`` and the down bank ``w2`` (experts' inner size ``inner``)."""
+    return {"gate_up": w1.data_ptr(), "gate_up_estride": w1.stride(0), "gate_up_rstride": w1.stride(1),
+            "down": w2.data_ptr(), "down_estride": w2.stride(0), "down_rstride": w2.stride(1), "inner": inner}
+
+
+def _expert_banks(experts: torch.nn.Module, x: torch.Tensor, num_experts: int) -> dict[str, int] | None:
+    """The experts' weights as ``layer_step`` reads them for the MoE input ``x`` [1, H]: ``LayerArgs``' fields of the
+    banks (``_bank_fields``) and of their format (``expert_format`` and its scales, zero points, strides...; the
+    others stay 0), or None when the decode kernels of their per-module forward would not run them. Formats as
+    moekit's experts forward picks them: packed int4 (``quantize_experts_int4``, a packed load), else int8
+    (``quantize_experts_int8``), else float."""
+    dtype, hidden = x.dtype, x.shape[-1]
     buffers = experts._buffers
     if INT4_BUFFERS[0] in buffers:
         q1, s1, z1, q2, s2, z2 = (buffers.get(n) for n in INT4_BUFFERS)
@@ -902,9 +1041,12 @@ def _expert_banks(experts: torch.nn.Module, x: torch.Tensor, num_experts: int) -
                 return None
             groups.append(cols // g)
         qx = int(cpu_kernels_int4.int4_activations() == "int8")
-        return [q1.data_ptr(), q1.stride(0), q1.stride(1), q2.data_ptr(), q2.stride(0), q2.stride(1), inner,
-                2, s1.data_ptr(), 0, s2.data_ptr(), 0, qx, z1.data_ptr(), z2.data_ptr(), s1.stride(0), s1.stride(1),
-                s2.stride(0), s2.stride(1), groups[0], groups[1], fn]
+        return {**_bank_fields(q1, q2, inner), "expert_format": 2, "gate_up_scale": s1.data_ptr(),
+                "down_scale": s2.data_ptr(), "expert_act_int8": qx, "gate_up_zeros": z1.data_ptr(),
+                "down_zeros": z2.data_ptr(), "gate_up_group_estride": s1.stride(0),
+                "gate_up_group_rstride": s1.stride(1), "down_group_estride": s2.stride(0),
+                "down_group_rstride": s2.stride(1), "gate_up_group_size": groups[0], "down_group_size": groups[1],
+                "int4_kernel": fn}
     if INT8_BUFFERS[0] in buffers:
         q1, s1, q2, s2 = (buffers.get(n) for n in INT8_BUFFERS)
         if any(t is None for t in (s1, q2, s2)) or q2.dim() != 3:
@@ -916,14 +1058,15 @@ def _expert_banks(experts: torch.nn.Module, x: torch.Tensor, num_experts: int) -
                     or q.device.type != "cpu" or sc.device.type != "cpu"):
                 return None
         qx = int(cpu_kernels.int8_activations() == "int8")
-        return [q1.data_ptr(), q1.stride(0), q1.stride(1), q2.data_ptr(), q2.stride(0), q2.stride(1), inner,
-                1, s1.data_ptr(), s1.stride(0), s2.data_ptr(), s2.stride(0), qx, *zeros[:9]]
+        return {**_bank_fields(q1, q2, inner), "expert_format": 1, "gate_up_scale": s1.data_ptr(),
+                "gate_up_scale_estride": s1.stride(0), "down_scale": s2.data_ptr(), "down_scale_estride": s2.stride(0),
+                "expert_act_int8": qx}
     if any(name.startswith("moekit_") for name in buffers):  # another moekit format
         return None
     w1, w2 = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
     if _lean_banks_check(w1, w2, x) or w1.shape[0] != num_experts:
         return None
-    return [w1.data_ptr(), w1.stride(0), w1.stride(1), w2.data_ptr(), w2.stride(0), w2.stride(1), w2.shape[2], *zeros]
+    return _bank_fields(w1, w2, w2.shape[2])
 
 
 def _kernel_linear(proj: torch.nn.Module, dtype: torch.dtype, cols: int, bias: bool = False) -> bool:
@@ -1044,43 +1187,47 @@ def _layer_args(self, h: torch.Tensor, mask, cache, pos_emb) -> tuple | None:
             bank = None
         w1, w2 = (bank.gate_up, bank.down) if bank is not None else (torch.empty(0, 0, 0, dtype=dt),) * 2
         # (no slot bank: the native call stops after the router)
-        banks = [w1.data_ptr(), w1.stride(0), w1.stride(1), w2.data_ptr(), w2.stride(0), w2.stride(1), w2.shape[2],
-                 *[0] * 15]
-    p1, es1, rs1, p2, es2, rs2, inner = banks[:7]
-    a = _I64xN(
-        h.data_ptr(), 0, ln1.weight.data_ptr(), ln2.weight.data_ptr(), 0,
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(),
-        norms[0].weight.data_ptr() if qg else 0, norms[1].weight.data_ptr() if qg else 0,
-        qg, kg, cos.data_ptr(), sin.data_ptr(), kc.data_ptr(), vc.data_ptr(), kc.stride(1), kc.stride(2),
-        vc.stride(1), vc.stride(2), layer.cumulative_length.data_ptr() if static else 0, kc.shape[2],
-        mask.data_ptr() if mask is not None else 0,
-        H, Hkv, D, Hd, rw.data_ptr(), rw.shape[0], router.top_k, int(mixtral or bool(router.norm_topk_prob)),
-        int(mixtral), p1, es1, p2, es2, inner, torch.get_num_threads(), q.stride(0), o.stride(0), rs1, rs2, 0, 0, 0,
-        lq[0], lq[2], lk[2], lv[2], lo[2], int(lq[0] == 1 and cpu_kernels.int8_activations() == "int8"), *banks[7:],
-        ctypes.addressof(xa) if xa is not None else 0,
+        banks = _bank_fields(w1, w2, w2.shape[2])
+    a = LayerArgs(
+        h=h.data_ptr(), ln1=ln1.weight.data_ptr(), ln2=ln2.weight.data_ptr(),
+        wq=q.data_ptr(), wk=k.data_ptr(), wv=v.data_ptr(), wo=o.data_ptr(),
+        q_norm=norms[0].weight.data_ptr() if qg else 0, k_norm=norms[1].weight.data_ptr() if qg else 0,
+        q_group=qg, k_group=kg, cos=cos.data_ptr(), sin=sin.data_ptr(), k_cache=kc.data_ptr(), v_cache=vc.data_ptr(),
+        k_head_stride=kc.stride(1), k_pos_stride=kc.stride(2), v_head_stride=vc.stride(1), v_pos_stride=vc.stride(2),
+        cum_length=layer.cumulative_length.data_ptr() if static else 0, cache_len=kc.shape[2],
+        mask=mask.data_ptr() if mask is not None else 0,
+        heads=H, kv_heads=Hkv, head_dim=D, hidden=Hd, router=rw.data_ptr(), experts=rw.shape[0], top_k=router.top_k,
+        norm_topk=int(mixtral or bool(router.norm_topk_prob)), scores_f32=int(mixtral),
+        threads=torch.get_num_threads(), qkv_rstride=q.stride(0), o_rstride=o.stride(0),
+        attn_format=lq[0], q_scale=lq[2], k_scale=lk[2], v_scale=lv[2], o_scale=lo[2],
+        attn_act_int8=int(lq[0] == 1 and cpu_kernels.int8_activations() == "int8"), **banks,
+        extras=ctypes.addressof(xa) if xa is not None else 0,
+        eps=ln1.variance_epsilon, qk_eps=norms[0].variance_epsilon if norms[0] is not None else 0.0,
+        scale=attn.scaling,
     )
-    f = _F32x3(ln1.variance_epsilon, norms[0].variance_epsilon if norms[0] is not None else 0.0, attn.scaling)
     ext = None
     if provider is not None:  # the router's output to these buffers (see EXPERTS_PROVIDER)
         k = router.top_k
         x2, h2 = h.new_empty(1, Hd), h.new_empty(h.shape)
         so = None
-        if xa is not None and xa[6]:  # the shared expert's output too: the caller adds it to the engine's experts
+        if xa is not None and xa.sx_down:  # the shared expert's output too: the caller adds it to the engine's experts
             so = h.new_empty(1, Hd)
-            xa[10] = so.data_ptr()
+            xa.sx_out = so.data_ptr()
         ids, wts = torch.empty(1, k, dtype=torch.int64), torch.empty(1, k, dtype=key[1])
-        a[45] = ctypes.addressof(e := _I64x6(bank.table.data_ptr() if bank is not None else 0, x2.data_ptr(),
-                                             h2.data_ptr(), ids.data_ptr(), wts.data_ptr(), bank.gate_up.shape[0]
-                                             if bank is not None else 0))
+        e = OffloadExperts(table=bank.table.data_ptr() if bank is not None else 0, moe_in=x2.data_ptr(),
+                           residual=h2.data_ptr(), ids=ids.data_ptr(), weights=wts.data_ptr(),
+                           slots=bank.gate_up.shape[0] if bank is not None else 0)
+        a.offload = ctypes.addressof(e)
         ext = (e, provider, bank, experts, x2, h2, ids, wts, so)
-    return a, f, (None if static else (layer, H * D, Hkv, D)), ext, xa
+    return a, (None if static else (layer, H * D, Hkv, D)), ext, xa
 
 
-def _qwen2_extras(attn, sx, sg, dtype: torch.dtype, hidden: int) -> ctypes.Array | bool:
-    """``layer_step``'s a[67] array for Qwen2-MoE: the q/k/v biases and the shared expert (``sx``: gate/up/down SiLU
+def _qwen2_extras(attn, sx, sg, dtype: torch.dtype, hidden: int) -> ctypes.Structure | bool:
+    """``layer_step``'s ``Qwen2Extras`` for Qwen2-MoE: the q/k/v biases and the shared expert (``sx``: gate/up/down SiLU
     MLP on moekit's linear kernel; ``sg``: its one-row sigmoid gate), or False when the shared expert does not fit
     the native step (then the per-module path)."""
-    xa = _I64x11(*(p.bias.data_ptr() if p.bias is not None else 0 for p in (attn.q_proj, attn.k_proj, attn.v_proj)))
+    xa = Qwen2Extras(qkv_bias=(ctypes.c_int64 * 3)(
+        *(p.bias.data_ptr() if p.bias is not None else 0 for p in (attn.q_proj, attn.k_proj, attn.v_proj))))
     if sx is None:
         return xa
     gp, up, dp = (getattr(sx, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
@@ -1092,8 +1239,8 @@ def _qwen2_extras(attn, sx, sg, dtype: torch.dtype, hidden: int) -> ctypes.Array
             or dp.weight.shape[0] != hidden or up.weight.stride(0) != gp.weight.stride(0)
             or sg.weight.stride(0) != gp.weight.stride(0)):
         return False
-    xa[3:10] = [gp.weight.data_ptr(), up.weight.data_ptr(), sg.weight.data_ptr(), dp.weight.data_ptr(), inner,
-                gp.weight.stride(0), dp.weight.stride(0)]
+    xa.sx_gate, xa.sx_up, xa.sx_gate_scalar, xa.sx_down = (p.weight.data_ptr() for p in (gp, up, sg, dp))
+    xa.sx_inner, xa.sx_rstride, xa.sx_down_rstride = inner, gp.weight.stride(0), dp.weight.stride(0)
     return xa
 
 
@@ -1108,31 +1255,32 @@ def _layer_forward(self, hidden_states: torch.Tensor, attention_mask=None, posit
         fn = _fn("layer", hidden_states.dtype)
         args = _layer_args(self, hidden_states, attention_mask, cache, position_embeddings) if fn is not None else None
         if args is not None:
-            a, f, dynamic, ext, _xa = args  # (_xa: a[67]'s array, alive until the calls are done)
+            a, dynamic, ext, _xa = args  # (_xa: a.extras' struct, alive until the calls are done)
             out = torch.empty_like(hidden_states)
-            a[1] = out.data_ptr()
+            a.out = out.data_ptr()
             rc = 0
             bank = ext[2] if ext is not None else None
             if dynamic is not None:  # up to rotary, transformers' append to the dynamic layer, then the rest
                 layer, rq, Hkv, D = dynamic
                 qkv = hidden_states.new_empty(rq + 2 * Hkv * D)
-                a[43], a[44] = qkv.data_ptr(), 1
-                rc = fn(a, f) and 3  # (nothing changed yet: the class's forward then)
+                a.qkv, a.phase = qkv.data_ptr(), 1
+                rc = fn(ctypes.byref(a)) and 3  # (nothing changed yet: the class's forward then)
                 if rc == 0:
                     k = qkv[rq:rq + Hkv * D].view(1, 1, Hkv, D).transpose(1, 2)
                     v = qkv[rq + Hkv * D:].view(1, 1, Hkv, D).transpose(1, 2)
                     keys, values = layer.update(k, v)
-                    a[15], a[16], a[22], a[44] = keys.data_ptr(), values.data_ptr(), keys.shape[2], 2
-                    a[17], a[18], a[19], a[20] = keys.stride(1), keys.stride(2), values.stride(1), values.stride(2)
+                    a.k_cache, a.v_cache, a.cache_len, a.phase = keys.data_ptr(), values.data_ptr(), keys.shape[2], 2
+                    a.k_head_stride, a.k_pos_stride = keys.stride(1), keys.stride(2)
+                    a.v_head_stride, a.v_pos_stride = values.stride(1), values.stride(2)
                     with bank.lock if bank is not None else contextlib.nullcontext():
-                        rc = fn(a, f)
+                        rc = fn(ctypes.byref(a))
                         if rc == 0 and bank is not None:
                             ext[1].slot_hits(ext[6])
                     if rc not in (0, 4):
                         raise RuntimeError("fused decoder layer failed after the cache update")
             else:
                 with bank.lock if bank is not None else contextlib.nullcontext():
-                    rc = fn(a, f)
+                    rc = fn(ctypes.byref(a))
                     if rc == 0 and bank is not None:
                         ext[1].slot_hits(ext[6])
             if rc == 0 and bank is not None:
