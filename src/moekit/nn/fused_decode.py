@@ -960,6 +960,22 @@ class SlotBank(NamedTuple):
     lock: Any
 
 
+class _Offload(NamedTuple):
+    """A whole-layer step's offloaded experts: the ``OffloadExperts`` struct (alive until the call is done), the
+    provider, its slot bank (None: the call stops after the router), the experts module and the buffers the native
+    call fills (MoE input, residual, top-k ids and weights; the shared expert's output or None)."""
+
+    args: ctypes.Structure
+    provider: Any
+    bank: SlotBank | None
+    experts: torch.nn.Module
+    x2: torch.Tensor
+    h2: torch.Tensor
+    ids: torch.Tensor
+    wts: torch.Tensor
+    so: torch.Tensor | None
+
+
 def _linear_weights(proj: torch.nn.Module, dtype: torch.dtype, cols: int,
                     bias: bool = False) -> tuple[int, torch.Tensor, int] | None:
     """A bias-free nn.Linear whose one-row forward is one of moekit's decode kernels, as (format, weight rows, scale
@@ -1218,7 +1234,7 @@ def _layer_args(self, h: torch.Tensor, mask, cache, pos_emb) -> tuple | None:
                            residual=h2.data_ptr(), ids=ids.data_ptr(), weights=wts.data_ptr(),
                            slots=bank.gate_up.shape[0] if bank is not None else 0)
         a.offload = ctypes.addressof(e)
-        ext = (e, provider, bank, experts, x2, h2, ids, wts, so)
+        ext = _Offload(e, provider, bank, experts, x2, h2, ids, wts, so)
     return a, (None if static else (layer, H * D, Hkv, D)), ext, xa
 
 
@@ -1259,7 +1275,7 @@ def _layer_forward(self, hidden_states: torch.Tensor, attention_mask=None, posit
             out = torch.empty_like(hidden_states)
             a.out = out.data_ptr()
             rc = 0
-            bank = ext[2] if ext is not None else None
+            bank = ext.bank if ext is not None else None
             if dynamic is not None:  # up to rotary, transformers' append to the dynamic layer, then the rest
                 layer, rq, Hkv, D = dynamic
                 qkv = hidden_states.new_empty(rq + 2 * Hkv * D)
@@ -1275,23 +1291,22 @@ def _layer_forward(self, hidden_states: torch.Tensor, attention_mask=None, posit
                     with bank.lock if bank is not None else contextlib.nullcontext():
                         rc = fn(ctypes.byref(a))
                         if rc == 0 and bank is not None:
-                            ext[1].slot_hits(ext[6])
+                            ext.provider.slot_hits(ext.ids)
                     if rc not in (0, 4):
                         raise RuntimeError("fused decoder layer failed after the cache update")
             else:
                 with bank.lock if bank is not None else contextlib.nullcontext():
                     rc = fn(ctypes.byref(a))
                     if rc == 0 and bank is not None:
-                        ext[1].slot_hits(ext[6])
+                        ext.provider.slot_hits(ext.ids)
             if rc == 0 and bank is not None:
                 calls["layer_slots"] += 1
-                ext[1].after_hits(ext[4])
+                ext.provider.after_hits(ext.x2)
             if rc == 4:  # the experts are the provider's (a miss, or no slot bank): then the residual add
-                _e, provider, _bank, experts, x2, h2, ids, wts, so = ext
-                moe = provider.forward(experts, x2, ids, wts)
-                if so is not None:  # + the shared expert's output (the native call's), rounded as transformers' block
-                    moe = moe.view(so.shape) + so
-                torch.add(h2, moe.view(h2.shape), out=out)
+                moe = ext.provider.forward(ext.experts, ext.x2, ext.ids, ext.wts)
+                if ext.so is not None:  # + the shared expert's output (the native call's), rounded as transformers'
+                    moe = moe.view(ext.so.shape) + ext.so
+                torch.add(ext.h2, moe.view(ext.h2.shape), out=out)
                 calls["layer_split"] += 1
                 rc = 0
             if rc == 0:
