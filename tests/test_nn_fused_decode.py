@@ -65,6 +65,24 @@ def test_decode_logits_equal_transformers_modules(arch: str, dtype: torch.dtype,
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("cache_kind", ["static", "dynamic"])
+def test_every_norm_weight_reaches_its_place(arch: str, cache_kind: str) -> None:
+    """Random weights in every RMSNorm (input, post-attention, q/k norms, final), each different: a whole-layer step
+    that read one norm's weight for another's (the tiny models' norms start at ones) would not match in fp32."""
+    m = _model(arch, torch.float32)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for mod in m.modules():
+            if type(mod).__name__ in fused_decode.RMSNORM_CLASSES:
+                mod.weight.copy_(1 + 0.5 * torch.randn(mod.weight.shape, generator=g))
+    reference = _decode(m, False, cache_kind)
+    fused_decode.calls.clear()
+    fused = _decode(m, True, cache_kind)
+    assert fused_decode.calls["layer"] > 0
+    torch.testing.assert_close(fused, reference, rtol=0, atol=ATOL[torch.float32])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_generate_tokens_identical(arch: str) -> None:
     """transformers' generate (static cache, as bench_decode; and its default dynamic cache, as moekit generate's
     loop uses): the same greedy tokens with and without the fused ops."""
