@@ -13,7 +13,7 @@ import torch
 from moekit.nn import fused_decode
 from moekit.nn.cpu_kernels import use_for_linears
 from moekit.nn.dispatch import use_moekit_experts
-from moekit.testing import decode_logits, tiny_model
+from moekit.testing import decode_logits, greedy_tokens, tiny_model
 
 HAS_COMPILER = any(shutil.which(c) for c in ("c++", "g++", "clang++"))
 pytestmark = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the fused ops are off")
@@ -92,10 +92,7 @@ def test_greedy_generate_tokens_identical(arch: str) -> None:
     for fused in (False, True):
         fused_decode.use_fused_decode(m, enable=fused)
         for cache in ("static", "dynamic"):
-            kwargs = {"cache_implementation": "static"} if cache == "static" else {}
-            with torch.no_grad():
-                out = m.generate(ids, max_new_tokens=12, do_sample=False, disable_compile=True, **kwargs)
-            tokens[fused, cache] = out[0, 7:].tolist()
+            tokens[fused, cache] = greedy_tokens(m, ids, 12, cache)
     assert tokens[True, "static"] == tokens[False, "static"] == tokens[True, "dynamic"] == tokens[False, "dynamic"]
 
 
@@ -321,11 +318,8 @@ def test_qwen2_moe_greedy_tokens_and_the_shared_expert_matter() -> None:
     for fused in (False, True):
         fused_decode.use_fused_decode(m, enable=fused)
         for cache in ("static", "dynamic"):
-            kwargs = {"cache_implementation": "static"} if cache == "static" else {}
             fused_decode.calls.clear()
-            with torch.no_grad():
-                out = m.generate(ids, max_new_tokens=12, do_sample=False, disable_compile=True, **kwargs)
-            tokens[fused, cache] = out[0, 7:].tolist()
+            tokens[fused, cache] = greedy_tokens(m, ids, 12, cache)
             assert fused_decode.calls["layer"] == (11 * m.config.num_hidden_layers if fused else 0)
     assert len(set(map(tuple, tokens.values()))) == 1
     m = _qwen2_with_biases(torch.float32)

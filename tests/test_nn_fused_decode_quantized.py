@@ -20,7 +20,7 @@ from moekit.nn import (
 )
 from moekit.nn.cpu_kernels import use_for_linears
 from moekit.nn.dispatch import use_moekit_experts
-from moekit.testing import decode_logits, save_tiny_checkpoint, tiny_model
+from moekit.testing import decode_logits, greedy_tokens, save_tiny_checkpoint, tiny_model
 
 HAS_COMPILER = any(shutil.which(c) for c in ("c++", "g++", "clang++"))
 pytestmark = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the fused ops are off")
@@ -86,11 +86,8 @@ def test_quantized_layer_step_greedy_tokens_identical(arch: str, experts: str) -
     for fused in (False, True):
         fused_decode.use_fused_decode(m, enable=fused)
         for cache in ("static", "dynamic"):
-            kwargs = {"cache_implementation": "static"} if cache == "static" else {}
             fused_decode.calls.clear()
-            with torch.no_grad():
-                out = m.generate(ids, max_new_tokens=10, do_sample=False, disable_compile=True, **kwargs)
-            tokens[fused, cache] = out[0, 7:].tolist()
+            tokens[fused, cache] = greedy_tokens(m, ids, 10, cache)
             assert fused_decode.calls["layer"] == (9 * _whole_layers(m) if fused else 0)
     assert tokens[True, "static"] == tokens[False, "static"] == tokens[True, "dynamic"] == tokens[False, "dynamic"]
 

@@ -285,6 +285,16 @@ def decode_logits(model, cache_kind: str = "static", steps: int = 5, prompt_len:
     return torch.stack(out)
 
 
+def greedy_tokens(model, ids: torch.Tensor, new_tokens: int, cache_kind: str = "static") -> list[int]:
+    """The ``new_tokens`` greedy tokens transformers' ``generate`` gives after ``ids`` (one sequence), with a static
+    cache (``cache_kind="static"``, as bench_decode) or its default dynamic cache (as ``moekit generate``'s loop):
+    for comparing decode implementations token for token."""
+    kwargs = {"cache_implementation": "static"} if cache_kind == "static" else {}
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, disable_compile=True, **kwargs)
+    return out[0, ids.shape[1]:].tolist()
+
+
 def save_tiny_checkpoint(arch: str, path, seed: int = 0, with_tokenizer: bool = True, **overrides):
     """Write a tiny random ``arch`` model as a normal HF checkpoint directory (with the bundled
     tokenizer, so text commands work on it); returns the path."""

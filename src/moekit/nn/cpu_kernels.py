@@ -409,6 +409,23 @@ def load_library(source: str = SOURCE, stem: str = "moekit_gemv") -> ctypes.CDLL
         return lib
 
 
+_ENTRIES: dict = {}  # (library, name) → entry point: the per-call lookup is one dict access
+
+
+def library_entry(source: str, stem: str, name: str) -> Callable[..., int] | None:
+    """Entry point ``name`` (int result) of the kernel library built from ``source`` as ``stem`` (``load_library``),
+    looked up once; None when the library or that entry is missing. Kernel modules with their own source
+    (``cpu_kernels_int4``, ``cpu_kernels_amx``) reach their entries through this."""
+    lib = load_library(source, stem)
+    key = (id(lib), name)
+    if key not in _ENTRIES:
+        fn = getattr(lib, name, None) if lib is not None else None
+        if fn is not None:
+            fn.restype = ctypes.c_int
+        _ENTRIES[key] = fn
+    return _ENTRIES[key]
+
+
 def _load() -> ctypes.CDLL | None:
     """The decode kernel library (SOURCE), built and loaded once per process; None when disabled or no compiler."""
     return load_library()

@@ -239,19 +239,9 @@ STEM = "moekit_amx"
 # Below about 32 rows per weight matrix (per used expert, or of a linear's input) torch's fp16 GEMM is as fast: the
 # kernel pads rows to 16-row tiles and splits every weight once per call (measured in docs/nn.md).
 AMX_MIN_ROWS = 32
-_FNS: dict = {}
-
-
 def _fn(name: str):
     """The AMX library's entry point ``name`` (int result), or None when it did not build."""
-    lib = cpu_kernels.load_library(SOURCE, STEM)
-    key = (id(lib), name)
-    if key not in _FNS:
-        fn = getattr(lib, name, None) if lib is not None else None
-        if fn is not None:
-            fn.restype = ctypes.c_int
-        _FNS[key] = fn
-    return _FNS[key]
+    return cpu_kernels.library_entry(SOURCE, STEM, name)
 
 
 _AVAILABLE: list[bool] = []

@@ -405,19 +405,9 @@ _DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: 
 STEM = "moekit_gemv_int4"
 
 
-_FNS: dict = {}  # (library, name) → entry point: the per-call lookup is one dict access
-
-
 def _fn(name: str):
     """The int4 library's entry point ``name``, or None when the library (or that dtype's variant) is missing."""
-    lib = cpu_kernels.load_library(SOURCE, STEM)
-    key = (id(lib), name)
-    if key not in _FNS:
-        fn = getattr(lib, name, None) if lib is not None else None
-        if fn is not None:
-            fn.restype = ctypes.c_int
-        _FNS[key] = fn
-    return _FNS[key]
+    return cpu_kernels.library_entry(SOURCE, STEM, name)
 
 
 def int4_activations() -> str:
