@@ -336,6 +336,7 @@ def prepare_offloaded_int4(checkpoint: str, out: str, group_size: int) -> None:
     from moekit.compress.quantize import quantize
     from moekit.nn import quantize_linears_int8
     from moekit.nn.dispatch import use_moekit_experts
+    from moekit.nn.fused_decode import use_fused_decode
     from moekit.serve.engine import OffloadEngine
     from moekit.serve.store import load_offloaded, store_for
 
@@ -345,6 +346,7 @@ def prepare_offloaded_int4(checkpoint: str, out: str, group_size: int) -> None:
     lm.model.generation_config.pad_token_id = 0
     use_moekit_experts(lm.model)
     quantize_linears_int8(lm.model, keep_float=False)
+    use_fused_decode(lm.model)  # as moekit generate / serve (use_fast_decode)
     engine = OffloadEngine(lm, store_for(lm), slots=lm.model.config.num_experts).start()
     for v in lm.moe:
         engine.access(v.index, list(range(v.num_experts)), decode=False)

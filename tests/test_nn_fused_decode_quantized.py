@@ -147,9 +147,9 @@ def test_packed_int4_checkpoint_decodes_through_whole_layers(tmp_path, monkeypat
         assert fused_decode.calls["layer"] == 5 * _whole_layers(lm.model) > 0
 
 
-def test_offloaded_packed_int4_with_int8_linears_takes_the_split_step(tmp_path, monkeypatch) -> None:
+def test_offloaded_packed_int4_with_int8_linears_runs_in_the_native_step(tmp_path, monkeypatch) -> None:
     """Offloaded packed int4 experts (every expert in the cache's slots) with int8 attention linears: the native
-    call runs the int8 attention and the router, the engine its int4 experts; logits equal the in-memory packed
+    call runs the int8 attention, the router and the int4 experts on the slots; logits equal the in-memory packed
     model's whole int4 layers (fp32, float activations: the fused ops' tolerance)."""
     from moekit.compress.quantize import quantize
     from moekit.serve.engine import OffloadEngine
@@ -178,4 +178,5 @@ def test_offloaded_packed_int4_with_int8_linears_takes_the_split_step(tmp_path, 
     finally:
         engine.stop()
     torch.testing.assert_close(got, reference, rtol=0, atol=1e-5)
-    assert fused_decode.calls["layer"] == fused_decode.calls["layer_split"] == 5 * _whole_layers(lm.model)
+    # every expert cached: the int4 kernel runs on the slots inside the native call, with the int8 linears
+    assert fused_decode.calls["layer"] == fused_decode.calls["layer_slots"] == 5 * _whole_layers(lm.model)

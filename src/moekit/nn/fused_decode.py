@@ -952,12 +952,14 @@ this attribute, and a whole-layer step then runs up to the router in the native 
 
 class SlotBank(NamedTuple):
     """Banks of ``slots`` experts (``gate_up`` [slots, 2I, H], ``down`` [slots, H, I]) with ``table`` (int64 [E]:
-    expert → slot, -1 for experts not usable now) and the ``lock`` under which the table does not change."""
+    expert → slot, -1 for experts not usable now) and the ``lock`` under which the table does not change. Packed int4
+    slots: ``int4`` holds their tensors by ``INT4_BUFFERS`` name (``gate_up``/``down`` are then their codes)."""
 
     gate_up: torch.Tensor
     down: torch.Tensor
     table: torch.Tensor
     lock: Any
+    int4: dict[str, torch.Tensor] | None = None
 
 
 class _Offload(NamedTuple):
@@ -1035,34 +1037,48 @@ def _expert_banks(experts: torch.nn.Module, x: torch.Tensor, num_experts: int) -
     others stay 0), or None when the decode kernels of their per-module forward would not run them. Formats as
     moekit's experts forward picks them: packed int4 (``quantize_experts_int4``, a packed load), else int8
     (``quantize_experts_int8``), else float."""
-    dtype, hidden = x.dtype, x.shape[-1]
     buffers = experts._buffers
     if INT4_BUFFERS[0] in buffers:
-        q1, s1, z1, q2, s2, z2 = (buffers.get(n) for n in INT4_BUFFERS)
-        if any(t is None for t in (s1, z1, q2, s2, z2)):
+        return _int4_bank_fields(buffers, x, num_experts)
+    return _int8_or_float_banks(experts, x, num_experts)
+
+
+def _int4_bank_fields(buffers: dict, x: torch.Tensor, num_experts: int) -> dict[str, int] | None:
+    """``LayerArgs``' fields of packed int4 banks (``INT4_BUFFERS`` in ``buffers``: an experts module's, or an expert
+    cache's slots) of ``num_experts`` experts (or slots) for the MoE input ``x`` [1, H]; None when the int4 kernel
+    would not run them."""
+    dtype, hidden = x.dtype, x.shape[-1]
+    q1, s1, z1, q2, s2, z2 = (buffers.get(n) for n in INT4_BUFFERS)
+    if any(t is None for t in (s1, z1, q2, s2, z2)):
+        return None
+    fn = _int4_entry(dtype)
+    if fn is None or q2.dim() != 3:
+        return None
+    inner = 2 * q2.shape[2]
+    groups = []
+    for q, sc, z, rows, cols in ((q1, s1, z1, 2 * inner, hidden), (q2, s2, z2, hidden, inner)):
+        if (q.dtype != torch.uint8 or sc.dtype != torch.float16 or z.dtype != torch.uint8 or q.dim() != 3
+                or sc.dim() != 3 or q.shape != (num_experts, rows, cols // 2) or q.stride(-1) != 1
+                or sc.shape != z.shape or sc.shape[:2] != q.shape[:2] or sc.stride() != z.stride()
+                or sc.stride(-1) != 1 or any(t.device.type != "cpu" for t in (q, sc, z))):
             return None
-        fn = _int4_entry(dtype)
-        if fn is None or q2.dim() != 3:
+        g = sc.shape[2]
+        if g < 1 or cols % g or (cols // g) % 2:  # the int4 kernel's group sizes: even, whole groups per row
             return None
-        inner = 2 * q2.shape[2]
-        groups = []
-        for q, sc, z, rows, cols in ((q1, s1, z1, 2 * inner, hidden), (q2, s2, z2, hidden, inner)):
-            if (q.dtype != torch.uint8 or sc.dtype != torch.float16 or z.dtype != torch.uint8 or q.dim() != 3
-                    or sc.dim() != 3 or q.shape != (num_experts, rows, cols // 2) or q.stride(-1) != 1
-                    or sc.shape != z.shape or sc.shape[:2] != q.shape[:2] or sc.stride() != z.stride()
-                    or sc.stride(-1) != 1 or any(t.device.type != "cpu" for t in (q, sc, z))):
-                return None
-            g = sc.shape[2]
-            if g < 1 or cols % g or (cols // g) % 2:  # the int4 kernel's group sizes: even, whole groups per row
-                return None
-            groups.append(cols // g)
-        qx = int(cpu_kernels_int4.int4_activations() == "int8")
-        return {**_bank_fields(q1, q2, inner), "expert_format": 2, "gate_up_scale": s1.data_ptr(),
-                "down_scale": s2.data_ptr(), "expert_act_int8": qx, "gate_up_zeros": z1.data_ptr(),
-                "down_zeros": z2.data_ptr(), "gate_up_group_estride": s1.stride(0),
-                "gate_up_group_rstride": s1.stride(1), "down_group_estride": s2.stride(0),
-                "down_group_rstride": s2.stride(1), "gate_up_group_size": groups[0], "down_group_size": groups[1],
-                "int4_kernel": fn}
+        groups.append(cols // g)
+    qx = int(cpu_kernels_int4.int4_activations() == "int8")
+    return {**_bank_fields(q1, q2, inner), "expert_format": 2, "gate_up_scale": s1.data_ptr(),
+            "down_scale": s2.data_ptr(), "expert_act_int8": qx, "gate_up_zeros": z1.data_ptr(),
+            "down_zeros": z2.data_ptr(), "gate_up_group_estride": s1.stride(0),
+            "gate_up_group_rstride": s1.stride(1), "down_group_estride": s2.stride(0),
+            "down_group_rstride": s2.stride(1), "gate_up_group_size": groups[0], "down_group_size": groups[1],
+            "int4_kernel": fn}
+
+
+def _int8_or_float_banks(experts: torch.nn.Module, x: torch.Tensor, num_experts: int) -> dict[str, int] | None:
+    """``_expert_banks`` for experts that are not packed int4: int8 (``quantize_experts_int8``) or float."""
+    dtype, hidden = x.dtype, x.shape[-1]
+    buffers = experts._buffers
     if INT8_BUFFERS[0] in buffers:
         q1, s1, q2, s2 = (buffers.get(n) for n in INT8_BUFFERS)
         if any(t is None for t in (s1, q2, s2)) or q2.dim() != 3:
@@ -1197,13 +1213,17 @@ def _layer_args(self, h: torch.Tensor, mask, cache, pos_emb) -> tuple | None:
         if provider is None:
             return None
         bank = provider.slot_bank()
-        if bank is not None and (_lean_module_check(experts) or _lean_banks_check(bank.gate_up, bank.down, h)
-                                 or bank.table.dtype != torch.int64 or not bank.table.is_contiguous()
-                                 or bank.table.numel() != rw.shape[0]):
+        if bank is not None and (_lean_module_check(experts) or bank.table.dtype != torch.int64
+                                 or not bank.table.is_contiguous() or bank.table.numel() != rw.shape[0]):
             bank = None
-        w1, w2 = (bank.gate_up, bank.down) if bank is not None else (torch.empty(0, 0, 0, dtype=dt),) * 2
-        # (no slot bank: the native call stops after the router)
-        banks = _bank_fields(w1, w2, w2.shape[2])
+        banks = None
+        if bank is not None and bank.int4 is not None:  # packed int4 slots: the int4 kernel on them
+            banks = _int4_bank_fields(bank.int4, x2, bank.gate_up.shape[0])
+        elif bank is not None and not _lean_banks_check(bank.gate_up, bank.down, h):
+            banks = _bank_fields(bank.gate_up, bank.down, bank.down.shape[2])
+        if banks is None:  # no slot bank: the native call stops after the router
+            bank = None
+            banks = _bank_fields(*(torch.empty(0, 0, 0, dtype=dt),) * 2, 0)
     a = LayerArgs(
         h=h.data_ptr(), ln1=ln1.weight.data_ptr(), ln2=ln2.weight.data_ptr(),
         wq=q.data_ptr(), wk=k.data_ptr(), wv=v.data_ptr(), wo=o.data_ptr(),

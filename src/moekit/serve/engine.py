@@ -590,9 +590,10 @@ class OffloadEngine:
 
 class _LayerExperts:
     """One offloaded layer as the whole-layer decode step sees it (``moekit.nn.fused_decode.EXPERTS_PROVIDER``): the
-    engine's experts forward for a step it hands over (a miss), and, under moekit's dispatch on float slots, the slot
-    bank with the cache's expert → slot table, on which the native step runs a step whose experts are all resident
-    (the kernel ``_decode_in_parts`` runs on the same slots), then the bookkeeping that path's lookup does."""
+    engine's experts forward for a step it hands over (a miss), and, under moekit's dispatch on float or packed int4
+    slots, the slot bank with the cache's expert → slot table, on which the native step runs a step whose experts are
+    all resident (the kernels ``_decode_in_parts`` and ``_forward_int4`` run on the same slots), then the
+    bookkeeping that path's lookup does."""
 
     def __init__(self, engine: OffloadEngine, lc: LayerCache) -> None:
         self.engine, self.lc = engine, lc
@@ -602,10 +603,13 @@ class _LayerExperts:
 
     def slot_bank(self) -> SlotBank | None:
         lc, bank = self.lc, self.lc.bank
+        if self.engine._prev_impl != "moekit" or not lc.slots:
+            return None
+        if INT4_BUFFERS[0] in bank:  # packed int4 slots: the native step runs the int4 kernel on them
+            return SlotBank(bank[INT4_BUFFERS[0]], bank[INT4_BUFFERS[3]], lc.table, self.engine.lock, dict(bank))
         w1, w2 = bank.get("gate_up_proj"), bank.get("down_proj")
-        if (self.engine._prev_impl != "moekit" or not lc.slots or w1 is None or w2 is None or len(bank) != 2
-                or not decodes_by_gemv(w1)):
-            return None  # packed int4 slots, biases, another layout or implementation: the engine's forward
+        if w1 is None or w2 is None or len(bank) != 2 or not decodes_by_gemv(w1):
+            return None  # biases, another layout: the engine's forward
         return SlotBank(w1, w2, lc.table, self.engine.lock)
 
     def slot_hits(self, ids: torch.Tensor) -> None:
