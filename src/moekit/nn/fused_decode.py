@@ -1280,6 +1280,17 @@ def _qwen2_extras(attn, sx, sg, dtype: torch.dtype, hidden: int) -> ctypes.Struc
     return xa
 
 
+def _call_with_slots(fn: Callable, a: ctypes.Structure, ext: _Offload | None) -> int:
+    """``layer_step`` (its last phase); with an offloaded slot bank, under the bank's lock (no slot changes during the
+    call) and, when it ran every expert on the slots, the provider's bookkeeping of those hits before the lock goes."""
+    bank = ext.bank if ext is not None else None
+    with bank.lock if bank is not None else contextlib.nullcontext():
+        rc = fn(ctypes.byref(a))
+        if rc == 0 and bank is not None:
+            ext.provider.slot_hits(ext.ids)
+    return rc
+
+
 def _layer_forward(self, hidden_states: torch.Tensor, attention_mask=None, position_ids=None, cache=None,
                    use_cache=False, position_embeddings=None, past_key_values=None, **kwargs):
     """A decoder layer's one-token step in one native call (``layer_step``; a dynamic cache: two, around
@@ -1308,17 +1319,11 @@ def _layer_forward(self, hidden_states: torch.Tensor, attention_mask=None, posit
                     a.k_cache, a.v_cache, a.cache_len, a.phase = keys.data_ptr(), values.data_ptr(), keys.shape[2], 2
                     a.k_head_stride, a.k_pos_stride = keys.stride(1), keys.stride(2)
                     a.v_head_stride, a.v_pos_stride = values.stride(1), values.stride(2)
-                    with bank.lock if bank is not None else contextlib.nullcontext():
-                        rc = fn(ctypes.byref(a))
-                        if rc == 0 and bank is not None:
-                            ext.provider.slot_hits(ext.ids)
+                    rc = _call_with_slots(fn, a, ext)
                     if rc not in (0, 4):
                         raise RuntimeError("fused decoder layer failed after the cache update")
             else:
-                with bank.lock if bank is not None else contextlib.nullcontext():
-                    rc = fn(ctypes.byref(a))
-                    if rc == 0 and bank is not None:
-                        ext.provider.slot_hits(ext.ids)
+                rc = _call_with_slots(fn, a, ext)
             if rc == 0 and bank is not None:
                 calls["layer_slots"] += 1
                 ext.provider.after_hits(ext.x2)

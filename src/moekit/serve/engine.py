@@ -606,7 +606,7 @@ class _LayerExperts:
         if self.engine._prev_impl != "moekit" or not lc.slots:
             return None
         if INT4_BUFFERS[0] in bank:  # packed int4 slots: the native step runs the int4 kernel on them
-            return SlotBank(bank[INT4_BUFFERS[0]], bank[INT4_BUFFERS[3]], lc.table, self.engine.lock, dict(bank))
+            return SlotBank(bank[INT4_BUFFERS[0]], bank[INT4_BUFFERS[3]], lc.table, self.engine.lock, bank)
         w1, w2 = bank.get("gate_up_proj"), bank.get("down_proj")
         if w1 is None or w2 is None or len(bank) != 2 or not decodes_by_gemv(w1):
             return None  # biases, another layout: the engine's forward
