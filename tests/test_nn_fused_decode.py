@@ -393,3 +393,124 @@ def test_qwen2_moe_with_quantized_experts_and_int8_linears(monkeypatch, experts:
         torch.testing.assert_close(fused, reference, rtol=0, atol=1e-5)
         assert fused_decode.calls["layer"] == (0 if int8_linears else 5 * layers)
         assert fused_decode.calls["attention"] == (5 * layers if int8_linears else 0)
+
+
+def _glm4(arch: str, dtype: torch.dtype, **overrides):
+    """The tiny GLM4-MoE (partial rotary, a dense first layer, a shared expert, DeepSeek-V3's router with groups)
+    or dots1 with random q/k/v biases (``attention_bias``; dots1 has no o_proj bias here: that layer would take the
+    per-module path), on moekit's kernels."""
+    m = tiny_model(arch, dtype=dtype, **overrides)
+    m.generation_config.eos_token_id = None
+    m.generation_config.pad_token_id = 0
+    use_moekit_experts(m)
+    use_for_linears(m)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for layer in m.model.layers:
+            for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                if p.bias is not None:
+                    p.bias.copy_((torch.randn(p.bias.shape, generator=g) * 0.5).to(dtype))
+    return m
+
+
+GLM4_VARIANTS = {"glm4_moe": ("glm4_moe", dict(attention_bias=True)),  # GLM-4.5(-Air): biases, no q/k norms
+                 "glm4_moe-qk-norm": ("glm4_moe", dict(attention_bias=True, use_qk_norm=True)),  # GLM-4.5 (355B)
+                 "dots1": ("dots1", dict())}
+
+
+@pytest.mark.parametrize("variant", list(GLM4_VARIANTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cache_kind", ["static", "dynamic"])
+def test_glm4_moe_whole_layer_matches_eager(variant: str, dtype: torch.dtype, cache_kind: str) -> None:
+    """GLM4-MoE / dots1 MoE layers in the whole-layer step (DeepSeek-V3's sigmoid router with its selection bias and
+    groups, an ungated shared expert, q/k/v biases, partial rotary): decode logits equal the per-module fused ops'
+    (bf16 bit for bit; fp32 1e-5) and transformers' own modules' (eager experts, F.linear: the fused ops'
+    tolerance); every MoE layer's decode step is one native call, the dense first layer takes the fused modules."""
+    arch, overrides = GLM4_VARIANTS[variant]
+    m = _glm4(arch, dtype, **overrides)
+    plain = _glm4(arch, dtype, **overrides)
+    use_for_linears(plain, enable=False)
+    plain.set_experts_implementation("eager")
+    transformers_own = decode_logits(plain, cache_kind)
+    fused_decode.calls.clear()
+    whole = _decode(m, True, cache_kind)
+    layers, dense = m.config.num_hidden_layers, m.config.first_k_dense_replace
+    assert dense == 1 and layers == 3
+    assert fused_decode.calls["layer"] == 5 * (layers - dense)
+    assert fused_decode.calls["attention"] == fused_decode.calls["qkv"] == 5 * dense
+    assert fused_decode.calls["router"] == fused_decode.calls["experts"] == 0
+    assert fused_decode.calls["rope"] == 5 and fused_decode.calls["rmsnorm"] == 5 * (2 * dense + 1)
+    for layer in m.model.layers:  # the per-module fused ops: the layers' own forwards
+        layer.__dict__.pop("forward", None)
+    fused_decode.calls.clear()
+    modules = decode_logits(m, cache_kind)
+    assert fused_decode.calls["layer"] == 0 and fused_decode.calls["router"] == 5 * (layers - dense)
+    assert fused_decode.calls["attention"] == 5 * layers
+    if dtype == torch.bfloat16:
+        assert torch.equal(whole, modules)
+    else:
+        torch.testing.assert_close(whole, modules, rtol=0, atol=1e-5)
+    torch.testing.assert_close(whole, transformers_own, rtol=0, atol=ATOL[dtype])
+
+
+@pytest.mark.parametrize("cache_kind", ["static", "dynamic"])
+def test_glm4_moe_every_part_counts(cache_kind: str) -> None:
+    """fp32, against transformers' own modules (1e-5): random RMSNorm weights (each norm in its place), a strong
+    selection bias (it picks the experts but is not in their weights), routed scaling; each changes the logits."""
+    m = _glm4("glm4_moe", torch.float32, attention_bias=True, use_qk_norm=True)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for mod in m.modules():
+            if type(mod).__name__ in fused_decode.RMSNORM_CLASSES:
+                mod.weight.copy_(1 + 0.5 * torch.randn(mod.weight.shape, generator=g))
+            if type(mod).__name__ == "Glm4MoeTopkRouter":
+                mod.e_score_correction_bias.copy_(torch.randn(mod.e_score_correction_bias.shape, generator=g))
+    reference = _decode(m, False, cache_kind)
+    fused_decode.calls.clear()
+    fused = _decode(m, True, cache_kind)
+    assert fused_decode.calls["layer"] == 5 * 2
+    torch.testing.assert_close(fused, reference, rtol=0, atol=1e-5)
+    router = m.model.layers[1].mlp.gate
+    for name, value in (("routed_scaling_factor", 1.0), ("topk_group", 4)):
+        old = getattr(router, name)
+        setattr(router, name, value)
+        changed = _decode(m, True, cache_kind)
+        torch.testing.assert_close(changed, _decode(m, False, cache_kind), rtol=0, atol=1e-5)
+        assert not torch.allclose(changed, fused, rtol=0, atol=1e-3), name
+        setattr(router, name, old)
+
+
+@pytest.mark.parametrize("arch", ["glm4_moe", "dots1", "deepseek_v3"])
+@pytest.mark.parametrize("shape", [(8, 3, 4, 2), (128, 8, 1, 1), (256, 8, 8, 4), (64, 1, 1, 1)])
+def test_sigmoid_router_step_equals_the_module(arch: str, shape: tuple) -> None:
+    """DeepSeek-V3's router (GLM4-MoE, dots1) in one call: over 100 random bf16 inputs the same expert ids in the same
+    order (torch.topk's: partial_sort or nth_element, unsorted), fp32 weights and logits within their fp32 sums'
+    order (a few ulps), for groups of experts, GLM-4.5's single group and DeepSeek-V3's 8 groups of 32."""
+    from transformers import AutoModelForCausalLM
+
+    from moekit.testing import tiny_config
+
+    E, k, G, tg = shape
+    cfg = tiny_config(arch, n_routed_experts=E, num_experts_per_tok=k, n_group=G, topk_group=tg, hidden_size=64,
+                      num_hidden_layers=2)
+    model = AutoModelForCausalLM.from_config(cfg)
+    router = model.model.layers[1].mlp.gate
+    assert type(router).__name__ in fused_decode.ROUTER_CLASSES and router.weight.dtype == torch.float32
+    g = torch.Generator().manual_seed(E)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(router.weight.shape, generator=g) * 0.3)
+        router.e_score_correction_bias.copy_(torch.randn(E, generator=g) * 0.1)
+    fused_decode.use_fused_decode(model)
+    fused_decode.calls.clear()
+    for _ in range(100):
+        x = torch.randn(1, 1, 64, generator=g).to(torch.bfloat16)
+        logits, weights, ids = type(router).forward(router, x)
+        f_logits, f_weights, f_ids = router(x)
+        assert torch.equal(f_ids, ids)
+        assert f_weights.dtype == f_logits.dtype == torch.float32
+        torch.testing.assert_close(f_weights, weights, rtol=4e-6, atol=0)
+        torch.testing.assert_close(f_logits, logits, rtol=0, atol=4e-6)
+    assert fused_decode.calls["router"] == 100
+    router.topk_group = G + 1  # a layout torch refuses: the module's own forward (and its error)
+    with pytest.raises(RuntimeError):
+        router(x)

@@ -46,6 +46,12 @@ def checkpoints(tmp_path_factory):
             for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 p.bias.copy_(torch.randn(p.bias.shape, generator=g) * 0.5)
     paths["qwen2_moe"] = write_checkpoint(root / "qwen2_moe", model=qwen2)
+    glm4 = tiny_model("glm4_moe", attention_bias=True)  # biases, partial rotary, DeepSeek-V3's router, shared expert
+    with torch.no_grad():
+        for layer in glm4.model.layers:
+            for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                p.bias.copy_(torch.randn(p.bias.shape, generator=g) * 0.5)
+    paths["glm4_moe"] = write_checkpoint(root / "glm4_moe", model=glm4)
     return paths
 
 
@@ -93,7 +99,7 @@ def _state(engine: OffloadEngine) -> tuple:
     return {k: s.get(k) for k in keys}, layers
 
 
-@pytest.mark.parametrize("arch", ["olmoe", "qwen3_moe", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("arch", ["olmoe", "qwen3_moe", "mixtral", "qwen2_moe", "glm4_moe"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("cache_kind", ["static", "dynamic"])
 @pytest.mark.parametrize("cached", ["all", "half"])
@@ -109,7 +115,7 @@ def test_offloaded_whole_layer_steps_equal_in_memory_and_the_per_module_path(che
     memory = moekit.load(path, dtype=dtype, with_tokenizer=False).model
     _fast(memory)
     reference = decode_logits(memory, cache_kind, STEPS)
-    num_experts = memory.config.num_experts
+    num_experts = getattr(memory.config, "num_experts", None) or memory.config.n_routed_experts
     slots, warm = (num_experts, True) if cached == "all" else (num_experts // 2, False)
     states, logits = {}, {}
     for mode in MODES if dtype == torch.float32 else MODES[:2]:

@@ -59,14 +59,24 @@ _QWEN2_FIELDS = (
     ("qkv_bias", _I64 * 3, "q, k, v bias addresses (0: none; float projections only): gemv_multi's bias array"),
     ("sx_gate", _I64, "shared expert: gate_proj weight"),
     ("sx_up", _I64, "shared expert: up_proj weight"),
-    ("sx_gate_scalar", _I64, "shared_expert_gate weight [1, hidden]"),
+    ("sx_gate_scalar", _I64, "shared_expert_gate weight [1, hidden] (0: ungated, GLM4-MoE / DeepSeek-V3)"),
     ("sx_down", _I64, "shared expert: down_proj weight (0: no shared expert)"),
     ("sx_inner", _I64, "shared expert: inner size"),
     ("sx_rstride", _I64, "row stride of sx_gate, sx_up and sx_gate_scalar"),
     ("sx_down_rstride", _I64, "row stride of sx_down"),
     ("sx_out", _I64, "where the shared expert's output goes (0: scratch)"),
 )
-"""Qwen2-MoE's q/k/v biases and gated shared expert, optional parts of ``layer_step`` (``LayerArgs.extras``)."""
+"""Qwen2-MoE's q/k/v biases and gated shared expert, optional parts of ``layer_step`` (``LayerArgs.extras``); also the
+biases and ungated shared experts of GLM4-MoE / dots1 (``sx_gate_scalar`` 0)."""
+_SIGMOID_ROUTER_FIELDS = (
+    ("bias", _I64, "e_score_correction_bias, fp32 [experts]: added to the scores for choosing only"),
+    ("groups", _I64, "n_group: the experts in that many equal consecutive groups"),
+    ("topk_group", _I64, "groups kept: those with the largest sums of their 2 best scores"),
+    ("weight_f32", _I64, "the router's weight in fp32 (transformers keeps it so), else in the dtype"),
+    ("scaling", ctypes.c_float, "routed_scaling_factor, times the chosen (renormalised) scores"),
+)
+"""DeepSeek-V3's router (GLM4-MoE, dots1): sigmoid scores of fp32 logits, group-limited top-k over the scores plus a
+selection bias, the scores (not the bias) as weights, renormalised, scaled (``LayerArgs.sigmoid_router``)."""
 _LAYER_FIELDS = (
     ("h", _I64, "hidden state in [hidden]"),
     ("out", _I64, "hidden state out [hidden]"),
@@ -135,6 +145,8 @@ _LAYER_FIELDS = (
     ("down_group_size", _I64, "int4: down's group size"),
     ("int4_kernel", _I64, "int4: the address of cpu_kernels_int4's moekit_gemv_int4_<dtype>"),
     ("extras", _I64, "Qwen2Extras (0: none)"),
+    ("sigmoid_router", _I64, "SigmoidRouter (0: the softmax top-k router)"),
+    ("rotary_dim", _I64, "rotary on the first rotary_dim values of each head (0: all head_dim)"),
     ("eps", ctypes.c_float, "eps of the layer norms"),
     ("qk_eps", ctypes.c_float, "eps of the q/k norms"),
     ("scale", ctypes.c_float, "attention scale"),
@@ -164,13 +176,17 @@ def _structure(name: str, fields: tuple, doc: str) -> type[ctypes.Structure]:
 
 OffloadExperts = _structure("OffloadExperts", _OFFLOAD_FIELDS, "``layer_step``'s experts an offload engine owns.")
 Qwen2Extras = _structure("Qwen2Extras", _QWEN2_FIELDS, "``layer_step``'s Qwen2-MoE biases and shared expert.")
+SigmoidRouter = _structure("SigmoidRouter", _SIGMOID_ROUTER_FIELDS, "``layer_step``'s DeepSeek-V3-style router.")
 LayerArgs = _structure("LayerArgs", _LAYER_FIELDS, "``layer_step``'s arguments.")
 _C_STRUCTS = "\n/* ---- layer_step's arguments (made from fused_decode's _LAYER_FIELDS and co.) ---- */\n" + "".join(
     _c_struct(n, f) for n, f in (("OffloadExperts", _OFFLOAD_FIELDS), ("Qwen2Extras", _QWEN2_FIELDS),
-                                 ("LayerArgs", _LAYER_FIELDS)))
+                                 ("SigmoidRouter", _SIGMOID_ROUTER_FIELDS), ("LayerArgs", _LAYER_FIELDS)))
 
 SOURCE = cpu_kernels.SOURCE + _C_STRUCTS + r"""
 /* ---- fused decode ops (cpu_kernels' source above: its conversions, BF16/F16/F32 types and dot_rows) ---- */
+#include <algorithm>
+#include <cmath>
+#include <utility>
 template <class X> static inline float rnd(float f) { return X::get(X::put(f)); }  /* round to X's precision */
 
 /* transformers' RMSNorm over groups of n values: h = x * rsqrt(mean(x^2) + eps) in fp32, rounded to the dtype,
@@ -188,10 +204,12 @@ static void rmsnorm(const typename X::T* x, const typename X::T* w, typename X::
   }
 }
 
-/* rotate_half rotary on nh heads of D values in place, each product and the sum rounded like torch's ops. */
+/* rotate_half rotary on the first R of each of nh heads' D values in place (R < D: partial_rotary_factor, the
+   rest passes), each product and the sum rounded like torch's ops. */
 template <class X>
-static void rotary(typename X::T* v, int64_t nh, int64_t D, const typename X::T* cs, const typename X::T* sn) {
-  const int64_t h2 = D / 2;
+static void rotary(typename X::T* v, int64_t nh, int64_t D, int64_t R, const typename X::T* cs,
+                   const typename X::T* sn) {
+  const int64_t h2 = R / 2;
   for (int64_t h = 0; h < nh; h++) {
     typename X::T* p = v + h * D;
     for (int64_t d = 0; d < h2; d++) {
@@ -249,18 +267,19 @@ static int attend(const typename X::T* q, const typename X::T* kc, const typenam
 /* One decode step's attention between the projections. q [H*D], k [Hkv*D] are normed (qn/kn weights over groups
    of qg/kg values; null: none) and rotated in place. Static cache (cum != null): k and v are written at position
    p = *cum of the cache, *cum += 1, then attention over the L positions the mask allows. Without cum the caller
-   has written the cache (transformers' dynamic layer) and ``attend`` runs alone (``moekit_attend``). Return codes:
+   has written the cache (transformers' dynamic layer) and ``attend`` runs alone (``moekit_attend``). cs/sn hold R
+   values: rotary on the first R of each head's D. Return codes:
    0 done; 2 p >= L (nothing written: the caller's fallback raises transformers' own error); 1 nothing attended. */
 template <class X>
 static int attn_static(typename X::T* q, typename X::T* k, const typename X::T* v, const typename X::T* qn,
                        const typename X::T* kn, int64_t qg, int64_t kg, float eps, const typename X::T* cs,
-                       const typename X::T* sn, typename X::T* kc, typename X::T* vc, int64_t khs, int64_t kps,
+                       const typename X::T* sn, int64_t R, typename X::T* kc, typename X::T* vc, int64_t khs, int64_t kps,
                        int64_t vhs, int64_t vps, int64_t* cum, int64_t L, const uint8_t* mask, int64_t H,
                        int64_t Hkv, int64_t D, float scale, typename X::T* out, int nt) {
   if (cum && (*cum < 0 || *cum >= L)) return 2;
   if (qn) rmsnorm<X>(q, qn, q, H * D / qg, qg, eps);
   if (kn) rmsnorm<X>(k, kn, k, Hkv * D / kg, kg, eps);
-  if (cs) { rotary<X>(q, H, D, cs, sn); rotary<X>(k, Hkv, D, cs, sn); }
+  if (cs) { rotary<X>(q, H, D, R, cs, sn); rotary<X>(k, Hkv, D, R, cs, sn); }
   if (!cum) return 0;
   const int64_t p = *cum;
   for (int64_t g = 0; g < Hkv; g++) {
@@ -303,6 +322,65 @@ static void router(const typename X::T* x, const typename X::T* w, int64_t E, in
     if (sf32) ((float*)scores)[i] = v; else ((typename X::T*)scores)[i] = X::put(v);
   }
   free(p);
+}
+
+/* torch.topk's order on the CPU (aten's TopKImpl.h): of q [n] (value, index) the k largest first (NaN largest),
+   by std::partial_sort when k * 64 <= n, else std::nth_element (sorted: the first k - 1 then sorted too), so the
+   ids come in the order, and ties resolve as, transformers' router gets them. */
+typedef std::pair<float, int64_t> Ranked;
+static void torch_topk(Ranked* q, int64_t n, int64_t k, bool sorted) {
+  auto gt = [](const Ranked& x, const Ranked& y) -> bool {
+    return (std::isnan(x.first) && !std::isnan(y.first)) || x.first > y.first; };
+  if (k * 64 <= n) std::partial_sort(q, q + k, q + n, gt);
+  else { std::nth_element(q, q + k - 1, q + n, gt); if (sorted) std::sort(q, q + k - 1, gt); }
+}
+
+/* DeepSeek-V3's router (GLM4-MoE, dots1) for one token, as transformers' TopkRouter: logits = W x in fp32 (W: fp32,
+   or the dtype), scores = sigmoid(logits); choice = scores + bias; each of G groups scored by the sum of its 2
+   best choices, the topk_group best groups kept (the others' choices -inf), top-k of the choices; weights = the
+   chosen scores, renormalised (+ 1e-20) when norm, times the scaling; all fp32. logits [E], wts [k], idx [k].
+   1 for a layout torch would refuse (groups not dividing E, fewer than 2 experts per group, k over the kept). */
+template <class X, class W>
+static int router_sigmoid(const typename X::T* x, const typename W::T* w, int64_t E, int64_t n, int64_t k, int norm,
+                          const SigmoidRouter* r, float* logits, float* wts, int64_t* idx) {
+  const int64_t G = r->groups, per = G > 0 ? E / G : 0, tg = r->topk_group;
+  if (G < 1 || E % G || per < 2 || tg < 1 || tg > G || k < 1 || k > tg * per) return 1;
+  float* s = (float*)malloc(sizeof(float) * (size_t)(2 * E + G));
+  Ranked* q = (Ranked*)malloc(sizeof(Ranked) * (size_t)E);
+  if (!s || !q) { free(s); free(q); return 1; }
+  float *c = s + E, *gs = c + E;
+  const float* bias = (const float*)r->bias;
+  for (int64_t e = 0; e < E; e++) {
+    const typename W::T* we = w + e * n;
+    float a = 0.f;
+    #pragma omp simd reduction(+ : a)
+    for (int64_t i = 0; i < n; i++) a += W::get(we[i]) * X::get(x[i]);
+    logits[e] = a; s[e] = 1.f / (1.f + expf(-a)); c[e] = s[e] + bias[e];
+  }
+  for (int64_t g = 0; g < G; g++) {
+    for (int64_t j = 0; j < per; j++) q[j] = Ranked(c[g * per + j], j);
+    torch_topk(q, per, 2, true);
+    gs[g] = q[0].first + q[1].first;
+  }
+  for (int64_t g = 0; g < G; g++) q[g] = Ranked(gs[g], g);
+  torch_topk(q, G, tg, false);
+  for (int64_t g = 0; g < G; g++) gs[g] = 0.f;
+  for (int64_t j = 0; j < tg; j++) gs[q[j].second] = 1.f;  /* the kept groups */
+  for (int64_t e = 0; e < E; e++) q[e] = Ranked(gs[e / per] != 0.f ? c[e] : -INFINITY, e);
+  torch_topk(q, E, k, false);
+  float sum = 0.f;
+  for (int64_t j = 0; j < k; j++) { idx[j] = q[j].second; wts[j] = s[idx[j]]; sum += wts[j]; }
+  if (norm) { const float den = sum + 1e-20f; for (int64_t j = 0; j < k; j++) wts[j] /= den; }
+  for (int64_t j = 0; j < k; j++) wts[j] *= r->scaling;
+  free(s); free(q);
+  return 0;
+}
+
+template <class X>
+static int router_sigmoid_any(const typename X::T* x, const void* w, int64_t E, int64_t n, int64_t k, int norm,
+                              const SigmoidRouter* r, float* logits, float* wts, int64_t* idx) {
+  return r->weight_f32 ? router_sigmoid<X, F32>(x, (const float*)w, E, n, k, norm, r, logits, wts, idx)
+                       : router_sigmoid<X, X>(x, (const typename X::T*)w, E, n, k, norm, r, logits, wts, idx);
 }
 
 /* act = silu(gate) * up for gate = h[0:I], up = h[I:2I] (silu in fp32 rounded, the product rounded, as torch). */
@@ -420,13 +498,13 @@ static int layer_step(const LayerArgs* a) {
   if (k < 1 || k > 256 || lf < 0 || lf > 1 || ef < 0 || ef > 2 || Is < 0) return 3;
   T* sc = (T*)malloc(sizeof(T) * (size_t)(4 * Hd + rq + 2 * rk + rq + E + 3 * k * I + (ef == 2 ? k * Hd : 0)
                                           + (Is ? 3 * Is + 1 + Hd : 0)) + 64);
-  float* fs = (float*)malloc(sizeof(float) * (size_t)(2 * k) + 64);
+  float* fs = (float*)malloc(sizeof(float) * (size_t)(2 * k + (a->sigmoid_router ? E : 0)) + 64);
   int64_t* is = (int64_t*)malloc(sizeof(int64_t) * (size_t)(4 * k) + 64);
   if (!sc || !fs || !is) { free(sc); free(fs); free(is); return 3; }
   T *x1 = sc, *o = x1 + Hd, *h2 = o + Hd, *x2 = h2 + Hd, *qkv = x2 + Hd, *att = qkv + rq + 2 * rk, *lg = att + rq,
     *h1 = lg + E, *act = h1 + 2 * k * I, *y = act + k * I, *sh = y + (ef == 2 ? k * Hd : 0), *sa = sh + 2 * Is + 1,
     *sxo = Is && xa->sx_out ? (T*)xa->sx_out : sa + Is;  /* shared expert: gate|up|gate-scalar, act, output */
-  float *g = fs, *g2 = fs + k;
+  float *g = fs, *g2 = fs + k, *lgf = fs + 2 * k;  /* lgf: a sigmoid router's fp32 logits */
   int64_t *idx = is, *wp = is + k, *sidx = is + 2 * k, *sp = is + 3 * k;
   const OffloadExperts* ext = (const OffloadExperts*)a->offload;  /* experts the caller owns: see below */
   const int64_t* eidx = idx;  /* the experts' rows in the banks gate_up/down: expert ids, or slots of ext's table */
@@ -447,7 +525,8 @@ static int layer_step(const LayerArgs* a) {
                    att, nt);
   else if (!rc)
     rc = attn_static<X>(qkv, qkv + rq, qkv + rq + rk, (const T*)a->q_norm, (const T*)a->k_norm, a->q_group,
-                        a->k_group, a->qk_eps, (const T*)a->cos, (const T*)a->sin, (T*)a->k_cache, (T*)a->v_cache,
+                        a->k_group, a->qk_eps, (const T*)a->cos, (const T*)a->sin, a->rotary_dim ? a->rotary_dim : D,
+                        (T*)a->k_cache, (T*)a->v_cache,
                         a->k_head_stride, a->k_pos_stride, a->v_head_stride, a->v_pos_stride,
                         phase == 1 ? nullptr : (int64_t*)a->cum_length, a->cache_len, (const uint8_t*)a->mask, H,
                         Hkv, D, a->scale, att, nt);
@@ -460,19 +539,24 @@ static int layer_step(const LayerArgs* a) {
   if (!rc) {
     for (int64_t i = 0; i < Hd; i++) h2[i] = X::put(X::get(h[i]) + X::get(o[i]));
     rmsnorm<X>(h2, (const T*)a->ln2, x2, 1, Hd, a->eps);
-    if (Is) {  /* the shared expert: gate, up and the gate scalar in one region, SiLU, down, times the sigmoid */
+    if (Is) {  /* the shared expert: gate, up and the gate scalar in one region, SiLU, down, times the sigmoid (no
+                  gate scalar: GLM4-MoE's / DeepSeek-V3's shared experts, added as they are) */
       const int64_t ws[3] = {xa->sx_gate, xa->sx_up, xa->sx_gate_scalar}, rs3[3] = {Is, Is, 1}, wd[1] = {xa->sx_down},
                     rd[1] = {Hd};
-      rc = gemv_multi<X, X>(ws, rs3, 3, xa->sx_rstride, x2, Hd, sh, nt);
+      rc = gemv_multi<X, X>(ws, rs3, xa->sx_gate_scalar ? 3 : 2, xa->sx_rstride, x2, Hd, sh, nt);
       if (!rc) { silu_mul<X>(sh, Is, sa); rc = gemv_multi<X, X>(wd, rd, 1, xa->sx_down_rstride, sa, Is, sxo, nt); }
-      if (!rc) {
+      if (!rc && xa->sx_gate_scalar) {
         const float sg = rnd<X>(1.f / (1.f + expf(-X::get(sh[2 * Is]))));
         for (int64_t i = 0; i < Hd; i++) sxo[i] = X::put(sg * X::get(sxo[i]));
       }
     }
   }
   if (!rc) {
-    router<X>(x2, (const T*)a->router, E, Hd, k, (int)a->norm_topk, 1, lg, g, idx);
+    const SigmoidRouter* sr = (const SigmoidRouter*)a->sigmoid_router;  /* GLM4-MoE / DeepSeek-V3: fp32 weights */
+    if (sr) rc = router_sigmoid_any<X>(x2, (const void*)a->router, E, Hd, k, (int)a->norm_topk, sr, lgf, g, idx) ? 3 : 0;
+    else router<X>(x2, (const T*)a->router, E, Hd, k, (int)a->norm_topk, 1, lg, g, idx);
+  }
+  if (!rc) {
     if (!a->scores_f32) for (int64_t j = 0; j < k; j++) g[j] = rnd<X>(g[j]);  /* scores in the dtype (not Mixtral's fp32) */
     if (ext) {
       /* the MoE input, the residual, the top-k ids and weights (the router's scores: fp32 for Mixtral, else the
@@ -536,9 +620,9 @@ static int layer_step(const LayerArgs* a) {
 }
 
 #define ATTN_ARGS(T) T* q, T* k, const T* v, const T* qn, const T* kn, int64_t qg, int64_t kg, float eps, const T* cs, \
-  const T* sn, T* kc, T* vc, int64_t khs, int64_t kps, int64_t vhs, int64_t vps, int64_t* cum, int64_t L, \
+  const T* sn, int64_t R, T* kc, T* vc, int64_t khs, int64_t kps, int64_t vhs, int64_t vps, int64_t* cum, int64_t L, \
   const uint8_t* mask, int64_t H, int64_t Hkv, int64_t D, float scale, T* out, int nt
-#define ATTN_PASS q, k, v, qn, kn, qg, kg, eps, cs, sn, kc, vc, khs, kps, vhs, vps, cum, L, mask, H, Hkv, D, scale, out, nt
+#define ATTN_PASS q, k, v, qn, kn, qg, kg, eps, cs, sn, R, kc, vc, khs, kps, vhs, vps, cum, L, mask, H, Hkv, D, scale, out, nt
 #define ATT_ARGS(T) const T* q, const T* kc, const T* vc, int64_t khs, int64_t kps, int64_t vhs, int64_t vps, int64_t L, \
   const uint8_t* mask, int64_t H, int64_t Hkv, int64_t D, float scale, T* out, int nt
 #define ATT_PASS q, kc, vc, khs, kps, vhs, vps, L, mask, H, Hkv, D, scale, out, nt
@@ -557,6 +641,9 @@ static int layer_step(const LayerArgs* a) {
     return gemv_multi<X, X>(wp, rows, m, rs, x, cols, out, nt, nullptr, 0, bp); } \
   void moekit_rope_##NAME(const int64_t* pos, const float* inv_freq, int64_t half, float scaling, X::T* cs, X::T* sn) { \
     rope<X>(pos, inv_freq, half, scaling, cs, sn); } \
+  int moekit_router_sigmoid_##NAME(const X::T* x, const void* w, int64_t E, int64_t n, int64_t k, int norm, \
+                                   const SigmoidRouter* r, float* logits, float* wts, int64_t* idx) { \
+    return router_sigmoid_any<X>(x, w, E, n, k, norm, r, logits, wts, idx); } \
   int moekit_layer_##NAME(const LayerArgs* a) { return layer_step<X>(a); }
 extern "C" {
 DEFINE(bfloat16, BF16)
@@ -571,12 +658,14 @@ _DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: 
 _P, _I, _F, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 _SIGNATURES = {
     "rmsnorm": (None, [_P, _P, _P, _I, _I, _F]),
-    "attn": (_C, [_P, _P, _P, _P, _P, _I, _I, _F, _P, _P, _P, _P, _I, _I, _I, _I, _P, _I, _P, _I, _I, _I, _F, _P, _C]),
+    "attn": (_C, [_P, _P, _P, _P, _P, _I, _I, _F, _P, _P, _I, _P, _P, _I, _I, _I, _I, _P, _I, _P, _I, _I, _I, _F, _P,
+                  _C]),
     "attend": (_C, [_P, _P, _P, _I, _I, _I, _I, _I, _P, _I, _I, _I, _F, _P, _C]),
     "router": (None, [_P, _P, _I, _I, _I, _C, _C, _P, _P, _P]),
     "qkv": (_C, [ctypes.POINTER(_I), ctypes.POINTER(_I), _I, _I, _P, _I, _P, _C, _P]),
     "rope": (None, [_P, _P, _I, _F, _P, _P]),
     "layer": (_C, [ctypes.POINTER(LayerArgs)]),
+    "router_sigmoid": (_C, [_P, _P, _I, _I, _I, _C, ctypes.POINTER(SigmoidRouter), _P, _P, _P]),
     "moe_mid": (None, [_P, _I, _I, _P, _P, _P, _C, _I, _I, _I, _P, _P]),
     # cpu_kernels' decode kernel entries (its library), typed here for plain-int arguments
     "gemv": (_C, [_P, _I, _I, _P, _I, _I, _P, _I, _I, _I, _I, _P, _C]),
@@ -624,7 +713,8 @@ def _step_ok(x: torch.Tensor) -> bool:
 
 # ----- RMSNorm -----
 RMSNORM_CLASSES = ("OlmoeRMSNorm", "Qwen3MoeRMSNorm", "Qwen2MoeRMSNorm", "MixtralRMSNorm", "LlamaRMSNorm",
-                   "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+                   "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Glm4MoeRMSNorm", "Dots1RMSNorm",
+                   "DeepseekV3RMSNorm")
 """transformers' RMSNorms that compute ``weight * (x.float() * rsqrt(mean(x²) + eps)).to(dtype)``."""
 
 
@@ -652,8 +742,10 @@ def _rmsnorm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 
 
 # ----- attention -----
-ATTENTION_CLASSES = ("OlmoeAttention", "Qwen3MoeAttention", "Qwen2MoeAttention", "MixtralAttention")
-"""Attention modules with the standard q/k/v/o layout whose decode step the fused op runs (others keep theirs)."""
+ATTENTION_CLASSES = ("OlmoeAttention", "Qwen3MoeAttention", "Qwen2MoeAttention", "MixtralAttention", "Glm4MoeAttention",
+                     "Dots1Attention")
+"""Attention modules with the standard q/k/v/o layout whose decode step the fused op runs (others keep theirs); rotary
+on the first ``cos.shape[-1]`` values of each head (GLM4-MoE's ``partial_rotary_factor``)."""
 
 
 def _cache_layer(cache, idx: int):
@@ -727,7 +819,9 @@ def _fused_attention(self, h: torch.Tensor, pos_emb, mask, cache, kwargs) -> tor
         return None
     cos, sin = pos_emb
     D = self.head_dim
-    if cos.dtype != h.dtype or cos.shape[-1] != D or cos.numel() != D or not (cos.is_contiguous() and sin.is_contiguous()):
+    R = cos.numel()  # rotary on the first R values of each head (partial_rotary_factor)
+    if cos.dtype != h.dtype or cos.shape[-1] != R or R > D or R % 2 or sin.numel() != R \
+            or not (cos.is_contiguous() and sin.is_contiguous()):
         return None
     fn = _fn("attn", h.dtype)
     if fn is None:
@@ -761,7 +855,7 @@ def _fused_attention(self, h: torch.Tensor, pos_emb, mask, cache, kwargs) -> tor
                 or mask.shape[-1] != L or layer.cumulative_length.dtype != torch.int64 or kc.shape[-1] != D:
             return None
         rc = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(qn), _ptr(kn), qg, kg, eps, cos.data_ptr(), sin.data_ptr(),
-                kc.data_ptr(), vc.data_ptr(), kc.stride(1), kc.stride(2), vc.stride(1), vc.stride(2),
+                R, kc.data_ptr(), vc.data_ptr(), kc.stride(1), kc.stride(2), vc.stride(1), vc.stride(2),
                 layer.cumulative_length.data_ptr(), L, mask.data_ptr(), H, Hkv, D, scale, out.data_ptr(), nt)
         if rc == 2:
             return None  # position past the cache: transformers' own forward raises its error
@@ -771,7 +865,7 @@ def _fused_attention(self, h: torch.Tensor, pos_emb, mask, cache, kwargs) -> tor
         if layer.keys.dtype != h.dtype:
             return None
         fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(qn), _ptr(kn), qg, kg, eps, cos.data_ptr(), sin.data_ptr(),
-           None, None, 0, 0, 0, 0, None, 0, None, H, Hkv, D, scale, None, nt)
+           R, None, None, 0, 0, 0, 0, None, 0, None, H, Hkv, D, scale, None, nt)
         keys, values = layer.update(k.view(1, 1, Hkv, D).transpose(1, 2), v.view(1, 1, Hkv, D).transpose(1, 2))
         L = keys.shape[2]
         if (mask is not None and mask.shape[-1] != L) or keys.stride(-1) != 1 or values.stride(-1) != 1:
@@ -787,7 +881,8 @@ def _fused_attention(self, h: torch.Tensor, pos_emb, mask, cache, kwargs) -> tor
 
 
 # ----- rotary embedding -----
-ROTARY_CLASSES = ("OlmoeRotaryEmbedding", "Qwen3MoeRotaryEmbedding", "Qwen2MoeRotaryEmbedding", "MixtralRotaryEmbedding")
+ROTARY_CLASSES = ("OlmoeRotaryEmbedding", "Qwen3MoeRotaryEmbedding", "Qwen2MoeRotaryEmbedding", "MixtralRotaryEmbedding",
+                  "Glm4MoeRotaryEmbedding", "Dots1RotaryEmbedding", "DeepseekV3RotaryEmbedding")
 """transformers' rotary modules whose default rope (``rope_type == "default"``) at one position the fused op computes."""
 
 
@@ -812,14 +907,44 @@ def _rotary_forward(self, x: torch.Tensor, position_ids: torch.Tensor):
 
 # ----- router -----
 ROUTER_CLASSES = {"OlmoeTopKRouter": "norm_topk_prob", "Qwen3MoeTopKRouter": "norm_topk_prob",
-                  "Qwen2MoeTopKRouter": "norm_topk_prob", "MixtralTopKRouter": "mixtral"}
-"""Routers computing softmax → top-k (→ renormalise) over ``F.linear(x, weight)``, and where their renorm flag is."""
+                  "Qwen2MoeTopKRouter": "norm_topk_prob", "MixtralTopKRouter": "mixtral",
+                  "Glm4MoeTopkRouter": "sigmoid", "Dots1TopkRouter": "sigmoid", "DeepseekV3TopkRouter": "sigmoid"}
+"""Routers computing softmax → top-k (→ renormalise) over ``F.linear(x, weight)``, and where their renorm flag is;
+"sigmoid": DeepSeek-V3's router (``SigmoidRouter``: sigmoid scores, selection bias, group-limited top-k, fp32)."""
+
+
+def _sigmoid_router(router: torch.nn.Module, x: torch.Tensor) -> ctypes.Structure | None:
+    """``SigmoidRouter`` of a DeepSeek-V3-style router (fp32 or ``x``'s dtype weight [E, H], fp32 selection bias) for
+    the one-token input ``x``, or None when the native router would not compute what its forward does."""
+    w, bias = router.weight, getattr(router, "e_score_correction_bias", None)
+    E, G, tg, k = w.shape[0], getattr(router, "num_group", 0), getattr(router, "topk_group", 0), router.top_k
+    if (w.dtype not in (torch.float32, x.dtype) or w.dim() != 2 or not w.is_contiguous() or w.device.type != "cpu"
+            or w.shape[1] != x.shape[-1] or not isinstance(bias, torch.Tensor) or bias.dtype != torch.float32
+            or bias.shape != (E,) or not bias.is_contiguous() or bias.device.type != "cpu"
+            or getattr(router, "num_experts", E) != E or not isinstance(G, int) or not isinstance(tg, int)
+            or G < 1 or E % G or E // G < 2 or not 1 <= tg <= G or not 1 <= k <= min(tg * (E // G), 256)):
+        return None
+    return SigmoidRouter(bias=bias.data_ptr(), groups=G, topk_group=tg, weight_f32=int(w.dtype == torch.float32),
+                         scaling=float(router.routed_scaling_factor))
 
 
 def _router_forward(self, hidden_states: torch.Tensor):
     """A top-k router's one-token step in one call (logits, scores, ids as the class returns them); its own forward
     otherwise."""
     w = self.weight
+    if ROUTER_CLASSES[type(self).__name__] == "sigmoid":
+        sr = _sigmoid_router(self, hidden_states) if _step_ok(hidden_states) else None
+        fn = _fn("router_sigmoid", hidden_states.dtype) if sr is not None else None
+        if fn is not None:
+            logits = torch.empty(1, w.shape[0], dtype=torch.float32)
+            scores = torch.empty(1, self.top_k, dtype=torch.float32)
+            ids = torch.empty(1, self.top_k, dtype=torch.int64)
+            if not fn(hidden_states.data_ptr(), w.data_ptr(), w.shape[0], w.shape[1], self.top_k,
+                      int(bool(self.norm_topk_prob)), ctypes.byref(sr), logits.data_ptr(), scores.data_ptr(),
+                      ids.data_ptr()):
+                calls["router"] += 1
+                return logits, scores, ids
+        return type(self).forward(self, hidden_states)
     if _step_ok(hidden_states) and w.dtype == hidden_states.dtype and w.is_contiguous() and self.top_k <= 256 \
             and getattr(self, "bias", None) is None:
         fn = _fn("router", w.dtype)
@@ -837,7 +962,8 @@ def _router_forward(self, hidden_states: torch.Tensor):
 
 
 # ----- experts (moekit's implementation) -----
-EXPERTS_CLASSES = ("OlmoeExperts", "Qwen3MoeExperts", "Qwen2MoeExperts", "MixtralExperts")
+EXPERTS_CLASSES = ("OlmoeExperts", "Qwen3MoeExperts", "Qwen2MoeExperts", "MixtralExperts", "Glm4MoeExperts",
+                   "Dots1Experts", "DeepseekV3Experts")
 """transformers' experts modules (experts interface, gate;up + SiLU) whose one-token step under moekit's
 implementation takes the lean path."""
 
@@ -925,16 +1051,21 @@ def _lean_experts(self, x: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor) -
 
 
 # ----- a whole decoder layer -----
-SHARED_EXPERT_CLASSES = ("Qwen2MoeMLP",)
+SHARED_EXPERT_CLASSES = ("Qwen2MoeMLP", "Glm4MoeMLP", "Dots1MLP")
 """Shared-expert MLPs computing ``down(act(gate(x)) * up(x))`` with three bias-free linears."""
-LAYER_CLASSES = ("OlmoeDecoderLayer", "Qwen3MoeDecoderLayer", "MixtralDecoderLayer", "Qwen2MoeDecoderLayer")
+LAYER_CLASSES = ("OlmoeDecoderLayer", "Qwen3MoeDecoderLayer", "MixtralDecoderLayer", "Qwen2MoeDecoderLayer",
+                 "Glm4MoeDecoderLayer", "Dots1DecoderLayer")
 """Decoder layers (norm → attention → residual → norm → sparse MoE block → residual) whose one-token step runs as one
 native call (two with a dynamic cache) when every piece qualifies for its own fused op. Qwen2-MoE's q/k/v biases and
-shared expert (``SHARED_EXPERT_BLOCKS``) are optional parts of the same step."""
-MOE_BLOCKS = ("OlmoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "MixtralSparseMoeBlock", "Qwen2MoeSparseMoeBlock")
-SHARED_EXPERT_BLOCKS = ("Qwen2MoeSparseMoeBlock",)
-"""MoE blocks that add ``sigmoid(shared_expert_gate(x)) * shared_expert(x)`` (a gate/up/down SiLU MLP) to the routed
-experts' sum; the others have no shared expert."""
+shared expert (``SHARED_EXPERT_BLOCKS``), GLM4-MoE's partial rotary and DeepSeek-V3-style router (``SigmoidRouter``)
+are optional parts of the same step; dense layers (``first_k_dense_replace``) take the per-module path."""
+MOE_BLOCKS = ("OlmoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "MixtralSparseMoeBlock", "Qwen2MoeSparseMoeBlock",
+              "Glm4MoeMoE", "Dots1MoE")
+SHARED_EXPERT_BLOCKS = {"Qwen2MoeSparseMoeBlock": ("shared_expert", "shared_expert_gate"),
+                        "Glm4MoeMoE": ("shared_experts", None), "Dots1MoE": ("shared_experts", None)}
+"""MoE blocks that add a shared expert (a gate/up/down SiLU MLP) to the routed experts' sum: its attribute and that
+of its one-row sigmoid gate (Qwen2-MoE: ``sigmoid(shared_expert_gate(x)) * shared_expert(x)``; None: added as it
+is); the others have no shared expert."""
 _SLOTS: dict = {}
 
 EXPERTS_PROVIDER = "moekit_experts_provider"
@@ -1145,16 +1276,18 @@ def _layer_args(self, h: torch.Tensor, mask, cache, pos_emb) -> tuple | None:
     attn, mlp = self.self_attn, self.mlp
     router, experts = getattr(mlp, "gate", None), getattr(mlp, "experts", None)
     ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
-    shared = type(mlp).__name__ in SHARED_EXPERT_BLOCKS
-    sx, sg = (getattr(mlp, "shared_expert", None), getattr(mlp, "shared_expert_gate", None)) if shared else (None, None)
+    sx_name, sg_name = SHARED_EXPERT_BLOCKS.get(type(mlp).__name__, (None, None))
+    shared = sx_name is not None
+    sx = getattr(mlp, sx_name, None) if shared else None
+    sg = getattr(mlp, sg_name, None) if sg_name is not None else None
     if (type(router).__name__ not in ROUTER_CLASSES or type(experts).__name__ not in EXPERTS_CLASSES
             or type(mlp).__name__ not in MOE_BLOCKS
             or self.training or mlp.training or pos_emb is None
             or (mask is not None and (mask.dtype != torch.bool or mask.numel() != mask.shape[-1]
                                       or mask.stride(-1) != 1 or mask.device.type != "cpu"))
-            or (shared and (sx is None or sg is None))
+            or (shared and (sx is None or (sg_name is not None and sg is None)))
             or _intercepted([attn, mlp, router, experts, ln1, ln2, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
-                             *((sx, sg, *sx.children()) if shared else ())], mlp)):
+                             *((sx, *sx.children()) if shared else ()), *((sg,) if sg is not None else ())], mlp)):
         return None
     layer = _cache_layer(cache, attn.layer_idx)
     kind = type(layer).__name__
@@ -1185,24 +1318,31 @@ def _layer_args(self, h: torch.Tensor, mask, cache, pos_emb) -> tuple | None:
     if qg and ((H * D) % qg or (Hkv * D) % kg):
         return None
     cos, sin = pos_emb
+    R = cos.numel()  # rotary on the first R values of each head (partial_rotary_factor)
     kc, vc = layer.keys, layer.values
     static = kind == "StaticLayer"
     # a static cache's mask covers its whole length; a dynamic one's the keys after this step's append (or is None)
     mask_len = kc.shape[2] if static else kc.shape[2] + 1
-    if (cos.dtype != dt or cos.numel() != D or not (cos.is_contiguous() and sin.is_contiguous()) or kc.shape[0] != 1
+    if (cos.dtype != dt or R > D or R % 2 or cos.shape[-1] != R or sin.numel() != R
+            or not (cos.is_contiguous() and sin.is_contiguous()) or kc.shape[0] != 1
             or kc.dtype != dt or vc.dtype != dt or kc.shape[-1] != D or kc.stride(-1) != 1 or vc.stride(-1) != 1
             or (mask is None and static) or (mask is not None and mask.shape[-1] != mask_len)
             or (static and layer.cumulative_length.dtype != torch.int64)):
         return None
     rw = router.weight
-    mixtral = ROUTER_CLASSES[type(router).__name__] == "mixtral"
-    if rw.dtype != dt or not rw.is_contiguous() or getattr(router, "bias", None) is not None or rw.shape[1] != Hd:
+    kind = ROUTER_CLASSES[type(router).__name__]
+    mixtral, sr = kind == "mixtral", None
+    if kind == "sigmoid":  # DeepSeek-V3's router: fp32 weights out (as Mixtral's scores)
+        sr = _sigmoid_router(router, h)
+        if sr is None:
+            return None
+    elif rw.dtype != dt or not rw.is_contiguous() or getattr(router, "bias", None) is not None or rw.shape[1] != Hd:
         return None
     xa = _qwen2_extras(attn, sx, sg, dt, Hd) if shared or any(
         p.bias is not None for p in (attn.q_proj, attn.k_proj, attn.v_proj)) else None
     if xa is False:
         return None
-    key = (router.top_k, torch.float32 if mixtral else dt)
+    key = (router.top_k, torch.float32 if mixtral or sr is not None else dt)
     if key not in _SLOTS:  # stand-ins with the shapes and dtypes the router would hand the experts
         _SLOTS[key] = (torch.zeros(1, key[0], dtype=torch.int64), torch.zeros(1, key[0], dtype=key[1]))
     provider, bank = None, None
@@ -1233,11 +1373,12 @@ def _layer_args(self, h: torch.Tensor, mask, cache, pos_emb) -> tuple | None:
         cum_length=layer.cumulative_length.data_ptr() if static else 0, cache_len=kc.shape[2],
         mask=mask.data_ptr() if mask is not None else 0,
         heads=H, kv_heads=Hkv, head_dim=D, hidden=Hd, router=rw.data_ptr(), experts=rw.shape[0], top_k=router.top_k,
-        norm_topk=int(mixtral or bool(router.norm_topk_prob)), scores_f32=int(mixtral),
+        norm_topk=int(mixtral or bool(router.norm_topk_prob)), scores_f32=int(mixtral or sr is not None),
         threads=torch.get_num_threads(), qkv_rstride=q.stride(0), o_rstride=o.stride(0),
         attn_format=lq[0], q_scale=lq[2], k_scale=lk[2], v_scale=lv[2], o_scale=lo[2],
         attn_act_int8=int(lq[0] == 1 and cpu_kernels.int8_activations() == "int8"), **banks,
         extras=ctypes.addressof(xa) if xa is not None else 0,
+        sigmoid_router=ctypes.addressof(sr) if sr is not None else 0, rotary_dim=R,
         eps=ln1.variance_epsilon, qk_eps=norms[0].variance_epsilon if norms[0] is not None else 0.0,
         scale=attn.scaling,
     )
@@ -1255,27 +1396,28 @@ def _layer_args(self, h: torch.Tensor, mask, cache, pos_emb) -> tuple | None:
                            slots=bank.gate_up.shape[0] if bank is not None else 0)
         a.offload = ctypes.addressof(e)
         ext = _Offload(e, provider, bank, experts, x2, h2, ids, wts, so)
-    return a, (None if static else (layer, H * D, Hkv, D)), ext, xa
+    return a, (None if static else (layer, H * D, Hkv, D)), ext, (xa, sr)
 
 
 def _qwen2_extras(attn, sx, sg, dtype: torch.dtype, hidden: int) -> ctypes.Structure | bool:
-    """``layer_step``'s ``Qwen2Extras`` for Qwen2-MoE: the q/k/v biases and the shared expert (``sx``: gate/up/down SiLU
-    MLP on moekit's linear kernel; ``sg``: its one-row sigmoid gate), or False when the shared expert does not fit
-    the native step (then the per-module path)."""
+    """``layer_step``'s ``Qwen2Extras`` for Qwen2-MoE (GLM4-MoE, dots1): the q/k/v biases and the shared expert (``sx``:
+    gate/up/down SiLU MLP on moekit's linear kernel; ``sg``: its one-row sigmoid gate, None: ungated), or False when
+    the shared expert does not fit the native step (then the per-module path)."""
     xa = Qwen2Extras(qkv_bias=(ctypes.c_int64 * 3)(
         *(p.bias.data_ptr() if p.bias is not None else 0 for p in (attn.q_proj, attn.k_proj, attn.v_proj))))
     if sx is None:
         return xa
     gp, up, dp = (getattr(sx, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
     if (type(sx).__name__ not in SHARED_EXPERT_CLASSES or type(getattr(sx, "act_fn", None)).__name__ != "SiLUActivation"
-            or not all(_kernel_linear(p, dtype, hidden) for p in (gp, up, sg))):
+            or not all(_kernel_linear(p, dtype, hidden) for p in (gp, up, *((sg,) if sg is not None else ())))):
         return False
     inner = gp.weight.shape[0]
-    if (up.weight.shape[0] != inner or sg.weight.shape[0] != 1 or not _kernel_linear(dp, dtype, inner)
+    if (up.weight.shape[0] != inner or not _kernel_linear(dp, dtype, inner)
             or dp.weight.shape[0] != hidden or up.weight.stride(0) != gp.weight.stride(0)
-            or sg.weight.stride(0) != gp.weight.stride(0)):
+            or (sg is not None and (sg.weight.shape[0] != 1 or sg.weight.stride(0) != gp.weight.stride(0)))):
         return False
-    xa.sx_gate, xa.sx_up, xa.sx_gate_scalar, xa.sx_down = (p.weight.data_ptr() for p in (gp, up, sg, dp))
+    xa.sx_gate, xa.sx_up, xa.sx_down = (p.weight.data_ptr() for p in (gp, up, dp))
+    xa.sx_gate_scalar = sg.weight.data_ptr() if sg is not None else 0
     xa.sx_inner, xa.sx_rstride, xa.sx_down_rstride = inner, gp.weight.stride(0), dp.weight.stride(0)
     return xa
 
@@ -1302,7 +1444,7 @@ def _layer_forward(self, hidden_states: torch.Tensor, attention_mask=None, posit
         fn = _fn("layer", hidden_states.dtype)
         args = _layer_args(self, hidden_states, attention_mask, cache, position_embeddings) if fn is not None else None
         if args is not None:
-            a, dynamic, ext, _xa = args  # (_xa: a.extras' struct, alive until the calls are done)
+            a, dynamic, ext, _xa = args  # (_xa: a.extras' and a.sigmoid_router's structs, alive until the calls are done)
             out = torch.empty_like(hidden_states)
             a.out = out.data_ptr()
             rc = 0
