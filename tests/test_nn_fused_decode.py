@@ -514,3 +514,40 @@ def test_sigmoid_router_step_equals_the_module(arch: str, shape: tuple) -> None:
     router.topk_group = G + 1  # a layout torch refuses: the module's own forward (and its error)
     with pytest.raises(RuntimeError):
         router(x)
+
+
+@pytest.mark.parametrize("experts", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_glm4_moe_with_quantized_experts_and_int8_linears(monkeypatch, experts: str, dtype: torch.dtype) -> None:
+    """GLM4-MoE with int8 or packed int4 experts, float or int8 linears (the shared expert's too: its int8 kernel
+    in the native step): whole MoE layers with the per-module path's logits (fp32 with float activations: 1e-5, and
+    the unfused modules'; bf16 with int8 activations, the default: bit for bit)."""
+    from moekit.nn import quantize_experts_int4, quantize_experts_int8, quantize_linears_int8
+
+    if dtype == torch.float32:
+        monkeypatch.setenv("MOEKIT_INT8_ACTIVATIONS", "float")
+    m = tiny_model("glm4_moe", dtype=dtype, hidden_size=128, moe_intermediate_size=128, intermediate_size=128)
+    m.generation_config.eos_token_id = None
+    use_moekit_experts(m)
+    use_for_linears(m)
+    if experts == "int8":
+        quantize_experts_int8(m, keep_float=False)
+    else:
+        quantize_experts_int4(m, group_size=128, keep_float=False)
+    for int8_linears in (False, True):
+        if int8_linears:
+            use_for_linears(m, enable=False)
+            assert quantize_linears_int8(m) > 0
+            assert hasattr(m.model.layers[1].mlp.shared_experts.down_proj, "moekit_int8_weight")
+        fused_decode.use_fused_decode(m)
+        fused_decode.calls.clear()
+        fused = decode_logits(m)
+        assert fused_decode.calls["layer"] == 5 * 2 and fused_decode.calls["experts"] == 0
+        for layer in m.model.layers:
+            layer.__dict__.pop("forward", None)
+        modules = decode_logits(m)
+        if dtype == torch.bfloat16:
+            assert torch.equal(fused, modules)
+        else:  # and the modules' own forwards (the int8 and int4 kernels too)
+            torch.testing.assert_close(fused, modules, rtol=0, atol=1e-5)
+            torch.testing.assert_close(fused, _decode(m, False, "static"), rtol=0, atol=1e-5)

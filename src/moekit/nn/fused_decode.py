@@ -65,6 +65,9 @@ _QWEN2_FIELDS = (
     ("sx_rstride", _I64, "row stride of sx_gate, sx_up and sx_gate_scalar"),
     ("sx_down_rstride", _I64, "row stride of sx_down"),
     ("sx_out", _I64, "where the shared expert's output goes (0: scratch)"),
+    ("sx_format", _I64, "the shared expert's linears: 0 the dtype, 1 int8 codes (quantize_linears_int8)"),
+    ("sx_scales", _I64 * 4, "int8: the per-row scales of sx_gate, sx_up, sx_gate_scalar and sx_down"),
+    ("sx_act_int8", _I64, "int8: the linears quantize their activations to int8"),
 )
 """Qwen2-MoE's q/k/v biases and gated shared expert, optional parts of ``layer_step`` (``LayerArgs.extras``); also the
 biases and ungated shared experts of GLM4-MoE / dots1 (``sx_gate_scalar`` 0)."""
@@ -495,7 +498,8 @@ static int layer_step(const LayerArgs* a) {
   const int64_t rq = H * D, rk = Hkv * D, lf = a->attn_format, ef = a->expert_format;
   const Qwen2Extras* xa = (const Qwen2Extras*)a->extras;  /* Qwen2-MoE: q/k/v biases, the shared expert */
   const int64_t Is = xa && xa->sx_down ? xa->sx_inner : 0;
-  if (k < 1 || k > 256 || lf < 0 || lf > 1 || ef < 0 || ef > 2 || Is < 0) return 3;
+  if (k < 1 || k > 256 || lf < 0 || lf > 1 || ef < 0 || ef > 2 || Is < 0 || (Is && (xa->sx_format < 0 || xa->sx_format > 1)))
+    return 3;
   T* sc = (T*)malloc(sizeof(T) * (size_t)(4 * Hd + rq + 2 * rk + rq + E + 3 * k * I + (ef == 2 ? k * Hd : 0)
                                           + (Is ? 3 * Is + 1 + Hd : 0)) + 64);
   float* fs = (float*)malloc(sizeof(float) * (size_t)(2 * k + (a->sigmoid_router ? E : 0)) + 64);
@@ -542,9 +546,13 @@ static int layer_step(const LayerArgs* a) {
     if (Is) {  /* the shared expert: gate, up and the gate scalar in one region, SiLU, down, times the sigmoid (no
                   gate scalar: GLM4-MoE's / DeepSeek-V3's shared experts, added as they are) */
       const int64_t ws[3] = {xa->sx_gate, xa->sx_up, xa->sx_gate_scalar}, rs3[3] = {Is, Is, 1}, wd[1] = {xa->sx_down},
-                    rd[1] = {Hd};
-      rc = gemv_multi<X, X>(ws, rs3, xa->sx_gate_scalar ? 3 : 2, xa->sx_rstride, x2, Hd, sh, nt);
-      if (!rc) { silu_mul<X>(sh, Is, sa); rc = gemv_multi<X, X>(wd, rd, 1, xa->sx_down_rstride, sa, Is, sxo, nt); }
+                    rd[1] = {Hd}, *ss = xa->sx_scales, sd[1] = {xa->sx_scales[3]};
+      const int qs = (int)xa->sx_act_int8;
+      rc = proj<X>(xa->sx_format, ws, rs3, xa->sx_gate_scalar ? 3 : 2, xa->sx_rstride, x2, Hd, sh, nt, ss, qs);
+      if (!rc) {
+        silu_mul<X>(sh, Is, sa);
+        rc = proj<X>(xa->sx_format, wd, rd, 1, xa->sx_down_rstride, sa, Is, sxo, nt, sd, qs);
+      }
       if (!rc && xa->sx_gate_scalar) {
         const float sg = rnd<X>(1.f / (1.f + expf(-X::get(sh[2 * Is]))));
         for (int64_t i = 0; i < Hd; i++) sxo[i] = X::put(sg * X::get(sxo[i]));
@@ -1408,17 +1416,23 @@ def _qwen2_extras(attn, sx, sg, dtype: torch.dtype, hidden: int) -> ctypes.Struc
     if sx is None:
         return xa
     gp, up, dp = (getattr(sx, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
-    if (type(sx).__name__ not in SHARED_EXPERT_CLASSES or type(getattr(sx, "act_fn", None)).__name__ != "SiLUActivation"
-            or not all(_kernel_linear(p, dtype, hidden) for p in (gp, up, *((sg,) if sg is not None else ())))):
+    if type(sx).__name__ not in SHARED_EXPERT_CLASSES or type(getattr(sx, "act_fn", None)).__name__ != "SiLUActivation":
         return False
-    inner = gp.weight.shape[0]
-    if (up.weight.shape[0] != inner or not _kernel_linear(dp, dtype, inner)
-            or dp.weight.shape[0] != hidden or up.weight.stride(0) != gp.weight.stride(0)
-            or (sg is not None and (sg.weight.shape[0] != 1 or sg.weight.stride(0) != gp.weight.stride(0)))):
+    lg, lu, ls = (_linear_weights(p, dtype, hidden) if p is not None else None for p in (gp, up, sg))
+    if lg is None or lu is None or (sg is not None and ls is None):
         return False
-    xa.sx_gate, xa.sx_up, xa.sx_down = (p.weight.data_ptr() for p in (gp, up, dp))
-    xa.sx_gate_scalar = sg.weight.data_ptr() if sg is not None else 0
-    xa.sx_inner, xa.sx_rstride, xa.sx_down_rstride = inner, gp.weight.stride(0), dp.weight.stride(0)
+    inner = lg[1].shape[0]
+    ld = _linear_weights(dp, dtype, inner)
+    if (ld is None or not lg[0] == lu[0] == ld[0] == (ls[0] if ls is not None else lg[0])  # one format (one region)
+            or lu[1].shape[0] != inner or ld[1].shape[0] != hidden or lu[1].stride(0) != lg[1].stride(0)
+            or (ls is not None and (ls[1].shape[0] != 1 or ls[1].stride(0) != lg[1].stride(0)))):
+        return False
+    xa.sx_gate, xa.sx_up, xa.sx_down = (lw[1].data_ptr() for lw in (lg, lu, ld))
+    xa.sx_gate_scalar = ls[1].data_ptr() if ls is not None else 0
+    xa.sx_inner, xa.sx_rstride, xa.sx_down_rstride = inner, lg[1].stride(0), ld[1].stride(0)
+    xa.sx_format = lg[0]
+    xa.sx_scales = (ctypes.c_int64 * 4)(lg[2], lu[2], ls[2] if ls is not None else 0, ld[2])
+    xa.sx_act_int8 = int(lg[0] == 1 and cpu_kernels.int8_activations() == "int8")
     return xa
 
 
