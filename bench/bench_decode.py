@@ -3,7 +3,10 @@ and grouped_mm, compiled moekit, optionally llama.cpp, side by side in one run.
 
 The model is a random checkpoint with OLMoE-1B-7B's published config (H=2048, I=1024, 64 experts, top-8, vocab
 50304) cut to ``--experts`` experts and ``--layers`` layers, in bf16 (``--arch qwen2_moe``: Qwen1.5-MoE-A2.7B's, H=2048,
-60 experts of I=1408, top-4, a shared expert of 5632 behind a sigmoid gate, q/k/v biases, vocab 151936). Decode of one sequence reads every
+60 experts of I=1408, top-4, a shared expert of 5632 behind a sigmoid gate, q/k/v biases, vocab 151936; ``--arch
+glm4_moe``: GLM-4.5-Air's, H=4096, 96 heads of 128 (8 key/value heads), q/k/v biases, rotary on half of each head,
+128 experts of I=1408, top-8 by DeepSeek-V3's sigmoid router, an ungated shared expert of 1408, the first layer
+dense with I=10944, vocab 151552, which ``--vocab`` cuts). Decode of one sequence reads every
 non-expert weight (attention, router, norms, lm_head) and the k active experts' weights once per token, so
 tokens/s cannot exceed bound = streaming-read bandwidth ÷ bytes of weights read per token. The bandwidth is the
 best of torch's streaming reads (``sum``, ``dot``) over a buffer far larger than the caches, measured in the same
@@ -31,6 +34,7 @@ alike). Prefill tokens/s is one forward of ``--prefill`` tokens without a cache.
     python bench/bench_decode.py                        # 16 experts, 4 layers, 1 and 2 threads
     python bench/bench_decode.py --threads 2 --no-compile
     python bench/bench_decode.py --arch qwen2_moe --no-compile --no-int8 --no-int4 --no-offload
+    python bench/bench_decode.py --arch glm4_moe --experts 16 --layers 3 --vocab 32768 --no-compile --no-offload
     python bench/bench_decode.py --save-checkpoint .work/olmoe-cut  # then convert it for llama.cpp
     python bench/bench_decode.py --llama-bench ~/llama.cpp/build/bin/llama-bench --gguf .work/olmoe-cut.gguf
     python bench/bench_decode.py --device cuda
@@ -88,7 +92,36 @@ QWEN15_MOE_A27B = dict(
     qkv_bias=True,
     tie_word_embeddings=False,
 )
-ARCHS = {"olmoe": ("olmoe-1b-7b", OLMOE_1B_7B), "qwen2_moe": ("qwen1.5-moe-a2.7b", QWEN15_MOE_A27B)}
+# GLM-4.5-Air's published config.json (--arch glm4_moe; transformers' Glm4MoeConfig defaults have its shapes, not its
+# head_dim and biases): the GLM4-MoE layer (dots.llm1's and DeepSeek-V3's MoE block), GLM-4.5 (355B) is larger
+GLM45_AIR = dict(
+    hidden_size=4096,
+    intermediate_size=10944,
+    moe_intermediate_size=1408,
+    num_hidden_layers=46,
+    num_attention_heads=96,
+    num_key_value_heads=8,
+    head_dim=128,
+    n_routed_experts=128,
+    num_experts_per_tok=8,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    n_group=1,
+    topk_group=1,
+    routed_scaling_factor=1.0,
+    norm_topk_prob=True,
+    partial_rotary_factor=0.5,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-5,
+    attention_bias=True,
+    use_qk_norm=False,
+    vocab_size=151552,
+    max_position_embeddings=131072,
+    tie_word_embeddings=False,
+)
+ARCHS = {"olmoe": ("olmoe-1b-7b", OLMOE_1B_7B), "qwen2_moe": ("qwen1.5-moe-a2.7b", QWEN15_MOE_A27B),
+         "glm4_moe": ("glm-4.5-air", GLM45_AIR)}
+EXPERTS_KEY = {"olmoe": "num_experts", "qwen2_moe": "num_experts", "glm4_moe": "n_routed_experts"}
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 IMPLS = ("eager", "grouped_mm", "moekit", "moekit-linears", "moekit-linears-modules", "moekit-linears-unfused",
          "moekit-compiled")
@@ -127,18 +160,25 @@ def synchronize() -> None:
         torch.cuda.synchronize(DEVICE)
 
 
-def build_model(num_experts: int, num_layers: int, dtype: torch.dtype, seed: int = 0, arch: str = "olmoe"):
-    """A random OLMoE-1B-7B-shaped (``arch="qwen2_moe"``: Qwen1.5-MoE-A2.7B-shaped) causal LM with ``num_experts``
-    experts and ``num_layers`` layers."""
+def build_model(num_experts: int, num_layers: int, dtype: torch.dtype, seed: int = 0, arch: str = "olmoe",
+                vocab: int | None = None):
+    """A random OLMoE-1B-7B-shaped (``arch="qwen2_moe"``: Qwen1.5-MoE-A2.7B-shaped, ``"glm4_moe"``: GLM-4.5-Air-shaped)
+    causal LM with ``num_experts`` experts and ``num_layers`` layers (and ``vocab`` tokens: None, the published)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model(arch, **{**ARCHS[arch][1], "num_experts": num_experts, "num_hidden_layers": num_layers})
+    cut = {EXPERTS_KEY[arch]: num_experts, "num_hidden_layers": num_layers, **({"vocab_size": vocab} if vocab else {})}
+    cfg = AutoConfig.for_model(arch, **{**ARCHS[arch][1], **cut})
     torch.manual_seed(seed)
     with torch.device(DEVICE):  # random weights made where they run (a GPU initialises a 7B model in a second)
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
     model.generation_config.eos_token_id = None  # always generate the full count
     model.generation_config.pad_token_id = 0
     return model
+
+
+def num_experts(cfg) -> int:
+    """Routed experts per layer of a config of ``ARCHS``."""
+    return getattr(cfg, "num_experts", None) or cfg.n_routed_experts
 
 
 def save_checkpoint(model, path: str) -> None:
@@ -160,7 +200,7 @@ def bytes_read_per_token(model, experts: str = "float", group_size: int = 128) -
     the linears (attention, lm_head) count as int8 too (1 byte per weight + a 2-byte row scale), as moekit-int8 and
     moekit-int4 run them (quantize_linears_int8), like llama.cpp's quantized types."""
     cfg = model.config
-    share = cfg.num_experts_per_tok / cfg.num_experts
+    share = cfg.num_experts_per_tok / num_experts(cfg)
     linears = {f"{n}.weight" for n, m in model.named_modules() if type(m) is torch.nn.Linear}
     total = 0.0
     for name, p in model.named_parameters():
@@ -311,8 +351,8 @@ def prepare_offloaded(model, checkpoint: str) -> None:
     from moekit.serve.engine import OffloadEngine
     from moekit.serve.store import load_offloaded, store_for
 
-    num_experts = model.config.num_experts
-    for impl, slots in zip(OFFLOAD_IMPLS, (num_experts, max(num_experts // 2, model.config.num_experts_per_tok)),
+    count = num_experts(model.config)
+    for impl, slots in zip(OFFLOAD_IMPLS, (count, max(count // 2, model.config.num_experts_per_tok)),
                            strict=True):
         lm = load_offloaded(checkpoint, with_tokenizer=False)
         lm.model.generation_config.eos_token_id = None
@@ -347,7 +387,7 @@ def prepare_offloaded_int4(checkpoint: str, out: str, group_size: int) -> None:
     use_moekit_experts(lm.model)
     quantize_linears_int8(lm.model, keep_float=False)
     use_fused_decode(lm.model)  # as moekit generate / serve (use_fast_decode)
-    engine = OffloadEngine(lm, store_for(lm), slots=lm.model.config.num_experts).start()
+    engine = OffloadEngine(lm, store_for(lm), slots=num_experts(lm.model.config)).start()
     for v in lm.moe:
         engine.access(v.index, list(range(v.num_experts)), decode=False)
     OFFLOADED[INT4_OFFLOAD] = (lm, engine)
@@ -603,8 +643,11 @@ def main(argv: list[str] | None = None) -> int:
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="olmoe", choices=tuple(ARCHS),
-                    help="the published config to cut: olmoe (OLMoE-1B-7B) or qwen2_moe (Qwen1.5-MoE-A2.7B: q/k/v "
-                         "biases, a shared expert)")
+                    help="the published config to cut: olmoe (OLMoE-1B-7B), qwen2_moe (Qwen1.5-MoE-A2.7B: q/k/v "
+                         "biases, a shared expert) or glm4_moe (GLM-4.5-Air: biases, partial rotary, DeepSeek-V3's "
+                         "router, a shared expert, a dense first layer)")
+    ap.add_argument("--vocab", type=int, default=None,
+                    help="cut the vocabulary (embedding, lm_head) to this many tokens (default: the published)")
     ap.add_argument("--experts", type=int, default=16, help="experts per layer (OLMoE-1B-7B has 64, Qwen1.5-MoE 60)")
     ap.add_argument("--layers", type=int, default=4, help="layers (OLMoE-1B-7B has 16, Qwen1.5-MoE 24)")
     ap.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
@@ -660,8 +703,9 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.set_verbosity_error()  # generate warns that max_length (the static cache size) is set
 
     threads = [int(t) for t in args.threads.split(",")]
-    if any(t < 1 for t in threads) or args.new_tokens < 1 or args.rounds < 1 or args.prompt < 1:
-        print("--threads, --new-tokens, --rounds and --prompt must be positive", file=sys.stderr)
+    if any(t < 1 for t in threads) or args.new_tokens < 1 or args.rounds < 1 or args.prompt < 1 \
+            or (args.vocab is not None and args.vocab < 1):
+        print("--threads, --new-tokens, --rounds, --prompt and --vocab must be positive", file=sys.stderr)
         return 2
 
     def emit(record: dict) -> None:
@@ -670,7 +714,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     summaries = []
     for dtype_name in dtypes:
-        model = build_model(args.experts, args.layers, getattr(torch, dtype_name), arch=args.arch)
+        model = build_model(args.experts, args.layers, getattr(torch, dtype_name), arch=args.arch, vocab=args.vocab)
         if args.save_checkpoint:
             save_checkpoint(model, args.save_checkpoint)
         tmp = tmp_q4 = None
@@ -703,7 +747,8 @@ def main(argv: list[str] | None = None) -> int:
             prepare_quantized(model, 4, args.int4_group_size)
         emit({"kind": "env", "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
               "device": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu",
-              "model": f"{ARCHS[args.arch][0]} cut to {args.experts} experts, {args.layers} layers", "params": params,
+              "model": f"{ARCHS[args.arch][0]} cut to {args.experts} experts, {args.layers} layers"
+                       + (f", vocab {args.vocab}" if args.vocab else ""), "params": params,
               "dtype": dtype_name, "clock": CLOCK, "loadavg_1m": round(os.getloadavg()[0], 2),
               "omp_wait": os.environ.get("OMP_WAIT_POLICY") or f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}",
               "experts_backend": moekit.nn.get_backend(), "cpu_kernels": DEVICE.type == "cpu" and moekit.nn.cpu_kernels.available(),
