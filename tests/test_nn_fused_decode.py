@@ -551,3 +551,23 @@ def test_glm4_moe_with_quantized_experts_and_int8_linears(monkeypatch, experts: 
         else:  # and the modules' own forwards (the int8 and int4 kernels too)
             torch.testing.assert_close(fused, modules, rtol=0, atol=1e-5)
             torch.testing.assert_close(fused, _decode(m, False, "static"), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cache_kind", ["static", "dynamic"])
+def test_deepseek_v3_router_runs_as_one_call(dtype: torch.dtype, cache_kind: str) -> None:
+    """DeepSeek-V3 (MLA attention: its own forward, no whole-layer step): the sigmoid router, the RMSNorms (the
+    low-rank q/kv norms too), rotary and the experts' glue are one call each, logits those of the modules' own
+    forwards (bf16 bit for bit: the router's fp32 weights pick the same experts; fp32 1e-5)."""
+    m = _model("deepseek_v3", dtype)
+    reference = _decode(m, False, cache_kind)
+    fused_decode.calls.clear()
+    fused = _decode(m, True, cache_kind)
+    moe_layers = m.config.num_hidden_layers - m.config.first_k_dense_replace
+    assert fused_decode.calls["router"] == fused_decode.calls["experts"] == 5 * moe_layers > 0
+    assert fused_decode.calls["layer"] == fused_decode.calls["attention"] == 0
+    assert fused_decode.calls["rmsnorm"] == 5 * (4 * m.config.num_hidden_layers + 1)  # + q_a and kv_a norms
+    if dtype == torch.bfloat16:
+        assert torch.equal(fused, reference)
+    else:
+        torch.testing.assert_close(fused, reference, rtol=0, atol=1e-5)
