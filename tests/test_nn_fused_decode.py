@@ -18,7 +18,7 @@ from moekit.testing import decode_logits, greedy_tokens, tiny_model
 HAS_COMPILER = any(shutil.which(c) for c in ("c++", "g++", "clang++"))
 pytestmark = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the fused ops are off")
 
-ARCHS = ("olmoe", "qwen3_moe", "qwen2_moe", "mixtral")
+ARCHS = ("olmoe", "qwen3_moe", "qwen2_moe", "mixtral", "glm4_moe", "dots1")
 # bf16: SDPA's CPU kernel rounds its probabilities to bf16 before the value product, the fused op keeps them in
 # fp32; with the sums' order that moves a logit by a few bf16 ulps (|logit| < 0.5 here: ulp 2^-9)
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -51,8 +51,8 @@ def test_decode_logits_equal_transformers_modules(arch: str, dtype: torch.dtype,
     layers = m.config.num_hidden_layers
     moe_layers = sum(type(mod).__name__ in fused_decode.ROUTER_CLASSES for mod in m.modules())
     # whole decoder layers in one call (two around a dynamic cache's append), except where a piece does not qualify
-    # (Qwen3-MoE's dense layers); those run the modules' fused ops
-    whole = {"olmoe": layers, "mixtral": layers, "qwen3_moe": moe_layers, "qwen2_moe": layers}[arch]
+    # (Qwen3-MoE's, GLM4-MoE's and dots1's dense layers); those run the modules' fused ops
+    whole = {"olmoe": layers, "mixtral": layers, "qwen2_moe": layers}.get(arch, moe_layers)
     assert fused_decode.calls["layer"] == 5 * whole
     assert fused_decode.calls["attention"] == 5 * (layers - whole)  # every other decode step, none of the prefill
     # input and post-attention norms of the other layers, and the final norm

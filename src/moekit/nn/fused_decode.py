@@ -16,7 +16,10 @@ scores, softmax and the weighted sum of values in fp32, rounded once (SDPA's CPU
 bf16 before the value product, so outputs differ in the last bit of bf16 now and then); the router's logits
 rounded to the dtype like ``F.linear``, softmax and renormalisation in fp32, ties in top-k to the lower expert id.
 
-Qwen2-MoE's q/k/v biases and gated shared expert are optional parts of the whole-layer step (``Qwen2Extras``).
+Qwen2-MoE's q/k/v biases and gated shared expert are optional parts of the whole-layer step (``Qwen2Extras``), and so
+are GLM4-MoE's / dots1's DeepSeek-V3-style router (``SigmoidRouter``: fp32 logits, sigmoid, selection bias, group-limited
+top-k with the ids in ``torch.topk``'s order, renormalised and scaled in fp32), ungated shared experts and partial
+rotary (``LayerArgs.rotary_dim``).
 
 Experts that the offload engine serves (``moekit.serve``) take the whole-layer step too (``EXPERTS_PROVIDER``): the
 native call runs them on the cache's slot bank when every chosen expert is resident, else stops after the router
