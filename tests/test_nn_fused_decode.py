@@ -571,3 +571,21 @@ def test_deepseek_v3_router_runs_as_one_call(dtype: torch.dtype, cache_kind: str
         assert torch.equal(fused, reference)
     else:
         torch.testing.assert_close(fused, reference, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(fused_decode.SIGMOID_ROUTER_TWINS))
+def test_sigmoid_router_twins_are_glm4s_word_for_word(name: str) -> None:
+    """The other families' routers that take the fused sigmoid router have GLM4-MoE's ``__init__`` and ``forward``
+    source (config class names aside): a transformers release that changes one fails here, not in silence."""
+    import importlib
+    import inspect
+    import re
+
+    from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeTopkRouter
+
+    package = fused_decode.SIGMOID_ROUTER_TWINS[name]
+    cls = getattr(importlib.import_module(f"transformers.models.{package}.modeling_{package}"), name)
+    for method in ("__init__", "forward"):
+        ours, theirs = (re.sub(r"\w+Config\b", "Config", inspect.getsource(getattr(c, method)))
+                        for c in (Glm4MoeTopkRouter, cls))
+        assert ours == theirs, (name, method)

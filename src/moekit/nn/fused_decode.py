@@ -917,9 +917,15 @@ def _rotary_forward(self, x: torch.Tensor, position_ids: torch.Tensor):
 
 
 # ----- router -----
+SIGMOID_ROUTER_TWINS = {"Glm4MoeLiteTopkRouter": "glm4_moe_lite", "Glm4vMoeTextTopkRouter": "glm4v_moe",
+                        "GlmMoeDsaTopkRouter": "glm_moe_dsa", "DeepseekV32TopkRouter": "deepseek_v32",
+                        "Dots3NoteTextTopkRouter": "dots3_note", "SolarOpenTopkRouter": "solar_open",
+                        "HYV4TopkRouter": "hy_v4", "HYV4VLTopkRouter": "hy_v4_vl"}
+"""Routers whose ``__init__`` and ``forward`` are ``Glm4MoeTopkRouter``'s, word for word (and their model package)."""
 ROUTER_CLASSES = {"OlmoeTopKRouter": "norm_topk_prob", "Qwen3MoeTopKRouter": "norm_topk_prob",
                   "Qwen2MoeTopKRouter": "norm_topk_prob", "MixtralTopKRouter": "mixtral",
-                  "Glm4MoeTopkRouter": "sigmoid", "Dots1TopkRouter": "sigmoid", "DeepseekV3TopkRouter": "sigmoid"}
+                  "Glm4MoeTopkRouter": "sigmoid", "Dots1TopkRouter": "sigmoid", "DeepseekV3TopkRouter": "sigmoid",
+                  **dict.fromkeys(SIGMOID_ROUTER_TWINS, "sigmoid")}
 """Routers computing softmax → top-k (→ renormalise) over ``F.linear(x, weight)``, and where their renorm flag is;
 "sigmoid": DeepSeek-V3's router (``SigmoidRouter``: sigmoid scores, selection bias, group-limited top-k, fp32)."""
 
