@@ -305,3 +305,26 @@ def test_combine_over_two_banks_equals_one_bank_bit_for_bit() -> None:
     two = cpu_kernels.combine_banks(h, [(ids_a, first, None), (ids_b, second, None)], gates)
     assert one is not None and torch.equal(one, two)
     assert cpu_kernels.combine_banks(h, [(ids_a, first, None), (ids_b, second.float(), None)], gates) is None
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_one_token_combine_equals_the_multi_token_path_bit_for_bit(int8: bool) -> None:
+    """A decode step's combine (one token: each thread streams its rows of every slot in turn, in tiles of 4096 rows)
+    sums each row over the same slots in the same order as the multi-token path: the same bits, at 1 and 2 threads
+    (4099 rows: two tiles at 1 thread and a tail block of 3; a slot without an expert)."""
+    g = torch.Generator().manual_seed(11)
+    rows, cols = 4099, 64
+    w = torch.randn(E, rows, cols, generator=g).bfloat16()
+    h = torch.randn(2, K, cols, generator=g).bfloat16()
+    ids = torch.tensor([[3, E, 1], [0, 2, 4]])
+    gates = torch.rand(2, K, generator=g)
+    q, s = quantize_rows_int8(w) if int8 else (w, None)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            both = cpu_kernels.expert_gemv_combine(h, q, ids, gates, s)
+            one = cpu_kernels.expert_gemv_combine(h[:1], q, ids[:1], gates[:1], s)
+            assert one is not None and both is not None and torch.equal(one[0], both[0])
+    finally:
+        torch.set_num_threads(before)

@@ -76,6 +76,7 @@ SOURCE = r"""
 #include <stdlib.h>
 #include <type_traits>
 #include <math.h>
+#include <omp.h>
 #ifndef QB
 #define QB 64
 #endif
@@ -136,6 +137,18 @@ template <class W> static inline void prefetch_rows(const typename W::T* p, int6
   for (int64_t i = 0; i < nr; i++)
     for (int64_t off = 0; off < cols * (int64_t)sizeof(typename W::T); off += 64)
       __builtin_prefetch((const char*)(p + i * rs) + off);
+}
+
+#ifndef PF_BYTES
+#define PF_BYTES 16384
+#endif
+/* How many 4-row blocks ahead a kernel prefetches inside one matrix: about PF_BYTES ahead for rows shorter than a
+   page, none for longer rows (the hardware prefetchers follow those alone, and bf16 rows of 4 KB stream ~12% faster
+   without; rows of 1-2 KB, as a down projection's, stream at half speed without). The first blocks of the next
+   matrix are prefetched in any case: experts lie scattered in memory. */
+template <class W> static inline int64_t pf_blocks(int64_t cols) {
+  const int64_t rb = cols * (int64_t)sizeof(typename W::T);
+  return rb >= 4096 ? 0 : (PF_BYTES / (4 * rb) > 1 ? PF_BYTES / (4 * rb) : 1);
 }
 
 /* acc[i] = sum_c wr[i * rs + c] * x_s[c] for the nr <= 4 rows at wr, x_s = row s of the input, summed in fp32. */
@@ -253,14 +266,14 @@ static int gemv(const typename W::T* w, int64_t es, int64_t rs, const int64_t* i
                 const typename X::T* scale, int64_t ss, typename X::T* out, int nthreads, int qx = 0) {
   Input<W, X> in;
   if (in.init(x, (n + xdiv - 1) / xdiv, xs, cols, qx)) return 1;  /* the caller falls back to torch's ops */
-  const int64_t nb = (rows + 3) / 4, total = n * nb;
+  const int64_t nb = (rows + 3) / 4, total = n * nb, pf = pf_blocks<W>(cols), ahead = pf ? pf : PF_AHEAD;
   #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t b = 0; b < total; b++) {
     const int64_t s = b / nb, r0 = (b % nb) * 4, nr = rows - r0 < 4 ? rows - r0 : 4, e = ids[s];
     typename X::T* o = out + s * rows + r0;
     if (e < 0 || e >= ne) { for (int64_t i = 0; i < nr; i++) o[i] = X::put(0.f); continue; }
-    const int64_t nxt = b + PF_AHEAD;  /* this thread's next blocks */
-    if (nxt < total) {
+    const int64_t nxt = b + ahead;  /* this thread's next blocks: in this matrix (short rows), or the next one's */
+    if (nxt < total && (pf || nxt / nb != s)) {
       const int64_t ne2 = ids[nxt / nb], nr0 = (nxt % nb) * 4;
       if (ne2 >= 0 && ne2 < ne) prefetch_rows<W>(w + ne2 * es + nr0 * rs, rows - nr0 < 4 ? rows - nr0 : 4, rs, cols);
     }
@@ -275,14 +288,47 @@ static int gemv(const typename W::T* w, int64_t es, int64_t rs, const int64_t* i
    sum_c W_s[r, c] * x[s, c] over the k slots s = t * k + j, where W_s is the matrix at address wp[s] (row stride rs;
    0: the slot adds nothing) and sc_s its int8 row scales at sp[s]. Addresses rather than (bank, id) let one call
    take experts from several banks (the offload engine's slots and its scratch). Summed in fp32, rounded once.
-   Threads split chunks of RC rows; a chunk walks the k experts' rows (RC rows each, contiguous). */
+   Threads split chunks of RC rows; a chunk walks the k experts' rows (RC rows each, contiguous). One token (a decode
+   step): each thread takes a contiguous range of rows and streams that range of every slot in turn, its sums in
+   L1, so a slot's rows are one long stream per thread (same sums in the same order). */
 #define RC 32
+#define CT 4096  /* one token: rows summed per pass (fp32 sums on the stack) */
 template <class W, class X>
 static int gemv_combine(const int64_t* wp, int64_t rs, int64_t T, int64_t k, const typename X::T* x, int64_t xs,
                         int64_t rows, int64_t cols, const int64_t* sp, const float* g, typename X::T* out,
                         int nthreads, int qx = 0) {
   Input<W, X> in;
   if (in.init(x, T * k, xs, cols, qx)) return 1;
+  if (T == 1) {  /* one token: each thread its contiguous rows of every slot in turn (long streams), sums in L1 */
+    const int64_t nb = (rows + 3) / 4, pf = pf_blocks<W>(cols);
+    #pragma omp parallel num_threads(nthreads)
+    {
+      const int64_t nth = omp_get_num_threads(), tid = omp_get_thread_num();
+      const int64_t lo = nb * tid / nth * 4, hi0 = nb * (tid + 1) / nth * 4, hi = hi0 < rows ? hi0 : rows;
+      for (int64_t t0 = lo; t0 < hi; t0 += CT) {
+        const int64_t t1 = t0 + CT < hi ? t0 + CT : hi;
+        float sum[CT];
+        for (int64_t i = 0; i < t1 - t0; i++) sum[i] = 0.f;
+        for (int64_t j = 0; j < k; j++) {
+          if (!wp[j]) continue;
+          const typename W::T* we = (const typename W::T*)(intptr_t)wp[j];
+          const typename X::T* sc = sp ? (const typename X::T*)(intptr_t)sp[j] : nullptr;
+          int64_t jn = j + 1; while (jn < k && !wp[jn]) jn++;
+          const typename W::T* wn = jn < k ? (const typename W::T*)(intptr_t)wp[jn] : nullptr;
+          for (int64_t r = t0; r < t1; r += 4) {
+            const int64_t nr = t1 - r < 4 ? t1 - r : 4, pr = r + 4 * (pf ? pf : PF_AHEAD);
+            if (pr < t1) { if (pf) prefetch_rows<W>(we + pr * rs, t1 - pr < 4 ? t1 - pr : 4, rs, cols); }
+            else if (wn && pr - t1 + t0 < t1) prefetch_rows<W>(wn + (pr - t1 + t0) * rs, 4, rs, cols);  /* the next slot's first rows */
+            float acc[4];
+            dot_rows<W, X>(we + r * rs, rs, nr, in, j, acc);
+            for (int64_t i = 0; i < nr; i++) sum[r - t0 + i] += g[j] * (sc ? acc[i] * X::get(sc[r + i]) : acc[i]);
+          }
+        }
+        for (int64_t i = 0; i < t1 - t0; i++) out[t0 + i] = X::put(sum[i]);
+      }
+    }
+    return 0;
+  }
   const int64_t nc = (rows + RC - 1) / RC, total = T * nc;
   #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t b = 0; b < total; b++) {

@@ -425,13 +425,13 @@ static int gemv_multi(const int64_t* wp, const int64_t* rows, int64_t m, int64_t
   if (in.init(x, 1, cols, cols, qx)) return 1;
   int64_t start[9], off[9]; start[0] = 0; off[0] = 0;
   for (int64_t i = 0; i < m; i++) { start[i + 1] = start[i] + (rows[i] + 3) / 4; off[i + 1] = off[i] + rows[i]; }
-  const int64_t total = start[m];
+  const int64_t total = start[m], pf = pf_blocks<W>(cols), ahead = pf ? pf : PF_AHEAD;
   #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t b = 0; b < total; b++) {
     int64_t i = 0; while (b >= start[i + 1]) i++;
     const int64_t r0 = (b - start[i]) * 4, nr = rows[i] - r0 < 4 ? rows[i] - r0 : 4;
-    const int64_t nxt = b + PF_AHEAD;
-    if (nxt < total) {
+    const int64_t nxt = b + ahead;  /* as gemv: in this matrix (short rows), or the next one's first blocks */
+    if (nxt < total && (pf || nxt >= start[i + 1])) {
       int64_t i2 = i; while (nxt >= start[i2 + 1]) i2++;
       const int64_t n0 = (nxt - start[i2]) * 4;
       prefetch_rows<W>((const typename W::T*)(intptr_t)wp[i2] + n0 * rs, rows[i2] - n0 < 4 ? rows[i2] - n0 : 4, rs, cols);
