@@ -361,12 +361,24 @@ def test_qkv_biases_are_added_before_the_one_rounding(dtype: torch.dtype) -> Non
     assert not all(torch.equal(g, t) for g, t in zip(got, twice, strict=True))
 
 
+def _on_kernels_quantized(m, experts: str) -> None:
+    """moekit's experts and linear kernels on ``m``, its experts int8 or packed int4 (groups of 128), floats dropped."""
+    from moekit.nn import quantize_experts_int4, quantize_experts_int8
+
+    use_moekit_experts(m)
+    use_for_linears(m)
+    if experts == "int8":
+        quantize_experts_int8(m, keep_float=False)
+    else:
+        quantize_experts_int4(m, group_size=128, keep_float=False)
+
+
 @pytest.mark.parametrize("experts", ["int8", "int4"])
 def test_qwen2_moe_with_quantized_experts_and_int8_linears(monkeypatch, experts: str) -> None:
     """Qwen2-MoE with int8 or packed int4 experts and float linears (biases, shared expert): whole layers, logits of the per-module
     path (fp32, float activations: 1e-5); with int8 linears too, its biased q/k/v projections (int8 linears add the
     bias after the kernel's rounding, which the native step does not do) keep the per-module path, same logits."""
-    from moekit.nn import quantize_experts_int4, quantize_experts_int8, quantize_linears_int8
+    from moekit.nn import quantize_linears_int8
 
     monkeypatch.setenv("MOEKIT_INT8_ACTIVATIONS", "float")
     m = tiny_model("qwen2_moe", hidden_size=128, moe_intermediate_size=128)
@@ -376,12 +388,7 @@ def test_qwen2_moe_with_quantized_experts_and_int8_linears(monkeypatch, experts:
         for layer in m.model.layers:
             for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 p.bias.copy_(torch.randn(p.bias.shape, generator=g) * 0.5)
-    use_moekit_experts(m)
-    use_for_linears(m)
-    if experts == "int8":
-        quantize_experts_int8(m, keep_float=False)
-    else:
-        quantize_experts_int4(m, group_size=128, keep_float=False)
+    _on_kernels_quantized(m, experts)
     layers = m.config.num_hidden_layers
     for int8_linears in (False, True):
         if int8_linears:
@@ -522,18 +529,13 @@ def test_glm4_moe_with_quantized_experts_and_int8_linears(monkeypatch, experts: 
     """GLM4-MoE with int8 or packed int4 experts, float or int8 linears (the shared expert's too: its int8 kernel
     in the native step): whole MoE layers with the per-module path's logits (fp32 with float activations: 1e-5, and
     the unfused modules'; bf16 with int8 activations, the default: bit for bit)."""
-    from moekit.nn import quantize_experts_int4, quantize_experts_int8, quantize_linears_int8
+    from moekit.nn import quantize_linears_int8
 
     if dtype == torch.float32:
         monkeypatch.setenv("MOEKIT_INT8_ACTIVATIONS", "float")
     m = tiny_model("glm4_moe", dtype=dtype, hidden_size=128, moe_intermediate_size=128, intermediate_size=128)
     m.generation_config.eos_token_id = None
-    use_moekit_experts(m)
-    use_for_linears(m)
-    if experts == "int8":
-        quantize_experts_int8(m, keep_float=False)
-    else:
-        quantize_experts_int4(m, group_size=128, keep_float=False)
+    _on_kernels_quantized(m, experts)
     for int8_linears in (False, True):
         if int8_linears:
             use_for_linears(m, enable=False)
