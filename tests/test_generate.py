@@ -170,3 +170,67 @@ def test_cli_generate(text_lm, capsys):
                 ["--contrast", "0.5", "--rewire"], ["--rewire", "--rewire-layers", "1"]):
         assert main(base + bad) == 2, bad
         assert capsys.readouterr().err.count("\n") == 1
+
+
+def _steps(lm, prompt: list[int], tokens: list[int], reserve: int | None = None):
+    """The plain decoder's logits after the prompt and after each of ``tokens``, and its cache's length at each."""
+    from moekit.generation import Decoder
+
+    dec = Decoder(lm)
+    dec.reserve = reserve
+    logits, lengths = [dec.prefill(torch.tensor(prompt))], []
+    for t in tokens:
+        logits.append(dec.step(t))
+        lengths.append(dec.cache.layers[0].max_cache_len if dec._static else None)
+    return dec, torch.stack(logits), lengths
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "qwen3_moe", "mixtral", "qwen2_moe"])
+def test_fast_decode_keeps_a_static_cache_that_grows(arch, monkeypatch) -> None:
+    """With moekit's whole-layer decode step on (``use_fast_decode``) the plain decoder keeps a static KV cache, written
+    in place by the native step, twice the prompt (at least STATIC_CHUNK more) and doubling when full: with
+    STATIC_CHUNK = 4 a 6-token prompt gives 12, then 24, then 48 positions over 30 steps. Its logits equal those of a
+    dynamic cache through the same native layers (fp32, 1e-5) at every step, every step ran the whole-layer call, and
+    ``reserve`` caps the length (6 + 9 = 15)."""
+    from moekit import generation
+    from moekit.cli.common import use_fast_decode
+    from moekit.nn import fused_decode
+
+    if not fused_decode.enabled():
+        pytest.skip("no C++ compiler: no whole-layer step")
+    monkeypatch.setattr(generation, "STATIC_CHUNK", 4)
+    lm = tiny_lm(arch)
+    use_fast_decode(lm)
+    tokens = torch.randint(3, 100, (30,), generator=torch.Generator().manual_seed(1)).tolist()
+    fused_decode.calls.clear()
+    dec, static, lengths = _steps(lm, PROMPT, tokens)
+    assert dec._static and type(dec.cache).__name__ == "StaticCache"
+    assert lengths == [12] * 6 + [24] * 12 + [48] * 12  # full at 12 and 24 positions: grown by the next step
+    moe_layers = sum(type(getattr(layer.mlp, "gate", None)).__name__ in fused_decode.ROUTER_CLASSES
+                     for layer in lm.model.model.layers)  # (Qwen3-MoE's dense layers take the per-module ops)
+    assert moe_layers > 0 and fused_decode.calls["layer"] == 30 * moe_layers
+    monkeypatch.setattr(generation, "static_cache", lambda model, length: None)
+    dec, dynamic, _ = _steps(lm, PROMPT, tokens)
+    assert not dec._static and type(dec.cache).__name__ == "DynamicCache"
+    torch.testing.assert_close(static, dynamic, rtol=0, atol=1e-5)
+    monkeypatch.undo()
+    assert _steps(lm, PROMPT, tokens[:9], reserve=9)[2] == [15] * 9
+
+
+def test_static_cache_only_where_it_pays(monkeypatch) -> None:
+    """A dynamic cache without the whole-layer step (the model's own forwards: SDPA over a static cache's whole length
+    would cost more) and for a sliding-window model (its layers cannot grow by copying); greedy text identical."""
+    from moekit.cli.common import use_fast_decode
+    from moekit.generation import static_cache
+    from moekit.nn import fused_decode
+
+    plain = tiny_lm("qwen3_moe")
+    assert static_cache(plain.model, 16) is None
+    sliding = tiny_lm("mixtral", sliding_window=4)
+    use_fast_decode(sliding)
+    assert static_cache(sliding.model, 16) is None
+    if fused_decode.enabled():
+        fast = tiny_lm("qwen3_moe")
+        use_fast_decode(fast)
+        assert static_cache(fast.model, 16) is not None
+        assert generate(fast, PROMPT, max_new_tokens=40).token_ids == generate(plain, PROMPT, max_new_tokens=40).token_ids

@@ -22,28 +22,88 @@ from moekit.models.loading import LoadedModel
 from moekit.registry import Registry
 from moekit.routing import RoutingControl, route
 
+STATIC_CHUNK = 256
+"""A static KV cache holds twice the prompt, at least this many positions more (at most the tokens still to come),
+and doubles when full."""
+
 
 class Decoder:
-    """Plain KV-cached decoding of ``lm.model``."""
+    """Plain KV-cached decoding of ``lm.model``. Where moekit's whole-layer decode step runs (``use_fast_decode``),
+    the cache is static (written in place by the native step) and grows by doubling; else transformers' dynamic
+    cache. ``reserve``: how many tokens will follow the prompt at most (``stream`` sets it), which caps the cache."""
 
     def __init__(self, lm: LoadedModel, **options) -> None:
         if options:
             raise MoekitError(f"unexpected decoder options: {sorted(options)}")
         self.lm = lm
         self.cache = None
+        self.reserve: int | None = None
+        self._limit: int | None = None  # the cache's largest useful length: prompt + reserve
+        self._static = False
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self.lm.model(input_ids=ids.view(1, -1).to(self.lm.device), use_cache=True)
+        ids = ids.view(1, -1).to(self.lm.device)
+        n = ids.shape[1]
+        self._limit = n + self.reserve if self.reserve is not None else None
+        cache = static_cache(self.lm.model, _capacity(n, self._limit))
+        self._static = cache is not None
+        kwargs = cache_kwargs(self.lm.model, cache) if cache is not None else {}
+        out = self.lm.model(input_ids=ids, use_cache=True, **kwargs)
         self.cache = output_cache(out)
         return out.logits[0, -1].float()
 
     @torch.no_grad()
     def step(self, token: int) -> torch.Tensor:
+        if self._static:
+            self.cache = _room_for_one(self.lm.model, self.cache, self._limit)
         ids = torch.tensor([[token]], device=self.lm.device)
         out = self.lm.model(input_ids=ids, **cache_kwargs(self.lm.model, self.cache), use_cache=True)
         self.cache = output_cache(out)
         return out.logits[0, -1].float()
+
+
+def _capacity(used: int, limit: int | None) -> int:
+    """A static cache's length once ``used`` positions are filled (the prompt, or a full cache): twice that, at least
+    ``STATIC_CHUNK`` more, at most ``limit`` but never without room for one more token."""
+    size = max(2 * used, used + STATIC_CHUNK)
+    return max(used + 1, min(size, limit)) if limit is not None else size
+
+
+def static_cache(model: torch.nn.Module, length: int):
+    """An empty static KV cache of ``length`` positions for ``model``, or None where a dynamic one serves better: the
+    model does not run moekit's whole-layer decode step, or some layer would not be a plain static layer (sliding
+    window, linear attention: those cannot grow by copying)."""
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer
+
+    from moekit.nn.fused_decode import runs_whole_layers
+
+    if not runs_whole_layers(model):
+        return None
+    try:
+        cache = StaticCache(config=model.config, max_cache_len=length)
+    except (TypeError, ValueError, AttributeError):
+        return None
+    return cache if all(type(layer) is StaticLayer for layer in cache.layers) else None
+
+
+def _room_for_one(model: torch.nn.Module, cache, limit: int | None):
+    """The static ``cache``, or when it is full a longer copy (``_capacity``): the filled positions, and the length,
+    copied layer by layer."""
+    from transformers import StaticCache
+
+    used, length = int(cache.get_seq_length()), cache.layers[0].max_cache_len
+    if used < length:
+        return cache
+    grown = StaticCache(config=model.config, max_cache_len=_capacity(used, limit))
+    for old, new in zip(cache.layers, grown.layers, strict=True):
+        if old.is_initialized:
+            new.lazy_initialization(old.keys, old.values)
+            new.keys[:, :, :used].copy_(old.keys[:, :, :used])
+            new.values[:, :, :used].copy_(old.values[:, :, :used])
+            new.cumulative_length.fill_(int(old.cumulative_length))
+    return grown
 
 
 DECODERS: Registry[Callable[..., Decoder]] = Registry("decoding strategy")
@@ -117,6 +177,7 @@ def stream(
         raise MoekitError("temperature must be >= 0 and top_p in (0, 1]")
     ids = encode_prompt(lm, prompt)
     decoder = DECODERS.get(strategy)(lm, **(strategy_options or {}))
+    decoder.reserve = max_new_tokens
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     eos = _eos_ids(lm)
     out: list[int] = []

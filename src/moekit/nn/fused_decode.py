@@ -1525,6 +1525,13 @@ def swapped_forward(module: torch.nn.Module) -> Callable | None:
         else None
 
 
+def runs_whole_layers(model: torch.nn.Module) -> bool:
+    """Whether ``use_fused_decode`` gave a decoder layer of ``model`` its whole-layer step, whose static-cache step
+    writes the cache in place (a dynamic cache costs it transformers' append, a copy of the whole cache per step):
+    ``moekit.generation``'s decoder then keeps a static cache."""
+    return any(getattr(m.__dict__.get("forward"), "__func__", None) is _layer_forward for m in model.modules())
+
+
 def use_fused_decode(model: torch.nn.Module, enable: bool = True) -> int:
     """Swap the forwards of ``model``'s RMSNorms, rotary embeddings, attention modules, top-k routers and experts of
     the supported classes (``RMSNORM_CLASSES``, ``ROTARY_CLASSES``, ``ATTENTION_CLASSES``, ``ROUTER_CLASSES``,
