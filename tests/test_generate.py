@@ -215,6 +215,13 @@ def test_fast_decode_keeps_a_static_cache_that_grows(arch, monkeypatch) -> None:
     torch.testing.assert_close(static, dynamic, rtol=0, atol=1e-5)
     monkeypatch.undo()
     assert _steps(lm, PROMPT, tokens[:9], reserve=9)[2] == [15] * 9
+    monkeypatch.setattr(generation, "STATIC_CHUNK", 4)
+    dec = generation.Decoder(lm)
+    dec.prefill(torch.tensor(PROMPT))
+    first = dec.cache
+    for t in tokens[:7]:  # the 7th step finds 12 of 12 positions filled
+        dec.step(t)
+    assert dec.cache is not first and all(layer.keys is None for layer in first.layers)  # freed as copied
 
 
 def test_static_cache_only_where_it_pays(monkeypatch) -> None:

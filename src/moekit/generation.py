@@ -89,8 +89,8 @@ def static_cache(model: torch.nn.Module, length: int):
 
 
 def _room_for_one(model: torch.nn.Module, cache, limit: int | None):
-    """The static ``cache``, or when it is full a longer copy (``_capacity``): the filled positions, and the length,
-    copied layer by layer."""
+    """The static ``cache``, or when it is full a longer copy (``_capacity``): the filled positions and the length
+    copied layer by layer, each of ``cache``'s layers freed once copied (``cache`` is not usable afterwards)."""
     from transformers import StaticCache
 
     used, length = int(cache.get_seq_length()), cache.layers[0].max_cache_len
@@ -103,6 +103,9 @@ def _room_for_one(model: torch.nn.Module, cache, limit: int | None):
             new.keys[:, :, :used].copy_(old.keys[:, :, :used])
             new.values[:, :, :used].copy_(old.values[:, :, :used])
             new.cumulative_length.fill_(int(old.cumulative_length))
+            # the old cache is dropped on return: free each layer once copied, so that the copy's peak is about
+            # the new cache plus one old layer (the dynamic cache's append peaks at twice the cache every step)
+            old.keys = old.values = None
     return grown
 
 
