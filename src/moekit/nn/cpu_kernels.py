@@ -318,7 +318,8 @@ static int gemv_combine(const int64_t* wp, int64_t rs, int64_t T, int64_t k, con
           for (int64_t r = t0; r < t1; r += 4) {
             const int64_t nr = t1 - r < 4 ? t1 - r : 4, pr = r + 4 * (pf ? pf : PF_AHEAD);
             if (pr < t1) { if (pf) prefetch_rows<W>(we + pr * rs, t1 - pr < 4 ? t1 - pr : 4, rs, cols); }
-            else if (wn && pr - t1 + t0 < t1) prefetch_rows<W>(wn + (pr - t1 + t0) * rs, 4, rs, cols);  /* the next slot's first rows */
+            else if (wn && pr - t1 + t0 < t1)  /* the next slot's first rows */
+              prefetch_rows<W>(wn + (pr - t1 + t0) * rs, t1 - (pr - t1 + t0) < 4 ? t1 - (pr - t1 + t0) : 4, rs, cols);
             float acc[4];
             dot_rows<W, X>(we + r * rs, rs, nr, in, j, acc);
             for (int64_t i = 0; i < nr; i++) sum[r - t0 + i] += g[j] * (sc ? acc[i] * X::get(sc[r + i]) : acc[i]);
