@@ -633,7 +633,9 @@ def run_llama_bench(binary: str, gguf: str | None, threads: int, new_tokens: int
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_with_tuned_env() -> None:
+    """Restart this process with ``MALLOC_ENV`` and moekit's short OpenMP spin (``moekit.openmp``) unless they are set
+    or ``--no-env-tuning`` is given: both are read once, when the C library and torch load."""
     if "--no-env-tuning" not in sys.argv and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
         from moekit.openmp import SPIN_COUNT
 
@@ -641,6 +643,10 @@ def main(argv: list[str] | None = None) -> int:
         if "OMP_WAIT_POLICY" not in env:  # moekit's short OpenMP spin (see moekit.openmp), unless the user chose
             env.setdefault("GOMP_SPINCOUNT", SPIN_COUNT)
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    run_with_tuned_env()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="olmoe", choices=tuple(ARCHS),
                     help="the published config to cut: olmoe (OLMoE-1B-7B), qwen2_moe (Qwen1.5-MoE-A2.7B: q/k/v "
