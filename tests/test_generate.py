@@ -224,7 +224,7 @@ def test_fast_decode_keeps_a_static_cache_that_grows(arch, monkeypatch) -> None:
     assert dec.cache is not first and all(layer.keys is None for layer in first.layers)  # freed as copied
 
 
-def test_static_cache_only_where_it_pays(monkeypatch) -> None:
+def test_static_cache_only_where_it_pays() -> None:
     """A dynamic cache without the whole-layer step (the model's own forwards: SDPA over a static cache's whole length
     would cost more) and for a sliding-window model (its layers cannot grow by copying); greedy text identical."""
     from moekit.cli.common import use_fast_decode
@@ -232,12 +232,15 @@ def test_static_cache_only_where_it_pays(monkeypatch) -> None:
     from moekit.nn import fused_decode
 
     plain = tiny_lm("qwen3_moe")
-    assert static_cache(plain.model, 16) is None
+    assert not fused_decode.runs_whole_layers(plain.model) and static_cache(plain.model, 16) is None
+    if not fused_decode.enabled():
+        pytest.skip("no C++ compiler: no whole-layer step")
     sliding = tiny_lm("mixtral", sliding_window=4)
     use_fast_decode(sliding)
+    assert fused_decode.runs_whole_layers(sliding.model)  # refused for its sliding layers, not for the step
     assert static_cache(sliding.model, 16) is None
-    if fused_decode.enabled():
-        fast = tiny_lm("qwen3_moe")
-        use_fast_decode(fast)
-        assert static_cache(fast.model, 16) is not None
-        assert generate(fast, PROMPT, max_new_tokens=40).token_ids == generate(plain, PROMPT, max_new_tokens=40).token_ids
+    fast = tiny_lm("qwen3_moe")
+    use_fast_decode(fast)
+    cache = static_cache(fast.model, 16)
+    assert cache is not None and all(layer.max_cache_len == 16 for layer in cache.layers)
+    assert generate(fast, PROMPT, max_new_tokens=40).token_ids == generate(plain, PROMPT, max_new_tokens=40).token_ids

@@ -31,8 +31,12 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# Scalar conversions (and the q8_0-style input quantization) both kernel sources use (this one and ``cpu_kernels_int4``'s).
+# Scalar conversions (and the q8_0-style input quantization, and how far ahead the kernels prefetch) both kernel
+# sources use (this one and ``cpu_kernels_int4``'s).
 CONVERSIONS = r"""
+#ifndef PF_BYTES
+#define PF_BYTES 16384  /* how far ahead a kernel prefetches inside a matrix of short rows (see pf_blocks) */
+#endif
 static inline float bf16f(uint16_t v) { uint32_t u = (uint32_t)v << 16; float f; memcpy(&f, &u, 4); return f; }
 static inline uint16_t f2bf(float f) {  /* round to nearest even, NaN kept NaN (torch's rule) */
   uint32_t u; memcpy(&u, &f, 4);
@@ -139,9 +143,6 @@ template <class W> static inline void prefetch_rows(const typename W::T* p, int6
       __builtin_prefetch((const char*)(p + i * rs) + off);
 }
 
-#ifndef PF_BYTES
-#define PF_BYTES 16384
-#endif
 /* How many 4-row blocks ahead a kernel prefetches inside one matrix: about PF_BYTES ahead for rows shorter than a
    page, none for longer rows (the hardware prefetchers follow those alone, and bf16 rows of 4 KB stream ~12% faster
    without; rows of 1-2 KB, as a down projection's, stream at half speed without). The first blocks of the next

@@ -290,9 +290,9 @@ static int gemv4(const uint8_t* q, int64_t es, int64_t rs, const uint16_t* sc, c
     }
   }
   const int64_t nb = (rows + 3) / 4, total = n * nb, rowbytes = cols / 2;
-  /* prefetch distance: PF_AHEAD blocks, or ~16 KB of codes where that is more (short rows: 1 KB for a gate;up of
+  /* prefetch distance: PF_AHEAD blocks, or PF_BYTES of codes where that is more (short rows: 1 KB for a gate;up of
      H = 2048, 512 B for its down projection; 2 threads stream those ~10% faster 16 KB ahead than 2 blocks ahead) */
-  const int64_t ahead = 16384 / (4 * rowbytes) > PF_AHEAD ? 16384 / (4 * rowbytes) : PF_AHEAD;
+  const int64_t ahead = PF_BYTES / (4 * rowbytes) > PF_AHEAD ? PF_BYTES / (4 * rowbytes) : PF_AHEAD;
   #pragma omp parallel num_threads(nthreads)
   {
   float* sf = (float*)__builtin_alloca((size_t)(4 * groups) * sizeof(float));  /* this thread's block scales */
