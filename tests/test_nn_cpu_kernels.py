@@ -3,7 +3,11 @@ rounding of the output dtype, is independent of the thread count, and switches o
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,10 +40,10 @@ def _reference(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, scale: torch
     return out
 
 
-def _inputs(dtype: torch.dtype, per_slot: bool):
+def _inputs(dtype: torch.dtype, per_slot: bool, cols: int = COLS):
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(E, ROWS, COLS, generator=g).to(dtype)
-    x = torch.randn(T, K, COLS, generator=g) if per_slot else torch.randn(T, COLS, generator=g)
+    w = torch.randn(E, ROWS, cols, generator=g).to(dtype)
+    x = torch.randn(T, K, cols, generator=g) if per_slot else torch.randn(T, cols, generator=g)
     ids = torch.tensor([[4, E, 0], [-1, 2, 2]])  # a "no expert" sentinel, a negative id, a repeated expert
     return x.to(dtype), w, ids
 
@@ -52,11 +56,12 @@ def test_kernel_builds_in_its_cache(tmp_path, monkeypatch) -> None:
     assert not list(tmp_path.glob("tmp*"))  # the build folder is gone
 
 
+@pytest.mark.parametrize("cols", [COLS, 213])  # 213: whole 64- and 128-column steps, a 16 / 32 step and a tail
 @pytest.mark.parametrize("per_slot", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_gemv_equals_fp64_reference(dtype: torch.dtype, per_slot: bool) -> None:
+def test_gemv_equals_fp64_reference(dtype: torch.dtype, per_slot: bool, cols: int) -> None:
     """fp32 accumulation, one rounding to the output dtype: within one ulp of the fp64 result (fp32: 1e-5)."""
-    x, w, ids = _inputs(dtype, per_slot)
+    x, w, ids = _inputs(dtype, per_slot, cols)
     got = cpu_kernels.expert_gemv(x, w, ids)
     assert got is not None and got.dtype == dtype and got.shape == (T, K, ROWS)
     ref = _reference(x, w, ids)
@@ -65,6 +70,39 @@ def test_gemv_equals_fp64_reference(dtype: torch.dtype, per_slot: bool) -> None:
     err = (got.double() - ref).abs()
     assert torch.all(err <= tol * ref.abs() + 1e-6), float(err.max())
     assert torch.equal(got[1, 1], got[1, 2]) == (not per_slot)  # same expert, same input ⇒ same row
+
+
+def test_rows_together_follows_the_cpu_unless_set(monkeypatch) -> None:
+    """``MOEKIT_ROWS_TOGETHER`` (1 or 4) decides; unset or invalid: 1 on AMD CPUs, 4 elsewhere."""
+    monkeypatch.setenv("MOEKIT_ROWS_TOGETHER", "1")
+    assert cpu_kernels.rows_together() == 1
+    monkeypatch.setenv("MOEKIT_ROWS_TOGETHER", "4")
+    assert cpu_kernels.rows_together() == 4
+    try:
+        amd = "AuthenticAMD" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        amd = False
+    for value in ("", "3", "many"):
+        monkeypatch.setenv("MOEKIT_ROWS_TOGETHER", value)
+        assert cpu_kernels.rows_together() == (1 if amd else 4)
+
+
+def test_the_other_row_order_passes_the_kernel_tests(tmp_path) -> None:
+    """Both row orders of the kernels (rows side by side, rows one after the other: ``rows_together``) are built
+    and checked on every machine: this file's kernel tests and the int4 kernel's, in a process whose kernels read
+    rows in the order this CPU does not default to."""
+    other = 4 if cpu_kernels.rows_together() == 1 else 1
+    env = {**os.environ, "MOEKIT_ROWS_TOGETHER": str(other), "MOEKIT_KERNEL_CACHE": str(tmp_path)}
+    here = Path(__file__).parent
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", str(here / "test_nn_cpu_kernels.py"),
+         str(here / "test_nn_int4_experts.py"), "-k", "not other_row_order and (gemv or combine or vnni or "
+         "int4_kernel or half_precision or threads)"],
+        capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and " failed" not in proc.stdout
+    built = [p.name for p in tmp_path.glob("*.so")]
+    assert any(n.startswith("moekit_gemv_") for n in built) and any(n.startswith("moekit_gemv_int4_") for n in built)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -178,7 +216,7 @@ def test_int8_vnni_path_quantizes_the_input_per_block(dtype: torch.dtype) -> Non
     quantized formula within fp32 summation and one output rounding, and differs from the float-activation
     result by at most the input quantization error: Σ_blocks (max|x_b| / 254) · Σ_b |w|."""
     g = torch.Generator().manual_seed(5)
-    rows, cols = 13, 192  # three 64-blocks; 13 rows: a tail row after three 4-row blocks
+    rows, cols = 13, 320  # five 64-blocks (a group of four, one more); 13 rows: a tail row after three 4-row blocks
     w = torch.randn(E, rows, cols, generator=g).to(dtype)
     x = torch.randn(T, cols, generator=g)
     x[0, 70] = 50.0  # an outlier in one block: only that block's resolution suffers

@@ -225,6 +225,55 @@ static int int4_mode(int64_t gs, bool bf16_input, int qx) {
   return mode;
 }
 
+/* acc[i] for the nr <= 4 rows at wr (row stride rs, fp32 scales sf per row) by the loop of ``mode`` (int4_mode):
+   xpv / dvv the quantized input (mode 4), xbv the bf16 input (modes 2, 3), xv the fp32 one (modes 0, 1). */
+static inline void int4_rows(int mode, int64_t nr, const uint8_t* wr, int64_t rs, const float* sf, int64_t groups,
+                             int64_t gs, int64_t cols, const int8_t* xpv, const float* dvv, const uint16_t* xbv,
+                             const float* xv, float* acc) {
+  (void)cols; (void)xpv; (void)dvv; (void)xbv;
+#if HAVE_VNNI
+  if (mode == 4) {
+    if (gs % 128 == 0) switch (nr) {
+      case 4: rows_vnni<4, true>(wr, rs, sf, groups, gs, cols, xpv, dvv, acc); break;
+      case 3: rows_vnni<3, true>(wr, rs, sf, groups, gs, cols, xpv, dvv, acc); break;
+      case 2: rows_vnni<2, true>(wr, rs, sf, groups, gs, cols, xpv, dvv, acc); break;
+      default: rows_vnni<1, true>(wr, rs, sf, groups, gs, cols, xpv, dvv, acc); break;
+    } else switch (nr) {
+      case 4: rows_vnni<4, false>(wr, rs, sf, groups, gs, cols, xpv, dvv, acc); break;
+      case 3: rows_vnni<3, false>(wr, rs, sf, groups, gs, cols, xpv, dvv, acc); break;
+      case 2: rows_vnni<2, false>(wr, rs, sf, groups, gs, cols, xpv, dvv, acc); break;
+      default: rows_vnni<1, false>(wr, rs, sf, groups, gs, cols, xpv, dvv, acc); break;
+    }
+  } else
+#endif
+#if defined(HAVE_BF16DP)
+  if (mode == 2 || mode == 3) {
+    if (mode == 3) switch (nr) {
+      case 4: rows_bf16dp<4, 128>(wr, rs, sf, groups, gs, xbv, acc); break;
+      case 3: rows_bf16dp<3, 128>(wr, rs, sf, groups, gs, xbv, acc); break;
+      case 2: rows_bf16dp<2, 128>(wr, rs, sf, groups, gs, xbv, acc); break;
+      default: rows_bf16dp<1, 128>(wr, rs, sf, groups, gs, xbv, acc); break;
+    } else switch (nr) {
+      case 4: rows_bf16dp<4, 64>(wr, rs, sf, groups, gs, xbv, acc); break;
+      case 3: rows_bf16dp<3, 64>(wr, rs, sf, groups, gs, xbv, acc); break;
+      case 2: rows_bf16dp<2, 64>(wr, rs, sf, groups, gs, xbv, acc); break;
+      default: rows_bf16dp<1, 64>(wr, rs, sf, groups, gs, xbv, acc); break;
+    }
+  } else
+#endif
+#if defined(__AVX512F__)
+  if (mode == 1) {
+    switch (nr) {
+      case 4: rows_avx512<4>(wr, rs, sf, groups, gs, xv, acc); break;
+      case 3: rows_avx512<3>(wr, rs, sf, groups, gs, xv, acc); break;
+      case 2: rows_avx512<2>(wr, rs, sf, groups, gs, xv, acc); break;
+      default: rows_avx512<1>(wr, rs, sf, groups, gs, xv, acc); break;
+    }
+  } else
+#endif
+  for (int64_t i = 0; i < nr; i++) acc[i] = row_scalar(wr + i * rs, sf + i * groups, groups, gs, xv);
+}
+
 /* out[s, r] = Σ_c (q[e, r, c] − z[e, r, c / gs]) · s[e, r, c / gs] · x[s / xdiv, c] with e = ids[s]; 0 where e is
    not in [0, ne). q: packed bytes, row stride rs and expert stride es (bytes); scales (float16 bits) and zeros
    share the strides ges (expert) and grs (row); x rows contiguous with stride xs; out [n, rows]. */
@@ -292,7 +341,8 @@ static int gemv4(const uint8_t* q, int64_t es, int64_t rs, const uint16_t* sc, c
   const int64_t nb = (rows + 3) / 4, total = n * nb, rowbytes = cols / 2;
   /* prefetch distance: PF_AHEAD blocks, or PF_BYTES of codes where that is more (short rows: 1 KB for a gate;up of
      H = 2048, 512 B for its down projection; 2 threads stream those ~10% faster 16 KB ahead than 2 blocks ahead) */
-  const int64_t ahead = PF_BYTES / (4 * rowbytes) > PF_AHEAD ? PF_BYTES / (4 * rowbytes) : PF_AHEAD;
+  const int64_t ahead = ROWS_TOGETHER == 1 ? PF_AHEAD
+                       : PF_BYTES / (4 * rowbytes) > PF_AHEAD ? PF_BYTES / (4 * rowbytes) : PF_AHEAD;
   #pragma omp parallel num_threads(nthreads)
   {
   float* sf = (float*)__builtin_alloca((size_t)(4 * groups) * sizeof(float));  /* this thread's block scales */
@@ -307,7 +357,8 @@ static int gemv4(const uint8_t* q, int64_t es, int64_t rs, const uint16_t* sc, c
     const uint16_t* sr = sc + e * ges + r0 * grs;
     const uint8_t* zr = zp + e * ges + r0 * grs;
     const int64_t nxt = b + ahead;  /* prefetch the codes of the block `ahead` blocks on (see gemv) */
-    if (PF_AHEAD > 0 && nxt < total) {
+    if (PF_AHEAD > 0 && nxt < total && (ROWS_TOGETHER == 4 || nxt / nb != s)) {  /* rows one after the other:
+                                                                                   the next matrix's only */
       const int64_t ns = nxt / nb, ne2 = ids[ns];
       if (ne2 >= 0 && ne2 < ne) {
         const int64_t nr0 = (nxt % nb) * 4, nnr = rows - nr0 < 4 ? rows - nr0 : 4;
@@ -336,50 +387,14 @@ static int gemv4(const uint8_t* q, int64_t es, int64_t rs, const uint16_t* sc, c
       for (; g < groups; g++) { fi[g] = scale_f(si[g]); corr[i] += fi[g] * ((float)zi[g] + zoff) * xg[g]; }
     }
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
-#if HAVE_VNNI
-    if (mode == 4) {
-      const int8_t* xpv = xp + (s / xdiv) * cols;
-      const float* dvv = dv + (s / xdiv) * nch * 16;
-      if (gs % 128 == 0) switch (nr) {
-        case 4: rows_vnni<4, true>(wr, rs, sf, groups, gs, cols, xpv, dvv, acc); break;
-        case 3: rows_vnni<3, true>(wr, rs, sf, groups, gs, cols, xpv, dvv, acc); break;
-        case 2: rows_vnni<2, true>(wr, rs, sf, groups, gs, cols, xpv, dvv, acc); break;
-        default: rows_vnni<1, true>(wr, rs, sf, groups, gs, cols, xpv, dvv, acc); break;
-      } else switch (nr) {
-        case 4: rows_vnni<4, false>(wr, rs, sf, groups, gs, cols, xpv, dvv, acc); break;
-        case 3: rows_vnni<3, false>(wr, rs, sf, groups, gs, cols, xpv, dvv, acc); break;
-        case 2: rows_vnni<2, false>(wr, rs, sf, groups, gs, cols, xpv, dvv, acc); break;
-        default: rows_vnni<1, false>(wr, rs, sf, groups, gs, cols, xpv, dvv, acc); break;
-      }
-    } else
-#endif
-#if defined(HAVE_BF16DP)
-    if (mode == 2 || mode == 3) {
-      const uint16_t* xbv = xb + (s / xdiv) * cols;
-      if (mode == 3) switch (nr) {
-        case 4: rows_bf16dp<4, 128>(wr, rs, sf, groups, gs, xbv, acc); break;
-        case 3: rows_bf16dp<3, 128>(wr, rs, sf, groups, gs, xbv, acc); break;
-        case 2: rows_bf16dp<2, 128>(wr, rs, sf, groups, gs, xbv, acc); break;
-        default: rows_bf16dp<1, 128>(wr, rs, sf, groups, gs, xbv, acc); break;
-      } else switch (nr) {
-        case 4: rows_bf16dp<4, 64>(wr, rs, sf, groups, gs, xbv, acc); break;
-        case 3: rows_bf16dp<3, 64>(wr, rs, sf, groups, gs, xbv, acc); break;
-        case 2: rows_bf16dp<2, 64>(wr, rs, sf, groups, gs, xbv, acc); break;
-        default: rows_bf16dp<1, 64>(wr, rs, sf, groups, gs, xbv, acc); break;
-      }
-    } else
-#endif
-#if defined(__AVX512F__)
-    if (mode == 1) {
-      switch (nr) {
-        case 4: rows_avx512<4>(wr, rs, sf, groups, gs, xv, acc); break;
-        case 3: rows_avx512<3>(wr, rs, sf, groups, gs, xv, acc); break;
-        case 2: rows_avx512<2>(wr, rs, sf, groups, gs, xv, acc); break;
-        default: rows_avx512<1>(wr, rs, sf, groups, gs, xv, acc); break;
-      }
-    } else
-#endif
-    for (int64_t i = 0; i < nr; i++) acc[i] = row_scalar(wr + i * rs, sf + i * groups, groups, gs, xv);
+    const int8_t* xpv = mode == 4 ? xp + (s / xdiv) * cols : nullptr;
+    const float* dvv = mode == 4 ? dv + (s / xdiv) * nch * 16 : nullptr;
+    const uint16_t* xbv = xb + (s / xdiv) * cols;
+    if (ROWS_TOGETHER == 1)  /* one row after the other: the block is one sequential stream (see cpu_kernels) */
+      for (int64_t i = 0; i < nr; i++)
+        int4_rows(mode, 1, wr + i * rs, rs, sf + i * groups, groups, gs, cols, xpv, dvv, xbv, xv, acc + i);
+    else
+      int4_rows(mode, nr, wr, rs, sf, groups, gs, cols, xpv, dvv, xbv, xv, acc);
     for (int64_t i = 0; i < nr; i++) o[i] = X::put(acc[i] - corr[i]);
   }
   }
