@@ -173,54 +173,55 @@ template <class W> static inline int64_t pf_blocks(int64_t cols) {
    ``rows_together``): AMD Zen 4 streams one sequential stream ~1.3-2x faster than four interleaved ones, Intel's
    prefetchers follow four rows well. U = 4 / NR column blocks are summed side by side, so both read 4 vectors per step.
    Summed in fp32; the order differs between the two (each is fixed, so a kernel's paths agree bit for bit). */
+#if defined(__AVX512F__)
+/* acc[r] = the sum of row r's U accumulators' lanes. */
+template <int NR, int U>
+static inline void sum_rows(const __m512 (&v)[NR][U], float* acc) {
+  for (int r = 0; r < NR; r++) {
+    __m512 t = v[r][0];
+    for (int u = 1; u < U; u++) t = _mm512_add_ps(t, v[r][u]);
+    acc[r] = _mm512_reduce_add_ps(t);
+  }
+}
+#endif
 #if HAVE_VNNI
+/* Integer sums of the QB-block of columns at c for NR rows: |x| (xb) times the weights with x's signs (masks xn). */
+template <int NR>
+static inline void vnni_block(const int8_t* w0, int64_t rs, const int8_t* xb, const uint64_t* xn, int64_t c,
+                              __m512i* i) {
+  const __m512i zero = _mm512_setzero_si512();
+  for (int r = 0; r < NR; r++) i[r] = zero;
+  for (int64_t cc = c; cc < c + QB; cc += 64) {
+    const __m512i xa = _mm512_loadu_si512(xb + cc);
+    const __mmask64 neg = _cvtu64_mask64(xn[cc / 64]);
+    for (int r = 0; r < NR; r++) {
+      const __m512i wv = _mm512_loadu_si512(w0 + r * rs + cc);
+      i[r] = _mm512_dpbusd_epi32(i[r], xa, _mm512_mask_sub_epi8(wv, neg, zero, wv));
+    }
+  }
+}
 /* int8 weights times q8_0-style int8 input (|x| unsigned at xb, x's signs as masks at xn moved onto the weights:
    exact integer products), each QB-block's integer sum scaled by its input scale in fp32. */
 template <int NR>
 static inline void vnni_rows(const int8_t* w0, int64_t rs, const int8_t* xb, const uint64_t* xn, const float* xd,
                              int64_t nbl, float* acc) {
   constexpr int U = 4 / NR;
-  const __m512i zero = _mm512_setzero_si512();
   __m512 v[NR][U];
+  __m512i i[NR];
   for (int r = 0; r < NR; r++) for (int u = 0; u < U; u++) v[r][u] = _mm512_setzero_ps();
   int64_t bl = 0;
-  for (; bl + U <= nbl; bl += U) {
+  for (; bl + U <= nbl; bl += U)
     for (int u = 0; u < U; u++) {
-      const int64_t c = (bl + u) * QB;
-      __m512i i[NR];
-      for (int r = 0; r < NR; r++) i[r] = zero;
-      for (int64_t cc = c; cc < c + QB; cc += 64) {
-        const __m512i xa = _mm512_loadu_si512(xb + cc);
-        const __mmask64 neg = _cvtu64_mask64(xn[cc / 64]);
-        for (int r = 0; r < NR; r++) {
-          const __m512i wv = _mm512_loadu_si512(w0 + r * rs + cc);
-          i[r] = _mm512_dpbusd_epi32(i[r], xa, _mm512_mask_sub_epi8(wv, neg, zero, wv));
-        }
-      }
+      vnni_block<NR>(w0, rs, xb, xn, (bl + u) * QB, i);
       const __m512 d = _mm512_set1_ps(xd[bl + u]);
       for (int r = 0; r < NR; r++) v[r][u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i[r]), d, v[r][u]);
     }
-  }
   for (; bl < nbl; bl++) {  /* the blocks after the last group of U */
-    const int64_t c = bl * QB;
-    __m512i i[NR];
-    for (int r = 0; r < NR; r++) i[r] = zero;
-    for (int64_t cc = c; cc < c + QB; cc += 64) {
-      const __m512i xa = _mm512_loadu_si512(xb + cc);
-      const __mmask64 neg = _cvtu64_mask64(xn[cc / 64]);
-      for (int r = 0; r < NR; r++) {
-        const __m512i wv = _mm512_loadu_si512(w0 + r * rs + cc);
-        i[r] = _mm512_dpbusd_epi32(i[r], xa, _mm512_mask_sub_epi8(wv, neg, zero, wv));
-      }
-    }
+    vnni_block<NR>(w0, rs, xb, xn, bl * QB, i);
     const __m512 d = _mm512_set1_ps(xd[bl]);
     for (int r = 0; r < NR; r++) v[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i[r]), d, v[r][0]);
   }
-  for (int r = 0; r < NR; r++) {
-    __m512 t = v[r][0];
-    for (int u = 1; u < U; u++) t = _mm512_add_ps(t, v[r][u]);
-    acc[r] = _mm512_reduce_add_ps(t);
-  }
+  sum_rows<NR, U>(v, acc);
 }
 #endif
 #if defined(__AVX512BF16__) && !defined(NO_DPBF16)
@@ -242,11 +243,7 @@ static inline void bf16dp_rows(const uint16_t* w0, int64_t rs, const uint16_t* x
     const __m512bh xc = (__m512bh)_mm512_loadu_si512(xb + c);
     for (int r = 0; r < NR; r++) v[r][0] = _mm512_dpbf16_ps(v[r][0], (__m512bh)_mm512_loadu_si512(w0 + r * rs + c), xc);
   }
-  for (int r = 0; r < NR; r++) {
-    __m512 t = v[r][0];
-    for (int u = 1; u < U; u++) t = _mm512_add_ps(t, v[r][u]);
-    acc[r] = _mm512_reduce_add_ps(t);
-  }
+  sum_rows<NR, U>(v, acc);
 }
 #endif
 #if defined(__AVX512F__)
@@ -267,11 +264,7 @@ static inline void fma_rows(const typename W::T* w0, int64_t rs, const float* xv
     const __m512 xc = _mm512_loadu_ps(xv + c);
     for (int r = 0; r < NR; r++) v[r][0] = _mm512_fmadd_ps(W::load16(w0 + r * rs + c), xc, v[r][0]);
   }
-  for (int r = 0; r < NR; r++) {
-    __m512 t = v[r][0];
-    for (int u = 1; u < U; u++) t = _mm512_add_ps(t, v[r][u]);
-    acc[r] = _mm512_reduce_add_ps(t);
-  }
+  sum_rows<NR, U>(v, acc);
 }
 #endif
 
