@@ -171,7 +171,7 @@ template <class W> static inline int64_t pf_blocks(int64_t cols) {
    the columns, four weight streams) or one row after the other (NR = 1: the block's rows are one sequential stream,
    four accumulators over the columns). ROWS_TOGETHER picks per CPU (moekit sets it at build time, see
    ``rows_together``): AMD Zen 4 streams one sequential stream ~1.3-2x faster than four interleaved ones, Intel's
-   prefetchers follow four rows well. U = 4 / NR column blocks are summed side by side, so both read 4 vectors per step.
+   prefetchers follow four rows well. U = 4 / NR column blocks are summed side by side (bf16 dot products: 2 for one row).
    Summed in fp32; the order differs between the two (each is fixed, so a kernel's paths agree bit for bit). */
 #if defined(__AVX512F__)
 /* acc[r] = the sum of row r's U accumulators' lanes. */
@@ -229,7 +229,7 @@ static inline void vnni_rows(const int8_t* w0, int64_t rs, const int8_t* xb, con
    summed in fp32 (inputs below 2^-126 count as 0): one instruction per 64 bytes of weights. Columns up to c32. */
 template <int NR>
 static inline void bf16dp_rows(const uint16_t* w0, int64_t rs, const uint16_t* xb, int64_t c32, float* acc) {
-  constexpr int U = 4 / NR;
+  constexpr int U = NR == 1 ? 2 : 1;  /* one row: two column blocks side by side (Zen 4: 1.2-1.8x four, docs/nn.md) */
   __m512 v[NR][U];
   for (int r = 0; r < NR; r++) for (int u = 0; u < U; u++) v[r][u] = _mm512_setzero_ps();
   int64_t c = 0;
