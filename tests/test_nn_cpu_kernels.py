@@ -4,6 +4,7 @@ rounding of the output dtype, is independent of the thread count, and switches o
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -100,7 +101,8 @@ def test_the_other_row_order_passes_the_kernel_tests(tmp_path) -> None:
          "int4_kernel or half_precision or threads)"],
         capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout and " failed" not in proc.stdout
+    passed = re.search(r"(\d+) passed", proc.stdout)
+    assert passed and int(passed.group(1)) >= 30 and " failed" not in proc.stdout, proc.stdout[-1000:]
     built = [p.name for p in tmp_path.glob("*.so")]
     assert any(n.startswith("moekit_gemv_") for n in built) and any(n.startswith("moekit_gemv_int4_") for n in built)
 

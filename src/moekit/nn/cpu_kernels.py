@@ -135,16 +135,14 @@ template <class W, class X> struct Input {
     for (int64_t s = 0; s < nx; s++)
       for (int64_t bl = 0; bl < cols / QB; bl++)
         xqs[s * (cols / QB) + bl] = quantize_q8(xf + s * cols + bl * QB, QB, xq + s * cols + bl * QB);
+#if HAVE_VNNI
     /* for the VNNI product: the codes' signs as bit masks (64 codes each), then the codes made |q| */
     for (int64_t i = 0; i < nx * cols / 64; i++) {
-      uint64_t m = 0;
-      for (int j = 0; j < 64; j++) {
-        const int8_t q = xq[i * 64 + j];
-        m |= (uint64_t)(q < 0) << j;
-        xq[i * 64 + j] = (int8_t)(q < 0 ? -q : q);
-      }
-      xneg[i] = m;
+      const __m512i q = _mm512_loadu_si512(xq + i * 64);
+      xneg[i] = _cvtmask64_u64(_mm512_movepi8_mask(q));
+      _mm512_storeu_si512(xq + i * 64, _mm512_abs_epi8(q));
     }
+#endif
     return 0;
   }
   ~Input() { free(xf); free(xq); free(xqs); free(xneg); }
@@ -160,8 +158,9 @@ template <class W> static inline void prefetch_rows(const typename W::T* p, int6
 
 /* How many 4-row blocks ahead a kernel prefetches inside one matrix: about PF_BYTES ahead for rows shorter than a
    page, none for longer rows (the hardware prefetchers follow those alone, and bf16 rows of 4 KB stream ~12% faster
-   without; rows of 1-2 KB, as a down projection's, stream at half speed without). The first blocks of the next
-   matrix are prefetched in any case: experts lie scattered in memory. */
+   without; rows of 1-2 KB, as a down projection's, stream at half speed without), and none when a block's rows are
+   read one after the other (ROWS_TOGETHER 1: one sequential stream, slower with any prefetch on Zen 4). The first
+   blocks of the next matrix are prefetched in any case: experts lie scattered in memory. */
 template <class W> static inline int64_t pf_blocks(int64_t cols) {
   const int64_t rb = cols * (int64_t)sizeof(typename W::T);
   return rb >= 4096 || ROWS_TOGETHER == 1 ? 0 : (PF_BYTES / (4 * rb) > 1 ? PF_BYTES / (4 * rb) : 1);
