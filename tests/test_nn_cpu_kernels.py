@@ -118,6 +118,40 @@ def test_int8_gemv_equals_fp64_reference(dtype: torch.dtype) -> None:
     assert torch.all((got.double() - ref).abs() <= tol * ref.abs() + 1e-6)
 
 
+@pytest.mark.parametrize("dtype,cols", [(torch.bfloat16, 1024), (torch.bfloat16, 512), (torch.float32, 512),
+                                        (torch.float16, 256), ("int8", 1024), ("int8", 2048)])
+def test_page_order_gives_each_row_its_own_blocks_sum(dtype, cols: int) -> None:
+    """Rows shorter than a 4 KiB page are read side by side in page order (a block's four rows a page apart, where
+    rows go side by side): each row still gets exactly the sum it gets in a block of four rows of its own (a 4-row
+    slice of the bank, which has no page order), and the fp64 reference within one rounding, at 1 and 2 threads."""
+    g = torch.Generator().manual_seed(5)
+    rows = 64
+    w = torch.randn(E, rows, cols, generator=g)
+    x = torch.randn(T, cols, generator=g)
+    ids = torch.tensor([[4, E, 0], [-1, 2, 2]])
+    if dtype == "int8":
+        q, s = quantize_rows_int8(w.bfloat16())
+        x = x.bfloat16()
+    else:
+        q, s, x = w.to(dtype), None, x.to(dtype)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            whole = cpu_kernels.expert_gemv(x, q, ids, s)
+            assert whole is not None
+            for r in range(0, rows, 4):
+                block = cpu_kernels.expert_gemv(x, q[:, r:r + 4], ids, None if s is None else s[:, r:r + 4])
+                assert torch.equal(whole[..., r:r + 4], block), (threads, r)
+    finally:
+        torch.set_num_threads(before)
+    ref = _reference(x, q, ids, s)
+    tol = 1e-5 if x.dtype == torch.float32 else _ulp(x.dtype)
+    if dtype == "int8" and cpu_kernels.int8_activations() == "int8":
+        tol = 0.05  # the input quantized per 64-block (test_int8_vnni_path_quantizes_the_input_per_block is exact)
+    assert torch.all((whole.double() - ref).abs() <= tol * ref.abs() + tol * 1e-1 * ref.abs().max())
+
+
 def test_result_does_not_depend_on_threads() -> None:
     """Every output row is summed by one thread in one order: bit-identical at 1 and 2 threads."""
     x, w, ids = _inputs(torch.bfloat16, per_slot=True)
@@ -347,13 +381,14 @@ def test_combine_over_two_banks_equals_one_bank_bit_for_bit() -> None:
     assert cpu_kernels.combine_banks(h, [(ids_a, first, None), (ids_b, second.float(), None)], gates) is None
 
 
+@pytest.mark.parametrize("rows,cols", [(4099, 64), (4112, 1024)])
 @pytest.mark.parametrize("int8", [False, True])
-def test_one_token_combine_equals_the_multi_token_path_bit_for_bit(int8: bool) -> None:
+def test_one_token_combine_equals_the_multi_token_path_bit_for_bit(int8: bool, rows: int, cols: int) -> None:
     """A decode step's combine (one token: each thread streams its rows of every slot in turn, in tiles of 4096 rows)
     sums each row over the same slots in the same order as the multi-token path: the same bits, at 1 and 2 threads
-    (4099 rows: two tiles at 1 thread and a tail block of 3; a slot without an expert)."""
+    (4099 rows: two tiles at 1 thread and a tail block of 3; a slot without an expert). 1024 columns: rows of 1-2 KB,
+    which the one-token path reads in page order where rows go side by side (``page_rows`` in the kernel source)."""
     g = torch.Generator().manual_seed(11)
-    rows, cols = 4099, 64
     w = torch.randn(E, rows, cols, generator=g).bfloat16()
     h = torch.randn(2, K, cols, generator=g).bfloat16()
     ids = torch.tensor([[3, E, 1], [0, 2, 4]])

@@ -27,10 +27,10 @@ needs_kernel = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the
 E, ROWS = 5, 13  # 13 rows: three blocks of 4 and a tail block of 1
 
 
-def _bank(group_size: int, cols: int, seed: int = 0):
-    """A random int4 bank [E, ROWS, cols] in the format's codec, and its fp64 dequantized weights."""
+def _bank(group_size: int, cols: int, seed: int = 0, rows: int = ROWS):
+    """A random int4 bank [E, rows, cols] in the format's codec, and its fp64 dequantized weights."""
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(E, ROWS, cols, generator=g)
+    w = torch.randn(E, rows, cols, generator=g)
     w[1, 2] += 3.0  # a skewed row: a zero point far from 8
     qts = [quantize_matrix(w[e], 4, group_size) for e in range(E)]
     q, s, z = (torch.stack([getattr(t, k) for t in qts]) for k in ("qweight", "scales", "zeros"))
@@ -98,6 +98,35 @@ def test_int4_kernel_takes_each_loop(monkeypatch) -> None:
         assert path(128, torch.bfloat16) == "avx512-vnni-int8"
         monkeypatch.setenv("MOEKIT_INT8_ACTIVATIONS", "float")
         assert path(128, torch.bfloat16) != "avx512-vnni-int8"
+
+
+@needs_kernel
+@pytest.mark.parametrize("activations", ["float", "int8"])
+def test_int4_page_order_gives_each_row_its_own_blocks_sum(activations: str) -> None:
+    """Rows of 512 B of codes (1024 columns) are read in page order where rows go side by side (a block's four rows
+    a 4 KiB page apart): each row gets exactly the sum it gets in a 4-row slice of the bank (no page order there), at
+    1 and 2 threads, and the fp64 product within the accumulation bound."""
+    rows, cols = 64, 1024
+    q, s, z, deq = _bank(128, cols, rows=rows)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, cols, generator=g).to(torch.bfloat16)
+    ids = torch.tensor([[4, E, 0], [-1, 1, 1]])
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            whole = cpu_kernels_int4.expert_gemv_int4(x, q, s, z, ids, activations)
+            assert whole is not None
+            for r in range(0, rows, 4):
+                part = cpu_kernels_int4.expert_gemv_int4(x, q[:, r:r + 4], s[:, r:r + 4], z[:, r:r + 4], ids,
+                                                         activations)
+                assert torch.equal(whole[..., r:r + 4], part), (threads, r)
+    finally:
+        torch.set_num_threads(before)
+    if activations == "float":
+        ref, acc_err = _reference(x, deq, ids)
+        assert torch.all((whole.double() - ref).abs() <= torch.finfo(torch.bfloat16).eps / 2 * ref.abs() * 1.0001
+                         + acc_err)
 
 
 @needs_kernel

@@ -339,6 +339,7 @@ static int gemv4(const uint8_t* q, int64_t es, int64_t rs, const uint16_t* sc, c
     }
   }
   const int64_t nb = (rows + 3) / 4, total = n * nb, rowbytes = cols / 2;
+  const int64_t pg = page_rows(rowbytes, rows), rsb = rs * pg, grsb = grs * pg;  /* a block's rows: pg apart */
   /* prefetch distance: PF_AHEAD blocks, or PF_BYTES of codes where that is more (short rows: 1 KB for a gate;up of
      H = 2048, 512 B for its down projection; 2 threads stream those ~10% faster 16 KB ahead than 2 blocks ahead) */
   const int64_t ahead = ROWS_TOGETHER == 1 ? PF_AHEAD
@@ -348,9 +349,9 @@ static int gemv4(const uint8_t* q, int64_t es, int64_t rs, const uint16_t* sc, c
   float* sf = (float*)__builtin_alloca((size_t)(4 * groups) * sizeof(float));  /* this thread's block scales */
   #pragma omp for schedule(static)
   for (int64_t b = 0; b < total; b++) {
-    const int64_t s = b / nb, r0 = (b % nb) * 4, nr = rows - r0 < 4 ? rows - r0 : 4, e = ids[s];
+    const int64_t s = b / nb, r0 = block_row(b % nb, pg), nr = rows - r0 < 4 ? rows - r0 : 4, e = ids[s];
     typename X::T* o = out + s * rows + r0;
-    if (e < 0 || e >= ne) { for (int64_t i = 0; i < nr; i++) o[i] = X::put(0.f); continue; }
+    if (e < 0 || e >= ne) { for (int64_t i = 0; i < nr; i++) o[i * pg] = X::put(0.f); continue; }
     const float* xv = xf + (s / xdiv) * cols;
     const float* xg = xsum + (s / xdiv) * groups;
     const uint8_t* wr = q + e * es + r0 * rs;
@@ -361,17 +362,17 @@ static int gemv4(const uint8_t* q, int64_t es, int64_t rs, const uint16_t* sc, c
                                                                                    the next matrix's only */
       const int64_t ns = nxt / nb, ne2 = ids[ns];
       if (ne2 >= 0 && ne2 < ne) {
-        const int64_t nr0 = (nxt % nb) * 4, nnr = rows - nr0 < 4 ? rows - nr0 : 4;
+        const int64_t nr0 = block_row(nxt % nb, pg), nnr = rows - nr0 < 4 ? rows - nr0 : 4;
         const char* p = (const char*)(q + ne2 * es + nr0 * rs);
         for (int64_t i = 0; i < nnr; i++)
-          for (int64_t off = 0; off < rowbytes; off += 64) __builtin_prefetch(p + i * rs + off);
+          for (int64_t off = 0; off < rowbytes; off += 64) __builtin_prefetch(p + i * rsb + off);
       }
     }
     /* this block's scales in fp32, and the zero points' share: corr = Σ_g s · z · Σx_g */
     float corr[4] = {0.f, 0.f, 0.f, 0.f};
     for (int64_t i = 0; i < nr; i++) {
-      const uint16_t* si = sr + i * grs;
-      const uint8_t* zi = zr + i * grs;
+      const uint16_t* si = sr + i * grsb;
+      const uint8_t* zi = zr + i * grsb;
       float* fi = sf + i * groups;
       int64_t g = 0;
 #if defined(__AVX512F__)
@@ -394,8 +395,8 @@ static int gemv4(const uint8_t* q, int64_t es, int64_t rs, const uint16_t* sc, c
       for (int64_t i = 0; i < nr; i++)
         int4_rows(mode, 1, wr + i * rs, rs, sf + i * groups, groups, gs, cols, xpv, dvv, xbv, xv, acc + i);
     else
-      int4_rows(mode, nr, wr, rs, sf, groups, gs, cols, xpv, dvv, xbv, xv, acc);
-    for (int64_t i = 0; i < nr; i++) o[i] = X::put(acc[i] - corr[i]);
+      int4_rows(mode, nr, wr, rsb, sf, groups, gs, cols, xpv, dvv, xbv, xv, acc);
+    for (int64_t i = 0; i < nr; i++) o[i * pg] = X::put(acc[i] - corr[i]);
   }
   }
   free(xf);

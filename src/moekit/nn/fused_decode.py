@@ -425,24 +425,27 @@ static int gemv_multi(const int64_t* wp, const int64_t* rows, int64_t m, int64_t
   if (in.init(x, 1, cols, cols, qx)) return 1;
   int64_t start[9], off[9]; start[0] = 0; off[0] = 0;
   for (int64_t i = 0; i < m; i++) { start[i + 1] = start[i] + (rows[i] + 3) / 4; off[i + 1] = off[i] + rows[i]; }
+  int64_t pg[8];  /* each matrix's page order (cpu_kernels' page_rows) */
+  for (int64_t i = 0; i < m; i++) pg[i] = page_rows(cols * (int64_t)sizeof(typename W::T), rows[i]);
   const int64_t total = start[m], pf = pf_blocks<W>(cols), ahead = pf ? pf : PF_AHEAD;
   #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t b = 0; b < total; b++) {
     int64_t i = 0; while (b >= start[i + 1]) i++;
-    const int64_t r0 = (b - start[i]) * 4, nr = rows[i] - r0 < 4 ? rows[i] - r0 : 4;
-    const int64_t nxt = b + ahead;  /* as gemv: in this matrix (short rows), or the next one's first blocks */
-    if (nxt < total && (pf || nxt >= start[i + 1])) {
+    const int64_t p = pg[i], r0 = block_row(b - start[i], p), nr = rows[i] - r0 < 4 ? rows[i] - r0 : 4;
+    const int64_t nxt = b + ahead;  /* as gemv: in this matrix (short rows, not in page order), or the next one's */
+    if (nxt < total && ((pf && p == 1) || nxt >= start[i + 1])) {
       int64_t i2 = i; while (nxt >= start[i2 + 1]) i2++;
-      const int64_t n0 = (nxt - start[i2]) * 4;
-      prefetch_rows<W>((const typename W::T*)(intptr_t)wp[i2] + n0 * rs, rows[i2] - n0 < 4 ? rows[i2] - n0 : 4, rs, cols);
+      const int64_t n0 = block_row(nxt - start[i2], pg[i2]);
+      prefetch_rows<W>((const typename W::T*)(intptr_t)wp[i2] + n0 * rs, rows[i2] - n0 < 4 ? rows[i2] - n0 : 4,
+                       rs * pg[i2], cols);
     }
     float acc[4];
-    dot_rows<W, X>((const typename W::T*)(intptr_t)wp[i] + r0 * rs, rs, nr, in, 0, acc);
+    dot_rows<W, X>((const typename W::T*)(intptr_t)wp[i] + r0 * rs, rs * p, nr, in, 0, acc);
     const typename X::T* sc = sp ? (const typename X::T*)(intptr_t)sp[i] + r0 : nullptr;
     const typename X::T* bias = bp && bp[i] ? (const typename X::T*)(intptr_t)bp[i] + r0 : nullptr;
     for (int64_t j = 0; j < nr; j++) {
-      const float v = sc ? acc[j] * X::get(sc[j]) : acc[j];
-      out[off[i] + r0 + j] = X::put(bias ? v + X::get(bias[j]) : v);
+      const float v = sc ? acc[j] * X::get(sc[j * p]) : acc[j];
+      out[off[i] + r0 + j * p] = X::put(bias ? v + X::get(bias[j * p]) : v);
     }
   }
   return 0;
