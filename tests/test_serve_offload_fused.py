@@ -118,16 +118,23 @@ def test_offloaded_whole_layer_steps_equal_in_memory_and_the_per_module_path(che
     num_experts = getattr(memory.config, "num_experts", None) or memory.config.n_routed_experts
     slots, warm = (num_experts, True) if cached == "all" else (num_experts // 2, False)
     states, logits = {}, {}
-    for mode in MODES if dtype == torch.float32 else MODES[:2]:
-        # Qwen2-MoE half cached: misses read into their slots before the step goes on (no zero-copy misses). With
-        # zero-copy misses the slot copy ends in the background, and whether it ends before or after the step's
-        # release decides an expert's LRU position (LayerCache.finish inserts it as the most recent): at this
-        # model's step time the two orders alternate from run to run, in every mode alike
-        zero_copy = not (arch == "qwen2_moe" and cached == "half")
-        engine = _offloaded(path, dtype, slots, "lru", mode, warm, zero_copy)
+    # Half cached: misses read into their slots before the step goes on (no zero-copy misses). With zero-copy misses
+    # the slot copy ends in the background, and whether it ends before or after the step's release decides an
+    # expert's LRU position (LayerCache.finish inserts it as the most recent): the order then depends on the
+    # machine's timing (seen for Qwen2-MoE on every run, for OLMoE under a busy test run), in every mode alike. A
+    # run with zero-copy misses allowed ("fused-zero-copy", fp32: the checkpoint's dtype, which the engine can map)
+    # is checked for its logits only.
+    runs = [(mode, True) for mode in (MODES if dtype == torch.float32 else MODES[:2])]
+    if cached == "half":
+        runs = [(mode, False) for mode, _ in runs] + ([("fused-zero-copy", True)] if dtype == torch.float32 else [])
+    for mode, zero_copy in runs:
+        engine = _offloaded(path, dtype, slots, "lru", mode.removesuffix("-zero-copy"), warm, zero_copy)
         try:
             fused_decode.calls.clear()
             logits[mode] = decode_logits(engine.lm.model, cache_kind, STEPS)
+            if mode == "fused-zero-copy":  # (Mixtral's checkpoint keeps w1 and w3 apart: nothing to map as gate;up)
+                assert (engine.stats(belady=False)["zero_copy_misses"] > 0) == (arch != "mixtral")
+                continue
             states[mode] = _state(engine)
             if mode == "fused":
                 calls = fused_decode.calls.copy()
@@ -137,7 +144,7 @@ def test_offloaded_whole_layer_steps_equal_in_memory_and_the_per_module_path(che
     exact = cached == "all" and dtype == torch.bfloat16
     for mode, got in logits.items():
         torch.testing.assert_close(got, reference, rtol=0, atol=0 if exact and mode == "fused" else ATOL[dtype])
-        assert states[mode] == states["fused"], mode
+        assert mode not in states or states[mode] == states["fused"], mode
     counts, _ = states["fused"]
     assert counts["decode_requests"] > 0 and (counts["decode_misses"] > 0) == (cached == "half")
     assert calls["layer"] == STEPS * moe_layers  # every MoE layer's decode step in the native call (or two)
