@@ -145,6 +145,10 @@ def test_page_order_gives_each_row_its_own_blocks_sum(dtype, cols: int) -> None:
                 assert torch.equal(whole[..., r:r + 4], block), (threads, r)
     finally:
         torch.set_num_threads(before)
+    # the page order follows the rows' stride, not their length: the first columns of a bank twice as wide
+    wide = torch.zeros(E, rows, 2 * cols, dtype=q.dtype)
+    wide[..., :cols] = q
+    assert torch.equal(cpu_kernels.expert_gemv(x, wide[..., :cols], ids, s), whole)
     ref = _reference(x, q, ids, s)
     tol = 1e-5 if x.dtype == torch.float32 else _ulp(x.dtype)
     if dtype == "int8" and cpu_kernels.int8_activations() == "int8":

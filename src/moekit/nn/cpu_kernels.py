@@ -46,9 +46,10 @@ CONVERSIONS = r"""
    streams in one page (int8 rows of 2 KB: 10.7 -> 12 GB/s at 1 thread, 22 -> 24.7 at 2). 1 where it does not apply
    (rows a page or longer, one row after the other, a row count that is not whole groups of 4 pg). Each row's sum is
    the same either way (the rows of a block are summed independently). */
-static inline int64_t page_rows(int64_t row_bytes, int64_t rows) {
-  if (ROWS_TOGETHER != 4 || row_bytes < 64 || row_bytes >= 4096 || 4096 % row_bytes) return 1;
-  const int64_t pg = 4096 / row_bytes;
+static inline int64_t page_rows(int64_t row_stride_bytes, int64_t rows) {
+  const int64_t rb = row_stride_bytes;  /* from one row's start to the next one's */
+  if (ROWS_TOGETHER != 4 || rb < 64 || rb >= 4096 || 4096 % rb) return 1;
+  const int64_t pg = 4096 / rb;
   return rows % (4 * pg) == 0 ? pg : 1;
 }
 /* The first row of block bi in page order (its rows: that one and the next three pg apart). */
@@ -349,7 +350,7 @@ static int gemv(const typename W::T* w, int64_t es, int64_t rs, const int64_t* i
                 const typename X::T* scale, int64_t ss, typename X::T* out, int nthreads, int qx = 0) {
   Input<W, X> in;
   if (in.init(x, (n + xdiv - 1) / xdiv, xs, cols, qx)) return 1;  /* the caller falls back to torch's ops */
-  const int64_t pg = page_rows(cols * (int64_t)sizeof(typename W::T), rows);  /* rows of a block: pg apart */
+  const int64_t pg = page_rows(rs * (int64_t)sizeof(typename W::T), rows);  /* rows of a block: pg apart */
   const int64_t nb = (rows + 3) / 4, total = n * nb, pf = pg > 1 ? 0 : pf_blocks<W>(cols), ahead = pf ? pf : PF_AHEAD;
   #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t b = 0; b < total; b++) {
@@ -384,7 +385,7 @@ static int gemv_combine(const int64_t* wp, int64_t rs, int64_t T, int64_t k, con
   Input<W, X> in;
   if (in.init(x, T * k, xs, cols, qx)) return 1;
   if (T == 1) {  /* one token: each thread its contiguous rows of every slot in turn (long streams), sums in L1 */
-    const int64_t pg = page_rows(cols * (int64_t)sizeof(typename W::T), rows), unit = 4 * pg;  /* (CT: whole units) */
+    const int64_t pg = page_rows(rs * (int64_t)sizeof(typename W::T), rows), unit = 4 * pg;  /* (CT: whole units) */
     const int64_t nb = (rows + unit - 1) / unit, pf = pg > 1 ? 0 : pf_blocks<W>(cols);
     #pragma omp parallel num_threads(nthreads)
     {

@@ -339,7 +339,7 @@ static int gemv4(const uint8_t* q, int64_t es, int64_t rs, const uint16_t* sc, c
     }
   }
   const int64_t nb = (rows + 3) / 4, total = n * nb, rowbytes = cols / 2;
-  const int64_t pg = page_rows(rowbytes, rows), rsb = rs * pg, grsb = grs * pg;  /* a block's rows: pg apart */
+  const int64_t pg = page_rows(rs, rows), rsb = rs * pg, grsb = grs * pg;  /* a block's rows: pg apart */
   /* prefetch distance: PF_AHEAD blocks, or PF_BYTES of codes where that is more (short rows: 1 KB for a gate;up of
      H = 2048, 512 B for its down projection; 2 threads stream those ~10% faster 16 KB ahead than 2 blocks ahead) */
   const int64_t ahead = ROWS_TOGETHER == 1 ? PF_AHEAD

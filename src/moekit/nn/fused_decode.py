@@ -426,7 +426,7 @@ static int gemv_multi(const int64_t* wp, const int64_t* rows, int64_t m, int64_t
   int64_t start[9], off[9]; start[0] = 0; off[0] = 0;
   for (int64_t i = 0; i < m; i++) { start[i + 1] = start[i] + (rows[i] + 3) / 4; off[i + 1] = off[i] + rows[i]; }
   int64_t pg[8];  /* each matrix's page order (cpu_kernels' page_rows) */
-  for (int64_t i = 0; i < m; i++) pg[i] = page_rows(cols * (int64_t)sizeof(typename W::T), rows[i]);
+  for (int64_t i = 0; i < m; i++) pg[i] = page_rows(rs * (int64_t)sizeof(typename W::T), rows[i]);
   const int64_t total = start[m], pf = pf_blocks<W>(cols), ahead = pf ? pf : PF_AHEAD;
   #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t b = 0; b < total; b++) {
