@@ -29,7 +29,8 @@ from bench_decode import (
     set_impl,
 )
 
-IMPLS = ("moekit-linears", "moekit-int8", "moekit-int4")
+EXPERTS = {"moekit-linears": "float", "moekit-int8": "int8", "moekit-int4": "int4"}  # impl → its experts' bytes
+IMPLS = tuple(EXPERTS)
 
 
 INPUT_NAMES = ("input_ids", "inputs_embeds", "hidden_states")  # a forward's token input, when passed by name
@@ -103,38 +104,43 @@ def time_layer_args(clock: StepClock) -> None:
     fused_decode._layer_args = layer_args
 
 
-def profile(model, impl: str, threads: int, args, per_token: int, per_token_lm: int) -> dict:
+def lm_head_bytes(model, experts: str) -> int:
+    """Bytes of ``lm_head`` a step reads, as ``bytes_read_per_token`` counts them: the float weight, or (int8 and int4
+    rows: the linears int8) one byte a weight and a 2-byte scale a row."""
+    w = model.lm_head.weight
+    return w.numel() * w.element_size() if experts == "float" else w.numel() + 2 * w.shape[0]
+
+
+def profile(model, impl: str, threads: int, args, clock: StepClock) -> dict:
     """The fastest of ``args.rounds`` step splits of ``impl`` at ``threads``."""
     torch.set_num_threads(threads)
     set_impl(model, impl)
-    instrument(model, CLOCK)
+    per_token, per_token_lm = bytes_read_per_token(model, EXPERTS[impl]), lm_head_bytes(model, EXPERTS[impl])
+    instrument(model, clock)
     prompt = torch.randint(3, 1000, (1, args.prompt), generator=torch.Generator().manual_seed(0))
     generate_seconds(model, prompt, 4, False)  # warm: kernels built, caches allocated
     best = None
     for _ in range(args.rounds):
-        CLOCK.reset()
+        clock.reset()
         many = generate_seconds(model, prompt, args.new_tokens, False)
         one = generate_seconds(model, prompt, 1, False)
-        steps = CLOCK.calls.get("lm_head", 0)  # one-token forwards of both generates
+        steps = clock.calls.get("lm_head", 0)  # one-token forwards of both generates
         step = (many - one) / (args.new_tokens - 1)
         if steps and (best is None or step < best["step_ms"] / 1e3):
-            per = {k: v / steps for k, v in CLOCK.seconds.items()}
+            per = {k: v / steps for k, v in clock.seconds.items()}
             layers, lm = per.get("layers", 0.0), per.get("lm_head", 0.0)
             best = {
                 "kind": "step", "impl": impl, "threads": threads, "step_ms": round(step * 1e3, 3),
                 "tok_s": round(1 / step, 2), "layers_ms": round(layers * 1e3, 3), "lm_head_ms": round(lm * 1e3, 3),
                 "model_around_layers_ms": round((per.get("model", 0.0) - layers) * 1e3, 3),
                 "generate_loop_ms": round((step - per.get("causal_lm", 0.0)) * 1e3, 3),
-                "layer_args_us_per_layer": round(CLOCK.seconds.get("layer_args", 0.0)
-                                                 / max(CLOCK.calls.get("layer_args", 0), 1) * 1e6, 1),
+                "layer_args_us_per_layer": round(clock.seconds.get("layer_args", 0.0)
+                                                 / max(clock.calls.get("layer_args", 0), 1) * 1e6, 1),
                 "layers_GBps": round((per_token - per_token_lm) / layers / 1e9, 2) if layers else None,
                 "lm_head_GBps": round(per_token_lm / lm / 1e9, 2) if lm else None,
             }
-    CLOCK.unwrap()
+    clock.unwrap()
     return best or {"kind": "step", "impl": impl, "threads": threads, "error": "no one-token steps timed"}
-
-
-CLOCK = StepClock()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,20 +161,16 @@ def main(argv: list[str] | None = None) -> int:
     if any(i not in IMPLS for i in impls) or any(t < 1 for t in threads) or args.new_tokens < 2 or args.rounds < 1:
         ap.error(f"--impls from {', '.join(IMPLS)}; --threads >= 1; --new-tokens >= 2; --rounds >= 1")
     model = build_model(args.experts, args.layers, getattr(torch, args.dtype))
-    lm_bytes = model.lm_head.weight.numel() * model.lm_head.weight.element_size()
-    kinds = {"moekit-linears": ("float", lm_bytes), "moekit-int8": ("int8", None), "moekit-int4": ("int4", None)}
     if "moekit-int8" in impls:
         prepare_quantized(model, 8, 128)
     if "moekit-int4" in impls:
         prepare_quantized(model, 4, 128)
-    time_layer_args(CLOCK)
+    clock = StepClock()
+    time_layer_args(clock)
     rows = []
     for impl in impls:
-        experts, lm = kinds[impl]
-        per_token = bytes_read_per_token(model, experts)
-        lm = lm if lm is not None else model.lm_head.weight.numel() + 2 * model.lm_head.weight.shape[0]  # int8 + scales
         for t in threads:
-            row = profile(model, impl, t, args, per_token, lm)
+            row = profile(model, impl, t, args, clock)
             print(json.dumps(row), flush=True)
             rows.append(row)
     print(json.dumps({"kind": "summary", "experts": args.experts, "layers": args.layers, "dtype": args.dtype,

@@ -433,7 +433,7 @@ static int gemv_multi(const int64_t* wp, const int64_t* rows, int64_t m, int64_t
     int64_t i = 0; while (b >= start[i + 1]) i++;
     const int64_t p = pg[i], r0 = block_row(b - start[i], p), nr = rows[i] - r0 < 4 ? rows[i] - r0 : 4;
     const int64_t nxt = b + ahead;  /* as gemv: in this matrix (short rows, not in page order), or the next one's */
-    if (nxt < total && ((pf && p == 1) || nxt >= start[i + 1])) {
+    if (nxt < total && (pf_blocks<W>(cols, p) || nxt >= start[i + 1])) {
       int64_t i2 = i; while (nxt >= start[i2 + 1]) i2++;
       const int64_t n0 = block_row(nxt - start[i2], pg[i2]);
       prefetch_rows<W>((const typename W::T*)(intptr_t)wp[i2] + n0 * rs, rows[i2] - n0 < 4 ? rows[i2] - n0 : 4,
